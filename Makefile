@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh clone: `make demo` and `make test`.
+# torch is installed first and pinned to the local CPU build: an unpinned torch pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.cliptune-installed
+DEMO_OUT ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint docs clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cliptune data synth fashion $(DEMO_OUT)/data/fashion --n 1500 --seed 0
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cliptune data check $(DEMO_OUT)/data/fashion --quiet
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cliptune data synth art $(DEMO_OUT)/data/art --n 200 --seed 0
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cliptune data check $(DEMO_OUT)/data/art --quiet
+	@echo "demo catalogues: $(DEMO_OUT)/data/fashion/contact_sheet.png $(DEMO_OUT)/data/art/contact_sheet.png"
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+docs: install
+	$(VENV)/bin/cliptune config docs --out docs/config.md
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

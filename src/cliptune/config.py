@@ -1,0 +1,410 @@
+"""Typed, validated run configuration: the one place where settings are defined and checked.
+
+A run is reproducible from its ``config.yaml`` alone, so every setting that changes a result lives here,
+with a description that doubles as ``--help`` text and as the generated ``docs/config.md``. YAML is only the
+serialisation: everything is validated by pydantic before any work starts, and an invalid value fails with
+the exact field path (``train.lr``) and the allowed values.
+
+Example:
+    >>> cfg = load_config(None, overrides=["train.lr=1e-4", "data.split.ratios={train: 0.8, test: 0.2}"])
+    >>> cfg.train.lr
+    0.0001
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = ["Config", "ConfigError", "load_config", "save_config", "apply_overrides", "config_markdown"]
+
+
+class _Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Section):
+    ratios: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1},
+        description="Split names and their share of the catalogue's rows; must sum to 1 and include 'train' "
+        "(e.g. {train: 0.8, val: 0.2} or {train: 0.7, val: 0.15, test: 0.15}).",
+    )
+    seed: int = Field(0, description="Seed of the grouped split; the same seed and catalogue give the same split.")
+    stratify: str | None = Field(
+        None, description="Attribute column to stratify the split by (each group's majority value)."
+    )
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios_valid(cls, ratios: dict[str, float]) -> dict[str, float]:
+        if "train" not in ratios:
+            raise ValueError(f"must include a 'train' split, got {sorted(ratios)}")
+        for name, share in ratios.items():
+            if not name.strip():
+                raise ValueError("split names must be non-empty")
+            if not 0.0 < share <= 1.0:
+                raise ValueError(f"share of split '{name}' must be in (0, 1], got {share}")
+        total = math.fsum(ratios.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"ratios must sum to 1, got {total:g} ({ratios})")
+        return ratios
+
+
+class DataConfig(_Section):
+    catalogue: Path | None = Field(
+        None, description="Catalogue folder (images + metadata.csv/.jsonl/.parquet, imagefolder convention)."
+    )
+    text_column: str = Field("text", description="Metadata column holding the caption used for training.")
+    group_column: str = Field("group", description="Column whose values must never be split across splits.")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="How rows are split (grouped, seeded).")
+    max_pixels: int = Field(
+        89_478_485, gt=0, description="Decompression-bomb guard: images with more pixels than this are rejected."
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error",
+        description="What to do with a row that fails to load: 'error' stops; 'skip' records it in rejected.csv.",
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes for image decoding (0 = in process).")
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj", "query", "value"],
+        description="Names of the linear layers that get adapters (those present in the towers are used).",
+    )
+
+
+class HeadConfig(_Section):
+    width: int = Field(256, gt=0, description="Width of the Siamese fusion head's transformer.")
+    depth: int = Field(2, gt=0, description="Number of transformer layers in the Siamese head.")
+    heads: int = Field(4, gt=0, description="Attention heads in the Siamese head (must divide width).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout in the Siamese head.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> HeadConfig:
+        if self.width % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
+        return self
+
+
+class ModelConfig(_Section):
+    backbone: str = Field(
+        "embedded",
+        description="'embedded' (offline EfficientNet-Lite0 + MiniLM), a local folder, or a hub id of a "
+        "CLIP/SigLIP/AutoModel with get_image_features/get_text_features.",
+    )
+    embed_dim: int = Field(256, gt=0, description="Shared embedding size of composed backbones' projections.")
+    trainable_layers: int = Field(
+        0,
+        ge=-1,
+        description="-1 trains everything; 0 only projections/heads (towers frozen, features cached); "
+        "N > 0 the last N blocks of each tower plus final norms and projections.",
+    )
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters in the towers instead of full layers.")
+    head: HeadConfig = Field(default_factory=HeadConfig, description="Siamese fusion head (task: siamese).")
+    embed_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Precision of frozen-tower embedding: 'auto' uses bf16 where the hardware supports it."
+    )
+    cache_dir: Path | None = Field(
+        None, description="Feature cache folder; defaults to ~/.cache/cliptune/features."
+    )
+
+
+class LossConfig(_Section):
+    name: Literal["info_nce", "siglip", "triplet", "contrastive", "siamese"] = Field(
+        "info_nce", description="Training objective."
+    )
+    temperature: float = Field(0.07, gt=0, description="InfoNCE temperature (initial value when learned).")
+    learn_temperature: bool = Field(False, description="Learn the InfoNCE temperature (log-parametrised, scale <= 100).")
+    margin: float = Field(0.2, ge=0, description="Margin of the triplet and contrastive losses.")
+    distance: Literal["cosine", "euclidean"] = Field("cosine", description="Distance of the triplet loss.")
+    weights: dict[Literal["image", "text", "fused", "cross"], float] = Field(
+        default_factory=lambda: {"image": 1.0, "text": 1.0, "fused": 1.0, "cross": 1.0},
+        description="Weights of the Siamese objective's terms.",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_non_negative(cls, weights: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in weights.items() if v < 0}
+        if bad:
+            raise ValueError(f"weights must be >= 0, got {bad}")
+        return weights
+
+
+class PlateauConfig(_Section):
+    metric: str = Field("val/loss", description="Logged metric the plateau scheduler watches.")
+    mode: Literal["min", "max"] = Field("min", description="Whether the metric should go down or up.")
+    factor: float = Field(0.5, gt=0, lt=1, description="LR multiplier on a plateau.")
+    patience: int = Field(1, ge=0, description="Epochs without improvement before the LR is cut.")
+    min_lr: float = Field(1e-6, ge=0, description="Lower bound of the learning rate.")
+    cooldown: int = Field(0, ge=0, description="Epochs to wait after a cut before watching again.")
+
+
+class EarlyStoppingConfig(_Section):
+    metric: str = Field("val/loss", description="Logged metric that decides early stopping and the best model.")
+    mode: Literal["min", "max"] = Field("min", description="Whether the metric should go down or up.")
+    patience: int = Field(3, ge=0, description="Epochs without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+
+
+class TrainConfig(_Section):
+    task: Literal["retrieval", "siamese"] = Field(
+        "retrieval", description="'retrieval': dual encoder on image-text pairs; 'siamese': fusion head on triplets."
+    )
+    epochs: int = Field(20, gt=0, description="Maximum number of epochs.")
+    batch_size: int = Field(32, gt=0, description="Per-process batch size.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (never on biases, norms, temperatures).")
+    scheduler: Literal["plateau", "cosine"] = Field("plateau", description="LR schedule.")
+    plateau: PlateauConfig = Field(default_factory=PlateauConfig, description="ReduceLROnPlateau settings.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (cosine schedule).")
+    grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm; null disables clipping.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Training precision.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory where the backbone supports it.")
+    seed: int = Field(0, description="Seed for model init, data order and every RNG.")
+    early_stopping: EarlyStoppingConfig | None = Field(
+        default_factory=EarlyStoppingConfig, description="Early stopping; null trains all epochs."
+    )
+    checkpoint_every: int = Field(1, ge=1, description="Write a resumable checkpoint every N epochs.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best one.")
+    val_every_steps: int | None = Field(None, gt=0, description="Validate every N steps instead of every epoch.")
+    max_bad_steps: int = Field(0, ge=0, description="Non-finite losses skipped before training stops.")
+
+
+class EvalConfig(_Section):
+    k: list[int] = Field(default_factory=lambda: [1, 5, 10], description="Cut-offs for @k metrics.")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0 disables).")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
+    seed: int = Field(0, description="Seed of the bootstrap.")
+    relevant: Literal["group", "item"] = Field(
+        "group", description="An image's relevant texts: those of its whole group, or only its own captions."
+    )
+
+    @field_validator("k")
+    @classmethod
+    def _k_positive(cls, ks: list[int]) -> list[int]:
+        if not ks:
+            raise ValueError("give at least one k")
+        bad = [k for k in ks if k <= 0]
+        if bad:
+            raise ValueError(f"every k must be > 0, got {bad}")
+        return sorted(set(ks))
+
+
+class TrackConfig(_Section):
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers besides metrics.jsonl (always written)."
+    )
+    project: str = Field("cliptune", description="Project / experiment name in the trackers.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_shorthand(cls, value: Any) -> Any:
+        # `track: [wandb, tensorboard]` is the natural thing to write; accept it as the trackers list.
+        return {"trackers": value} if isinstance(value, list) else value
+
+
+class Config(_Section):
+    """The whole run configuration; `config.yaml` in a run directory is this, fully resolved."""
+
+    name: str | None = Field(None, description="Run name (the run directory is runs/<name>).")
+    data: DataConfig = Field(default_factory=DataConfig, description="Catalogue and splits.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Backbone, trainable layers, heads.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Training objective.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and checkpoints.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation metrics and intervals.")
+    track: TrackConfig = Field(default_factory=TrackConfig, description="Experiment tracking.")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: ``errors`` holds one ``"field.path: reason"`` line per problem."""
+
+    def __init__(self, errors: list[str], source: str | None = None) -> None:
+        self.errors = errors
+        head = f"invalid config{f' in {source}' if source else ''}:"
+        super().__init__("\n".join([head, *(f"  {e}" for e in errors)]))
+
+
+def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The field names allowed at the parent of ``loc`` (for 'unknown key' messages)."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        sub = _section_type(field.annotation)
+        if sub is None:
+            return []
+        model = sub
+    return sorted(model.model_fields)
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):  # Optional[Section]
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if p not in ("function-after[_list_shorthand(), TrackConfig]",))
+        path = ".".join(str(p) for p in loc) or "<root>"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key; allowed keys: {', '.join(_allowed_keys(loc))}"
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"{path}: {msg}")
+    return lines
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"override {item!r}: value is not valid YAML ({exc})"]) from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``a.b.c=value`` overrides applied (values parsed as YAML).
+
+    Args:
+        raw: The config as plain nested dicts (e.g. from YAML).
+        overrides: Items like ``"train.lr=1e-4"`` or ``"track=[wandb]"``.
+
+    Returns:
+        A new nested dict; validation happens later, so an unknown key is reported by path.
+    """
+    out: dict[str, Any] = _deep_copy(raw)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+def load_config(path: Path | str | None, overrides: Iterable[str] = ()) -> Config:
+    """Load, override and validate a config; fail before any work with every bad field named.
+
+    Args:
+        path: A YAML file, or None for the defaults.
+        overrides: ``KEY=VALUE`` items as given to ``--set`` (repeatable), applied after the file.
+
+    Returns:
+        The validated :class:`Config`.
+
+    Raises:
+        ConfigError: Unreadable YAML, unknown keys, wrong types or out-of-range values, one line per field.
+
+    Example:
+        >>> load_config(None, ["train.epochs=3"]).train.epochs
+        3
+    """
+    source = str(path) if path is not None else None
+    raw: Any = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError([f"file not found: {path}"], source) from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"not valid YAML: {exc}"], source) from exc
+        if not isinstance(raw, dict):
+            raise ConfigError([f"top level must be a mapping of sections, got {type(raw).__name__}"], source)
+    raw = apply_overrides(raw, overrides)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc), source) from None
+
+
+def dump_config(config: Config) -> str:
+    """The fully resolved config as YAML text (every default written out)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def save_config(config: Config, path: Path) -> Path:
+    """Write the fully resolved config to ``path`` (YAML); loading it back gives an equal Config."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(dump_config(config), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _field_rows(model: type[BaseModel], prefix: str) -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        sub = _section_type(field.annotation)
+        if sub is not None:
+            rows.extend(_field_rows(sub, f"{key}."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        default_text = (
+            yaml.safe_dump(_jsonable(default), default_flow_style=True, sort_keys=False)
+            .strip()
+            .removesuffix("...")
+            .strip()
+        )
+        rows.append(f"| `{key}` | `{default_text}` | {field.description or ''} |")
+    return rows
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def config_markdown() -> str:
+    """The config reference as Markdown, generated from the field descriptions (docs/config.md)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- generated by `cliptune config docs`; do not edit by hand -->",
+        "",
+        "A run is configured by one YAML file with the sections below; any field can be overridden on the",
+        "command line with `--set section.field=value` (repeatable; values are parsed as YAML). Unknown keys,",
+        "wrong types and out-of-range values fail before any work starts, naming the field and the allowed",
+        "values. `cliptune config show CONFIG.yaml` prints the resolved config and `cliptune config schema`",
+        "the JSON schema.",
+        "",
+        "| field | default | description |",
+        "| --- | --- | --- |",
+        *_field_rows(Config, ""),
+        "",
+    ]
+    return "\n".join(lines)

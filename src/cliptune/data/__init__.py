@@ -1,0 +1,1 @@
+"""Catalogue reading and validation, robust image loading, grouped splits, synthetic catalogues."""

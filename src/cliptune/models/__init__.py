@@ -1,0 +1,1 @@
+"""Backbone loading, layer freezing and LoRA, the Siamese fusion head, feature caching."""

@@ -1,0 +1,59 @@
+"""The command line: help texts, config commands, exit codes (data commands are tested in test_cli_data)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from cliptune.cli import app
+from cliptune.config import Config
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command_group() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("config", "data"):
+        assert name in result.output
+
+
+def test_every_command_has_help_with_an_example() -> None:
+    for args in (["config", "show"], ["config", "schema"], ["config", "docs"], ["data", "synth"], ["data", "check"]):
+        result = runner.invoke(app, [*args, "--help"])
+        assert result.exit_code == 0, args
+        assert "cliptune " + " ".join(args) in result.output, f"no example in {args} --help"
+
+
+def test_config_show_resolves_overrides(tmp_path: Path) -> None:
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("train:\n  epochs: 3\n")
+    result = runner.invoke(app, ["config", "show", str(cfg_path), "--set", "train.lr=1e-4"])
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    assert shown["train"]["epochs"] == 3
+    assert shown["train"]["lr"] == 1e-4
+    assert Config.model_validate(shown).train.epochs == 3
+
+
+def test_config_show_invalid_exits_2_naming_the_field() -> None:
+    result = runner.invoke(app, ["config", "show", "--set", "train.lr=-1"])
+    assert result.exit_code == 2
+    assert "train.lr" in result.output
+
+
+def test_config_schema_is_json_schema() -> None:
+    result = runner.invoke(app, ["config", "schema"])
+    assert result.exit_code == 0
+    schema = json.loads(result.output)
+    assert set(schema["properties"]) == set(Config.model_fields)
+
+
+def test_python_dash_m_entry_point() -> None:
+    out = subprocess.run([sys.executable, "-m", "cliptune", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("cliptune ")

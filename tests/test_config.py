@@ -1,0 +1,149 @@
+"""Config loading, overrides and every validation error the foundation issue lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cliptune.config import Config, ConfigError, apply_overrides, config_markdown, load_config, save_config
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _errors(tmp_path: Path, text: str, overrides: list[str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), overrides or [])
+    return info.value.errors
+
+
+def test_defaults_match_the_seeds() -> None:
+    # Seed 000: up to 20 epochs from lr 3e-4 with ReduceLROnPlateau; seed 002: recall@1/5/10.
+    cfg = load_config(None)
+    assert cfg.train.epochs == 20
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.train.scheduler == "plateau"
+    assert cfg.eval.k == [1, 5, 10]
+    assert cfg.model.backbone == "embedded"
+
+
+def test_yaml_and_overrides(tmp_path: Path) -> None:
+    path = _write(tmp_path, "train:\n  lr: 1e-3\n  epochs: 5\ndata:\n  split:\n    ratios: {train: 0.8, val: 0.2}\n")
+    cfg = load_config(path, ["train.lr=1e-4", "loss.name=siglip", "track=[wandb, tensorboard]"])
+    assert cfg.train.lr == pytest.approx(1e-4)  # the override wins over the file
+    assert cfg.train.epochs == 5
+    assert cfg.loss.name == "siglip"
+    assert cfg.data.split.ratios == {"train": 0.8, "val": 0.2}
+    assert cfg.track.trackers == ["wandb", "tensorboard"]  # list shorthand for track
+
+
+def test_override_is_repeatable_and_last_wins() -> None:
+    raw = apply_overrides({}, ["train.lr=1", "train.lr=2", "model.lora.r=4"])
+    assert raw == {"train": {"lr": 2}, "model": {"lora": {"r": 4}}}
+
+
+def test_saved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, ["name=r1", "data.split.ratios={train: 0.6, test: 0.4}", "eval.k=[10, 1]"])
+    path = save_config(cfg, tmp_path / "runs" / "r1" / "config.yaml")
+    again = load_config(path)
+    assert again == cfg
+    # Fully resolved: every section and default is written out.
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw) == set(Config.model_fields)
+    assert raw["train"]["plateau"]["factor"] == 0.5
+    assert raw["eval"]["k"] == [1, 10]
+
+
+def test_unknown_key_names_path_and_allowed_keys(tmp_path: Path) -> None:
+    (err,) = _errors(tmp_path, "train:\n  learning_rate: 0.1\n")
+    assert err.startswith("train.learning_rate: unknown key")
+    assert "lr" in err and "epochs" in err
+
+
+def test_unknown_top_level_section(tmp_path: Path) -> None:
+    (err,) = _errors(tmp_path, "trainer: {}\n")
+    assert err.startswith("trainer: unknown key")
+    assert "train" in err and "model" in err
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    (err,) = _errors(tmp_path, "train:\n  epochs: many\n")
+    assert err.startswith("train.epochs:")
+    assert "integer" in err and "'many'" in err
+
+
+def test_negative_lr(tmp_path: Path) -> None:
+    (err,) = _errors(tmp_path, "train:\n  lr: -0.001\n")
+    assert err.startswith("train.lr:")
+    assert "greater than 0" in err and "-0.001" in err
+
+
+def test_ratios_not_summing_to_one(tmp_path: Path) -> None:
+    (err,) = _errors(tmp_path, "data:\n  split:\n    ratios: {train: 0.8, test: 0.3}\n")
+    assert err.startswith("data.split.ratios:")
+    assert "sum to 1" in err and "1.1" in err
+
+
+def test_ratios_need_train(tmp_path: Path) -> None:
+    (err,) = _errors(tmp_path, "data:\n  split:\n    ratios: {val: 0.5, test: 0.5}\n")
+    assert "data.split.ratios" in err and "'train'" in err
+
+
+@pytest.mark.parametrize("ks", ["[0, 5]", "[-1]", "[]"])
+def test_k_must_be_positive(tmp_path: Path, ks: str) -> None:
+    (err,) = _errors(tmp_path, f"eval:\n  k: {ks}\n")
+    assert err.startswith("eval.k:")
+
+
+def test_literal_lists_allowed_values(tmp_path: Path) -> None:
+    (err,) = _errors(tmp_path, "train:\n  scheduler: step\n")
+    assert err.startswith("train.scheduler:")
+    assert "'plateau'" in err and "'cosine'" in err
+
+
+def test_unknown_tracker(tmp_path: Path) -> None:
+    (err,) = _errors(tmp_path, "track: [neptune]\n")
+    assert err.startswith("track.trackers.0:")
+    assert "'wandb'" in err
+
+
+def test_every_error_reported_at_once(tmp_path: Path) -> None:
+    errs = _errors(tmp_path, "train:\n  lr: 0\n  batch_size: 0\nmodel:\n  trainable_layers: -2\n")
+    assert [e.split(":")[0] for e in errs] == ["model.trainable_layers", "train.batch_size", "train.lr"]
+
+
+def test_head_width_divisible_by_heads(tmp_path: Path) -> None:
+    (err,) = _errors(tmp_path, "model:\n  head: {width: 30, heads: 4}\n")
+    assert err.startswith("model.head:") and "divide" in err
+
+
+def test_bad_override_syntax() -> None:
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["train.lr"])
+
+
+def test_override_unknown_key_is_reported() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.lrr=0.1"])
+    assert info.value.errors[0].startswith("train.lrr: unknown key")
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(_write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_docs_config_md_is_generated_from_the_code() -> None:
+    # docs/config.md must say what the code does: regenerate with `make docs` when fields change.
+    committed = (Path(__file__).parents[1] / "docs" / "config.md").read_text(encoding="utf-8")
+    assert committed == config_markdown()
+    assert "| `train.lr` | `0.0003` |" in committed
