@@ -181,6 +181,7 @@ class TrainConfig(_Section):
     keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best one.")
     val_every_steps: int | None = Field(None, gt=0, description="Validate every N steps instead of every epoch.")
     max_bad_steps: int = Field(0, ge=0, description="Non-finite losses skipped before training stops.")
+    log_every_steps: int = Field(10, ge=1, description="Write a step record (loss, lr) to metrics.jsonl every N steps.")
 
 
 class EvalConfig(_Section):

@@ -1,0 +1,48 @@
+"""A rich progress bar per epoch (step, loss, lr, ETA) and one summary line per epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+__all__ = ["EpochProgress"]
+
+_console = Console(stderr=True)
+
+
+class EpochProgress:
+    """Progress display for the main process; a no-op elsewhere or when disabled (``--quiet``)."""
+
+    def __init__(self, total: int, enabled: bool = True, summaries: bool = True) -> None:
+        self.total, self.enabled, self.summaries = total, enabled, summaries
+        self._progress: Progress | None = None
+        self._task = None
+
+    @contextmanager
+    def epoch(self, epoch: int, epochs: int, start: int = 0) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        self._progress = Progress(
+            TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=_console, transient=True,
+        )  # fmt: skip
+        self._task = self._progress.add_task("train", total=self.total, completed=start, info="")
+        with self._progress:
+            yield
+        self._progress = None
+
+    def advance(self, *, loss: float, lr: float) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, info=f"loss {loss:.4f} lr {lr:.2e}")
+
+    def summary(self, record: dict[str, Any]) -> None:
+        if not self.summaries:
+            return
+        shown = {k: v for k, v in record.items() if k not in ("kind",) and isinstance(v, (int, float))}
+        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()]
+        _console.print("  ".join(parts), highlight=False)
