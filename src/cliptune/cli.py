@@ -30,7 +30,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 SetOption = Annotated[
     Optional[list[str]],  # noqa: UP045 (typer needs Optional here on Python 3.10)
@@ -130,10 +130,14 @@ def data_synth(
     from cliptune.data.synthetic import CATALOGUES, render_catalogue
 
     if kind not in CATALOGUES:
-        err_console.print(f"[red]unknown catalogue '{kind}'; choose one of: {', '.join(sorted(CATALOGUES))}[/red]")
+        err_console.print(
+            f"[red]unknown catalogue '{kind}'; choose one of: {', '.join(sorted(CATALOGUES))}[/red]"
+        )
         raise typer.Exit(2)
     path = render_catalogue(kind, out, n=n, seed=seed, progress=not quiet)
-    console.print(f"wrote {kind} catalogue to [bold]{path}[/bold] (contact sheet: {path / 'contact_sheet.png'})")
+    console.print(
+        f"wrote {kind} catalogue to [bold]{path}[/bold] (contact sheet: {path / 'contact_sheet.png'})"
+    )
 
 
 @data_app.command("check")
@@ -141,7 +145,9 @@ def data_check(
     catalogue: Annotated[Path, typer.Argument(help="Catalogue folder (images + metadata file).")],
     write_clean: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option("--write-clean", help="Write the good rows to OUT/metadata.csv and the bad to OUT/rejected.csv."),
+        typer.Option(
+            "--write-clean", help="Write the good rows to OUT/metadata.csv and the bad to OUT/rejected.csv."
+        ),
     ] = None,
     max_pixels: Annotated[
         int, typer.Option(help="Reject images with more pixels than this (decompression-bomb guard).", min=1)
@@ -164,14 +170,16 @@ def data_check(
     except CatalogueError as exc:
         err_console.print(f"[red]{exc}[/red]", highlight=False)
         raise typer.Exit(2) from None
-    n_good, n_bad = len(result.good), len(result.rejected)
+    rejected = [*result.rejected, *result.rejected_triplets]
+    n_good, n_bad = len(result.good), len(rejected)
     if n_bad:
-        table = Table(title=f"{n_bad} bad row(s) in {cat.metadata_path}", show_lines=False)
+        table = Table(title=f"{n_bad} bad row(s) in {cat.root}", show_lines=False)
+        table.add_column("source")
         table.add_column("row", justify="right")
         table.add_column("file")
         table.add_column("reason")
-        for rej in result.rejected:
-            table.add_row(str(rej.row), rej.file_name, rej.reason)
+        for rej in rejected:
+            table.add_row(rej.source, str(rej.row), rej.file_name, rej.reason)
         console.print(table)
     console.print(f"{n_good} good row(s), {n_bad} bad row(s) in {catalogue}")
     if write_clean is not None:
@@ -179,6 +187,49 @@ def data_check(
         console.print(f"wrote {manifest} ({n_good} rows) and {rejected} ({n_bad} rows)")
     if n_bad:
         raise typer.Exit(1)
+
+
+@app.command("train")
+def train_cmd(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config (not needed with --resume).")] = None,  # noqa: UP045
+    set_: SetOption = None,
+    name: Annotated[Optional[str], typer.Option(help="Run name: the run directory is RUNS/NAME.")] = None,  # noqa: UP045
+    resume: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Continue a run exactly from its latest checkpoint (uses its config.yaml)."),
+    ] = None,
+    runs: Annotated[Path, typer.Option(help="Parent folder of run directories.")] = Path("runs"),
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars (one line per epoch).")
+    ] = False,
+) -> None:
+    """Train a model and write its run directory (config, splits, metrics.jsonl, model/, summary.json).
+
+    Examples:
+        cliptune train run.yaml --set train.lr=1e-4 --name lr1e-4
+        cliptune train --resume runs/lr1e-4
+        accelerate launch --num_processes 2 -m cliptune train run.yaml
+    """
+    from cliptune.data.catalogue import CatalogueError
+    from cliptune.models.backbone import BackboneError
+    from cliptune.train.run import train
+    from cliptune.train.state import TrainingError
+
+    if config is None and resume is None:
+        err_console.print("[red]give a CONFIG.yaml, or --resume RUN[/red]")
+        raise typer.Exit(2)
+    cfg = _load_config_or_exit(config, [*(set_ or []), *([f"name={name}"] if name else [])])
+    if cfg.name is None and config is not None:
+        cfg.name = config.stem
+    try:
+        run_dir = train(cfg, runs_root=runs, resume=resume, quiet=quiet)
+    except KeyboardInterrupt as exc:
+        err_console.print(f"[yellow]{exc or 'interrupted'}[/yellow]")
+        raise typer.Exit(130) from None
+    except (TrainingError, CatalogueError, BackboneError, ValueError) as exc:
+        err_console.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"run written to [bold]{run_dir}[/bold] (summary: {run_dir / 'summary.json'})")
 
 
 def main() -> None:

@@ -1,0 +1,190 @@
+"""Read a catalogue: a folder of images plus one metadata file (the Hugging Face ``imagefolder`` convention).
+
+Reading never drops or fixes a row: every data row of the metadata file becomes a row of
+:attr:`Catalogue.rows`, numbered so that an error can point the user at it. Judging rows is the job of
+:func:`cliptune.data.check.check_catalogue`. The format is described in ``docs/catalogues.md``.
+
+Example:
+    >>> cat = read_catalogue(Path("data/fashion"))  # doctest: +SKIP
+    >>> cat.rows[["row", "file_name", "text"]].head(2)  # doctest: +SKIP
+       row      file_name                 text
+    0    1  img/0001.jpg   ripped blue jeans
+    1    2  img/0001.jpg  distressed denim, blue
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = ["Catalogue", "CatalogueError", "read_catalogue", "METADATA_NAMES", "TRIPLET_NAMES"]
+
+METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
+TRIPLET_NAMES = ("triplets.csv", "triplets.jsonl", "triplets.parquet")
+CATALOGUE_JSON = "catalogue.json"
+REQUIRED_COLUMNS = ("file_name", "text")
+TRIPLET_COLUMNS = ("anchor", "positive", "negative")
+# Columns with a meaning of their own; every other metadata column is an attribute.
+RESERVED_COLUMNS = ("row", "file_name", "text", "group", "split")
+# Read as text from CSV so ids like "007" or "1" keep their spelling and a caption "NA" stays a caption.
+_TEXT_COLUMNS = {"file_name": str, "text": str, "group": str, "split": str, "anchor": str, "positive": str}
+_TEXT_COLUMNS |= {"negative": str, "anchor_text": str, "positive_text": str, "negative_text": str}
+
+
+class CatalogueError(ValueError):
+    """A problem with the catalogue as a whole (no metadata file, a missing column, a syntax error)."""
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """A catalogue as read from disk, before any validation.
+
+    Attributes:
+        root: The catalogue folder (where the metadata file is).
+        metadata_path: The one ``metadata.csv`` / ``.jsonl`` / ``.parquet`` file.
+        rows: One row per data row of the metadata file, in file order, with an added ``row`` column: the
+            1-based data row number (CSV: the record number after the header, i.e. the line number minus 1
+            when no caption spans lines; JSONL: the line number; Parquet: the row position + 1).
+        attributes: Metadata columns other than ``file_name``, ``text``, ``group`` and ``split``, in file
+            order (e.g. ``garment``, ``colour``, ``rips``); suites filter on them.
+        image_root: Folder that ``file_name`` values are relative to: ``root`` unless a ``catalogue.json``
+            beside the metadata says otherwise (clean manifests written by ``write_clean`` do).
+        triplets: Explicit triplets from ``triplets.csv`` / ``.jsonl`` / ``.parquet`` beside the metadata
+            (``anchor``, ``positive``, ``negative`` file names, optional ``*_text`` columns, a ``row``
+            column numbered like ``rows``), or None when there is no such file.
+        triplets_path: The triplets file, or None.
+    """
+
+    root: Path
+    metadata_path: Path
+    rows: pd.DataFrame
+    attributes: list[str]
+    image_root: Path | None = None
+    triplets: pd.DataFrame | None = None
+    triplets_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_root is None:
+            object.__setattr__(self, "image_root", self.root)
+
+    def image_path(self, file_name: str) -> Path:
+        """The image file a ``file_name`` value names (no existence or escape check: see ``check``)."""
+        assert self.image_root is not None
+        return self.image_root / file_name
+
+
+def read_catalogue(root: Path) -> Catalogue:
+    """Read a catalogue folder and its metadata, keeping every row.
+
+    Args:
+        root: Folder holding the images and exactly one of ``metadata.csv``, ``metadata.jsonl``,
+            ``metadata.parquet``. CSV cells are missing only when empty; ``file_name``, ``text``,
+            ``group`` and ``split`` are read as text.
+
+    Returns:
+        The :class:`Catalogue`, rows in file order.
+
+    Raises:
+        CatalogueError: the folder or metadata file is missing, there are several metadata files, the file
+            cannot be parsed (the message names the line), a required column (``file_name``, ``text``) is
+            absent, or a column is named ``row`` (reserved for the row number).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CatalogueError(f"{root}: catalogue folder not found")
+    metadata_path = _find_one(root, METADATA_NAMES, required=True)
+    assert metadata_path is not None
+    rows = _read_table(metadata_path)
+    require_columns(rows, REQUIRED_COLUMNS, metadata_path)
+    attributes = [str(c) for c in rows.columns if c not in RESERVED_COLUMNS]
+    triplets_path = _find_one(root, TRIPLET_NAMES, required=False)
+    triplets = None
+    if triplets_path is not None:
+        triplets = _read_table(triplets_path)
+        require_columns(triplets, TRIPLET_COLUMNS, triplets_path)
+    return Catalogue(
+        root=root,
+        metadata_path=metadata_path,
+        rows=rows,
+        attributes=attributes,
+        image_root=_image_root(root),
+        triplets=triplets,
+        triplets_path=triplets_path,
+    )
+
+
+def require_columns(table: pd.DataFrame, columns: tuple[str, ...], path: Path) -> None:
+    """Raise :class:`CatalogueError` naming ``path`` and every absent column of ``columns``."""
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        found = [str(c) for c in table.columns if c != "row"]
+        raise CatalogueError(
+            f"{path}: missing required column(s) {', '.join(missing)} (found: {', '.join(found)})"
+        )
+
+
+def _find_one(root: Path, names: tuple[str, ...], required: bool) -> Path | None:
+    found = [root / n for n in names if (root / n).is_file()]
+    if len(found) > 1:
+        raise CatalogueError(
+            f"{root}: several files found ({', '.join(p.name for p in found)}); keep exactly one"
+        )
+    if not found and required:
+        raise CatalogueError(f"{root}: no metadata file; expected one of {', '.join(names)}")
+    return found[0] if found else None
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    try:
+        if path.suffix == ".csv":
+            table = pd.read_csv(path, dtype=_TEXT_COLUMNS, keep_default_na=False, na_values=[""])
+            numbers = range(1, len(table) + 1)
+        elif path.suffix == ".jsonl":
+            table, numbers = _read_jsonl(path)
+        else:
+            table = pd.read_parquet(path)
+            numbers = range(1, len(table) + 1)
+    except CatalogueError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CatalogueError(f"{path}: cannot be read ({exc})") from exc
+    if "row" in table.columns:
+        raise CatalogueError(f"{path}: column 'row' is reserved for the row number; rename it")
+    table = table.reset_index(drop=True)
+    table.insert(0, "row", pd.Series(list(numbers), dtype="int64"))
+    return table
+
+
+def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[int]]:
+    records, numbers = [], []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CatalogueError(f"{path} line {number}: invalid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict):
+                raise CatalogueError(
+                    f"{path} line {number}: expected a JSON object, got {type(record).__name__}"
+                )
+            records.append(record)
+            numbers.append(number)
+    return pd.DataFrame.from_records(records) if records else pd.DataFrame(), numbers
+
+
+def _image_root(root: Path) -> Path:
+    pointer = root / CATALOGUE_JSON
+    if not pointer.is_file():
+        return root
+    try:
+        info = json.loads(pointer.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CatalogueError(f"{pointer}: cannot be read ({exc})") from exc
+    if not isinstance(info, dict) or not isinstance(info.get("image_root"), str):
+        raise CatalogueError(f'{pointer}: expected {{"image_root": "<folder>"}}')
+    return root / info["image_root"]  # an absolute image_root replaces root

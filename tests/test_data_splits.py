@@ -1,0 +1,212 @@
+"""Grouped splits: seeded, leak-free, ratio-matched on rows, independent of row order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cliptune.data.splits import assign_rows, group_ids, load_splits, make_splits, save_splits
+
+
+def _catalogue(sizes: list[int], explicit: dict[int, str] | None = None) -> pd.DataFrame:
+    """Group g{i} has sizes[i] rows; groups in ``explicit`` carry that split name on their first row only."""
+    records = []
+    for g, size in enumerate(sizes):
+        for k in range(size):
+            split = (explicit or {}).get(g) if k == 0 else None
+            records.append(
+                {"file_name": f"img{g}_{k}.png", "text": "t", "group": f"g{g:02d}", "split": split}
+            )
+    frame = pd.DataFrame(records)
+    frame.insert(0, "row", range(1, len(frame) + 1))
+    return frame
+
+
+def _reference(rows: pd.DataFrame, ratios: dict[str, float], seed: int) -> dict[str, list[str]]:
+    """Plain-Python oracle of the documented algorithm (one stratum, no explicit splits)."""
+    sizes: dict[str, int] = {}
+    for gid in rows["group"]:
+        sizes[gid] = sizes.get(gid, 0) + 1
+    gids = sorted(sizes)
+    order = np.random.default_rng(seed).permutation(len(gids))
+    names = sorted(ratios)
+    total = sum(sizes.values())
+    filled = dict.fromkeys(names, 0)
+    out: dict[str, list[str]] = {n: [] for n in names}
+    for i in order:
+        gid = gids[i]
+        room = {n: ratios[n] * total - filled[n] for n in names}
+        fits = [n for n in names if room[n] >= sizes[gid] - 1e-6]
+        best = min(fits, key=lambda n: room[n]) if fits else max(names, key=lambda n: room[n])
+        out[best].append(gid)
+        filled[best] += sizes[gid]
+    for name in names:  # at least one group per split with ratio > 0
+        if ratios[name] > 0 and not out[name]:
+            donors = [n for n in names if len(out[n]) > 1]
+            if donors:
+                donor = max(donors, key=lambda n: len(out[n]))
+                gid = min(out[donor], key=lambda g: (sizes[g], g))
+                out[donor].remove(gid)
+                out[name].append(gid)
+    return {n: sorted(v) for n, v in out.items()}
+
+
+def _rows_per_split(rows: pd.DataFrame, splits: dict[str, list[str]]) -> dict[str, int]:
+    return assign_rows(rows, splits).value_counts().reindex(list(splits), fill_value=0).to_dict()
+
+
+def test_singleton_groups_match_ratios_exactly() -> None:
+    rows = _catalogue([1] * 10)
+    assert _rows_per_split(rows, make_splits(rows, {"train": 0.8, "test": 0.2}, seed=3)) == {
+        "test": 2,
+        "train": 8,
+    }
+    rows = _catalogue([1] * 20)  # 0.7 * 20 = 14, 0.15 * 20 = 3
+    splits = make_splits(rows, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=0)
+    assert _rows_per_split(rows, splits) == {"test": 3, "train": 14, "val": 3}
+    # golden output: a change here means existing run directories would no longer reproduce their split
+    assert splits["test"] == ["g04", "g06", "g19"] and splits["val"] == ["g02", "g13", "g16"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_uneven_groups_find_the_exact_split(seed: int) -> None:
+    # groups of 5, 3, 1, 1 rows; 0.8/0.2 of 10 rows = 8/2: the only exact split is {g00, g01} / {g02, g03},
+    # and best fit finds it from any order (a group goes where it fits most tightly).
+    rows = _catalogue([5, 3, 1, 1])
+    assert make_splits(rows, {"train": 0.8, "test": 0.2}, seed=seed) == {
+        "test": ["g02", "g03"],
+        "train": ["g00", "g01"],
+    }
+
+
+def test_every_positive_split_gets_a_group() -> None:
+    rows = _catalogue([100, 1, 1])  # the big group swamps every target
+    for seed in range(5):
+        splits = make_splits(rows, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=seed)
+        assert sorted(map(len, splits.values())) == [1, 1, 1]
+        assert splits["train"] == ["g00"]
+    assert make_splits(rows, {"train": 1.0, "test": 0.0}, seed=0)["test"] == []  # ratio 0 may stay empty
+
+
+def test_ratios_are_validated() -> None:
+    rows = _catalogue([1, 1])
+    for ratios in ({"train": 0.8, "test": 0.3}, {"train": 1.2, "test": -0.2}, {"train": float("nan")}, {}):
+        with pytest.raises(ValueError, match="split ratios must be >= 0 and sum to 1") as info:
+            make_splits(rows, ratios, seed=0)
+        assert all(name in str(info.value) for name in ratios)
+    make_splits(rows, {"train": 0.7, "val": 0.15, "test": 0.15 + 5e-7}, seed=0)  # within 1e-6
+
+
+def test_stratified_by_group_majority() -> None:
+    # 10 groups of 3 rows whose majority is red (red, red, blue) and 10 whose majority is blue; 0.8/0.2
+    # within each stratum of 30 rows is 24/6 rows = 8/2 groups.
+    rows = _catalogue([3] * 20)
+    colours = []
+    for g in range(20):
+        colours += ["red", "red", "blue"] if g < 10 else ["blue", "blue", "red"]
+    rows["colour"] = colours
+    for seed in range(3):
+        splits = make_splits(rows, {"train": 0.8, "test": 0.2}, seed=seed, stratify="colour")
+        test_ids = [int(g[1:]) for g in splits["test"]]
+        assert sum(g < 10 for g in test_ids) == 2 and sum(g >= 10 for g in test_ids) == 2
+    with pytest.raises(ValueError, match="stratify column 'size' not found"):
+        make_splits(rows, {"train": 1.0}, seed=0, stratify="size")
+
+
+def test_empty_rows_give_empty_splits() -> None:
+    empty = pd.DataFrame({"file_name": [], "text": [], "group": []})
+    assert make_splits(empty, {"train": 0.8, "test": 0.2}, seed=0) == {"test": [], "train": []}
+
+
+def test_explicit_split_is_honoured() -> None:
+    rows = _catalogue([2] * 6, explicit={0: "test", 1: "holdout"})
+    splits = make_splits(rows, {"train": 0.5, "test": 0.5}, seed=1)
+    assert "g00" in splits["test"] and splits["holdout"] == ["g01"]  # a name outside ratios is kept
+    # the 4 free groups (8 rows) are split 0.5/0.5 among themselves: 2 groups each, plus g00 in test
+    assert len(splits["train"]) == 2 and len(splits["test"]) == 3
+    rows.loc[1, "split"] = "train"  # g00's second row contradicts its first
+    with pytest.raises(ValueError, match="group 'g00' has conflicting explicit splits: test, train"):
+        make_splits(rows, {"train": 0.5, "test": 0.5}, seed=1)
+
+
+def test_group_ids_fall_back_to_file_name() -> None:
+    rows = pd.DataFrame({"file_name": ["a.png", "a.png", "b.png"], "group": ["p1", None, "  "]})
+    assert group_ids(rows).tolist() == ["p1", "a.png", "b.png"]
+    assert group_ids(rows.drop(columns="group")).tolist() == ["a.png", "a.png", "b.png"]
+    assert group_ids(pd.DataFrame({"file_name": ["x"], "group": [7]})).tolist() == ["7"]
+
+
+def test_assign_rows_and_json_round_trip(tmp_path: Path) -> None:
+    rows = _catalogue([2, 1, 3])
+    splits = make_splits(rows, {"train": 0.5, "test": 0.5}, seed=0)
+    path = save_splits(splits, tmp_path / "splits.json")
+    assert load_splits(path) == splits
+    labels = assign_rows(rows, load_splits(path))
+    assert labels.notna().all() and labels.groupby(rows["group"]).nunique().max() == 1
+    with pytest.raises(ValueError, match="row 1: group 'g00' is in no split"):
+        assign_rows(rows, {"train": ["g01", "g02"]})
+    path.write_text(json.dumps({"train": ["g00", "g01"], "test": ["g01"]}))
+    with pytest.raises(ValueError, match="group 'g01' is in two splits \\(train, test\\)"):
+        load_splits(path)
+    path.write_text(json.dumps({"train": "g00"}))
+    with pytest.raises(ValueError, match="expected {split name"):
+        load_splits(path)
+
+
+sizes_strategy = st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_size=30)
+ratios_strategy = st.lists(st.integers(min_value=1, max_value=20), min_size=2, max_size=3).map(
+    lambda w: {name: x / sum(w) for name, x in zip(("train", "val", "test"), w, strict=False)}
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    sizes=sizes_strategy,
+    ratios=ratios_strategy,
+    seed=st.integers(0, 2**32 - 1),
+    shuffle_seed=st.integers(0, 99),
+)
+def test_split_properties(sizes: list[int], ratios: dict[str, float], seed: int, shuffle_seed: int) -> None:
+    rows = _catalogue(sizes)
+    splits = make_splits(rows, ratios, seed=seed)
+    all_groups = sorted(set(rows["group"]))
+    listed = [g for gids in splits.values() for g in gids]
+    assert sorted(listed) == all_groups  # every group in exactly one split: none crosses, none lost
+    assert set(splits) == set(ratios)
+    assert assign_rows(rows, splits).notna().all()  # every row assigned
+    assert make_splits(rows, ratios, seed=seed) == splits  # same seed, same split
+    shuffled = rows.sample(frac=1.0, random_state=shuffle_seed).reset_index(drop=True)
+    assert make_splits(shuffled, ratios, seed=seed) == splits  # row order does not matter
+    assert splits == _reference(rows, ratios, seed)  # the documented algorithm, in plain Python
+    counts = _rows_per_split(rows, splits)
+    for name, share in ratios.items():  # no split exceeds its target by a whole group
+        assert counts[name] < share * len(rows) + max(sizes)
+    if len(sizes) >= len(ratios):
+        assert all(splits[name] for name in ratios)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    sizes=sizes_strategy,
+    ratios=ratios_strategy,
+    seed=st.integers(0, 1000),
+    fixed=st.dictionaries(st.integers(0, 29), st.sampled_from(["train", "test", "extra"]), max_size=8),
+)
+def test_explicit_split_property(
+    sizes: list[int], ratios: dict[str, float], seed: int, fixed: dict[int, str]
+) -> None:
+    fixed = {g: s for g, s in fixed.items() if g < len(sizes)}
+    rows = _catalogue(sizes, explicit=fixed)
+    splits = make_splits(rows, ratios, seed=seed)
+    for g, name in fixed.items():
+        assert f"g{g:02d}" in splits[name]
+    listed = [g for gids in splits.values() for g in gids]
+    assert sorted(listed) == sorted(set(rows["group"]))
+    shuffled = rows.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    assert make_splits(shuffled, ratios, seed=seed) == splits
