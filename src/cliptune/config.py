@@ -36,7 +36,9 @@ class SplitConfig(_Section):
         description="Split names and their share of the catalogue's rows; must sum to 1 and include 'train' "
         "(e.g. {train: 0.8, val: 0.2} or {train: 0.7, val: 0.15, test: 0.15}).",
     )
-    seed: int = Field(0, description="Seed of the grouped split; the same seed and catalogue give the same split.")
+    seed: int = Field(
+        0, description="Seed of the grouped split; the same seed and catalogue give the same split."
+    )
     stratify: str | None = Field(
         None, description="Attribute column to stratify the split by (each group's majority value)."
     )
@@ -63,24 +65,31 @@ class DataConfig(_Section):
     )
     text_column: str = Field("text", description="Metadata column holding the caption used for training.")
     group_column: str = Field("group", description="Column whose values must never be split across splits.")
-    split: SplitConfig = Field(default_factory=SplitConfig, description="How rows are split (grouped, seeded).")
+    split: SplitConfig = Field(
+        default_factory=SplitConfig, description="How rows are split (grouped, seeded)."
+    )
     max_pixels: int = Field(
-        89_478_485, gt=0, description="Decompression-bomb guard: images with more pixels than this are rejected."
+        89_478_485,
+        gt=0,
+        description="Decompression-bomb guard: images with more pixels than this are rejected.",
     )
     on_bad_row: Literal["error", "skip"] = Field(
         "error",
         description="What to do with a row that fails to load: 'error' stops; 'skip' records it in rejected.csv.",
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes for image decoding (0 = in process).")
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader worker processes for image decoding (0 = in process)."
+    )
 
 
 class LoraConfig(_Section):
     r: int = Field(8, gt=0, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "v_proj", "query", "value"],
-        description="Names of the linear layers that get adapters (those present in the towers are used).",
+    target_modules: list[str] | None = Field(
+        None,
+        description="Names of the layers that get adapters; null uses each tower's own defaults "
+        "(attention q/v projections; EfficientNet's 1x1 convolutions).",
     )
 
 
@@ -103,17 +112,25 @@ class ModelConfig(_Section):
         description="'embedded' (offline EfficientNet-Lite0 + MiniLM), a local folder, or a hub id of a "
         "CLIP/SigLIP/AutoModel with get_image_features/get_text_features.",
     )
-    embed_dim: int = Field(256, gt=0, description="Shared embedding size of composed backbones' projections.")
+    embed_dim: int | None = Field(
+        None,
+        gt=0,
+        description="Shared embedding size of new projections (composed/auto backbones; default 256); "
+        "CLIP/SigLIP keep their pretrained projection size.",
+    )
     trainable_layers: int = Field(
         0,
         ge=-1,
         description="-1 trains everything; 0 only projections/heads (towers frozen, features cached); "
         "N > 0 the last N blocks of each tower plus final norms and projections.",
     )
-    lora: LoraConfig | None = Field(None, description="Train LoRA adapters in the towers instead of full layers.")
+    lora: LoraConfig | None = Field(
+        None, description="Train LoRA adapters in the towers instead of full layers."
+    )
     head: HeadConfig = Field(default_factory=HeadConfig, description="Siamese fusion head (task: siamese).")
     embed_precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Precision of frozen-tower embedding: 'auto' uses bf16 where the hardware supports it."
+        "auto",
+        description="Precision of frozen-tower embedding: 'auto' uses bf16 where the hardware supports it.",
     )
     cache_dir: Path | None = Field(
         None, description="Feature cache folder; defaults to ~/.cache/cliptune/features."
@@ -125,7 +142,9 @@ class LossConfig(_Section):
         "info_nce", description="Training objective."
     )
     temperature: float = Field(0.07, gt=0, description="InfoNCE temperature (initial value when learned).")
-    learn_temperature: bool = Field(False, description="Learn the InfoNCE temperature (log-parametrised, scale <= 100).")
+    learn_temperature: bool = Field(
+        False, description="Learn the InfoNCE temperature (log-parametrised, scale <= 100)."
+    )
     margin: float = Field(0.2, ge=0, description="Margin of the triplet and contrastive losses.")
     distance: Literal["cosine", "euclidean"] = Field("cosine", description="Distance of the triplet loss.")
     weights: dict[Literal["image", "text", "fused", "cross"], float] = Field(
@@ -152,7 +171,9 @@ class PlateauConfig(_Section):
 
 
 class EarlyStoppingConfig(_Section):
-    metric: str = Field("val/loss", description="Logged metric that decides early stopping and the best model.")
+    metric: str = Field(
+        "val/loss", description="Logged metric that decides early stopping and the best model."
+    )
     mode: Literal["min", "max"] = Field("min", description="Whether the metric should go down or up.")
     patience: int = Field(3, ge=0, description="Epochs without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
@@ -160,33 +181,44 @@ class EarlyStoppingConfig(_Section):
 
 class TrainConfig(_Section):
     task: Literal["retrieval", "siamese"] = Field(
-        "retrieval", description="'retrieval': dual encoder on image-text pairs; 'siamese': fusion head on triplets."
+        "retrieval",
+        description="'retrieval': dual encoder on image-text pairs; 'siamese': fusion head on triplets.",
     )
     epochs: int = Field(20, gt=0, description="Maximum number of epochs.")
     batch_size: int = Field(32, gt=0, description="Per-process batch size.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate of AdamW.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (never on biases, norms, temperatures).")
+    weight_decay: float = Field(
+        0.01, ge=0, description="AdamW weight decay (never on biases, norms, temperatures)."
+    )
     scheduler: Literal["plateau", "cosine"] = Field("plateau", description="LR schedule.")
     plateau: PlateauConfig = Field(default_factory=PlateauConfig, description="ReduceLROnPlateau settings.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (cosine schedule).")
     grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm; null disables clipping.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Training precision.")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory where the backbone supports it.")
+    gradient_checkpointing: bool = Field(
+        False, description="Trade compute for memory where the backbone supports it."
+    )
     seed: int = Field(0, description="Seed for model init, data order and every RNG.")
     early_stopping: EarlyStoppingConfig | None = Field(
         default_factory=EarlyStoppingConfig, description="Early stopping; null trains all epochs."
     )
     checkpoint_every: int = Field(1, ge=1, description="Write a resumable checkpoint every N epochs.")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best one.")
-    val_every_steps: int | None = Field(None, gt=0, description="Validate every N steps instead of every epoch.")
+    val_every_steps: int | None = Field(
+        None, gt=0, description="Validate every N steps instead of every epoch."
+    )
     max_bad_steps: int = Field(0, ge=0, description="Non-finite losses skipped before training stops.")
-    log_every_steps: int = Field(10, ge=1, description="Write a step record (loss, lr) to metrics.jsonl every N steps.")
+    log_every_steps: int = Field(
+        10, ge=1, description="Write a step record (loss, lr) to metrics.jsonl every N steps."
+    )
 
 
 class EvalConfig(_Section):
     k: list[int] = Field(default_factory=lambda: [1, 5, 10], description="Cut-offs for @k metrics.")
-    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0 disables).")
+    bootstrap: int = Field(
+        1000, ge=0, description="Bootstrap resamples for confidence intervals (0 disables)."
+    )
     confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
     seed: int = Field(0, description="Seed of the bootstrap.")
     relevant: Literal["group", "item"] = Field(

