@@ -1,0 +1,27 @@
+"""Losses: pure tensor functions plus thin modules returning named terms, the total under ``"loss"``.
+
+See docs/losses.md for formulas, shapes, when to choose which loss, and the distributed convention.
+"""
+
+from cliptune.losses.distances import DISTANCES
+from cliptune.losses.info_nce import InfoNCELoss, info_nce
+from cliptune.losses.metric import ContrastiveLoss, TripletLoss, contrastive, triplet_margin
+from cliptune.losses.registry import LOSSES, make_loss
+from cliptune.losses.siamese import SiameseLoss, siamese_objective
+from cliptune.losses.siglip import SigLIPLoss, siglip
+
+__all__ = [
+    "DISTANCES",
+    "LOSSES",
+    "ContrastiveLoss",
+    "InfoNCELoss",
+    "SiameseLoss",
+    "SigLIPLoss",
+    "TripletLoss",
+    "contrastive",
+    "info_nce",
+    "make_loss",
+    "siamese_objective",
+    "siglip",
+    "triplet_margin",
+]
