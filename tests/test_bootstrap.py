@@ -1,0 +1,108 @@
+"""Bootstrap intervals: golden cases, a naive loop oracle, reproducibility, paired deltas and verdicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cliptune.bootstrap import Interval, bootstrap_ci, bootstrap_metrics, paired_bootstrap_delta, verdict
+
+
+def _bernoulli(n: int, p: float, seed: int) -> torch.Tensor:
+    return (torch.rand(n, generator=torch.Generator().manual_seed(seed)) < p).double()
+
+
+def test_matches_naive_loop_with_same_draws() -> None:
+    values = np.array([0.0, 1.0, 0.5, 0.25, 1.0, 0.0, 0.75])
+    ci = bootstrap_ci(values, n_resamples=300, confidence=0.9, seed=11)
+    # oracle: the same PCG64 draws, then a Python loop of means and numpy percentiles 5 / 95
+    idx = np.random.Generator(np.random.PCG64(11)).integers(0, 7, size=(300, 7))
+    means = [sum(values[j] for j in row) / 7 for row in idx]
+    low, high = np.percentile(means, [5, 95])
+    assert ci == Interval(float(values.mean()), float(low), float(high), 7, 0.9)
+    assert abs(ci.mean - 3.5 / 7) < 1e-12  # (0 + 1 + .5 + .25 + 1 + 0 + .75) / 7 = 0.5
+
+
+def test_interval_contains_mean_and_is_about_the_normal_width() -> None:
+    values = _bernoulli(400, 0.5, seed=0)
+    ci = bootstrap_ci(values)
+    assert ci.low < ci.mean < ci.high
+    # normal approximation: half-width 1.96 * sqrt(p (1 - p) / n) = 1.96 * sqrt(0.25 / 400) = 0.049
+    assert 0.040 < (ci.high - ci.low) / 2 < 0.058
+
+
+def test_narrows_with_more_queries() -> None:
+    small = bootstrap_ci(_bernoulli(25, 0.5, seed=1))
+    large = bootstrap_ci(_bernoulli(1600, 0.5, seed=1))
+    # width scales as 1 / sqrt(n): 1600 queries give an interval about 8x narrower than 25
+    assert (large.high - large.low) * 4 < small.high - small.low
+
+
+def test_reproducible_with_the_seed() -> None:
+    values = _bernoulli(50, 0.3, seed=2)
+    assert bootstrap_ci(values, seed=7) == bootstrap_ci(values.numpy(), seed=7)
+    assert bootstrap_ci(values, seed=7) != bootstrap_ci(values, seed=8)
+
+
+def test_degenerate_cases() -> None:
+    assert bootstrap_ci([0.25]) == Interval(0.25, 0.25, 0.25, 1)  # one query: a point
+    assert bootstrap_ci([0.7] * 10).to_dict() == {
+        "mean": 0.7,
+        "low": 0.7,
+        "high": 0.7,
+        "n": 10,
+        "confidence": 0.95,
+    }
+    with pytest.raises(ValueError, match="empty"):
+        bootstrap_ci(torch.tensor([]))
+    with pytest.raises(ValueError, match="not finite"):
+        bootstrap_ci([0.1, float("nan")])
+    with pytest.raises(ValueError, match="1-D"):
+        bootstrap_ci(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_ci([0.1, 0.2], confidence=1.0)
+
+
+def test_paired_identical_inputs_give_zero_and_not_distinguishable() -> None:
+    a = _bernoulli(100, 0.4, seed=3)
+    delta = paired_bootstrap_delta(a, a.clone())
+    assert (delta.mean, delta.low, delta.high, delta.n) == (0.0, 0.0, 0.0, 100)
+    assert verdict(delta) == "not distinguishable"
+
+
+def test_paired_clear_shift_is_better_and_reverse_is_worse() -> None:
+    a = _bernoulli(200, 0.4, seed=4)
+    b = a + 0.1 * _bernoulli(200, 0.8, seed=5)  # b never lower, higher on ~80% of queries: +0.08 on average
+    delta = paired_bootstrap_delta(a, b)
+    assert delta.low > 0 and delta.low < delta.mean < delta.high
+    assert abs(delta.mean - float((b - a).mean())) < 1e-12
+    assert verdict(delta) == "better"
+    assert verdict(paired_bootstrap_delta(b, a)) == "worse"
+    assert verdict(delta, higher_is_better=False) == "worse"  # e.g. red-flag rate went up
+
+
+def test_paired_is_tighter_than_unpaired_and_checks_lengths() -> None:
+    base = torch.rand(
+        300, generator=torch.Generator().manual_seed(6), dtype=torch.float64
+    )  # per-query difficulty
+    a, b = base, base + 0.01
+    delta = paired_bootstrap_delta(a, b)
+    assert delta.high - delta.low < 1e-9  # the difficulty cancels: every difference is 0.01
+    unpaired = bootstrap_ci(b)  # uniform [0, 1]: half-width about 1.96 * 0.289 / sqrt(300) = 0.033
+    assert unpaired.high - unpaired.low > 0.05
+    with pytest.raises(ValueError, match="same queries"):
+        paired_bootstrap_delta(a, b[:10])
+
+
+def test_verdict_golden() -> None:
+    assert verdict(Interval(0.05, 0.01, 0.09, 50)) == "better"
+    assert verdict(Interval(-0.05, -0.09, -0.01, 50)) == "worse"
+    assert verdict(Interval(0.05, 0.0, 0.09, 50)) == "not distinguishable"  # touching 0 is not excluding it
+
+
+def test_bootstrap_metrics_dict() -> None:
+    per_query = {"t2i/recall@1": _bernoulli(40, 0.5, seed=7), "t2i/mrr": _bernoulli(40, 0.6, seed=8)}
+    out = bootstrap_metrics(per_query, n_resamples=200)
+    assert list(out) == ["t2i/recall@1", "t2i/mrr"]
+    assert out["t2i/mrr"] == bootstrap_ci(per_query["t2i/mrr"], n_resamples=200)
