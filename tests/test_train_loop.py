@@ -29,9 +29,11 @@ def test_loss_goes_down_and_run_dir_is_written(tmp_path: Path) -> None:
     cfg = TrainConfig(epochs=5, batch_size=16, lr=0.01, early_stopping=None)
     state = run(tmp_path, cfg)
     epochs = _records(tmp_path)
-    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4, 5]
+    # Epoch 0 is the untrained baseline (validation only, no train terms).
+    assert [r["epoch"] for r in epochs] == [0, 1, 2, 3, 4, 5]
+    assert "train/loss" not in epochs[0]
     assert epochs[-1]["val/loss"] < 0.5 * epochs[0]["val/loss"]
-    assert epochs[-1]["train/loss"] < epochs[0]["train/loss"]
+    assert epochs[-1]["train/loss"] < epochs[1]["train/loss"]
     assert (tmp_path / "model" / "toy.safetensors").exists()
     assert latest_checkpoint(tmp_path / "checkpoints") is not None
     assert state.stop_reason == "reached train.epochs (5)"
@@ -42,7 +44,7 @@ def test_loss_goes_down_and_run_dir_is_written(tmp_path: Path) -> None:
 def test_plateau_cuts_lr_and_early_stopping_fires(tmp_path: Path) -> None:
     # Crafted val/loss: improves twice, then flat. patience 0 -> the LR is halved at each flat epoch;
     # early stopping with patience 2 stops after the 2nd flat epoch (epoch 4), best epoch 2.
-    values = [1.0, 0.5, 0.6, 0.7, 0.8, 0.9]
+    values = [2.0, 1.0, 0.5, 0.6, 0.7, 0.8, 0.9]  # the first is the epoch-0 baseline
     cfg = TrainConfig(
         epochs=6, batch_size=50, lr=0.1,
         plateau=PlateauConfig(metric="val/loss", patience=0, factor=0.5, min_lr=0.0),
@@ -50,7 +52,8 @@ def test_plateau_cuts_lr_and_early_stopping_fires(tmp_path: Path) -> None:
     )  # fmt: skip
     state = fit(make_bundle(val_values=values), cfg, tmp_path, Accelerator(cpu=True), quiet=True)
     epochs = _records(tmp_path)
-    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2, 3, 4]
+    epochs = epochs[1:]
     # A record's lr is the one the epoch trained with; the cut after epoch 3 shows in epoch 4.
     assert [r["lr"] for r in epochs] == pytest.approx([0.1, 0.1, 0.1, 0.05])
     # lr at start, then after each epoch's scheduling step: cuts after epochs 3 and 4.
@@ -79,7 +82,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path: Path) -> None:
     # 12 batches per epoch: step 31 is in the middle of epoch 3, after two epoch checkpoints.
     proc = subprocess.run([sys.executable, str(TOY), str(killed), "--kill-at-step", "31"])
     assert proc.returncode == -9
-    assert len(_records(killed)) == 2
+    assert len(_records(killed)) == 3  # baseline + 2 epochs
     subprocess.run([sys.executable, str(TOY), str(killed), "--resume"], check=True)
     assert (killed / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
     a = load_file(full / "model" / "toy.safetensors")

@@ -69,6 +69,19 @@ def fit(
     main = accelerator.is_main_process
     progress = EpochProgress(n_batches, enabled=main and not quiet, summaries=main)
 
+    if state.step == 0:  # the untrained model's values: the baseline every curve starts from
+        model.eval()
+        with torch.no_grad():
+            log.write(
+                {
+                    "kind": "epoch",
+                    "epoch": 0,
+                    "step": 0,
+                    "lr": current_lr(optimizer),
+                    **bundle.evaluate(model),
+                }
+            )
+
     for epoch in range(state.epoch, cfg.epochs):
         model.train()
         tic = time.perf_counter()

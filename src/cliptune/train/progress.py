@@ -43,6 +43,13 @@ class EpochProgress:
     def summary(self, record: dict[str, Any]) -> None:
         if not self.summaries:
             return
-        shown = {k: v for k, v in record.items() if k not in ("kind",) and isinstance(v, (int, float))}
+        shown = {k: v for k, v in record.items() if _headline(k) and isinstance(v, (int, float))}
         parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()]
         _console.print("  ".join(parts), highlight=False)
+
+
+def _headline(key: str) -> bool:
+    """Keys worth a place on the one-line epoch summary (everything is in metrics.jsonl)."""
+    if key in ("epoch", "lr") or key.endswith("/loss"):
+        return True
+    return key.endswith(("/recall@5", "/mrr", "/accuracy")) or "/triplet/accuracy" in key

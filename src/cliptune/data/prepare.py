@@ -1,0 +1,93 @@
+"""Catalogue -> checked rows with a split label: the data every command that trains or evaluates needs.
+
+Bad rows are never dropped silently: with ``on_bad_row: error`` (the default) the first bad rows are
+named and nothing runs; with ``skip`` they are written to ``rejected.csv`` in the run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from cliptune.config import DataConfig
+from cliptune.data.catalogue import Catalogue, CatalogueError, read_catalogue
+from cliptune.data.check import CheckResult, check_catalogue
+from cliptune.data.splits import assign_rows, load_splits, make_splits, save_splits
+
+__all__ = ["PreparedData", "prepare_data"]
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Checked catalogue rows, each with its ``split``, and the split itself (group ids per split)."""
+
+    catalogue: Catalogue
+    rows: pd.DataFrame
+    splits: dict[str, list[str]]
+    check: CheckResult
+
+    def split_rows(self, name: str) -> pd.DataFrame:
+        """Rows of one split, in catalogue order."""
+        if name not in self.splits:
+            raise KeyError(f"no split '{name}'; splits: {', '.join(sorted(self.splits))}")
+        return self.rows[self.rows["split"] == name].reset_index(drop=True)
+
+
+def prepare_data(cfg: DataConfig, run_dir: Path | None = None, *, progress: bool = False) -> PreparedData:
+    """Read, check and split the configured catalogue; save ``splits.json`` (and ``rejected.csv``).
+
+    Args:
+        cfg: The ``data`` section; ``cfg.catalogue`` must be set.
+        run_dir: Where ``splits.json`` / ``rejected.csv`` go. An existing ``splits.json`` there is reused,
+            so a resumed run or a later ``eval`` sees the very same split.
+        progress: Show a progress bar while images are checked.
+
+    Returns:
+        The prepared rows.
+
+    Raises:
+        CatalogueError: No catalogue configured, an unreadable catalogue, or bad rows with ``on_bad_row: error``.
+    """
+    if cfg.catalogue is None:
+        raise CatalogueError("data.catalogue is not set: point it at a catalogue folder")
+    catalogue = read_catalogue(Path(cfg.catalogue))
+    result = check_catalogue(
+        catalogue, max_pixels=cfg.max_pixels, progress=progress, group_column=cfg.group_column
+    )
+    if result.rejected:
+        if cfg.on_bad_row == "error":
+            shown = "\n".join(f"  row {r.row} ({r.file_name}): {r.reason}" for r in result.rejected[:10])
+            more = f"\n  ... and {len(result.rejected) - 10} more" if len(result.rejected) > 10 else ""
+            raise CatalogueError(
+                f"{len(result.rejected)} bad row(s) in {catalogue.metadata_path}:\n{shown}{more}\n"
+                "Fix them, clean the catalogue with `cliptune data check --write-clean`, or set "
+                "data.on_bad_row=skip to train without them (they are then listed in rejected.csv)."
+            )
+        if run_dir is not None:
+            _write_rejected(result, run_dir / "rejected.csv")
+    rows = result.good.reset_index(drop=True)
+    if cfg.text_column not in rows.columns:
+        raise CatalogueError(f"{catalogue.metadata_path}: no column '{cfg.text_column}' (data.text_column)")
+    saved = run_dir / "splits.json" if run_dir is not None else None
+    if saved is not None and saved.exists():
+        splits = load_splits(saved)
+    else:
+        splits = make_splits(rows, cfg.split.ratios, cfg.split.seed, cfg.group_column, cfg.split.stratify)
+        if saved is not None:
+            save_splits(splits, saved)
+    rows = rows.assign(split=assign_rows(rows, splits, cfg.group_column).to_numpy())
+    return PreparedData(catalogue=catalogue, rows=rows, splits=splits, check=result)
+
+
+def _write_rejected(result: CheckResult, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(
+        [
+            {"file_name": r.file_name, "row": r.row, "reason": r.reason, "source": r.source}
+            for r in result.rejected
+        ],
+        columns=["file_name", "row", "reason", "source"],
+    )
+    table.to_csv(path, index=False)

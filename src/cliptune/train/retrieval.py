@@ -1,0 +1,179 @@
+"""The ``retrieval`` task: fine-tune a dual encoder on image-text pairs (seed 002).
+
+With frozen towers (``trainable_layers: 0``, no LoRA) every image and caption is embedded once through
+the feature cache and training runs the heads only, on cached features: an epoch takes seconds on a CPU.
+Otherwise batches carry pixels and tokens and the unfrozen blocks train too. Validation embeds the val
+split, ranks both directions and reports the loss, recall@k, precision@k and MRR for t2i and i2t.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from cliptune.config import Config
+from cliptune.data.images import load_image
+from cliptune.data.prepare import PreparedData
+from cliptune.data.splits import group_ids
+from cliptune.losses import make_loss
+from cliptune.models.backbone import Backbone
+from cliptune.models.cache import FeatureCache, embed_images, embed_texts
+from cliptune.train.data import shard_indices
+from cliptune.train.task import TaskBundle
+from cliptune.train.validation import retrieval_validation
+
+__all__ = ["RetrievalModel", "build_retrieval", "loss_kwargs"]
+
+
+class RetrievalModel(nn.Module):
+    """Backbone + pair loss; ``forward(batch)`` returns the loss's named terms.
+
+    A batch holds either cached tower features (``image_features``, ``text_features``) or raw inputs
+    (``pixel_values``, ``input_ids``, ``attention_mask``); the heads run in both cases.
+    """
+
+    def __init__(self, backbone: Backbone, loss: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.loss = backbone, loss
+
+    def embed(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(image, text) embeddings of a batch, each (B, D), not normalised."""
+        if "image_features" in batch:
+            return self.backbone.image_head(batch["image_features"]), self.backbone.text_head(
+                batch["text_features"]
+            )
+        image = self.backbone.encode_image(batch["pixel_values"])
+        text = self.backbone.encode_text(batch["input_ids"], batch.get("attention_mask"))
+        return image, text
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        image, text = self.embed(batch)
+        return self.loss(image, text)
+
+
+def loss_kwargs(cfg: Config) -> dict[str, Any]:
+    """Constructor arguments of the configured loss, from the ``loss`` section."""
+    name, c = cfg.loss.name, cfg.loss
+    if name == "info_nce":
+        return {"temperature": c.temperature, "learn_temperature": c.learn_temperature}
+    if name in ("triplet", "siamese"):
+        return {"margin": c.margin, "distance": c.distance} | (
+            {"weights": c.weights} if name == "siamese" else {}
+        )
+    if name == "contrastive":
+        return {"margin": c.margin}
+    return {}
+
+
+def _cached_features(
+    backbone: Backbone, data: PreparedData, cfg: Config, device: torch.device, progress: bool
+) -> tuple[Tensor, Tensor]:
+    cache_dir = cfg.model.cache_dir or Path.home() / ".cache" / "cliptune" / "features"
+    cache = FeatureCache(cache_dir, backbone.identity())
+    paths = [data.catalogue.image_path(f) for f in data.rows["file_name"]]
+    precision = cfg.model.embed_precision
+    backbone.to(device)
+
+    def _load(path: Path):
+        return load_image(path, max_pixels=cfg.data.max_pixels)
+
+    images = embed_images(
+        paths, cache=cache, load=_load, preprocess=backbone.preprocess, forward=backbone.image_features,
+        precision=precision, num_workers=cfg.data.num_workers, device=device, progress=progress,
+    )  # fmt: skip
+    texts = embed_texts(
+        data.rows[cfg.data.text_column].astype(str).tolist(), cache=cache, tokenize=backbone.tokenize,
+        forward=backbone.text_features, precision=precision, device=device, progress=progress,
+    )  # fmt: skip
+    return images, texts
+
+
+def _raw_collate(backbone: Backbone, max_pixels: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        images = [load_image(Path(item["path"]), max_pixels=max_pixels) for item in items]
+        tokens = backbone.tokenize([item["text"] for item in items])
+        return {"pixel_values": backbone.preprocess(images), **tokens}
+
+    return collate
+
+
+def build_retrieval(
+    cfg: Config, data: PreparedData, backbone: Backbone, accelerator: Accelerator, *, progress: bool = True
+) -> TaskBundle:
+    """Assemble model, training items, validation and saving for the retrieval task.
+
+    Args:
+        cfg: The whole config.
+        data: Checked, split catalogue rows (needs ``train`` and ``val`` splits).
+        backbone: From ``load_backbone`` with the configured trainable layers / LoRA.
+        accelerator: Used for the device and to shard and gather validation embeddings.
+        progress: Progress bars while features are cached.
+
+    Returns:
+        The :class:`TaskBundle` the loop trains.
+    """
+    if "val" not in data.splits:
+        raise ValueError(
+            f"the retrieval task validates on a 'val' split; data.split.ratios has {sorted(data.splits)}"
+        )
+    model = RetrievalModel(backbone, make_loss(cfg.loss.name, **loss_kwargs(cfg)))
+    split = data.rows["split"].to_numpy()
+    gids = group_ids(data.rows, cfg.data.group_column).to_numpy()
+    info: dict[str, Any] = {"split_rows": {s: int((split == s).sum()) for s in sorted(data.splits)}}
+    train_idx = [i for i in range(len(split)) if split[i] == "train"]
+    val_idx = [i for i in range(len(split)) if split[i] == "val"]
+    collate = None
+    if backbone.features_frozen:
+        images, texts = _cached_features(
+            backbone, data, cfg, accelerator.device, progress and accelerator.is_main_process
+        )
+        train_items = [{"image_features": images[i], "text_features": texts[i]} for i in train_idx]
+        val_inputs = {"image_features": images[val_idx], "text_features": texts[val_idx]}
+        info["feature_dims"] = [int(images.shape[1]), int(texts.shape[1])]
+    else:
+        text_col = cfg.data.text_column
+        paths = [str(data.catalogue.image_path(f)) for f in data.rows["file_name"]]
+        train_items = [{"path": paths[i], "text": str(data.rows[text_col].iloc[i])} for i in train_idx]
+        collate = _raw_collate(backbone, cfg.data.max_pixels)
+        val_inputs = collate([{"path": paths[i], "text": str(data.rows[text_col].iloc[i])} for i in val_idx])
+    val_groups = [str(gids[i]) for i in val_idx]
+    val_files = [str(data.rows["file_name"].iloc[i]) for i in val_idx]
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        inner = accelerator.unwrap_model(m)
+        image, text = _embed_sharded(inner, val_inputs, cfg.train.batch_size, accelerator)
+        return retrieval_validation(
+            image, text, groups=val_groups, files=val_files, ks=cfg.eval.k, relevant=cfg.eval.relevant,
+            loss_fn=inner.loss, batch_size=cfg.train.batch_size * accelerator.num_processes,
+        )  # fmt: skip
+
+    def save_model(m: nn.Module, directory: Path) -> None:
+        m.backbone.save(directory)
+        torch.save({k: v.detach().cpu() for k, v in m.loss.state_dict().items()}, directory / "loss_state.pt")
+
+    return TaskBundle(model=model, train_data=train_items, evaluate=evaluate, save_model=save_model,
+                      collate=collate, info=info)  # fmt: skip
+
+
+def _embed_sharded(
+    model: RetrievalModel, inputs: dict[str, Tensor], batch_size: int, accelerator: Accelerator
+) -> tuple[Tensor, Tensor]:
+    """Embed the validation inputs, each process a shard, gathered in order on every process."""
+    n = len(next(iter(inputs.values())))
+    mine = shard_indices(n, accelerator.process_index, accelerator.num_processes)
+    images, texts = [], []
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start : start + batch_size]
+        batch = {k: v[idx].to(accelerator.device) for k, v in inputs.items()}
+        image, text = model.embed(batch)
+        images.append(image.float())
+        texts.append(text.float())
+    image, text = torch.cat(images), torch.cat(texts)
+    if accelerator.num_processes > 1:
+        image, text = accelerator.gather(image), accelerator.gather(text)
+    return image[:n].cpu(), text[:n].cpu()

@@ -1,0 +1,175 @@
+"""The ``siamese`` task: a fusion head over frozen tower features, trained on triplets (seed 000).
+
+Each item (an artwork image with its description) is embedded once by the frozen towers through the
+feature cache; the :class:`~cliptune.models.siamese.SiameseHead` refines and fuses the two embeddings and
+the same head is applied to anchor (an original), positive (a derivative of it) and negative (an unrelated
+item). Triplets come from the catalogue's ``triplets.csv`` when it has one, else from groups (the first item
+of a group is the anchor, every other item a positive). Triplets never cross splits: a negative from
+another split is replaced by a seeded draw from this split, and the count is reported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from cliptune.config import Config
+from cliptune.data.prepare import PreparedData
+from cliptune.data.splits import group_ids
+from cliptune.losses import SiameseLoss
+from cliptune.metrics import triplet_accuracy
+from cliptune.models.backbone import Backbone
+from cliptune.models.siamese import SiameseHead
+from cliptune.train.retrieval import _cached_features
+from cliptune.train.task import TaskBundle
+
+__all__ = ["SiameseModel", "build_siamese", "make_triplets"]
+
+_ROLES = ("anchor", "positive", "negative")
+
+
+class SiameseModel(nn.Module):
+    """Siamese head + objective; ``forward`` returns loss terms and triplet accuracies (seed-000 names)."""
+
+    def __init__(self, head: SiameseHead, loss: SiameseLoss) -> None:
+        super().__init__()
+        self.head, self.loss = head, loss
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = {role: self.head(batch[f"{role}_image"], batch[f"{role}_text"]).as_dict() for role in _ROLES}
+        terms = self.loss(out["anchor"], out["positive"], out["negative"])
+        with torch.no_grad():
+            terms |= triplet_accuracies(out["anchor"], out["positive"], out["negative"])
+        return terms
+
+
+def triplet_accuracies(a: dict[str, Tensor], p: dict[str, Tensor], n: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Seed 000's accuracies: fused (the overall triplet accuracy), image, text, i2t, t2i and cross."""
+    acc = {
+        "triplet/accuracy": triplet_accuracy(a["fused"], p["fused"], n["fused"]).mean(),
+        "triplet/accuracy/image": triplet_accuracy(a["image"], p["image"], n["image"]).mean(),
+        "triplet/accuracy/text": triplet_accuracy(a["text"], p["text"], n["text"]).mean(),
+        "triplet/accuracy/i2t": triplet_accuracy(a["image"], p["text"], n["text"]).mean(),
+        "triplet/accuracy/t2i": triplet_accuracy(a["text"], p["image"], n["image"]).mean(),
+    }
+    acc["triplet/accuracy/cross"] = (acc["triplet/accuracy/i2t"] + acc["triplet/accuracy/t2i"]) / 2
+    return acc
+
+
+def make_triplets(
+    data: PreparedData, group_column: str, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Row-index triplets per split, shape (T, 3) each, and how many negatives were redrawn.
+
+    Args:
+        data: Checked rows with their split.
+        group_column: The group column (originals and their derivatives share a group).
+        seed: Seed of negative draws.
+
+    Returns:
+        ``({split: (T, 3) int array of row indices}, {split: negatives redrawn})``.
+    """
+    rows = data.rows
+    rng = np.random.default_rng(seed)
+    split = rows["split"].to_numpy()
+    gids = group_ids(rows, group_column).to_numpy()
+    index_of = {f: i for i, f in enumerate(rows["file_name"])}
+    explicit = data.check.good_triplets
+    if explicit is not None and len(explicit):
+        raw = np.array([[index_of[f] for f in explicit[role]] for role in _ROLES]).T  # (T, 3)
+    else:
+        first: dict[str, int] = {}
+        for i, g in enumerate(gids):
+            first.setdefault(g, i)
+        raw = np.array([[first[g], i, -1] for i, g in enumerate(gids) if first[g] != i]).reshape(-1, 3)
+    out, redrawn = {}, {}
+    for name in sorted(data.splits):
+        members = np.flatnonzero(split == name)
+        keep = raw[(split[raw[:, 0]] == name) & (split[raw[:, 1]] == name)]
+        keep = keep.copy()
+        bad = (keep[:, 2] < 0) | (split[np.maximum(keep[:, 2], 0)] != name)
+        for t in np.flatnonzero(bad):
+            others = members[gids[members] != gids[keep[t, 0]]]
+            keep[t, 2] = rng.choice(others) if len(others) else -1
+        out[name] = keep[keep[:, 2] >= 0]
+        redrawn[name] = int(bad.sum()) if explicit is not None and len(explicit) else 0
+    return out, redrawn
+
+
+def build_siamese(
+    cfg: Config, data: PreparedData, backbone: Backbone, accelerator: Accelerator, *, progress: bool = True
+) -> TaskBundle:
+    """Assemble the Siamese head, triplets of cached features, validation and saving.
+
+    Args:
+        cfg: The whole config (``model.head``, ``loss`` weights/margin/distance).
+        data: Checked, split rows (needs ``train`` and ``val``).
+        backbone: Frozen towers whose features feed the head.
+        accelerator: Device and processes.
+        progress: Progress bars while features are cached.
+
+    Returns:
+        The :class:`TaskBundle`.
+    """
+    if not backbone.features_frozen:
+        raise ValueError(
+            "the siamese task trains a head on frozen towers: use model.trainable_layers=0 without lora"
+        )
+    if "val" not in data.splits:
+        raise ValueError(
+            f"the siamese task validates on a 'val' split; data.split.ratios has {sorted(data.splits)}"
+        )
+    images, texts = _cached_features(
+        backbone, data, cfg, accelerator.device, progress and accelerator.is_main_process
+    )
+    triplets, redrawn = make_triplets(data, cfg.data.group_column, cfg.data.split.seed)
+    h = cfg.model.head
+    torch.manual_seed(cfg.train.seed)
+    head = SiameseHead(
+        images.shape[1], texts.shape[1], width=h.width, depth=h.depth, heads=h.heads, dropout=h.dropout
+    )
+    loss = SiameseLoss(weights=cfg.loss.weights, margin=cfg.loss.margin, distance=cfg.loss.distance)
+    model = SiameseModel(head, loss)
+
+    def _items(t: np.ndarray) -> list[dict[str, Tensor]]:
+        return [
+            {f"{role}_{kind}": feats[row] for role, row in zip(_ROLES, tri, strict=True)
+             for kind, feats in (("image", images), ("text", texts))}
+            for tri in t.tolist()
+        ]  # fmt: skip
+
+    val_items = _items(triplets["val"])
+    if not val_items:
+        raise ValueError("the val split has no triplets: it needs groups with two or more items")
+    val_batch = {k: torch.stack([it[k] for it in val_items]) for k in val_items[0]}
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        inner = accelerator.unwrap_model(m)
+        sums: dict[str, float] = {}
+        n = len(val_items)
+        for start in range(0, n, cfg.train.batch_size):
+            batch = {
+                k: v[start : start + cfg.train.batch_size].to(accelerator.device)
+                for k, v in val_batch.items()
+            }
+            size = len(next(iter(batch.values())))
+            for key, value in inner(batch).items():
+                sums[key] = sums.get(key, 0.0) + float(value) * size
+        return {f"val/{k}": v / n for k, v in sums.items()}
+
+    def save_model(m: nn.Module, directory: Path) -> None:
+        m.head.save(directory / "head")
+        backbone.save(directory / "backbone")
+
+    info: dict[str, Any] = {
+        "triplets": {k: int(len(v)) for k, v in triplets.items()},
+        "negatives_redrawn": redrawn,
+        "feature_dims": [int(images.shape[1]), int(texts.shape[1])],
+    }
+    return TaskBundle(model=model, train_data=_items(triplets["train"]), evaluate=evaluate, save_model=save_model,
+                      info=info)  # fmt: skip
