@@ -24,7 +24,13 @@ def test_help_lists_every_command_group() -> None:
 
 
 def test_every_command_has_help_with_an_example() -> None:
-    for args in (["config", "show"], ["config", "schema"], ["config", "docs"], ["data", "synth"], ["data", "check"]):
+    for args in (
+        ["config", "show"],
+        ["config", "schema"],
+        ["config", "docs"],
+        ["data", "synth"],
+        ["data", "check"],
+    ):
         result = runner.invoke(app, [*args, "--help"])
         assert result.exit_code == 0, args
         assert "cliptune " + " ".join(args) in result.output, f"no example in {args} --help"
@@ -55,5 +61,7 @@ def test_config_schema_is_json_schema() -> None:
 
 
 def test_python_dash_m_entry_point() -> None:
-    out = subprocess.run([sys.executable, "-m", "cliptune", "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "cliptune", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.startswith("cliptune ")

@@ -33,7 +33,9 @@ def test_defaults_match_the_seeds() -> None:
 
 
 def test_yaml_and_overrides(tmp_path: Path) -> None:
-    path = _write(tmp_path, "train:\n  lr: 1e-3\n  epochs: 5\ndata:\n  split:\n    ratios: {train: 0.8, val: 0.2}\n")
+    path = _write(
+        tmp_path, "train:\n  lr: 1e-3\n  epochs: 5\ndata:\n  split:\n    ratios: {train: 0.8, val: 0.2}\n"
+    )
     cfg = load_config(path, ["train.lr=1e-4", "loss.name=siglip", "track=[wandb, tensorboard]"])
     assert cfg.train.lr == pytest.approx(1e-4)  # the override wins over the file
     assert cfg.train.epochs == 5
