@@ -1,0 +1,1 @@
+"""CLI-layer command modules; each exposes register(app), wired in cliptune.cli."""
