@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -249,6 +250,40 @@ class TrackConfig(_Section):
         return {"trackers": value} if isinstance(value, list) else value
 
 
+class SweepParam(_Section):
+    type: Literal["float", "int", "categorical"] = Field(..., description="Kind of the searched value.")
+    low: float | None = Field(None, description="Lower bound (float/int).")
+    high: float | None = Field(None, description="Upper bound (float/int).")
+    log: bool = Field(False, description="Sample on a log scale (float/int, low > 0).")
+    choices: list[Any] | None = Field(None, description="Values to choose from (categorical).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SweepParam:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs non-empty 'choices'")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} parameter needs low < high, got low={self.low}, high={self.high}")
+        elif self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, got {self.low}")
+        return self
+
+
+class SweepConfig(_Section):
+    objective: str = Field("val/t2i/mrr", description="Logged metric the sweep optimises (best epoch's value).")
+    direction: Literal["maximize", "minimize"] = Field("maximize", description="Whether higher is better.")
+    space: dict[str, SweepParam] = Field(
+        default_factory=dict,
+        description="Config paths to search, e.g. {train.lr: {type: float, low: 1e-5, high: 1e-2, log: true}}.",
+    )
+    trials: int = Field(20, gt=0, description="Number of trials (a resumed sweep counts finished ones).")
+    storage: str | None = Field(
+        None, description="Optuna storage URL; default sqlite:///<runs>/<name>/sweep.db (any RDB URL to share)."
+    )
+    pruner: Literal["median", "none"] = Field("median", description="Stop unpromising trials on intermediate values.")
+    seed: int = Field(0, description="Seed of the sampler.")
+
+
 class Config(_Section):
     """The whole run configuration; `config.yaml` in a run directory is this, fully resolved."""
 
@@ -259,6 +294,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and checkpoints.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation metrics and intervals.")
     track: TrackConfig = Field(default_factory=TrackConfig, description="Experiment tracking.")
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="Hyper-parameter search (cliptune sweep).")
 
 
 class ConfigError(ValueError):
@@ -287,7 +323,9 @@ def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
 def _section_type(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    for arg in getattr(annotation, "__args__", ()):  # Optional[Section]
+    if get_origin(annotation) not in (Union, UnionType):  # only Optional[Section], not dict[str, Section]
+        return None
+    for arg in get_args(annotation):
         if isinstance(arg, type) and issubclass(arg, BaseModel):
             return arg
     return None
