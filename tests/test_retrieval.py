@@ -165,3 +165,20 @@ def test_validation_errors() -> None:
         relevant_ranks(q, x, torch.tensor([[1, 1], [0, -1]]))
     with pytest.raises(ValueError, match="Q = 2"):
         relevant_ranks(q, x, torch.tensor([[1]]))
+
+
+def test_identical_relevant_items_get_consecutive_ranks() -> None:
+    # Two relevant items with identical embeddings (duplicate captions) tie; the tie rule puts the lower
+    # index first, so their ranks must differ by exactly one, as the dense ranking says. Scores taken
+    # elementwise can differ from the matmul's in the last bit and gave both the same rank before.
+    g = torch.Generator().manual_seed(0)
+    items = torch.nn.functional.normalize(torch.randn(7, 16, generator=g), dim=-1)
+    items[6] = items[0]
+    queries = torch.nn.functional.normalize(torch.randn(1000, 16, generator=g), dim=-1)
+    rel = torch.tensor([[0, 6]]).expand(1000, 2)
+    got = rank_chunked(queries, items, k=0, relevant_ids=rel, chunk_size=3).ranks
+    dense_rel = torch.zeros(1000, 7, dtype=torch.bool)
+    dense_rel[:, [0, 6]] = True
+    want, _ = ranks_of_relevant(queries @ items.T, dense_rel)
+    assert torch.equal(got.sort(1).values, want.sort(1).values)
+    assert ((got[:, 1] - got[:, 0]).abs() >= 1).all()

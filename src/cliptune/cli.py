@@ -232,6 +232,17 @@ def train_cmd(
     console.print(f"run written to [bold]{run_dir}[/bold] (summary: {run_dir / 'summary.json'})")
 
 
+def _register_commands() -> None:
+    """Commands that live in cliptune.commands (one module per topic), in --help order."""
+    from cliptune.commands import eval as eval_cmd
+
+    for module in (eval_cmd,):
+        module.register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -163,7 +163,9 @@ def rank_chunked(
 
     Each (query chunk x item chunk) block of scores is computed, its exact top-k merged into a running
     top-k, and, for every relevant item, the block items ranked ahead of it counted: the rank is
-    ``1 + count``, exact over the FULL ranking (what MRR and MAP need), in O(block) memory.
+    ``1 + count``, exact over the FULL ranking (what MRR and MAP need), in O(block) memory. With
+    ``relevant_ids`` the blocks are computed twice (relevant scores first, then the counts), so that every
+    comparison uses bit-identical matmul scores.
 
     Args:
         queries: query embeddings; score = inner product.
@@ -203,17 +205,26 @@ def rank_chunked(
             run: tuple[torch.Tensor, torch.Tensor] | None = None
             if relevant_ids is not None:
                 ids = relevant_ids[q0 : q0 + query_chunk_size].long()  # (q, R)
-                s_rel = (qv[:, None, :] * items[ids.clamp(min=0)]).sum(-1)  # (q, R)
+                s_rel = torch.zeros(ids.shape, dtype=queries.dtype, device=queries.device)  # (q, R)
                 ahead = torch.zeros(ids.shape, dtype=torch.long, device=queries.device)  # (q, R)
+            # Pass 1: top-k, and each relevant item's score taken from the very block that ranks it: an
+            # elementwise q.x can differ from the matmul's value in the last bit, which would let two
+            # identical relevant items (duplicate captions) both count the other as ahead.
             for n0 in range(0, n_items, chunk_size):
                 block = qv @ items[n0 : n0 + chunk_size].T  # (q, n)
                 if k > 0:
                     bv, bi = _block_topk(block, min(k, block.shape[1]))
                     run = _merge(run, (bv, bi + n0), k)
                 if relevant_ids is not None:
-                    ahead += _count_ahead(block, n0, s_rel, ids)
+                    inside = (ids >= n0) & (ids < n0 + block.shape[1])  # (q, R)
+                    local = (ids - n0).clamp(0, block.shape[1] - 1)
+                    s_rel = torch.where(inside, block.gather(1, local), s_rel)
                 if bar is not None:
                     bar.advance(bar.task_ids[0])
+            # Pass 2 (ranks only): count the items ranked ahead of each relevant item, block by block.
+            if relevant_ids is not None:
+                for n0 in range(0, n_items, chunk_size):
+                    ahead += _count_ahead(qv @ items[n0 : n0 + chunk_size].T, n0, s_rel, ids)
             if run is not None:
                 all_vals.append(run[0])
                 all_idx.append(run[1])

@@ -1,0 +1,234 @@
+"""``cliptune eval``: metrics with confidence intervals and per-query files for a run or a model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["register", "metrics_table", "parse_ks"]
+
+_RETRIEVAL_COLUMNS = ("recall@{k}", "mrr", "precision@{p}")
+_TRIPLET_COLUMNS = (
+    "accuracy",
+    "accuracy/image",
+    "accuracy/text",
+    "accuracy/cross",
+    "accuracy/i2t",
+    "accuracy/t2i",
+)
+
+
+def parse_ks(text: str) -> list[int]:
+    """``"1,5,10"`` -> ``[1, 5, 10]``; raises ``typer.BadParameter`` naming the bad item."""
+    try:
+        ks = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated positive integers, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise typer.BadParameter(f"expected comma-separated positive integers, got {text!r}")
+    return ks
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "-"
+    if entry.get("low") is None:
+        return f"{entry['mean']:.2f}"
+    return f"{entry['mean']:.2f} [{entry['low']:.2f}, {entry['high']:.2f}]"
+
+
+def metrics_table(results: dict[str, dict[str, Any]], direction: str) -> Table:
+    """A rich table of one direction (``t2i``, ``i2t`` or ``triplet``), one row per split.
+
+    Cells read ``mean [low, high]``; ``n`` is the number of queries (triplets). Retrieval columns: loss,
+    recall@k for every k, MRR, precision@5 (or @ the largest k when 5 is not among them).
+
+    Args:
+        results: split name -> the ``eval/<split>.json`` object.
+        direction: ``t2i``, ``i2t`` or ``triplet``.
+
+    Returns:
+        The table.
+    """
+    first = next(iter(results.values()))
+    ks = first["ks"]
+    p = 5 if 5 in ks else ks[-1]
+    if direction == "triplet":
+        columns = [f"triplet/{c}" for c in _TRIPLET_COLUMNS]
+    else:
+        columns = [*(f"{direction}/recall@{k}" for k in ks), f"{direction}/mrr", f"{direction}/precision@{p}"]
+    columns = ["loss", *columns]
+    what = "triplet accuracy" if direction == "triplet" else f"{direction}, {first['relevant']} relevance"
+    table = Table(title=f"{what}, {first['confidence']:.0%} intervals, n = queries")
+    table.add_column("split")
+    table.add_column("n", justify="right")
+    for column in columns:  # "t2i/recall@5" -> "recall@5"; "triplet/accuracy/image" -> "image"
+        label = column.split("/")[-1] if direction == "triplet" else column.split("/", 1)[-1]
+        table.add_column("fused" if label == "accuracy" else label, justify="right")
+    for split, result in results.items():
+        metrics = result["metrics"]
+        n = metrics.get(columns[1], {}).get("n", "-")
+        table.add_row(split, str(n), *(_cell(metrics.get(c)) for c in columns))
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cliptune eval`` to ``app``."""
+
+    @app.command("eval")
+    def eval_cmd(
+        target: Annotated[str, typer.Argument(help="A run directory, a saved model folder, or 'embedded'.")],
+        data: Annotated[
+            Optional[Path],  # noqa: UP045
+            typer.Option("--data", help="Catalogue folder; default for a run: the run's own catalogue."),
+        ] = None,
+        split: Annotated[
+            Optional[str],  # noqa: UP045
+            typer.Option(
+                help="Split to evaluate (default 'test'; 'all' for a catalogue without a split column)."
+            ),
+        ] = None,
+        k: Annotated[
+            Optional[str],  # noqa: UP045
+            typer.Option("--k", help="Cut-offs, comma-separated (default: the run's eval.k, else 1,5,10)."),
+        ] = None,
+        bootstrap: Annotated[
+            Optional[int],  # noqa: UP045
+            typer.Option(help="Bootstrap resamples for the intervals (0: none; default 1000).", min=0),
+        ] = None,
+        relevant: Annotated[
+            Optional[str],  # noqa: UP045
+            typer.Option(help="Relevance: 'group' (default) or 'item' (only an image's own captions)."),
+        ] = None,
+        all_splits: Annotated[
+            bool, typer.Option("--all-splits", help="Evaluate every split (train, val, test).")
+        ] = False,
+        out: Annotated[
+            Optional[Path],  # noqa: UP045
+            typer.Option(help="Folder for <split>.json (default: RUN/eval, or ./eval for a bare model)."),
+        ] = None,
+        cache_dir: Annotated[
+            Optional[Path],  # noqa: UP045
+            typer.Option(help="Feature cache folder (default: the run's, else ~/.cache/cliptune/features)."),
+        ] = None,
+        as_json: Annotated[
+            bool, typer.Option("--json", help="Print {split: metrics} as JSON instead of tables.")
+        ] = False,
+        text_column: Annotated[
+            Optional[str],  # noqa: UP045
+            typer.Option(help="Caption column of the queries (default: the run's data.text_column)."),
+        ] = None,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    ) -> None:
+        """Evaluate a run or model on a split: metrics with 95% intervals, per-query files, a table.
+
+        A run directory is evaluated on its own split (splits.json) with its config; a bare model folder
+        (or 'embedded') needs --data, and the split comes from the catalogue's `split` column, else the
+        whole catalogue is the split 'all'. Writes <split>.json per split.
+
+        Examples:
+            cliptune eval runs/demo-finetuned
+            cliptune eval runs/demo-finetuned --all-splits --k 1,5,10 --bootstrap 2000
+            cliptune eval runs/demo-finetuned --split val --json
+            cliptune eval embedded --data data/fashion --out eval/base
+        """
+        err = Console(stderr=True, soft_wrap=True)
+        ks = parse_ks(k) if k is not None else None
+        if relevant not in (None, "group", "item"):
+            err.print(f"[red]--relevant must be 'group' or 'item', got {relevant!r}[/red]", highlight=False)
+            raise typer.Exit(2)
+        path = Path(target)
+        is_run = (path / "config.yaml").is_file() and (path / "model").is_dir()
+        if not is_run and data is None:
+            err.print(
+                f"[red]{target} is not a run directory (no config.yaml + model/): give the catalogue to "
+                "evaluate on with --data CATALOGUE[/red]",
+                highlight=False,
+            )
+            raise typer.Exit(2)
+        results = _evaluate(
+            path, is_run, data, split, all_splits, ks, bootstrap, relevant, cache_dir, quiet, err, text_column
+        )
+        from cliptune.evaluate import write_eval
+
+        folder = out if out is not None or is_run else Path("eval")  # None: RUN/eval
+        written = [write_eval(r, None if folder else path, out_dir=folder) for r in results.values()]
+        if as_json:
+            sys.stdout.write(json.dumps({s: r["metrics"] for s, r in results.items()}, indent=1) + "\n")
+            return
+        console = Console(soft_wrap=True)
+        if not console.is_terminal:  # piped or captured: no terminal width to fit, keep rows on one line
+            console.width = 200
+        directions = ["t2i", "i2t"] + (
+            ["triplet"] if any("triplet" in r["per_query"] for r in results.values()) else []
+        )
+        for direction in directions:
+            console.print(metrics_table(results, direction))
+        for name, r in results.items():
+            if "loss" not in r["metrics"]:
+                console.print(f"{name}: no loss ({r['loss'].get('reason')})", highlight=False)
+        console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+
+
+def _evaluate(
+    path: Path,
+    is_run: bool,
+    data: Path | None,
+    split: str | None,
+    all_splits: bool,
+    ks: list[int] | None,
+    bootstrap: int | None,
+    relevant: str | None,
+    cache_dir: Path | None,
+    quiet: bool,
+    err: Console,
+    text_column: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    from cliptune.config import ConfigError
+    from cliptune.data.catalogue import CatalogueError
+    from cliptune.evaluate import EvalError, evaluate_run, evaluate_split, prepare_catalogue, split_order
+    from cliptune.inference import load_model
+    from cliptune.models.backbone import BackboneError
+
+    try:
+        if is_run:
+            names = None if all_splits else [split or "test"]
+            return evaluate_run(
+                path, names, catalogue=data, ks=ks, bootstrap=bootstrap, relevant=relevant,  # type: ignore[arg-type]
+                cache_dir=cache_dir, text_column=text_column, progress=not quiet,
+            )  # fmt: skip
+        assert data is not None
+        prepared = prepare_catalogue(data, progress=not quiet)
+        names = split_order(prepared.splits) if all_splits else [split or _default_split(prepared.splits)]
+        unknown = [n for n in names if n not in prepared.splits]
+        if unknown:
+            raise EvalError(
+                f"{data}: no split '{unknown[0]}'; splits: {', '.join(split_order(prepared.splits))}"
+            )
+        model = load_model(path)
+        return {
+            name: evaluate_split(
+                model,
+                prepared,
+                name,
+                ks=ks or (1, 5, 10),
+                relevant=relevant or "group",  # type: ignore[arg-type]
+                bootstrap=1000 if bootstrap is None else bootstrap,
+                cache_dir=cache_dir,
+                progress=not quiet,
+            )
+            for name in names
+        }
+    except (EvalError, CatalogueError, ConfigError, BackboneError, ValueError, FileNotFoundError) as exc:
+        err.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _default_split(splits: dict[str, list[str]]) -> str:
+    return "all" if list(splits) == ["all"] else "test"
