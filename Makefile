@@ -7,7 +7,7 @@ STAMP := $(VENV)/.cliptune-installed
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint docs clean
+.PHONY: install browser demo test lint docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/cliptune data check $(DEMO_OUT)/data/art --quiet
 	@echo "demo catalogues: $(DEMO_OUT)/data/fashion/contact_sheet.png $(DEMO_OUT)/data/art/contact_sheet.png"
 
-test: install
+# The report tests open the HTML in Debian's chromium through playwright (never `playwright install`).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: install browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 lint: install

@@ -235,8 +235,9 @@ def train_cmd(
 def _register_commands() -> None:
     """Commands that live in cliptune.commands (one module per topic), in --help order."""
     from cliptune.commands import eval as eval_cmd
+    from cliptune.commands import report as report_cmd
 
-    for module in (eval_cmd,):
+    for module in (eval_cmd, report_cmd):
         module.register(app)
 
 

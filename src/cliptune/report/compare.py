@@ -1,0 +1,563 @@
+"""``cliptune compare``: runs side by side, with every difference tested against noise.
+
+Seed 002 is a leaderboard; seed 001 reads "val loss 0.07816 vs 0.1148, 32% better" as a win. Both are
+right only when the difference is larger than what another sample of queries would give. Here each
+delta of an eval metric comes with a paired bootstrap interval over the same queries (paired by query
+id), and a verdict: better / worse only when the whole interval is on one side of zero. Runs evaluated
+on different query sets are flagged and compared unpaired (see :func:`unpaired_bootstrap_delta`); values
+from the training log have no per-query values, so they are shown without a verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cliptune.bootstrap import Interval, paired_bootstrap_delta, verdict
+from cliptune.report.build import interval_text, resolver_for
+from cliptune.report.document import Cell, Document, Grid, Paragraph, Section, Table
+from cliptune.report.grids import query_rows
+from cliptune.report.html import render_html
+from cliptune.report.markdown import render_markdown
+from cliptune.report.plots import overlay_plot
+from cliptune.report.rundata import ReportError, RunData, load_run
+
+__all__ = ["Delta", "compare_runs", "metric_deltas", "unpaired_bootstrap_delta", "relative_change"]
+
+LEADERBOARD = {
+    "text → image": ["t2i/recall@1", "t2i/recall@5", "t2i/recall@10", "t2i/mrr", "t2i/precision@5"],
+    "image → text": ["i2t/recall@1", "i2t/recall@5", "i2t/recall@10", "i2t/mrr", "i2t/precision@5"],
+    "triplets": ["triplet/accuracy", "triplet/accuracy/image", "triplet/accuracy/text",
+                 "triplet/accuracy/cross", "triplet/accuracy/i2t", "triplet/accuracy/t2i"],
+}  # fmt: skip
+OVERLAY_KEYS = ["val/loss", "val/t2i/mrr", "val/t2i/recall@5", "val/i2t/mrr", "val/triplet/accuracy", "lr"]
+MOVERS = 4
+"""Queries shown as most improved and most regressed (by per-query t2i MRR delta)."""
+
+_LOWER_IS_BETTER = ("loss", "red_flag_rate")
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One metric of a candidate against the baseline.
+
+    Attributes:
+        split: Eval split (``test``), or ``val (log)`` for training-log values.
+        metric: Metric key (``t2i/mrr``).
+        baseline, candidate: The two means.
+        interval: Bootstrap interval of ``candidate - baseline``, or None without per-query values.
+        paired: Whether the interval pairs the same queries.
+        verdict: ``better`` / ``worse`` / ``not distinguishable`` / ``no verdict``.
+        note: Why a verdict is missing or unpaired.
+    """
+
+    split: str
+    metric: str
+    baseline: float
+    candidate: float
+    interval: Interval | None
+    paired: bool
+    verdict: str
+    note: str = ""
+
+    @property
+    def higher_is_better(self) -> bool:
+        """False for losses and red-flag rates."""
+        return not any(word in self.metric for word in _LOWER_IS_BETTER)
+
+
+def relative_change(baseline: float, candidate: float, higher_is_better: bool | None = True) -> str:
+    """Seed-001 wording: ``"32% better"`` / ``"4.1% worse"`` / ``"same"``; ``"n/a"`` when the baseline is 0.
+
+    ``higher_is_better=None`` (a train loss: lower is not simply better) says ``"higher"`` / ``"lower"``.
+
+    Example:
+        >>> relative_change(0.1148, 0.07816, higher_is_better=False)  # (0.1148 - 0.07816) / 0.1148 = 31.9%
+        '32% better'
+    """
+    if candidate == baseline:
+        return "same"
+    if baseline == 0:
+        return "n/a"
+    pct = 100 * abs(candidate - baseline) / abs(baseline)
+    number = f"{pct:.0f}" if pct >= 10 else f"{pct:.2g}"
+    if higher_is_better is None:
+        return f"{number}% {'higher' if candidate > baseline else 'lower'}"
+    good = (candidate > baseline) == higher_is_better
+    return f"{number}% {'better' if good else 'worse'}"
+
+
+def unpaired_bootstrap_delta(
+    values_a: list[float] | np.ndarray,
+    values_b: list[float] | np.ndarray,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Percentile bootstrap interval of ``mean(b) - mean(a)`` with a and b resampled independently.
+
+    For two runs evaluated on different queries no pairing exists; the interval covers the sampling
+    noise of both means (wider than a paired one). It does not separate model from data: the two query
+    sets may differ in difficulty, which is why such deltas are always flagged.
+
+    Shapes:
+        values_a: (Qa,), values_b: (Qb,) -> Interval (``n`` = min(Qa, Qb))
+    """
+    a, b = np.asarray(values_a, float), np.asarray(values_b, float)
+    if a.size == 0 or b.size == 0:
+        raise ValueError("unpaired_bootstrap_delta: both runs need at least one query")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    diffs = np.empty(n_resamples)
+    rows = max(1, 2_000_000 // max(a.size, b.size))  # blocks keep memory bounded for large query sets
+    for r0 in range(0, n_resamples, rows):
+        r1 = min(n_resamples, r0 + rows)
+        ma = a[rng.integers(0, a.size, size=(r1 - r0, a.size))].mean(axis=1)
+        mb = b[rng.integers(0, b.size, size=(r1 - r0, b.size))].mean(axis=1)
+        diffs[r0:r1] = mb - ma
+    alpha = 1.0 - confidence
+    low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
+    return Interval(float(b.mean() - a.mean()), float(low), float(high), int(min(a.size, b.size)), confidence)
+
+
+def _per_query(ev: dict[str, Any], metric: str) -> tuple[list[str], list[float]] | None:
+    group, _, name = metric.partition("/")
+    block = ev.get("per_query", {}).get(group, {})
+    values = block.get("values", {}).get(name)
+    ids = block.get("query_ids")
+    if values is None or ids is None or len(ids) != len(values):
+        return None
+    return [str(i) for i in ids], [float(v) for v in values]
+
+
+def metric_deltas(
+    base: dict[str, Any], cand: dict[str, Any], n_resamples: int | None = None, seed: int | None = None
+) -> tuple[list[Delta], list[str]]:
+    """Deltas of every metric two eval JSONs share, with intervals and verdicts.
+
+    Args:
+        base: The baseline's ``eval/<split>.json``.
+        cand: The candidate's ``eval/<split>.json`` (same split).
+        n_resamples: Bootstrap resamples (default: the baseline eval's ``bootstrap``, else 1000).
+        seed: Bootstrap seed (default: the baseline eval's ``seed``, else 0).
+
+    Returns:
+        ``(deltas, flags)``: one :class:`Delta` per shared metric; ``flags`` are sentences about query
+        sets that differ (those deltas are unpaired) or per-query values that are missing.
+
+    Example:
+        >>> deltas, flags = metric_deltas(json.load(open("a/eval/test.json")), json.load(open("b/eval/test.json")))  # doctest: +SKIP
+    """
+    n_resamples = int(n_resamples or base.get("bootstrap") or 1000)
+    seed = int(seed if seed is not None else base.get("seed", 0))
+    conf = float(base.get("confidence", 0.95))
+    split = str(base.get("split", cand.get("split", "")))
+    deltas, flags = [], []
+    flagged: set[str] = set()
+    cand_metrics = cand.get("metrics", {})
+    for metric, m in base.get("metrics", {}).items():
+        if metric not in cand_metrics:
+            continue
+        a_mean, b_mean = float(m["mean"]), float(cand_metrics[metric]["mean"])
+        pa, pb = _per_query(base, metric), _per_query(cand, metric)
+        higher = Delta(split, metric, 0, 0, None, False, "").higher_is_better
+        if pa is None or pb is None:
+            deltas.append(
+                Delta(split, metric, a_mean, b_mean, None, False, "no verdict", "no per-query values")
+            )
+            continue
+        (ids_a, va), (ids_b, vb) = pa, pb
+        group = metric.split("/")[0]
+        if sorted(ids_a) == sorted(ids_b) and len(set(ids_a)) == len(ids_a):
+            order = {q: i for i, q in enumerate(ids_b)}
+            vb_aligned = [vb[order[q]] for q in ids_a]
+            iv = paired_bootstrap_delta(va, vb_aligned, n_resamples, conf, seed)
+            deltas.append(Delta(split, metric, a_mean, b_mean, iv, True, verdict(iv, higher)))
+            continue
+        if group not in flagged:
+            flagged.add(group)
+            shared = len(set(ids_a) & set(ids_b))
+            flags.append(
+                f"{split} {group}: the runs were evaluated on different queries ({len(ids_a)} vs {len(ids_b)}, "
+                f"{shared} shared): deltas are unpaired and mix model and data differences"
+            )
+        iv = unpaired_bootstrap_delta(va, vb, n_resamples, conf, seed)
+        deltas.append(Delta(split, metric, a_mean, b_mean, iv, False, verdict(iv, higher),
+                            "different query sets: unpaired bootstrap"))  # fmt: skip
+    return deltas, flags
+
+
+def compare_runs(
+    run_dirs: list[Path | str], baseline: Path | str | None = None, out: Path | str | None = None
+) -> tuple[Path, Path]:
+    """Write ``compare.html`` (self-contained), ``compare.md`` and ``compare.json`` for several runs.
+
+    Args:
+        run_dirs: Two or more run directories.
+        baseline: The run every other run is compared with (one of ``run_dirs``); default the first.
+        out: Output folder; default ``<parent of the first run>/compare``.
+
+    Returns:
+        ``(html_path, md_path)``.
+
+    Raises:
+        ReportError: fewer than two runs, a run listed twice, a baseline not among the runs, or a run
+            that cannot be read.
+
+    Example:
+        >>> compare_runs(["runs/base", "runs/tuned"], baseline="runs/base", out="runs/compare")  # doctest: +SKIP
+    """
+    paths = [Path(p) for p in run_dirs]
+    if len(paths) < 2:
+        raise ReportError(f"compare needs at least two runs, got {len(paths)}")
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        raise ReportError("compare: a run is listed twice: " + ", ".join(map(str, paths)))
+    base_index = 0
+    if baseline is not None:
+        if Path(baseline).resolve() not in resolved:
+            raise ReportError(
+                f"compare: baseline {baseline} is not one of the runs ({', '.join(map(str, paths))})"
+            )
+        base_index = resolved.index(Path(baseline).resolve())
+    runs = [load_run(p) for p in paths]
+    base = runs[base_index]
+    others = [r for i, r in enumerate(runs) if i != base_index]
+    out_dir = Path(out) if out is not None else paths[0].parent / "compare"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc, data = _compare_document(base, others)
+    html_path, md_path = out_dir / "compare.html", out_dir / "compare.md"
+    html_path.write_text(render_html(doc), encoding="utf-8")
+    md_path.write_text(render_markdown(doc), encoding="utf-8")
+    (out_dir / "compare.json").write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    return html_path, md_path
+
+
+def _compare_document(base: RunData, others: list[RunData]) -> tuple[Document, dict[str, Any]]:
+    runs = [base, *others]
+    data: dict[str, Any] = {
+        "baseline": str(base.path),
+        "runs": [str(r.path) for r in runs],
+        "deltas": {},
+        "flags": [],
+    }
+    deltas_section = Section("deltas", f"Deltas against the baseline ({base.name})")
+    for cand in others:
+        for split in [s for s in ("train", "val", "test") if s in base.evals and s in cand.evals]:
+            deltas, flags = metric_deltas(base.evals[split], cand.evals[split])
+            data["deltas"].setdefault(cand.name, {})[split] = [_delta_json(d) for d in deltas]
+            data["flags"] += [f"{cand.name}: {f}" for f in flags]
+            deltas_section.blocks += [Paragraph(f"{cand.name}: {f}.", "warn") for f in flags]
+            deltas_section.blocks.append(_delta_table(base, cand, split, deltas))
+        if not set(base.evals) & set(cand.evals):
+            deltas_section.blocks.append(Paragraph(
+                f"{cand.name} and {base.name} share no eval split: run `cliptune eval` on both for deltas "
+                "with intervals; only training-log values are compared below.", "warn"))  # fmt: skip
+    sections = [
+        _summary_section(base, others, data),
+        _leaderboard_section(runs),
+        deltas_section,
+        _dynamics_section(base, others),
+        _curves_section(runs),
+        _suite_section(base, others),
+        _movers_section(base, others),
+    ]
+    subtitle = (
+        f"{len(runs)} runs · baseline {base.name} · verdicts from paired bootstrap intervals over queries"
+    )
+    doc = Document(
+        "cliptune compare: " + " vs ".join(r.name for r in runs), subtitle, [s for s in sections if s.blocks]
+    )
+    return doc, data
+
+
+def _delta_json(d: Delta) -> dict[str, Any]:
+    return {"metric": d.metric, "baseline": d.baseline, "candidate": d.candidate, "paired": d.paired,
+            "interval": d.interval.to_dict() if d.interval else None, "verdict": d.verdict, "note": d.note}  # fmt: skip
+
+
+_VERDICT_CSS = {"better": "better", "worse": "worse", "not distinguishable": "same", "no verdict": "same"}
+
+
+def _delta_table(base: RunData, cand: RunData, split: str, deltas: list[Delta]) -> Table:
+    rows = []
+    for d in deltas:
+        iv = d.interval
+        diff = d.candidate - d.baseline
+        interval = f"{diff:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]" if iv else f"{diff:+.3f}"
+        label = d.verdict + ("" if d.paired or d.verdict == "no verdict" else " (unpaired)")
+        rows.append([d.metric, f"{d.baseline:.4f}", f"{d.candidate:.4f}", interval,
+                     relative_change(d.baseline, d.candidate, d.higher_is_better),
+                     Cell(label, _VERDICT_CSS.get(d.verdict, "")), d.note])  # fmt: skip
+    conf = base.evals[split].get("confidence", 0.95)
+    cols = ["metric", base.name, cand.name, f"delta [{conf:.0%} interval]", "relative", "verdict", "note"]
+    return Table(cols, rows, f"{cand.name} vs {base.name} on {split}")
+
+
+def _summary_section(base: RunData, others: list[RunData], data: dict[str, Any]) -> Section:
+    lines = []
+    for cand in others:
+        counts: dict[str, list[str]] = {}
+        for split, ds in data["deltas"].get(cand.name, {}).items():
+            for d in ds:
+                counts.setdefault(d["verdict"], []).append(f"{split} {d['metric']}")
+        if not counts:
+            lines.append(
+                Paragraph(f"{cand.name}: no shared eval split with {base.name}; no verdicts.", "note")
+            )
+            continue
+        better, worse = counts.get("better", []), counts.get("worse", [])
+        same = len(counts.get("not distinguishable", []))
+        text = (f"{cand.name} vs {base.name}: better on {len(better)} metric(s)"
+                + (f" ({', '.join(better[:4])}{'...' if len(better) > 4 else ''})" if better else "")
+                + f", worse on {len(worse)}" + (f" ({', '.join(worse[:4])}{'...' if len(worse) > 4 else ''})" if worse else "")
+                + f", not distinguishable from noise on {same}.")  # fmt: skip
+        css = "warn" if worse else "ok" if better else "note"
+        lines.append(Paragraph(text, css))
+    lines += [Paragraph(f, "warn") for f in data["flags"]]
+    lines.append(Paragraph(
+        "How to read: a verdict is 'better' or 'worse' only when the whole 95% paired bootstrap interval of the "
+        "difference (same queries resampled together) lies on one side of zero; otherwise the difference is "
+        "'not distinguishable' from what another sample of queries could give."))  # fmt: skip
+    return Section("summary", "Verdict summary", lines)
+
+
+def _leaderboard_section(runs: list[RunData]) -> Section:
+    blocks: list[Any] = []
+    for title, keys in LEADERBOARD.items():
+        present = [k for k in keys if any(k in ev.get("metrics", {}) for r in runs for ev in r.evals.values())
+                   or any(f"val/{k}" in (r.summary.get("best") or {}) for r in runs)]  # fmt: skip
+        if not present:
+            continue
+        rows: list[list[Any]] = []
+        for r in runs:
+            for split, values, loss in _leaderboard_rows(r, present):
+                rows.append([r.name, split, *values, loss])
+        _bold_best(rows, present)
+        cols = ["run", "split", *[k.split("/", 1)[1] for k in present], "loss (log, best epoch)"]
+        blocks.append(Table(cols, rows, f"Leaderboard: {title}"))
+    if blocks:
+        blocks.append(Paragraph("Eval rows show the mean of eval/<split>.json; 'val (log)' rows come from the training "
+                                "log at the best epoch. Bold green: best in its column and split.", "note"))  # fmt: skip
+    return Section("leaderboard", "Leaderboard", blocks)
+
+
+def _leaderboard_rows(run: RunData, keys: list[str]) -> list[tuple[str, list[str], str]]:
+    best = run.summary.get("best") or run.epochs[-1]
+    losses = {"train": best.get("train/loss"), "val": best.get("val/loss"), "val (log)": best.get("val/loss")}
+    rows = []
+    for split in [s for s in ("train", "val", "test") if s in run.evals] or ["val (log)"]:
+        if split == "val (log)":
+            values = [f"{best[f'val/{k}']:.4f}" if f"val/{k}" in best else "" for k in keys]
+        else:
+            metrics = run.evals[split].get("metrics", {})
+            values = [f"{metrics[k]['mean']:.4f}" if k in metrics else "" for k in keys]
+        loss = losses.get(split)
+        rows.append((split, values, f"{loss:.4f}" if isinstance(loss, int | float) else ""))
+    return rows
+
+
+def _bold_best(rows: list[list[Any]], keys: list[str]) -> None:
+    for col in range(2, 2 + len(keys)):
+        for split in {r[1] for r in rows}:
+            cells = [r for r in rows if r[1] == split and r[col] != ""]
+            if len(cells) < 2:
+                continue
+            values = [float(r[col]) for r in cells]
+            top = max(values)
+            if min(values) == top:
+                continue  # a tie everywhere: nothing to point out
+            for r in cells:
+                if float(r[col]) == top:
+                    r[col] = Cell(r[col], "better")
+
+
+def _dynamics(run: RunData) -> dict[str, Any]:
+    from cliptune.report.diagnostics import diagnose
+
+    found = {f.rule: f.numbers for f in diagnose(run) if f.rule in {"lr_schedule", "generalisation_gap"}}
+    return {"lr": found.get("lr_schedule", {}), "gap": found.get("generalisation_gap", {})}
+
+
+def _dynamics_section(base: RunData, others: list[RunData]) -> Section:
+    runs = [base, *others]
+    dyn = {r.name: _dynamics(r) for r in runs}
+    rows = []
+    for r in runs:
+        lr, gap = dyn[r.name]["lr"], dyn[r.name]["gap"]
+        cuts = lr.get("cut_after_epochs")
+        rows.append([
+            r.name, str(max(e["epoch"] for e in r.epochs)), str(r.summary.get("best_epoch", "")),
+            str(r.summary.get("stop_reason", "not finished")),
+            f"{lr.get('lr_initial', math.nan):.3g} -> {lr.get('lr_final', math.nan):.3g}",
+            "" if cuts is None else f"{len(cuts)}" + (f" (after {', '.join(map(str, cuts))})" if cuts else ""),
+            _f(gap.get("train_loss")), _f(gap.get("val_loss")), _f(gap.get("ratio")),
+        ])  # fmt: skip
+    cols = ["run", "epochs", "best epoch", "stop reason", "lr initial -> final", "LR cuts",
+            "train loss (final)", "val loss (final)", "val / train loss"]  # fmt: skip
+    blocks: list[Any] = [Table(cols, rows, "Training dynamics (from metrics.jsonl and summary.json)")]
+    for cand in others:
+        blocks += _dynamics_sentences(base, cand, dyn)
+        blocks.append(_log_table(base, cand))
+    return Section("dynamics", "Training dynamics and validation log", blocks)
+
+
+def _f(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, int | float) else ""
+
+
+def _dynamics_sentences(base: RunData, cand: RunData, dyn: dict[str, Any]) -> list[Paragraph]:
+    out = []
+    lb, lc = dyn[base.name]["lr"], dyn[cand.name]["lr"]
+    if "cuts" in lb and "cuts" in lc:
+        word = (
+            "a higher"
+            if lc["lr_final"] > lb["lr_final"]
+            else "a lower"
+            if lc["lr_final"] < lb["lr_final"]
+            else "the same"
+        )
+        out.append(Paragraph(
+            f"{cand.name} ended with {word} LR {'as' if word == 'the same' else 'than'} {base.name} "
+            f"({lc['lr_final']:.3g} vs {lb['lr_final']:.3g}) "
+            f"after {lc['cuts']} plateau cut(s) vs {lb['cuts']}: "
+            + ("fewer plateaus." if lc["cuts"] < lb["cuts"] else "more plateaus." if lc["cuts"] > lb["cuts"] else "as many plateaus.")))  # fmt: skip
+    gb, gc = dyn[base.name]["gap"], dyn[cand.name]["gap"]
+    if "ratio" in gb and "ratio" in gc:
+        smaller = gc["ratio"] < gb["ratio"]
+        out.append(Paragraph(
+            f"Train-val loss gap: {cand.name} val/train {gc['ratio']:.3g}x vs {base.name} {gb['ratio']:.3g}x "
+            f"({'smaller: better generalisation' if smaller else 'larger: more overfitting'}; losses of "
+            "different runs are comparable only with the same loss and temperature)."))  # fmt: skip
+    if not _same_val_groups(base, cand):
+        out.append(Paragraph(
+            f"{cand.name} and {base.name} were validated on different groups (splits.json differ, e.g. another "
+            "split ratio): training-log values below are measured on different data.", "warn"))  # fmt: skip
+    return out
+
+
+def _same_val_groups(a: RunData, b: RunData) -> bool:
+    def groups(r: RunData) -> Any:
+        path = r.path / "splits.json"
+        return json.loads(path.read_text(encoding="utf-8")).get("val") if path.is_file() else None
+
+    ga, gb = groups(a), groups(b)
+    return ga is None or gb is None or sorted(map(str, ga)) == sorted(map(str, gb))
+
+
+def _log_table(base: RunData, cand: RunData) -> Table:
+    bb, bc = base.summary.get("best") or base.epochs[-1], cand.summary.get("best") or cand.epochs[-1]
+    # Loss terms (one slash: val/loss, val/text) and the headline ranking metrics, present in both runs.
+    headline = ("recall@1", "recall@5", "recall@10", "precision@5", "mrr", "triplet/accuracy")
+    keys = [k for k in bb if k in bc and isinstance(bb[k], int | float) and "temperature" not in k
+            and (k.count("/") == 1 or (k.startswith("val/") and k.split("/", 2)[-1].startswith(headline)))]  # fmt: skip
+    rows = []
+    for k in keys:
+        # Val loss terms are lower-is-better; a lower *train* loss can just be more overfitting.
+        higher = None if k.startswith("train/") else k.count("/") > 1
+        rows.append([k, f"{bb[k]:.5g}", f"{bc[k]:.5g}", relative_change(float(bb[k]), float(bc[k]), higher),
+                     Cell("no verdict", "same")])  # fmt: skip
+    cols = ["value (best epoch)", base.name, cand.name, "relative", "verdict"]
+    caption = (
+        f"{cand.name} vs {base.name}: training log at the best epoch (no per-query values: no intervals)"
+    )
+    return Table(cols, rows, caption)
+
+
+def _curves_section(runs: list[RunData]) -> Section:
+    plots = [
+        overlay_plot(runs, key, "overlay-" + key.replace("/", "-").replace("@", "at")) for key in OVERLAY_KEYS
+    ]
+    return Section("curves", "Validation curves", [p for p in plots if p is not None])
+
+
+def _suite_section(base: RunData, others: list[RunData]) -> Section:
+    blocks: list[Any] = []
+    for cand in others:
+        for name in [n for n in base.suites if n in cand.suites]:
+            blocks.append(_suite_table(base, cand, name))
+    return Section("suites", "Behavioural suites: per-category changes", blocks)
+
+
+def _suite_table(base: RunData, cand: RunData, name: str) -> Table:
+    sa, sb = base.suites[name], cand.suites[name]
+    qa = {q["id"]: q for q in sa.get("queries", [])}
+    qb = {q["id"]: q for q in sb.get("queries", [])}
+    rows = []
+    for cat, ca in sa.get("categories", {}).items():
+        cb = sb.get("categories", {}).get(cat)
+        if cb is None:
+            rows.append(
+                [cat, _status(ca), Cell("missing", "warn"), "", "", "", "", "category absent in " + cand.name]
+            )
+            continue
+        ids_a = sorted(i for i, q in qa.items() if q.get("category") == cat)
+        ids_b = sorted(i for i, q in qb.items() if q.get("category") == cat)
+        ma, mb = ca.get("metrics", {}).get("mrr"), cb.get("metrics", {}).get("mrr")
+        note, delta_text, word = "", "", "no verdict"
+        if (
+            ids_a
+            and ids_a == ids_b
+            and all("mrr" in qa[i].get("metrics", {}) and "mrr" in qb[i].get("metrics", {}) for i in ids_a)
+        ):
+            iv = paired_bootstrap_delta([qa[i]["metrics"]["mrr"] for i in ids_a], [qb[i]["metrics"]["mrr"] for i in ids_a],
+                                        n_resamples=1000, seed=0)  # fmt: skip
+            word = verdict(iv)
+            delta_text = f"{iv.mean:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]"
+        elif ids_a != ids_b:
+            note = "different queries in this category: not paired"
+        rows.append([cat, _status(ca), _status(cb), interval_text(ma) if ma else "", interval_text(mb) if mb else "",
+                     delta_text, Cell(word, _VERDICT_CSS.get(word, "")), note])  # fmt: skip
+    cols = [
+        "category",
+        base.name,
+        cand.name,
+        f"mrr {base.name}",
+        f"mrr {cand.name}",
+        "mrr delta [95%]",
+        "verdict",
+        "note",
+    ]
+    return Table(cols, rows, f"Suite {sa.get('suite', name)}: {cand.name} vs {base.name}")
+
+
+def _status(c: dict[str, Any]) -> Cell:
+    return Cell("pass", "pass") if c.get("passed") else Cell("FAIL", "fail")
+
+
+def _movers_section(base: RunData, others: list[RunData]) -> Section:
+    blocks: list[Any] = []
+    for cand in others:
+        split = next((s for s in ("test", "val") if s in base.evals and s in cand.evals), None)
+        if split is None:
+            continue
+        ba, bb = (
+            base.evals[split].get("per_query", {}).get("t2i"),
+            cand.evals[split].get("per_query", {}).get("t2i"),
+        )
+        if not ba or not bb or "mrr" not in ba.get("values", {}) or "mrr" not in bb.get("values", {}):
+            continue
+        index_b = {q: i for i, q in enumerate(bb["query_ids"])}
+        pairs = [(i, index_b[q]) for i, q in enumerate(ba["query_ids"]) if q in index_b]
+        moves = sorted(
+            ((bb["values"]["mrr"][j] - ba["values"]["mrr"][i], i, j) for i, j in pairs), key=lambda m: m[0]
+        )
+        improved = [m for m in reversed(moves) if m[0] > 0][:MOVERS]
+        regressed = [m for m in moves if m[0] < 0][:MOVERS]
+        for title, chosen in (("improved", improved), ("regressed", regressed)):
+            rows = []
+            for d, i, j in chosen:
+                rows += query_rows(ba, [i], resolver_for(base, base.evals[split]), prefix=f"{base.name}: ")
+                rows += query_rows(
+                    bb, [j], resolver_for(cand, cand.evals[split]), prefix=f"{cand.name} ({d:+.3f}): "
+                )
+            if rows:
+                blocks.append(Grid(f"movers-{cand.name}-{title}", f"{cand.name}: queries that {title} most "
+                                   f"(t2i mrr on {split}; baseline row, then candidate row)", rows))  # fmt: skip
+        if not improved and not regressed:
+            blocks.append(Paragraph(f"{cand.name}: no query's t2i mrr changed on {split}.", "note"))
+    return Section("movers", "Queries that moved most", blocks)
