@@ -62,8 +62,9 @@ def test_fashion_same_seed_same_bytes_other_seed_other_bytes(fashion: Path, tmp_
     again = render_fashion(tmp_path / "again", n=FASHION_N, seed=0)
     other = render_fashion(tmp_path / "other", n=FASHION_N, seed=1)
     first = _digests(fashion)
-    # 24 images + metadata.csv + contact_sheet.png
-    assert len(first) == FASHION_N + 2
+    # 24 images + metadata.csv + contact_sheet.png + suite.yaml (the ready behavioural suite)
+    assert len(first) == FASHION_N + 3
+    assert "suite.yaml" in first
     assert _digests(again) == first
     other_digests = _digests(other)
     assert all(other_digests[k] != v for k, v in first.items() if k.startswith("images/"))

@@ -615,7 +615,7 @@ def _captions(p: FashionProduct, photo: int) -> tuple[str, str]:
 
 
 def render_fashion(out: Path, n: int = 1500, seed: int = 0, size: int = 160, progress: bool = False) -> Path:
-    """Render the fashion catalogue: `n` product photos, `metadata.csv` and `contact_sheet.png`.
+    """Render the fashion catalogue: `n` product photos, `metadata.csv`, `contact_sheet.png` and `suite.yaml`.
 
     Products get 2-4 photos each (the `group` column), so a split grouped by product cannot leak a
     garment's look from train into test. Each attribute cycles through its values in shuffled
@@ -656,4 +656,7 @@ def render_fashion(out: Path, n: int = 1500, seed: int = 0, size: int = 160, pro
     write_csv(out / "metadata.csv", FASHION_COLUMNS, rows)
     sheet = [(r[0], f"{r[4]} {r[5]}" + (" RIPS" if r[7] == "true" else ""), f"{r[6]} {r[8]}") for r in rows]
     make_contact_sheet(out, sheet, out / "contact_sheet.png")
+    from cliptune.data.synth_suite import write_fashion_suite  # reads metadata.csv back: no import cycle
+
+    write_fashion_suite(out)
     return out

@@ -1,0 +1,167 @@
+"""``cliptune test``: run a behavioural suite on a run or model, gate it, write JSON (and JUnit XML)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["register", "category_table"]
+
+
+def _cell(m: dict[str, Any]) -> str:
+    return f"{m['mean']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+
+
+def _gate(field: str, limit: float | None) -> str:
+    if limit is None:
+        return "-"
+    return (
+        f"> {limit:g}"
+        if field == "mrr"
+        else (f"<= {limit:g}" if field == "red_flag_rate" else f">= {limit:g}")
+    )
+
+
+def category_table(name: str, cat: dict[str, Any]) -> Table:
+    """One category of a suite result: each metric's mean, 95% interval, gate and PASS/FAIL."""
+    from cliptune.suites.scoring import METRICS, metric_key
+
+    verdict = "[green]PASS[/green]" if cat["passed"] else "[red]FAIL[/red]"
+    conf = int(round(100 * next(iter(cat["metrics"].values()))["confidence"]))
+    table = Table(title=f"{name}: {verdict} ({cat['n_queries']} queries, {cat['n_failed_queries']} failed)")
+    for col in ("metric", f"mean [{conf}% interval]", "gate", ""):
+        table.add_column(col)
+    failed = {f.split(" ")[0] for f in cat["failures"]}
+    for field in METRICS:
+        key = metric_key(field, cat["k"])
+        limit = cat["thresholds"][field]
+        status = "" if limit is None else ("[red]FAIL[/red]" if key in failed else "[green]ok[/green]")
+        table.add_row(key, _cell(cat["metrics"][key]), _gate(field, limit), status)
+    return table
+
+
+def _failing_queries(result: dict[str, Any]) -> Table | None:
+    failing = [q for q in result["queries"] if not q["passed"]]
+    if not failing:
+        return None
+    table = Table(title=f"{len(failing)} failing quer{'y' if len(failing) == 1 else 'ies'}")
+    for col in ("category", "id", "query", "failed", "red results in the top k (rank)"):
+        table.add_column(col)
+    for q in failing:
+        gates = [f for f in q["failures"] if not f.startswith("red in top")]
+        reds = ", ".join(f"{r['id']} ({r['rank']})" for r in q["red_in_top"]) or "-"
+        table.add_row(q["category"], q["id"], q["text"] or f"image {q['image']}", "; ".join(gates), reds)
+    return table
+
+
+def _run_catalogue(path: Path) -> tuple[Path | None, Path | None]:
+    """The run's ``data.catalogue`` and ``model.cache_dir`` from its config.yaml."""
+    from cliptune.config import load_config
+
+    cfg = load_config(path / "config.yaml")
+    return cfg.data.catalogue, cfg.model.cache_dir
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cliptune test`` to ``app``."""
+
+    @app.command("test")
+    def test_cmd(
+        target: Annotated[str, typer.Argument(help="A run directory, a saved model folder, or 'embedded'.")],
+        suite: Annotated[Path, typer.Option("--suite", help="The suite YAML file.")],
+        data: Annotated[
+            Optional[Path],  # noqa: UP045
+            typer.Option("--data", help="Catalogue folder; default for a run: its config's data.catalogue."),
+        ] = None,
+        junit: Annotated[
+            Optional[Path],  # noqa: UP045
+            typer.Option("--junit", help="Also write JUnit XML here (one testsuite per category)."),
+        ] = None,
+        out: Annotated[
+            Optional[Path],  # noqa: UP045
+            typer.Option(help="Folder for <suite>.json (default: RUN/suite, or ./suite for a bare model)."),
+        ] = None,
+        bootstrap: Annotated[
+            int, typer.Option(help="Bootstrap resamples of the category intervals.", min=0)
+        ] = 1000,
+        seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+        cache_dir: Annotated[
+            Optional[Path],  # noqa: UP045
+            typer.Option(help="Feature cache folder (default: the run's, else ~/.cache/cliptune/features)."),
+        ] = None,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    ) -> None:
+        """Run a behavioural suite and gate the model: exit 1 if any category fails, 0 if all pass.
+
+        Each query ranks the catalogue's images; its relevant / yellow / red results give MRR, precision@k,
+        recall@k, accuracy@k, nDCG@k and the red-flag rate; a category passes when its means meet its
+        thresholds. Writes <suite>.json; an invalid suite or catalogue exits 2 naming the exact location.
+
+        Examples:
+            cliptune test runs/demo-finetuned --suite data/fashion/suite.yaml
+            cliptune test runs/demo-finetuned --suite data/fashion/suite.yaml --junit reports/suite.xml
+            cliptune test embedded --suite data/fashion/suite.yaml --data data/fashion --out suite/base
+        """
+        from cliptune.data.catalogue import CatalogueError, read_catalogue
+        from cliptune.data.images import ImageLoadError
+        from cliptune.inference import load_model
+        from cliptune.models.backbone import BackboneError
+        from cliptune.suites import SuiteError, load_suite, resolve_suite, run_suite, write_junit
+
+        err = Console(stderr=True, soft_wrap=True)
+        path = Path(target)
+        is_run = (path / "config.yaml").is_file() and (path / "model").is_dir()
+        try:
+            spec = load_suite(suite)
+            if is_run:
+                run_data, run_cache = _run_catalogue(path)
+                data, cache_dir = data or run_data, cache_dir or run_cache
+            if data is None:
+                what = (
+                    "its config has no data.catalogue"
+                    if is_run
+                    else "not a run directory (config.yaml + model/)"
+                )
+                err.print(
+                    f"[red]{target}: {what}; give the catalogue with --data CATALOGUE[/red]", highlight=False
+                )
+                raise typer.Exit(2)
+            resolved = resolve_suite(spec, read_catalogue(data))
+            model = load_model(path if path.exists() else target)
+        except (SuiteError, CatalogueError, BackboneError, ValueError) as exc:
+            err.print(f"[red]{exc}[/red]", highlight=False)
+            raise typer.Exit(2) from None
+        try:
+            result = run_suite(
+                resolved, model, cache_dir=cache_dir, bootstrap=bootstrap, seed=seed,
+                suite_file=suite.resolve(), progress=not quiet,
+            )  # fmt: skip
+        except (ImageLoadError, ValueError) as exc:
+            err.print(f"[red]{exc}[/red]", highlight=False)
+            raise typer.Exit(1) from None
+        folder = out if out is not None else (path / "suite" if is_run else Path("suite"))
+        folder.mkdir(parents=True, exist_ok=True)
+        written = folder / f"{result['suite']}.json"
+        written.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        console = Console(soft_wrap=True)
+        for name, cat in result["categories"].items():
+            console.print(category_table(name, cat))
+        failing = _failing_queries(result)
+        if failing is not None:
+            console.print(failing)
+        if junit is not None:
+            write_junit(result, junit)
+            console.print(f"wrote {junit}", highlight=False)
+        console.print(f"wrote {written}", highlight=False)
+        bad = [n for n, c in result["categories"].items() if not c["passed"]]
+        if bad:
+            console.print(f"[red]FAIL[/red] {result['suite']}: {len(bad)} of {len(result['categories'])} "
+                          f"categories failed: {', '.join(bad)}", highlight=False)  # fmt: skip
+            raise typer.Exit(1)
+        console.print(f"[green]PASS[/green] {result['suite']}: all {len(result['categories'])} categories passed",
+                      highlight=False)  # fmt: skip

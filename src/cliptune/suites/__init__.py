@@ -1,0 +1,31 @@
+"""Behavioural suites: YAML schema, flag semantics, thresholds, gate verdicts and JUnit XML.
+
+A suite gates a model on what search users expect (relevant / yellow-flag / red-flag results per query,
+thresholds per category). Flow: :func:`load_suite` (structure) -> :func:`resolve_suite` (against a
+catalogue) -> :func:`run_suite` (embed, rank, score, gate) -> ``suite/<name>.json`` and
+:func:`write_junit`. Definitions and file format: ``docs/suites.md``.
+
+Example:
+    >>> suite = load_suite("data/fashion/suite.yaml")  # doctest: +SKIP
+    >>> result = run_suite(suite, load_model("runs/demo"), read_catalogue(Path("data/fashion")))  # doctest: +SKIP
+    >>> write_junit(result, "suite.xml")  # doctest: +SKIP
+"""
+
+from cliptune.suites.junit import write_junit
+from cliptune.suites.resolve import ResolvedSuite, resolve_suite
+from cliptune.suites.run import run_suite
+from cliptune.suites.schema import Suite, SuiteError, load_suite, parse_suite, suite_json_schema
+from cliptune.suites.scoring import query_metrics
+
+__all__ = [
+    "ResolvedSuite",
+    "Suite",
+    "SuiteError",
+    "load_suite",
+    "parse_suite",
+    "query_metrics",
+    "resolve_suite",
+    "run_suite",
+    "suite_json_schema",
+    "write_junit",
+]

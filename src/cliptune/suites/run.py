@@ -1,0 +1,201 @@
+"""Run a behavioural suite with a model: embed, rank, score every query, gate every category.
+
+The catalogue's images are embedded once; each query (text or image) is ranked against all of them, its
+metrics computed (:func:`cliptune.suites.scoring.query_metrics`), and checked against its thresholds.
+A category's metrics are the means over its queries with bootstrap intervals; the category passes when
+its means meet the category thresholds, and the suite passes when every category does. The result is the
+``suite/<name>.json`` document (format in ``docs/suites.md``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cliptune.bootstrap import Interval, bootstrap_ci
+from cliptune.data.catalogue import Catalogue
+from cliptune.inference import LoadedModel, embed_images_with, embed_texts_with
+from cliptune.suites.resolve import ResolvedQuery, ResolvedSuite, resolve_suite
+from cliptune.suites.schema import Suite
+from cliptune.suites.scoring import METRICS, gate_failures, metric_key, query_metrics
+
+__all__ = ["run_suite", "embed_suite"]
+
+
+def embed_suite(
+    resolved: ResolvedSuite, model: LoadedModel, *, cache_dir: Path | None = None, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of the catalogue's unique images and of every query (text or image), L2-normalised.
+
+    Returns:
+        ``(items, queries)``: (N, D) in ``resolved.items.ids`` order and (Q, D) in ``resolved.queries`` order.
+    """
+    cat = resolved.items.catalogue
+    items = embed_images_with(
+        model, [cat.image_path(i) for i in resolved.items.ids], cache_dir=cache_dir, progress=progress
+    )  # (N, D)
+    texts = [(j, q.query.text) for j, q in enumerate(resolved.queries) if q.query.text is not None]
+    images = [(j, q.image_path) for j, q in enumerate(resolved.queries) if q.image_path is not None]
+    queries = torch.zeros(len(resolved.queries), items.shape[1])  # (Q, D)
+    if texts:
+        emb = embed_texts_with(model, [t for _, t in texts], cache_dir=cache_dir, progress=progress)
+        queries[[j for j, _ in texts]] = emb
+    if images:
+        emb = embed_images_with(model, [p for _, p in images], cache_dir=cache_dir, progress=progress)
+        queries[[j for j, _ in images]] = emb
+    return items, queries
+
+
+def _flag(q: ResolvedQuery, i: int) -> str:
+    return "relevant" if q.relevant[i] else "yellow" if q.yellow[i] else "red" if q.red[i] else "none"
+
+
+def _score_query(
+    q: ResolvedQuery, scores: torch.Tensor, ids: list[str], yellow_gain: float
+) -> dict[str, Any]:
+    if q.exclude is not None:  # the query image itself: ranked last, in no set
+        scores = scores.clone()
+        scores[q.exclude] = float("-inf")
+    relevant, yellow, red = (torch.from_numpy(m) for m in (q.relevant, q.yellow, q.red))
+    values = query_metrics(scores, relevant, yellow, red, q.k, yellow_gain)
+    order = torch.sort(scores, descending=True, stable=True).indices.tolist()  # ties: lower index first
+    order = [i for i in order if i != q.exclude][: q.k]
+    top = [{"id": ids[i], "score": round(float(scores[i]), 6), "flag": _flag(q, i)} for i in order]
+    reds = [
+        {"id": t["id"], "rank": r, "score": t["score"]} for r, t in enumerate(top, 1) if t["flag"] == "red"
+    ]
+    failures = gate_failures(values, q.thresholds, q.k)
+    passed = not failures  # red items in the top k fail a query only through the red-flag-rate gate
+    if failures and reds:
+        failures.append(f"red in top {q.k}: " + ", ".join(f"{r['id']} (rank {r['rank']})" for r in reds))
+    return {
+        "id": q.query.id,
+        "category": q.category,
+        "text": q.query.text,
+        "image": q.query.image,
+        "k": q.k,
+        "passed": passed,
+        "n_relevant": int(q.relevant.sum()),
+        "n_yellow": int(q.yellow.sum()),
+        "n_red": int(q.red.sum()),
+        "metrics": values,
+        "thresholds": q.thresholds.model_dump(),
+        "failures": failures,
+        "red_in_top": reds,
+        "top": top,
+    }
+
+
+def _interval(values: list[float], bootstrap: int, confidence: float, seed: int) -> Interval:
+    if bootstrap == 0:
+        mean = sum(values) / len(values)
+        return Interval(mean, mean, mean, len(values), confidence)
+    return bootstrap_ci(values, n_resamples=bootstrap, confidence=confidence, seed=seed)
+
+
+def _category(
+    resolved: ResolvedSuite,
+    name: str,
+    results: list[dict[str, Any]],
+    bootstrap: int,
+    confidence: float,
+    seed: int,
+) -> dict[str, Any]:
+    k = resolved.category_k[name]
+    thresholds = resolved.category_thresholds[name]
+    metrics = {}
+    for field in METRICS:
+        # a query with its own k contributes its value at its own cut-off (its key names that k)
+        values = [r["metrics"][metric_key(field, r["k"])] for r in results]
+        metrics[metric_key(field, k)] = _interval(values, bootstrap, confidence, seed).to_dict()
+    failures = gate_failures({key: m["mean"] for key, m in metrics.items()}, thresholds, k)
+    return {
+        "passed": not failures,
+        "n_queries": len(results),
+        "n_failed_queries": sum(not r["passed"] for r in results),
+        "k": k,
+        "thresholds": thresholds.model_dump(),
+        "metrics": metrics,
+        "failures": failures,
+    }
+
+
+def run_suite(
+    suite: Suite | ResolvedSuite,
+    model: LoadedModel,
+    catalogue: Catalogue | None = None,
+    *,
+    cache_dir: Path | None = None,
+    bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    suite_file: Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run every query of a suite with a model and gate every category.
+
+    Args:
+        suite: A loaded suite (checked against ``catalogue`` here) or an already resolved one.
+        model: From :func:`cliptune.inference.load_model`.
+        catalogue: The catalogue to search (not needed with a resolved suite).
+        cache_dir: Feature cache folder of the embedding functions.
+        bootstrap: Resamples of the category intervals (0: point intervals).
+        confidence: Coverage of the intervals.
+        seed: Bootstrap seed.
+        suite_file: Recorded in the result.
+        progress: Progress bars while embedding.
+
+    Returns:
+        The ``suite/<name>.json`` document: ``suite``, ``passed``, ``thresholds``, ``k``, ``categories``
+        (per-category metrics with intervals, verdict and failures) and ``queries`` (per-query metrics,
+        verdict, failures and the top k with relevant/yellow/red/none flags).
+
+    Raises:
+        SuiteError: The suite does not match the catalogue.
+
+    Example:
+        >>> result = run_suite(load_suite("suite.yaml"), load_model("runs/a"), read_catalogue(Path("data/fashion")))  # doctest: +SKIP
+        >>> result["passed"], result["categories"]["rips"]["metrics"]["mrr"]["mean"]  # doctest: +SKIP
+        (False, 0.21)
+    """
+    if isinstance(suite, ResolvedSuite):
+        resolved = suite
+    else:
+        if catalogue is None:
+            raise ValueError("run_suite: give the catalogue to run an unresolved suite on")
+        resolved = resolve_suite(suite, catalogue)
+    spec = resolved.suite
+    items, queries = embed_suite(resolved, model, cache_dir=cache_dir, progress=progress)
+    if items.shape[1] != queries.shape[1]:
+        raise ValueError(f"run_suite: item embeddings are {items.shape[1]}-d, queries {queries.shape[1]}-d")
+    ids = resolved.items.ids
+    gain = spec.defaults.yellow_gain
+    results = [
+        _score_query(q, items @ queries[j], ids, gain) for j, q in enumerate(resolved.queries)
+    ]  # (N,) scores each
+    categories = {
+        name: _category(
+            resolved, name, [r for r in results if r["category"] == name], bootstrap, confidence, seed
+        )
+        for name in spec.categories
+    }
+    cat = resolved.items.catalogue
+    return {
+        "suite": spec.suite,
+        "suite_file": str(suite_file) if suite_file is not None else None,
+        "model": model.name,
+        "source": str(model.source),
+        "catalogue": str(Path(cat.root).resolve()),
+        "n_items": len(ids),
+        "passed": all(c["passed"] for c in categories.values()),
+        "thresholds": spec.defaults.thresholds.model_dump(),
+        "k": spec.defaults.k,
+        "yellow_gain": gain,
+        "bootstrap": bootstrap,
+        "confidence": confidence,
+        "seed": seed,
+        "categories": categories,
+        "queries": results,
+    }
