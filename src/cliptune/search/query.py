@@ -1,0 +1,226 @@
+"""Query an index: embed a text or an image, restrict to the items matching attribute filters, exact top-k.
+
+Filters apply BEFORE top-k: the candidate set is restricted first and the k best candidates are
+returned, so a filter matching 3 items with k = 10 returns those 3. A filter keeping at most 5% of the
+items gathers the matching vectors and ranks them exactly with numpy (cheaper than scanning all N);
+a broader one (or none) runs FAISS's flat search with an ``IDSelectorBitmap``, so FAISS only scores the
+selected items. Results follow the ranking rule of docs/metrics.md: score descending, ties by the lower
+item number. FAISS orders tied scores arbitrarily, so it is asked for k + 16 candidates, re-sorted by
+(score desc, number asc), and a query whose k-th score still ties its last candidate is recomputed
+exactly on the selected vectors (as ``cliptune.retrieval.topk_faiss`` does).
+
+Example:
+    >>> index, model = load_index("indexes/fashion"), load_model("runs/ft")  # doctest: +SKIP
+    >>> search(index, model, text="ripped blue jeans", k=5, where={"garment": "jeans"})[0].id  # doctest: +SKIP
+    'images/000123.png'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cliptune.inference import LoadedModel, embed_images_with, embed_texts_with
+from cliptune.search.index import SearchIndex, SearchIndexError
+
+__all__ = ["Hit", "search", "search_embeddings", "select"]
+
+# extra candidates asked of FAISS so that ties at the k-th score are usually seen and ordered exactly
+_TIE_PAD = 16
+# filters keeping at most this share of the items are searched by gathering the matching vectors and an
+# exact numpy top-k over them; above it FAISS scans every item with a bitmap selector (see docs/search.md)
+_SUBSET_SHARE = 0.05
+_SCORE_BLOCK = 1 << 22  # scores held at once by the exact path (16 MiB of float32)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result.
+
+    Attributes:
+        rank: 1-based rank among the (filtered) results.
+        id: The item id (the catalogue's ``file_name``).
+        score: Inner product of the L2-normalised query and image embeddings (cosine similarity).
+        caption: The image's first caption.
+        attributes: The image's attribute values.
+    """
+
+    rank: int
+    id: str
+    score: float
+    caption: str
+    attributes: dict[str, Any]
+
+
+def search(
+    index: SearchIndex,
+    model: LoadedModel,
+    *,
+    text: str | None = None,
+    image: Path | str | None = None,
+    k: int = 10,
+    where: Mapping[str, object] | None = None,
+    cache_dir: Path | None = None,
+) -> list[Hit]:
+    """The k images of the index closest to a text or an image query, among those matching ``where``.
+
+    Args:
+        index: From :func:`cliptune.search.load_index`.
+        model: The model that built the index (same ``LoadedModel.name``); another one is refused.
+        text: A text query. Exactly one of ``text`` and ``image``.
+        image: An image file as the query.
+        k: Results wanted (fewer when fewer items match the filters).
+        where: Attribute filters, ANDed: ``{"colour": "blue", "rips": True}``; a list value matches any of
+            its values (``{"colour": ["blue", "black"]}``). Values compare as lower-case strings
+            (``"Blue"`` matches ``blue``; ``True``/``"true"`` match a boolean true; ``2`` matches ``2.0``);
+            missing values match nothing.
+        cache_dir: Feature cache folder for the query embedding (default: the shared one).
+
+    Returns:
+        Hits, best first.
+
+    Raises:
+        SearchIndexError: model mismatch, not exactly one query, ``k < 1``, or an unknown attribute (the
+            message lists the index's attributes).
+
+    Example:
+        >>> [h.id for h in search(index, model, text="red dress", k=2)]  # doctest: +SKIP
+        ['images/000007.png', 'images/000031.png']
+    """
+    if model.name != index.model:
+        raise SearchIndexError(
+            f"index {index.path} was built with model {index.model} (from {index.model_source}); the query "
+            f"model is {model.name} (from {model.source}): query with the index's model or rebuild the index"
+        )
+    if (text is None) == (image is None):
+        raise SearchIndexError("give exactly one query: a text or an image")
+    if text is not None and not text.strip():
+        raise SearchIndexError("the text query is empty")
+    if text is not None:
+        query = embed_texts_with(model, [text], cache_dir=cache_dir, progress=False)  # (1, D)
+    else:
+        query = embed_images_with(model, [Path(str(image))], cache_dir=cache_dir, progress=False)  # (1, D)
+    return search_embeddings(index, query.numpy(), k=k, where=where)[0]
+
+
+def search_embeddings(
+    index: SearchIndex,
+    queries: np.ndarray,
+    *,
+    k: int = 10,
+    where: Mapping[str, object] | None = None,
+) -> list[list[Hit]]:
+    """Exact filtered top-k for query embeddings already computed (no model involved).
+
+    Args:
+        index: The index.
+        queries: Query embeddings, L2-normalised like the items (any float dtype; used as float32).
+        k: Results per query, >= 1.
+        where: Attribute filters, as in :func:`search`.
+
+    Returns:
+        One list of hits per query, best first.
+
+    Shapes:
+        queries (Q, D) with D = ``index.dim`` -> Q lists of min(k, matching items) hits
+
+    Example:
+        >>> search_embeddings(index, np.eye(1, index.dim, dtype=np.float32), k=3)[0][0].rank  # doctest: +SKIP
+        1
+    """
+    queries = np.ascontiguousarray(np.asarray(queries), dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != index.dim:
+        raise SearchIndexError(
+            f"{index.path}: queries must be (Q, {index.dim}) embeddings, got {tuple(queries.shape)}"
+        )
+    if k < 1:
+        raise SearchIndexError(f"k must be >= 1, got {k}")
+    selected = select(index, where)
+    scores, numbers = _topk(index, queries, k, selected)  # (Q, K), (Q, K)
+    return [
+        [
+            _hit(index, rank, int(n), float(s))
+            for rank, (s, n) in enumerate(zip(srow, nrow, strict=True), start=1)
+        ]
+        for srow, nrow in zip(scores, numbers, strict=True)
+    ]
+
+
+def select(index: SearchIndex, where: Mapping[str, object] | None) -> np.ndarray | None:
+    """Sorted numbers of the items matching every filter (None: no filter, every item).
+
+    Raises:
+        SearchIndexError: an unknown attribute (the message lists the index's attributes).
+
+    Example:
+        >>> select(index, {"colour": ["blue", "black"], "rips": "true"})  # doctest: +SKIP
+        array([  3,  17, 120])
+    """
+    if not where:
+        return None
+    mask = np.ones(len(index), dtype=bool)  # (N,)
+    for attribute, wanted in where.items():
+        values = wanted if isinstance(wanted, list | tuple | set | frozenset) else [wanted]
+        hit = np.zeros(len(index), dtype=bool)  # (N,)
+        for value in values:
+            hit[index.positions(attribute, value)] = True
+        mask &= hit
+    return np.flatnonzero(mask)
+
+
+def _hit(index: SearchIndex, rank: int, number: int, score: float) -> Hit:
+    attributes = {a: values[number] for a, values in index.attributes.items()}
+    captions = index.captions[number]
+    return Hit(rank, index.ids[number], score, captions[0] if captions else "", attributes)
+
+
+def _topk(
+    index: SearchIndex, queries: np.ndarray, k: int, selected: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over the selected items under the tie rule; (Q, K) scores and item numbers."""
+    import faiss
+
+    n_items = len(index)
+    n_sel = n_items if selected is None else len(selected)
+    k = min(k, n_sel)
+    if k == 0:
+        return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+    if selected is not None and n_sel <= _SUBSET_SHARE * n_items:
+        return _exact(index, queries, k, selected)  # few candidates: gathering them beats scanning all N
+    params = None
+    if selected is not None and n_sel < n_items:
+        bitmap = np.zeros(n_items, dtype=bool)
+        bitmap[selected] = True
+        bits = np.packbits(bitmap, bitorder="little")  # FAISS reads bit i of byte i // 8, low bit first
+        params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(n_items, faiss.swig_ptr(bits)))
+    n_cand = min(n_sel, k + _TIE_PAD)
+    scores, numbers = index.faiss_index.search(queries, n_cand, params=params)  # (Q, n_cand) each
+    order = np.lexsort((numbers, -scores), axis=1)  # score desc, then number asc
+    scores, numbers = np.take_along_axis(scores, order, 1), np.take_along_axis(numbers, order, 1)
+    if n_cand < n_sel:  # a row whose k-th score ties its last candidate may have unseen tied items
+        for row in np.flatnonzero(scores[:, k - 1] == scores[:, -1]):
+            vals, nums = _exact(index, queries[row : row + 1], k, selected)  # (1, k) each
+            scores[row, :k], numbers[row, :k] = vals[0], nums[0]
+    return scores[:, :k], numbers[:, :k].astype(np.int64)
+
+
+def _exact(
+    index: SearchIndex, queries: np.ndarray, k: int, selected: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of (Q, D) queries over the selected vectors, ties by lower item number; (Q, k) each."""
+    items = index.vectors() if selected is None else index.vectors()[selected]  # (n, D)
+    numbers = np.arange(len(items)) if selected is None else selected  # (n,) sorted
+    rows = max(1, _SCORE_BLOCK // len(items))  # queries per block: bounded (rows, n) score matrix
+    out_s, out_n = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
+    for q0 in range(0, len(queries), rows):
+        scores = queries[q0 : q0 + rows] @ items.T  # (rows, n)
+        for r, row in enumerate(scores):
+            kth = np.partition(row, len(row) - k)[len(row) - k]  # the k-th largest score
+            cand = np.flatnonzero(row >= kth)  # every item tied with the k-th is in: exact under ties
+            top = cand[np.lexsort((cand, -row[cand]))[:k]]  # score desc, then number asc
+            out_s[q0 + r], out_n[q0 + r] = row[top], numbers[top]
+    return out_s, out_n
