@@ -19,11 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/cliptune data synth fashion $(DEMO_OUT)/data/fashion --n 1500 --seed 0
-	HF_HUB_OFFLINE=1 $(VENV)/bin/cliptune data check $(DEMO_OUT)/data/fashion --quiet
-	HF_HUB_OFFLINE=1 $(VENV)/bin/cliptune data synth art $(DEMO_OUT)/data/art --n 200 --seed 0
-	HF_HUB_OFFLINE=1 $(VENV)/bin/cliptune data check $(DEMO_OUT)/data/art --quiet
-	@echo "demo catalogues: $(DEMO_OUT)/data/fashion/contact_sheet.png $(DEMO_OUT)/data/art/contact_sheet.png"
+	HF_HUB_OFFLINE=1 $(VENV)/bin/cliptune demo --out $(DEMO_OUT)
 
 # The report tests open the HTML in Debian's chromium through playwright (never `playwright install`).
 browser:

@@ -159,3 +159,16 @@ def test_compare_command(tmp_path: Path) -> None:
     assert missing.exit_code == 1 and "run directory not found" in missing.output
     with pytest.raises(ReportError, match="listed twice"):
         compare_runs([a, a])
+
+
+def test_loss_is_paired_by_query_id_and_lower_is_better() -> None:
+    # eval writes per_query.loss = {"query_ids": [...], "values": [...]} (no sub-metric): a bare "loss"
+    # metric must pair like the others, and a lower loss is "better".
+    def ev(values: list[float]) -> dict:
+        return {"split": "test", "metrics": {"loss": {"mean": float(np.mean(values))}},
+                "per_query": {"loss": {"query_ids": IDS, "values": values}}}  # fmt: skip
+
+    (d,), flags = metric_deltas(ev([2.0] * 40), ev([1.0] * 20 + [1.2] * 20))
+    assert flags == [] and d.paired and d.metric == "loss"
+    assert d.interval.mean == pytest.approx(-0.9)
+    assert d.verdict == "better"

@@ -90,7 +90,7 @@ def test_metadata_is_saved_with_the_vectors(fashion: Path, built: Path) -> None:
     rows = pd.read_csv(fashion / "metadata.csv")
     assert index.ids == list(rows["file_name"])
     assert index.captions == [[t] for t in rows["text"]]
-    assert list(index.attributes) == ["text_generic", "garment", "colour", "pattern", "rips", "style"]
+    assert list(index.attributes) == ["garment", "colour", "pattern", "rips", "style"]
     assert index.attributes["rips"] == [bool(v) for v in rows["rips"]]
     assert all(Path(p).is_file() for p in index.paths)
     np.testing.assert_allclose(np.linalg.norm(index.vectors(), axis=1), 1.0, atol=1e-5)  # L2-normalised
@@ -135,7 +135,7 @@ def test_filter_restricts_candidates_before_top_k(
 
     assert search(index, model, text="jeans", where={"colour": "bleu"}, cache_dir=cache) == []
     with pytest.raises(
-        SearchIndexError, match=r"unknown attribute 'color'; attributes: text_generic, garment"
+        SearchIndexError, match=r"unknown attribute 'color'; attributes: garment, colour"
     ):
         search(index, model, text="jeans", where={"color": "blue"}, cache_dir=cache)
 

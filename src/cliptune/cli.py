@@ -234,12 +234,13 @@ def train_cmd(
 
 def _register_commands() -> None:
     """Commands that live in cliptune.commands (one module per topic), in --help order."""
+    from cliptune.commands import demo as demo_cmd
     from cliptune.commands import eval as eval_cmd
     from cliptune.commands import report as report_cmd
     from cliptune.commands import search as search_cmd
     from cliptune.commands import suite as suite_cmd
 
-    for module in (eval_cmd, suite_cmd, report_cmd, search_cmd):
+    for module in (demo_cmd, eval_cmd, suite_cmd, report_cmd, search_cmd):
         module.register(app)
 
 

@@ -550,7 +550,12 @@ def evaluate_split(
                      "batch_size": loss.batch_size}  # fmt: skip
     if "loss" in extra:
         result["metrics"] = _interval_dicts(extra, bootstrap, confidence, seed) | result["metrics"]
-        result["per_query"]["loss"] = {"values": [float(x) for x in extra["loss"].tolist()]}
+        # one loss value per caption row (retrieval) or per triplet (siamese): the same ids pair them
+        owner = "triplet" if model.head is not None else "t2i"
+        result["per_query"]["loss"] = {
+            "query_ids": list(result["per_query"][owner]["query_ids"]),
+            "values": [float(x) for x in extra["loss"].tolist()],
+        }
     return {
         "split": split,
         "model": model.name,

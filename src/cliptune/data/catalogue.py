@@ -48,7 +48,8 @@ class Catalogue:
         rows: One row per data row of the metadata file, in file order, with an added ``row`` column: the
             1-based data row number (CSV: the record number after the header, i.e. the line number minus 1
             when no caption spans lines; JSONL: the line number; Parquet: the row position + 1).
-        attributes: Metadata columns other than ``file_name``, ``text``, ``group`` and ``split``, in file
+        attributes: Metadata columns other than ``file_name``, ``text``, ``text_*`` (alternative captions),
+            ``group`` and ``split``, in file
             order (e.g. ``garment``, ``colour``, ``rips``); suites filter on them.
         image_root: Folder that ``file_name`` values are relative to: ``root`` unless a ``catalogue.json``
             beside the metadata says otherwise (clean manifests written by ``write_clean`` do).
@@ -99,7 +100,11 @@ def read_catalogue(root: Path) -> Catalogue:
     assert metadata_path is not None
     rows = _read_table(metadata_path)
     require_columns(rows, REQUIRED_COLUMNS, metadata_path)
-    attributes = [str(c) for c in rows.columns if c not in RESERVED_COLUMNS]
+    # `text_<variant>` columns are alternative captions (e.g. `text_generic`), selectable as
+    # data.text_column; they are free text, not attributes to filter on.
+    attributes = [
+        str(c) for c in rows.columns if c not in RESERVED_COLUMNS and not str(c).startswith("text_")
+    ]
     triplets_path = _find_one(root, TRIPLET_NAMES, required=False)
     triplets = None
     if triplets_path is not None:

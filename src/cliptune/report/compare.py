@@ -127,7 +127,9 @@ def unpaired_bootstrap_delta(
 def _per_query(ev: dict[str, Any], metric: str) -> tuple[list[str], list[float]] | None:
     group, _, name = metric.partition("/")
     block = ev.get("per_query", {}).get(group, {})
-    values = block.get("values", {}).get(name)
+    values = block.get("values", {})
+    # "t2i/mrr" -> per_query.t2i.values.mrr; a bare "loss" -> per_query.loss.values (a list)
+    values = values.get(name) if isinstance(values, dict) else (values if not name else None)
     ids = block.get("query_ids")
     if values is None or ids is None or len(ids) != len(values):
         return None
