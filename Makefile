@@ -4,17 +4,23 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cliptune-installed
+TEST_STAMP := $(VENV)/.cliptune-test-installed
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
 
 .PHONY: install browser demo test lint docs clean
 
+# Two install levels: the package alone (what `make demo` needs) and the test + tracker extras.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e .
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test,track]"
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
@@ -25,10 +31,10 @@ demo: install
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-test: install browser
+test: $(TEST_STAMP) browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
-lint: install
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 

@@ -134,9 +134,7 @@ def test_filter_restricts_candidates_before_top_k(
         _check(hits, [e for e in expected if e[0] in ids][:5])
 
     assert search(index, model, text="jeans", where={"colour": "bleu"}, cache_dir=cache) == []
-    with pytest.raises(
-        SearchIndexError, match=r"unknown attribute 'color'; attributes: garment, colour"
-    ):
+    with pytest.raises(SearchIndexError, match=r"unknown attribute 'color'; attributes: garment, colour"):
         search(index, model, text="jeans", where={"color": "blue"}, cache_dir=cache)
 
 

@@ -208,8 +208,11 @@ def train_cmd(
     Examples:
         cliptune train run.yaml --set train.lr=1e-4 --name lr1e-4
         cliptune train --resume runs/lr1e-4
-        accelerate launch --num_processes 2 -m cliptune train run.yaml
+        torchrun --standalone --nproc_per_node 2 -m cliptune train run.yaml
     """
+    import os
+
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs this command
     from cliptune.data.catalogue import CatalogueError
     from cliptune.models.backbone import BackboneError
     from cliptune.train.run import train
@@ -224,12 +227,14 @@ def train_cmd(
     try:
         run_dir = train(cfg, runs_root=runs, resume=resume, quiet=quiet)
     except KeyboardInterrupt as exc:
-        err_console.print(f"[yellow]{exc or 'interrupted'}[/yellow]")
+        if main_process:
+            err_console.print(f"[yellow]{exc or 'interrupted'}[/yellow]")
         raise typer.Exit(130) from None
     except (TrainingError, CatalogueError, BackboneError, ValueError) as exc:
         err_console.print(f"[red]{exc}[/red]", highlight=False)
         raise typer.Exit(1) from None
-    console.print(f"run written to [bold]{run_dir}[/bold] (summary: {run_dir / 'summary.json'})")
+    if main_process:
+        console.print(f"run written to [bold]{run_dir}[/bold] (summary: {run_dir / 'summary.json'})")
 
 
 def _register_commands() -> None:

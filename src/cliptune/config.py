@@ -263,14 +263,18 @@ class SweepParam(_Section):
             if not self.choices:
                 raise ValueError("a categorical parameter needs non-empty 'choices'")
         elif self.low is None or self.high is None or not self.low < self.high:
-            raise ValueError(f"a {self.type} parameter needs low < high, got low={self.low}, high={self.high}")
+            raise ValueError(
+                f"a {self.type} parameter needs low < high, got low={self.low}, high={self.high}"
+            )
         elif self.log and self.low <= 0:
             raise ValueError(f"log scale needs low > 0, got {self.low}")
         return self
 
 
 class SweepConfig(_Section):
-    objective: str = Field("val/t2i/mrr", description="Logged metric the sweep optimises (best epoch's value).")
+    objective: str = Field(
+        "val/t2i/mrr", description="Logged metric the sweep optimises (best epoch's value)."
+    )
     direction: Literal["maximize", "minimize"] = Field("maximize", description="Whether higher is better.")
     space: dict[str, SweepParam] = Field(
         default_factory=dict,
@@ -278,9 +282,12 @@ class SweepConfig(_Section):
     )
     trials: int = Field(20, gt=0, description="Number of trials (a resumed sweep counts finished ones).")
     storage: str | None = Field(
-        None, description="Optuna storage URL; default sqlite:///<runs>/<name>/sweep.db (any RDB URL to share)."
+        None,
+        description="Optuna storage URL; default sqlite:///<runs>/<name>/sweep.db (any RDB URL to share).",
     )
-    pruner: Literal["median", "none"] = Field("median", description="Stop unpromising trials on intermediate values.")
+    pruner: Literal["median", "none"] = Field(
+        "median", description="Stop unpromising trials on intermediate values."
+    )
     seed: int = Field(0, description="Seed of the sampler.")
 
 
@@ -294,7 +301,9 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and checkpoints.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation metrics and intervals.")
     track: TrackConfig = Field(default_factory=TrackConfig, description="Experiment tracking.")
-    sweep: SweepConfig = Field(default_factory=SweepConfig, description="Hyper-parameter search (cliptune sweep).")
+    sweep: SweepConfig = Field(
+        default_factory=SweepConfig, description="Hyper-parameter search (cliptune sweep)."
+    )
 
 
 class ConfigError(ValueError):

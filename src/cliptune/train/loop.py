@@ -4,29 +4,49 @@ Per epoch: batches -> forward -> backward -> clip -> step -> zero -> log; then v
 early-stop -> checkpoint. Everything else (which data, which loss terms, which metrics, saving the model)
 comes from the :class:`~cliptune.train.task.TaskBundle`; devices, mixed precision, accumulation and
 distribution come from Accelerate.
+
+Failures say what to change: a non-finite loss names the step and the last good checkpoint (or is
+skipped, up to ``train.max_bad_steps``); out-of-memory names the settings that lower memory; Ctrl-C or
+SIGTERM checkpoints after the current batch and raises ``KeyboardInterrupt`` (resume is exact).
 """
 
 from __future__ import annotations
 
-import signal
+import functools
+import math
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import accelerate.optimizer
 import torch
 from accelerate import Accelerator
 
 from cliptune.config import TrainConfig
-from cliptune.train.checkpoint import latest_checkpoint, load_checkpoint, set_rng_state
 from cliptune.train.data import batches_per_epoch, epoch_batches
 from cliptune.train.early_stopping import EarlyStopping
 from cliptune.train.optim import current_lr, make_optimizer, make_scheduler
 from cliptune.train.progress import EpochProgress
-from cliptune.train.state import LoopState, MetricsLog, TrainingError, save_best_model, save_loop_checkpoint
+from cliptune.train.state import (
+    LoopState,
+    MetricsLog,
+    TrainingError,
+    out_of_memory_hint,
+    restore_loop_checkpoint,
+    save_best_model,
+    save_loop_checkpoint,
+    stop_on_signals,
+)  # fmt: skip
 from cliptune.train.task import TaskBundle
+from cliptune.train.trackers import tracker_sink
 
 __all__ = ["fit"]
+
+# Accelerate's optimizer.step() probes the file system for `lomo_optim` twice a step (~0.5 ms): ask once.
+if hasattr(accelerate.optimizer, "is_lomo_available"):
+    accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
 
 
 def fit(
@@ -44,13 +64,24 @@ def fit(
         bundle: The task's model, data, evaluation and saving.
         cfg: The ``train`` section of the config.
         run_dir: The run directory (created by the caller).
-        accelerator: Devices, precision, accumulation and processes.
+        accelerator: Devices, precision, accumulation, processes; its started trackers get every record.
         resume: Continue from ``run_dir/checkpoints/latest`` (exactly: same batches, RNG and metrics).
         quiet: No progress bar (one line per epoch is still printed).
 
     Returns:
-        The final loop state (best epoch, stop reason, LR history, timings).
+        The final loop state (best epoch, stop reason, LR history, bad steps, timings).
+
+    Raises:
+        TrainingError: Non-finite loss beyond ``train.max_bad_steps``, out of memory, nothing to resume.
+        KeyboardInterrupt: Ctrl-C / SIGTERM, raised after a checkpoint of the current step is written.
     """
+    state = LoopState()  # created here so the out-of-memory message can name the step
+    with stop_on_signals() as stop_requested, out_of_memory_hint(cfg, state):
+        _train(bundle, cfg, run_dir, accelerator, state, stop_requested, resume=resume, quiet=quiet)
+    return state
+
+
+def _train(bundle, cfg, run_dir, accelerator, state: LoopState, stop_requested, *, resume, quiet) -> None:
     n_batches = batches_per_epoch(len(bundle.train_data), cfg.batch_size, accelerator.num_processes)
     if n_batches == 0:
         raise TrainingError(
@@ -61,26 +92,16 @@ def fit(
     scheduler = make_scheduler(optimizer, cfg, total_steps=cfg.epochs * n_batches // cfg.grad_accum)
     model, optimizer = accelerator.prepare(bundle.model, optimizer)
     stopper = EarlyStopping.from_config(cfg.early_stopping) if cfg.early_stopping else None
-    state = LoopState(lrs=[current_lr(optimizer)])
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
-    if resume:
-        _restore(run_dir, accelerator.unwrap_model(model), optimizer, scheduler, state, stopper, log)
-    stop_requested = _install_sigint_flag()
+    state.lrs = [current_lr(optimizer)]
     main = accelerator.is_main_process
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=main, sink=tracker_sink(accelerator))
+    if resume:
+        restore_loop_checkpoint(run_dir, accelerator, model, optimizer, scheduler, state, stopper, log)
     progress = EpochProgress(n_batches, enabled=main and not quiet, summaries=main)
+    checkpoint = partial(save_loop_checkpoint, run_dir, accelerator, model, optimizer, scheduler, state, stopper, cfg)  # fmt: skip
 
     if state.step == 0:  # the untrained model's values: the baseline every curve starts from
-        model.eval()
-        with torch.no_grad():
-            log.write(
-                {
-                    "kind": "epoch",
-                    "epoch": 0,
-                    "step": 0,
-                    "lr": current_lr(optimizer),
-                    **bundle.evaluate(model),
-                }
-            )
+        log.write({"kind": "epoch", "epoch": 0, "step": 0, "lr": current_lr(optimizer), **_evaluate(bundle, model)})  # fmt: skip
 
     for epoch in range(state.epoch, cfg.epochs):
         model.train()
@@ -94,48 +115,36 @@ def fit(
             for batch in batches:
                 with accelerator.accumulate(model):
                     outputs = model(_to_device(batch, accelerator.device))
-                    loss = outputs["loss"]
-                    loss_value = float(loss.detach())
-                    if not torch.isfinite(loss):
-                        _skip_bad_step(state, cfg, run_dir, loss, optimizer)
-                        continue
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.grad_clip is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    optimizer.step()
-                    if accelerator.sync_gradients and cfg.scheduler == "cosine":
-                        scheduler.step()
+                    # Terms averaged over processes + stop flag in one all-reduce: all take the same branch.
+                    values, stop = _global_values(accelerator, outputs, stop_requested())
+                    finite = math.isfinite(values["loss"])
+                    if finite:
+                        accelerator.backward(outputs["loss"])
+                        if accelerator.sync_gradients and cfg.grad_clip is not None:
+                            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                        optimizer.step()
+                        if accelerator.sync_gradients and cfg.scheduler == "cosine":
+                            scheduler.step()
+                    else:
+                        progress.warn(state.count_bad_step(values["loss"], cfg.max_bad_steps, run_dir))
                     optimizer.zero_grad(set_to_none=True)
-                state.batch += 1
-                state.step += 1
-                for name, value in outputs.items():
-                    state.epoch_sums[name] += float(value.detach())
-                state.epoch_count += 1
+                state.batch, state.step = state.batch + 1, state.step + 1
+                if finite:  # a skipped step counts as a step (exact resume) but not in the means
+                    state.add_terms(values)
                 lr = current_lr(optimizer)
                 if state.step % cfg.log_every_steps == 0:
-                    log.write(
-                        {
-                            "kind": "step",
-                            "epoch": epoch + 1,
-                            "step": state.step,
-                            "train/loss": loss_value,
-                            "lr": lr,
-                        }
-                    )
-                progress.advance(loss=loss_value, lr=lr)
-                if stop_requested():
-                    save_loop_checkpoint(
-                        run_dir, accelerator, model, optimizer, scheduler, state, stopper, cfg
-                    )
-                    raise KeyboardInterrupt(f"interrupted at step {state.step}; resume with --resume")
+                    log.write({"kind": "step", "epoch": epoch + 1, "step": state.step,
+                               "train/loss": values["loss"] if finite else None, "lr": lr})  # fmt: skip
+                progress.advance(loss=values["loss"], lr=lr)
+                if stop:
+                    checkpoint()
+                    raise KeyboardInterrupt(f"interrupted at step {state.step}: checkpoint saved; continue "
+                                            f"exactly with `cliptune train --resume {run_dir}`")  # fmt: skip
         state.add_time("train", time.perf_counter() - tic)
 
-        tic = time.perf_counter()
-        model.eval()
-        with torch.no_grad():
-            val = bundle.evaluate(model)
+        tic, val = time.perf_counter(), _evaluate(bundle, model)
         state.add_time("val", time.perf_counter() - tic)
-        train_means = {f"train/{k}": v / max(1, state.epoch_count) for k, v in state.epoch_sums.items()}
+        train_means = state.train_means()
         record = {"kind": "epoch", "epoch": epoch + 1, "step": state.step, "lr": current_lr(optimizer),
                   **train_means, **val}  # fmt: skip
         if cfg.scheduler == "plateau":
@@ -151,7 +160,7 @@ def fit(
             state.best_epoch, state.best_step = epoch + 1, state.step
             save_best_model(bundle, accelerator, model, run_dir)
         if state.epoch % cfg.checkpoint_every == 0 or state.epoch == cfg.epochs:
-            save_loop_checkpoint(run_dir, accelerator, model, optimizer, scheduler, state, stopper, cfg)
+            checkpoint()
         state.add_time("checkpoint", time.perf_counter() - tic)
         if stopper and stopper.should_stop:
             state.stop_reason = (
@@ -160,7 +169,22 @@ def fit(
             )
             break
     state.stop_reason = state.stop_reason or f"reached train.epochs ({cfg.epochs})"
-    return state
+
+
+def _evaluate(bundle: TaskBundle, model: torch.nn.Module) -> dict[str, float]:
+    model.eval()
+    with torch.no_grad():
+        return bundle.evaluate(model)
+
+
+def _global_values(accelerator: Accelerator, outputs: dict[str, torch.Tensor], stop: bool) -> tuple[dict[str, float], bool]:  # fmt: skip
+    names, device = list(outputs), outputs["loss"].device
+    local = torch.stack([outputs[n].detach().float().reshape(()) for n in names] + [torch.tensor(float(stop), device=device)])  # fmt: skip
+    if accelerator.num_processes > 1:
+        local = accelerator.reduce(local, reduction="sum")
+        local[:-1] /= accelerator.num_processes
+    *terms, stops = local.tolist()
+    return dict(zip(names, terms, strict=True)), stops > 0
 
 
 def _metric(values: dict[str, Any], name: str) -> float:
@@ -170,52 +194,4 @@ def _metric(values: dict[str, Any], name: str) -> float:
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
-
-
-def _skip_bad_step(state: LoopState, cfg: TrainConfig, run_dir: Path, loss: torch.Tensor, optimizer) -> None:
-    state.bad_steps += 1
-    optimizer.zero_grad(set_to_none=True)
-    if state.bad_steps > cfg.max_bad_steps:
-        last = latest_checkpoint(run_dir / "checkpoints")
-        raise TrainingError(
-            f"non-finite loss ({float(loss)}) at step {state.step + 1} (epoch {state.epoch + 1}, batch "
-            f"{state.batch + 1}); last good checkpoint: {last or 'none'}. Lower train.lr, enable "
-            f"train.grad_clip, or allow skipping with train.max_bad_steps"
-        )
-
-
-def _restore(run_dir, model, optimizer, scheduler, state: LoopState, stopper, log: MetricsLog) -> None:
-    path = latest_checkpoint(run_dir / "checkpoints")
-    if path is None:
-        raise TrainingError(f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}")
-    model_state, opt_state, trainer = load_checkpoint(path)
-    missing = [k for k in model.load_state_dict(model_state, strict=False).missing_keys
-               if dict(model.named_parameters()).get(k) is not None and model.get_parameter(k).requires_grad]  # fmt: skip
-    if missing:
-        raise TrainingError(f"checkpoint {path} lacks trainable weights: {missing[:5]}")
-    optimizer.load_state_dict(opt_state["optimizer"])
-    scheduler.load_state_dict(opt_state["scheduler"])
-    state.load_state_dict(trainer["loop"])
-    if stopper is not None and trainer.get("early_stopping"):
-        stopper.load_state_dict(trainer["early_stopping"])
-    set_rng_state(opt_state["rng"])
-    log.truncate_after(state.step)
-
-
-def _install_sigint_flag():
-    """Ctrl-C sets a flag checked between batches, so the checkpoint is taken at a clean point."""
-    flag = {"stop": False}
-    try:
-        previous = signal.getsignal(signal.SIGINT)
-
-        def _handler(signum, frame):  # second Ctrl-C: default behaviour
-            flag["stop"] = True
-            signal.signal(signal.SIGINT, previous)
-
-        signal.signal(signal.SIGINT, _handler)
-    except ValueError:  # not the main thread (e.g. inside a test runner thread)
-        pass
-    return lambda: flag["stop"]
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}  # fmt: skip

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 __all__ = ["EpochProgress"]
 
-_console = Console(stderr=True)
+_console = Console(stderr=True, soft_wrap=True)
 
 
 class EpochProgress:
@@ -39,6 +39,11 @@ class EpochProgress:
     def advance(self, *, loss: float, lr: float) -> None:
         if self._progress is not None:
             self._progress.update(self._task, advance=1, info=f"loss {loss:.4f} lr {lr:.2e}")
+
+    def warn(self, message: str) -> None:
+        """A warning line (skipped steps, dropped rows), shown even with ``--quiet``: nothing is silent."""
+        if self.summaries:
+            _console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
 
     def summary(self, record: dict[str, Any]) -> None:
         if not self.summaries:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from rich.console import Console
 
 from cliptune import __version__
 from cliptune.config import Config, load_config, save_config
+from cliptune.data.images import ImageLoadError
 from cliptune.data.prepare import prepare_data
 from cliptune.models.backbone import load_backbone
 from cliptune.models.freeze import LoraSpec, count_parameters
@@ -21,8 +25,11 @@ from cliptune.train.loop import fit
 from cliptune.train.optim import count_lr_reductions
 from cliptune.train.state import TrainingError
 from cliptune.train.task import TaskBundle
+from cliptune.train.trackers import check_trackers, start_trackers, tracker_options
 
 __all__ = ["train", "resolve_precision"]
+
+_console = Console(stderr=True, soft_wrap=True)
 
 
 def resolve_precision(precision: str) -> str:
@@ -60,7 +67,61 @@ def _build_task(cfg: Config, run_dir: Path, accelerator: Accelerator, quiet: boo
         bundle = build_retrieval(cfg, data, backbone, accelerator, progress=not quiet)
     trainable, total = count_parameters(bundle.model)
     bundle.info |= {"trainable_parameters": trainable, "total_parameters": total}
+    if bundle.collate is not None:  # images decoded while training: a row can still fail to load
+        bundle.collate = _BadRowGuard(bundle.collate, data, cfg.data.on_bad_row, run_dir)
     return bundle
+
+
+class _BadRowGuard:
+    """Wraps a collate that loads images: a row that fails mid-training stops the run naming the file
+    (``on_bad_row: error``) or is dropped from its batch and appended to ``rejected.csv`` (``skip``)."""
+
+    def __init__(self, collate, data, on_bad_row: str, run_dir: Path) -> None:
+        self.collate, self.on_bad_row, self.rejected_csv = collate, on_bad_row, run_dir / "rejected.csv"
+        self.source = data.catalogue.metadata_path.name
+        paths = [str(data.catalogue.image_path(f)) for f in data.rows["file_name"]]
+        self.rows = dict(zip(paths, zip(data.rows["file_name"], data.rows["row"], strict=True), strict=True))
+        self.seen: set[str] = set()
+        if self.rejected_csv.exists():  # a resumed run does not list a row twice
+            self.seen = {
+                str(data.catalogue.image_path(f)) for f in pd.read_csv(self.rejected_csv)["file_name"]
+            }
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        items = list(items)
+        while True:
+            try:
+                return self.collate(items)
+            except ImageLoadError as exc:
+                bad = str(exc.path)
+                file_name, row = self.rows.get(bad, (Path(bad).name, -1))
+                if self.on_bad_row == "error" or not any(it.get("path") == bad for it in items):
+                    raise TrainingError(
+                        f"{bad} (row {row} of {self.source}, file_name {file_name}) failed to load during "
+                        f"training: {exc.reason}. It passed the check at the start of the run, so it changed "
+                        "since; fix it, or set data.on_bad_row=skip to drop such rows (listed in rejected.csv)"
+                    ) from exc
+                items = [it for it in items if it.get("path") != bad]
+                self._reject(bad, file_name, row, exc.reason)
+                if not items:
+                    raise TrainingError(
+                        f"every item of a training batch failed to load (last: {bad})"
+                    ) from exc
+
+    def _reject(self, path: str, file_name: str, row: int, reason: str) -> None:
+        if path in self.seen:
+            return
+        self.seen.add(path)
+        _console.print(f"[yellow]warning:[/yellow] dropped {file_name} (row {row}) from training: {reason}; "
+                       f"listed in {self.rejected_csv}", highlight=False)  # fmt: skip
+        line = pd.DataFrame([{"file_name": file_name, "row": row, "reason": f"failed during training: {reason}",
+                              "source": self.source}]).to_csv(index=False)  # fmt: skip
+        try:  # "x": exactly one process writes the header, even when several reject rows at once
+            with self.rejected_csv.open("x", encoding="utf-8") as fh:
+                fh.write(line)
+        except FileExistsError:
+            with self.rejected_csv.open("a", encoding="utf-8") as fh:
+                fh.write(line.split("\n", 1)[1])
 
 
 def train(
@@ -72,6 +133,9 @@ def train(
 ) -> Path:
     """Train as configured and write the run directory.
 
+    Works unchanged under ``torchrun --nproc_per_node N -m cliptune train`` and ``accelerate launch``: each
+    process trains a shard of every batch and only the main process writes files.
+
     Args:
         cfg: The validated config; ``cfg.name`` names the run (``runs_root/<name>``).
         runs_root: Parent folder of run directories.
@@ -82,7 +146,9 @@ def train(
         The run directory.
 
     Raises:
-        TrainingError: The run directory already holds a run (and no resume was asked), or training failed.
+        TrainingError: The run directory already holds a run (and no resume was asked), a tracker's package
+            is missing, the launcher and Accelerate disagree on the number of processes, or training failed.
+        KeyboardInterrupt: Ctrl-C / SIGTERM during training, after a resumable checkpoint was written.
     """
     if resume is not None:
         run_dir = Path(resume)
@@ -93,23 +159,47 @@ def train(
         run_dir = runs_root / cfg.name
         if (run_dir / "metrics.jsonl").exists():
             raise TrainingError(f"{run_dir} already holds a run: pass --resume {run_dir}, or another --name")
+    if cfg.train.val_every_steps is not None:  # a setting that silently did nothing would mislead
+        raise TrainingError("train.val_every_steps is not supported yet: validation runs after every epoch")
+    check_trackers(cfg.track)
     accelerator = Accelerator(
+        cpu=not _has_accelerator(),  # without it, torchrun on a CPU machine starts N unaware single runs
         mixed_precision=resolve_precision(cfg.train.precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
+        **tracker_options(cfg.track, run_dir),
     )
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
-    set_seed(cfg.train.seed)
-    tic = time.perf_counter()
-    bundle = _build_task(cfg, run_dir, accelerator, quiet)
-    setup_seconds = time.perf_counter() - tic
-    state = fit(bundle, cfg.train, run_dir, accelerator, resume=resume is not None, quiet=quiet)
-    if accelerator.is_main_process:
-        _write_summary(run_dir, cfg, state, bundle.info, setup_seconds, accelerator)
-    accelerator.end_training()
+    try:
+        _check_processes(accelerator)
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+        accelerator.wait_for_everyone()
+        start_trackers(accelerator, cfg, run_dir)
+        set_seed(cfg.train.seed)
+        tic = time.perf_counter()
+        bundle = _build_task(cfg, run_dir, accelerator, quiet)
+        setup_seconds = time.perf_counter() - tic
+        state = fit(bundle, cfg.train, run_dir, accelerator, resume=resume is not None, quiet=quiet)
+        if accelerator.is_main_process:
+            _write_summary(run_dir, cfg, state, bundle.info, setup_seconds, accelerator)
+    finally:  # trackers flushed and the process group torn down on every exit (else gloo aborts at exit)
+        accelerator.end_training()
     return run_dir
+
+
+def _has_accelerator() -> bool:
+    accel = getattr(torch, "accelerator", None)
+    return bool(accel.is_available()) if accel is not None else torch.cuda.is_available()
+
+
+def _check_processes(accelerator: Accelerator) -> None:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise TrainingError(
+            f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate sees "
+            f"{accelerator.num_processes}; launch with `torchrun --nproc_per_node N -m cliptune train ...` "
+            "or `accelerate launch --multi_gpu --num_processes N -m cliptune train ...` (also on CPU)"
+        )
 
 
 def _write_summary(
@@ -126,6 +216,7 @@ def _write_summary(
         "epochs_run": len(epochs),
         "best_epoch": state.best_epoch,
         "stop_reason": state.stop_reason,
+        "bad_steps": state.bad_steps,
         "lr_reductions": count_lr_reductions(state.lrs),
         "lr_final": state.lrs[-1] if state.lrs else None,
         "final": {k: v for k, v in (epochs[-1] if epochs else {}).items() if k != "kind"},
