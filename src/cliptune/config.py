@@ -119,6 +119,12 @@ class ModelConfig(_Section):
         description="Shared embedding size of new projections (composed/auto backbones; default 256); "
         "CLIP/SigLIP keep their pretrained projection size.",
     )
+    image_size: int | None = Field(
+        None,
+        gt=0,
+        description="Input size of the embedded/composed EfficientNet image tower (default 224); e.g. 160 for "
+        "160 px catalogue images, which gain nothing from upsampling (half the compute).",
+    )
     trainable_layers: int = Field(
         0,
         ge=-1,

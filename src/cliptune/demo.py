@@ -53,7 +53,8 @@ def _fashion_config(out: Path, name: str, text_column: str, epochs: int) -> dict
             "text_column": text_column,
             "split": {"ratios": {"train": 0.7, "val": 0.15, "test": 0.15}, "seed": 0},
         },
-        "model": {"backbone": "embedded", "trainable_layers": 0},
+        # the catalogue is rendered at 160 px: run the CNN at that size instead of upsampling to 224
+        "model": {"backbone": "embedded", "image_size": 160, "trainable_layers": 0},
         "loss": {"name": "info_nce", "temperature": 0.05},
         "train": {
             "epochs": epochs,
@@ -71,6 +72,7 @@ def _art_config(out: Path, epochs: int) -> dict[str, Any]:
         "data": {"catalogue": str(out / "data" / "art"), "split": {"ratios": {"train": 0.8, "val": 0.2}}},
         "model": {
             "backbone": "embedded",
+            "image_size": 160,
             "trainable_layers": 0,
             "head": {"width": 128, "depth": 2, "heads": 4},
         },

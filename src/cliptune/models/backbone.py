@@ -280,7 +280,7 @@ def load_backbone(
             ``trainable_layers == 0``).
         embed_dim: Size of the shared space for backbones with new projections (composed,
             auto); for CLIP/SigLIP it must equal the pretrained projection size.
-        **kwargs: Kind-specific options: ``image_tower``, ``text_tower`` (composed), ``kind``
+        **kwargs: Kind-specific options: ``image_tower``, ``text_tower``, ``image_size`` (composed), ``kind``
             (force ``"auto"``), ``seed`` (initialisation of new projections, default 0).
 
     Returns:
@@ -319,7 +319,7 @@ def load_backbone(
                 )
             return backbone.eval()
     elif str(spec) in ("embedded", "composed"):
-        _check_options(spec, kwargs, {"image_tower", "text_tower", "seed"})
+        _check_options(spec, kwargs, {"image_tower", "text_tower", "seed", "image_size"})
         backbone = composed.load_composed(str(spec), embed_dim=embed_dim, **kwargs)
     else:
         _check_options(spec, kwargs, {"kind", "seed"})

@@ -39,10 +39,12 @@ class _EfficientNetLite0(nn.Module):
     """EfficientNet-Lite0 features: ``extract_features`` (B, 1280, 7, 7) -> global mean (B, 1280)."""
 
     out_dim = 1280
-    size = 224
 
-    def __init__(self, pretrained: bool = True) -> None:
+    def __init__(self, pretrained: bool = True, size: int = 224) -> None:
         super().__init__()
+        # 224 is ImageNet's size; a fully convolutional net with global pooling takes any size, and small
+        # catalogue images (the demo's are 160 px) gain nothing from upsampling: (160/224)^2 = half the work.
+        self.size = int(size)
         from efficientnet_lite_pytorch import EfficientNet
 
         if pretrained:
@@ -57,7 +59,9 @@ class _EfficientNetLite0(nn.Module):
         _plain_pointwise(self.net)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        return self.net.extract_features(pixel_values).mean(dim=(2, 3))  # (B, 1280, 7, 7) -> (B, 1280)
+        # channels-last runs the depthwise convolutions ~1.4x faster on CPU, with the same values
+        x = pixel_values.contiguous(memory_format=torch.channels_last)
+        return self.net.extract_features(x).mean(dim=(2, 3))  # (B, 1280, h, w) -> (B, 1280)
 
     def preprocess(self, images: list[Image.Image]) -> Tensor:
         return torch.stack([_imagenet_tensor(im, self.size) for im in images])  # (B, 3, 224, 224)
@@ -73,7 +77,7 @@ class _EfficientNetLite0(nn.Module):
         )
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "efficientnet-lite0"}
+        return {"type": "efficientnet-lite0", "size": self.size}
 
     def fingerprint(self) -> dict[str, Any]:
         return {"type": "efficientnet-lite0", "size": self.size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
@@ -292,6 +296,7 @@ def load_composed(
     text_tower: str | Path | None = None,
     embed_dim: int | None = None,
     seed: int = 0,
+    image_size: int | None = None,
 ) -> ComposedBackbone:
     """Build a composed backbone from pretrained towers (offline).
 
@@ -302,6 +307,7 @@ def load_composed(
         text_tower: A local transformers encoder folder; default the bundled all-MiniLM-L6-v2.
         embed_dim: Shared space size (default 256).
         seed: Projection initialisation seed.
+        image_size: Input size of the EfficientNet image tower (default 224, ImageNet's).
 
     Returns:
         The backbone (every parameter trainable; ``load_backbone`` applies freezing).
@@ -313,7 +319,7 @@ def load_composed(
         raise BackboneError(
             "backbone 'embedded' has fixed towers; use 'composed' with image_tower/text_tower"
         )
-    image = _image_tower(image_tower or "efficientnet-lite0")
+    image = _image_tower(image_tower or "efficientnet-lite0", image_size)
     text = _TextTower.from_folder(Path(text_tower) if text_tower is not None else _minilm_path())
     return ComposedBackbone(image, text, embed_dim or DEFAULT_EMBED_DIM, seed).eval()
 
@@ -330,7 +336,7 @@ def load_saved_composed(path: Path, saved: dict[str, Any]) -> ComposedBackbone:
             vision, AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
         )
     elif image_type in IMAGE_TOWERS:
-        image = IMAGE_TOWERS[image_type](pretrained=False)
+        image = IMAGE_TOWERS[image_type](pretrained=False, size=int(saved["image_tower"].get("size", 224)))
     else:
         raise BackboneError(f"{path}: unknown image_tower type {image_type!r} in cliptune_backbone.json")
     folder = path / "text_tower"
@@ -340,9 +346,11 @@ def load_saved_composed(path: Path, saved: dict[str, Any]) -> ComposedBackbone:
     return ComposedBackbone(image, text, int(saved["embed_dim"]))
 
 
-def _image_tower(spec: str | Path) -> nn.Module:
+def _image_tower(spec: str | Path, size: int | None = None) -> nn.Module:
     if str(spec) in IMAGE_TOWERS:
-        return IMAGE_TOWERS[str(spec)](pretrained=True)
+        return IMAGE_TOWERS[str(spec)](pretrained=True, **({"size": size} if size else {}))
+    if size is not None:
+        raise BackboneError(f"image_size applies to {', '.join(IMAGE_TOWERS)} only, not {spec}")
     if Path(spec).is_dir():
         return _HFVisionTower.from_folder(Path(spec))
     raise BackboneError(

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,9 @@ def _build_task(cfg: Config, run_dir: Path, accelerator: Accelerator, quiet: boo
     data = prepare_data(cfg.data, run_dir if accelerator.is_main_process else None, progress=not quiet)
     m = cfg.model
     lora = LoraSpec(**m.lora.model_dump()) if m.lora is not None else None
+    extra = {"image_size": m.image_size} if m.image_size is not None else {}
     backbone = load_backbone(
-        m.backbone, trainable_layers=m.trainable_layers, lora=lora, embed_dim=m.embed_dim
+        m.backbone, trainable_layers=m.trainable_layers, lora=lora, embed_dim=m.embed_dim, **extra
     )
     if cfg.train.gradient_checkpointing:
         for tower in backbone.towers():
@@ -130,6 +132,7 @@ def train(
     runs_root: Path = Path("runs"),
     resume: Path | None = None,
     quiet: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """Train as configured and write the run directory.
 
@@ -141,6 +144,10 @@ def train(
         runs_root: Parent folder of run directories.
         resume: A run directory to continue exactly from its latest checkpoint (its own config.yaml is used).
         quiet: No progress bars.
+        on_epoch: Called on every process with each trained epoch's ``metrics.jsonl`` record (epochs 1..,
+            not the untrained baseline), after it is logged and the checkpoint written. An exception it
+            raises (a sweep's ``optuna.TrialPruned``) stops training and propagates; ``summary.json`` is
+            then not written, and trackers are still closed.
 
     Returns:
         The run directory.
@@ -179,7 +186,9 @@ def train(
         tic = time.perf_counter()
         bundle = _build_task(cfg, run_dir, accelerator, quiet)
         setup_seconds = time.perf_counter() - tic
-        state = fit(bundle, cfg.train, run_dir, accelerator, resume=resume is not None, quiet=quiet)
+        state = fit(
+            bundle, cfg.train, run_dir, accelerator, resume=resume is not None, quiet=quiet, on_epoch=on_epoch
+        )
         if accelerator.is_main_process:
             _write_summary(run_dir, cfg, state, bundle.info, setup_seconds, accelerator)
     finally:  # trackers flushed and the process group torn down on every exit (else gloo aborts at exit)
