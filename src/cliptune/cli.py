@@ -29,7 +29,7 @@ data_app = typer.Typer(help="Render, validate and clean catalogues.", no_args_is
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 SetOption = Annotated[

@@ -33,7 +33,7 @@ def report(
     """
     from cliptune.report import ReportError, build_report, diagnose, load_run
 
-    console, err = Console(), Console(stderr=True, soft_wrap=True)
+    console, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
     try:
         html, md = build_report(run)
         findings = diagnose(load_run(run))
@@ -73,7 +73,7 @@ def compare(
 
     from cliptune.report import ReportError, compare_runs
 
-    console, err = Console(), Console(stderr=True, soft_wrap=True)
+    console, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
     resolved = [p.resolve() for p in runs]
     if len(runs) < 2:
         err.print("[red]compare needs at least two run directories[/red]")
