@@ -1,10 +1,24 @@
-"""Time exact top-k retrieval: chunked torch, FAISS IndexFlatIP and plain torch matmul + topk.
+"""Time exact top-k retrieval and ranking metrics: cliptune, FAISS, plain torch, sentence-transformers.
 
-Random unit vectors (float32) stand in for embeddings; every backend ranks the same data and the
-table reports the median of ``--repeats`` runs and whether the top-k indices agree with plain torch.
+Random unit vectors (float32, CPU) stand in for embeddings; every backend ranks the same data and the
+table reports the median of ``--repeats`` runs, the time relative to FAISS ``IndexFlatIP`` and whether the
+result agrees with the reference:
+
+- top-k backends (torch matmul+topk is the reference): the share of queries with identical top-k indices;
+- metric backends: sentence-transformers' ``InformationRetrievalEvaluator.compute_all_metrics`` on the
+  precomputed vectors (a stand-in model returns them, so no text model runs: only its ranking and
+  metrics are timed) against cliptune's ``rank_chunked`` + ``retrieval_metrics_from_ranks`` (the same
+  metrics: accuracy/precision/recall@k, MRR@k, nDCG@k, MAP). Each query has one relevant item, drawn at
+  random from its exact top-50, so that ST's MAP@100 equals the full-ranking MAP and every metric can be
+  compared: the column gives the largest absolute difference of the mean metrics.
+
+Runs from a checkout without installing cliptune (``PYTHONPATH=src``); needs faiss-cpu and, unless
+``--no-st``, sentence-transformers (tested with 6.0.1 and 6.2.0).
 
 Usage:
     python benchmarks/bench_retrieval.py --n 100000 --q 1000 --d 512 --k 10
+    PYTHONPATH=src python benchmarks/bench_retrieval.py --n 1000000 --q 1000 --threads 16
+    python benchmarks/bench_retrieval.py --n 20000 --q 200 --no-st
 """
 
 from __future__ import annotations
@@ -12,11 +26,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from cliptune.retrieval import topk_chunked, topk_faiss
+from cliptune.metrics import retrieval_metrics_from_ranks
+from cliptune.retrieval import rank_chunked, topk_chunked, topk_faiss
+
+_RELEVANT_POOL = 50  # the relevant item of a query is drawn from its exact top-50 (so MAP@100 == MAP)
+_ST_MAP_K = 100  # ST's default MAP cut-off
 
 
 def _plain_topk(queries: torch.Tensor, items: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,15 +49,99 @@ def _gemm_only(queries: torch.Tensor, items: torch.Tensor, chunk: int) -> tuple[
     return torch.empty(0), torch.empty(0)
 
 
-def _median_time(
-    fn: Callable[[], tuple[torch.Tensor, torch.Tensor]], repeats: int
-) -> tuple[float, torch.Tensor]:
-    times, idx = [], torch.empty(0)
+def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, out = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        _, idx = fn()
+        out = fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), idx
+    return statistics.median(times), out
+
+
+def _ks(k: int) -> list[int]:
+    return sorted({1, 5, k})
+
+
+# --- cliptune: exact ranks of the relevant items + per-query metrics, averaged ---------------------
+
+
+def _ours_metrics(
+    queries: torch.Tensor, items: torch.Tensor, relevant: torch.Tensor, k: int, chunk: int
+) -> dict[str, float]:
+    ranked = rank_chunked(queries, items, k, relevant_ids=relevant, chunk_size=chunk)  # ranks (Q, 1)
+    per_query = retrieval_metrics_from_ranks(ranked.ranks, ks=_ks(k), prefix="")  # each (Q,)
+    return {name: float(v.mean()) for name, v in per_query.items()}
+
+
+# --- sentence-transformers: its evaluator on the same vectors --------------------------------------
+
+
+class _PrecomputedModel:
+    """Stands in for a SentenceTransformer: every encode returns the precomputed query vectors.
+
+    The evaluator only encodes the queries when ``corpus_embeddings`` is given; the similarity is the
+    inner product (``dot``), which is what the other backends rank by.
+    """
+
+    similarity_fn_name = "dot"
+
+    def __init__(self, queries: torch.Tensor) -> None:
+        from sentence_transformers.util import dot_score
+
+        self.queries = queries
+        self.similarity = dot_score
+
+    def encode(self, sentences: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if len(sentences) != self.queries.shape[0]:
+            raise ValueError(
+                f"stand-in model: asked to encode {len(sentences)} inputs, it holds "
+                f"{self.queries.shape[0]} query vectors (only queries are encoded in this benchmark)"
+            )
+        return self.queries
+
+    encode_query = encode
+    encode_document = encode
+
+
+def _st_evaluator(n_queries: int, n_items: int, relevant: torch.Tensor, k: int) -> Any:
+    try:  # the module path of sentence-transformers >= 5; the old one still works with a warning
+        from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+    except ImportError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from sentence_transformers.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.util import dot_score
+
+    ks = _ks(k)
+    return InformationRetrievalEvaluator(
+        queries={str(q): f"query {q}" for q in range(n_queries)},
+        corpus={str(i): f"item {i}" for i in range(n_items)},
+        relevant_docs={str(q): {str(int(relevant[q, 0]))} for q in range(n_queries)},
+        accuracy_at_k=ks,
+        precision_recall_at_k=ks,
+        mrr_at_k=[k],
+        ndcg_at_k=[k],
+        map_at_k=[_ST_MAP_K],
+        score_functions={"dot": dot_score},  # explicit: compute_all_metrics is called without __call__
+        show_progress_bar=False,
+        write_csv=False,
+    )
+
+
+def _st_metrics(evaluator: Any, model: _PrecomputedModel, items: torch.Tensor) -> dict[str, float]:
+    scores = evaluator.compute_all_metrics(model, corpus_embeddings=items)["dot"]
+    out: dict[str, float] = {}
+    for name, per_k in scores.items():  # e.g. "recall@k" -> {1: .., 5: .., 10: ..}
+        for kk, value in per_k.items():
+            out[name.replace("@k", f"@{kk}")] = float(value)
+    return out
+
+
+def _metric_gap(st: dict[str, float], ours: dict[str, float], k: int) -> float:
+    """Largest |ST - ours| over the shared metrics (ST's map@100 is our map: every rank is <= 50)."""
+    pairs = [(f"{m}@{kk}", f"{m}@{kk}") for m in ("accuracy", "precision", "recall") for kk in _ks(k)]
+    pairs += [(f"mrr@{k}", f"mrr@{k}"), (f"ndcg@{k}", f"ndcg@{k}"), (f"map@{_ST_MAP_K}", "map")]
+    return max(abs(st[a] - ours[b]) for a, b in pairs)
 
 
 def main() -> None:
@@ -47,31 +151,85 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=512, help="embedding dimension")
     parser.add_argument("--k", type=int, default=10, help="list length")
     parser.add_argument("--repeats", type=int, default=3, help="runs per backend (median reported)")
-    parser.add_argument("--chunk-size", type=int, default=16384, help="items per block for topk_chunked")
+    parser.add_argument("--chunk-size", type=int, default=16384, help="items per block for cliptune")
+    parser.add_argument("--threads", type=int, default=None, help="torch and FAISS threads (default: as is)")
+    parser.add_argument("--no-st", action="store_true", help="skip the sentence-transformers evaluator")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.n < _RELEVANT_POOL:
+        parser.error(
+            f"--n must be >= {_RELEVANT_POOL} (relevant items are drawn from the top-{_RELEVANT_POOL})"
+        )
+
+    try:
+        import faiss
+    except ImportError as e:
+        faiss = None
+        print(f"FAISS skipped: cannot import faiss ({e}); install faiss-cpu for its row and the ratios")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        if faiss is not None:
+            faiss.omp_set_num_threads(args.threads)
 
     gen = torch.Generator().manual_seed(args.seed)
     items = torch.nn.functional.normalize(torch.randn(args.n, args.d, generator=gen), dim=1)  # (N, D)
     queries = torch.nn.functional.normalize(torch.randn(args.q, args.d, generator=gen), dim=1)  # (Q, D)
-    backends: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {
+    pool = topk_chunked(queries, items, _RELEVANT_POOL)[1]  # (Q, 50), exact
+    pick = torch.randint(0, _RELEVANT_POOL, (args.q, 1), generator=gen)  # (Q, 1)
+    relevant = pool.gather(1, pick)  # (Q, 1) one relevant item per query
+
+    topk_backends: dict[str, Callable[[], Any]] = {
         # the floor: the GEMM alone, blocked like topk_chunked, no top-k (its "indices" are not compared)
         "GEMM only (floor)": lambda: _gemm_only(queries, items, args.chunk_size),
         "torch matmul+topk": lambda: _plain_topk(queries, items, args.k),
         "topk_chunked": lambda: topk_chunked(queries, items, args.k, chunk_size=args.chunk_size),
-        "faiss IndexFlatIP": lambda: topk_faiss(queries, items, args.k),
     }
-    print(f"N={args.n:,} Q={args.q:,} D={args.d} k={args.k} float32, threads={torch.get_num_threads()}")
-    print(f"{'backend':<20} {'median s':>9} {'queries/s':>10} {'same indices':>13}")
+    if faiss is not None:
+        topk_backends["faiss IndexFlatIP"] = lambda: topk_faiss(queries, items, args.k)
+    rows: list[tuple[str, float, str]] = []  # (backend, median s, agreement)
     reference = None
-    for name, fn in backends.items():
-        seconds, idx = _median_time(fn, args.repeats)
+    for name, fn in topk_backends.items():
+        seconds, (_, idx) = _median_time(fn, args.repeats)
         if idx.numel() == 0:
-            print(f"{name:<20} {seconds:>9.3f} {args.q / seconds:>10.0f} {'-':>13}")
+            rows.append((name, seconds, "-"))
             continue
         reference = idx if reference is None else reference  # plain torch is the reference
-        same = float((idx == reference).all(1).float().mean())
-        print(f"{name:<20} {seconds:>9.3f} {args.q / seconds:>10.0f} {same:>13.1%}")
+        rows.append((name, seconds, f"{float((idx == reference).all(1).float().mean()):.1%} idx"))
+
+    ours_name = "rank_chunked+metrics"
+    ours_s, ours = _median_time(
+        lambda: _ours_metrics(queries, items, relevant, args.k, args.chunk_size), args.repeats
+    )
+    st_s = None
+    st_note = ""
+    if args.no_st:
+        st_note = "sentence-transformers skipped (--no-st)"
+    else:
+        try:
+            evaluator = _st_evaluator(args.q, args.n, relevant, args.k)
+            model = _PrecomputedModel(queries)
+        except ImportError as e:
+            st_note = f"sentence-transformers skipped: cannot import it ({e}); install it or pass --no-st"
+        else:
+            st_s, st = _median_time(lambda: _st_metrics(evaluator, model, items), args.repeats)
+            rows.append(("ST IR evaluator", st_s, f"{_metric_gap(st, ours, args.k):.1e} max|d|"))
+    rows.append((ours_name, ours_s, "reference" if st_s is not None else "-"))
+
+    faiss_s = next((s for name, s, _ in rows if name == "faiss IndexFlatIP"), float("nan"))
+    print(f"N={args.n:,} Q={args.q:,} D={args.d} k={args.k} float32 CPU, threads={torch.get_num_threads()}")
+    print(f"{'backend':<22} {'median s':>9} {'queries/s':>10} {'vs FAISS':>9} {'agreement':>16}")
+    for name, seconds, agree in rows:
+        print(f"{name:<22} {seconds:>9.3f} {args.q / seconds:>10.0f} {seconds / faiss_s:>8.2f}x {agree:>16}")
+    if st_s is not None:
+        import sentence_transformers
+
+        speedup = st_s / ours_s
+        print(
+            f"speed-up of {ours_name} over the ST {sentence_transformers.__version__} evaluator: "
+            f"{speedup:.2f}x ({'ours faster' if speedup > 1 else 'ours slower'}; same metrics, same vectors)"
+        )
+    else:
+        print(st_note)
 
 
 if __name__ == "__main__":
