@@ -244,8 +244,9 @@ def _register_commands() -> None:
     from cliptune.commands import report as report_cmd
     from cliptune.commands import search as search_cmd
     from cliptune.commands import suite as suite_cmd
+    from cliptune.commands import sweep as sweep_cmd
 
-    for module in (demo_cmd, eval_cmd, suite_cmd, report_cmd, search_cmd):
+    for module in (demo_cmd, eval_cmd, suite_cmd, report_cmd, sweep_cmd, search_cmd):
         module.register(app)
 
 

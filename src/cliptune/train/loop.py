@@ -16,6 +16,7 @@ import functools
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ def fit(
     *,
     resume: bool = False,
     quiet: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> LoopState:
     """Train ``bundle.model`` and write ``metrics.jsonl``, ``checkpoints/`` and ``model/`` in ``run_dir``.
 
@@ -67,6 +69,8 @@ def fit(
         accelerator: Devices, precision, accumulation, processes; its started trackers get every record.
         resume: Continue from ``run_dir/checkpoints/latest`` (exactly: same batches, RNG and metrics).
         quiet: No progress bar (one line per epoch is still printed).
+        on_epoch: Called on every process with each trained epoch's record once it is logged and saved
+            (a sweep reports it to Optuna); what it raises (``optuna.TrialPruned``) propagates.
 
     Returns:
         The final loop state (best epoch, stop reason, LR history, bad steps, timings).
@@ -77,17 +81,15 @@ def fit(
     """
     state = LoopState()  # created here so the out-of-memory message can name the step
     with stop_on_signals() as stop_requested, out_of_memory_hint(cfg, state):
-        _train(bundle, cfg, run_dir, accelerator, state, stop_requested, resume=resume, quiet=quiet)
+        _train(bundle, cfg, run_dir, accelerator, state, stop_requested, on_epoch, resume=resume, quiet=quiet)
     return state
 
 
-def _train(bundle, cfg, run_dir, accelerator, state: LoopState, stop_requested, *, resume, quiet) -> None:
+def _train(bundle, cfg, run_dir, accelerator, state: LoopState, stop_requested, on_epoch, *, resume, quiet) -> None:  # fmt: skip
     n_batches = batches_per_epoch(len(bundle.train_data), cfg.batch_size, accelerator.num_processes)
     if n_batches == 0:
-        raise TrainingError(
-            f"the training split has {len(bundle.train_data)} items, fewer than one global batch "
-            f"({cfg.batch_size} x {accelerator.num_processes} processes): lower train.batch_size"
-        )
+        raise TrainingError(f"the training split has {len(bundle.train_data)} items, fewer than one global batch "
+                            f"({cfg.batch_size} x {accelerator.num_processes} processes): lower train.batch_size")  # fmt: skip
     optimizer = make_optimizer(bundle.model, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps=cfg.epochs * n_batches // cfg.grad_accum)
     model, optimizer = accelerator.prepare(bundle.model, optimizer)
@@ -144,9 +146,8 @@ def _train(bundle, cfg, run_dir, accelerator, state: LoopState, stop_requested, 
 
         tic, val = time.perf_counter(), _evaluate(bundle, model)
         state.add_time("val", time.perf_counter() - tic)
-        train_means = state.train_means()
         record = {"kind": "epoch", "epoch": epoch + 1, "step": state.step, "lr": current_lr(optimizer),
-                  **train_means, **val}  # fmt: skip
+                  **state.train_means(), **val}  # fmt: skip
         if cfg.scheduler == "plateau":
             scheduler.step(_metric(val, cfg.plateau.metric))
         state.lrs.append(current_lr(optimizer))
@@ -162,11 +163,11 @@ def _train(bundle, cfg, run_dir, accelerator, state: LoopState, stop_requested, 
         if state.epoch % cfg.checkpoint_every == 0 or state.epoch == cfg.epochs:
             checkpoint()
         state.add_time("checkpoint", time.perf_counter() - tic)
+        if on_epoch is not None:  # last: what it raises leaves the epoch logged and its model saved
+            on_epoch(record)
         if stopper and stopper.should_stop:
-            state.stop_reason = (
-                f"early stopping: {stopper.metric} did not improve for {stopper.bad_epochs} epoch(s) "
-                f"(best {stopper.best:.6g} at epoch {stopper.best_epoch + 1})"
-            )
+            state.stop_reason = (f"early stopping: {stopper.metric} did not improve for {stopper.bad_epochs} "
+                                 f"epoch(s) (best {stopper.best:.6g} at epoch {stopper.best_epoch + 1})")  # fmt: skip
             break
     state.stop_reason = state.stop_reason or f"reached train.epochs ({cfg.epochs})"
 

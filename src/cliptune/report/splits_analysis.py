@@ -1,0 +1,143 @@
+"""Comparing runs trained on different splits (seed 001: 80/20 vs 60/40), like for like.
+
+Seed 001 reads "val loss 0.07816 vs 0.1148, 32% better" as a win for the 80/20 split, but the two val
+sets are different data, and for retrieval metrics they are different *galleries*: recall@10 among 20
+candidates is easier than among 40, whatever the model. ``compare_runs`` flags the different query sets
+and marks those deltas unpaired; this module says what differs (ratios, held-out groups, gallery sizes)
+and gives the fair comparison: both models evaluated on the groups that *neither* trained on, one
+gallery, paired by query, so :func:`cliptune.report.compare.metric_deltas` gives real verdicts.
+
+Example:
+    >>> ev_a, ev_b = shared_heldout_eval("runs/split80", "runs/split60")  # doctest: +SKIP
+    >>> deltas, flags = metric_deltas(ev_a, ev_b)  # doctest: +SKIP  (flags == []: paired)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cliptune.config import load_config
+from cliptune.report.rundata import ReportError
+
+__all__ = ["SHARED_SPLIT", "split_differences", "shared_heldout_groups", "shared_heldout_eval"]
+
+SHARED_SPLIT = "shared-heldout"
+"""Split name of the groups held out from both runs (the ``split`` of the eval dicts returned)."""
+
+
+def _splits(run: Path) -> dict[str, list[str]]:
+    path = run / "splits.json"
+    if not path.is_file():
+        raise ReportError(f"{path}: missing (the run's split is needed to know what it trained on)")
+    return {name: [str(g) for g in groups] for name, groups in json.loads(path.read_text("utf-8")).items()}
+
+
+def split_differences(run_a: Path | str, run_b: Path | str) -> list[str]:
+    """Sentences on what differs between two runs' splits, and why their held-out values do not compare.
+
+    Args:
+        run_a, run_b: Run directories (``config.yaml`` and ``splits.json`` are read; ``eval/*.json`` if any).
+
+    Returns:
+        One sentence per difference (ratios, groups per split, the groups held out from both, the
+        gallery sizes of every eval split both have); empty when the splits are the same.
+
+    Example:
+        >>> split_differences("runs/split80", "runs/split60")[0]  # doctest: +SKIP
+        'split ratios differ: split80 {train: 0.8, val: 0.2} vs split60 {train: 0.6, val: 0.4}'
+    """
+    a, b = Path(run_a), Path(run_b)
+    sa, sb = _splits(a), _splits(b)
+    if {k: sorted(v) for k, v in sa.items()} == {k: sorted(v) for k, v in sb.items()}:
+        return []
+    ra, rb = (load_config(r / "config.yaml").data.split.ratios for r in (a, b))
+    out = []
+    if ra != rb:
+        out.append(f"split ratios differ: {a.name} {_ratios(ra)} vs {b.name} {_ratios(rb)}")
+    counts = ", ".join(f"{s} {len(sa.get(s, []))} vs {len(sb.get(s, []))}" for s in dict.fromkeys([*sa, *sb]))
+    out.append(f"groups per split ({a.name} vs {b.name}): {counts}")
+    shared = shared_heldout_groups(a, b)
+    out.append(f"{len(shared)} group(s) are held out from both runs (in neither train split): the only data "
+               "on which the two models compare like for like (shared_heldout_eval)")  # fmt: skip
+    for split in ("val", "test"):
+        ea, eb = _eval(a, split), _eval(b, split)
+        if ea and eb and ea.get("n_rows") != eb.get("n_rows"):
+            out.append(f"{split} galleries differ: {ea.get('n_rows')} vs {eb.get('n_rows')} rows: recall@k, "
+                       "precision@k and MRR rank among different numbers of candidates (more is harder), so "
+                       f"their {split} values differ even for the same model")  # fmt: skip
+    return out
+
+
+def _ratios(ratios: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in ratios.items()) + "}"
+
+
+def _eval(run: Path, split: str) -> dict[str, Any] | None:
+    path = run / "eval" / f"{split}.json"
+    return json.loads(path.read_text("utf-8")) if path.is_file() else None
+
+
+def shared_heldout_groups(run_a: Path | str, run_b: Path | str) -> list[str]:
+    """Group ids in neither run's train split (sorted): held out from both models.
+
+    Raises:
+        ReportError: A run without ``splits.json`` or ``config.yaml``, or runs on different catalogues.
+    """
+    a, b = Path(run_a), Path(run_b)
+    cats = [load_config(r / "config.yaml").data.catalogue for r in (a, b)]
+    if cats[0] is None or cats[1] is None or Path(cats[0]).resolve() != Path(cats[1]).resolve():
+        raise ReportError(
+            f"{a} and {b} trained on different catalogues ({cats[0]} vs {cats[1]}): no shared groups"
+        )
+    sa, sb = _splits(a), _splits(b)
+    every = {g for groups in [*sa.values(), *sb.values()] for g in groups}
+    return sorted(every - set(sa.get("train", [])) - set(sb.get("train", [])))
+
+
+def shared_heldout_eval(
+    run_a: Path | str, run_b: Path | str, *, bootstrap: int | None = None, progress: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate both runs' models on the groups held out from both: one gallery, the same queries.
+
+    Both use ``run_a``'s ``eval`` settings (k, relevance, bootstrap, seed), so the two dicts pair by query
+    id and :func:`cliptune.report.compare.metric_deltas` gives paired verdicts.
+
+    Args:
+        run_a, run_b: Run directories trained on the same catalogue.
+        bootstrap: Override of ``eval.bootstrap``.
+        progress: Progress bars.
+
+    Returns:
+        ``(eval_a, eval_b)``: ``eval/<split>.json``-shaped dicts with ``split`` = :data:`SHARED_SPLIT`
+        (write them with ``cliptune.evaluate.write_eval(ev, out_dir=...)``).
+
+    Raises:
+        ReportError: No group is held out from both runs, or see :func:`shared_heldout_groups`.
+    """
+    from cliptune.data.prepare import PreparedData, prepare_data
+    from cliptune.data.splits import group_ids
+    from cliptune.evaluate import evaluate_split, loss_settings
+    from cliptune.inference import load_model
+
+    a, b = Path(run_a), Path(run_b)
+    groups = shared_heldout_groups(a, b)
+    if not groups:
+        raise ReportError(f"no group is held out from both {a} and {b}: nothing to compare them on")
+    cfg = load_config(a / "config.yaml")
+    data = prepare_data(cfg.data, a, progress=progress)
+    held = group_ids(data.rows, cfg.data.group_column).isin(set(groups)).to_numpy()
+    rows = data.rows.assign(split=[SHARED_SPLIT if h else "other" for h in held])
+    shared = PreparedData(data.catalogue, rows, {SHARED_SPLIT: groups}, data.check)
+    out = []
+    for run in (a, b):
+        model = load_model(run)
+        out.append(evaluate_split(
+            model, shared, SHARED_SPLIT, ks=cfg.eval.k, relevant=cfg.eval.relevant,
+            bootstrap=cfg.eval.bootstrap if bootstrap is None else bootstrap, confidence=cfg.eval.confidence,
+            seed=cfg.eval.seed, text_column=cfg.data.text_column, group_column=cfg.data.group_column,
+            cache_dir=cfg.model.cache_dir, precision=cfg.model.embed_precision, progress=progress,
+            loss=loss_settings(load_config(run / "config.yaml"), model.source),
+        ))  # fmt: skip
+    return out[0], out[1]
