@@ -65,3 +65,17 @@ def test_python_dash_m_entry_point() -> None:
         [sys.executable, "-m", "cliptune", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("cliptune ")
+
+
+def test_every_registered_command_has_help_and_an_example() -> None:
+    # Every command the app shows (top level and in groups) documents itself with a runnable example.
+    commands = [[c.name] for c in app.registered_commands]
+    for group in app.registered_groups:
+        commands += [[group.name, c.name] for c in group.typer_instance.registered_commands]
+    assert {"train", "eval", "test", "report", "compare", "sweep", "index", "search", "demo"} <= {
+        c[0] for c in commands
+    }
+    for args in commands:
+        result = runner.invoke(app, [*args, "--help"])
+        assert result.exit_code == 0, args
+        assert f"cliptune {' '.join(args)}" in " ".join(result.output.split()), f"no example in {args} --help"
