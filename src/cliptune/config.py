@@ -22,6 +22,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cliptune.atomic import write_text_atomic
+
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "apply_overrides", "config_markdown"]
 
 
@@ -442,10 +444,7 @@ def dump_config(config: Config) -> str:
 def save_config(config: Config, path: Path) -> Path:
     """Write the fully resolved config to ``path`` (YAML); loading it back gives an equal Config."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(dump_config(config), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, dump_config(config))
 
 
 def _field_rows(model: type[BaseModel], prefix: str) -> list[str]:

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cliptune.atomic import write_text_atomic
 from cliptune.bootstrap import bootstrap_metrics
 from cliptune.config import Config, DataConfig, load_config
 from cliptune.data.catalogue import CatalogueError, read_catalogue
@@ -672,11 +671,4 @@ def write_eval(
         raise ValueError("write_eval: give exactly one of run_dir and out_dir")
     folder = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"  # type: ignore[arg-type]
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{result['split']}.json"
-    tmp = folder / f".tmp-{uuid.uuid4().hex}-{path.name}"
-    try:
-        tmp.write_text(json.dumps(result, allow_nan=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text_atomic(folder / f"{result['split']}.json", json.dumps(result, allow_nan=False) + "\n")

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from cliptune.atomic import write_text_atomic
 
 __all__ = ["assign_rows", "group_ids", "load_splits", "make_splits", "save_splits"]
 
@@ -149,11 +150,9 @@ def assign_rows(
 
 def save_splits(splits: Mapping[str, list[str]], path: Path) -> Path:
     """Write splits as JSON (``{"train": [group ids], ...}``), atomically; returns ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({k: sorted(v) for k, v in sorted(splits.items())}, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(
+        Path(path), json.dumps({k: sorted(v) for k, v in sorted(splits.items())}, indent=1) + "\n"
+    )
 
 
 def load_splits(path: Path) -> dict[str, list[str]]:

@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 from rich.console import Console
 
 from cliptune import __version__
+from cliptune.atomic import write_text_atomic
 from cliptune.config import Config, load_config, save_config
 from cliptune.data.images import ImageLoadError
 from cliptune.data.prepare import prepare_data
@@ -240,6 +241,4 @@ def _write_summary(
             "python": platform.python_version(),
         },
     }
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    tmp.replace(run_dir / "summary.json")
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from cliptune.atomic import write_text_atomic
 from cliptune.config import TrainConfig
 from cliptune.train.checkpoint import (
     latest_checkpoint,
@@ -132,9 +133,7 @@ class MetricsLog:
             return
         lines = self.path.read_text(encoding="utf-8").splitlines()
         keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
