@@ -76,3 +76,16 @@ def test_siamese_model_folder(tmp_path: Path, images: list[Path]) -> None:
 def test_nothing_loadable_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(BackboneError, match="not a run directory"):
         load_model(tmp_path / "nope")
+
+
+def test_tower_features_with_worker_processes(tmp_path: Path, images: list[Path]) -> None:
+    # Decoding in DataLoader workers (a picklable loader, for "spawn" platforms) equals in-process decoding.
+    from cliptune.models.features import tower_features
+
+    backbone = load_backbone(make_tiny_clip(tmp_path / "clip"))
+    texts = ["a red square", "a blue square", "a green square"]
+    one = tower_features(backbone, images, texts, cache_dir=tmp_path / "c1", precision="fp32", progress=False)
+    two = tower_features(
+        backbone, images, texts, cache_dir=tmp_path / "c2", precision="fp32", num_workers=1, progress=False
+    )
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])

@@ -373,25 +373,18 @@ def _head_outputs(
     model: LoadedModel, data: PreparedData, rows: np.ndarray, **embed: Any
 ) -> dict[str, Tensor]:
     """The Siamese head's image / text / fused embeddings of catalogue rows, image and text jointly."""
-    from cliptune.data.images import load_image
-    from cliptune.inference import default_cache_dir
-    from cliptune.models.cache import FeatureCache, embed_images, embed_texts
+    from cliptune.models.features import tower_features
 
     assert model.head is not None
     backbone = model.backbone
     if not backbone.features_frozen:
         raise EvalError(f"{model.source}: a Siamese head needs frozen towers (trainable_layers 0)")
-    cache = FeatureCache(embed["cache_dir"] or default_cache_dir(), backbone.identity())
     table = data.rows.iloc[rows]
     paths = [data.catalogue.image_path(f) for f in table["file_name"]]
     with torch.inference_mode():
-        img = embed_images(
-            paths, cache=cache, load=load_image, preprocess=backbone.preprocess,
-            forward=backbone.image_features, precision=embed["precision"], progress=embed["progress"],
-        )  # fmt: skip
-        txt = embed_texts(
-            table[embed["text_column"]].astype(str).tolist(), cache=cache, tokenize=backbone.tokenize,
-            forward=backbone.text_features, precision=embed["precision"], progress=embed["progress"],
+        img, txt = tower_features(
+            backbone, paths, table[embed["text_column"]].astype(str).tolist(), cache_dir=embed["cache_dir"],
+            precision=embed["precision"], progress=embed["progress"],
         )  # fmt: skip
         parts = [
             model.head(img[i : i + 1024].float(), txt[i : i + 1024].float()) for i in range(0, len(img), 1024)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from cliptune.data.catalogue import Catalogue
 from cliptune.data.images import load_image
 from cliptune.models.backbone import Backbone, BackboneError, load_backbone
 from cliptune.models.cache import FeatureCache, embed_images, embed_texts
+from cliptune.models.features import default_cache_dir
 from cliptune.models.siamese import SiameseHead
 
 __all__ = [
@@ -28,11 +30,6 @@ __all__ = [
     "default_cache_dir",
     "catalogue_paths",
 ]
-
-
-def default_cache_dir() -> Path:
-    """``~/.cache/cliptune/features``: shared by every run, keyed by backbone identity."""
-    return Path.home() / ".cache" / "cliptune" / "features"
 
 
 @dataclass
@@ -127,16 +124,14 @@ def embed_images_with(
         (N, D) float32.
     """
     backbone = model.backbone
-    kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
-
-    def _load(path: Path):
-        return load_image(path, **kwargs)
+    # a partial, not a closure: DataLoader workers started with "spawn" (macOS, Windows) pickle it
+    load = partial(load_image, **({} if max_pixels is None else {"max_pixels": max_pixels}))
 
     frozen = backbone.features_frozen
     cache = FeatureCache(cache_dir or default_cache_dir(), backbone.identity()) if frozen else None
     forward = backbone.image_features if frozen else backbone.encode_image
     feats = embed_images(
-        list(paths), cache=cache, load=_load, preprocess=backbone.preprocess, forward=forward,
+        list(paths), cache=cache, load=load, preprocess=backbone.preprocess, forward=forward,
         batch_size=batch_size, precision=precision, num_workers=num_workers, progress=progress,
     )  # fmt: skip
     if model.head is not None:

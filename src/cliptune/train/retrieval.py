@@ -22,7 +22,7 @@ from cliptune.data.prepare import PreparedData
 from cliptune.data.splits import group_ids
 from cliptune.losses import make_loss
 from cliptune.models.backbone import Backbone
-from cliptune.models.cache import FeatureCache, embed_images, embed_texts
+from cliptune.models.features import tower_features
 from cliptune.train.data import shard_indices
 from cliptune.train.task import TaskBundle
 from cliptune.train.validation import retrieval_validation
@@ -70,27 +70,16 @@ def loss_kwargs(cfg: Config) -> dict[str, Any]:
     return {}
 
 
-def _cached_features(
+def cached_features(
     backbone: Backbone, data: PreparedData, cfg: Config, device: torch.device, progress: bool
 ) -> tuple[Tensor, Tensor]:
-    cache_dir = cfg.model.cache_dir or Path.home() / ".cache" / "cliptune" / "features"
-    cache = FeatureCache(cache_dir, backbone.identity())
-    paths = [data.catalogue.image_path(f) for f in data.rows["file_name"]]
-    precision = cfg.model.embed_precision
-    backbone.to(device)
-
-    def _load(path: Path):
-        return load_image(path, max_pixels=cfg.data.max_pixels)
-
-    images = embed_images(
-        paths, cache=cache, load=_load, preprocess=backbone.preprocess, forward=backbone.image_features,
-        precision=precision, num_workers=cfg.data.num_workers, device=device, progress=progress,
+    """Tower features of every catalogue row (image, caption) through the feature cache."""
+    return tower_features(
+        backbone, [data.catalogue.image_path(f) for f in data.rows["file_name"]],
+        data.rows[cfg.data.text_column].astype(str).tolist(), cache_dir=cfg.model.cache_dir,
+        precision=cfg.model.embed_precision, max_pixels=cfg.data.max_pixels,
+        num_workers=cfg.data.num_workers, device=device, progress=progress,
     )  # fmt: skip
-    texts = embed_texts(
-        data.rows[cfg.data.text_column].astype(str).tolist(), cache=cache, tokenize=backbone.tokenize,
-        forward=backbone.text_features, precision=precision, device=device, progress=progress,
-    )  # fmt: skip
-    return images, texts
 
 
 def _raw_collate(backbone: Backbone, max_pixels: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
@@ -129,7 +118,7 @@ def build_retrieval(
     val_idx = [i for i in range(len(split)) if split[i] == "val"]
     collate = None
     if backbone.features_frozen:
-        images, texts = _cached_features(
+        images, texts = cached_features(
             backbone, data, cfg, accelerator.device, progress and accelerator.is_main_process
         )
         train_items = [{"image_features": images[i], "text_features": texts[i]} for i in train_idx]

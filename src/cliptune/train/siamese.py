@@ -25,7 +25,7 @@ from cliptune.losses import SiameseLoss
 from cliptune.metrics import triplet_accuracy
 from cliptune.models.backbone import Backbone
 from cliptune.models.siamese import SiameseHead
-from cliptune.train.retrieval import _cached_features
+from cliptune.train.retrieval import cached_features
 from cliptune.train.task import TaskBundle
 
 __all__ = ["SiameseModel", "build_siamese", "make_triplets"]
@@ -124,7 +124,7 @@ def build_siamese(
         raise ValueError(
             f"the siamese task validates on a 'val' split; data.split.ratios has {sorted(data.splits)}"
         )
-    images, texts = _cached_features(
+    images, texts = cached_features(
         backbone, data, cfg, accelerator.device, progress and accelerator.is_main_process
     )
     triplets, redrawn = make_triplets(data, cfg.data.group_column, cfg.data.split.seed)
