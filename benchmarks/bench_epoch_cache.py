@@ -42,7 +42,7 @@ from cliptune.data.synthetic import render_fashion
 from cliptune.losses import InfoNCELoss
 from cliptune.models.backbone import Backbone, load_backbone
 from cliptune.models.cache import FeatureCache, embed_images, embed_texts, resolve_precision
-from cliptune.train.retrieval import RetrievalModel
+from cliptune.train.tasks.retrieval import RetrievalModel
 
 
 class _Pairs(Dataset):

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from cliptune.metrics import retrieval_metrics_from_ranks
-from cliptune.retrieval import rank_chunked, topk_chunked, topk_faiss
+from cliptune.ranking.metrics import retrieval_metrics_from_ranks
+from cliptune.ranking.topk import rank_chunked, topk_chunked, topk_faiss
 
 _RELEVANT_POOL = 50  # the relevant item of a query is drawn from its exact top-50 (so MAP@100 == MAP)
 _ST_MAP_K = 100  # ST's default MAP cut-off

@@ -34,7 +34,7 @@ from cliptune.config import TrainConfig
 from cliptune.losses import make_loss
 from cliptune.train.loop import fit
 from cliptune.train.optim import param_groups
-from cliptune.train.task import TaskBundle
+from cliptune.train.tasks.bundle import TaskBundle
 
 
 class _Heads(nn.Module):

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from cliptune.bootstrap import Interval, bootstrap_ci, bootstrap_metrics, paired_bootstrap_delta, verdict
+from cliptune.ranking.bootstrap import (
+    Interval,
+    bootstrap_ci,
+    bootstrap_metrics,
+    paired_bootstrap_delta,
+    verdict,
+)
 
 
 def _bernoulli(n: int, p: float, seed: int) -> torch.Tensor:

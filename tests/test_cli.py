@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from cliptune.cli import app
+from cliptune.cli.app import app
 from cliptune.config import Config
 
 runner = CliRunner()

@@ -8,7 +8,7 @@ import pandas as pd
 from PIL import Image
 from typer.testing import CliRunner
 
-from cliptune.cli import app
+from cliptune.cli.app import app
 
 runner = CliRunner()
 

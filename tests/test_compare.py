@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cliptune.commands.report import register
+from cliptune.cli.report import register
 from cliptune.report import ReportError, compare_runs
 from cliptune.report.compare import metric_deltas, relative_change, unpaired_bootstrap_delta
 from tests.test_report import eval_json, suite_json, write_json, write_run

@@ -1,4 +1,4 @@
-"""Tests for the synthetic demo catalogues (cliptune.data.synthetic, synth_fashion, synth_art)."""
+"""Tests for the synthetic demo catalogues (cliptune.data.synthetic: registry, fashion, art)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cliptune.data import synth_art, synth_fashion
-from cliptune.data.synth_art import ART_COLUMNS, ART_TRANSFORMS, TRIPLET_COLUMNS
-from cliptune.data.synth_fashion import (
+from cliptune.data.synthetic import CATALOGUES, render_art, render_catalogue, render_fashion
+from cliptune.data.synthetic import art as synth_art
+from cliptune.data.synthetic import fashion as synth_fashion
+from cliptune.data.synthetic.art import ART_COLUMNS, ART_TRANSFORMS, TRIPLET_COLUMNS
+from cliptune.data.synthetic.fashion import (
     FASHION_ATTRIBUTES,
     FASHION_COLUMNS,
     RIPS_SYNONYMS,
     FashionProduct,
     render_product_photo,
 )
-from cliptune.data.synthetic import CATALOGUES, render_art, render_catalogue, render_fashion
 
 FASHION_N = 24
 ART_N = 6

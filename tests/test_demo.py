@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cliptune.cli import app
+from cliptune.cli.app import app
+from cliptune.cli.demo_steps import demo_steps, write_demo_configs
 from cliptune.config import load_config
-from cliptune.demo import demo_steps, write_demo_configs
 
 
 def test_demo_configs_validate_and_steps_are_cli_commands(tmp_path: Path) -> None:

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 import typer
 from typer.testing import CliRunner
 
-from cliptune.commands.eval import register
+from cliptune.cli.eval import register
 from cliptune.config import load_config
 from cliptune.data.synthetic import render_art, render_fashion
-from cliptune.evaluate import (
+from cliptune.evaluation.evaluate import (
     evaluate_embeddings,
     evaluate_run,
     info_nce_per_pair,
@@ -26,7 +26,7 @@ from cliptune.evaluate import (
 from cliptune.inference import embed_images_with, embed_texts_with, load_model
 from cliptune.losses import info_nce
 from cliptune.losses.siamese import siamese_objective
-from cliptune.metrics import retrieval_metrics
+from cliptune.ranking.metrics import retrieval_metrics
 from cliptune.train.run import train
 from tests.tiny_models import make_tiny_clip
 
@@ -142,7 +142,7 @@ def test_info_nce_per_pair_and_triplet_values_match_the_losses() -> None:
         batch = info_nce(image[start : start + 4], text[start : start + 4], 0.1)
         assert per_pair[start : start + 4].mean().item() == pytest.approx(batch.item(), rel=1e-6)
     a, p, n = ({k: torch.randn(6, 8) for k in ("image", "text", "fused")} for _ in range(3))
-    from cliptune.evaluate import LossSettings
+    from cliptune.evaluation.evaluate import LossSettings
 
     values = triplet_values(a, p, n, LossSettings(margin=0.3, weights={"image": 2.0, "cross": 0.5}))
     objective = siamese_objective(a, p, n, {"image": 2.0, "cross": 0.5}, margin=0.3)
@@ -296,7 +296,7 @@ def test_prepare_catalogue_split_column(world: dict[str, Path], tmp_path: Path) 
 
 
 def test_loss_settings_use_the_learned_temperature(tmp_path: Path) -> None:
-    from cliptune.evaluate import loss_settings
+    from cliptune.evaluation.evaluate import loss_settings
 
     cfg = load_config(None, ["loss.learn_temperature=true", "loss.temperature=0.07", "train.batch_size=16"])
     torch.save({"logit_scale": torch.tensor(3.0)}, tmp_path / "loss_state.pt")

@@ -80,7 +80,7 @@ def test_nothing_loadable_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_tower_features_with_worker_processes(tmp_path: Path, images: list[Path]) -> None:
     # Decoding in DataLoader workers (a picklable loader, for "spawn" platforms) equals in-process decoding.
-    from cliptune.models.features import tower_features
+    from cliptune.models.embed import tower_features
 
     backbone = load_backbone(make_tiny_clip(tmp_path / "clip"))
     texts = ["a red square", "a blue square", "a green square"]

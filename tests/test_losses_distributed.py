@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cliptune.distributed import gather_with_grad, rank_and_world_size
 from cliptune.losses import InfoNCELoss, SigLIPLoss
+from cliptune.losses.distributed import gather_with_grad, rank_and_world_size
 
 WORLD = 2
 BATCH = 16

@@ -9,7 +9,7 @@ import torch
 import torchmetrics.functional.retrieval as tmr
 from torchmetrics.retrieval import RetrievalMAP, RetrievalMRR
 
-from cliptune.metrics import (
+from cliptune.ranking.metrics import (
     accuracy_at_k,
     average_precision,
     graded_gains,

@@ -16,8 +16,8 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from cliptune.bootstrap import bootstrap_ci
-from cliptune.commands.report import register
+from cliptune.cli.report import register
+from cliptune.ranking.bootstrap import bootstrap_ci
 from cliptune.report import ReportError, build_report, diagnose, load_run
 from cliptune.report.diagnostics import Finding
 

@@ -7,8 +7,13 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from cliptune.metrics import rank_items, ranks_of_relevant, retrieval_metrics, retrieval_metrics_from_ranks
-from cliptune.retrieval import first_relevant_rank, rank_chunked, relevant_ranks, topk_chunked, topk_faiss
+from cliptune.ranking.metrics import (
+    rank_items,
+    ranks_of_relevant,
+    retrieval_metrics,
+    retrieval_metrics_from_ranks,
+)
+from cliptune.ranking.topk import first_relevant_rank, rank_chunked, relevant_ranks, topk_chunked, topk_faiss
 
 
 def _random(q: int, n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

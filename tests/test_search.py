@@ -14,7 +14,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cliptune.commands.search import register
+from cliptune.cli.search import register
 from cliptune.config import Config
 from cliptune.data.catalogue import read_catalogue
 from cliptune.data.synthetic import render_fashion

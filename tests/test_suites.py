@@ -21,11 +21,11 @@ from typer.testing import CliRunner
 
 import cliptune.inference
 import cliptune.suites.run as suite_run
-from cliptune.commands.suite import register
+from cliptune.cli.test import register
 from cliptune.config import Config, save_config
 from cliptune.data.catalogue import read_catalogue
-from cliptune.data.synth_suite import write_fashion_suite
 from cliptune.data.synthetic import render_fashion
+from cliptune.data.synthetic.suite import write_fashion_suite
 from cliptune.inference import LoadedModel
 from cliptune.suites import (
     SuiteError,

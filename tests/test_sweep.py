@@ -22,7 +22,7 @@ import yaml
 from typer.testing import CliRunner
 
 import cliptune.sweep as sweep_module
-from cliptune.commands.sweep import register
+from cliptune.cli.sweep import register
 from cliptune.config import load_config
 from cliptune.data.synthetic import render_fashion
 from cliptune.sweep import SweepError, run_sweep

@@ -17,13 +17,13 @@ from accelerate import Accelerator
 from typer.testing import CliRunner
 
 import cliptune.train.run as run_module
-from cliptune.cli import app
+from cliptune.cli.app import app
 from cliptune.config import Config, TrainConfig
 from cliptune.data.synthetic import render_fashion
 from cliptune.train.loop import fit
 from cliptune.train.run import train
 from cliptune.train.state import TrainingError
-from cliptune.train.task import TaskBundle
+from cliptune.train.tasks.bundle import TaskBundle
 from tests.tiny_models import make_tiny_clip
 from tests.toy_task import make_bundle
 

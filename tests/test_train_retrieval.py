@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cliptune.cli import app
+from cliptune.cli.app import app
 from cliptune.data.synthetic import render_fashion
 from cliptune.models.backbone import load_backbone
 from tests.tiny_models import make_tiny_clip

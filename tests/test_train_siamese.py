@@ -9,11 +9,11 @@ import numpy as np
 import yaml
 from typer.testing import CliRunner
 
-from cliptune.cli import app
+from cliptune.cli.app import app
 from cliptune.config import DataConfig
 from cliptune.data.prepare import prepare_data
 from cliptune.data.synthetic import render_art
-from cliptune.train.siamese import make_triplets
+from cliptune.train.tasks.siamese import make_triplets
 
 runner = CliRunner()
 

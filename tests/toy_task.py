@@ -18,7 +18,7 @@ from torch import nn
 
 from cliptune.config import TrainConfig
 from cliptune.train.loop import fit
-from cliptune.train.task import TaskBundle
+from cliptune.train.tasks.bundle import TaskBundle
 
 
 class ToyModel(nn.Module):

@@ -1,6 +1,6 @@
 """`python -m cliptune` (also what `accelerate launch -m cliptune` runs)."""
 
-from cliptune.cli import main
+from cliptune.cli.app import main
 
 if __name__ == "__main__":
     main()

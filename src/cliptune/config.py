@@ -22,7 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cliptune.atomic import write_text_atomic
+from cliptune.rundir import write_text_atomic
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "apply_overrides", "config_markdown"]
 

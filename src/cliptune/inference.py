@@ -19,7 +19,7 @@ from cliptune.data.catalogue import Catalogue
 from cliptune.data.images import load_image
 from cliptune.models.backbone import Backbone, BackboneError, load_backbone
 from cliptune.models.cache import FeatureCache, embed_images, embed_texts
-from cliptune.models.features import default_cache_dir
+from cliptune.models.embed import default_cache_dir
 from cliptune.models.siamese import SiameseHead
 
 __all__ = [

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cliptune.atomic import write_text_atomic
+from cliptune.rundir import write_text_atomic
 
 __all__ = ["assign_rows", "group_ids", "load_splits", "make_splits", "save_splits"]
 

@@ -5,7 +5,7 @@ See docs/losses.md for formulas, shapes, when to choose which loss, and the dist
 
 from cliptune.losses.distances import DISTANCES
 from cliptune.losses.info_nce import InfoNCELoss, info_nce
-from cliptune.losses.metric import ContrastiveLoss, TripletLoss, contrastive, triplet_margin
+from cliptune.losses.margin import ContrastiveLoss, TripletLoss, contrastive, triplet_margin
 from cliptune.losses.registry import LOSSES, make_loss
 from cliptune.losses.siamese import SiameseLoss, siamese_objective
 from cliptune.losses.siglip import SigLIPLoss, siglip

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.distributed import gather_with_grad, rank_and_world_size
 from cliptune.losses._checks import check_same_batch
+from cliptune.losses.distributed import gather_with_grad, rank_and_world_size
 
 __all__ = ["InfoNCELoss", "info_nce"]
 
@@ -75,7 +75,7 @@ class InfoNCELoss(nn.Module):
     still pull it back down. A fixed temperature is used as given.
 
     With ``gather=True`` and several processes, each process scores its local rows against the
-    embeddings of the whole global batch (see :mod:`cliptune.distributed`): the mean of the losses over
+    embeddings of the whole global batch (see :mod:`cliptune.losses.distributed`): the mean of the losses over
     processes equals the single-process full-batch loss, and so do the DDP-averaged gradients.
 
     Call: ``forward(image_emb, text_emb)`` with (B, D) tensors, row i of each a positive pair.

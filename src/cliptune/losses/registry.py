@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from cliptune.losses.info_nce import InfoNCELoss
-from cliptune.losses.metric import ContrastiveLoss, TripletLoss
+from cliptune.losses.margin import ContrastiveLoss, TripletLoss
 from cliptune.losses.siamese import SiameseLoss
 from cliptune.losses.siglip import SigLIPLoss
 

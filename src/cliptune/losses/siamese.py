@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cliptune.losses.distances import get_distance
-from cliptune.losses.metric import triplet_margin
+from cliptune.losses.margin import triplet_margin
 
 __all__ = ["DEFAULT_SIAMESE_WEIGHTS", "SiameseLoss", "siamese_objective"]
 

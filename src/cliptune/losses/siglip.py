@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.distributed import gather_with_grad, rank_and_world_size
 from cliptune.losses._checks import check_same_batch
+from cliptune.losses.distributed import gather_with_grad, rank_and_world_size
 
 __all__ = ["SigLIPLoss", "siglip"]
 
@@ -76,7 +76,7 @@ class SigLIPLoss(nn.Module):
     The multiplier used is ``exp(logit_scale)``; the defaults are SigLIP's initialisation
     (scale 10, bias -10). With ``gather=True`` and several processes, each process scores its local
     images against the texts of the whole global batch, dividing by its local row count, so the mean of
-    the losses over processes is the full-batch loss (see :mod:`cliptune.distributed`).
+    the losses over processes is the full-batch loss (see :mod:`cliptune.losses.distributed`).
 
     Call: ``forward(image_emb, text_emb)`` with (B, D) tensors, row i of each a positive pair.
     Returns ``{"loss", "scale", "bias"}``: ``scale`` and ``bias`` are the values used, detached,

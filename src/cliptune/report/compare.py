@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cliptune.bootstrap import Interval, paired_bootstrap_delta, verdict
+from cliptune.ranking.bootstrap import Interval, paired_bootstrap_delta, verdict
 from cliptune.report.build import interval_text, resolver_for
 from cliptune.report.document import Cell, Document, Grid, Paragraph, Section, Table
 from cliptune.report.grids import query_rows

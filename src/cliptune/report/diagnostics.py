@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cliptune.bootstrap import Interval, paired_bootstrap_delta, verdict
+from cliptune.ranking.bootstrap import Interval, paired_bootstrap_delta, verdict
 from cliptune.report.rundata import RunData, watched_metric
 
 __all__ = ["Finding", "diagnose"]

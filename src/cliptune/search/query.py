@@ -7,7 +7,7 @@ a broader one (or none) runs FAISS's flat search with an ``IDSelectorBitmap``, s
 selected items. Results follow the ranking rule of docs/metrics.md: score descending, ties by the lower
 item number. FAISS orders tied scores arbitrarily, so it is asked for k + 16 candidates, re-sorted by
 (score desc, number asc), and a query whose k-th score still ties its last candidate is recomputed
-exactly on the selected vectors (as ``cliptune.retrieval.topk_faiss`` does).
+exactly on the selected vectors (as ``cliptune.ranking.topk.topk_faiss`` does).
 
 Example:
     >>> index, model = load_index("indexes/fashion"), load_model("runs/ft")  # doctest: +SKIP

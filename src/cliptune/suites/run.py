@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from cliptune.bootstrap import Interval, bootstrap_ci
 from cliptune.data.catalogue import Catalogue
 from cliptune.inference import LoadedModel, embed_images_with, embed_texts_with
+from cliptune.ranking.bootstrap import Interval, bootstrap_ci
 from cliptune.suites.resolve import ResolvedQuery, ResolvedSuite, resolve_suite
 from cliptune.suites.schema import Suite
 from cliptune.suites.scoring import METRICS, gate_failures, metric_key, query_metrics

@@ -19,7 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from cliptune.metrics import graded_gains, ranks_of_relevant, red_flag_rate_at_k, retrieval_metrics_from_ranks
+from cliptune.ranking.metrics import (
+    graded_gains,
+    ranks_of_relevant,
+    red_flag_rate_at_k,
+    retrieval_metrics_from_ranks,
+)
 from cliptune.suites.schema import Thresholds
 
 __all__ = ["METRICS", "gate_failures", "metric_key", "query_metrics"]

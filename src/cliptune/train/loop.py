@@ -2,7 +2,7 @@
 
 Per epoch: batches -> forward -> backward -> clip -> step -> zero -> log; then validate -> schedule ->
 early-stop -> checkpoint. Everything else (which data, which loss terms, which metrics, saving the model)
-comes from the :class:`~cliptune.train.task.TaskBundle`; devices, mixed precision, accumulation and
+comes from the :class:`~cliptune.train.tasks.bundle.TaskBundle`; devices, mixed precision, accumulation and
 distribution come from Accelerate.
 
 Failures say what to change: a non-finite loss names the step and the last good checkpoint (or is
@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 
 from cliptune.config import TrainConfig
-from cliptune.train.data import batches_per_epoch, epoch_batches
+from cliptune.train.batches import batches_per_epoch, epoch_batches
 from cliptune.train.early_stopping import EarlyStopping
 from cliptune.train.optim import current_lr, make_optimizer, make_scheduler
 from cliptune.train.progress import EpochProgress
@@ -40,7 +40,7 @@ from cliptune.train.state import (
     save_loop_checkpoint,
     stop_on_signals,
 )  # fmt: skip
-from cliptune.train.task import TaskBundle
+from cliptune.train.tasks.bundle import TaskBundle
 from cliptune.train.trackers import tracker_sink
 
 __all__ = ["fit"]

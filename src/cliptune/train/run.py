@@ -17,16 +17,16 @@ from accelerate.utils import set_seed
 from rich.console import Console
 
 from cliptune import __version__
-from cliptune.atomic import write_text_atomic
 from cliptune.config import Config, load_config, save_config
 from cliptune.data.images import ImageLoadError
 from cliptune.data.prepare import prepare_data
 from cliptune.models.backbone import load_backbone
 from cliptune.models.freeze import LoraSpec, count_parameters
+from cliptune.rundir import write_text_atomic
 from cliptune.train.loop import fit
 from cliptune.train.optim import count_lr_reductions
 from cliptune.train.state import TrainingError
-from cliptune.train.task import TaskBundle
+from cliptune.train.tasks.bundle import TaskBundle
 from cliptune.train.trackers import check_trackers, start_trackers, tracker_options
 
 __all__ = ["train", "resolve_precision"]
@@ -61,11 +61,11 @@ def _build_task(cfg: Config, run_dir: Path, accelerator: Accelerator, quiet: boo
             if hasattr(body, "gradient_checkpointing_enable"):
                 body.gradient_checkpointing_enable()
     if cfg.train.task == "siamese":
-        from cliptune.train.siamese import build_siamese
+        from cliptune.train.tasks.siamese import build_siamese
 
         bundle = build_siamese(cfg, data, backbone, accelerator, progress=not quiet)
     else:
-        from cliptune.train.retrieval import build_retrieval
+        from cliptune.train.tasks.retrieval import build_retrieval
 
         bundle = build_retrieval(cfg, data, backbone, accelerator, progress=not quiet)
     trainable, total = count_parameters(bundle.model)

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from cliptune.atomic import write_text_atomic
 from cliptune.config import TrainConfig
+from cliptune.rundir import write_text_atomic
 from cliptune.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,

@@ -22,11 +22,11 @@ from cliptune.config import Config
 from cliptune.data.prepare import PreparedData
 from cliptune.data.splits import group_ids
 from cliptune.losses import SiameseLoss
-from cliptune.metrics import triplet_accuracy
 from cliptune.models.backbone import Backbone
 from cliptune.models.siamese import SiameseHead
-from cliptune.train.retrieval import cached_features
-from cliptune.train.task import TaskBundle
+from cliptune.ranking.metrics import triplet_accuracy
+from cliptune.train.tasks.bundle import TaskBundle
+from cliptune.train.tasks.retrieval import cached_features
 
 __all__ = ["SiameseModel", "build_siamese", "make_triplets"]
 

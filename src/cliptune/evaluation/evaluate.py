@@ -11,7 +11,7 @@ What is ranked (see ``docs/evaluation.md``):
 * **i2t**: each unique image of the split is a query over the split's caption rows;
 * relevant: a caption's images / an image's captions of the same group (``relevant="group"``) or of the
   same image file only (``"item"``);
-* ranks are exact over the full ranking (:func:`cliptune.retrieval.rank_chunked`, bounded memory), so
+* ranks are exact over the full ranking (:func:`cliptune.ranking.topk.rank_chunked`, bounded memory), so
   MRR and MAP are exact at any scale;
 * ``loss``: symmetric InfoNCE per pair within batches of the split's pairs (dual encoders), or the
   Siamese objective per triplet (Siamese runs); absent for a bare model (no temperature to use);
@@ -39,8 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cliptune.atomic import write_text_atomic
-from cliptune.bootstrap import bootstrap_metrics
 from cliptune.config import Config, DataConfig, load_config
 from cliptune.data.catalogue import CatalogueError, read_catalogue
 from cliptune.data.check import check_catalogue
@@ -49,8 +47,10 @@ from cliptune.data.splits import group_ids
 from cliptune.inference import LoadedModel, catalogue_paths, embed_images_with, embed_texts_with, load_model
 from cliptune.losses.distances import get_distance
 from cliptune.losses.siamese import DEFAULT_SIAMESE_WEIGHTS
-from cliptune.metrics import retrieval_metrics_from_ranks, triplet_accuracy
-from cliptune.retrieval import rank_chunked
+from cliptune.ranking.bootstrap import bootstrap_metrics
+from cliptune.ranking.metrics import retrieval_metrics_from_ranks, triplet_accuracy
+from cliptune.ranking.topk import rank_chunked
+from cliptune.rundir import write_text_atomic
 
 __all__ = [
     "EvalError",
@@ -85,7 +85,7 @@ class LossSettings:
         margin: Siamese objective's triplet margin.
         distance: Siamese objective's distance (``cosine`` or ``euclidean``).
         weights: Siamese objective's term weights (image, text, fused, cross).
-        triplet_seed: Seed of the negative draws of :func:`cliptune.train.siamese.make_triplets` (the run's
+        triplet_seed: Seed of the negative draws of :func:`cliptune.train.tasks.siamese.make_triplets` (the run's
             ``data.split.seed``, so eval sees the training triplets of the split).
         source: Where the settings came from, written to the JSON (``config``, ``learned`` or ``none``).
     """
@@ -373,7 +373,7 @@ def _head_outputs(
     model: LoadedModel, data: PreparedData, rows: np.ndarray, **embed: Any
 ) -> dict[str, Tensor]:
     """The Siamese head's image / text / fused embeddings of catalogue rows, image and text jointly."""
-    from cliptune.models.features import tower_features
+    from cliptune.models.embed import tower_features
 
     assert model.head is not None
     backbone = model.backbone
@@ -429,7 +429,7 @@ def triplet_values(
 def _triplet_section(
     model: LoadedModel, data: PreparedData, split: str, group_column: str, loss: LossSettings, **embed: Any
 ) -> tuple[dict[str, Tensor], list[str]] | None:
-    from cliptune.train.siamese import make_triplets
+    from cliptune.train.tasks.siamese import make_triplets
 
     has_explicit = data.check.good_triplets is not None and len(data.check.good_triplets) > 0
     if model.head is None or not (has_explicit or group_column in data.rows.columns):

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.random import PCG64, Generator
 from PIL import Image, ImageDraw
 
-from cliptune.data.synth_common import (
+from cliptune.data.synthetic.common import (
     clear_stale_images,
     make_contact_sheet,
     progress_iter,

@@ -1,7 +1,7 @@
 """Entry point for the embedded demo catalogues: a name -> renderer registry and `render_catalogue`.
 
-The renderers live in `synth_fashion.py` (product photos with visible attributes, incl. rips) and
-`synth_art.py` (abstract originals, their derivatives, triplets). See docs/synthetic.md.
+The renderers live in `fashion.py` (product photos with visible attributes, incl. rips) and
+`art.py` (abstract originals, their derivatives, triplets). See docs/synthetic.md.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from cliptune.data.synth_art import render_art
-from cliptune.data.synth_fashion import render_fashion
+from cliptune.data.synthetic.art import render_art
+from cliptune.data.synthetic.fashion import render_fashion
 
 __all__ = ["CATALOGUES", "render_art", "render_catalogue", "render_fashion"]
 

@@ -20,12 +20,12 @@ from cliptune.config import Config
 from cliptune.data.images import load_image
 from cliptune.data.prepare import PreparedData
 from cliptune.data.splits import group_ids
+from cliptune.evaluation.validation import retrieval_validation
 from cliptune.losses import make_loss
 from cliptune.models.backbone import Backbone
-from cliptune.models.features import tower_features
-from cliptune.train.data import shard_indices
-from cliptune.train.task import TaskBundle
-from cliptune.train.validation import retrieval_validation
+from cliptune.models.embed import tower_features
+from cliptune.train.batches import shard_indices
+from cliptune.train.tasks.bundle import TaskBundle
 
 __all__ = ["RetrievalModel", "build_retrieval", "loss_kwargs"]
 

@@ -21,7 +21,7 @@ import numpy as np
 from numpy.random import PCG64, Generator
 from PIL import Image, ImageDraw
 
-from cliptune.data.synth_common import (
+from cliptune.data.synthetic.common import (
     clear_stale_images,
     make_contact_sheet,
     progress_iter,
@@ -656,7 +656,7 @@ def render_fashion(out: Path, n: int = 1500, seed: int = 0, size: int = 160, pro
     write_csv(out / "metadata.csv", FASHION_COLUMNS, rows)
     sheet = [(r[0], f"{r[4]} {r[5]}" + (" RIPS" if r[7] == "true" else ""), f"{r[6]} {r[8]}") for r in rows]
     make_contact_sheet(out, sheet, out / "contact_sheet.png")
-    from cliptune.data.synth_suite import write_fashion_suite  # reads metadata.csv back: no import cycle
+    from cliptune.data.synthetic.suite import write_fashion_suite  # reads metadata.csv back: no import cycle
 
     write_fashion_suite(out)
     return out

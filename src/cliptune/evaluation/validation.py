@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from cliptune.metrics import retrieval_metrics
+from cliptune.ranking.metrics import retrieval_metrics
 
 __all__ = ["retrieval_validation", "pair_relevance"]
 

@@ -238,13 +238,13 @@ def train_cmd(
 
 
 def _register_commands() -> None:
-    """Commands that live in cliptune.commands (one module per topic), in --help order."""
-    from cliptune.commands import demo as demo_cmd
-    from cliptune.commands import eval as eval_cmd
-    from cliptune.commands import report as report_cmd
-    from cliptune.commands import search as search_cmd
-    from cliptune.commands import suite as suite_cmd
-    from cliptune.commands import sweep as sweep_cmd
+    """Commands that live in cliptune.cli (one module per command), in --help order."""
+    from cliptune.cli import demo as demo_cmd
+    from cliptune.cli import eval as eval_cmd
+    from cliptune.cli import report as report_cmd
+    from cliptune.cli import search as search_cmd
+    from cliptune.cli import sweep as sweep_cmd
+    from cliptune.cli import test as suite_cmd
 
     for module in (demo_cmd, eval_cmd, suite_cmd, report_cmd, sweep_cmd, search_cmd):
         module.register(app)

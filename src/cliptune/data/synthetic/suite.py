@@ -330,7 +330,7 @@ def write_fashion_suite(catalogue_dir: Path) -> Path:
     suite, skipped = fashion_suite(catalogue_dir)
     n_queries = sum(len(c["queries"]) for c in suite["categories"].values())
     header = [
-        "Behavioural suite of the synthetic fashion catalogue, written by cliptune.data.synth_suite from",
+        "Behavioural suite of the synthetic fashion catalogue, written by cliptune.data.synthetic.suite from",
         f"metadata.csv ({n_rows} photos, {len(photos)} attribute combinations, {n_queries} queries).",
         "Run it: cliptune test RUN --suite suite.yaml. Format and metric definitions: docs/suites.md.",
         "Fixed queries left out (no relevant image in this catalogue): " + ("; ".join(skipped) or "none"),

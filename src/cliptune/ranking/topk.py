@@ -1,7 +1,7 @@
 """Exact top-k retrieval and exact ranks in bounded memory: chunked torch, or FAISS ``IndexFlatIP``.
 
 Scores are inner products ``queries @ items.T`` (normalise the embeddings first for cosine). The
-ranking rule is the one of :mod:`cliptune.metrics`: score descending, ties by LOWER item index first,
+ranking rule is the one of :mod:`cliptune.ranking.metrics`: score descending, ties by LOWER item index first,
 so every path here returns the same lists as ``rank_items`` on the full matrix, just without ever
 holding the (Q, N) matrix: scores are computed one (query chunk x item chunk) block at a time.
 
@@ -287,7 +287,7 @@ def relevant_ranks(
 ) -> torch.Tensor:
     """Exact 1-based rank of each relevant item in its query's full ranking, without a (Q, N) matrix.
 
-    Feed the result to :func:`cliptune.metrics.retrieval_metrics_from_ranks` for every metric, MRR and
+    Feed the result to :func:`cliptune.ranking.metrics.retrieval_metrics_from_ranks` for every metric, MRR and
     MAP over the full ranking included. The same works for red-flag ids (red rate@k = precision@k).
 
     Args:

@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
             cliptune demo
             cliptune demo --out /tmp/demo --fast
         """
-        from cliptune.demo import demo_steps, write_demo_configs
+        from cliptune.cli.demo_steps import demo_steps, write_demo_configs
 
         write_demo_configs(out, fast=fast)
         timings = []

@@ -4,11 +4,11 @@ Every metric here is a function of *where the relevant items land* in a query's 
 module has one core representation: ``ranks`` (Q, R), the 1-based rank of each relevant item in the
 full ranking (0 marks padding), with optional ``gains`` (Q, R) for graded relevance. The dense API
 (``recall_at_k(scores, relevance, k)`` ...) turns a (Q, N) score matrix into that representation; the
-chunked and FAISS paths in :mod:`cliptune.retrieval` produce it without ever holding (Q, N), and
+chunked and FAISS paths in :mod:`cliptune.ranking.topk` produce it without ever holding (Q, N), and
 :func:`retrieval_metrics_from_ranks` gives exactly the same numbers from it.
 
 Ranking rule: by score descending, ties broken by the LOWER item index first. It is deterministic and
-matches :func:`cliptune.retrieval.topk_chunked`. Definitions are in ``docs/metrics.md``.
+matches :func:`cliptune.ranking.topk.topk_chunked`. Definitions are in ``docs/metrics.md``.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def rank_items(scores: torch.Tensor) -> torch.Tensor:
     """1-based rank of every item for every query: score descending, ties by lower item index first.
 
     The tie rule makes rankings (and so every metric) deterministic; it is the rule used by
-    :mod:`cliptune.retrieval` too, so dense and chunked paths agree exactly.
+    :mod:`cliptune.ranking.topk` too, so dense and chunked paths agree exactly.
 
     Args:
         scores: similarity of query q to item n; higher is better. NaN is rejected.
@@ -491,7 +491,7 @@ def retrieval_metrics_from_ranks(
 ) -> dict[str, torch.Tensor]:
     """Every ranking metric, per query, from the ranks of each query's relevant items.
 
-    This is what the chunked / FAISS paths use (:func:`cliptune.retrieval.relevant_ranks` gives the
+    This is what the chunked / FAISS paths use (:func:`cliptune.ranking.topk.relevant_ranks` gives the
     ranks without a (Q, N) matrix); the numbers equal :func:`retrieval_metrics` on the dense matrix.
 
     Args:

@@ -1,1 +1,0 @@
-"""CLI-layer command modules; each exposes register(app), wired in cliptune.cli."""
