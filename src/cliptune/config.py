@@ -22,6 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cliptune.errors import CliptuneError
 from cliptune.rundir import write_text_atomic
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "apply_overrides", "config_markdown"]
@@ -314,7 +315,7 @@ class Config(_Section):
     )
 
 
-class ConfigError(ValueError):
+class ConfigError(CliptuneError, ValueError):
     """An invalid configuration: ``errors`` holds one ``"field.path: reason"`` line per problem."""
 
     def __init__(self, errors: list[str], source: str | None = None) -> None:

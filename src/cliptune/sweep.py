@@ -33,6 +33,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from cliptune.config import Config, ConfigError, SweepParam, dump_config, load_config, save_config
+from cliptune.errors import CliptuneError
 from cliptune.train.run import train
 from cliptune.train.state import TrainingError
 
@@ -46,7 +47,7 @@ _STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "RUNNING": 3, "WAITING": 
 _NOT_COMPARED = ("name", "sweep.trials", "sweep.storage")  # may change when a sweep is resumed
 
 
-class SweepError(RuntimeError):
+class SweepError(CliptuneError, RuntimeError):
     """The sweep itself cannot run (not one trial): no name, empty space, another study's config, ..."""
 
 

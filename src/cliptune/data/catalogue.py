@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from cliptune.errors import CliptuneError
+
 __all__ = ["Catalogue", "CatalogueError", "read_catalogue", "METADATA_NAMES", "TRIPLET_NAMES"]
 
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
@@ -34,7 +36,7 @@ _TEXT_COLUMNS = {"file_name": str, "text": str, "group": str, "split": str, "anc
 _TEXT_COLUMNS |= {"negative": str, "anchor_text": str, "positive_text": str, "negative_text": str}
 
 
-class CatalogueError(ValueError):
+class CatalogueError(CliptuneError, ValueError):
     """A problem with the catalogue as a whole (no metadata file, a missing column, a syntax error)."""
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cliptune.errors import CliptuneError
+
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "load_image", "probe_image"]
 
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -30,7 +32,7 @@ _WHITE = (255, 255, 255)
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-class ImageLoadError(Exception):
+class ImageLoadError(CliptuneError):
     """An image that cannot be used, with the file and a short human reason.
 
     Args:

@@ -44,6 +44,7 @@ from cliptune.data.catalogue import CatalogueError, read_catalogue
 from cliptune.data.check import check_catalogue
 from cliptune.data.prepare import PreparedData, prepare_data
 from cliptune.data.splits import group_ids
+from cliptune.errors import CliptuneError
 from cliptune.inference import LoadedModel, catalogue_paths, embed_images_with, embed_texts_with, load_model
 from cliptune.losses.distances import get_distance
 from cliptune.losses.siamese import DEFAULT_SIAMESE_WEIGHTS
@@ -70,7 +71,7 @@ Relevant = Literal["group", "item"]
 ALL_SPLIT = "all"  # split name of a catalogue evaluated whole (bare model, no `split` column)
 
 
-class EvalError(ValueError):
+class EvalError(CliptuneError, ValueError):
     """An evaluation that cannot run as asked (unknown split, empty split, inconsistent inputs)."""
 
 

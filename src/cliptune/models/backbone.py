@@ -31,6 +31,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from cliptune.errors import CliptuneError
+
 if TYPE_CHECKING:
     from cliptune.models.freeze import LoraSpec
 
@@ -41,7 +43,7 @@ STATE_FILE = "cliptune_state.safetensors"
 FORMAT_VERSION = 1
 
 
-class BackboneError(ValueError):
+class BackboneError(CliptuneError, ValueError):
     """A backbone cannot be loaded, configured or saved; the message names the spec and reason."""
 
 

@@ -15,10 +15,12 @@ from typing import Any
 
 import yaml
 
+from cliptune.errors import CliptuneError
+
 __all__ = ["ReportError", "RunData", "load_run", "watched_metric"]
 
 
-class ReportError(ValueError):
+class ReportError(CliptuneError, ValueError):
     """A run directory cannot be reported on; the message names the file and the reason."""
 
 

@@ -37,6 +37,7 @@ import pandas as pd
 
 from cliptune.data.catalogue import Catalogue
 from cliptune.data.check import check_catalogue
+from cliptune.errors import CliptuneError
 from cliptune.inference import LoadedModel, embed_images_with
 
 __all__ = ["SearchIndex", "SearchIndexError", "build_index", "load_index"]
@@ -48,7 +49,7 @@ MANIFEST, FAISS_FILE, ITEMS_FILE = "index.json", "index.faiss", "items.jsonl"
 AttrValue = str | int | float | bool | None | list[Any]
 
 
-class SearchIndexError(ValueError):
+class SearchIndexError(CliptuneError, ValueError):
     """A problem building, loading or querying an index; the message names the folder and the reason."""
 
 

@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 
+from cliptune.errors import CliptuneError
 from cliptune.suites.selectors import SELECTOR_JSON_SCHEMA, check_selector_shape
 
 __all__ = [
@@ -44,7 +45,7 @@ _SELECTOR_FIELDS = ("relevant", "yellow", "red")
 Selector = Annotated[Any, WithJsonSchema(SELECTOR_JSON_SCHEMA)]
 
 
-class SuiteError(ValueError):
+class SuiteError(CliptuneError, ValueError):
     """An invalid suite: ``errors`` holds one ``"location: reason"`` line per problem."""
 
     def __init__(self, errors: list[str], source: str | None = None) -> None:

@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from cliptune.config import TrainConfig
+from cliptune.errors import CliptuneError
 from cliptune.rundir import write_text_atomic
 from cliptune.train.checkpoint import (
     latest_checkpoint,
@@ -39,7 +40,7 @@ __all__ = [
 ]  # fmt: skip
 
 
-class TrainingError(RuntimeError):
+class TrainingError(CliptuneError, RuntimeError):
     """Training cannot go on; the message says why and what to change."""
 
 
