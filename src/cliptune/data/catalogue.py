@@ -15,8 +15,10 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -145,6 +147,7 @@ def _find_one(root: Path, names: tuple[str, ...], required: bool) -> Path | None
 
 
 def _read_table(path: Path) -> pd.DataFrame:
+    numbers: Sequence[int]
     try:
         if path.suffix == ".csv":
             table = pd.read_csv(path, dtype=_TEXT_COLUMNS, keep_default_na=False, na_values=[""])
@@ -160,13 +163,14 @@ def _read_table(path: Path) -> pd.DataFrame:
         raise CatalogueError(f"{path}: cannot be read ({exc})") from exc
     if "row" in table.columns:
         raise CatalogueError(f"{path}: column 'row' is reserved for the row number; rename it")
-    table = table.reset_index(drop=True)
-    table.insert(0, "row", pd.Series(list(numbers), dtype="int64"))
-    return table
+    numbered: pd.DataFrame = table.reset_index(drop=True)  # annotated: see _read_jsonl
+    numbered.insert(0, "row", pd.Series(list(numbers), dtype="int64"))
+    return numbered
 
 
 def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[int]]:
-    records, numbers = [], []
+    records: list[dict[str, Any]] = []
+    numbers: list[int] = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -181,7 +185,9 @@ def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[int]]:
                 )
             records.append(record)
             numbers.append(number)
-    return pd.DataFrame.from_records(records) if records else pd.DataFrame(), numbers
+    # Annotated: pandas-stubs returns typing.Self here, which is Any for mypy's python_version 3.10.
+    table: pd.DataFrame = pd.DataFrame.from_records(records) if records else pd.DataFrame()
+    return table, numbers
 
 
 def _image_root(root: Path) -> Path:
@@ -194,4 +200,5 @@ def _image_root(root: Path) -> Path:
         raise CatalogueError(f"{pointer}: cannot be read ({exc})") from exc
     if not isinstance(info, dict) or not isinstance(info.get("image_root"), str):
         raise CatalogueError(f'{pointer}: expected {{"image_root": "<folder>"}}')
-    return root / info["image_root"]  # an absolute image_root replaces root
+    image_root: str = info["image_root"]
+    return root / image_root  # an absolute image_root replaces root

@@ -65,7 +65,8 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     Raises:
         ImageLoadError: missing, empty, not an image, too large, truncated or corrupt.
     """
-    with _open_checked(path, max_pixels) as img:
+    img = _open_checked(path, max_pixels)
+    with img:
         _decode(img, path)
         try:
             return _to_rgb(ImageOps.exif_transpose(img))
@@ -89,7 +90,8 @@ def probe_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, 
     Raises:
         ImageLoadError: exactly when :func:`load_image` would.
     """
-    with _open_checked(path, max_pixels) as img:
+    img = _open_checked(path, max_pixels)
+    with img:
         size = img.size
         if img.format == "JPEG":
             img.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))

@@ -52,11 +52,15 @@ def group_ids(rows: pd.DataFrame, group_column: str = "group") -> pd.Series:
     Returns:
         A string Series aligned with ``rows``.
     """
+    # Annotated: pandas-stubs types Series.rename/where as returning typing.Self, which is Any for
+    # mypy's python_version 3.10 (the stubs import Self from typing, new in 3.11).
     names = rows["file_name"].map(_as_id)
     if group_column not in rows.columns:
-        return names.rename("group_id")
+        only_names: pd.Series = names.rename("group_id")
+        return only_names
     groups = rows[group_column].map(_as_id)
-    return groups.where(groups.notna(), names).rename("group_id")
+    ids: pd.Series = groups.where(groups.notna(), names).rename("group_id")
+    return ids
 
 
 def make_splits(
@@ -143,9 +147,10 @@ def assign_rows(
     labels = gids.map(split_of)
     if labels.isna().any():
         at = labels.index[labels.isna()][0]
-        where = f"row {rows.at[at, 'row']}" if "row" in rows.columns else f"index {at}"
+        where = f"row {rows.at[at, 'row']!s}" if "row" in rows.columns else f"index {at}"
         raise ValueError(f"{where}: group '{gids[at]}' is in no split; were the splits made from these rows?")
-    return labels.rename("split")
+    named: pd.Series = labels.rename("split")  # annotated: see group_ids
+    return named
 
 
 def save_splits(splits: Mapping[str, list[str]], path: Path) -> Path:

@@ -7,6 +7,8 @@ marked with their flags.
 
 from __future__ import annotations
 
+from typing import Any
+
 from cliptune.report.document import FLAG_MARKS, Cell, Document, Findings, Grid, Paragraph, Plot, Table
 
 __all__ = ["render_markdown"]
@@ -53,7 +55,7 @@ def _block(block: object) -> list[str]:
     raise TypeError(f"render_markdown: cannot render a {type(block).__name__}")
 
 
-def _numbers(numbers: dict) -> str:
+def _numbers(numbers: dict[str, Any]) -> str:
     def fmt(v: object) -> str:
         if isinstance(v, float):
             return f"{v:.6g}"

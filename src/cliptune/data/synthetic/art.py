@@ -243,7 +243,7 @@ def _derive(
     if transform == "crop":
         side = float(rng.uniform(0.55, 0.75))
         x0, y0 = (float(v) for v in rng.uniform(0.0, 1.0 - side, size=2))
-        box = tuple(round(v * size) for v in (x0, y0, x0 + side, y0 + side))
+        box = (round(x0 * size), round(y0 * size), round((x0 + side) * size), round((y0 + side) * size))
         image = original.crop(box).resize((size, size), Image.Resampling.BICUBIC)
         kept = tuple(
             s

@@ -16,8 +16,10 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from numpy.random import PCG64, Generator
 from PIL import Image, ImageDraw
 
@@ -430,8 +432,8 @@ def _product_layer(p: FashionProduct, size: int) -> Image.Image:
     # Soft cylindrical shading so the garment reads as cloth, not a flat sticker.
     arr = np.asarray(fabric, dtype=np.float32)  # (g, g, 3)
     xs = np.abs(np.arange(g, dtype=np.float32) / g - 0.5) * 2.0  # (g,)
-    arr = arr * (1.0 - 0.18 * xs**2)[None, :, None]
-    fabric = Image.fromarray(np.rint(arr).astype(np.uint8), "RGB")
+    shaded = arr * (1.0 - 0.18 * xs**2)[None, :, None]
+    fabric = Image.fromarray(np.rint(shaded).astype(np.uint8), "RGB")
 
     draw = ImageDraw.Draw(fabric)
     _draw_details(draw, p, base, g)
@@ -453,6 +455,7 @@ def _background(rng: Generator, g: int, garment_rgb: _RGB) -> Image.Image:
     texture = int(rng.integers(4))
     ys = np.arange(g)[:, None]  # (g, 1)
     xs = np.arange(g)[None, :]  # (1, g)
+    shade: npt.NDArray[np.floating[Any]]  # float64 in three branches, float32 in the noise one
     if texture == 0:  # smooth studio gradient
         shade = 1.0 + 0.10 * (0.5 - ys / g) + 0 * xs
     elif texture == 1:  # coarse noise (paper, plaster)
