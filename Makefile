@@ -31,12 +31,17 @@ demo: install
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-test: $(TEST_STAMP) browser
+# A red lint fails the tests (as in CI): lint runs first, then pytest.
+test: lint browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
+# ruff on all Python; import contracts and strict mypy on the package (settings in pyproject.toml).
+# Their caches live in the venv, so `make clean` removes them and git never sees them.
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports --cache-dir $(VENV)/.import_linter_cache
+	$(VENV)/bin/mypy --cache-dir $(VENV)/.mypy_cache
 
 docs: install
 	$(VENV)/bin/cliptune config docs --out docs/config.md
