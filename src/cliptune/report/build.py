@@ -132,9 +132,7 @@ def _log_metrics_table(best: dict[str, Any], families: dict[str, list[str]]) -> 
         direction, name = key.removeprefix("val/").split("/", 1)
         cells.setdefault(name, {})[direction] = float(best[key])
     directions = [d for d in ("t2i", "i2t", "triplet") if any(d in v for v in cells.values())]
-    rows: list[list[str | Cell]] = [
-        [name, *(f"{v[d]:.4f}" if d in v else "" for d in directions)] for name, v in cells.items()
-    ]
+    rows = [[name, *(f"{v[d]:.4f}" if d in v else "" for d in directions)] for name, v in cells.items()]
     return Table(
         ["metric", *directions],
         rows,
@@ -146,9 +144,9 @@ def _loss_table(run: RunData) -> Table:
     last, first = run.epochs[-1], run.epochs[0]
     best = run.summary.get("best") or last
     terms = [k[4:] for k in last if k.startswith("val/") and "/" not in k[4:] and k != "val/temperature"]
-    rows: list[list[str | Cell]] = []
+    rows = []
     for t in terms:
-        row: list[str | Cell] = [t]
+        row = [t]
         for rec, split in ((first, "val"), (best, "train"), (best, "val"), (last, "train"), (last, "val")):
             v = rec.get(f"{split}/{t}")
             row.append(f"{v:.4g}" if isinstance(v, int | float) else "")
@@ -217,7 +215,7 @@ def _setup_section(run: RunData) -> Section:
         cfg.get("data", {}),
     )
     ratios = data.get("split", {}).get("ratios", {})
-    rows: list[list[str | Cell]] = [
+    rows = [
         ["task", run.task],
         ["backbone", str(model.get("backbone"))],
         ["trainable layers", str(model.get("trainable_layers"))],

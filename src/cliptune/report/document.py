@@ -6,6 +6,7 @@ image grids; :mod:`cliptune.report.html` and :mod:`cliptune.report.markdown` tur
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -36,8 +37,8 @@ class Cell:
 class Table:
     """A table; the first column is a label, the others are right-aligned values unless ``numeric`` is False."""
 
-    columns: list[str]
-    rows: list[list[str | Cell]]
+    columns: Sequence[str]
+    rows: Sequence[Sequence[str | Cell]]  # read-only: rows of plain text are rows too
     caption: str = ""
     numeric: bool = True
 
