@@ -277,9 +277,9 @@ def _check_triplets(catalogue: Catalogue, good: pd.DataFrame) -> tuple[pd.DataFr
         if problems:
             bad.append(i)
             anchor = _name_text(record.anchor)
-            rejected.append(
-                Rejection(anchor, int(record.row), "; ".join(problems), catalogue.triplets_path.name)
-            )
+            row = record.row
+            assert isinstance(row, int | np.integer)  # the int64 row number the catalogue reader adds
+            rejected.append(Rejection(anchor, int(row), "; ".join(problems), catalogue.triplets_path.name))
     return triplets[~np.isin(np.arange(len(triplets)), bad)], rejected
 
 

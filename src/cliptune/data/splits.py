@@ -103,7 +103,7 @@ def make_splits(
         rows[split_column].map(_as_id).to_numpy(dtype=object) if split_column in rows else None
     )
     table["stratum"] = rows[stratify].map(_as_id).fillna("").to_numpy(dtype=object) if stratify else ""
-    sizes: dict[str, int] = table["gid"].value_counts().to_dict()
+    sizes = {str(gid): int(n) for gid, n in table["gid"].value_counts().items()}  # gids are str already
 
     splits: dict[str, list[str]] = {name: [] for name in names}
     fixed = table.dropna(subset=["explicit"]).drop_duplicates(["gid", "explicit"])
