@@ -25,7 +25,7 @@ import cliptune.sweep as sweep_module
 from cliptune.cli.sweep import register
 from cliptune.config import load_config
 from cliptune.data.synthetic import render_fashion
-from cliptune.sweep import SweepError, run_sweep
+from cliptune.sweep import MissingSweepNameError, StudyConfigMismatchError, SweepError, run_sweep
 from tests.tiny_models import make_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_killed_sweep_resumes_from_its_storage(tmp_path: Path, assets: dict[str,
     cfg_path = _write_config(tmp_path / "sweep.yaml", assets, pruner="none")
     runs, driver = tmp_path / "runs", tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(_DRIVER))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
     proc = subprocess.run([sys.executable, str(driver), str(cfg_path), str(runs)], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -238,7 +238,7 @@ def test_sweep_level_errors_stop_before_or_at_the_first_trial(tmp_path: Path, mo
         run_sweep(load_config(None, ["name=a", "sweep.space={train.learning_rate: {type: float, low: 0.1, high: 1}}"]), runs_root=runs)  # fmt: skip
     with pytest.raises(SweepError, match="sweep.space is empty"):
         run_sweep(load_config(None, ["name=a"]), runs_root=runs)
-    with pytest.raises(SweepError, match="no name"):
+    with pytest.raises(MissingSweepNameError, match="no name"):
         run_sweep(load_config(_write_config(tmp_path / "s.yaml", None), ["name=null"]), runs_root=runs)
     # The objective must be logged: the message lists what is.
     cfg = load_config(_write_config(tmp_path / "s.yaml", None, objective="val/t2i/recall@5"))
@@ -250,8 +250,11 @@ def test_sweep_level_errors_stop_before_or_at_the_first_trial(tmp_path: Path, mo
     cfg = load_config(_write_config(tmp_path / "s.yaml", None), ["name=b"])
     run_sweep(cfg, runs_root=runs, trials=1)
     changed = load_config(_write_config(tmp_path / "s.yaml", None), ["name=b", "train.epochs=5"])
-    with pytest.raises(SweepError, match=r"another config \(train.epochs: 2 -> 5\)"):
+    with pytest.raises(SweepError, match=r"another config \(train.epochs: 2 -> 5\)") as info:
         run_sweep(changed, runs_root=runs, trials=2)
+    assert isinstance(info.value, StudyConfigMismatchError)
+    assert info.value.study == "b" and info.value.differences == {"train.epochs": (2, 5)}
+    assert "--name" not in str(info.value)
     assert load_config(runs / "b" / "sweep-config.yaml").train.epochs == 2  # the rejected one is not saved
     assert not list((runs / "b").glob(".sweep-config-*"))
     assert len(run_sweep(cfg, runs_root=runs, trials=2).trials) == 2  # the target may change

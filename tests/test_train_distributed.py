@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from cliptune.config import TrainConfig, load_config
 from cliptune.data.synthetic import render_fashion
+from cliptune.train.errors import LauncherMismatchError, TrainingError, WorldSizeMismatchError
 from cliptune.train.loop import fit
 from cliptune.train.run import _check_processes, train
-from cliptune.train.state import TrainingError
 from tests.tiny_models import make_tiny_clip
 from tests.toy_task import make_bundle
 
@@ -86,8 +86,12 @@ def test_launcher_and_accelerate_must_agree(monkeypatch: pytest.MonkeyPatch) -> 
     # e.g. `accelerate launch --cpu --num_processes 2` starts one process; a plain Accelerator() under
     # torchrun on CPU would see one: either way the run must not silently train N separate copies.
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(TrainingError, match=r"started 2 processes \(WORLD_SIZE\) but Accelerate sees 1"):
+    with pytest.raises(
+        TrainingError, match=r"started 2 processes \(WORLD_SIZE\) but Accelerate sees 1"
+    ) as info:
         _check_processes(SimpleNamespace(num_processes=1))
+    assert isinstance(info.value, LauncherMismatchError)
+    assert (info.value.launched, info.value.seen) == (2, 1)
     monkeypatch.setenv("WORLD_SIZE", "1")
     _check_processes(SimpleNamespace(num_processes=1))
 
@@ -99,5 +103,8 @@ def test_resume_with_another_process_count_is_refused(tmp_path: Path) -> None:
     state = json.loads(trainer.read_text())
     assert state["processes"] == 1
     trainer.write_text(json.dumps({**state, "processes": 2}))  # as if written by a 2-process run
-    with pytest.raises(TrainingError, match=r"run with 2 process\(es\); this resume has 1"):
+    with pytest.raises(TrainingError, match=r"run with 2 process\(es\); this resume has 1") as info:
         fit(make_bundle(), cfg.model_copy(update={"epochs": 2}), tmp_path, Accelerator(cpu=True), resume=True)
+    assert isinstance(info.value, WorldSizeMismatchError)
+    assert (info.value.saved, info.value.now) == (2, 1)
+    assert info.value.checkpoint == trainer.parent

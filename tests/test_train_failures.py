@@ -20,9 +20,15 @@ import cliptune.train.run as run_module
 from cliptune.cli.app import app
 from cliptune.config import Config, TrainConfig
 from cliptune.data.synthetic import render_fashion
+from cliptune.train.errors import (
+    MissingRunNameError,
+    NonFiniteLossError,
+    RunExistsError,
+    TrainingError,
+    TrainingOutOfMemoryError,
+)
 from cliptune.train.loop import fit
 from cliptune.train.run import train
-from cliptune.train.state import TrainingError
 from cliptune.train.tasks.bundle import TaskBundle
 from tests.tiny_models import make_tiny_clip
 from tests.toy_task import make_bundle
@@ -60,6 +66,7 @@ try:
     fit(bundle, cfg, run_dir, Accelerator(cpu=True), resume="--resume" in sys.argv, quiet=True)
 except KeyboardInterrupt as exc:
     print(exc, file=sys.stderr)
+    print(f"{type(exc).__name__} step={exc.step} run_dir={exc.run_dir} checkpoint={exc.checkpoint}", file=sys.stderr)
     sys.exit(130)
 """
 
@@ -95,8 +102,11 @@ def test_nan_loss_stops_naming_step_and_last_checkpoint(tmp_path: Path) -> None:
     pattern = (
         r"non-finite loss \(nan\) at step 15 \(epoch 2, batch 3\); last good checkpoint: .*step-00000012"
     )
-    with pytest.raises(TrainingError, match=pattern):
+    with pytest.raises(TrainingError, match=pattern) as info:
         fit(bundle, cfg, tmp_path, Accelerator(cpu=True), quiet=True)
+    assert isinstance(info.value, NonFiniteLossError)
+    assert (info.value.step, info.value.epoch, info.value.batch, info.value.max_bad_steps) == (15, 2, 3, 0)
+    assert info.value.last_checkpoint == tmp_path / "checkpoints" / "step-00000012"
 
 
 def test_nan_steps_are_skipped_up_to_max_bad_steps(tmp_path: Path) -> None:
@@ -132,12 +142,17 @@ def test_out_of_memory_names_the_settings_to_change(tmp_path: Path) -> None:
     assert "train.batch_size (now 16)" in message and "train.grad_accum (now 2)" in message
     assert "train.gradient_checkpointing: true" in message
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    assert isinstance(info.value, TrainingOutOfMemoryError)
+    assert (info.value.step, info.value.batch_size, info.value.grad_accum) == (2, 16, 2)
 
 
 def test_sigint_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     script = tmp_path / "toy_sigint.py"
     script.write_text(_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
+    }  # this checkout's code
     full, cut = tmp_path / "full", tmp_path / "cut"
     straight = subprocess.Popen([sys.executable, str(script), str(full), "0"], cwd=REPO, env=env)
     # Step 20 is in the middle of epoch 2 (12 batches per epoch).
@@ -150,12 +165,27 @@ def test_sigint_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path: Pa
     (cut / "go").touch()
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    assert "interrupted at step 20: checkpoint saved" in stderr and f"--resume {cut}" in stderr
+    assert "interrupted at step 20: checkpoint saved" in stderr
+    # The facts a caller needs to resume travel on the exception (the CLI turns them into a hint).
+    checkpoint = cut / "checkpoints" / "step-00000020"
+    assert f"TrainingInterrupted step=20 run_dir={cut} checkpoint={checkpoint}" in stderr
     assert (cut / "checkpoints" / "latest").read_text() == "step-00000020"
     assert straight.wait(timeout=120) == 0
     (cut / "ready").unlink()
     subprocess.run([sys.executable, str(script), str(cut), "0", "--resume"], cwd=REPO, env=env, check=True)
     assert (cut / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
+
+
+def test_a_new_run_needs_a_name_and_a_free_run_directory(tmp_path: Path) -> None:
+    with pytest.raises(MissingRunNameError, match="the run has no name"):
+        train(Config.model_validate({"name": None}), runs_root=tmp_path)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "metrics.jsonl").write_text("")
+    with pytest.raises(RunExistsError, match="already holds a run") as info:
+        train(Config.model_validate({"name": "x"}), runs_root=tmp_path)
+    assert info.value.run_dir == tmp_path / "x"
+    # Library messages state facts; the CLI phrases the hints (flags, commands).
+    assert "--" not in str(info.value) and "--" not in str(MissingRunNameError())
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from cliptune.config import EarlyStoppingConfig, PlateauConfig, TrainConfig
 from cliptune.train.checkpoint import latest_checkpoint
+from cliptune.train.errors import EmptyEpochError, NothingToResumeError, TrainingError, UnknownMetricError
 from cliptune.train.loop import fit
-from cliptune.train.state import TrainingError
 from tests.toy_task import make_bundle, run
 
 TOY = Path(__file__).with_name("toy_task.py")
@@ -66,14 +66,18 @@ def test_unknown_metric_is_named(tmp_path: Path) -> None:
     cfg = TrainConfig(
         epochs=1, batch_size=50, plateau=PlateauConfig(metric="val/recall"), early_stopping=None
     )
-    with pytest.raises(TrainingError, match="metric 'val/recall' is not logged; logged: val/loss"):
+    with pytest.raises(TrainingError, match="metric 'val/recall' is not logged; logged: val/loss") as info:
         fit(make_bundle(), cfg, tmp_path, Accelerator(cpu=True), quiet=True)
+    assert isinstance(info.value, UnknownMetricError)
+    assert (info.value.metric, info.value.logged) == ("val/recall", ["val/loss"])
 
 
 def test_batch_larger_than_data_is_an_error(tmp_path: Path) -> None:
     cfg = TrainConfig(epochs=1, batch_size=500)
-    with pytest.raises(TrainingError, match="fewer than one global batch"):
+    with pytest.raises(TrainingError, match="fewer than one global batch") as info:
         fit(make_bundle(), cfg, tmp_path, Accelerator(cpu=True), quiet=True)
+    assert isinstance(info.value, EmptyEpochError)
+    assert (info.value.n_items, info.value.batch_size, info.value.processes) == (200, 500, 1)
 
 
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path: Path) -> None:
@@ -91,5 +95,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path: Path) -> None:
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(TrainingError, match="nothing to resume"):
+    with pytest.raises(TrainingError, match="nothing to resume") as info:
         run(tmp_path, TrainConfig(epochs=1, batch_size=16), resume=True)
+    assert isinstance(info.value, NothingToResumeError)
+    assert info.value.checkpoints == tmp_path / "checkpoints"

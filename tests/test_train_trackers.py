@@ -12,8 +12,8 @@ import pytest
 from cliptune.config import Config, TrackConfig, load_config
 from cliptune.data.synthetic import render_fashion
 from cliptune.train import trackers
+from cliptune.train.errors import TrainingError
 from cliptune.train.run import train
-from cliptune.train.state import TrainingError
 from tests.tiny_models import make_tiny_clip
 
 

@@ -21,7 +21,7 @@ import os
 import re
 import socket
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,10 +34,20 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from cliptune.config import Config, ConfigError, SweepParam, dump_config, load_config, save_config
 from cliptune.errors import CliptuneError
+from cliptune.train.errors import TrainingError
 from cliptune.train.run import train
-from cliptune.train.state import TrainingError
 
-__all__ = ["SweepError", "SweepResult", "TrialRecord", "run_sweep", "default_storage"]
+__all__ = [
+    "SweepError",
+    "MissingSweepNameError",
+    "TrialRunExistsError",
+    "StudyDirectionMismatchError",
+    "StudyConfigMismatchError",
+    "SweepResult",
+    "TrialRecord",
+    "run_sweep",
+    "default_storage",
+]
 
 HEARTBEAT_SECONDS = 60
 """A running trial writes a heartbeat this often; one silent for GRACE_SECONDS is failed and retried."""
@@ -49,6 +59,65 @@ _NOT_COMPARED = ("name", "sweep.trials", "sweep.storage")  # may change when a s
 
 class SweepError(CliptuneError, RuntimeError):
     """The sweep itself cannot run (not one trial): no name, empty space, another study's config, ..."""
+
+
+class MissingSweepNameError(SweepError):
+    """The sweep has no name (``name:`` in the config), so it has no study and no sweep folder."""
+
+    def __init__(self) -> None:
+        super().__init__("the sweep has no name: set `name:` in the config")
+
+
+class TrialRunExistsError(SweepError):
+    """A trial's run directory already holds a run the study has no record of (a deleted or other sweep.db).
+
+    Attributes:
+        run_dir: The trial's run directory (move it away, or name the sweep otherwise).
+        study: The study name.
+    """
+
+    def __init__(self, run_dir: Path, study: str) -> None:
+        self.run_dir, self.study = run_dir, study
+        super().__init__(
+            f"{run_dir} already holds a run that study '{study}' has no record of (a deleted or other "
+            "sweep.db?): move it away"
+        )
+
+
+class StudyDirectionMismatchError(SweepError):
+    """A study of this name exists in the storage but optimises in the other direction.
+
+    Attributes:
+        study: The study name.
+        storage: The storage URL (password masked).
+        stored: The study's direction (``maximize`` / ``minimize``).
+        configured: ``sweep.direction``.
+    """
+
+    def __init__(self, study: str, storage: str, stored: str, configured: str) -> None:
+        self.study, self.storage, self.stored, self.configured = study, storage, stored, configured
+        super().__init__(
+            f"study '{study}' in {storage} maximises/minimises differently ({stored} vs sweep.direction "
+            f"{configured})"
+        )
+
+
+class StudyConfigMismatchError(SweepError):
+    """A study of this name was started with another config: its trials would not be comparable.
+
+    Attributes:
+        study: The study name.
+        storage: The storage URL (password masked).
+        differences: Each differing config path -> (stored value, current value).
+    """
+
+    def __init__(self, study: str, storage: str, differences: dict[str, tuple[Any, Any]]) -> None:
+        self.study, self.storage, self.differences = study, storage, differences
+        shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(differences.items())[:5])
+        super().__init__(
+            f"study '{study}' in {storage} was started with another config ({shown}): trials would not be "
+            "comparable; resume with the same config (sweep.trials may change)"
+        )
 
 
 @dataclass(frozen=True)
@@ -147,14 +216,16 @@ def run_sweep(
         The :class:`SweepResult`; ``sweep.json`` and ``sweep.md`` are written in ``runs_root/<name>``.
 
     Raises:
-        SweepError: No name, an empty space, a path that is not a config field, a study of that name
-            with another direction or config, an objective that is not logged, or a trial run directory
-            that exists without a record in the study.
+        MissingSweepNameError: ``cfg.name`` is not set.
+        StudyDirectionMismatchError: A study of that name optimises in the other direction.
+        StudyConfigMismatchError: A study of that name was started with another config.
+        TrialRunExistsError: A trial's run directory exists without a record in the study.
+        SweepError: An empty space, a path that is not a config field, an objective that is not logged.
         KeyboardInterrupt: Ctrl-C; the trial is marked failed and re-run by the next call.
     """
     name, sweep = cfg.name, cfg.sweep
     if not name:
-        raise SweepError("the sweep has no name: set `name:` in the config or pass --name")
+        raise MissingSweepNameError()
     if not sweep.space:
         raise SweepError("sweep.space is empty: give at least one config path to search")
     target = sweep.trials if trials is None else trials
@@ -167,8 +238,12 @@ def run_sweep(
     url = storage or sweep.storage or default_storage(runs_root, name)
     with _optuna_quiet(quiet), _removed_at_exit(candidate):
         _check_space(candidate, sweep.space)
-        rdb = RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                         heartbeat_stale_trial_callback=_retry_once)  # fmt: skip
+        rdb = RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=_retry_once,
+        )
         study = optuna.create_study(
             study_name=name, storage=rdb, direction=sweep.direction, load_if_exists=True
         )
@@ -176,25 +251,28 @@ def run_sweep(
         base_yaml = candidate.replace(sweep_dir / "sweep-config.yaml")
         _recover(study, rdb, sweep_dir)
         study.sampler = optuna.samplers.TPESampler(seed=sweep.seed + len(study.get_trials(deepcopy=False)))
-        study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=2) if sweep.pruner == "median"
-                        else optuna.pruners.NopPruner())  # fmt: skip
+        study.pruner = (
+            optuna.pruners.MedianPruner(n_startup_trials=2)
+            if sweep.pruner == "median"
+            else optuna.pruners.NopPruner()
+        )
         remaining = target - len(study.get_trials(deepcopy=False, states=_FINISHED))
         if remaining > 0:
-            objective = _Objective(base_yaml, cfg, Path(runs_root), quiet)
+            objective = _Objective(base_yaml, cfg, name, Path(runs_root), quiet)
             # Other machines may finish trials meanwhile: stop when the study as a whole reaches the target.
             done = optuna.study.MaxTrialsCallback(target, states=_FINISHED)
             study.optimize(
                 objective, n_trials=remaining, catch=(ConfigError, TrainingError), callbacks=[done]
             )
         _park_failed(study.get_trials(deepcopy=False), sweep_dir)
-        return _leaderboard(study, cfg, target, _redact(url), sweep_dir)
+        return _leaderboard(study, cfg, name, target, _redact(url), sweep_dir)
 
 
 class _Objective:
     """One trial: sample, override, validate, train with per-epoch reports, read the best value."""
 
-    def __init__(self, base_yaml: Path, cfg: Config, runs_root: Path, quiet: bool) -> None:
-        self.base_yaml, self.sweep, self.name = base_yaml, cfg.sweep, cfg.name
+    def __init__(self, base_yaml: Path, cfg: Config, name: str, runs_root: Path, quiet: bool) -> None:
+        self.base_yaml, self.sweep, self.name = base_yaml, cfg.sweep, name
         self.runs_root, self.quiet = runs_root, quiet
 
     def __call__(self, trial: Trial) -> float:
@@ -212,8 +290,7 @@ class _Objective:
             raise
         run_dir = self.runs_root / run_name
         if (run_dir / "metrics.jsonl").exists():
-            raise SweepError(f"{run_dir} already holds a run that study '{self.name}' has no record of (a "
-                             "deleted or other sweep.db?): move it away, or use another --name")  # fmt: skip
+            raise TrialRunExistsError(run_dir, self.name)
         try:
             train(cfg, runs_root=self.runs_root, quiet=self.quiet, on_epoch=self._reporter(trial, run_dir))
         except TrainingError as exc:
@@ -227,7 +304,7 @@ class _Objective:
         trial.set_user_attr("best_epoch", summary.get("best_epoch"))
         return _objective_value(summary.get("best") or {}, self.sweep.objective, run_dir / "summary.json")
 
-    def _reporter(self, trial: Trial, run_dir: Path):
+    def _reporter(self, trial: Trial, run_dir: Path) -> Callable[[dict[str, Any]], None]:
         def report(record: dict[str, Any]) -> None:
             epoch = int(record["epoch"])
             value = _objective_value(record, self.sweep.objective, run_dir / "metrics.jsonl")
@@ -241,14 +318,22 @@ class _Objective:
 
 def _suggest(trial: Trial, path: str, spec: SweepParam) -> Any:
     if spec.type == "float":
-        return trial.suggest_float(path, float(spec.low), float(spec.high), log=spec.log)
+        low, high = _bounds(spec)
+        return trial.suggest_float(path, low, high, log=spec.log)
     if spec.type == "int":
-        return trial.suggest_int(path, int(spec.low), int(spec.high), log=spec.log)
+        low, high = _bounds(spec)
+        return trial.suggest_int(path, int(low), int(high), log=spec.log)
     choices = list(spec.choices or [])
     if all(c is None or isinstance(c, bool | int | float | str) for c in choices):
         return trial.suggest_categorical(path, choices)
     # Optuna stores only scalars: a dict or list choice ({train: 0.8, val: 0.2}) is searched as its YAML text.
     return yaml.safe_load(trial.suggest_categorical(path, [_yaml_text(c) for c in choices]))
+
+
+def _bounds(spec: SweepParam) -> tuple[float, float]:
+    """A float or int parameter's ``(low, high)``; :class:`SweepParam` validation guarantees both."""
+    assert spec.low is not None and spec.high is not None
+    return float(spec.low), float(spec.high)
 
 
 def _yaml_text(value: Any) -> str:
@@ -270,7 +355,7 @@ def _objective_value(values: dict[str, Any], objective: str, source: Path) -> fl
 def _check_space(base_yaml: Path, space: dict[str, SweepParam]) -> None:
     """A path that is not a config field would fail every trial: stop before the first one."""
     for path, spec in space.items():
-        if spec.type == "int" and not (float(spec.low).is_integer() and float(spec.high).is_integer()):
+        if spec.type == "int" and not all(float(bound).is_integer() for bound in _bounds(spec)):
             raise SweepError(
                 f"sweep.space.{path}: an int parameter needs integer bounds, got {spec.low}, {spec.high}"
             )
@@ -283,10 +368,11 @@ def _check_space(base_yaml: Path, space: dict[str, SweepParam]) -> None:
 
 
 def _check_study(study: optuna.Study, cfg: Config, url: str) -> None:
-    where = f"study '{study.study_name}' in {_redact(url)}"
-    if study.direction.name.lower() != cfg.sweep.direction:
-        raise SweepError(f"{where} maximises/minimises differently ({study.direction.name.lower()} vs "
-                         f"sweep.direction {cfg.sweep.direction}): use another --name")  # fmt: skip
+    stored_direction = study.direction.name.lower()
+    if stored_direction != cfg.sweep.direction:
+        raise StudyDirectionMismatchError(
+            study.study_name, _redact(url), stored_direction, cfg.sweep.direction
+        )
     current = _flatten(yaml.safe_load(dump_config(cfg)))
     current = {k: v for k, v in current.items() if k not in _NOT_COMPARED}
     stored = study.user_attrs.get("config")
@@ -295,9 +381,8 @@ def _check_study(study: optuna.Study, cfg: Config, url: str) -> None:
         return
     differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
     if differ:
-        shown = "; ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in differ[:5])
-        raise SweepError(f"{where} was started with another config ({shown}): trials would not be "
-                         "comparable; resume with the same config (sweep.trials may change), or use another --name")  # fmt: skip
+        differences = {k: (stored.get(k), current.get(k)) for k in differ}
+        raise StudyConfigMismatchError(study.study_name, _redact(url), differences)
 
 
 def _flatten(raw: Any, prefix: str = "") -> dict[str, Any]:
@@ -390,30 +475,62 @@ def _record(t: FrozenTrial, sweep_dir: Path) -> TrialRecord:
     seconds = t.duration.total_seconds() if t.duration is not None else None
     value = t.value if t.value is not None or t.state != TrialState.PRUNED else _last(t)
     error, retry_of, pruned = (t.user_attrs.get(k) for k in ("error", "retry_of", "pruned_after_epoch"))
-    note = (error.splitlines()[0] + (" ..." if "\n" in error else "") if error
-            else f"pruned after epoch {pruned}" if pruned is not None
-            else f"re-run of trial {retry_of}" if retry_of is not None else "")  # fmt: skip
-    return TrialRecord(t.number, t.state.name, value, dict(t.params), str(run_dir) if run_dir else None,
-                       t.user_attrs.get("best_epoch"), error, retry_of, seconds, note)  # fmt: skip
+    note = _note(error, pruned, retry_of)
+    return TrialRecord(
+        t.number,
+        t.state.name,
+        value,
+        dict(t.params),
+        str(run_dir) if run_dir else None,
+        t.user_attrs.get("best_epoch"),
+        error,
+        retry_of,
+        seconds,
+        note,
+    )
+
+
+def _note(error: str | None, pruned_after: int | None, retry_of: int | None) -> str:
+    """The leaderboard's one-line note: the error's first line, the pruning epoch, or the retried trial."""
+    if error:
+        return error.splitlines()[0] + (" ..." if "\n" in error else "")
+    if pruned_after is not None:
+        return f"pruned after epoch {pruned_after}"
+    return f"re-run of trial {retry_of}" if retry_of is not None else ""
 
 
 def _last(t: FrozenTrial) -> float | None:
     return t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
 
 
-def _leaderboard(study: optuna.Study, cfg: Config, target: int, url: str, sweep_dir: Path) -> SweepResult:
+def _leaderboard(
+    study: optuna.Study, cfg: Config, name: str, target: int, url: str, sweep_dir: Path
+) -> SweepResult:
     sign = -1.0 if cfg.sweep.direction == "maximize" else 1.0
     records = sorted(
         (_record(t, sweep_dir) for t in study.get_trials(deepcopy=False)),
-        key=lambda r: (_STATE_ORDER.get(r.state, 9), sign * r.value if r.value is not None else math.inf, r.number),
-    )  # fmt: skip
+        key=lambda r: (
+            _STATE_ORDER.get(r.state, 9),
+            sign * r.value if r.value is not None else math.inf,
+            r.number,
+        ),
+    )
     best = next((r for r in records if r.state == "COMPLETE"), None)
     importances, note = _importances(study, cfg.sweep.seed)
     result = SweepResult(
-        cfg.name, url, cfg.sweep.objective, cfg.sweep.direction, target, list(cfg.sweep.space), records, best,
-        importances, note,
-        sweep_dir / "sweep.json", sweep_dir / "sweep.md",
-    )  # fmt: skip
+        name,
+        url,
+        cfg.sweep.objective,
+        cfg.sweep.direction,
+        target,
+        list(cfg.sweep.space),
+        records,
+        best,
+        importances,
+        note,
+        sweep_dir / "sweep.json",
+        sweep_dir / "sweep.md",
+    )
     data = {k: v for k, v in asdict(result).items() if k not in ("json_path", "md_path")}
     result.json_path.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
     result.md_path.write_text(_markdown(result, sweep_dir), encoding="utf-8")
@@ -425,7 +542,11 @@ def _importances(study: optuna.Study, seed: int) -> tuple[dict[str, float] | Non
     if len(complete) < 2:
         return None, f"needs at least 2 complete trials, has {len(complete)}"
     names = sorted({p for t in complete for p in t.params})
-    varying = [p for p in names if all(p in t.params for t in complete) and len({repr(t.params[p]) for t in complete}) > 1]  # fmt: skip
+    varying = [
+        p
+        for p in names
+        if all(p in t.params for t in complete) and len({repr(t.params[p]) for t in complete}) > 1
+    ]
     if not varying:
         return None, "no parameter varies across the complete trials"
     try:
@@ -449,16 +570,26 @@ def _markdown(result: SweepResult, sweep_dir: Path) -> str:
     ]
     if result.best is not None:
         b = result.best
-        lines += [f"**Best: trial {b.number}**, {result.objective} = {b.value:.4g} (epoch {b.best_epoch}), "
-                  f"run `{b.run_dir}`, " + ", ".join(f"`{k}` = {_short(v)}" for k, v in b.params.items()), ""]  # fmt: skip
+        lines += [
+            f"**Best: trial {b.number}**, {result.objective} = {b.value:.4g} (epoch {b.best_epoch}), "
+            f"run `{b.run_dir}`, " + ", ".join(f"`{k}` = {_short(v)}" for k, v in b.params.items()),
+            "",
+        ]
     lines += [
         "| rank | trial | state | " + " | ".join([result.objective, *params]) + " | run | note |",
         "|" + " --- |" * (5 + len(params) + 1),
     ]
     for rank, r in enumerate(result.trials, 1):
         value = f"{r.value:.4g}" if r.value is not None else ""
-        cells = [str(rank), str(r.number), r.state, value, *(_short(r.params.get(p, "")) for p in params),
-                 f"`{r.run_dir}`" if r.run_dir else "", (r.error or r.note).replace("\n", " ").replace("|", "/")]  # fmt: skip
+        cells = [
+            str(rank),
+            str(r.number),
+            r.state,
+            value,
+            *(_short(r.params.get(p, "")) for p in params),
+            f"`{r.run_dir}`" if r.run_dir else "",
+            (r.error or r.note).replace("\n", " ").replace("|", "/"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Parameter importances", ""]
     if result.importances:

@@ -215,8 +215,8 @@ def train_cmd(
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs this command
     from cliptune.data.catalogue import CatalogueError
     from cliptune.models.backbone import BackboneError
+    from cliptune.train.errors import TrainingError, TrainingInterrupted
     from cliptune.train.run import train
-    from cliptune.train.state import TrainingError
 
     if config is None and resume is None:
         err_console.print("[red]give a CONFIG.yaml, or --resume RUN[/red]")
@@ -228,7 +228,12 @@ def train_cmd(
         run_dir = train(cfg, runs_root=runs, resume=resume, quiet=quiet)
     except KeyboardInterrupt as exc:
         if main_process:
-            err_console.print(f"[yellow]{exc or 'interrupted'}[/yellow]")
+            resume_hint = (
+                f"; continue exactly with `cliptune train --resume {exc.run_dir}`"
+                if isinstance(exc, TrainingInterrupted)
+                else ""
+            )
+            err_console.print(f"[yellow]{exc or 'interrupted'}{resume_hint}[/yellow]")
         raise typer.Exit(130) from None
     except (TrainingError, CatalogueError, BackboneError, ValueError) as exc:
         err_console.print(f"[red]{exc}[/red]", highlight=False)

@@ -1,9 +1,11 @@
-"""Deterministic, resumable, process-sharded batching for the training loop.
+"""Deterministic, resumable, process-sharded batching for the training loop, and its per-batch helpers.
 
 The order of epoch ``e`` is a permutation drawn from ``seed + e`` alone, so a resumed run replays exactly
 the same batches; a resume in the middle of an epoch skips the batches already seen. With several
 processes each takes every ``world``-th index of the same permutation (equal counts, the tail that does
-not fill a global batch is dropped, as contrastive training wants full batches).
+not fill a global batch is dropped, as contrastive training wants full batches). :func:`to_device` moves a
+batch to the accelerator and :func:`step_values` turns a step's loss terms into the numbers every process
+agrees on.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
-__all__ = ["epoch_batches", "batches_per_epoch", "collate_dicts", "shard_indices"]
+__all__ = ["epoch_batches", "batches_per_epoch", "collate_dicts", "shard_indices", "to_device", "step_values"]
 
 
 def batches_per_epoch(n_items: int, batch_size: int, world_size: int) -> int:
@@ -71,3 +74,36 @@ def collate_dicts(items: list[dict[str, Any]]) -> dict[str, Any]:
         values = [item[key] for item in items]
         batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return batch
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors on ``device`` (other values as they are)."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+
+
+def step_values(
+    accelerator: Accelerator, outputs: dict[str, torch.Tensor], stop: bool
+) -> tuple[dict[str, float], bool]:
+    """One step's loss terms averaged over processes, and whether any process was asked to stop.
+
+    Both travel in one all-reduce, so every process sees the same numbers and takes the same branch
+    (skip a non-finite step, checkpoint and stop).
+
+    Args:
+        accelerator: Its processes take part.
+        outputs: This process's loss terms (scalar tensors), the total under ``"loss"``.
+        stop: Whether this process was asked to stop (Ctrl-C / SIGTERM).
+
+    Returns:
+        The mean of each term as a float, and True when any process was asked to stop.
+    """
+    names, device = list(outputs), outputs["loss"].device
+    flag = torch.tensor(float(stop), device=device)
+    local = torch.stack([outputs[n].detach().float().reshape(()) for n in names] + [flag])
+    if accelerator.num_processes > 1:
+        local = accelerator.reduce(local, reduction="sum")
+        local[:-1] /= accelerator.num_processes
+    *terms, stops = local.tolist()
+    return dict(zip(names, terms, strict=True)), stops > 0

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from cliptune.config import EarlyStoppingConfig
+from cliptune.train.errors import UnknownMetricError
 
-__all__ = ["EarlyStopping"]
+__all__ = ["EarlyStopping", "metric_value"]
+
+
+def metric_value(values: dict[str, Any], name: str) -> float:
+    """The watched metric ``name`` (early stopping, the plateau schedule) in one epoch's logged values.
+
+    Raises:
+        UnknownMetricError: ``name`` is not among the logged values (they are listed).
+    """
+    if name not in values:
+        raise UnknownMetricError(name, sorted(values))
+    return float(values[name])
 
 
 @dataclass
@@ -36,6 +49,7 @@ class EarlyStopping:
 
     @classmethod
     def from_config(cls, cfg: EarlyStoppingConfig) -> EarlyStopping:
+        """The stopper configured by ``train.early_stopping``."""
         return cls(metric=cfg.metric, mode=cfg.mode, patience=cfg.patience, min_delta=cfg.min_delta)
 
     def _improves(self, value: float) -> bool:
@@ -60,9 +74,21 @@ class EarlyStopping:
         # Keras' convention: stop once `patience` validations in a row failed to improve.
         return self.bad_epochs >= max(1, self.patience)
 
-    def state_dict(self) -> dict:
+    @property
+    def stop_reason(self) -> str | None:
+        """Why training stops now (for ``summary.json``), or None while it goes on."""
+        if not self.should_stop:
+            return None
+        return (
+            f"early stopping: {self.metric} did not improve for {self.bad_epochs} epoch(s) "
+            f"(best {self.best:.6g} at epoch {self.best_epoch + 1})"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The plain numbers stored in a checkpoint's ``trainer.json``."""
         return asdict(self)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
         for key, value in state.items():
             setattr(self, key, value)

@@ -1,53 +1,48 @@
 """The training loop: reads top to bottom, knows only ``outputs["loss"]`` and the task's ``evaluate``.
 
-Per epoch: batches -> forward -> backward -> clip -> step -> zero -> log; then validate -> schedule ->
-early-stop -> checkpoint. Everything else (which data, which loss terms, which metrics, saving the model)
-comes from the :class:`~cliptune.train.tasks.bundle.TaskBundle`; devices, mixed precision, accumulation and
-distribution come from Accelerate.
-
-Failures say what to change: a non-finite loss names the step and the last good checkpoint (or is
-skipped, up to ``train.max_bad_steps``); out-of-memory names the settings that lower memory; Ctrl-C or
-SIGTERM checkpoints after the current batch and raises ``KeyboardInterrupt`` (resume is exact).
+Per batch: forward -> backward -> clip -> step (and lr) -> zero -> log; per epoch: validate -> schedule ->
+early-stop -> checkpoint. The task comes from a :class:`~cliptune.train.tasks.bundle.TaskBundle`, devices,
+precision and processes from Accelerate, checkpoints and failure guards from their modules.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import time
-from collections import defaultdict
 from collections.abc import Callable
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import accelerate.optimizer
-import torch
 from accelerate import Accelerator
 
 from cliptune.config import TrainConfig
-from cliptune.train.batches import batches_per_epoch, epoch_batches
-from cliptune.train.early_stopping import EarlyStopping
+from cliptune.train import checkpoint
+from cliptune.train.batches import batches_per_epoch, epoch_batches, step_values, to_device
+from cliptune.train.early_stopping import EarlyStopping, metric_value
+from cliptune.train.errors import EmptyEpochError, TrainingInterrupted
+from cliptune.train.failures import count_bad_step, out_of_memory_hint, stop_on_signals
 from cliptune.train.optim import current_lr, make_optimizer, make_scheduler
 from cliptune.train.progress import EpochProgress
-from cliptune.train.state import (
-    LoopState,
-    MetricsLog,
-    TrainingError,
-    out_of_memory_hint,
-    restore_loop_checkpoint,
-    save_best_model,
-    save_loop_checkpoint,
-    stop_on_signals,
-)  # fmt: skip
+from cliptune.train.state import LoopState, MetricsLog
 from cliptune.train.tasks.bundle import TaskBundle
 from cliptune.train.trackers import tracker_sink
 
 __all__ = ["fit"]
 
-# Accelerate's optimizer.step() probes the file system for `lomo_optim` twice a step (~0.5 ms): ask once.
-if hasattr(accelerate.optimizer, "is_lomo_available"):
-    accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
+
+@dataclass
+class _Run:
+    """What every phase of one ``fit`` call shares, built once before the first batch."""
+
+    bundle: TaskBundle
+    cfg: TrainConfig
+    run_dir: Path
+    accelerator: Accelerator
+    parts: checkpoint.Resumable  # model, optimizer, scheduler, state, stopper: what a checkpoint holds
+    log: MetricsLog
+    progress: EpochProgress
+    stop_requested: Callable[[], bool]
+    on_epoch: Callable[[dict[str, Any]], None]
 
 
 def fit(
@@ -76,123 +71,128 @@ def fit(
         The final loop state (best epoch, stop reason, LR history, bad steps, timings).
 
     Raises:
-        TrainingError: Non-finite loss beyond ``train.max_bad_steps``, out of memory, nothing to resume.
-        KeyboardInterrupt: Ctrl-C / SIGTERM, raised after a checkpoint of the current step is written.
+        TrainingError: Too little data, an unlogged metric, nothing (or a mismatched run) to resume, a
+            non-finite loss beyond ``train.max_bad_steps``, out of memory (subclasses say which).
+        TrainingInterrupted: Ctrl-C / SIGTERM, raised after a checkpoint of the current step is written.
     """
-    state = LoopState()  # created here so the out-of-memory message can name the step
+    state = LoopState()  # created here so the out-of-memory error can name the step
     with stop_on_signals() as stop_requested, out_of_memory_hint(cfg, state):
-        _train(bundle, cfg, run_dir, accelerator, state, stop_requested, on_epoch, resume=resume, quiet=quiet)
+        n_batches = batches_per_epoch(len(bundle.train_data), cfg.batch_size, accelerator.num_processes)
+        if n_batches == 0:
+            raise EmptyEpochError(len(bundle.train_data), cfg.batch_size, accelerator.num_processes)
+        optimizer = make_optimizer(bundle.model, cfg)
+        scheduler = make_scheduler(optimizer, cfg, total_steps=cfg.epochs * n_batches // cfg.grad_accum)
+        model, optimizer = accelerator.prepare(bundle.model, optimizer)
+        stopper = EarlyStopping.from_config(cfg.early_stopping) if cfg.early_stopping else None
+        state.lrs = [current_lr(optimizer)]
+        parts = checkpoint.Resumable(model, optimizer, scheduler, state, stopper)
+        main = accelerator.is_main_process
+        log = MetricsLog(run_dir / "metrics.jsonl", enabled=main, sink=tracker_sink(accelerator))
+        if resume:  # same weights, optimiser, schedule, RNGs and position; later log lines dropped
+            checkpoint.restore_loop_checkpoint(run_dir, accelerator, parts, log)
+        progress = EpochProgress(n_batches, enabled=main and not quiet, summaries=main)
+        report = on_epoch or (lambda record: None)  # a sweep reports to Optuna; a plain run to no one
+        _train(_Run(bundle, cfg, run_dir, accelerator, parts, log, progress, stop_requested, report))
     return state
 
 
-def _train(bundle, cfg, run_dir, accelerator, state: LoopState, stop_requested, on_epoch, *, resume, quiet) -> None:  # fmt: skip
-    n_batches = batches_per_epoch(len(bundle.train_data), cfg.batch_size, accelerator.num_processes)
-    if n_batches == 0:
-        raise TrainingError(f"the training split has {len(bundle.train_data)} items, fewer than one global batch "
-                            f"({cfg.batch_size} x {accelerator.num_processes} processes): lower train.batch_size")  # fmt: skip
-    optimizer = make_optimizer(bundle.model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, total_steps=cfg.epochs * n_batches // cfg.grad_accum)
-    model, optimizer = accelerator.prepare(bundle.model, optimizer)
-    stopper = EarlyStopping.from_config(cfg.early_stopping) if cfg.early_stopping else None
-    state.lrs = [current_lr(optimizer)]
-    main = accelerator.is_main_process
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=main, sink=tracker_sink(accelerator))
-    if resume:
-        restore_loop_checkpoint(run_dir, accelerator, model, optimizer, scheduler, state, stopper, log)
-    progress = EpochProgress(n_batches, enabled=main and not quiet, summaries=main)
-    checkpoint = partial(save_loop_checkpoint, run_dir, accelerator, model, optimizer, scheduler, state, stopper, cfg)  # fmt: skip
-
+def _train(run: _Run) -> None:
+    cfg, state, model = run.cfg, run.parts.state, run.parts.model
     if state.step == 0:  # the untrained model's values: the baseline every curve starts from
-        log.write({"kind": "epoch", "epoch": 0, "step": 0, "lr": current_lr(optimizer), **_evaluate(bundle, model)})  # fmt: skip
+        lr = current_lr(run.parts.optimizer)
+        run.log.write({"kind": "epoch", "epoch": 0, "step": 0, "lr": lr, **run.bundle.validate(model)})
 
     for epoch in range(state.epoch, cfg.epochs):
+        # train: this process's shard of every batch, from state.batch when resuming mid-epoch
         model.train()
-        tic = time.perf_counter()
-        batches = epoch_batches(
-            bundle.train_data, batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
-            rank=accelerator.process_index, world_size=accelerator.num_processes,
-            start_batch=state.batch, collate=bundle.collate,
-        )  # fmt: skip
-        with progress.epoch(epoch, cfg.epochs, start=state.batch):
-            for batch in batches:
-                with accelerator.accumulate(model):
-                    outputs = model(_to_device(batch, accelerator.device))
-                    # Terms averaged over processes + stop flag in one all-reduce: all take the same branch.
-                    values, stop = _global_values(accelerator, outputs, stop_requested())
-                    finite = math.isfinite(values["loss"])
-                    if finite:
-                        accelerator.backward(outputs["loss"])
-                        if accelerator.sync_gradients and cfg.grad_clip is not None:
-                            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                        optimizer.step()
-                        if accelerator.sync_gradients and cfg.scheduler == "cosine":
-                            scheduler.step()
-                    else:
-                        progress.warn(state.count_bad_step(values["loss"], cfg.max_bad_steps, run_dir))
-                    optimizer.zero_grad(set_to_none=True)
-                state.batch, state.step = state.batch + 1, state.step + 1
-                if finite:  # a skipped step counts as a step (exact resume) but not in the means
-                    state.add_terms(values)
-                lr = current_lr(optimizer)
-                if state.step % cfg.log_every_steps == 0:
-                    log.write({"kind": "step", "epoch": epoch + 1, "step": state.step,
-                               "train/loss": values["loss"] if finite else None, "lr": lr})  # fmt: skip
-                progress.advance(loss=values["loss"], lr=lr)
-                if stop:
-                    checkpoint()
-                    raise KeyboardInterrupt(f"interrupted at step {state.step}: checkpoint saved; continue "
-                                            f"exactly with `cliptune train --resume {run_dir}`")  # fmt: skip
-        state.add_time("train", time.perf_counter() - tic)
+        with state.timed("train"), run.progress.epoch(epoch, cfg.epochs, start=state.batch):
+            for batch in epoch_batches(
+                run.bundle.train_data,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed,
+                epoch=epoch,
+                rank=run.accelerator.process_index,
+                world_size=run.accelerator.num_processes,
+                start_batch=state.batch,
+                collate=run.bundle.collate,
+            ):
+                _train_step(run, epoch, batch)
 
-        tic, val = time.perf_counter(), _evaluate(bundle, model)
-        state.add_time("val", time.perf_counter() - tic)
-        record = {"kind": "epoch", "epoch": epoch + 1, "step": state.step, "lr": current_lr(optimizer),
-                  **state.train_means(), **val}  # fmt: skip
-        if cfg.scheduler == "plateau":
-            scheduler.step(_metric(val, cfg.plateau.metric))
-        state.lrs.append(current_lr(optimizer))
-        improved = stopper.update(_metric(record, stopper.metric)) if stopper else True
-        log.write(record)
-        progress.summary(record)
-        state.epoch, state.batch, state.epoch_sums, state.epoch_count = epoch + 1, 0, defaultdict(float), 0
+        # validate -> schedule (plateau) -> early stopping -> log
+        record, improved = _validate(run, epoch)
 
-        tic = time.perf_counter()
-        if improved:
-            state.best_epoch, state.best_step = epoch + 1, state.step
-            save_best_model(bundle, accelerator, model, run_dir)
-        if state.epoch % cfg.checkpoint_every == 0 or state.epoch == cfg.epochs:
-            checkpoint()
-        state.add_time("checkpoint", time.perf_counter() - tic)
-        if on_epoch is not None:  # last: what it raises leaves the epoch logged and its model saved
-            on_epoch(record)
-        if stopper and stopper.should_stop:
-            state.stop_reason = (f"early stopping: {stopper.metric} did not improve for {stopper.bad_epochs} "
-                                 f"epoch(s) (best {stopper.best:.6g} at epoch {stopper.best_epoch + 1})")  # fmt: skip
+        # checkpoint: the best model to model/, the resumable state every train.checkpoint_every epochs
+        with state.timed("checkpoint"):
+            _checkpoint_epoch(run, improved)
+
+        # report (a sweep's pruner), last: what it raises leaves the epoch logged and its model saved
+        run.on_epoch(record)
+        state.stop_reason = run.parts.stopper.stop_reason if run.parts.stopper else None
+        if state.stop_reason:
             break
     state.stop_reason = state.stop_reason or f"reached train.epochs ({cfg.epochs})"
 
 
-def _evaluate(bundle: TaskBundle, model: torch.nn.Module) -> dict[str, float]:
-    model.eval()
-    with torch.no_grad():
-        return bundle.evaluate(model)
+def _train_step(run: _Run, epoch: int, batch: dict[str, Any]) -> None:
+    """One batch: forward -> backward -> clip -> step -> zero -> log; on Ctrl-C/SIGTERM checkpoint, stop."""
+    cfg, accelerator, state, optimizer = run.cfg, run.accelerator, run.parts.state, run.parts.optimizer
+    with accelerator.accumulate(run.parts.model):
+        # forward, then one all-reduce of the loss terms and the stop flag: every process branches alike
+        outputs = run.parts.model(to_device(batch, accelerator.device))
+        values, stop = step_values(accelerator, outputs, run.stop_requested())
+        finite = math.isfinite(values["loss"])
+        if finite:
+            # backward -> clip -> step (-> lr); while gradients accumulate the optimiser skips the step
+            accelerator.backward(outputs["loss"])
+            _clip_and_step(run)
+        else:  # a non-finite loss: skipped (no backward, no step) or, past the allowance, an error
+            run.progress.warn(count_bad_step(state, values["loss"], cfg.max_bad_steps, run.run_dir))
+        # zero
+        optimizer.zero_grad(set_to_none=True)
+
+    # log: a skipped step counts as a step (exact resume) but not in the epoch means
+    state.finish_step(values if finite else None)
+    lr = current_lr(optimizer)
+    if state.step % cfg.log_every_steps == 0:
+        loss = values["loss"] if finite else None
+        run.log.write({"kind": "step", "epoch": epoch + 1, "step": state.step, "train/loss": loss, "lr": lr})
+    run.progress.advance(loss=values["loss"], lr=lr)
+    if stop:  # checked after the batch, so the checkpoint is taken at a clean point
+        path = checkpoint.save_loop_checkpoint(run.run_dir, accelerator, run.parts, cfg.keep_last)
+        raise TrainingInterrupted(state.step, run.run_dir, path)
 
 
-def _global_values(accelerator: Accelerator, outputs: dict[str, torch.Tensor], stop: bool) -> tuple[dict[str, float], bool]:  # fmt: skip
-    names, device = list(outputs), outputs["loss"].device
-    local = torch.stack([outputs[n].detach().float().reshape(()) for n in names] + [torch.tensor(float(stop), device=device)])  # fmt: skip
-    if accelerator.num_processes > 1:
-        local = accelerator.reduce(local, reduction="sum")
-        local[:-1] /= accelerator.num_processes
-    *terms, stops = local.tolist()
-    return dict(zip(names, terms, strict=True)), stops > 0
+def _clip_and_step(run: _Run) -> None:
+    """Clip and step; the cosine lr follows optimiser steps (clip and lr only when gradients sync)."""
+    if run.accelerator.sync_gradients and run.cfg.grad_clip is not None:
+        run.accelerator.clip_grad_norm_(run.parts.model.parameters(), run.cfg.grad_clip)
+    run.parts.optimizer.step()
+    if run.accelerator.sync_gradients and run.cfg.scheduler == "cosine":
+        run.parts.scheduler.step()  # type: ignore[call-arg]
 
 
-def _metric(values: dict[str, Any], name: str) -> float:
-    if name not in values:
-        raise TrainingError(f"metric '{name}' is not logged; logged: {', '.join(sorted(values))}")
-    return float(values[name])
+def _validate(run: _Run, epoch: int) -> tuple[dict[str, Any], bool]:
+    """Validate, step a plateau schedule, update early stopping, log; the record, and if it is the best."""
+    cfg, state, optimizer, stopper = run.cfg, run.parts.state, run.parts.optimizer, run.parts.stopper
+    with state.timed("val"):
+        val = run.bundle.validate(run.parts.model)
+    lr = current_lr(optimizer)  # the lr the epoch trained with, before the plateau schedule moves it
+    record = {"kind": "epoch", "epoch": epoch + 1, "step": state.step, "lr": lr, **state.train_means(), **val}
+    if cfg.scheduler == "plateau":
+        run.parts.scheduler.step(metric_value(val, cfg.plateau.metric))  # type: ignore[arg-type]
+    state.lrs.append(current_lr(optimizer))
+    improved = stopper.update(metric_value(record, stopper.metric)) if stopper else True
+    run.log.write(record)
+    run.progress.summary(record)
+    state.finish_epoch()
+    return record, improved
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}  # fmt: skip
+def _checkpoint_epoch(run: _Run, improved: bool) -> None:
+    """The best model to ``model/``; a resumable checkpoint every ``checkpoint_every`` epochs and the last."""
+    state, cfg = run.parts.state, run.cfg
+    if improved:
+        state.best_epoch, state.best_step = state.epoch, state.step
+        checkpoint.save_best_model(run.bundle, run.accelerator, run.parts.model, run.run_dir)
+    if state.epoch % cfg.checkpoint_every == 0 or state.epoch == cfg.epochs:
+        checkpoint.save_loop_checkpoint(run.run_dir, run.accelerator, run.parts, cfg.keep_last)

@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
+from typing import Any
 
+import accelerate.optimizer
 import torch
 from torch import nn
 
 from cliptune.config import TrainConfig
 
-__all__ = ["param_groups", "make_optimizer", "make_scheduler", "current_lr"]
+__all__ = [
+    "Scheduler",
+    "param_groups",
+    "make_optimizer",
+    "make_scheduler",
+    "current_lr",
+    "count_lr_reductions",
+]
+
+Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+"""What :func:`make_scheduler` returns: stepped per optimiser step (cosine) or per validation (plateau)."""
+
+# Accelerate's optimizer.step() probes the file system for `lomo_optim` twice a step (~0.5 ms): ask once.
+if hasattr(accelerate.optimizer, "is_lomo_available"):
+    accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Split trainable parameters into decayed and non-decayed groups.
 
     Biases, norm weights and scalar parameters (temperatures, SigLIP's logit bias) are not decayed:
@@ -28,7 +45,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     Returns:
         Two param groups (the empty one is dropped), each with a ``names`` list for logging.
     """
-    decay, no_decay, decay_names, no_decay_names = [], [], [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    decay_names: list[str] = []
+    no_decay_names: list[str] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -53,9 +73,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau:
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Scheduler:
     """The configured schedule.
 
     ``plateau`` steps once per validation with the watched metric (the seeds' setting); ``cosine`` steps

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 __all__ = ["EpochProgress"]
 
@@ -15,33 +15,38 @@ _console = Console(stderr=True, soft_wrap=True)
 
 
 class EpochProgress:
-    """Progress display for the main process; a no-op elsewhere or when disabled (``--quiet``)."""
+    """Progress display for the main process; a no-op elsewhere or when disabled (quiet runs)."""
 
     def __init__(self, total: int, enabled: bool = True, summaries: bool = True) -> None:
         self.total, self.enabled, self.summaries = total, enabled, summaries
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
 
     @contextmanager
     def epoch(self, epoch: int, epochs: int, start: int = 0) -> Iterator[None]:
         if not self.enabled:
             yield
             return
+        columns = (
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+        )
         self._progress = Progress(
-            TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=_console, transient=True,
-        )  # fmt: skip
+            TextColumn(f"epoch {epoch + 1}/{epochs}"), *columns, console=_console, transient=True
+        )
         self._task = self._progress.add_task("train", total=self.total, completed=start, info="")
         with self._progress:
             yield
         self._progress = None
 
     def advance(self, *, loss: float, lr: float) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.update(self._task, advance=1, info=f"loss {loss:.4f} lr {lr:.2e}")
 
     def warn(self, message: str) -> None:
-        """A warning line (skipped steps, dropped rows), shown even with ``--quiet``: nothing is silent."""
+        """A warning line (skipped steps, dropped rows), shown even in quiet runs: nothing is silent."""
         if self.summaries:
             _console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
 

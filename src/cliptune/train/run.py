@@ -19,13 +19,19 @@ from rich.console import Console
 from cliptune import __version__
 from cliptune.config import Config, load_config, save_config
 from cliptune.data.images import ImageLoadError
-from cliptune.data.prepare import prepare_data
+from cliptune.data.prepare import PreparedData, prepare_data
 from cliptune.models.backbone import load_backbone
 from cliptune.models.freeze import LoraSpec, count_parameters
 from cliptune.rundir import write_text_atomic
+from cliptune.train.errors import (
+    LauncherMismatchError,
+    MissingRunNameError,
+    RunExistsError,
+    TrainingError,
+)
 from cliptune.train.loop import fit
 from cliptune.train.optim import count_lr_reductions
-from cliptune.train.state import TrainingError
+from cliptune.train.state import LoopState
 from cliptune.train.tasks.bundle import TaskBundle
 from cliptune.train.trackers import check_trackers, start_trackers, tracker_options
 
@@ -57,9 +63,9 @@ def _build_task(cfg: Config, run_dir: Path, accelerator: Accelerator, quiet: boo
     )
     if cfg.train.gradient_checkpointing:
         for tower in backbone.towers():
-            body = getattr(tower, "body", None)
-            if hasattr(body, "gradient_checkpointing_enable"):
-                body.gradient_checkpointing_enable()
+            enable = getattr(getattr(tower, "body", None), "gradient_checkpointing_enable", None)
+            if enable is not None:
+                enable()
     if cfg.train.task == "siamese":
         from cliptune.train.tasks.siamese import build_siamese
 
@@ -79,7 +85,13 @@ class _BadRowGuard:
     """Wraps a collate that loads images: a row that fails mid-training stops the run naming the file
     (``on_bad_row: error``) or is dropped from its batch and appended to ``rejected.csv`` (``skip``)."""
 
-    def __init__(self, collate, data, on_bad_row: str, run_dir: Path) -> None:
+    def __init__(
+        self,
+        collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+        data: PreparedData,
+        on_bad_row: str,
+        run_dir: Path,
+    ) -> None:
         self.collate, self.on_bad_row, self.rejected_csv = collate, on_bad_row, run_dir / "rejected.csv"
         self.source = data.catalogue.metadata_path.name
         paths = [str(data.catalogue.image_path(f)) for f in data.rows["file_name"]]
@@ -115,10 +127,14 @@ class _BadRowGuard:
         if path in self.seen:
             return
         self.seen.add(path)
-        _console.print(f"[yellow]warning:[/yellow] dropped {file_name} (row {row}) from training: {reason}; "
-                       f"listed in {self.rejected_csv}", highlight=False)  # fmt: skip
-        line = pd.DataFrame([{"file_name": file_name, "row": row, "reason": f"failed during training: {reason}",
-                              "source": self.source}]).to_csv(index=False)  # fmt: skip
+        _console.print(
+            f"[yellow]warning:[/yellow] dropped {file_name} (row {row}) from training: {reason}; "
+            f"listed in {self.rejected_csv}",
+            highlight=False,
+        )
+        reason = f"failed during training: {reason}"
+        entry = {"file_name": file_name, "row": row, "reason": reason, "source": self.source}
+        line = pd.DataFrame([entry]).to_csv(index=False)
         try:  # "x": exactly one process writes the header, even when several reject rows at once
             with self.rejected_csv.open("x", encoding="utf-8") as fh:
                 fh.write(line)
@@ -137,8 +153,8 @@ def train(
 ) -> Path:
     """Train as configured and write the run directory.
 
-    Works unchanged under ``torchrun --nproc_per_node N -m cliptune train`` and ``accelerate launch``: each
-    process trains a shard of every batch and only the main process writes files.
+    Works unchanged when a launcher (torchrun, Accelerate) starts several processes: each trains a shard
+    of every batch and only the main process writes files.
 
     Args:
         cfg: The validated config; ``cfg.name`` names the run (``runs_root/<name>``).
@@ -154,19 +170,22 @@ def train(
         The run directory.
 
     Raises:
-        TrainingError: The run directory already holds a run (and no resume was asked), a tracker's package
-            is missing, the launcher and Accelerate disagree on the number of processes, or training failed.
-        KeyboardInterrupt: Ctrl-C / SIGTERM during training, after a resumable checkpoint was written.
+        MissingRunNameError: A new run without ``cfg.name``.
+        RunExistsError: The run directory already holds a run (and no resume was asked).
+        LauncherMismatchError: The launcher and Accelerate disagree on the number of processes.
+        TrainingError: A tracker's package is missing, an unsupported setting, or training failed (the
+            subclasses raised by :func:`cliptune.train.loop.fit`).
+        TrainingInterrupted: Ctrl-C / SIGTERM during training, after a resumable checkpoint was written.
     """
     if resume is not None:
         run_dir = Path(resume)
         cfg = load_config(run_dir / "config.yaml")
     else:
         if not cfg.name:
-            raise TrainingError("the run has no name: set `name:` in the config or pass --name")
+            raise MissingRunNameError()
         run_dir = runs_root / cfg.name
         if (run_dir / "metrics.jsonl").exists():
-            raise TrainingError(f"{run_dir} already holds a run: pass --resume {run_dir}, or another --name")
+            raise RunExistsError(run_dir)
     if cfg.train.val_every_steps is not None:  # a setting that silently did nothing would mislead
         raise TrainingError("train.val_every_steps is not supported yet: validation runs after every epoch")
     check_trackers(cfg.track)
@@ -205,15 +224,11 @@ def _has_accelerator() -> bool:
 def _check_processes(accelerator: Accelerator) -> None:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
-        raise TrainingError(
-            f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate sees "
-            f"{accelerator.num_processes}; launch with `torchrun --nproc_per_node N -m cliptune train ...` "
-            "or `accelerate launch --multi_gpu --num_processes N -m cliptune train ...` (also on CPU)"
-        )
+        raise LauncherMismatchError(launched, accelerator.num_processes)
 
 
 def _write_summary(
-    run_dir: Path, cfg: Config, state, info: dict[str, Any], setup: float, accelerator
+    run_dir: Path, cfg: Config, state: LoopState, info: dict[str, Any], setup: float, accelerator: Accelerator
 ) -> None:
     records = [
         json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()

@@ -33,12 +33,12 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
 from cliptune.config import Config, TrackConfig
-from cliptune.train.state import TrainingError
+from cliptune.train.errors import TrainingError
 
 __all__ = ["check_trackers", "tracker_options", "start_trackers", "tracker_sink", "flatten_config"]
 
 # tracker -> (module that must import, pip package that provides it)
-_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}  # fmt: skip
+_PACKAGES = {name: (name, name) for name in ("tensorboard", "wandb", "mlflow")}
 
 
 def _is_installed(module: str) -> bool:

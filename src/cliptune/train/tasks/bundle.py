@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = ["TaskBundle"]
@@ -38,3 +39,9 @@ class TaskBundle:
     save_model: Callable[[nn.Module, Path], None]
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """:attr:`evaluate` with ``model`` in eval mode and without gradients (as the loop validates)."""
+        model.eval()
+        with torch.no_grad():
+            return self.evaluate(model)

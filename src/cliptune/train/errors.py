@@ -1,0 +1,183 @@
+"""Why training stopped, as types that carry the facts.
+
+Every error here is a :class:`TrainingError` (a :class:`~cliptune.errors.CliptuneError`) whose message
+states what happened in terms of files, counts and config keys, and whose attributes hold the same facts
+for a caller to act on. Messages never name a command-line flag or command: how to launch, resume or
+rename a run is for the CLI to say (``cliptune.cli``), which reads the attributes.
+
+:class:`TrainingInterrupted` is the exception: it is a ``KeyboardInterrupt`` (Ctrl-C / SIGTERM stop the
+program as usual) that also says where the resumable checkpoint is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cliptune.errors import CliptuneError
+
+__all__ = [
+    "TrainingError",
+    "MissingRunNameError",
+    "RunExistsError",
+    "LauncherMismatchError",
+    "NothingToResumeError",
+    "WorldSizeMismatchError",
+    "EmptyEpochError",
+    "UnknownMetricError",
+    "NonFiniteLossError",
+    "TrainingOutOfMemoryError",
+    "TrainingInterrupted",
+]
+
+
+class TrainingError(CliptuneError, RuntimeError):
+    """Training cannot go on; the message says why and, as config keys, what to change."""
+
+
+class MissingRunNameError(TrainingError):
+    """A new run was asked for without a name (``name:`` in the config), so it has no run directory."""
+
+    def __init__(self) -> None:
+        super().__init__("the run has no name: set `name:` in the config")
+
+
+class RunExistsError(TrainingError):
+    """A new run would write into a run directory that already holds a run.
+
+    Attributes:
+        run_dir: The existing run directory (resume it, or choose another name).
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        super().__init__(f"{run_dir} already holds a run")
+
+
+class LauncherMismatchError(TrainingError):
+    """The launcher started another number of processes than Accelerate sees (each would train alone).
+
+    Attributes:
+        launched: Processes the launcher started (``WORLD_SIZE``).
+        seen: Processes Accelerate sees.
+    """
+
+    def __init__(self, launched: int, seen: int) -> None:
+        self.launched, self.seen = launched, seen
+        super().__init__(f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate sees {seen}")
+
+
+class NothingToResumeError(TrainingError):
+    """A resume was asked for but the run has no complete checkpoint.
+
+    Attributes:
+        checkpoints: The run's ``checkpoints/`` folder.
+    """
+
+    def __init__(self, checkpoints: Path) -> None:
+        self.checkpoints = checkpoints
+        super().__init__(f"nothing to resume: no checkpoint in {checkpoints}")
+
+
+class WorldSizeMismatchError(TrainingError):
+    """A checkpoint written by a run with ``saved`` processes is resumed with ``now`` processes.
+
+    The position inside the epoch would then mean other batches, so the resume would not be exact.
+
+    Attributes:
+        checkpoint: The checkpoint folder.
+        saved: Processes of the run that wrote it (launch the resume the same way).
+        now: Processes of this resume.
+    """
+
+    def __init__(self, checkpoint: Path, saved: int, now: int) -> None:
+        self.checkpoint, self.saved, self.now = checkpoint, saved, now
+        super().__init__(
+            f"{checkpoint} was written by a run with {saved} process(es); this resume has {now}, so the "
+            "remaining batches would not be the same"
+        )
+
+
+class EmptyEpochError(TrainingError):
+    """The training split does not fill one global batch, so an epoch would have no step.
+
+    Attributes:
+        n_items: Items in the training split.
+        batch_size: ``train.batch_size`` (per process).
+        processes: Number of processes.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, processes: int) -> None:
+        self.n_items, self.batch_size, self.processes = n_items, batch_size, processes
+        super().__init__(
+            f"the training split has {n_items} items, fewer than one global batch "
+            f"({batch_size} x {processes} processes): lower train.batch_size"
+        )
+
+
+class UnknownMetricError(TrainingError):
+    """A setting watches a metric that the task does not log.
+
+    Attributes:
+        metric: The watched name.
+        logged: The names that are logged.
+    """
+
+    def __init__(self, metric: str, logged: list[str]) -> None:
+        self.metric, self.logged = metric, logged
+        super().__init__(f"metric '{metric}' is not logged; logged: {', '.join(logged)}")
+
+
+class NonFiniteLossError(TrainingError):
+    """More non-finite losses than ``train.max_bad_steps`` allows.
+
+    Attributes:
+        loss: The loss value (nan or inf).
+        step: The 1-based step it happened at (``epoch`` and ``batch`` in it, also 1-based).
+        last_checkpoint: The newest checkpoint (all its steps had finite losses), or None.
+        max_bad_steps: The allowance.
+    """
+
+    def __init__(
+        self, loss: float, step: int, epoch: int, batch: int, last_checkpoint: Path | None, max_bad_steps: int
+    ) -> None:
+        self.loss, self.step, self.epoch, self.batch = loss, step, epoch, batch
+        self.last_checkpoint, self.max_bad_steps = last_checkpoint, max_bad_steps
+        super().__init__(
+            f"non-finite loss ({loss}) at step {step} (epoch {epoch}, batch {batch}); last good checkpoint: {last_checkpoint or 'none'}. "
+            "Lower train.lr, enable train.grad_clip, or allow skipping with train.max_bad_steps "
+            f"(now {max_bad_steps})"
+        )
+
+
+class TrainingOutOfMemoryError(TrainingError):
+    """The accelerator ran out of memory; the message names the settings that lower it.
+
+    Attributes:
+        step: Completed steps when it happened.
+        batch_size: ``train.batch_size`` now.
+        grad_accum: ``train.grad_accum`` now.
+    """
+
+    def __init__(self, step: int, epoch: int, detail: str, batch_size: int, grad_accum: int) -> None:
+        self.step, self.batch_size, self.grad_accum = step, batch_size, grad_accum
+        super().__init__(
+            f"out of accelerator memory after step {step} (epoch {epoch}): {detail}. Lower "
+            f"train.batch_size (now {batch_size}) and raise train.grad_accum (now {grad_accum}) to "
+            "keep the effective batch, or set train.gradient_checkpointing: true"
+        )
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped training after a resumable checkpoint was written.
+
+    A ``KeyboardInterrupt``, so code that lets Ctrl-C through still does; not a :class:`TrainingError`.
+
+    Attributes:
+        step: Completed steps (the checkpoint's position).
+        run_dir: The run directory to resume.
+        checkpoint: The checkpoint folder just written.
+    """
+
+    def __init__(self, step: int, run_dir: Path, checkpoint: Path) -> None:
+        self.step, self.run_dir, self.checkpoint = step, run_dir, checkpoint
+        super().__init__(f"interrupted at step {step}: checkpoint saved in {checkpoint}; resume is exact")
