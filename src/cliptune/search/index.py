@@ -9,8 +9,9 @@ OUT/
   items.jsonl   one line per indexed image, in index order: id (file name), path, captions, attributes
 ```
 
-The folder is written atomically: everything goes into a hidden temporary folder next to ``OUT`` that is
-renamed into place only when complete, so an interrupted build leaves either no index or the previous one.
+The folder is written atomically (:func:`cliptune.rundir.atomic_folder`): everything goes into a hidden
+temporary folder next to ``OUT`` that is renamed into place only when complete, so an interrupted build
+leaves either no index or the previous one.
 An index remembers the model that embedded it and refuses to be rebuilt or queried by another one: scores
 of two models live in different spaces. See ``docs/search.md``.
 
@@ -24,9 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +37,7 @@ from cliptune.data.catalogue import Catalogue
 from cliptune.data.check import check_catalogue
 from cliptune.errors import CliptuneError
 from cliptune.inference import LoadedModel, embed_images_with
+from cliptune.rundir import atomic_folder
 
 __all__ = ["SearchIndex", "SearchIndexError", "build_index", "load_index"]
 
@@ -348,11 +347,7 @@ def _write_atomically(
     import faiss
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the index should get ordinary permissions
-    try:
+    with atomic_folder(out) as tmp:
         flat = faiss.IndexFlatIP(vectors.shape[1])
         flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
         faiss.write_index(flat, str(tmp / FAISS_FILE))
@@ -367,26 +362,3 @@ def _write_atomically(
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         # the manifest goes last: a folder with index.json is a complete index
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is first renamed aside, then deleted."""
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    old.rmdir()
-    out.rename(old)  # between these two renames (microseconds) `out` is absent; the old one is in `old`
-    try:
-        tmp.rename(out)
-    except BaseException:
-        old.rename(out)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
