@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -11,7 +12,9 @@ import yaml
 from typer.testing import CliRunner
 
 from cliptune.cli.app import app
+from cliptune.cli.errors import HINTS
 from cliptune.config import Config
+from cliptune.errors import CliptuneError
 
 runner = CliRunner()
 
@@ -79,3 +82,11 @@ def test_every_registered_command_has_help_and_an_example() -> None:
         result = runner.invoke(app, [*args, "--help"])
         assert result.exit_code == 0, args
         assert f"cliptune {' '.join(args)}" in " ".join(result.output.split()), f"no example in {args} --help"
+
+
+def test_every_hint_names_a_cliptune_error_class() -> None:
+    # HINTS is keyed by "module.Class" so that looking a hint up imports nothing: check every key is real
+    for key in HINTS:
+        module, _, name = key.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, CliptuneError), key
