@@ -22,6 +22,7 @@ from cliptune.data.synthetic import render_fashion
 from cliptune.inference import LoadedModel, embed_images_with, embed_texts_with, load_model
 from cliptune.search import SearchIndex, SearchIndexError, build_index, load_index, search, search_embeddings
 from cliptune.search import query as query_module
+from cliptune.search.index import IndexBadRowsError, IndexExistsError
 from cliptune.train.run import train
 from tests.tiny_models import make_tiny_clip
 
@@ -183,8 +184,13 @@ def test_other_model_is_refused(root: Path, fashion: Path, model: LoadedModel, b
     with pytest.raises(SearchIndexError, match="was built with model .*; the query model is"):
         search(load_index(built), other, text="jeans")
     before = (built / "index.faiss").read_bytes()
-    with pytest.raises(SearchIndexError, match=r"was built with model .*use a new folder or --overwrite"):
+    # the library states the facts (folder, both models); the CLI adds the flag (test_cli_index_and_search)
+    with pytest.raises(
+        IndexExistsError, match=rf"was built with model {model.name} .*; this is {other.name}"
+    ) as exc:
         build_index(other, read_catalogue(fashion), built, cache_dir=root / "cache", progress=False)
+    assert isinstance(exc.value, SearchIndexError) and exc.value.out == built
+    assert "--overwrite" not in str(exc.value)
     assert (built / "index.faiss").read_bytes() == before
     # with overwrite=True (into a copy, the module's index stays): the new model's index replaces it
     copy = root / "idx-copy"
@@ -253,9 +259,12 @@ def test_captions_and_disagreeing_attributes_are_merged_per_image(
 
     (cat / "metadata.csv").write_text("file_name,text\nimg/000001.png,jeans\nimg/missing.png,a coat\n")
     with pytest.raises(
-        SearchIndexError, match=r"1 bad row\(s\), nothing indexed:\n  row 2 \(img/missing.png\)"
-    ):
+        IndexBadRowsError, match=r"1 bad row\(s\), nothing indexed:\n  row 2 \(img/missing.png\)"
+    ) as exc:
         build_index(model, read_catalogue(cat), tmp_path / "idx2", cache_dir=root / "cache", progress=False)
+    assert isinstance(exc.value, SearchIndexError) and exc.value.catalogue == read_catalogue(cat).root
+    assert [r.file_name for r in exc.value.rejected] == ["img/missing.png"]
+    assert "--write-clean" not in str(exc.value)  # the CLI adds it: test_cli_index_of_bad_rows_names_the_fix
     assert not (tmp_path / "idx2").exists()
 
 

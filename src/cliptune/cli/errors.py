@@ -36,9 +36,20 @@ err_console = Console(stderr=True, soft_wrap=True)
 Hint = str | Callable[[Any], str]
 
 
+def _index_bad_rows(exc: Any) -> str:
+    return f"fix them, or index a clean copy (`cliptune data check {exc.catalogue} --write-clean OUT`)"
+
+
 # "module.ClassName" of a CliptuneError subclass -> the hint that names the flags fixing it. A subclass
 # without an entry of its own takes its nearest base class's. tests/test_cli.py checks every key imports.
-HINTS: dict[str, Hint] = {}
+HINTS: dict[str, Hint] = {
+    "cliptune.data.prepare.BadRowsError": (
+        "Fix them, clean the catalogue with `cliptune data check --write-clean`, or set "
+        "data.on_bad_row=skip to train without them (they are then listed in rejected.csv)."
+    ),
+    "cliptune.search.index.IndexExistsError": "use a new folder or --overwrite",
+    "cliptune.search.index.IndexBadRowsError": _index_bad_rows,
+}
 
 
 def hint_for(exc: BaseException) -> str | None:
