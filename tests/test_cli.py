@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import typer
 import yaml
 from typer.testing import CliRunner
 
 from cliptune.cli.app import app
+from cliptune.cli.errors import HINTS, exit_on_error, with_hint
 from cliptune.config import Config
+from cliptune.data.catalogue import CatalogueError
+from cliptune.errors import CliptuneError
+from cliptune.search.index import IndexExistsError
 
 runner = CliRunner()
 
@@ -79,3 +86,27 @@ def test_every_registered_command_has_help_and_an_example() -> None:
         result = runner.invoke(app, [*args, "--help"])
         assert result.exit_code == 0, args
         assert f"cliptune {' '.join(args)}" in " ".join(result.output.split()), f"no example in {args} --help"
+
+
+def test_every_hint_names_a_cliptune_error_class() -> None:
+    # HINTS is keyed by "module.Class" so that looking a hint up imports nothing: check every key is real
+    for key in HINTS:
+        module, _, name = key.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, CliptuneError), key
+
+
+def test_errors_print_one_line_with_the_hint_and_exit_with_the_code(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    one_line = IndexExistsError(Path("idx"), "idx is not empty and holds no index")
+    assert with_hint(one_line) == "idx is not empty and holds no index: use a new folder or --overwrite"
+    assert with_hint(CatalogueError("no hint")) == "no hint"  # a type without a hint: the message alone
+    with pytest.raises(typer.Exit) as exc, exit_on_error(3, prefix="index failed: "):
+        raise one_line
+    assert exc.value.exit_code == 3
+    assert capsys.readouterr().err == (
+        "index failed: idx is not empty and holds no index: use a new folder or --overwrite\n"
+    )
+    with pytest.raises(KeyError), exit_on_error(1):  # not a user error: not swallowed
+        raise KeyError("bug")

@@ -63,3 +63,23 @@ def test_check_without_metadata_exits_2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["data", "check", str(tmp_path)])
     assert result.exit_code == 2
     assert "metadata" in result.output
+
+
+def test_train_on_bad_rows_names_the_rows_and_the_fix(tmp_path: Path) -> None:
+    # prepare_data raises BadRowsError with the rows; the CLI adds how to clean the catalogue
+    cat = tmp_path / "cat"
+    cat.mkdir()
+    Image.new("RGB", (8, 8), "red").save(cat / "a.png")
+    pd.DataFrame({"file_name": ["a.png", "missing.png"], "text": ["a red square", "gone"]}).to_csv(
+        cat / "metadata.csv", index=False
+    )
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"data:\n  catalogue: {cat}\n")
+    result = runner.invoke(app, ["train", str(cfg), "--runs", str(tmp_path / "runs"), "-q"])
+    assert result.exit_code == 1
+    assert "1 bad row(s) in" in result.output and "row 2 (missing.png)" in result.output
+    assert (
+        "Fix them, clean the catalogue with `cliptune data check --write-clean`, or set "
+        "data.on_bad_row=skip to train without them (they are then listed in rejected.csv)."
+    ) in _flat(result.output)
+    assert "Traceback" not in result.output

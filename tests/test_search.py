@@ -14,13 +14,15 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cliptune.cli.search import register
+from cliptune.cli import index as index_cli
+from cliptune.cli import search as search_cli
 from cliptune.config import Config
 from cliptune.data.catalogue import read_catalogue
 from cliptune.data.synthetic import render_fashion
 from cliptune.inference import LoadedModel, embed_images_with, embed_texts_with, load_model
 from cliptune.search import SearchIndex, SearchIndexError, build_index, load_index, search, search_embeddings
 from cliptune.search import query as query_module
+from cliptune.search.index import IndexBadRowsError, IndexExistsError
 from cliptune.train.run import train
 from tests.tiny_models import make_tiny_clip
 
@@ -182,8 +184,13 @@ def test_other_model_is_refused(root: Path, fashion: Path, model: LoadedModel, b
     with pytest.raises(SearchIndexError, match="was built with model .*; the query model is"):
         search(load_index(built), other, text="jeans")
     before = (built / "index.faiss").read_bytes()
-    with pytest.raises(SearchIndexError, match=r"was built with model .*use a new folder or --overwrite"):
+    # the library states the facts (folder, both models); the CLI adds the flag (test_cli_index_and_search)
+    with pytest.raises(
+        IndexExistsError, match=rf"was built with model {model.name} .*; this is {other.name}"
+    ) as exc:
         build_index(other, read_catalogue(fashion), built, cache_dir=root / "cache", progress=False)
+    assert isinstance(exc.value, SearchIndexError) and exc.value.out == built
+    assert "--overwrite" not in str(exc.value)
     assert (built / "index.faiss").read_bytes() == before
     # with overwrite=True (into a copy, the module's index stays): the new model's index replaces it
     copy = root / "idx-copy"
@@ -252,15 +259,24 @@ def test_captions_and_disagreeing_attributes_are_merged_per_image(
 
     (cat / "metadata.csv").write_text("file_name,text\nimg/000001.png,jeans\nimg/missing.png,a coat\n")
     with pytest.raises(
-        SearchIndexError, match=r"1 bad row\(s\), nothing indexed:\n  row 2 \(img/missing.png\)"
-    ):
+        IndexBadRowsError, match=r"1 bad row\(s\), nothing indexed:\n  row 2 \(img/missing.png\)"
+    ) as exc:
         build_index(model, read_catalogue(cat), tmp_path / "idx2", cache_dir=root / "cache", progress=False)
+    assert isinstance(exc.value, SearchIndexError) and exc.value.catalogue == read_catalogue(cat).root
+    assert [r.file_name for r in exc.value.rejected] == ["img/missing.png"]
+    assert "--write-clean" not in str(exc.value)  # the CLI adds it: test_cli_index_of_bad_rows_names_the_fix
     assert not (tmp_path / "idx2").exists()
 
 
-def test_cli_index_and_search(tmp_path: Path, root: Path, fashion: Path, model: LoadedModel) -> None:
+def _index_and_search_app() -> typer.Typer:
     app = typer.Typer()
-    register(app)
+    index_cli.register(app)
+    search_cli.register(app)
+    return app
+
+
+def test_cli_index_and_search(tmp_path: Path, root: Path, fashion: Path, model: LoadedModel) -> None:
+    app = _index_and_search_app()
     runner = CliRunner()
     clip, out, cache = str(root / "clip"), str(tmp_path / "idx"), str(root / "cache")
     result = runner.invoke(app, ["index", clip, out, "--data", str(fashion), "--cache-dir", cache, "-q"])
@@ -300,6 +316,50 @@ def test_cli_index_and_search(tmp_path: Path, root: Path, fashion: Path, model: 
         app, ["index", str(other), out, "--data", str(fashion), "--cache-dir", cache, "-q"]
     )
     assert refused.exit_code == 1 and "use a new folder or --overwrite" in refused.output
+    assert f"this is {load_model(other).name} (from {other}): use a new folder or --overwrite" in " ".join(
+        refused.output.split()
+    )
+
+
+def test_cli_index_refuses_a_file_or_a_foreign_folder(tmp_path: Path, root: Path, fashion: Path) -> None:
+    runner, clip = CliRunner(), str(root / "clip")
+    args = ["--data", str(fashion), "--cache-dir", str(root / "cache"), "-q"]
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    app = _index_and_search_app()
+    result = runner.invoke(app, ["index", clip, str(tmp_path / "file"), *args])
+    assert result.exit_code == 1
+    assert "exists and is not a folder: use a new folder or --overwrite" in " ".join(result.output.split())
+    result = runner.invoke(app, ["index", clip, str(tmp_path / "notes"), *args])
+    assert result.exit_code == 1
+    assert "is not empty and holds no index: use a new folder or --overwrite" in " ".join(
+        result.output.split()
+    )
+    # --overwrite replaces even a file, and leaves nothing of it behind
+    result = runner.invoke(app, ["index", clip, str(tmp_path / "file"), *args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "file" / "index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "notes"]
+
+
+def test_cli_index_of_bad_rows_names_the_fix(tmp_path: Path, root: Path, fashion: Path) -> None:
+    cat = tmp_path / "cat"
+    (cat / "img").mkdir(parents=True)
+    shutil.copy(fashion / "images" / "000001.png", cat / "img" / "000001.png")
+    (cat / "metadata.csv").write_text("file_name,text\nimg/000001.png,jeans\nimg/missing.png,a coat\n")
+    out = tmp_path / "idx"
+    result = CliRunner().invoke(
+        _index_and_search_app(),
+        ["index", str(root / "clip"), str(out), "--data", str(cat), "--cache-dir", str(root / "cache"), "-q"],
+    )
+    assert result.exit_code == 1 and not out.exists()
+    assert "1 bad row(s), nothing indexed:\n  row 2 (img/missing.png)" in result.output
+    root_dir = read_catalogue(cat).root
+    assert (
+        f"fix them, or index a clean copy (`cliptune data check {root_dir} --write-clean OUT`)"
+        in " ".join(result.output.split())
+    )
 
 
 @pytest.fixture(scope="module")

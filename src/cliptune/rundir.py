@@ -1,20 +1,241 @@
 """The run directory's contract and the one atomic writer every part of cliptune uses.
 
+A run directory is what every part of cliptune shares: ``train`` writes it, ``eval``, ``test``,
+``report``, ``compare``, ``sweep`` and ``index`` read it and add to it. Its file names live here, once
+(:class:`RunDir`), so a reader and a writer cannot disagree on them::
+
+    runs/<name>/
+      config.yaml       the resolved config (``cliptune config show`` format)
+      splits.json       {split: [group ids]}; reused by a resumed run and by ``eval``
+      rejected.csv      rows left out (``data.on_bad_row: skip``)
+      metrics.jsonl     one JSON object per logged step / epoch
+      summary.json      best and last metrics, written when training ends
+      checkpoints/      resumable training state
+      model/            the trained model (``load_model`` reads it)
+      eval/<split>.json ``cliptune eval`` results
+      suite/<name>.json ``cliptune test`` results
+      report.html, report.md  ``cliptune report``
+
 A reader (a resumed run, ``report``, ``search``, a second process) must see the old file or folder or
 the new one, never half of one: every file and folder cliptune writes goes through this module.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["atomic_folder", "write_bytes_atomic", "write_text_atomic"]
+if TYPE_CHECKING:  # config imports this module for its writer: import it back only where it is used
+    from cliptune.config import Config
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "CONFIG_FILE",
+    "EVAL_DIR",
+    "METRICS_FILE",
+    "MODEL_DIR",
+    "REJECTED_FILE",
+    "REPORT_HTML",
+    "REPORT_MD",
+    "SPLITS_FILE",
+    "SUITE_DIR",
+    "SUMMARY_FILE",
+    "RunDir",
+    "atomic_folder",
+    "is_run",
+    "read_config",
+    "read_json",
+    "read_metrics",
+    "read_splits",
+    "read_summary",
+    "write_config",
+    "write_eval_json",
+    "write_splits",
+    "write_suite_json",
+    "write_summary",
+    "write_bytes_atomic",
+    "write_text_atomic",
+]
+
+CONFIG_FILE = "config.yaml"
+SPLITS_FILE = "splits.json"
+REJECTED_FILE = "rejected.csv"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
+EVAL_DIR = "eval"
+SUITE_DIR = "suite"
+REPORT_HTML = "report.html"
+REPORT_MD = "report.md"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory; building one touches no file.
+
+    Attributes:
+        path: The run directory (``runs/<name>``).
+
+    Example:
+        >>> RunDir(Path("runs/demo")).eval("test")
+        PosixPath('runs/demo/eval/test.json')
+    """
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))  # accept a str without a second type
+
+    @property
+    def config(self) -> Path:
+        """``config.yaml``: the resolved config the run was trained with."""
+        return self.path / CONFIG_FILE
+
+    @property
+    def splits(self) -> Path:
+        """``splits.json``: the group ids of each split, so every later command sees the same split."""
+        return self.path / SPLITS_FILE
+
+    @property
+    def rejected(self) -> Path:
+        """``rejected.csv``: the catalogue rows the run left out."""
+        return self.path / REJECTED_FILE
+
+    @property
+    def metrics(self) -> Path:
+        """``metrics.jsonl``: one JSON object per logged step or epoch."""
+        return self.path / METRICS_FILE
+
+    @property
+    def summary(self) -> Path:
+        """``summary.json``: the best and last metrics, written when training ends."""
+        return self.path / SUMMARY_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        """``checkpoints/``: resumable training state."""
+        return self.path / CHECKPOINTS_DIR
+
+    @property
+    def model(self) -> Path:
+        """``model/``: the trained model folder."""
+        return self.path / MODEL_DIR
+
+    @property
+    def eval_dir(self) -> Path:
+        """``eval/``: one ``<split>.json`` per evaluated split."""
+        return self.path / EVAL_DIR
+
+    def eval(self, split: str) -> Path:
+        """``eval/<split>.json``: ``cliptune eval``'s result for one split."""
+        return self.eval_dir / f"{split}.json"
+
+    @property
+    def suite_dir(self) -> Path:
+        """``suite/``: one ``<suite name>.json`` per behavioural suite run on this model."""
+        return self.path / SUITE_DIR
+
+    def suite(self, name: str) -> Path:
+        """``suite/<name>.json``: ``cliptune test``'s result for one suite."""
+        return self.suite_dir / f"{name}.json"
+
+    @property
+    def report(self) -> Path:
+        """``report.html``: ``cliptune report``'s page."""
+        return self.path / REPORT_HTML
+
+    @property
+    def report_md(self) -> Path:
+        """``report.md``: the Markdown twin of :attr:`report`."""
+        return self.path / REPORT_MD
+
+
+def is_run(path: Path | str) -> bool:
+    """Whether ``path`` is a finished run directory (a ``config.yaml`` file and a ``model/`` folder).
+
+    Commands that take "a run directory or a model" (``eval``, ``test``) decide with this which one they
+    were given; a bare model folder has no ``config.yaml`` beside its weights.
+    """
+    run = RunDir(Path(path))
+    return run.config.is_file() and run.model.is_dir()
+
+
+def read_json(path: Path) -> Any:
+    """Parse one JSON file (``summary.json``, ``eval/<split>.json``, ``suite/<name>.json``)."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_config(run: Path) -> Config:
+    """The run's ``config.yaml``, validated (raises ``ConfigError`` naming the file and field)."""
+    from cliptune.config import load_config
+
+    return load_config(RunDir(run).config)
+
+
+def write_config(run: Path, config: Config) -> Path:
+    """Write ``config.yaml`` atomically; returns its path."""
+    from cliptune.config import save_config
+
+    return save_config(config, RunDir(run).config)
+
+
+def read_splits(run: Path) -> dict[str, list[str]]:
+    """The run's ``splits.json`` (checked: no group in two splits; raises ``ValueError`` otherwise)."""
+    from cliptune.data.splits import load_splits
+
+    return load_splits(RunDir(run).splits)
+
+
+def write_splits(run: Path, splits: Mapping[str, list[str]]) -> Path:
+    """Write ``splits.json`` atomically (sorted, so the same split gives the same bytes)."""
+    from cliptune.data.splits import save_splits
+
+    return save_splits(splits, RunDir(run).splits)
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    """Every record of ``metrics.jsonl``, in order (blank lines skipped); ``[]`` when there is none."""
+    path = RunDir(run).metrics
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_summary(run: Path) -> dict[str, Any]:
+    """The run's ``summary.json``."""
+    data: dict[str, Any] = read_json(RunDir(run).summary)
+    return data
+
+
+def write_summary(run: Path, summary: Mapping[str, Any]) -> Path:
+    """Write ``summary.json`` atomically (values JSON cannot hold, such as paths, as strings)."""
+    return write_text_atomic(RunDir(run).summary, json.dumps(summary, indent=2, default=str))
+
+
+def write_eval_json(folder: Path, result: Mapping[str, Any]) -> Path:
+    """Write one split's evaluation as ``folder/<split>.json`` atomically (``RUN/eval`` or ``--out``).
+
+    NaN and infinity are refused (``ValueError``): the file must be strict JSON for other tools.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(folder / f"{result['split']}.json", json.dumps(result, allow_nan=False) + "\n")
+
+
+def write_suite_json(folder: Path, result: Mapping[str, Any]) -> Path:
+    """Write one suite's result as ``folder/<suite>.json`` atomically (``RUN/suite`` or ``--out``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(folder / f"{result['suite']}.json", json.dumps(result, indent=1) + "\n")
 
 
 def write_bytes_atomic(path: Path, data: bytes, *, fsync: bool = False) -> Path:
@@ -106,4 +327,7 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
     except BaseException:
         old.rename(final)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:  # a file (or link) that stood where the folder goes: replaced on purpose by the caller
+        old.unlink(missing_ok=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,7 +30,10 @@ def _run_step(app: typer.Typer, args: list[str]) -> int:
 
 
 def _load(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    from cliptune.rundir import read_json
+
+    data: dict[str, Any] | None = read_json(path) if path.exists() else None
+    return data
 
 
 def _fmt(m: dict[str, Any] | None) -> str:
@@ -40,6 +42,8 @@ def _fmt(m: dict[str, Any] | None) -> str:
 
 def _summary(out: Path) -> list[str]:
     """The demo's conclusions, computed from the files it wrote (no number is typed in here)."""
+    from cliptune.rundir import RunDir
+
     runs = out / "runs"
     lines: list[str] = []
     table = Table(title="Fashion: base vs fine-tuned on the same held-out test queries")
@@ -47,8 +51,9 @@ def _summary(out: Path) -> list[str]:
         table.add_column(col)
     evals = {}
     for name in ("fashion-base", "fashion-finetuned"):
-        ev = _load(runs / name / "eval" / "test.json")
-        suites = sorted((runs / name / "suite").glob("*.json")) if (runs / name / "suite").exists() else []
+        run = RunDir(runs / name)
+        ev = _load(run.eval("test"))
+        suites = sorted(run.suite_dir.glob("*.json")) if run.suite_dir.exists() else []
         suite = _load(suites[0]) if suites else None
         evals[name] = ev
         rips = (suite or {}).get("categories", {}).get("rips", {})
@@ -78,9 +83,9 @@ def _summary(out: Path) -> list[str]:
         console.print(f"  - {line}")
     console.print("\nOpen:")
     for path in (
-        runs / "fashion-finetuned" / "report.html",
+        RunDir(runs / "fashion-finetuned").report,
         out / "compare" / "compare.html",
-        runs / "art-siamese" / "report.html",
+        RunDir(runs / "art-siamese").report,
         out / "data" / "fashion" / "contact_sheet.png",
     ):
         console.print(f"  {path}{'' if path.exists() else '  (not written)'}")

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cliptune.cli.errors import err_console, exit_on_error
+
 __all__ = ["register", "metrics_table", "parse_ks"]
 
 _RETRIEVAL_COLUMNS = ("recall@{k}", "mrr", "precision@{p}")
@@ -138,27 +140,30 @@ def register(app: typer.Typer) -> None:
             cliptune eval runs/demo-finetuned --split val --json
             cliptune eval embedded --data data/fashion --out eval/base
         """
-        err = Console(stderr=True, soft_wrap=True)
+        from cliptune.rundir import RunDir, write_eval_json
+        from cliptune.rundir import is_run as is_run_dir
+
         ks = parse_ks(k) if k is not None else None
         if relevant not in (None, "group", "item"):
-            err.print(f"[red]--relevant must be 'group' or 'item', got {relevant!r}[/red]", highlight=False)
+            err_console.print(
+                f"[red]--relevant must be 'group' or 'item', got {relevant!r}[/red]", highlight=False
+            )
             raise typer.Exit(2)
         path = Path(target)
-        is_run = (path / "config.yaml").is_file() and (path / "model").is_dir()
+        is_run = is_run_dir(path)
         if not is_run and data is None:
-            err.print(
+            err_console.print(
                 f"[red]{target} is not a run directory (no config.yaml + model/): give the catalogue to "
                 "evaluate on with --data CATALOGUE[/red]",
                 highlight=False,
             )
             raise typer.Exit(2)
-        results = _evaluate(
-            path, is_run, data, split, all_splits, ks, bootstrap, relevant, cache_dir, quiet, err, text_column
-        )
-        from cliptune.evaluation.evaluate import write_eval
-
-        folder = out if out is not None or is_run else Path("eval")  # None: RUN/eval
-        written = [write_eval(r, None if folder else path, out_dir=folder) for r in results.values()]
+        with exit_on_error(1, ValueError, FileNotFoundError):
+            results = _evaluate(
+                path, is_run, data, split, all_splits, ks, bootstrap, relevant, cache_dir, quiet, text_column
+            )
+        folder = out if out is not None else (RunDir(path).eval_dir if is_run else Path("eval"))
+        written = [write_eval_json(folder, r) for r in results.values()]
         if as_json:
             sys.stdout.write(json.dumps({s: r["metrics"] for s, r in results.items()}, indent=1) + "\n")
             return
@@ -187,11 +192,9 @@ def _evaluate(
     relevant: str | None,
     cache_dir: Path | None,
     quiet: bool,
-    err: Console,
     text_column: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-    from cliptune.config import ConfigError
-    from cliptune.data.catalogue import CatalogueError
+    """Evaluate a run on its own split(s), or a bare model on a catalogue's; library errors propagate."""
     from cliptune.evaluation.evaluate import (
         EvalError,
         evaluate_run,
@@ -200,40 +203,33 @@ def _evaluate(
         split_order,
     )
     from cliptune.inference import load_model
-    from cliptune.models.backbone import BackboneError
 
-    try:
-        if is_run:
-            names = None if all_splits else [split or "test"]
-            return evaluate_run(
-                path, names, catalogue=data, ks=ks, bootstrap=bootstrap, relevant=relevant,  # type: ignore[arg-type]
-                cache_dir=cache_dir, text_column=text_column, progress=not quiet,
-            )  # fmt: skip
-        assert data is not None
-        prepared = prepare_catalogue(data, progress=not quiet)
-        names = split_order(prepared.splits) if all_splits else [split or _default_split(prepared.splits)]
-        unknown = [n for n in names if n not in prepared.splits]
-        if unknown:
-            raise EvalError(
-                f"{data}: no split '{unknown[0]}'; splits: {', '.join(split_order(prepared.splits))}"
-            )
-        model = load_model(path)
-        return {
-            name: evaluate_split(
-                model,
-                prepared,
-                name,
-                ks=ks or (1, 5, 10),
-                relevant=relevant or "group",  # type: ignore[arg-type]
-                bootstrap=1000 if bootstrap is None else bootstrap,
-                cache_dir=cache_dir,
-                progress=not quiet,
-            )
-            for name in names
-        }
-    except (EvalError, CatalogueError, ConfigError, BackboneError, ValueError, FileNotFoundError) as exc:
-        err.print(f"[red]{exc}[/red]", highlight=False)
-        raise typer.Exit(1) from None
+    if is_run:
+        names = None if all_splits else [split or "test"]
+        return evaluate_run(
+            path, names, catalogue=data, ks=ks, bootstrap=bootstrap, relevant=relevant,  # type: ignore[arg-type]
+            cache_dir=cache_dir, text_column=text_column, progress=not quiet,
+        )  # fmt: skip
+    assert data is not None
+    prepared = prepare_catalogue(data, progress=not quiet)
+    names = split_order(prepared.splits) if all_splits else [split or _default_split(prepared.splits)]
+    unknown = [n for n in names if n not in prepared.splits]
+    if unknown:
+        raise EvalError(f"{data}: no split '{unknown[0]}'; splits: {', '.join(split_order(prepared.splits))}")
+    model = load_model(path)
+    return {
+        name: evaluate_split(
+            model,
+            prepared,
+            name,
+            ks=ks or (1, 5, 10),
+            relevant=relevant or "group",  # type: ignore[arg-type]
+            bootstrap=1000 if bootstrap is None else bootstrap,
+            cache_dir=cache_dir,
+            progress=not quiet,
+        )
+        for name in names
+    }
 
 
 def _default_split(splits: dict[str, list[str]]) -> str:

@@ -1,4 +1,4 @@
-"""``cliptune index`` and ``cliptune search``: build a searchable index of a catalogue, query it."""
+"""``cliptune search``: query an index folder (``cliptune index``) by text or image, with filters."""
 
 from __future__ import annotations
 
@@ -10,59 +10,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cliptune.cli.errors import err_console, exit_on_error
+
+__all__ = ["register", "search_cmd"]
+
 console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``index`` and ``search`` commands to ``app``."""
-    app.command("index")(index_cmd)
+    """Add ``cliptune search`` to ``app``."""
     app.command("search")(search_cmd)
-
-
-def index_cmd(
-    model: Annotated[str, typer.Argument(help="Run directory, model folder, or backbone spec (embedded).")],
-    out: Annotated[Path, typer.Argument(help="Index folder to write (replaced atomically).")],
-    data: Annotated[Path, typer.Option("--data", help="Catalogue folder to index.")],
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace OUT even if another model built it, or it is not an index.")
-    ] = False,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder.")] = None,  # noqa: UP045
-    precision: Annotated[str, typer.Option(help="Tower precision: auto, fp32 or bf16.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per forward.", min=1)] = 64,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
-) -> None:
-    """Embed a catalogue's images with a trained model into a FAISS index with their metadata.
-
-    Examples:
-        cliptune index runs/fashion-finetuned --data data/fashion indexes/fashion
-        cliptune index runs/fashion-finetuned --data data/fashion indexes/fashion --overwrite -q
-    """
-    from cliptune.data.catalogue import CatalogueError, read_catalogue
-    from cliptune.data.images import ImageLoadError
-    from cliptune.inference import load_model
-    from cliptune.models.backbone import BackboneError
-    from cliptune.search import SearchIndexError, build_index
-
-    if precision not in ("auto", "fp32", "bf16"):
-        err_console.print(
-            f"[red]--precision must be auto, fp32 or bf16, got {precision}[/red]", highlight=False
-        )
-        raise typer.Exit(2)
-    try:
-        catalogue = read_catalogue(data)
-        loaded = load_model(model)
-        path = build_index(
-            loaded, catalogue, out, cache_dir=cache_dir, precision=precision, batch_size=batch_size,
-            overwrite=overwrite, progress=not quiet,
-        )  # fmt: skip
-    except (CatalogueError, BackboneError, SearchIndexError, ImageLoadError) as exc:
-        err_console.print(f"[red]{exc}[/red]", highlight=False)
-        raise typer.Exit(1) from None
-    manifest = json.loads((path / "index.json").read_text())
-    console.print(
-        f"indexed {manifest['n_items']} images (dim {manifest['dim']}) with {loaded.name} into [bold]{path}[/bold]"
-    )
 
 
 def search_cmd(
@@ -90,22 +47,17 @@ def search_cmd(
         cliptune search indexes/fashion "summer dress" -k 5 --where colour=red --where colour=pink
         cliptune search indexes/fashion --image query.png --where rips=true --json
     """
-    from cliptune.data.images import ImageLoadError
     from cliptune.inference import load_model
-    from cliptune.models.backbone import BackboneError
-    from cliptune.search import SearchIndexError, load_index, search
+    from cliptune.search import load_index, search
 
     if (text is None) == (image is None):
         err_console.print("[red]give exactly one query: a TEXT argument or --image FILE[/red]")
         raise typer.Exit(2)
     filters = _parse_where(where or [])
-    try:
+    with exit_on_error(1):
         idx = load_index(index)
         loaded = load_model(model or idx.model_source)
         hits = search(idx, loaded, text=text, image=image, k=k, where=filters, cache_dir=cache_dir)
-    except (BackboneError, SearchIndexError, ImageLoadError) as exc:
-        err_console.print(f"[red]{exc}[/red]", highlight=False)
-        raise typer.Exit(1) from None
     if as_json:
         payload = {
             "index": str(index),

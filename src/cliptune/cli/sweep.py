@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from cliptune.cli.config import load_config_or_exit
+from cliptune.cli.errors import err_console, exit_on_error
+
+if TYPE_CHECKING:
+    from cliptune.sweep import SweepResult
 
 __all__ = ["register"]
 
@@ -59,34 +65,23 @@ def sweep(
         cliptune sweep run.yaml --trials 8 --set sweep.space="{train.lr: {type: float, low: 1e-5, high: 1e-2, log: true}}"
         cliptune sweep sweep.yaml --trials 40 --storage postgresql://user:pw@db-host/sweeps --name fashion-lr
     """
-    from cliptune.config import ConfigError, load_config
-
-    err = Console(stderr=True, soft_wrap=True)
     overrides = [*(set_ or []), *([f"name={name}"] if name else [])]
-    try:
-        cfg = load_config(config, overrides)
-    except ConfigError as exc:
-        err.print(f"[red]{exc}[/red]", highlight=False)
-        raise typer.Exit(2) from None
+    cfg = load_config_or_exit(config, overrides)
     if cfg.name is None:
         cfg.name = config.stem
 
-    from cliptune.data.catalogue import CatalogueError
-    from cliptune.models.backbone import BackboneError
-    from cliptune.sweep import SweepError, run_sweep
+    from cliptune.sweep import run_sweep
 
     try:
-        result = run_sweep(cfg, runs_root=runs, trials=trials, storage=storage, quiet=quiet)
+        with exit_on_error(1, prefix="sweep failed: "):
+            result = run_sweep(cfg, runs_root=runs, trials=trials, storage=storage, quiet=quiet)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted: run the same command again to resume the sweep[/yellow]")
+        err_console.print("[yellow]interrupted: run the same command again to resume the sweep[/yellow]")
         raise typer.Exit(130) from None
-    except (SweepError, CatalogueError, BackboneError) as exc:
-        err.print(f"[red]sweep failed: {exc}[/red]", highlight=False)
-        raise typer.Exit(1) from None
     _print(result)
 
 
-def _print(result) -> None:
+def _print(result: SweepResult) -> None:
     console = Console(soft_wrap=True)
     params = result.params
     table = Table(title=f"sweep {result.name}: {result.objective} ({result.direction}), best first")
@@ -110,5 +105,5 @@ def _print(result) -> None:
     console.print(f"compare the trials: cliptune compare {sweep_dir}/trial-*", highlight=False)
 
 
-def _short(value) -> str:
+def _short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from cliptune.cli.errors import err_console, exit_on_error
 
 __all__ = ["register", "category_table"]
 
@@ -61,9 +62,9 @@ def _failing_queries(result: dict[str, Any]) -> Table | None:
 
 def _run_catalogue(path: Path) -> tuple[Path | None, Path | None]:
     """The run's ``data.catalogue`` and ``model.cache_dir`` from its config.yaml."""
-    from cliptune.config import load_config
+    from cliptune.rundir import read_config
 
-    cfg = load_config(path / "config.yaml")
+    cfg = read_config(path)
     return cfg.data.catalogue, cfg.model.cache_dir
 
 
@@ -107,16 +108,15 @@ def register(app: typer.Typer) -> None:
             cliptune test runs/demo-finetuned --suite data/fashion/suite.yaml --junit reports/suite.xml
             cliptune test embedded --suite data/fashion/suite.yaml --data data/fashion --out suite/base
         """
-        from cliptune.data.catalogue import CatalogueError, read_catalogue
-        from cliptune.data.images import ImageLoadError
+        from cliptune.data.catalogue import read_catalogue
         from cliptune.inference import load_model
-        from cliptune.models.backbone import BackboneError
-        from cliptune.suites import SuiteError, load_suite, resolve_suite, run_suite, write_junit
+        from cliptune.rundir import RunDir, write_suite_json
+        from cliptune.rundir import is_run as is_run_dir
+        from cliptune.suites import load_suite, resolve_suite, run_suite, write_junit
 
-        err = Console(stderr=True, soft_wrap=True)
         path = Path(target)
-        is_run = (path / "config.yaml").is_file() and (path / "model").is_dir()
-        try:
+        is_run = is_run_dir(path)
+        with exit_on_error(2, ValueError):
             spec = load_suite(suite)
             if is_run:
                 run_data, run_cache = _run_catalogue(path)
@@ -127,27 +127,19 @@ def register(app: typer.Typer) -> None:
                     if is_run
                     else "not a run directory (config.yaml + model/)"
                 )
-                err.print(
+                err_console.print(
                     f"[red]{target}: {what}; give the catalogue with --data CATALOGUE[/red]", highlight=False
                 )
                 raise typer.Exit(2)
             resolved = resolve_suite(spec, read_catalogue(data))
             model = load_model(path if path.exists() else target)
-        except (SuiteError, CatalogueError, BackboneError, ValueError) as exc:
-            err.print(f"[red]{exc}[/red]", highlight=False)
-            raise typer.Exit(2) from None
-        try:
+        with exit_on_error(1, ValueError):
             result = run_suite(
                 resolved, model, cache_dir=cache_dir, bootstrap=bootstrap, seed=seed,
                 suite_file=suite.resolve(), progress=not quiet,
             )  # fmt: skip
-        except (ImageLoadError, ValueError) as exc:
-            err.print(f"[red]{exc}[/red]", highlight=False)
-            raise typer.Exit(1) from None
-        folder = out if out is not None else (path / "suite" if is_run else Path("suite"))
-        folder.mkdir(parents=True, exist_ok=True)
-        written = folder / f"{result['suite']}.json"
-        written.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        folder = out if out is not None else (RunDir(path).suite_dir if is_run else Path("suite"))
+        written = write_suite_json(folder, result)
         console = Console(soft_wrap=True)
         for name, cat in result["categories"].items():
             console.print(category_table(name, cat))

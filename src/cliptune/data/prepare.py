@@ -13,10 +13,32 @@ import pandas as pd
 
 from cliptune.config import DataConfig
 from cliptune.data.catalogue import Catalogue, CatalogueError, read_catalogue
-from cliptune.data.check import CheckResult, check_catalogue
+from cliptune.data.check import CheckResult, Rejection, check_catalogue
 from cliptune.data.splits import assign_rows, load_splits, make_splits, save_splits
+from cliptune.rundir import RunDir
 
-__all__ = ["PreparedData", "prepare_data"]
+__all__ = ["BadRowsError", "PreparedData", "prepare_data"]
+
+
+class BadRowsError(CatalogueError):
+    """The catalogue has bad rows and ``data.on_bad_row`` is ``error``: nothing may run on it.
+
+    The message lists the first ten rows with their reasons; the CLI adds how to clean the catalogue.
+
+    Attributes:
+        metadata_path: The catalogue's metadata file.
+        rejected: Every bad row (file, row number, reason).
+    """
+
+    def __init__(self, metadata_path: Path, rejected: list[Rejection]) -> None:
+        shown = "\n".join(f"  row {r.row} ({r.file_name}): {r.reason}" for r in rejected[:10])
+        more = f"\n  ... and {len(rejected) - 10} more" if len(rejected) > 10 else ""
+        super().__init__(f"{len(rejected)} bad row(s) in {metadata_path}:\n{shown}{more}")
+        self.metadata_path = metadata_path
+        self.rejected = rejected
+
+    def __reduce__(self) -> tuple[type[BadRowsError], tuple[Path, list[Rejection]]]:
+        return type(self), (self.metadata_path, self.rejected)  # picklable despite the custom __init__
 
 
 @dataclass(frozen=True)
@@ -48,7 +70,8 @@ def prepare_data(cfg: DataConfig, run_dir: Path | None = None, *, progress: bool
         The prepared rows.
 
     Raises:
-        CatalogueError: No catalogue configured, an unreadable catalogue, or bad rows with ``on_bad_row: error``.
+        BadRowsError: Bad rows with ``on_bad_row: error`` (a :class:`CatalogueError`).
+        CatalogueError: No catalogue configured, or an unreadable catalogue.
     """
     if cfg.catalogue is None:
         raise CatalogueError("data.catalogue is not set: point it at a catalogue folder")
@@ -58,19 +81,13 @@ def prepare_data(cfg: DataConfig, run_dir: Path | None = None, *, progress: bool
     )
     if result.rejected:
         if cfg.on_bad_row == "error":
-            shown = "\n".join(f"  row {r.row} ({r.file_name}): {r.reason}" for r in result.rejected[:10])
-            more = f"\n  ... and {len(result.rejected) - 10} more" if len(result.rejected) > 10 else ""
-            raise CatalogueError(
-                f"{len(result.rejected)} bad row(s) in {catalogue.metadata_path}:\n{shown}{more}\n"
-                "Fix them, clean the catalogue with `cliptune data check --write-clean`, or set "
-                "data.on_bad_row=skip to train without them (they are then listed in rejected.csv)."
-            )
+            raise BadRowsError(catalogue.metadata_path, list(result.rejected))
         if run_dir is not None:
-            _write_rejected(result, run_dir / "rejected.csv")
+            _write_rejected(result, RunDir(run_dir).rejected)
     rows = result.good.reset_index(drop=True)
     if cfg.text_column not in rows.columns:
         raise CatalogueError(f"{catalogue.metadata_path}: no column '{cfg.text_column}' (data.text_column)")
-    saved = run_dir / "splits.json" if run_dir is not None else None
+    saved = RunDir(run_dir).splits if run_dir is not None else None
     if saved is not None and saved.exists():
         splits = load_splits(saved)
     else:

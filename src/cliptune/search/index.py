@@ -9,8 +9,9 @@ OUT/
   items.jsonl   one line per indexed image, in index order: id (file name), path, captions, attributes
 ```
 
-The folder is written atomically: everything goes into a hidden temporary folder next to ``OUT`` that is
-renamed into place only when complete, so an interrupted build leaves either no index or the previous one.
+The folder is written atomically (:func:`cliptune.rundir.atomic_folder`): everything goes into a hidden
+temporary folder next to ``OUT`` that is renamed into place only when complete, so an interrupted build
+leaves either no index or the previous one.
 An index remembers the model that embedded it and refuses to be rebuilt or queried by another one: scores
 of two models live in different spaces. See ``docs/search.md``.
 
@@ -24,9 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,11 +34,19 @@ import numpy as np
 import pandas as pd
 
 from cliptune.data.catalogue import Catalogue
-from cliptune.data.check import check_catalogue
+from cliptune.data.check import Rejection, check_catalogue
 from cliptune.errors import CliptuneError
 from cliptune.inference import LoadedModel, embed_images_with
+from cliptune.rundir import atomic_folder
 
-__all__ = ["SearchIndex", "SearchIndexError", "build_index", "load_index"]
+__all__ = [
+    "IndexBadRowsError",
+    "IndexExistsError",
+    "SearchIndex",
+    "SearchIndexError",
+    "build_index",
+    "load_index",
+]
 
 FORMAT = "cliptune-index"
 VERSION = 1
@@ -51,6 +57,49 @@ AttrValue = str | int | float | bool | None | list[Any]
 
 class SearchIndexError(CliptuneError, ValueError):
     """A problem building, loading or querying an index; the message names the folder and the reason."""
+
+
+class IndexExistsError(SearchIndexError):
+    """``OUT`` holds something a build must not replace without ``overwrite=True``.
+
+    That is a file, a non-empty folder that is not an index, or another model's index (whose users would
+    silently get scores from a different space). The CLI adds how to go on (``--overwrite``).
+
+    Attributes:
+        out: The index folder that was asked for.
+        reason: What is in the way, as a sentence naming ``out`` (the message).
+    """
+
+    def __init__(self, out: Path, reason: str) -> None:
+        super().__init__(reason)
+        self.out = out
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[IndexExistsError], tuple[Path, str]]:
+        return type(self), (self.out, self.reason)  # picklable despite the custom __init__
+
+
+class IndexBadRowsError(SearchIndexError):
+    """The catalogue has bad rows, so nothing is indexed: an index must not silently miss images.
+
+    The message lists the first ten rows with their reasons; the CLI adds how to index a clean copy.
+
+    Attributes:
+        catalogue: The catalogue folder.
+        metadata_path: Its metadata file.
+        rejected: Every bad row (file, row number, reason).
+    """
+
+    def __init__(self, catalogue: Path, metadata_path: Path, rejected: list[Rejection]) -> None:
+        shown = "\n".join(f"  row {r.row} ({r.file_name}): {r.reason}" for r in rejected[:10])
+        more = f"\n  ... and {len(rejected) - 10} more" if len(rejected) > 10 else ""
+        super().__init__(f"{metadata_path}: {len(rejected)} bad row(s), nothing indexed:\n{shown}{more}")
+        self.catalogue = catalogue
+        self.metadata_path = metadata_path
+        self.rejected = rejected
+
+    def __reduce__(self) -> tuple[type[IndexBadRowsError], tuple[Path, Path, list[Rejection]]]:
+        return type(self), (self.catalogue, self.metadata_path, self.rejected)
 
 
 @dataclass
@@ -170,8 +219,9 @@ def build_index(
         ``out``.
 
     Raises:
-        SearchIndexError: bad catalogue rows, an empty catalogue, or ``out`` holds another model's index or
-            something else (without ``overwrite``).
+        IndexBadRowsError: Bad catalogue rows (a :class:`SearchIndexError`).
+        IndexExistsError: ``out`` holds another model's index or something else, without ``overwrite``.
+        SearchIndexError: An empty catalogue.
 
     Example:
         >>> build_index(load_model("runs/ft"), read_catalogue(Path("data/fashion")), Path("idx"))  # doctest: +SKIP
@@ -265,9 +315,10 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
     if not (path / MANIFEST).is_file():
         return None
     try:
-        return json.loads((path / MANIFEST).read_text())
+        manifest: dict[str, Any] = json.loads((path / MANIFEST).read_text())
     except json.JSONDecodeError as exc:
         raise SearchIndexError(f"{path / MANIFEST}: not valid JSON ({exc})") from None
+    return manifest
 
 
 def _read_items(path: Path) -> list[dict[str, Any]]:
@@ -284,16 +335,17 @@ def _refuse_foreign(out: Path, model: LoadedModel, overwrite: bool) -> None:
     if overwrite or not out.exists():
         return
     if not out.is_dir():
-        raise SearchIndexError(f"{out} exists and is not a folder: use a new folder or --overwrite")
+        raise IndexExistsError(out, f"{out} exists and is not a folder")
     manifest = _read_manifest(out)
     if manifest is None:
         if any(out.iterdir()):
-            raise SearchIndexError(f"{out} is not empty and holds no index: use a new folder or --overwrite")
+            raise IndexExistsError(out, f"{out} is not empty and holds no index")
         return
     if manifest.get("model") != model.name:
-        raise SearchIndexError(
+        raise IndexExistsError(
+            out,
             f"index {out} was built with model {manifest.get('model')} (from {manifest.get('model_source')}); "
-            f"this is {model.name} (from {model.source}): use a new folder or --overwrite"
+            f"this is {model.name} (from {model.source})",
         )
 
 
@@ -301,12 +353,7 @@ def _items(catalogue: Catalogue, progress: bool) -> dict[str, Any]:
     """Unique images in first-appearance order, each with all its captions and its attribute values."""
     checked = check_catalogue(catalogue, progress=progress)
     if checked.rejected:
-        shown = "\n".join(f"  row {r.row} ({r.file_name}): {r.reason}" for r in checked.rejected[:10])
-        more = f"\n  ... and {len(checked.rejected) - 10} more" if len(checked.rejected) > 10 else ""
-        raise SearchIndexError(
-            f"{catalogue.metadata_path}: {len(checked.rejected)} bad row(s), nothing indexed:\n{shown}{more}\n"
-            f"fix them, or index a clean copy (`cliptune data check {catalogue.root} --write-clean OUT`)"
-        )
+        raise IndexBadRowsError(catalogue.root, catalogue.metadata_path, list(checked.rejected))
     rows = checked.good
     if rows.empty:
         raise SearchIndexError(f"{catalogue.metadata_path}: no rows to index")
@@ -348,11 +395,7 @@ def _write_atomically(
     import faiss
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the index should get ordinary permissions
-    try:
+    with atomic_folder(out) as tmp:
         flat = faiss.IndexFlatIP(vectors.shape[1])
         flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
         faiss.write_index(flat, str(tmp / FAISS_FILE))
@@ -367,26 +410,3 @@ def _write_atomically(
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         # the manifest goes last: a folder with index.json is a complete index
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is first renamed aside, then deleted."""
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    old.rmdir()
-    out.rename(old)  # between these two renames (microseconds) `out` is absent; the old one is in `old`
-    try:
-        tmp.rename(out)
-    except BaseException:
-        old.rename(out)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()

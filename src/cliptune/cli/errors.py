@@ -1,0 +1,125 @@
+"""The CLI's one path from a library error to a red line and an exit code.
+
+Library code raises a :class:`~cliptune.errors.CliptuneError` subclass whose message states the facts
+(file, row, model); it never names a flag, because the library does not know it runs under a CLI. Here,
+and only here, such an error becomes one line on stderr, plus a *hint* that names the flag or command
+that fixes it, and a ``typer.Exit`` with the command's exit code. A user error never shows a traceback.
+
+Hints are looked up by the error's class (or a base class) without importing it, so ``cliptune --help``
+stays instant and an error path never imports torch just to find its hint.
+
+To add a hint for a new error type, add one line to :data:`HINTS`::
+
+    "cliptune.train.state.TrainingError": "resume it with --resume RUN",
+
+Example:
+    >>> with exit_on_error(1):  # doctest: +SKIP
+    ...     build_index(...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from cliptune.errors import CliptuneError
+
+__all__ = ["HINTS", "Hint", "err_console", "exit_on_error", "fail", "hint_for", "with_hint"]
+
+err_console = Console(stderr=True, soft_wrap=True)
+
+# A hint is a fixed sentence, or a function of the error (for hints that quote the error's facts).
+Hint = str | Callable[[Any], str]
+
+
+def _index_bad_rows(exc: Any) -> str:
+    return f"fix them, or index a clean copy (`cliptune data check {exc.catalogue} --write-clean OUT`)"
+
+
+# "module.ClassName" of a CliptuneError subclass -> the hint that names the flags fixing it. A subclass
+# without an entry of its own takes its nearest base class's. tests/test_cli.py checks every key imports.
+HINTS: dict[str, Hint] = {
+    "cliptune.data.prepare.BadRowsError": (
+        "Fix them, clean the catalogue with `cliptune data check --write-clean`, or set "
+        "data.on_bad_row=skip to train without them (they are then listed in rejected.csv)."
+    ),
+    "cliptune.search.index.IndexExistsError": "use a new folder or --overwrite",
+    "cliptune.search.index.IndexBadRowsError": _index_bad_rows,
+    "cliptune.train.errors.MissingRunNameError": "or pass --name",
+    "cliptune.train.errors.RunExistsError": lambda e: f"pass --resume {e.run_dir}, or another --name",
+    "cliptune.train.errors.LauncherMismatchError": (
+        "launch with `torchrun --nproc_per_node N -m cliptune train ...` or "
+        "`accelerate launch --multi_gpu --num_processes N -m cliptune train ...` (also on CPU)"
+    ),
+    "cliptune.train.errors.WorldSizeMismatchError": lambda e: (
+        f"launch it the same way (e.g. torchrun --nproc_per_node {e.saved}) or start a new run"
+    ),
+    "cliptune.sweep.MissingSweepNameError": "or pass --name",
+    "cliptune.sweep.TrialRunExistsError": "or use another --name",
+    "cliptune.sweep.StudyDirectionMismatchError": "use another --name",
+    "cliptune.sweep.StudyConfigMismatchError": "or use another --name",
+}
+
+
+def hint_for(exc: BaseException) -> str | None:
+    """The hint of ``exc``'s class or its nearest base class in :data:`HINTS`, or None."""
+    for cls in type(exc).__mro__:
+        hint = HINTS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if hint is not None:
+            return hint if isinstance(hint, str) else hint(exc)
+    return None
+
+
+def with_hint(exc: BaseException) -> str:
+    """The error's message followed by its hint.
+
+    The hint goes on a line of its own after a multi-line message (a list of bad rows), and after
+    ``": "`` on a one-line message, so it reads as the end of the sentence.
+    """
+    message = str(exc)
+    hint = hint_for(exc)
+    if hint is None:
+        return message
+    if "\n" in message:
+        return f"{message}\n{hint}"
+    # "... in the config" + "or pass --name" reads as one sentence; other hints follow a colon
+    return f"{message}{' ' if hint.startswith('or ') else ': '}{hint}"
+
+
+def fail(exc: BaseException, code: int, prefix: str = "") -> NoReturn:
+    """Print ``exc`` (with its hint) as one red line on stderr and exit with ``code``.
+
+    Args:
+        exc: The error; its message is printed as rich markup, as every command always has.
+        code: The exit code (1: the command could not do its work; 2: invalid input).
+        prefix: Words before the message, e.g. ``"report failed: "``.
+
+    Raises:
+        typer.Exit: Always, with ``code``.
+    """
+    err_console.print(f"[red]{prefix}{with_hint(exc)}[/red]", highlight=False)
+    raise typer.Exit(code) from None
+
+
+@contextmanager
+def exit_on_error(code: int, *also: type[Exception], prefix: str = "") -> Iterator[None]:
+    """Turn a :class:`CliptuneError` (and the ``also`` types) raised in the body into :func:`fail`.
+
+    Args:
+        code: The exit code for these errors.
+        *also: Built-in types the command has always reported this way (``ValueError`` from a library
+            that predates :class:`CliptuneError`).
+        prefix: Words before the message.
+
+    Raises:
+        typer.Exit: With ``code``, after printing the error.
+    """
+    caught: tuple[type[Exception], ...] = (CliptuneError, *also)
+    try:
+        yield
+    except caught as exc:
+        fail(exc, code, prefix)

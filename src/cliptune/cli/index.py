@@ -1,0 +1,61 @@
+"""``cliptune index``: embed a catalogue's images with a model into a searchable index folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from cliptune.cli.errors import err_console, exit_on_error
+
+__all__ = ["index_cmd", "register"]
+
+console = Console(soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cliptune index`` to ``app``."""
+    app.command("index")(index_cmd)
+
+
+def index_cmd(
+    model: Annotated[str, typer.Argument(help="Run directory, model folder, or backbone spec (embedded).")],
+    out: Annotated[Path, typer.Argument(help="Index folder to write (replaced atomically).")],
+    data: Annotated[Path, typer.Option("--data", help="Catalogue folder to index.")],
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace OUT even if another model built it, or it is not an index.")
+    ] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder.")] = None,  # noqa: UP045
+    precision: Annotated[str, typer.Option(help="Tower precision: auto, fp32 or bf16.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward.", min=1)] = 64,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Embed a catalogue's images with a trained model into a FAISS index with their metadata.
+
+    Examples:
+        cliptune index runs/fashion-finetuned --data data/fashion indexes/fashion
+        cliptune index runs/fashion-finetuned --data data/fashion indexes/fashion --overwrite -q
+    """
+    from cliptune.data.catalogue import read_catalogue
+    from cliptune.inference import load_model
+    from cliptune.search import build_index
+
+    if precision not in ("auto", "fp32", "bf16"):
+        err_console.print(
+            f"[red]--precision must be auto, fp32 or bf16, got {precision}[/red]", highlight=False
+        )
+        raise typer.Exit(2)
+    with exit_on_error(1):
+        catalogue = read_catalogue(data)
+        loaded = load_model(model)
+        path = build_index(
+            loaded, catalogue, out, cache_dir=cache_dir, precision=precision, batch_size=batch_size,
+            overwrite=overwrite, progress=not quiet,
+        )  # fmt: skip
+    manifest = json.loads((path / "index.json").read_text())
+    console.print(
+        f"indexed {manifest['n_items']} images (dim {manifest['dim']}) with {loaded.name} into [bold]{path}[/bold]"
+    )
