@@ -199,8 +199,8 @@ def _evaluate(
         prepare_catalogue,
         split_order,
     )
-    from cliptune.inference import load_model
     from cliptune.models.backbone import BackboneError
+    from cliptune.models.factory import load_model
 
     try:
         if is_run:

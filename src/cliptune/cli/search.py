@@ -40,8 +40,8 @@ def index_cmd(
     """
     from cliptune.data.catalogue import CatalogueError, read_catalogue
     from cliptune.data.images import ImageLoadError
-    from cliptune.inference import load_model
     from cliptune.models.backbone import BackboneError
+    from cliptune.models.factory import load_model
     from cliptune.search import SearchIndexError, build_index
 
     if precision not in ("auto", "fp32", "bf16"):
@@ -91,8 +91,8 @@ def search_cmd(
         cliptune search indexes/fashion --image query.png --where rips=true --json
     """
     from cliptune.data.images import ImageLoadError
-    from cliptune.inference import load_model
     from cliptune.models.backbone import BackboneError
+    from cliptune.models.factory import load_model
     from cliptune.search import SearchIndexError, load_index, search
 
     if (text is None) == (image is None):

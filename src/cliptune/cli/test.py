@@ -109,8 +109,8 @@ def register(app: typer.Typer) -> None:
         """
         from cliptune.data.catalogue import CatalogueError, read_catalogue
         from cliptune.data.images import ImageLoadError
-        from cliptune.inference import load_model
         from cliptune.models.backbone import BackboneError
+        from cliptune.models.factory import load_model
         from cliptune.suites import SuiteError, load_suite, resolve_suite, run_suite, write_junit
 
         err = Console(stderr=True, soft_wrap=True)

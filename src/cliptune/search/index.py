@@ -38,7 +38,8 @@ import pandas as pd
 from cliptune.data.catalogue import Catalogue
 from cliptune.data.check import check_catalogue
 from cliptune.errors import CliptuneError
-from cliptune.inference import LoadedModel, embed_images_with
+from cliptune.models.embed import embed_images_with
+from cliptune.models.factory import LoadedModel
 
 __all__ = ["SearchIndex", "SearchIndexError", "build_index", "load_index"]
 
@@ -157,7 +158,7 @@ def build_index(
     old index's users would silently get scores from a different space.
 
     Args:
-        model: From :func:`cliptune.inference.load_model`.
+        model: From :func:`cliptune.models.factory.load_model`.
         catalogue: From :func:`cliptune.data.catalogue.read_catalogue`.
         out: The index folder to write (replaced atomically).
         cache_dir: Feature cache folder (default: the shared one).
