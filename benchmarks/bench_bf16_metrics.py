@@ -12,7 +12,7 @@ from pathlib import Path
 from cliptune.config import load_config
 from cliptune.data.prepare import prepare_data
 from cliptune.evaluation.evaluate import evaluate_split
-from cliptune.inference import load_model
+from cliptune.models.factory import load_model
 
 
 def main() -> None:

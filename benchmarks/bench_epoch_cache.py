@@ -40,8 +40,9 @@ from cliptune.data.catalogue import read_catalogue
 from cliptune.data.images import load_image
 from cliptune.data.synthetic import render_fashion
 from cliptune.losses import InfoNCELoss
-from cliptune.models.backbone import Backbone, load_backbone
+from cliptune.models.backbone import Backbone
 from cliptune.models.cache import FeatureCache, embed_images, embed_texts, resolve_precision
+from cliptune.models.factory import load_backbone
 from cliptune.train.tasks.retrieval import RetrievalModel
 
 

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cliptune.config import Config, ConfigError, apply_overrides, config_markdown, load_config, save_config
+from cliptune.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    apply_overrides,
+    config_markdown,
+    load_config,
+    save_config,
+)
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -149,3 +157,59 @@ def test_docs_config_md_is_generated_from_the_code() -> None:
     committed = (Path(__file__).parents[1] / "docs" / "config.md").read_text(encoding="utf-8")
     assert committed == config_markdown()
     assert "| `train.lr` | `0.0003` |" in committed
+
+
+# --- cross-field rules: bad combinations fail at validation, before any work, naming every field ---------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fields"),
+    [
+        (["model.lora={r: 4}", "model.trainable_layers=2"], ["model.lora", "model.trainable_layers=2"]),
+        (["model.lora={r: 4}", "model.trainable_layers=-1"], ["model.lora", "model.trainable_layers=-1"]),
+        (["loss.name=siamese"], ["loss.name='siamese'", "train.task='retrieval'"]),
+        (["train.task=siamese", "loss.name=siamese", "model.trainable_layers=1"],
+         ["train.task='siamese'", "model.trainable_layers=1", "model.lora=null"]),
+        (["train.task=siamese", "loss.name=siamese", "model.lora={r: 2}"],
+         ["train.task='siamese'", "model.trainable_layers=0", "model.lora=set"]),
+        (["model.backbone=openai/clip-vit-base-patch32", "model.image_size=160"],
+         ["model.image_size", "model.backbone='openai/clip-vit-base-patch32'"]),
+    ],
+)  # fmt: skip
+def test_cross_field_rules_fail_at_validation(overrides: list[str], fields: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    message = "\n".join(info.value.errors)
+    for field in fields:
+        assert field in message
+    assert "<root>" not in message
+
+
+def test_cross_field_problems_are_all_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.task=siamese", "model.lora={r: 2}", "model.trainable_layers=1"])
+    errors = info.value.errors
+    assert len(errors) == 2
+    assert errors[0].startswith("model.lora and model.trainable_layers=1")
+    assert errors[1].startswith("train.task='siamese'")
+
+
+def test_cross_field_rules_also_guard_assignment() -> None:
+    cfg = load_config(None, ["model.lora={r: 4}"])
+    with pytest.raises(ValueError, match="model.trainable_layers=3"):
+        cfg.model = ModelConfig(lora=cfg.model.lora, trainable_layers=3)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.lora={r: 4}", "model.trainable_layers=0"],
+        ["train.task=siamese"],  # the siamese task ignores loss.name: saved run configs like this must load
+        ["train.task=siamese", "loss.name=siamese"],
+        ["model.backbone=embedded", "model.image_size=160"],
+        ["model.backbone=composed", "model.image_size=160"],
+        ["loss.name=triplet", "model.trainable_layers=-1"],
+    ],
+)
+def test_consistent_combinations_load(overrides: list[str]) -> None:
+    load_config(None, overrides)

@@ -23,9 +23,10 @@ from cliptune.evaluation.evaluate import (
     triplet_values,
     write_eval,
 )
-from cliptune.inference import embed_images_with, embed_texts_with, load_model
 from cliptune.losses import info_nce
 from cliptune.losses.siamese import siamese_objective
+from cliptune.models.embed import embed_images_with, embed_texts_with
+from cliptune.models.factory import load_model
 from cliptune.ranking.metrics import retrieval_metrics
 from cliptune.train.run import train
 from tests.tiny_models import make_tiny_clip

@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cliptune.inference import embed_images_with, embed_texts_with, load_model
-from cliptune.models.backbone import BackboneError, load_backbone
+from cliptune.models.backbone import BackboneError
+from cliptune.models.embed import embed_images_with, embed_texts_with
+from cliptune.models.factory import load_backbone, load_model
 from cliptune.models.siamese import SiameseHead
 from tests.tiny_models import make_tiny_clip
 

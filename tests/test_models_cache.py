@@ -307,7 +307,7 @@ def test_crash_before_rename_leaves_cache_consistent(tmp_path: Path) -> None:
     assert _child(tmp_path, "write") == 0
     assert _child(tmp_path, "crash") == 3
     shards = FeatureCache(tmp_path, "tower@1").directory / "shards"
-    leftovers = [p.name for p in shards.iterdir() if p.name.startswith(".tmp-")]
+    leftovers = [p.name for p in shards.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
     assert len(leftovers) == 1  # the abandoned temp file is really there ...
     (shards / "zz-truncated.safetensors").write_bytes(b"\x10\x00")  # ... and a damaged shard copied in
     with pytest.warns(UserWarning, match="ignoring unreadable shard .*zz-truncated"):

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from PIL import Image
 from skimage import data
 
-from cliptune.models.backbone import BackboneError, load_backbone
+from cliptune.models.backbone import BackboneError
 from cliptune.models.composed import _minilm_path
+from cliptune.models.factory import load_backbone
 from cliptune.models.freeze import LoraSpec, apply_lora, apply_trainable_layers, count_parameters
 from tests.tiny_models import make_tiny_clip
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from cliptune.models.backbone import BackboneError, load_backbone
+from cliptune.models.backbone import BackboneError
+from cliptune.models.factory import load_backbone
 from cliptune.models.freeze import LoraSpec, apply_lora, apply_trainable_layers, count_parameters, merged_copy
 from tests.tiny_models import make_tiny_clip, make_tiny_siglip
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cliptune.models.backbone import CONFIG_FILE, BackboneError, load_backbone
+from cliptune.models.backbone import CONFIG_FILE, BackboneError
+from cliptune.models.factory import load_backbone
 from cliptune.models.freeze import LoraSpec
 from tests.tiny_models import IMAGE_SIZE, MAX_TEXT_LEN, make_tiny_clip, make_tiny_siglip
 

@@ -19,7 +19,8 @@ from cliptune.cli import search as search_cli
 from cliptune.config import Config
 from cliptune.data.catalogue import read_catalogue
 from cliptune.data.synthetic import render_fashion
-from cliptune.inference import LoadedModel, embed_images_with, embed_texts_with, load_model
+from cliptune.models.embed import embed_images_with, embed_texts_with
+from cliptune.models.factory import LoadedModel, load_model
 from cliptune.search import SearchIndex, SearchIndexError, build_index, load_index, search, search_embeddings
 from cliptune.search import query as query_module
 from cliptune.search.index import IndexBadRowsError, IndexExistsError

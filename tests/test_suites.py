@@ -19,14 +19,14 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-import cliptune.inference
+import cliptune.models.factory
 import cliptune.suites.run as suite_run
 from cliptune.cli.test import register
 from cliptune.config import Config, save_config
 from cliptune.data.catalogue import read_catalogue
 from cliptune.data.synthetic import render_fashion
 from cliptune.data.synthetic.suite import write_fashion_suite
-from cliptune.inference import LoadedModel
+from cliptune.models.factory import LoadedModel
 from cliptune.suites import (
     SuiteError,
     parse_suite,
@@ -112,7 +112,7 @@ def fake(monkeypatch: pytest.MonkeyPatch):
         emb = FakeEmbedder(scores)
         monkeypatch.setattr(suite_run, "embed_images_with", emb.images)
         monkeypatch.setattr(suite_run, "embed_texts_with", emb.texts)
-        monkeypatch.setattr(cliptune.inference, "load_model", lambda *_a, **_k: FAKE)
+        monkeypatch.setattr(cliptune.models.factory, "load_model", lambda *_a, **_k: FAKE)
 
     return install
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cliptune.cli.app import app
 from cliptune.data.synthetic import render_fashion
-from cliptune.models.backbone import load_backbone
+from cliptune.models.factory import load_backbone
 from tests.tiny_models import make_tiny_clip
 
 runner = CliRunner()

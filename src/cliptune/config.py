@@ -135,7 +135,9 @@ class ModelConfig(_Section):
         "N > 0 the last N blocks of each tower plus final norms and projections.",
     )
     lora: LoraConfig | None = Field(
-        None, description="Train LoRA adapters in the towers instead of full layers."
+        None,
+        description="Train LoRA adapters in the towers instead of full layers (needs trainable_layers 0; "
+        "not with the siamese task).",
     )
     head: HeadConfig = Field(default_factory=HeadConfig, description="Siamese fusion head (task: siamese).")
     embed_precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -314,6 +316,64 @@ class Config(_Section):
         default_factory=SweepConfig, description="Hyper-parameter search (cliptune sweep)."
     )
 
+    @model_validator(mode="after")
+    def _fields_fit_together(self) -> Config:
+        problems = cross_field_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+TASK_LOSSES: dict[str, tuple[str, ...]] = {
+    "retrieval": ("info_nce", "siglip", "triplet", "contrastive"),
+    "siamese": ("info_nce", "siglip", "triplet", "contrastive", "siamese"),
+}
+"""Values of ``loss.name`` each ``train.task`` accepts. The retrieval task calls its loss on (image, text)
+embeddings, which the triplet-of-mappings ``siamese`` objective cannot take. The siamese task always trains
+the Siamese objective and ignores ``loss.name`` (run configs saved that way must keep loading)."""
+
+NAMED_BACKBONES_WITH_IMAGE_SIZE = ("embedded", "composed")
+"""Backbone specs built here with an EfficientNet tower, the only ones ``model.image_size`` applies to;
+mirrors ``cliptune.models.factory.NAMED_SPECS`` (kept import-free so loading a config stays cheap)."""
+
+
+def cross_field_problems(config: Config) -> list[str]:
+    """Combinations of fields that cannot work together, each naming the fields: checked before any work.
+
+    These rules used to surface deep inside model loading or training, after data preparation; here they
+    fail at validation with every field path named.
+
+    Args:
+        config: A config whose sections are each valid.
+
+    Returns:
+        One message per broken rule (empty when the config is consistent).
+    """
+    problems = []
+    model, task = config.model, config.train.task
+    if model.lora is not None and model.trainable_layers != 0:
+        problems.append(
+            f"model.lora and model.trainable_layers={model.trainable_layers} are alternatives: LoRA trains "
+            "adapters in frozen towers, so set model.trainable_layers to 0 or model.lora to null"
+        )
+    if config.loss.name not in TASK_LOSSES[task]:
+        problems.append(
+            f"loss.name={config.loss.name!r} does not fit train.task={task!r}; "
+            f"that task takes {', '.join(TASK_LOSSES[task])}"
+        )
+    if task == "siamese" and (model.trainable_layers != 0 or model.lora is not None):
+        problems.append(
+            "train.task='siamese' trains a head on frozen towers: it needs model.trainable_layers=0 and "
+            f"model.lora=null, got model.trainable_layers={model.trainable_layers} and "
+            f"model.lora={'set' if model.lora is not None else 'null'}"
+        )
+    if model.image_size is not None and model.backbone not in NAMED_BACKBONES_WITH_IMAGE_SIZE:
+        problems.append(
+            f"model.image_size applies only to model.backbone {' or '.join(NAMED_BACKBONES_WITH_IMAGE_SIZE)}, "
+            f"got model.backbone={model.backbone!r} (its image size is fixed by the model)"
+        )
+    return problems
+
 
 class ConfigError(CliptuneError, ValueError):
     """An invalid configuration: ``errors`` holds one ``"field.path: reason"`` line per problem."""
@@ -353,8 +413,11 @@ def _format_errors(exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if p not in ("function-after[_list_shorthand(), TrackConfig]",))
-        path = ".".join(str(p) for p in loc) or "<root>"
         msg = err["msg"].removeprefix("Value error, ")
+        if not loc and err["type"] == "value_error":  # whole-config rules: each line names its fields
+            lines.extend(msg.splitlines())
+            continue
+        path = ".".join(str(p) for p in loc) or "<root>"
         if err["type"] == "extra_forbidden":
             msg = f"unknown key; allowed keys: {', '.join(_allowed_keys(loc))}"
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):

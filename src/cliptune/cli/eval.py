@@ -202,7 +202,7 @@ def _evaluate(
         prepare_catalogue,
         split_order,
     )
-    from cliptune.inference import load_model
+    from cliptune.models.factory import load_model
 
     if is_run:
         names = None if all_splits else [split or "test"]

@@ -40,7 +40,7 @@ def index_cmd(
         cliptune index runs/fashion-finetuned --data data/fashion indexes/fashion --overwrite -q
     """
     from cliptune.data.catalogue import read_catalogue
-    from cliptune.inference import load_model
+    from cliptune.models.factory import load_model
     from cliptune.search import build_index
 
     if precision not in ("auto", "fp32", "bf16"):

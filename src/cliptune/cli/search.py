@@ -47,7 +47,7 @@ def search_cmd(
         cliptune search indexes/fashion "summer dress" -k 5 --where colour=red --where colour=pink
         cliptune search indexes/fashion --image query.png --where rips=true --json
     """
-    from cliptune.inference import load_model
+    from cliptune.models.factory import load_model
     from cliptune.search import load_index, search
 
     if (text is None) == (image is None):

@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
             cliptune test embedded --suite data/fashion/suite.yaml --data data/fashion --out suite/base
         """
         from cliptune.data.catalogue import read_catalogue
-        from cliptune.inference import load_model
+        from cliptune.models.factory import load_model
         from cliptune.rundir import RunDir, write_suite_json
         from cliptune.rundir import is_run as is_run_dir
         from cliptune.suites import load_suite, resolve_suite, run_suite, write_junit

@@ -45,9 +45,10 @@ from cliptune.data.check import check_catalogue
 from cliptune.data.prepare import PreparedData, prepare_data
 from cliptune.data.splits import group_ids
 from cliptune.errors import CliptuneError
-from cliptune.inference import LoadedModel, catalogue_paths, embed_images_with, embed_texts_with, load_model
 from cliptune.losses.distances import get_distance
 from cliptune.losses.siamese import DEFAULT_SIAMESE_WEIGHTS
+from cliptune.models.embed import catalogue_paths, embed_images_with, embed_texts_with
+from cliptune.models.factory import LoadedModel, load_model
 from cliptune.ranking.bootstrap import bootstrap_metrics
 from cliptune.ranking.metrics import retrieval_metrics_from_ranks, triplet_accuracy
 from cliptune.ranking.topk import rank_chunked
@@ -472,7 +473,7 @@ def evaluate_split(
     """Embed one split, rank both directions, and return the ``eval/<split>.json`` object.
 
     Args:
-        model: From :func:`cliptune.inference.load_model`.
+        model: From :func:`cliptune.models.factory.load_model`.
         data: Checked rows with their split (:func:`prepare_data` for a run, :func:`prepare_catalogue`).
         split: Which split (a key of ``data.splits``).
         ks: Cut-offs of the @k metrics.

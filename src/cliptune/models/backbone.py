@@ -1,4 +1,8 @@
-"""The backbone contract every image-text model meets, and `load_backbone`, its one entry point.
+"""The backbone contract every image-text model meets: ``Tower``, ``Backbone``, ``BackboneError``.
+
+This module is the contract only (plus the saved-folder file names and writers every ``save`` shares);
+it imports no implementation, so ``hf.py``, ``composed.py`` and ``freeze.py`` can import it without a
+circle. Loading lives in ``cliptune.models.factory``.
 
 A backbone is two towers, each split into a *feature* part and a *head*:
 
@@ -13,6 +17,7 @@ not part of the contract (losses own their temperature); they are exposed as rea
 ``similarity_init`` and never train.
 
 Example:
+    >>> from cliptune.models.factory import load_backbone
     >>> backbone = load_backbone("embedded")            # offline LiT-style default
     >>> pixels = backbone.preprocess(images)            # (B, 3, 224, 224)
     >>> image_emb = backbone.encode_image(pixels)       # (B, 256)
@@ -36,7 +41,16 @@ from cliptune.errors import CliptuneError
 if TYPE_CHECKING:
     from cliptune.models.freeze import LoraSpec
 
-__all__ = ["CONFIG_FILE", "Backbone", "BackboneError", "Tower", "load_backbone"]
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT_VERSION",
+    "STATE_FILE",
+    "Backbone",
+    "BackboneError",
+    "Tower",
+    "save_state",
+    "write_config",
+]
 
 CONFIG_FILE = "cliptune_backbone.json"
 STATE_FILE = "cliptune_state.safetensors"
@@ -251,144 +265,6 @@ def _freeze_mode(module: nn.Module) -> None:
             child.eval()
         else:
             _freeze_mode(child)
-
-
-def load_backbone(
-    spec: str | Path,
-    *,
-    trainable_layers: int = 0,
-    lora: LoraSpec | None = None,
-    embed_dim: int | None = None,
-    **kwargs: Any,
-) -> Backbone:
-    """Load any supported image-text backbone: the one entry point.
-
-    ``spec`` is resolved in this order:
-
-    1. ``"embedded"``: the offline default, EfficientNet-Lite0 (ImageNet) + all-MiniLM-L6-v2,
-       each followed by a new trainable projection (``embed_dim``, default 256).
-    2. ``"composed"``: explicit towers, ``image_tower=`` (``"efficientnet-lite0"`` or a local
-       CLIP/SigLIP folder) and ``text_tower=`` (a local transformers encoder folder).
-    3. A folder with ``cliptune_backbone.json`` (written by ``Backbone.save``): restored exactly.
-    4. A local folder or hub id of a ``CLIPModel``, ``SiglipModel`` or any ``AutoModel`` with
-       ``get_image_features`` / ``get_text_features`` (``kind="auto"`` forces the generic path).
-       A hub id is tried from the local cache only when ``HF_HUB_OFFLINE`` is set.
-
-    Args:
-        spec: See above.
-        trainable_layers: -1 trains everything, 0 only the heads, N > 0 the last N blocks of
-            each tower plus final norms and heads (see ``apply_trainable_layers``).
-        lora: LoRA adapters on the towers instead of unfreezing blocks (needs
-            ``trainable_layers == 0``).
-        embed_dim: Size of the shared space for backbones with new projections (composed,
-            auto); for CLIP/SigLIP it must equal the pretrained projection size.
-        **kwargs: Kind-specific options: ``image_tower``, ``text_tower``, ``image_size`` (composed), ``kind``
-            (force ``"auto"``), ``seed`` (initialisation of new projections, default 0).
-
-    Returns:
-        The backbone in eval mode with the requested parameters trainable.
-
-    Raises:
-        BackboneError: The spec cannot be resolved or loaded (offline), or options conflict.
-
-    Example:
-        >>> backbone = load_backbone("runs/demo/model")
-        >>> backbone = load_backbone("embedded", trainable_layers=1)
-    """
-    from cliptune.models import composed, hf
-    from cliptune.models.freeze import apply_lora, apply_trainable_layers
-
-    if lora is not None and trainable_layers != 0:
-        raise BackboneError(
-            f"backbone {spec!s}: lora and trainable_layers={trainable_layers} are alternatives; "
-            "use trainable_layers=0 with lora"
-        )
-    path = Path(spec)
-    saved = _read_saved_config(path) if path.is_dir() else None
-    if saved is not None:
-        _check_options(spec, kwargs, set())
-        if embed_dim is not None and embed_dim != saved.get("embed_dim"):
-            raise BackboneError(
-                f"{path}: saved with embed_dim={saved.get('embed_dim')}, asked for {embed_dim}"
-            )
-        backbone, saved_lora = _load_saved(path, saved)
-        if saved_lora is not None:
-            if lora is not None and lora != saved_lora:
-                raise BackboneError(f"{path}: saved with LoRA {saved_lora}, asked for a different {lora}")
-            if trainable_layers != 0:
-                raise BackboneError(
-                    f"{path}: saved with LoRA, so trainable_layers must be 0, got {trainable_layers}"
-                )
-            return backbone.eval()
-    elif str(spec) in ("embedded", "composed"):
-        _check_options(spec, kwargs, {"image_tower", "text_tower", "seed", "image_size"})
-        backbone = composed.load_composed(str(spec), embed_dim=embed_dim, **kwargs)
-    else:
-        _check_options(spec, kwargs, {"kind", "seed"})
-        backbone = hf.load_hf(spec, embed_dim=embed_dim, **kwargs)
-    apply_trainable_layers(backbone, trainable_layers)
-    if lora is not None:
-        apply_lora(backbone, lora)
-    return backbone.eval()
-
-
-def _check_options(spec: str | Path, kwargs: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(kwargs) - allowed)
-    if unknown:
-        raise BackboneError(
-            f"backbone {str(spec)!r}: unknown option(s) {unknown}; allowed here: {sorted(allowed)}"
-        )
-
-
-def _read_saved_config(path: Path) -> dict[str, Any] | None:
-    file = path / CONFIG_FILE
-    if not file.is_file():
-        return None
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise BackboneError(f"{file}: not valid JSON ({err})") from err
-    for key in ("kind", "format_version"):
-        if key not in config:
-            raise BackboneError(f"{file}: missing field {key!r}")
-    if config["format_version"] > FORMAT_VERSION:
-        raise BackboneError(
-            f"{file}: format_version {config['format_version']} is newer than this cliptune "
-            f"understands ({FORMAT_VERSION}); upgrade cliptune"
-        )
-    return config
-
-
-def _load_saved(path: Path, saved: dict[str, Any]) -> tuple[Backbone, LoraSpec | None]:
-    """Rebuild a saved backbone: architecture, trainable state and LoRA, then its exact weights."""
-    from safetensors.torch import load_file
-
-    from cliptune.models import composed, hf
-    from cliptune.models.freeze import LoraSpec, apply_lora
-
-    kind = saved["kind"]
-    if kind == "composed":
-        backbone: Backbone = composed.load_saved_composed(path, saved)
-    elif kind in ("clip", "siglip", "auto"):
-        backbone = hf.load_hf(path, kind=kind, embed_dim=saved.get("embed_dim"), seed=0)
-    else:
-        raise BackboneError(f"{path / CONFIG_FILE}: unknown kind {kind!r}")
-    lora = LoraSpec(**saved["lora"]) if saved.get("lora") else None
-    if lora is not None:  # the adapters must exist before their weights can be loaded
-        apply_lora(backbone, lora)
-    state_file = path / STATE_FILE
-    if state_file.is_file():
-        try:
-            state = load_file(str(state_file))
-        except Exception as err:  # safetensors raises its own error types
-            raise BackboneError(f"{state_file}: cannot read weights ({err})") from err
-        missing, unexpected = backbone.load_state_dict(state, strict=False)
-        if unexpected or (saved.get("state") == "full" and missing):
-            raise BackboneError(
-                f"{state_file}: weights do not match the architecture "
-                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-            )
-    return backbone, lora
 
 
 def write_config(directory: Path, backbone: Backbone, extra: dict[str, Any]) -> None:

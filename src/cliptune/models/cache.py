@@ -13,8 +13,9 @@ Layout (see ``docs/feature_cache.md``)::
 
 Shards are self-describing and immutable, so there is no index file to corrupt or to race on: the index is
 rebuilt in memory from the shard headers and refreshed whenever a lookup misses (so entries written by
-another process are seen). A shard is written to a hidden temp file, fsync'ed and renamed with
-``os.replace``; a crash at any point leaves either no shard or a complete one.
+another process are seen). A shard is written with ``cliptune.rundir.write_bytes_atomic(fsync=True)``: a
+hidden temp file, fsync'ed and renamed with ``os.replace``; a crash at any point leaves either no shard or
+a complete one, and the scan skips hidden names.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from safetensors.torch import save as _safetensors_bytes
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from cliptune.rundir import write_bytes_atomic
+
 __all__ = [
     "CacheStats",
     "FeatureCache",
@@ -51,7 +54,6 @@ Modality = Literal["image", "text"]
 
 _FORMAT = "cliptune-features-v1"
 _SHARD_SUFFIX = ".safetensors"
-_TMP_PREFIX = ".tmp-"
 _FLUSH_ROWS = 4096  # rows buffered before a shard is written: bounds the work lost to a crash
 _HASH_CHUNK = 1 << 20
 
@@ -127,7 +129,7 @@ class FeatureCache:
         self._shards.mkdir(parents=True, exist_ok=True)
         ident_file = self.directory / "identity.txt"
         if not ident_file.exists():
-            _atomic_write(ident_file, identity.encode("utf-8"))
+            write_bytes_atomic(ident_file, identity.encode("utf-8"), fsync=True)
         self._index: dict[str, tuple[str, int]] = {}  # key -> (shard file name, row)
         self._seen: set[str] = set()
         self._hits = 0
@@ -205,7 +207,7 @@ class FeatureCache:
             {"features": stacked}, metadata={"format": _FORMAT, "keys": json.dumps(keys)}
         )
         name = f"{uuid.uuid4().hex}{_SHARD_SUFFIX}"
-        _atomic_write(self._shards / name, blob)
+        write_bytes_atomic(self._shards / name, blob, fsync=True)
         self._seen.add(name)
         for row, k in enumerate(keys):
             self._index[k] = (name, row)
@@ -320,7 +322,7 @@ def embed_images(
         collate_fn=preprocess,
         pin_memory=torch.device(device).type == "cuda",
     )
-    batches = (({}, pixels) for pixels in loader)
+    batches: Iterable[tuple[dict[str, Any], Tensor | None]] = (({}, pixels) for pixels in loader)
     _compute_misses(batches, misses, found, cache, forward, resolved, device, progress, "images")
     return _assemble(keys, found)
 
@@ -382,7 +384,7 @@ def embed_texts(
     return _assemble(keys, found)
 
 
-class _ImageFiles(Dataset):
+class _ImageFiles(Dataset[Image.Image]):
     def __init__(self, paths: list[Path], load: Callable[[Path], Image.Image]) -> None:
         self.paths, self.load = paths, load
 
@@ -458,16 +460,3 @@ def _file_sha256(path: Path) -> str:
     except OSError as e:
         raise FileNotFoundError(f"cannot read image {path}: {e.strerror or e}") from e
     return digest.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -22,16 +22,17 @@ Design choices:
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
+
+from cliptune.rundir import write_bytes_atomic, write_text_atomic
 
 __all__ = ["SiameseHead", "SiameseOutput"]
 
@@ -201,12 +202,12 @@ class SiameseHead(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"format": _FORMAT, **asdict(self._config)}
-        tmp_weights = directory / f".tmp-{uuid.uuid4().hex}-{_WEIGHTS_FILE}"
-        save_model(self, str(tmp_weights), metadata={"format": _FORMAT})
-        os.replace(tmp_weights, directory / _WEIGHTS_FILE)
-        tmp_config = directory / f".tmp-{uuid.uuid4().hex}-{_CONFIG_FILE}"
-        tmp_config.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp_config, directory / _CONFIG_FILE)
+        # The head shares no tensors, so its state dict serialises to the bytes safetensors' save_model writes.
+        weights = safetensors_bytes(
+            {k: v.detach().contiguous() for k, v in self.state_dict().items()}, metadata={"format": _FORMAT}
+        )
+        write_bytes_atomic(directory / _WEIGHTS_FILE, weights)
+        write_text_atomic(directory / _CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: Path | str, device: torch.device | str = "cpu") -> SiameseHead:

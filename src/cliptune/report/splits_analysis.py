@@ -119,7 +119,7 @@ def shared_heldout_eval(
     from cliptune.data.prepare import PreparedData, prepare_data
     from cliptune.data.splits import group_ids
     from cliptune.evaluation.evaluate import evaluate_split, loss_settings
-    from cliptune.inference import load_model
+    from cliptune.models.factory import load_model
 
     a, b = Path(run_a), Path(run_b)
     groups = shared_heldout_groups(a, b)

@@ -36,7 +36,8 @@ import pandas as pd
 from cliptune.data.catalogue import Catalogue
 from cliptune.data.check import Rejection, check_catalogue
 from cliptune.errors import CliptuneError
-from cliptune.inference import LoadedModel, embed_images_with
+from cliptune.models.embed import embed_images_with
+from cliptune.models.factory import LoadedModel
 from cliptune.rundir import atomic_folder
 
 __all__ = [
@@ -206,7 +207,7 @@ def build_index(
     old index's users would silently get scores from a different space.
 
     Args:
-        model: From :func:`cliptune.inference.load_model`.
+        model: From :func:`cliptune.models.factory.load_model`.
         catalogue: From :func:`cliptune.data.catalogue.read_catalogue`.
         out: The index folder to write (replaced atomically).
         cache_dir: Feature cache folder (default: the shared one).

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from cliptune.inference import LoadedModel, embed_images_with, embed_texts_with
+from cliptune.models.embed import embed_images_with, embed_texts_with
+from cliptune.models.factory import LoadedModel
 from cliptune.search.index import SearchIndex, SearchIndexError
 
 __all__ = ["Hit", "search", "search_embeddings", "select"]

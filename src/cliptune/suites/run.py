@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from cliptune.data.catalogue import Catalogue
-from cliptune.inference import LoadedModel, embed_images_with, embed_texts_with
+from cliptune.models.embed import embed_images_with, embed_texts_with
+from cliptune.models.factory import LoadedModel
 from cliptune.ranking.bootstrap import Interval, bootstrap_ci
 from cliptune.suites.resolve import ResolvedQuery, ResolvedSuite, resolve_suite
 from cliptune.suites.schema import Suite
@@ -138,7 +139,7 @@ def run_suite(
 
     Args:
         suite: A loaded suite (checked against ``catalogue`` here) or an already resolved one.
-        model: From :func:`cliptune.inference.load_model`.
+        model: From :func:`cliptune.models.factory.load_model`.
         catalogue: The catalogue to search (not needed with a resolved suite).
         cache_dir: Feature cache folder of the embedding functions.
         bootstrap: Resamples of the category intervals (0: point intervals).

@@ -20,7 +20,7 @@ from cliptune import __version__
 from cliptune.config import Config, load_config, save_config
 from cliptune.data.images import ImageLoadError
 from cliptune.data.prepare import PreparedData, prepare_data
-from cliptune.models.backbone import load_backbone
+from cliptune.models.factory import load_backbone
 from cliptune.models.freeze import LoraSpec, count_parameters
 from cliptune.rundir import write_text_atomic
 from cliptune.train.errors import (

@@ -23,6 +23,7 @@ from cliptune.data.prepare import PreparedData
 from cliptune.data.splits import group_ids
 from cliptune.losses import SiameseLoss
 from cliptune.models.backbone import Backbone
+from cliptune.models.factory import BACKBONE_DIR, HEAD_DIR
 from cliptune.models.siamese import SiameseHead
 from cliptune.ranking.metrics import triplet_accuracy
 from cliptune.train.tasks.bundle import TaskBundle
@@ -163,8 +164,8 @@ def build_siamese(
         return {f"val/{k}": v / n for k, v in sums.items()}
 
     def save_model(m: nn.Module, directory: Path) -> None:
-        m.head.save(directory / "head")
-        backbone.save(directory / "backbone")
+        m.head.save(directory / HEAD_DIR)
+        backbone.save(directory / BACKBONE_DIR)
 
     info: dict[str, Any] = {
         "triplets": {k: int(len(v)) for k, v in triplets.items()},
