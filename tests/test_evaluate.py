@@ -15,14 +15,11 @@ from typer.testing import CliRunner
 from cliptune.cli.eval import register
 from cliptune.config import load_config
 from cliptune.data.synthetic import render_art, render_fashion
-from cliptune.evaluation.evaluate import (
-    evaluate_embeddings,
-    evaluate_run,
-    info_nce_per_pair,
-    prepare_catalogue,
-    triplet_values,
-    write_eval,
-)
+from cliptune.evaluation.catalogue import prepare_catalogue
+from cliptune.evaluation.loss import LossSettings, info_nce_per_pair, loss_settings
+from cliptune.evaluation.retrieval import evaluate_embeddings
+from cliptune.evaluation.run import evaluate_run, write_eval
+from cliptune.evaluation.triplets import triplet_values
 from cliptune.inference import embed_images_with, embed_texts_with, load_model
 from cliptune.losses import info_nce
 from cliptune.losses.siamese import siamese_objective
@@ -142,7 +139,6 @@ def test_info_nce_per_pair_and_triplet_values_match_the_losses() -> None:
         batch = info_nce(image[start : start + 4], text[start : start + 4], 0.1)
         assert per_pair[start : start + 4].mean().item() == pytest.approx(batch.item(), rel=1e-6)
     a, p, n = ({k: torch.randn(6, 8) for k in ("image", "text", "fused")} for _ in range(3))
-    from cliptune.evaluation.evaluate import LossSettings
 
     values = triplet_values(a, p, n, LossSettings(margin=0.3, weights={"image": 2.0, "cross": 0.5}))
     objective = siamese_objective(a, p, n, {"image": 2.0, "cross": 0.5}, margin=0.3)
@@ -296,7 +292,6 @@ def test_prepare_catalogue_split_column(world: dict[str, Path], tmp_path: Path) 
 
 
 def test_loss_settings_use_the_learned_temperature(tmp_path: Path) -> None:
-    from cliptune.evaluation.evaluate import loss_settings
 
     cfg = load_config(None, ["loss.learn_temperature=true", "loss.temperature=0.07", "train.batch_size=16"])
     torch.save({"logit_scale": torch.tensor(3.0)}, tmp_path / "loss_state.pt")

@@ -155,7 +155,7 @@ def register(app: typer.Typer) -> None:
         results = _evaluate(
             path, is_run, data, split, all_splits, ks, bootstrap, relevant, cache_dir, quiet, err, text_column
         )
-        from cliptune.evaluation.evaluate import write_eval
+        from cliptune.evaluation.run import write_eval
 
         folder = out if out is not None or is_run else Path("eval")  # None: RUN/eval
         written = [write_eval(r, None if folder else path, out_dir=folder) for r in results.values()]
@@ -192,13 +192,10 @@ def _evaluate(
 ) -> dict[str, dict[str, Any]]:
     from cliptune.config import ConfigError
     from cliptune.data.catalogue import CatalogueError
-    from cliptune.evaluation.evaluate import (
-        EvalError,
-        evaluate_run,
-        evaluate_split,
-        prepare_catalogue,
-        split_order,
-    )
+    from cliptune.evaluation.catalogue import prepare_catalogue, split_order
+    from cliptune.evaluation.errors import EvalError
+    from cliptune.evaluation.run import evaluate_run
+    from cliptune.evaluation.split import evaluate_split
     from cliptune.inference import load_model
     from cliptune.models.backbone import BackboneError
 

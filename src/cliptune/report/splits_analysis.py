@@ -118,7 +118,8 @@ def shared_heldout_eval(
     """
     from cliptune.data.prepare import PreparedData, prepare_data
     from cliptune.data.splits import group_ids
-    from cliptune.evaluation.evaluate import evaluate_split, loss_settings
+    from cliptune.evaluation.loss import loss_settings
+    from cliptune.evaluation.split import evaluate_split
     from cliptune.inference import load_model
 
     a, b = Path(run_a), Path(run_b)
