@@ -149,6 +149,20 @@ def test_info_nce_per_pair_and_triplet_values_match_the_losses() -> None:
         assert values["accuracy/i2t"][t].item() == float(pos > neg)
 
 
+def test_eval_loss_values_are_the_training_losses_per_item() -> None:
+    # eval calls the losses with reduction="none": the very terms training averages, bit for bit
+    gen = torch.Generator().manual_seed(7)
+    image, text = torch.randn(10, 8, generator=gen), torch.randn(10, 8, generator=gen)
+    per_pair = info_nce_per_pair(image, text, temperature=0.07, batch_size=4)
+    for start in (0, 4, 8):
+        batch = info_nce(image[start : start + 4], text[start : start + 4], 0.07, reduction="none")
+        assert torch.equal(per_pair[start : start + 4], batch)
+    a, p, n = ({k: torch.randn(5, 8, generator=gen) for k in ("image", "text", "fused")} for _ in range(3))
+    values = triplet_values(a, p, n, LossSettings(margin=0.3, distance="euclidean", weights={"text": 0.5}))
+    objective = siamese_objective(a, p, n, {"text": 0.5}, 0.3, "euclidean", reduction="none")
+    assert torch.equal(values["loss"], objective["loss"])
+
+
 # ----------------------------------------------------------------------------------------------
 # a tiny trained run
 

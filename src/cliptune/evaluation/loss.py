@@ -1,7 +1,9 @@
 """The ``loss`` that ``cliptune eval`` reports: its settings (from the run) and its per-pair values.
 
-The Siamese objective per triplet is :func:`cliptune.losses.siamese_objective` with ``reduction="none"``
-(see :mod:`cliptune.evaluation.triplets`).
+Evaluation never re-derives a loss: per-pair InfoNCE is :func:`cliptune.losses.info_nce` with
+``reduction="none"`` over the training batch size, and the Siamese objective per triplet is
+:func:`cliptune.losses.siamese_objective` with ``reduction="none"`` (see :mod:`cliptune.evaluation.triplets`),
+so the eval number is the training formula and compares with ``val/loss`` in ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cliptune.config import Config
+from cliptune.losses import info_nce
 from cliptune.losses.siamese import DEFAULT_SIAMESE_WEIGHTS
 
 __all__ = ["LossSettings", "info_nce_per_pair", "loss_settings"]
@@ -99,13 +101,7 @@ def info_nce_per_pair(image: Tensor, text: Tensor, temperature: float, batch_siz
     Shapes:
         image, text: (N, D) paired rows -> (N,)
     """
-    out = []
-    for start in range(0, len(image), batch_size):
-        img = F.normalize(image[start : start + batch_size].float(), dim=-1)  # (b, D)
-        txt = F.normalize(text[start : start + batch_size].float(), dim=-1)  # (b, D)
-        logits = img @ txt.T / temperature  # (b, b)
-        labels = torch.arange(len(img))
-        i2t = F.cross_entropy(logits, labels, reduction="none")  # (b,)
-        t2i = F.cross_entropy(logits.T, labels, reduction="none")  # (b,)
-        out.append((i2t + t2i) / 2)
-    return torch.cat(out)
+    return torch.cat([
+        info_nce(image[s : s + batch_size].float(), text[s : s + batch_size].float(), temperature, "none")
+        for s in range(0, len(image), batch_size)
+    ])  # fmt: skip
