@@ -87,7 +87,8 @@ def _blocks(n_resamples: int, rows: int) -> list[tuple[int, int]]:
 def _draw_means(rng: np.random.Generator, arr: np.ndarray, count: int) -> np.ndarray:
     """Means of ``count`` resamples of ``arr`` with replacement, drawn from ``rng``; (count,) float64."""
     idx = rng.integers(0, arr.shape[0], size=(count, arr.shape[0]))  # (count, n)
-    return arr[idx].mean(axis=1)
+    means: np.ndarray = arr[idx].mean(axis=1)
+    return means
 
 
 def _resample_means(arr: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
