@@ -14,8 +14,10 @@ from typer.testing import CliRunner
 
 from cliptune.cli.eval import register
 from cliptune.config import load_config
+from cliptune.data.catalogue import CatalogueError
 from cliptune.data.synthetic import render_art, render_fashion
 from cliptune.evaluation.catalogue import prepare_catalogue
+from cliptune.evaluation.errors import EvalError, RejectedRowsError
 from cliptune.evaluation.loss import LossSettings, info_nce_per_pair, loss_settings
 from cliptune.evaluation.retrieval import evaluate_embeddings
 from cliptune.evaluation.run import evaluate_run, write_eval
@@ -303,6 +305,21 @@ def test_prepare_catalogue_split_column(world: dict[str, Path], tmp_path: Path) 
     meta.to_csv(cat / "metadata.csv", index=False)
     with pytest.raises(ValueError, match=r"column 'split' is empty in 1 row\(s\) \(rows 4\)"):
         prepare_catalogue(cat)
+
+
+def test_prepare_catalogue_rejected_rows_are_a_typed_error(world: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    cat = tmp_path / "cat"
+    shutil.copytree(world["fashion"], cat)
+    meta = pd.read_csv(cat / "metadata.csv", dtype=str, keep_default_na=False)
+    (cat / meta.loc[2, "file_name"]).unlink()  # a row whose image is gone
+    with pytest.raises(RejectedRowsError) as caught:
+        prepare_catalogue(cat)
+    err = caught.value
+    assert isinstance(err, CatalogueError) and isinstance(err, EvalError)  # old handlers still catch it
+    assert [row for row, _, _ in err.rejected] == [3] and err.rejected[0][1] == meta.loc[2, "file_name"]
+    assert err.path == cat / "metadata.csv" and "1 bad row(s)" in str(err) and "--" not in str(err)
 
 
 def test_loss_settings_use_the_learned_temperature(tmp_path: Path) -> None:
