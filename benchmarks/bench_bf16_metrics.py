@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cliptune.config import load_config
 from cliptune.data.prepare import prepare_data
-from cliptune.evaluation.evaluate import evaluate_split
+from cliptune.evaluation.split import evaluate_split
 from cliptune.models.factory import load_model
 
 

@@ -11,6 +11,7 @@ from cliptune.ranking.bootstrap import (
     bootstrap_ci,
     bootstrap_metrics,
     paired_bootstrap_delta,
+    unpaired_bootstrap_delta,
     verdict,
 )
 
@@ -112,3 +113,16 @@ def test_bootstrap_metrics_dict() -> None:
     out = bootstrap_metrics(per_query, n_resamples=200)
     assert list(out) == ["t2i/recall@1", "t2i/mrr"]
     assert out["t2i/mrr"] == bootstrap_ci(per_query["t2i/mrr"], n_resamples=200)
+
+
+def test_unpaired_bootstrap_golden_values() -> None:
+    # Constant samples: every resample mean is the constant, so the interval is the point 1.0 - 0.25.
+    iv = unpaired_bootstrap_delta([0.25] * 7, [1.0] * 5)
+    assert (iv.mean, iv.low, iv.high, iv.n) == (0.75, 0.75, 0.75, 5)
+    # Naive reference: the same seed and draws, one resample at a time.
+    a, b = np.array([0.0, 1.0, 0.5, 0.2]), np.array([1.0, 0.0, 0.3])
+    iv = unpaired_bootstrap_delta(a, b, n_resamples=50, seed=3)
+    rng = np.random.Generator(np.random.PCG64(3))
+    ia, ib = rng.integers(0, 4, size=(50, 4)), rng.integers(0, 3, size=(50, 3))
+    naive = [b[ib[r]].mean() - a[ia[r]].mean() for r in range(50)]
+    assert (iv.low, iv.high) == tuple(np.quantile(naive, [0.025, 0.975]))

@@ -14,15 +14,14 @@ from typer.testing import CliRunner
 
 from cliptune.cli.eval import register
 from cliptune.config import load_config
+from cliptune.data.catalogue import CatalogueError
 from cliptune.data.synthetic import render_art, render_fashion
-from cliptune.evaluation.evaluate import (
-    evaluate_embeddings,
-    evaluate_run,
-    info_nce_per_pair,
-    prepare_catalogue,
-    triplet_values,
-    write_eval,
-)
+from cliptune.evaluation.catalogue import prepare_catalogue
+from cliptune.evaluation.errors import EvalError, RejectedRowsError
+from cliptune.evaluation.loss import LossSettings, info_nce_per_pair, loss_settings
+from cliptune.evaluation.retrieval import evaluate_embeddings
+from cliptune.evaluation.run import evaluate_run, write_eval
+from cliptune.evaluation.triplets import triplet_values
 from cliptune.losses import info_nce
 from cliptune.losses.siamese import siamese_objective
 from cliptune.models.embed import embed_images_with, embed_texts_with
@@ -143,7 +142,6 @@ def test_info_nce_per_pair_and_triplet_values_match_the_losses() -> None:
         batch = info_nce(image[start : start + 4], text[start : start + 4], 0.1)
         assert per_pair[start : start + 4].mean().item() == pytest.approx(batch.item(), rel=1e-6)
     a, p, n = ({k: torch.randn(6, 8) for k in ("image", "text", "fused")} for _ in range(3))
-    from cliptune.evaluation.evaluate import LossSettings
 
     values = triplet_values(a, p, n, LossSettings(margin=0.3, weights={"image": 2.0, "cross": 0.5}))
     objective = siamese_objective(a, p, n, {"image": 2.0, "cross": 0.5}, margin=0.3)
@@ -152,6 +150,20 @@ def test_info_nce_per_pair_and_triplet_values_match_the_losses() -> None:
         pos = F.cosine_similarity(a["image"][t], p["text"][t], dim=0)
         neg = F.cosine_similarity(a["image"][t], n["text"][t], dim=0)
         assert values["accuracy/i2t"][t].item() == float(pos > neg)
+
+
+def test_eval_loss_values_are_the_training_losses_per_item() -> None:
+    # eval calls the losses with reduction="none": the very terms training averages, bit for bit
+    gen = torch.Generator().manual_seed(7)
+    image, text = torch.randn(10, 8, generator=gen), torch.randn(10, 8, generator=gen)
+    per_pair = info_nce_per_pair(image, text, temperature=0.07, batch_size=4)
+    for start in (0, 4, 8):
+        batch = info_nce(image[start : start + 4], text[start : start + 4], 0.07, reduction="none")
+        assert torch.equal(per_pair[start : start + 4], batch)
+    a, p, n = ({k: torch.randn(5, 8, generator=gen) for k in ("image", "text", "fused")} for _ in range(3))
+    values = triplet_values(a, p, n, LossSettings(margin=0.3, distance="euclidean", weights={"text": 0.5}))
+    objective = siamese_objective(a, p, n, {"text": 0.5}, 0.3, "euclidean", reduction="none")
+    assert torch.equal(values["loss"], objective["loss"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,8 +308,22 @@ def test_prepare_catalogue_split_column(world: dict[str, Path], tmp_path: Path) 
         prepare_catalogue(cat)
 
 
+def test_prepare_catalogue_rejected_rows_are_a_typed_error(world: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    cat = tmp_path / "cat"
+    shutil.copytree(world["fashion"], cat)
+    meta = pd.read_csv(cat / "metadata.csv", dtype=str, keep_default_na=False)
+    (cat / meta.loc[2, "file_name"]).unlink()  # a row whose image is gone
+    with pytest.raises(RejectedRowsError) as caught:
+        prepare_catalogue(cat)
+    err = caught.value
+    assert isinstance(err, CatalogueError) and isinstance(err, EvalError)  # old handlers still catch it
+    assert [row for row, _, _ in err.rejected] == [3] and err.rejected[0][1] == meta.loc[2, "file_name"]
+    assert err.path == cat / "metadata.csv" and "1 bad row(s)" in str(err) and "--" not in str(err)
+
+
 def test_loss_settings_use_the_learned_temperature(tmp_path: Path) -> None:
-    from cliptune.evaluation.evaluate import loss_settings
 
     cfg = load_config(None, ["loss.learn_temperature=true", "loss.temperature=0.07", "train.batch_size=16"])
     torch.save({"logit_scale": torch.tensor(3.0)}, tmp_path / "loss_state.pt")

@@ -502,3 +502,71 @@ def test_make_loss_errors() -> None:
     with pytest.raises(ValueError, match=r"loss 'siglip': bad arguments \['temperature'\]"):
         make_loss("siglip", temperature=0.1)
     assert make_loss("triplet", margin=0.3, distance="euclidean").margin == 0.3
+
+
+# ---------------------------------------------------------------- per-item terms (reduction="none")
+def _ref_info_nce_pairs(img: Rows, txt: Rows, temperature: float) -> list[float]:
+    n, out = len(img), []
+    for i in range(n):
+        row = [_cos(img[i], txt[j]) / temperature for j in range(n)]
+        col = [_cos(txt[i], img[j]) / temperature for j in range(n)]
+        i2t = -row[i] + math.log(sum(math.exp(v) for v in row))
+        t2i = -col[i] + math.log(sum(math.exp(v) for v in col))
+        out.append((i2t + t2i) / 2)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_info_nce_per_pair_terms_match_loop_and_mean(dtype: torch.dtype) -> None:
+    img, txt = _rand(6, 4, seed=30, dtype=dtype), _rand(6, 4, seed=31, dtype=dtype)
+    per_pair = info_nce(img, txt, 0.1, reduction="none")
+    assert per_pair.shape == (6,) and per_pair.dtype == dtype
+    expected = _ref_info_nce_pairs(img.double().tolist(), txt.double().tolist(), 0.1)
+    torch.testing.assert_close(per_pair.double(), torch.tensor(expected, dtype=torch.float64), **_tol(dtype))
+    torch.testing.assert_close(per_pair.mean(), info_nce(img, txt, 0.1), **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("distance", sorted(DISTANCES))
+def test_triplet_and_contrastive_per_item_terms_match_loop_and_mean(
+    dtype: torch.dtype, distance: str
+) -> None:
+    a, p, n = (_rand(5, 3, seed=s, dtype=dtype) for s in (32, 33, 34))
+    per = triplet_margin(a, p, n, 1.0, distance, reduction="none")
+    rows = [x.double().tolist() for x in (a, p, n)]
+    expected = [ref_triplet([x], [y], [z], 1.0, distance) for x, y, z in zip(*rows, strict=True)]
+    torch.testing.assert_close(per.double(), torch.tensor(expected, dtype=torch.float64), **_tol(dtype))
+    assert torch.equal(per.mean(), triplet_margin(a, p, n, 1.0, distance))  # the mean IS the loss
+    label = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5], dtype=dtype)
+    per = contrastive(a, p, label, 0.8, reduction="none")
+    expected = [
+        _hadsell_term(x, y, lab, 0.8) for x, y, lab in zip(rows[0], rows[1], label.tolist(), strict=True)
+    ]
+    torch.testing.assert_close(per.double(), torch.tensor(expected, dtype=torch.float64), **_tol(dtype))
+    assert torch.equal(per.mean(), contrastive(a, p, label, 0.8))
+
+
+def test_siamese_per_triplet_terms_match_loop_and_mean() -> None:
+    gen = torch.Generator().manual_seed(35)
+    a, p, n = ({k: torch.randn(6, 4, generator=gen) for k in ("image", "text", "fused")} for _ in range(3))
+    weights = {"image": 2.0, "cross": 0.5}
+    per = siamese_objective(a, p, n, weights, margin=0.3, reduction="none")
+    mean = siamese_objective(a, p, n, weights, margin=0.3)
+    for key, value in per.items():
+        assert value.shape == (6,), key
+        assert value.mean().item() == pytest.approx(mean[key].item(), rel=1e-6), key
+    for t in range(6):  # one triplet at a time is the reference
+        one = siamese_objective(*({k: v[t : t + 1] for k, v in x.items()} for x in (a, p, n)), weights, 0.3)
+        for key in per:
+            assert per[key][t].item() == pytest.approx(one[key].item(), rel=1e-6, abs=1e-7), (key, t)
+
+
+def test_reduction_must_be_mean_or_none() -> None:
+    x = torch.randn(3, 4)
+    for call in (
+        lambda: info_nce(x, x, 0.1, reduction="sum"),  # type: ignore[arg-type]
+        lambda: triplet_margin(x, x, x, reduction="sum"),  # type: ignore[arg-type]
+        lambda: contrastive(x, x, torch.ones(3), reduction="sum"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(ValueError, match="reduction must be 'mean' or 'none'"):
+            call()

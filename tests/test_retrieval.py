@@ -13,7 +13,27 @@ from cliptune.ranking.metrics import (
     retrieval_metrics,
     retrieval_metrics_from_ranks,
 )
-from cliptune.ranking.topk import first_relevant_rank, rank_chunked, relevant_ranks, topk_chunked, topk_faiss
+from cliptune.ranking.topk import TIE_PAD, rank_chunked, refine_candidates, topk_chunked, topk_of_scores
+
+
+def _ranks(queries: torch.Tensor, items: torch.Tensor, ids: torch.Tensor, **chunks: int) -> torch.Tensor:
+    """Exact ranks of the relevant items alone: rank_chunked without top lists (k = 0)."""
+    return rank_chunked(queries, items, 0, ids, **chunks).ranks
+
+
+def _faiss_topk(queries: torch.Tensor, items: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FAISS IndexFlatIP candidates made exact by refine_candidates, as the search index does."""
+    import faiss
+
+    k = min(k, items.shape[0])
+    index = faiss.IndexFlatIP(items.shape[1])
+    index.add(items.numpy().astype("float32"))
+    d, i = index.search(queries.numpy().astype("float32"), min(items.shape[0], k + TIE_PAD))
+
+    def exact(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return topk_chunked(queries[rows].float(), items.float(), k)
+
+    return refine_candidates(torch.from_numpy(d), torch.from_numpy(i), k, items.shape[0], exact)
 
 
 def _random(q: int, n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,15 +105,16 @@ def test_topk_chunked_golden_and_k_larger_than_n() -> None:
 def test_relevant_ranks_equal_dense_ranks(data: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
     queries, items = data(11, 37, 4, seed=5)
     ids = _relevant_ids(11, 37, 3, seed=6)
-    ranks = relevant_ranks(queries, items, ids, chunk_size=6, query_chunk_size=4)
+    ranks = _ranks(queries, items, ids, chunk_size=6, query_chunk_size=4)
     full = rank_items(queries @ items.T)  # (Q, N) oracle
     expected = torch.where(ids >= 0, full.gather(1, ids.clamp(min=0)), torch.zeros_like(ids))
     assert torch.equal(ranks, expected)
-    first = first_relevant_rank(queries, items, ids, chunk_size=6)
+    # the first relevant rank (MRR = 1 / it) from the ranks of another chunking
+    mrr = retrieval_metrics_from_ranks(_ranks(queries, items, ids, chunk_size=6), ks=())["t2i/mrr"]
     big = 10**9
     ref_first = torch.where(expected > 0, expected, torch.full_like(expected, big)).min(1).values
-    assert torch.equal(first, torch.where(ref_first == big, 0, ref_first))
-    assert first[0] == 0  # query 0 has no relevant item
+    assert torch.equal(mrr, torch.where(ref_first == big, 0.0, 1.0 / ref_first.double()).float())
+    assert mrr[0] == 0  # query 0 has no relevant item
 
 
 def test_chunked_metrics_equal_dense_metrics_with_ties() -> None:
@@ -118,14 +139,12 @@ def test_relevant_ranks_golden() -> None:
     queries = torch.tensor([[1.0]])
     items = torch.tensor([[0.5], [2.0], [0.5], [0.5], [-1.0]])
     # scores [0.5, 2, 0.5, 0.5, -1] -> order 1, 0, 2, 3, 4: item 3 is behind 1, 0 and 2 (tie, lower index)
-    assert relevant_ranks(queries, items, torch.tensor([[3, 4, -1, 0]]), chunk_size=2).tolist() == [
-        [4, 5, 0, 2]
-    ]
+    assert _ranks(queries, items, torch.tensor([[3, 4, -1, 0]]), chunk_size=2).tolist() == [[4, 5, 0, 2]]
 
 
 def test_topk_faiss_equals_torch_on_random_data() -> None:
     queries, items = _random(25, 300, 16, seed=1)  # >= 20 queries: FAISS takes its BLAS path
-    scores, idx = topk_faiss(queries, items, k=10)
+    scores, idx = _faiss_topk(queries, items, k=10)
     ref_scores, ref_idx = torch.topk(queries @ items.T, 10, dim=1)
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=0)
@@ -135,7 +154,7 @@ def test_topk_faiss_equals_torch_on_random_data() -> None:
 def test_topk_faiss_identical_to_chunked_with_ties(n_queries: int) -> None:
     # exact integer scores: "identical" means the very same index lists, ties by lower index included
     queries, items = _tied(n_queries, 200, 4, seed=n_queries)  # scores in {-4..4}: ~20+ items per value
-    f_scores, f_idx = topk_faiss(queries, items, k=10)
+    f_scores, f_idx = _faiss_topk(queries, items, k=10)
     c_scores, c_idx = topk_chunked(queries, items, k=10, chunk_size=33)
     assert torch.equal(f_idx, c_idx)
     assert torch.equal(f_scores, c_scores)
@@ -144,7 +163,7 @@ def test_topk_faiss_identical_to_chunked_with_ties(n_queries: int) -> None:
 
 def test_topk_faiss_all_items_tied_falls_back_exactly() -> None:
     items = torch.ones(100, 3)  # every score equal: the tie runs far past the k + 16 candidates
-    scores, idx = topk_faiss(torch.ones(2, 3), items, k=5)
+    scores, idx = _faiss_topk(torch.ones(2, 3), items, k=5)
     assert idx.tolist() == [[0, 1, 2, 3, 4]] * 2
     assert scores.tolist() == [[3.0] * 5] * 2
 
@@ -163,13 +182,13 @@ def test_validation_errors() -> None:
     with pytest.raises(ValueError, match="k must be"):
         topk_chunked(q, x, 0)
     with pytest.raises(ValueError, match="N = 0"):
-        topk_faiss(q, x[:0], 1)
+        topk_chunked(q, x[:0], 1)
     with pytest.raises(ValueError, match="outside"):
-        relevant_ranks(q, x, torch.tensor([[5], [0]]))
+        _ranks(q, x, torch.tensor([[5], [0]]))
     with pytest.raises(ValueError, match="twice"):
-        relevant_ranks(q, x, torch.tensor([[1, 1], [0, -1]]))
+        _ranks(q, x, torch.tensor([[1, 1], [0, -1]]))
     with pytest.raises(ValueError, match="Q = 2"):
-        relevant_ranks(q, x, torch.tensor([[1]]))
+        _ranks(q, x, torch.tensor([[1]]))
 
 
 def test_identical_relevant_items_get_consecutive_ranks() -> None:
@@ -187,3 +206,13 @@ def test_identical_relevant_items_get_consecutive_ranks() -> None:
     want, _ = ranks_of_relevant(queries @ items.T, dense_rel)
     assert torch.equal(got.sort(1).values, want.sort(1).values)
     assert ((got[:, 1] - got[:, 0]).abs() >= 1).all()
+
+
+@pytest.mark.parametrize("k", [1, 3, 30])
+def test_topk_of_scores_follows_the_tie_rule(k: int) -> None:
+    queries, items = _tied(6, 30, 3, seed=12)
+    scores, idx = topk_of_scores(queries @ items.T, k)
+    assert idx.tolist() == _naive_topk(queries, items, k)
+    assert torch.equal((scores, idx)[1], topk_chunked(queries, items, k, chunk_size=7)[1])
+    with pytest.raises(ValueError, match="k must be"):
+        topk_of_scores(queries @ items.T, 31)

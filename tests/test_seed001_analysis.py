@@ -15,7 +15,7 @@ import pytest
 
 from cliptune.config import load_config
 from cliptune.data.synthetic import render_fashion
-from cliptune.evaluation.evaluate import evaluate_run, write_eval
+from cliptune.evaluation.run import evaluate_run, write_eval
 from cliptune.report import compare_runs
 from cliptune.report.compare import metric_deltas
 from cliptune.report.splits_analysis import (

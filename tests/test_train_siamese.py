@@ -13,7 +13,7 @@ from cliptune.cli.app import app
 from cliptune.config import DataConfig
 from cliptune.data.prepare import prepare_data
 from cliptune.data.synthetic import render_art
-from cliptune.train.tasks.siamese import make_triplets
+from cliptune.data.triplets import make_triplets
 
 runner = CliRunner()
 

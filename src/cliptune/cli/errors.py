@@ -49,6 +49,9 @@ HINTS: dict[str, Hint] = {
     ),
     "cliptune.search.index.IndexExistsError": "use a new folder or --overwrite",
     "cliptune.search.index.IndexBadRowsError": _index_bad_rows,
+    "cliptune.evaluation.errors.RejectedRowsError": (
+        "Or clean the catalogue with `cliptune data check --write-clean` first."
+    ),
     "cliptune.train.errors.MissingRunNameError": "or pass --name",
     "cliptune.train.errors.RunExistsError": lambda e: f"pass --resume {e.run_dir}, or another --name",
     "cliptune.train.errors.LauncherMismatchError": (

@@ -195,13 +195,10 @@ def _evaluate(
     text_column: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate a run on its own split(s), or a bare model on a catalogue's; library errors propagate."""
-    from cliptune.evaluation.evaluate import (
-        EvalError,
-        evaluate_run,
-        evaluate_split,
-        prepare_catalogue,
-        split_order,
-    )
+    from cliptune.evaluation.catalogue import prepare_catalogue, split_order
+    from cliptune.evaluation.errors import EvalError
+    from cliptune.evaluation.run import evaluate_run
+    from cliptune.evaluation.split import evaluate_split
     from cliptune.models.factory import load_model
 
     if is_run:

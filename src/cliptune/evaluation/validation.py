@@ -1,27 +1,21 @@
-"""Validation values the loop logs each epoch: losses and retrieval metrics, namespaced ``val/...``.
+"""Validation values the training loop logs each epoch: losses and retrieval metrics, namespaced ``val/...``.
 
-These are means over the validation split; ``cliptune eval`` adds intervals and per-query files.
+Validation is the evaluator of ``cliptune eval`` with the intervals off: the same exact ranking of both
+directions (:func:`cliptune.evaluation.retrieval.rank_directions`) reduced to means, plus the training
+loss over batches of the validation pairs; ``cliptune eval`` adds intervals and per-query files.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-from cliptune.ranking.metrics import retrieval_metrics
+from cliptune.evaluation.retrieval import DIRECTIONS, rank_directions
 
-__all__ = ["retrieval_validation", "pair_relevance"]
-
-
-def pair_relevance(query_keys: Sequence[str], item_keys: Sequence[str]) -> Tensor:
-    """Boolean (Q, N) relevance: query q is relevant to item n when their keys (group or file) match."""
-    ids = {k: i for i, k in enumerate(sorted(set(query_keys) | set(item_keys)))}
-    q = torch.tensor([ids[k] for k in query_keys])
-    n = torch.tensor([ids[k] for k in item_keys])
-    return q[:, None] == n[None, :]
+__all__ = ["batched_term_means", "retrieval_validation"]
 
 
 @contextmanager
@@ -29,7 +23,7 @@ def _no_gather(loss_fn: nn.Module) -> Iterator[None]:
     # Every process holds the whole gathered validation set: gathering again would duplicate negatives.
     previous = getattr(loss_fn, "gather", None)
     if previous is not None:
-        loss_fn.gather = False
+        loss_fn.gather = False  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -83,16 +77,44 @@ def retrieval_validation(
     first_row: dict[str, int] = {}
     for i, f in enumerate(files):
         first_row.setdefault(f, i)
-    unique = list(first_row.values())
-    keys = list(groups) if relevant == "group" else list(files)
-    img = nn.functional.normalize(image[unique], dim=-1)  # (M, D) one row per image file
+    img = nn.functional.normalize(image[list(first_row.values())], dim=-1)  # (M, D) one row per image file
     txt = nn.functional.normalize(text, dim=-1)  # (N, D)
-    img_keys = [keys[i] for i in unique]
-    scores = txt @ img.T  # (N, M)
-    for prefix, s, rel in (
-        ("t2i", scores, pair_relevance(keys, img_keys)),
-        ("i2t", scores.T, pair_relevance(img_keys, keys)),
-    ):
-        for key, values in retrieval_metrics(s, rel, ks=ks, prefix=prefix).items():
-            out[f"val/{key}"] = float(values.float().mean())
+    keys = list(groups) if relevant == "group" else list(files)
+    ranked = rank_directions(txt, img, files=files, keys=keys, images=list(first_row), ks=ks)
+    for name in DIRECTIONS:
+        for key, values in ranked[name].values.items():
+            out[f"val/{name}/{key}"] = float(values.float().mean())
     return out
+
+
+def batched_term_means(
+    forward: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    inputs: dict[str, Tensor],
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Means over all items of a model's named terms, computed batch by batch, as ``val/<term>``.
+
+    Each batch's terms are batch means; weighting them by batch size makes the result the mean over
+    items whatever the last batch's size.
+
+    Args:
+        forward: The model's forward, returning 0-d terms for a batch.
+        inputs: Stacked validation inputs, one row per item.
+        batch_size: Items per batch.
+        device: Where batches run.
+
+    Returns:
+        ``{"val/<term>": mean over items}``.
+
+    Shapes:
+        inputs: each (T, ...)
+    """
+    sums: dict[str, float] = {}
+    n = len(next(iter(inputs.values())))
+    for start in range(0, n, batch_size):
+        batch = {k: v[start : start + batch_size].to(device) for k, v in inputs.items()}
+        size = len(next(iter(batch.values())))
+        for key, value in forward(batch).items():
+            sums[key] = sums.get(key, 0.0) + float(value) * size
+    return {f"val/{k}": v / n for k, v in sums.items()}

@@ -1,8 +1,26 @@
-"""Input validation shared by the losses: fail early, naming the argument and its shape."""
+"""Input validation and reduction shared by the losses: fail early, naming the argument and its shape."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+
+Reduction = Literal["mean", "none"]
+"""``"mean"``: the loss as trained (0-d); ``"none"``: one term per pair / triplet, so evaluation can
+resample and pair items with the very formula training uses."""
+
+
+def check_reduction(where: str, reduction: str) -> None:
+    """Raise ValueError unless ``reduction`` is ``"mean"`` or ``"none"``."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"{where}: reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def reduce(where: str, terms: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    """Mean of per-item terms (``"mean"``) or the terms themselves (``"none"``); anything else raises."""
+    check_reduction(where, reduction)
+    return terms.mean() if reduction == "mean" else terms
 
 
 def check_same_batch(where: str, **tensors: torch.Tensor) -> None:

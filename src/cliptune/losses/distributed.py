@@ -93,4 +93,5 @@ def gather_with_grad(x: torch.Tensor, group: Any = None) -> torch.Tensor:
             f"gather_with_grad: local batch sizes differ across processes {counts} (rank {rank} has "
             f"{x.shape[0]}); use equal per-process batches (drop_last=True)"
         )
-    return _GatherWithGrad.apply(x, group)
+    gathered: torch.Tensor = _GatherWithGrad.apply(x, group)  # type: ignore[no-untyped-call]
+    return gathered

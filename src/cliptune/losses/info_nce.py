@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.losses._checks import check_same_batch
+from cliptune.losses._checks import Reduction, check_reduction, check_same_batch
 from cliptune.losses.distributed import gather_with_grad, rank_and_world_size
 
 __all__ = ["InfoNCELoss", "info_nce"]
@@ -21,16 +21,22 @@ def _directional_ce(
     txt_k: torch.Tensor,
     scale: torch.Tensor | float,
     offset: int,
+    reduction: Reduction = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean CE of local query rows against all keys; the positive of local row i is key ``offset + i``."""
+    """CE of local query rows against all keys (mean, or per row); the positive of row i is key ``offset + i``."""
     labels = torch.arange(img_q.shape[0], device=img_q.device) + offset  # (b,)
     logits_i2t = scale * img_q @ txt_k.T  # (b, N)
     logits_t2i = scale * txt_q @ img_k.T  # (b, N)
-    return F.cross_entropy(logits_i2t, labels), F.cross_entropy(logits_t2i, labels)
+    return F.cross_entropy(logits_i2t, labels, reduction=reduction), F.cross_entropy(
+        logits_t2i, labels, reduction=reduction
+    )
 
 
 def info_nce(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, temperature: float | torch.Tensor
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    temperature: float | torch.Tensor,
+    reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Symmetric InfoNCE: each image must pick its own caption among the batch, and vice versa.
 
@@ -44,12 +50,15 @@ def info_nce(
         text_emb: text embeddings.
         temperature: softmax temperature (> 0), a float or a 0-d tensor (e.g. a learned one); lower
             values sharpen the distribution and weight hard negatives more.
+        reduction: ``"mean"`` (the loss) or ``"none"``: per pair i, the mean of its image's and its
+            caption's cross-entropy against the batch, so evaluation can resample and pair the pairs;
+            its mean is the loss.
 
     Returns:
-        The loss, a 0-d tensor (``log(B)`` for uninformative embeddings).
+        The loss, a 0-d tensor (``log(B)`` for uninformative embeddings), or the (B,) per-pair terms.
 
     Shapes:
-        image_emb, text_emb: (B, D) -> ()
+        image_emb, text_emb: (B, D) -> () or (B,)
 
     Example:
         >>> x = torch.eye(2)
@@ -59,9 +68,10 @@ def info_nce(
     check_same_batch("info_nce", image_emb=image_emb, text_emb=text_emb)
     if isinstance(temperature, (int, float)) and temperature <= 0:
         raise ValueError(f"info_nce: temperature must be > 0, got {temperature}")
+    check_reduction("info_nce", reduction)
     img = F.normalize(image_emb, dim=-1)  # (B, D)
     txt = F.normalize(text_emb, dim=-1)  # (B, D)
-    i2t, t2i = _directional_ce(img, txt, img, txt, 1.0 / temperature, 0)
+    i2t, t2i = _directional_ce(img, txt, img, txt, 1.0 / temperature, 0, reduction)
     return (i2t + t2i) / 2
 
 

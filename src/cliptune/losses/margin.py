@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.losses._checks import check_same_batch
+from cliptune.losses._checks import Reduction, check_same_batch, reduce
 from cliptune.losses.distances import DISTANCES, get_distance
 
 __all__ = ["ContrastiveLoss", "TripletLoss", "contrastive", "triplet_margin"]
@@ -18,6 +18,7 @@ def triplet_margin(
     negative: torch.Tensor,
     margin: float = 0.2,
     distance: str = "cosine",
+    reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Triplet margin loss: the positive must be closer to the anchor than the negative, by ``margin``.
 
@@ -30,15 +31,16 @@ def triplet_margin(
         negative: embeddings that should be far from the anchor.
         margin: required gap between the two distances (0.2 suits cosine distance in [0, 2]).
         distance: a name in :data:`DISTANCES`; ``"cosine"`` = 1 - cos, ``"euclidean"`` on raw vectors.
+        reduction: ``"mean"`` (the loss) or ``"none"`` (one hinge per triplet, whose mean is the loss).
 
     Returns:
-        The loss, a 0-d tensor.
+        The loss, a 0-d tensor, or the (B,) per-triplet terms.
 
     Raises:
-        ValueError: unknown distance name, or inputs not all (B, D).
+        ValueError: unknown distance name or reduction, or inputs not all (B, D).
 
     Shapes:
-        anchor, positive, negative: (B, D) -> ()
+        anchor, positive, negative: (B, D) -> () or (B,)
 
     Example:
         >>> a, p, n = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])
@@ -47,10 +49,14 @@ def triplet_margin(
     """
     dist = get_distance(distance)
     check_same_batch("triplet_margin", anchor=anchor, positive=positive, negative=negative)
-    return F.relu(dist(anchor, positive) - dist(anchor, negative) + margin).mean()
+    return reduce(
+        "triplet_margin", F.relu(dist(anchor, positive) - dist(anchor, negative) + margin), reduction
+    )
 
 
-def contrastive(x: torch.Tensor, y: torch.Tensor, label: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
+def contrastive(
+    x: torch.Tensor, y: torch.Tensor, label: torch.Tensor, margin: float = 0.5, reduction: Reduction = "mean"
+) -> torch.Tensor:
     """Contrastive loss of Hadsell, Chopra and LeCun (2006) on L2-normalised embeddings.
 
     ``loss = mean_i label_i * d_i^2 + (1 - label_i) * relu(margin - d_i)^2`` with ``d_i`` the
@@ -63,12 +69,13 @@ def contrastive(x: torch.Tensor, y: torch.Tensor, label: torch.Tensor, margin: f
         y: second embeddings, row i paired with ``x[i]``.
         label: 1 for similar pairs, 0 for dissimilar (floats in between weight the two terms).
         margin: distance beyond which dissimilar pairs stop contributing.
+        reduction: ``"mean"`` (the loss) or ``"none"`` (one term per pair, whose mean is the loss).
 
     Returns:
-        The loss, a 0-d tensor.
+        The loss, a 0-d tensor, or the (B,) per-pair terms.
 
     Shapes:
-        x, y: (B, D); label: (B,) -> ()
+        x, y: (B, D); label: (B,) -> () or (B,)
 
     Example:
         >>> x, y = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
@@ -79,7 +86,7 @@ def contrastive(x: torch.Tensor, y: torch.Tensor, label: torch.Tensor, margin: f
     if label.shape != (x.shape[0],):
         raise ValueError(f"contrastive: label must have shape ({x.shape[0]},), got {tuple(label.shape)}")
     diff = F.normalize(x, dim=-1) - F.normalize(y, dim=-1)  # (B, D)
-    return _hadsell(diff.pow(2).sum(dim=-1), label.to(diff.dtype), margin).mean()
+    return reduce("contrastive", _hadsell(diff.pow(2).sum(dim=-1), label.to(diff.dtype), margin), reduction)
 
 
 def _hadsell(dist_sq: torch.Tensor, label: torch.Tensor, margin: float) -> torch.Tensor:

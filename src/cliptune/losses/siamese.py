@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from cliptune.losses._checks import Reduction
 from cliptune.losses.distances import get_distance
 from cliptune.losses.margin import triplet_margin
 
@@ -38,6 +39,7 @@ def siamese_objective(
     weights: Mapping[str, float] | None = None,
     margin: float = 0.2,
     distance: str = "cosine",
+    reduction: Reduction = "mean",
 ) -> dict[str, torch.Tensor]:
     """Triplet losses per modality and across modalities for a Siamese image-text head.
 
@@ -63,16 +65,18 @@ def siamese_objective(
             their default of 1.0 (:data:`DEFAULT_SIAMESE_WEIGHTS`), so ``{"fused": 0}`` drops one term.
         margin: triplet margin.
         distance: a name in ``DISTANCES``.
+        reduction: ``"mean"`` (the objective as trained) or ``"none"``: every term per triplet, combined
+            with the same weights, so evaluation resamples triplets with training's own formula.
 
     Returns:
-        ``{"image", "text", "fused", "i2t", "t2i", "cross", "loss"}``, 0-d tensors.
+        ``{"image", "text", "fused", "i2t", "t2i", "cross", "loss"}``, 0-d tensors (or (B,) each).
 
     Raises:
-        ValueError: a missing modality key, an unknown weight key, an unknown distance, or shapes
-            that are not all one (B, D).
+        ValueError: a missing modality key, an unknown weight key, an unknown distance or reduction, or
+            shapes that are not all one (B, D).
 
     Shapes:
-        every embedding: (B, D) -> each term ()
+        every embedding: (B, D) -> each term () or (B,)
 
     Example:
         >>> item = {k: torch.randn(4, 8) for k in ("image", "text", "fused")}
@@ -86,7 +90,7 @@ def siamese_objective(
 
     def term(a: str, p: str) -> torch.Tensor:
         # Anchor from modality a; positive and negative from modality p.
-        return triplet_margin(anchor[a], positive[p], negative[p], margin, distance)
+        return triplet_margin(anchor[a], positive[p], negative[p], margin, distance, reduction)
 
     out = {m: term(m, m) for m in _MODALITIES}
     out["i2t"] = term("image", "text")

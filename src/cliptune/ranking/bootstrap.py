@@ -1,4 +1,4 @@
-"""Percentile bootstrap confidence intervals over queries, and paired comparisons of two models.
+"""Percentile bootstrap confidence intervals over queries, and paired or unpaired comparisons of two models.
 
 A metric reported over Q queries is a mean of Q per-query values; how much it would move on another
 sample of queries is what the interval shows. Resampling is over queries (with replacement), seeded
@@ -19,13 +19,22 @@ from typing import Literal
 import numpy as np
 import torch
 
-__all__ = ["Interval", "bootstrap_ci", "bootstrap_metrics", "paired_bootstrap_delta", "verdict"]
+__all__ = [
+    "Interval",
+    "bootstrap_ci",
+    "bootstrap_metrics",
+    "paired_bootstrap_delta",
+    "unpaired_bootstrap_delta",
+    "verdict",
+]
 
 Verdict = Literal["better", "worse", "not distinguishable"]
 
 # resample indices are drawn in blocks of about this many int64 (32 MiB), so 1,000 resamples of a
 # million queries never materialise at once; the block size depends only on n, so results stay reproducible
 _BLOCK_ELEMENTS = 4_000_000
+# the unpaired delta draws two index blocks per step (a's, then b's), so its blocks are half as large
+_UNPAIRED_BLOCK_ELEMENTS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -70,27 +79,40 @@ def _check_args(where: str, n_resamples: int, confidence: float) -> None:
         raise ValueError(f"{where}: confidence must be in (0, 1), got {confidence}")
 
 
+def _blocks(n_resamples: int, rows: int) -> list[tuple[int, int]]:
+    """``[r0, r1)`` ranges of at most ``rows`` resamples covering ``n_resamples`` (bounded memory)."""
+    return [(r0, min(n_resamples, r0 + rows)) for r0 in range(0, n_resamples, rows)]
+
+
+def _draw_means(rng: np.random.Generator, arr: np.ndarray, count: int) -> np.ndarray:
+    """Means of ``count`` resamples of ``arr`` with replacement, drawn from ``rng``; (count,) float64."""
+    idx = rng.integers(0, arr.shape[0], size=(count, arr.shape[0]))  # (count, n)
+    means: np.ndarray = arr[idx].mean(axis=1)
+    return means
+
+
 def _resample_means(arr: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
     """Means of ``n_resamples`` resamples of ``arr`` (with replacement); (R,) float64."""
-    n = arr.shape[0]
     rng = np.random.Generator(np.random.PCG64(seed))
-    rows = max(1, _BLOCK_ELEMENTS // n)
     means = np.empty(n_resamples)
-    for r0 in range(0, n_resamples, rows):
-        r1 = min(n_resamples, r0 + rows)
-        idx = rng.integers(0, n, size=(r1 - r0, n))  # (rows, n)
-        means[r0:r1] = arr[idx].mean(axis=1)
+    for r0, r1 in _blocks(n_resamples, max(1, _BLOCK_ELEMENTS // arr.shape[0])):
+        means[r0:r1] = _draw_means(rng, arr, r1 - r0)
     return means
+
+
+def _percentiles(stats: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles of resampled statistics."""
+    alpha = 1.0 - confidence
+    low, high = np.quantile(stats, [alpha / 2, 1.0 - alpha / 2])
+    return float(low), float(high)
 
 
 def _interval(arr: np.ndarray, n_resamples: int, confidence: float, seed: int) -> Interval:
     mean = float(arr.mean())
     if arr.shape[0] == 1:  # one query: every resample is that query; the interval is a point
         return Interval(mean, mean, mean, 1, confidence)
-    means = _resample_means(arr, n_resamples, seed)
-    alpha = 1.0 - confidence
-    low, high = np.quantile(means, [alpha / 2, 1.0 - alpha / 2])
-    return Interval(mean, float(low), float(high), int(arr.shape[0]), confidence)
+    low, high = _percentiles(_resample_means(arr, n_resamples, seed), confidence)
+    return Interval(mean, low, high, int(arr.shape[0]), confidence)
 
 
 def bootstrap_ci(
@@ -167,6 +189,52 @@ def paired_bootstrap_delta(
             "comparison needs the same queries in the same order"
         )
     return _interval(b - a, n_resamples, confidence, seed)
+
+
+def unpaired_bootstrap_delta(
+    values_a: torch.Tensor | np.ndarray | list[float],
+    values_b: torch.Tensor | np.ndarray | list[float],
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Percentile bootstrap interval of ``mean(b) - mean(a)`` with a and b resampled independently.
+
+    For two runs evaluated on different queries no pairing exists; the interval covers the sampling
+    noise of both means (wider than a paired one). It does not separate model from data: the two query
+    sets may differ in difficulty, which is why such deltas are always flagged. Each block of resamples
+    draws a's indices, then b's, from one PCG64 stream, so the result depends only on the inputs and seed.
+
+    Args:
+        values_a: per-query values of the baseline.
+        values_b: per-query values of the candidate, on other queries (any count).
+        n_resamples: number of bootstrap samples.
+        confidence: coverage of the interval.
+        seed: PCG64 seed.
+
+    Returns:
+        :class:`Interval` of the difference (``n`` = the smaller query count); positive means b is higher.
+
+    Raises:
+        ValueError: a run without queries, values that are not 1-D or not finite, or bad arguments.
+
+    Shapes:
+        values_a: (Qa,), values_b: (Qb,) -> Interval
+
+    Example:
+        >>> unpaired_bootstrap_delta([0.25] * 7, [1.0] * 5).to_dict()
+        {'mean': 0.75, 'low': 0.75, 'high': 0.75, 'n': 5, 'confidence': 0.95}
+    """
+    _check_args("unpaired_bootstrap_delta", n_resamples, confidence)
+    a = _as_array("unpaired_bootstrap_delta", values_a, "values_a")
+    b = _as_array("unpaired_bootstrap_delta", values_b, "values_b")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    diffs = np.empty(n_resamples)
+    for r0, r1 in _blocks(n_resamples, max(1, _UNPAIRED_BLOCK_ELEMENTS // max(a.size, b.size))):
+        ma = _draw_means(rng, a, r1 - r0)
+        diffs[r0:r1] = _draw_means(rng, b, r1 - r0) - ma
+    low, high = _percentiles(diffs, confidence)
+    return Interval(float(b.mean() - a.mean()), low, high, int(min(a.size, b.size)), confidence)
 
 
 def verdict(interval: Interval, higher_is_better: bool = True) -> Verdict:

@@ -491,7 +491,7 @@ def retrieval_metrics_from_ranks(
 ) -> dict[str, torch.Tensor]:
     """Every ranking metric, per query, from the ranks of each query's relevant items.
 
-    This is what the chunked / FAISS paths use (:func:`cliptune.ranking.topk.relevant_ranks` gives the
+    This is what the chunked / FAISS paths use (:func:`cliptune.ranking.topk.rank_chunked` gives the
     ranks without a (Q, N) matrix); the numbers equal :func:`retrieval_metrics` on the dense matrix.
 
     Args:

@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-__all__ = ["Ranked", "first_relevant_rank", "rank_chunked", "relevant_ranks", "topk_chunked", "topk_faiss"]
+__all__ = ["TIE_PAD", "Ranked", "rank_chunked", "refine_candidates", "topk_chunked", "topk_of_scores"]
 
 # block of 1024 x 16384 float32 scores = 64 MiB: large enough for an efficient GEMM, small enough for a laptop
 _ITEM_CHUNK = 16384
 _QUERY_CHUNK = 1024
 # extra candidates asked of FAISS so that ties at the k-th score are usually seen and ordered exactly
-_FAISS_TIE_PAD = 16
+TIE_PAD = 16
 
 
 class Ranked(NamedTuple):
@@ -276,126 +276,68 @@ def topk_chunked(
     return r.scores, r.indices
 
 
-def relevant_ranks(
-    queries: torch.Tensor,
-    items: torch.Tensor,
-    relevant_ids: torch.Tensor,
-    *,
-    chunk_size: int = _ITEM_CHUNK,
-    query_chunk_size: int = _QUERY_CHUNK,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Exact 1-based rank of each relevant item in its query's full ranking, without a (Q, N) matrix.
+def topk_of_scores(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of a score matrix already computed, under the tie rule (score desc, index asc).
 
-    Feed the result to :func:`cliptune.ranking.metrics.retrieval_metrics_from_ranks` for every metric, MRR and
-    MAP over the full ranking included. The same works for red-flag ids (red rate@k = precision@k).
+    For callers that score with their own kernel (the search index scores with numpy, and its scores
+    must not change) but must rank exactly like :func:`topk_chunked`.
 
     Args:
-        queries: query embeddings.
-        items: item embeddings.
-        relevant_ids: per query, indices of its relevant items, -1 for padding; no duplicates.
-        chunk_size: items per block.
-        query_chunk_size: queries per block.
-        progress: show a rich progress bar.
+        scores: Scores of each query (row) against each item (column); no NaN.
+        k: List length, 1 <= k <= N.
 
     Returns:
-        Ranks (int64), 0 where ``relevant_ids`` is -1.
+        ``(scores, indices)``, each row sorted by (score desc, index asc).
 
     Shapes:
-        queries (Q, D), items (N, D), relevant_ids (Q, R) -> (Q, R)
+        scores (Q, N) -> (Q, k), (Q, k)
 
     Example:
-        >>> relevant_ranks(torch.tensor([[1.0]]), torch.tensor([[0.5], [2.0], [0.5]]), torch.tensor([[2, -1]])).tolist()
-        [[3, 0]]
-    """
-    r = rank_chunked(
-        queries,
-        items,
-        0,
-        relevant_ids,
-        chunk_size=chunk_size,
-        query_chunk_size=query_chunk_size,
-        progress=progress,
-    )
-    return r.ranks
-
-
-def first_relevant_rank(
-    queries: torch.Tensor,
-    items: torch.Tensor,
-    relevant_ids: torch.Tensor,
-    *,
-    chunk_size: int = _ITEM_CHUNK,
-    query_chunk_size: int = _QUERY_CHUNK,
-) -> torch.Tensor:
-    """Rank of the best-ranked relevant item in the full ranking (0 if a query has none): MRR = mean(1/rank).
-
-    Args:
-        queries: query embeddings.
-        items: item embeddings.
-        relevant_ids: per query, indices of its relevant items, -1 for padding.
-        chunk_size: items per block.
-        query_chunk_size: queries per block.
-
-    Returns:
-        int64 ranks, 0 for a query whose ids are all -1.
-
-    Shapes:
-        queries (Q, D), items (N, D), relevant_ids (Q, R) -> (Q,)
-
-    Example:
-        >>> first_relevant_rank(torch.tensor([[1.0]]), torch.tensor([[0.5], [2.0], [0.5]]), torch.tensor([[2, 0]])).tolist()
-        [2]
-    """
-    ranks = relevant_ranks(
-        queries, items, relevant_ids, chunk_size=chunk_size, query_chunk_size=query_chunk_size
-    )
-    big = torch.iinfo(torch.int64).max
-    first = torch.where(ranks > 0, ranks, torch.full_like(ranks, big)).min(1).values  # (Q,)
-    return torch.where(first == big, torch.zeros_like(first), first)
-
-
-def topk_faiss(queries: torch.Tensor, items: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k by inner product with FAISS ``IndexFlatIP`` (exact search), re-ordered by the tie rule.
-
-    FAISS orders equal scores however its heap leaves them, and may keep any of several items tied at
-    the k-th score. So it is asked for ``k + 16`` candidates, which are re-sorted by (score desc, index
-    asc); a query whose k-th score still equals its last candidate's score may have unseen tied items
-    and is recomputed exactly with :func:`topk_chunked`. The result then follows the same rule as
-    :func:`topk_chunked`: identical indices wherever the two backends compute the same float scores
-    (always for exactly representable data; on general float data two items whose scores differ only
-    by float rounding may swap, since FAISS and torch sum the dot products in different orders).
-
-    Args:
-        queries: query embeddings (converted to contiguous float32 for FAISS).
-        items: item embeddings.
-        k: list length, >= 1 (clamped to N).
-
-    Returns:
-        ``(scores, indices)`` as in :func:`topk_chunked` (float32 scores from FAISS).
-
-    Shapes:
-        queries (Q, D), items (N, D) -> (Q, K), (Q, K), K = min(k, N)
-
-    Example:
-        >>> topk_faiss(torch.tensor([[1.0]]), torch.tensor([[0.5], [2.0], [0.5]]), k=2)[1].tolist()
+        >>> topk_of_scores(torch.tensor([[0.5, 2.0, 0.5]]), k=2)[1].tolist()
         [[1, 0]]
     """
-    import faiss  # optional heavy dependency, imported only when this backend is used
+    if not 1 <= k <= scores.shape[1]:
+        raise ValueError(f"topk_of_scores: k must be in [1, {scores.shape[1]}], got {k}")
+    return _merge(None, _block_topk(scores, k), k)
 
-    _check_inputs("topk_faiss", queries, items)
-    if k < 1:
-        raise ValueError(f"topk_faiss: k must be >= 1, got {k}")
-    n_items = items.shape[0]
-    k = min(k, n_items)
-    n_cand = min(n_items, k + _FAISS_TIE_PAD)
-    index = faiss.IndexFlatIP(items.shape[1])
-    index.add(np.ascontiguousarray(items.detach().cpu().numpy(), dtype=np.float32))
-    d, i = index.search(np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32), n_cand)
-    vals, idx = _sort_pairs(torch.from_numpy(d), torch.from_numpy(i).long())  # (Q, n_cand)
-    if n_cand < n_items:
+
+def refine_candidates(
+    scores: torch.Tensor,
+    ids: torch.Tensor,
+    k: int,
+    n_pool: int,
+    exact: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k under the tie rule from the candidates of an exact search that orders ties arbitrarily.
+
+    FAISS's flat search finds the best scores exactly but orders equal scores however its heap leaves
+    them, and may keep any of several items tied at the k-th score. So it is asked for
+    ``min(n_pool, k + TIE_PAD)`` candidates, which are re-sorted here by (score desc, id asc); a query whose
+    k-th score still equals its last candidate's score may have unseen tied items and is recomputed with
+    ``exact``. The result follows the rule of :func:`topk_chunked` wherever the two backends compute the
+    same float scores (on general float data two items whose scores differ only by rounding may swap).
+
+    Args:
+        scores: Candidate scores per query, from the search.
+        ids: Their item ids (distinct within a row).
+        k: List length, >= 1, <= the number of candidates.
+        n_pool: How many items the search could return (all, or those a filter selects).
+        exact: Exact top-k (scores, ids) of the given query rows over the same pool, ties by lower id.
+
+    Returns:
+        ``(scores, ids)`` of the k best per query, each row sorted by (score desc, id asc).
+
+    Shapes:
+        scores, ids (Q, C) with C = min(n_pool, k + TIE_PAD) -> (Q, k), (Q, k)
+
+    Example:
+        >>> refine_candidates(torch.tensor([[1.0, 1.0]]), torch.tensor([[5, 2]]), 1, 2, None)[1].tolist()
+        [[2]]
+    """
+    vals, idx = _sort_pairs(scores, ids.long())  # (Q, C)
+    if vals.shape[1] < n_pool:  # a row whose k-th score ties its last candidate may have unseen tied items
         unsure = (vals[:, k - 1] == vals[:, -1]).nonzero().squeeze(1)  # (u,)
         if unsure.numel():
-            ev, ei = topk_chunked(queries[unsure].float(), items.float(), k)
-            vals[unsure, :k], idx[unsure, :k] = ev, ei
+            ev, ei = exact(unsure)
+            vals[unsure, :k], idx[unsure, :k] = ev.to(vals.dtype), ei.long()
     return vals[:, :k].contiguous(), idx[:, :k].contiguous()

@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from cliptune.ranking.bootstrap import Interval, paired_bootstrap_delta, verdict
+from cliptune.ranking.bootstrap import Interval, paired_bootstrap_delta, unpaired_bootstrap_delta, verdict
 from cliptune.report.build import interval_text, resolver_for
 from cliptune.report.document import Cell, Document, Grid, Paragraph, Section, Table
 from cliptune.report.grids import query_rows
@@ -27,7 +25,7 @@ from cliptune.report.markdown import render_markdown
 from cliptune.report.plots import overlay_plot
 from cliptune.report.rundata import ReportError, RunData, load_run
 
-__all__ = ["Delta", "compare_runs", "metric_deltas", "unpaired_bootstrap_delta", "relative_change"]
+__all__ = ["Delta", "compare_runs", "metric_deltas", "relative_change"]
 
 LEADERBOARD = {
     "text → image": ["t2i/recall@1", "t2i/recall@5", "t2i/recall@10", "t2i/mrr", "t2i/precision@5"],
@@ -90,38 +88,6 @@ def relative_change(baseline: float, candidate: float, higher_is_better: bool | 
         return f"{number}% {'higher' if candidate > baseline else 'lower'}"
     good = (candidate > baseline) == higher_is_better
     return f"{number}% {'better' if good else 'worse'}"
-
-
-def unpaired_bootstrap_delta(
-    values_a: list[float] | np.ndarray,
-    values_b: list[float] | np.ndarray,
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> Interval:
-    """Percentile bootstrap interval of ``mean(b) - mean(a)`` with a and b resampled independently.
-
-    For two runs evaluated on different queries no pairing exists; the interval covers the sampling
-    noise of both means (wider than a paired one). It does not separate model from data: the two query
-    sets may differ in difficulty, which is why such deltas are always flagged.
-
-    Shapes:
-        values_a: (Qa,), values_b: (Qb,) -> Interval (``n`` = min(Qa, Qb))
-    """
-    a, b = np.asarray(values_a, float), np.asarray(values_b, float)
-    if a.size == 0 or b.size == 0:
-        raise ValueError("unpaired_bootstrap_delta: both runs need at least one query")
-    rng = np.random.Generator(np.random.PCG64(seed))
-    diffs = np.empty(n_resamples)
-    rows = max(1, 2_000_000 // max(a.size, b.size))  # blocks keep memory bounded for large query sets
-    for r0 in range(0, n_resamples, rows):
-        r1 = min(n_resamples, r0 + rows)
-        ma = a[rng.integers(0, a.size, size=(r1 - r0, a.size))].mean(axis=1)
-        mb = b[rng.integers(0, b.size, size=(r1 - r0, b.size))].mean(axis=1)
-        diffs[r0:r1] = mb - ma
-    alpha = 1.0 - confidence
-    low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
-    return Interval(float(b.mean() - a.mean()), float(low), float(high), int(min(a.size, b.size)), confidence)
 
 
 def _per_query(ev: dict[str, Any], metric: str) -> tuple[list[str], list[float]] | None:

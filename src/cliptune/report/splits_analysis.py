@@ -111,14 +111,15 @@ def shared_heldout_eval(
 
     Returns:
         ``(eval_a, eval_b)``: ``eval/<split>.json``-shaped dicts with ``split`` = :data:`SHARED_SPLIT`
-        (write them with ``cliptune.evaluation.evaluate.write_eval(ev, out_dir=...)``).
+        (write them with ``cliptune.evaluation.run.write_eval(ev, out_dir=...)``).
 
     Raises:
         ReportError: No group is held out from both runs, or see :func:`shared_heldout_groups`.
     """
     from cliptune.data.prepare import PreparedData, prepare_data
     from cliptune.data.splits import group_ids
-    from cliptune.evaluation.evaluate import evaluate_split, loss_settings
+    from cliptune.evaluation.loss import loss_settings
+    from cliptune.evaluation.split import evaluate_split
     from cliptune.models.factory import load_model
 
     a, b = Path(run_a), Path(run_b)

@@ -5,9 +5,10 @@ returned, so a filter matching 3 items with k = 10 returns those 3. A filter kee
 items gathers the matching vectors and ranks them exactly with numpy (cheaper than scanning all N);
 a broader one (or none) runs FAISS's flat search with an ``IDSelectorBitmap``, so FAISS only scores the
 selected items. Results follow the ranking rule of docs/metrics.md: score descending, ties by the lower
-item number. FAISS orders tied scores arbitrarily, so it is asked for k + 16 candidates, re-sorted by
-(score desc, number asc), and a query whose k-th score still ties its last candidate is recomputed
-exactly on the selected vectors (as ``cliptune.ranking.topk.topk_faiss`` does).
+item number. FAISS orders tied scores arbitrarily: its candidates go through
+:func:`cliptune.ranking.topk.refine_candidates` (k + 16 candidates re-sorted by (score desc, number asc),
+a query whose k-th score still ties its last candidate recomputed exactly on the selected vectors), and
+the exact path selects with :func:`cliptune.ranking.topk.topk_of_scores`: one ranking rule, one home.
 
 Example:
     >>> index, model = load_index("indexes/fashion"), load_model("runs/ft")  # doctest: +SKIP
@@ -23,15 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from cliptune.models.embed import embed_images_with, embed_texts_with
 from cliptune.models.factory import LoadedModel
+from cliptune.ranking.topk import TIE_PAD, refine_candidates, topk_of_scores
 from cliptune.search.index import SearchIndex, SearchIndexError
 
 __all__ = ["Hit", "search", "search_embeddings", "select"]
 
-# extra candidates asked of FAISS so that ties at the k-th score are usually seen and ordered exactly
-_TIE_PAD = 16
 # filters keeping at most this share of the items are searched by gathering the matching vectors and an
 # exact numpy top-k over them; above it FAISS scans every item with a bitmap selector (see docs/search.md)
 _SUBSET_SHARE = 0.05
@@ -198,15 +199,18 @@ def _topk(
         bitmap[selected] = True
         bits = np.packbits(bitmap, bitorder="little")  # FAISS reads bit i of byte i // 8, low bit first
         params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(n_items, faiss.swig_ptr(bits)))
-    n_cand = min(n_sel, k + _TIE_PAD)
+    n_cand = min(n_sel, k + TIE_PAD)
     scores, numbers = index.faiss_index.search(queries, n_cand, params=params)  # (Q, n_cand) each
-    order = np.lexsort((numbers, -scores), axis=1)  # score desc, then number asc
-    scores, numbers = np.take_along_axis(scores, order, 1), np.take_along_axis(numbers, order, 1)
-    if n_cand < n_sel:  # a row whose k-th score ties its last candidate may have unseen tied items
-        for row in np.flatnonzero(scores[:, k - 1] == scores[:, -1]):
-            vals, nums = _exact(index, queries[row : row + 1], k, selected)  # (1, k) each
-            scores[row, :k], numbers[row, :k] = vals[0], nums[0]
-    return scores[:, :k], numbers[:, :k].astype(np.int64)
+
+    def exact(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # one query at a time, as ever: a (1, D) product keeps the scores' bits of the single-query path
+        found = [_exact(index, queries[r : r + 1], k, selected) for r in rows.tolist()]  # (1, k) each
+        return torch.from_numpy(np.concatenate([f[0] for f in found])), torch.from_numpy(
+            np.concatenate([f[1] for f in found])
+        )
+
+    top_s, top_n = refine_candidates(torch.from_numpy(scores), torch.from_numpy(numbers), k, n_sel, exact)
+    return top_s.numpy(), top_n.numpy().astype(np.int64)
 
 
 def _exact(
@@ -218,10 +222,7 @@ def _exact(
     rows = max(1, _SCORE_BLOCK // len(items))  # queries per block: bounded (rows, n) score matrix
     out_s, out_n = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
     for q0 in range(0, len(queries), rows):
-        scores = queries[q0 : q0 + rows] @ items.T  # (rows, n)
-        for r, row in enumerate(scores):
-            kth = np.partition(row, len(row) - k)[len(row) - k]  # the k-th largest score
-            cand = np.flatnonzero(row >= kth)  # every item tied with the k-th is in: exact under ties
-            top = cand[np.lexsort((cand, -row[cand]))[:k]]  # score desc, then number asc
-            out_s[q0 + r], out_n[q0 + r] = row[top], numbers[top]
+        scores = queries[q0 : q0 + rows] @ items.T  # (rows, n) numpy's scores, ranked by the shared rule
+        vals, pos = topk_of_scores(torch.from_numpy(np.ascontiguousarray(scores)), k)  # (rows, k) each
+        out_s[q0 : q0 + rows], out_n[q0 : q0 + rows] = vals.numpy(), numbers[pos.numpy()]
     return out_s, out_n

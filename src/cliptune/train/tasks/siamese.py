@@ -20,18 +20,18 @@ from torch import Tensor, nn
 
 from cliptune.config import Config
 from cliptune.data.prepare import PreparedData
-from cliptune.data.splits import group_ids
+from cliptune.data.triplets import ROLES as _ROLES
+from cliptune.data.triplets import make_triplets
+from cliptune.evaluation.triplets import triplet_accuracies as per_triplet_accuracies
+from cliptune.evaluation.validation import batched_term_means
 from cliptune.losses import SiameseLoss
 from cliptune.models.backbone import Backbone
 from cliptune.models.factory import BACKBONE_DIR, HEAD_DIR
 from cliptune.models.siamese import SiameseHead
-from cliptune.ranking.metrics import triplet_accuracy
 from cliptune.train.tasks.bundle import TaskBundle
 from cliptune.train.tasks.retrieval import cached_features
 
-__all__ = ["SiameseModel", "build_siamese", "make_triplets"]
-
-_ROLES = ("anchor", "positive", "negative")
+__all__ = ["SiameseModel", "build_siamese"]
 
 
 class SiameseModel(nn.Module):
@@ -50,56 +50,14 @@ class SiameseModel(nn.Module):
 
 
 def triplet_accuracies(a: dict[str, Tensor], p: dict[str, Tensor], n: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Seed 000's accuracies: fused (the overall triplet accuracy), image, text, i2t, t2i and cross."""
-    acc = {
-        "triplet/accuracy": triplet_accuracy(a["fused"], p["fused"], n["fused"]).mean(),
-        "triplet/accuracy/image": triplet_accuracy(a["image"], p["image"], n["image"]).mean(),
-        "triplet/accuracy/text": triplet_accuracy(a["text"], p["text"], n["text"]).mean(),
-        "triplet/accuracy/i2t": triplet_accuracy(a["image"], p["text"], n["text"]).mean(),
-        "triplet/accuracy/t2i": triplet_accuracy(a["text"], p["image"], n["image"]).mean(),
-    }
+    """Batch means of seed 000's accuracies (:func:`cliptune.evaluation.triplets.triplet_accuracies`).
+
+    ``cross`` is the mean of the i2t and t2i means, as training has always logged it.
+    """
+    per = per_triplet_accuracies(a, p, n)
+    acc = {f"triplet/{k}": v.mean() for k, v in per.items() if k != "accuracy/cross"}
     acc["triplet/accuracy/cross"] = (acc["triplet/accuracy/i2t"] + acc["triplet/accuracy/t2i"]) / 2
     return acc
-
-
-def make_triplets(
-    data: PreparedData, group_column: str, seed: int
-) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Row-index triplets per split, shape (T, 3) each, and how many negatives were redrawn.
-
-    Args:
-        data: Checked rows with their split.
-        group_column: The group column (originals and their derivatives share a group).
-        seed: Seed of negative draws.
-
-    Returns:
-        ``({split: (T, 3) int array of row indices}, {split: negatives redrawn})``.
-    """
-    rows = data.rows
-    rng = np.random.default_rng(seed)
-    split = rows["split"].to_numpy()
-    gids = group_ids(rows, group_column).to_numpy()
-    index_of = {f: i for i, f in enumerate(rows["file_name"])}
-    explicit = data.check.good_triplets
-    if explicit is not None and len(explicit):
-        raw = np.array([[index_of[f] for f in explicit[role]] for role in _ROLES]).T  # (T, 3)
-    else:
-        first: dict[str, int] = {}
-        for i, g in enumerate(gids):
-            first.setdefault(g, i)
-        raw = np.array([[first[g], i, -1] for i, g in enumerate(gids) if first[g] != i]).reshape(-1, 3)
-    out, redrawn = {}, {}
-    for name in sorted(data.splits):
-        members = np.flatnonzero(split == name)
-        keep = raw[(split[raw[:, 0]] == name) & (split[raw[:, 1]] == name)]
-        keep = keep.copy()
-        bad = (keep[:, 2] < 0) | (split[np.maximum(keep[:, 2], 0)] != name)
-        for t in np.flatnonzero(bad):
-            others = members[gids[members] != gids[keep[t, 0]]]
-            keep[t, 2] = rng.choice(others) if len(others) else -1
-        out[name] = keep[keep[:, 2] >= 0]
-        redrawn[name] = int(bad.sum()) if explicit is not None and len(explicit) else 0
-    return out, redrawn
 
 
 def build_siamese(
@@ -151,17 +109,7 @@ def build_siamese(
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         inner = accelerator.unwrap_model(m)
-        sums: dict[str, float] = {}
-        n = len(val_items)
-        for start in range(0, n, cfg.train.batch_size):
-            batch = {
-                k: v[start : start + cfg.train.batch_size].to(accelerator.device)
-                for k, v in val_batch.items()
-            }
-            size = len(next(iter(batch.values())))
-            for key, value in inner(batch).items():
-                sums[key] = sums.get(key, 0.0) + float(value) * size
-        return {f"val/{k}": v / n for k, v in sums.items()}
+        return batched_term_means(inner, val_batch, cfg.train.batch_size, accelerator.device)
 
     def save_model(m: nn.Module, directory: Path) -> None:
         m.head.save(directory / HEAD_DIR)
