@@ -7,19 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from cliptune.config import Config
+from cliptune.config import Config, load_config, save_config
+from cliptune.data.splits import load_splits, save_splits
 from cliptune.rundir import (
     RunDir,
     atomic_folder,
     is_run,
-    read_config,
     read_json,
     read_metrics,
-    read_splits,
     read_summary,
-    write_config,
     write_eval_json,
-    write_splits,
     write_suite_json,
     write_summary,
 )
@@ -55,10 +52,11 @@ def test_is_run_needs_config_and_model(tmp_path: Path) -> None:
 
 def test_readers_read_what_the_writers_wrote(tmp_path: Path) -> None:
     cfg = Config.model_validate({"name": "r", "train": {"epochs": 3}})
-    assert write_config(tmp_path, cfg) == RunDir(tmp_path).config
-    assert read_config(tmp_path) == cfg
-    write_splits(tmp_path, {"train": ["b", "a"], "test": ["c"]})
-    assert read_splits(tmp_path) == {"test": ["c"], "train": ["a", "b"]}
+    # config.yaml and splits.json have their schemas' owners as readers/writers, at RunDir's paths
+    assert save_config(cfg, RunDir(tmp_path).config) == RunDir(tmp_path).config
+    assert load_config(RunDir(tmp_path).config) == cfg
+    save_splits({"train": ["b", "a"], "test": ["c"]}, RunDir(tmp_path).splits)
+    assert load_splits(RunDir(tmp_path).splits) == {"test": ["c"], "train": ["a", "b"]}
     write_summary(tmp_path, {"best": {"val/loss": 0.5}, "run_dir": tmp_path})
     assert read_summary(tmp_path) == {"best": {"val/loss": 0.5}, "run_dir": str(tmp_path)}
     assert read_metrics(tmp_path) == []

@@ -31,10 +31,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # config imports this module for its writer: import it back only where it is used
-    from cliptune.config import Config
+from typing import Any
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -51,14 +48,10 @@ __all__ = [
     "RunDir",
     "atomic_folder",
     "is_run",
-    "read_config",
     "read_json",
     "read_metrics",
-    "read_splits",
     "read_summary",
-    "write_config",
     "write_eval_json",
-    "write_splits",
     "write_suite_json",
     "write_summary",
     "write_bytes_atomic",
@@ -172,34 +165,6 @@ def is_run(path: Path | str) -> bool:
 def read_json(path: Path) -> Any:
     """Parse one JSON file (``summary.json``, ``eval/<split>.json``, ``suite/<name>.json``)."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def read_config(run: Path) -> Config:
-    """The run's ``config.yaml``, validated (raises ``ConfigError`` naming the file and field)."""
-    from cliptune.config import load_config
-
-    return load_config(RunDir(run).config)
-
-
-def write_config(run: Path, config: Config) -> Path:
-    """Write ``config.yaml`` atomically; returns its path."""
-    from cliptune.config import save_config
-
-    return save_config(config, RunDir(run).config)
-
-
-def read_splits(run: Path) -> dict[str, list[str]]:
-    """The run's ``splits.json`` (checked: no group in two splits; raises ``ValueError`` otherwise)."""
-    from cliptune.data.splits import load_splits
-
-    return load_splits(RunDir(run).splits)
-
-
-def write_splits(run: Path, splits: Mapping[str, list[str]]) -> Path:
-    """Write ``splits.json`` atomically (sorted, so the same split gives the same bytes)."""
-    from cliptune.data.splits import save_splits
-
-    return save_splits(splits, RunDir(run).splits)
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:

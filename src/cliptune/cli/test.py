@@ -62,9 +62,10 @@ def _failing_queries(result: dict[str, Any]) -> Table | None:
 
 def _run_catalogue(path: Path) -> tuple[Path | None, Path | None]:
     """The run's ``data.catalogue`` and ``model.cache_dir`` from its config.yaml."""
-    from cliptune.rundir import read_config
+    from cliptune.config import load_config
+    from cliptune.rundir import RunDir
 
-    cfg = read_config(path)
+    cfg = load_config(RunDir(path).config)
     return cfg.data.catalogue, cfg.model.cache_dir
 
 
