@@ -110,3 +110,31 @@ def test_errors_print_one_line_with_the_hint_and_exit_with_the_code(
     )
     with pytest.raises(KeyError), exit_on_error(1):  # not a user error: not swallowed
         raise KeyError("bug")
+
+
+def test_training_and_sweep_errors_get_their_flag_hints_only_in_the_cli(tmp_path: Path) -> None:
+    # The library's message states facts; cli.errors.with_hint adds the flags, restoring the sentence
+    # the library itself used to print (word for word where the old text was one sentence).
+    from cliptune.cli.errors import with_hint
+    from cliptune.sweep import MissingSweepNameError, StudyDirectionMismatchError
+    from cliptune.train.errors import MissingRunNameError, RunExistsError, WorldSizeMismatchError
+
+    run = tmp_path / "runs" / "ft"
+    cases = [
+        (RunExistsError(run), f"{run} already holds a run: pass --resume {run}, or another --name"),
+        (MissingRunNameError(), "the run has no name: set `name:` in the config or pass --name"),
+        (MissingSweepNameError(), "the sweep has no name: set `name:` in the config or pass --name"),
+        (
+            StudyDirectionMismatchError("s", "sqlite:///x.db", "maximize", "minimize"),
+            "study 's' in sqlite:///x.db maximises/minimises differently (maximize vs sweep.direction "
+            "minimize): use another --name",
+        ),
+    ]
+    for exc, expected in cases:
+        assert "--" not in str(exc)
+        assert with_hint(exc) == expected
+    world = WorldSizeMismatchError(run / "checkpoints" / "step-1", saved=2, now=1)
+    assert "--nproc_per_node" not in str(world)
+    assert with_hint(world).endswith(
+        "launch it the same way (e.g. torchrun --nproc_per_node 2) or start a new run"
+    )
