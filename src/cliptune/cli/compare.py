@@ -39,9 +39,8 @@ def compare(
         cliptune compare runs/fashion-base runs/fashion-tuned
         cliptune compare runs/base runs/tuned runs/tuned-lora --baseline runs/base --out runs/compare
     """
-    import json
-
     from cliptune.report import compare_runs
+    from cliptune.rundir import read_json
 
     console = Console(soft_wrap=True)
     resolved = [p.resolve() for p in runs]
@@ -53,7 +52,7 @@ def compare(
         raise typer.Exit(2)
     with exit_on_error(1, prefix="compare failed: "):
         html, md = compare_runs(list(runs), baseline=baseline, out=out)
-    data = json.loads((html.parent / "compare.json").read_text(encoding="utf-8"))
+    data = read_json(html.parent / "compare.json")
     console.print(f"compare: [bold]{html}[/bold]\nmarkdown: [bold]{md}[/bold]", highlight=False)
     for flag in data["flags"]:
         console.print(f"[bold yellow]flag[/bold yellow] {flag}", highlight=False)

@@ -38,11 +38,9 @@ def parse_ks(text: str) -> list[int]:
 
 
 def _cell(entry: dict[str, Any] | None) -> str:
-    if entry is None:
-        return "-"
-    if entry.get("low") is None:
-        return f"{entry['mean']:.2f}"
-    return f"{entry['mean']:.2f} [{entry['low']:.2f}, {entry['high']:.2f}]"
+    from cliptune.ranking.bootstrap import format_interval
+
+    return "-" if entry is None else format_interval(entry, digits=2)
 
 
 def metrics_table(results: dict[str, dict[str, Any]], direction: str) -> Table:

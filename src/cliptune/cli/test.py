@@ -14,10 +14,6 @@ from cliptune.cli.errors import err_console, exit_on_error
 __all__ = ["register", "category_table"]
 
 
-def _cell(m: dict[str, Any]) -> str:
-    return f"{m['mean']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
-
-
 def _gate(field: str, limit: float | None) -> str:
     if limit is None:
         return "-"
@@ -30,6 +26,7 @@ def _gate(field: str, limit: float | None) -> str:
 
 def category_table(name: str, cat: dict[str, Any]) -> Table:
     """One category of a suite result: each metric's mean, 95% interval, gate and PASS/FAIL."""
+    from cliptune.ranking.bootstrap import format_interval
     from cliptune.suites.scoring import METRICS, metric_key
 
     verdict = "[green]PASS[/green]" if cat["passed"] else "[red]FAIL[/red]"
@@ -42,7 +39,7 @@ def category_table(name: str, cat: dict[str, Any]) -> Table:
         key = metric_key(field, cat["k"])
         limit = cat["thresholds"][field]
         status = "" if limit is None else ("[red]FAIL[/red]" if key in failed else "[green]ok[/green]")
-        table.add_row(key, _cell(cat["metrics"][key]), _gate(field, limit), status)
+        table.add_row(key, format_interval(cat["metrics"][key]), _gate(field, limit), status)
     return table
 
 

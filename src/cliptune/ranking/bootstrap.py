@@ -23,6 +23,7 @@ __all__ = [
     "Interval",
     "bootstrap_ci",
     "bootstrap_metrics",
+    "format_interval",
     "paired_bootstrap_delta",
     "unpaired_bootstrap_delta",
     "verdict",
@@ -53,6 +54,23 @@ class Interval:
     def to_dict(self) -> dict[str, float | int]:
         """Plain JSON-ready dict: ``{"mean", "low", "high", "n", "confidence"}``."""
         return asdict(self)
+
+
+def format_interval(summary: Mapping[str, object], digits: int = 3) -> str:
+    """``mean [low, high]`` of an :meth:`Interval.to_dict` summary; the mean alone when it has no interval.
+
+    Args:
+        summary: ``{"mean", "low", "high", ...}``; ``low`` None (bootstrap disabled) prints the mean only.
+        digits: Decimals of every number.
+
+    Example:
+        >>> format_interval({"mean": 0.8, "low": 0.7, "high": 0.9}), format_interval({"mean": 0.8, "low": None}, 2)
+        ('0.800 [0.700, 0.900]', '0.80')
+    """
+    mean = f"{summary['mean']:.{digits}f}"
+    if summary.get("low") is None:
+        return mean
+    return f"{mean} [{summary['low']:.{digits}f}, {summary['high']:.{digits}f}]"
 
 
 def _as_array(

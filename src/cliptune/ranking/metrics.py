@@ -53,16 +53,25 @@ def _check_scores(where: str, scores: torch.Tensor) -> None:
         raise ValueError(f"{where}: scores contain NaN (first in query row {row}); NaN has no rank")
 
 
+def _check_same_shape(where: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.shape != ref.shape:
+        raise ValueError(
+            f"{where}: {name} shape {tuple(t.shape)} must equal {ref_name} shape {tuple(ref.shape)}"
+        )
+
+
+def _check_gains(where: str, name: str, gains: torch.Tensor) -> None:
+    """``gains`` (float64) must be finite and >= 0."""
+    if not torch.isfinite(gains).all() or (gains < 0).any():
+        raise ValueError(f"{where}: {name} must be finite and >= 0")
+
+
 def _check_relevance(where: str, scores: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
     """Validate and return relevance as float gains (bool True -> 1.0)."""
     _check_scores(where, scores)
-    if relevance.shape != scores.shape:
-        raise ValueError(
-            f"{where}: relevance shape {tuple(relevance.shape)} must equal scores shape {tuple(scores.shape)}"
-        )
+    _check_same_shape(where, "relevance", relevance, "scores", scores)
     gains = relevance.double()  # (Q, N) bool True -> 1.0
-    if not torch.isfinite(gains).all() or (gains < 0).any():
-        raise ValueError(f"{where}: relevance gains must be finite and >= 0")
+    _check_gains(where, "relevance gains", gains)
     return gains
 
 
@@ -88,13 +97,9 @@ def _check_ranks(where: str, ranks: torch.Tensor, gains: torch.Tensor | None) ->
         )
     if gains is None:
         return (ranks > 0).double()
-    if gains.shape != ranks.shape:
-        raise ValueError(
-            f"{where}: gains shape {tuple(gains.shape)} must equal ranks shape {tuple(ranks.shape)}"
-        )
+    _check_same_shape(where, "gains", gains, "ranks", ranks)
     g = gains.double()
-    if not torch.isfinite(g).all() or (g < 0).any():
-        raise ValueError(f"{where}: gains must be finite and >= 0")
+    _check_gains(where, "gains", g)
     return torch.where(ranks > 0, g, torch.zeros_like(g))
 
 
@@ -123,10 +128,19 @@ def _accuracy(ranks: torch.Tensor, gains: torch.Tensor, k: int) -> torch.Tensor:
     return (_hits(ranks, gains, k) > 0).double()
 
 
+_NOT_RELEVANT = torch.iinfo(torch.int64).max  # the rank given to padding / non-relevant entries
+
+
+def _relevant_ranks(ranks: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+    """``ranks`` as int64 at relevant entries, :data:`_NOT_RELEVANT` elsewhere (sorts last); (Q, R)."""
+    rel = _relevant(ranks, gains)
+    return torch.where(rel, ranks.long(), torch.full_like(ranks, _NOT_RELEVANT, dtype=torch.long))
+
+
 def _first_rank(ranks: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
     """1-based rank of the best-ranked relevant item, 0 when the query has none; (Q,) int64."""
-    big = torch.iinfo(torch.int64).max
-    r = torch.where(_relevant(ranks, gains), ranks.long(), torch.full_like(ranks, big, dtype=torch.long))
+    big = _NOT_RELEVANT
+    r = _relevant_ranks(ranks, gains)
     first = r.min(1).values if r.shape[1] > 0 else torch.full((r.shape[0],), big, dtype=torch.long)
     return torch.where(first == big, torch.zeros_like(first), first)
 
@@ -138,10 +152,8 @@ def _mrr(ranks: torch.Tensor, gains: torch.Tensor, k: int | None) -> torch.Tenso
 
 
 def _average_precision(ranks: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
-    rel = _relevant(ranks, gains)  # (Q, R)
-    big = torch.iinfo(torch.int64).max
-    r = torch.where(rel, ranks.long(), torch.full_like(ranks, big, dtype=torch.long)).sort(1).values  # (Q, R)
-    valid = r != big
+    r = _relevant_ranks(ranks, gains).sort(1).values  # (Q, R)
+    valid = r != _NOT_RELEVANT
     # the j-th relevant item in rank order (1-based j) sits at rank r_j: precision there is j / r_j
     j = torch.arange(1, r.shape[1] + 1, dtype=torch.float64).expand(r.shape)  # (Q, R)
     prec = torch.where(valid, j / r.clamp(max=2**52).double(), torch.zeros_like(j))

@@ -6,13 +6,25 @@ image grids; :mod:`cliptune.report.html` and :mod:`cliptune.report.markdown` tur
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
 from cliptune.report.diagnostics import Finding
 
-__all__ = ["Cell", "Table", "Plot", "Tile", "GridRow", "Grid", "Paragraph", "Findings", "Section", "Document"]
+__all__ = [
+    "Cell",
+    "Table",
+    "Plot",
+    "Tile",
+    "GridRow",
+    "Grid",
+    "Paragraph",
+    "Findings",
+    "Section",
+    "Document",
+    "format_numbers",
+]
 
 # Colours of a tile border / a flag, shared by the legend and the renderers.
 FLAG_COLOURS = {
@@ -89,6 +101,26 @@ class Paragraph:
 
     text: str
     css: str = ""
+
+
+def _number(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_number(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_number(x) for x in v) + "]"
+    return str(v)
+
+
+def format_numbers(numbers: Mapping[str, object]) -> str:
+    """A finding's numbers as both renderers show them: ``k=v, ...``, floats to 6 significant digits.
+
+    Example:
+        >>> format_numbers({"gap": 0.1234567, "epochs": [1, 2], "best": {"val": 2.0}})
+        'gap=0.123457, epochs=[1, 2], best={val: 2}'
+    """
+    return ", ".join(f"{k}={_number(v)}" for k, v in numbers.items())
 
 
 @dataclass

@@ -19,6 +19,7 @@ from cliptune.report.document import (
     Plot,
     Section,
     Table,
+    format_numbers,
 )
 
 __all__ = ["render_html"]
@@ -110,22 +111,12 @@ def _block(block: object) -> str:
 
 
 def _finding(f: Finding) -> str:
-    numbers = ", ".join(f"{k}={_num(v)}" for k, v in f.numbers.items())
+    numbers = format_numbers(f.numbers)
     return (
         f'<div class="finding {escape(f.severity)}"><div class="rule">{escape(f.severity)} · '
         f"{escape(f.rule.replace('_', ' '))}</div>{escape(f.message)}"
         f'<div class="numbers">{escape(numbers)}</div></div>'
     )
-
-
-def _num(v: object) -> str:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}: {_num(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, list):
-        return "[" + ", ".join(_num(x) for x in v) + "]"
-    return str(v)
 
 
 def _table(table: Table) -> str:

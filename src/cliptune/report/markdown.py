@@ -7,9 +7,17 @@ marked with their flags.
 
 from __future__ import annotations
 
-from typing import Any
-
-from cliptune.report.document import FLAG_MARKS, Cell, Document, Findings, Grid, Paragraph, Plot, Table
+from cliptune.report.document import (
+    FLAG_MARKS,
+    Cell,
+    Document,
+    Findings,
+    Grid,
+    Paragraph,
+    Plot,
+    Table,
+    format_numbers,
+)
 
 __all__ = ["render_markdown"]
 
@@ -45,7 +53,7 @@ def _block(block: object) -> list[str]:
     if isinstance(block, Findings):
         return [
             f"- **{f.severity.upper()} · {f.rule.replace('_', ' ')}**: {f.message}"
-            + (f" `{_numbers(f.numbers)}`" if f.numbers else "")
+            + (f" `{format_numbers(f.numbers)}`" if f.numbers else "")
             for f in block.items
         ]
     if isinstance(block, Table):
@@ -53,19 +61,6 @@ def _block(block: object) -> list[str]:
     if isinstance(block, Grid):
         return _grid(block)
     raise TypeError(f"render_markdown: cannot render a {type(block).__name__}")
-
-
-def _numbers(numbers: dict[str, Any]) -> str:
-    def fmt(v: object) -> str:
-        if isinstance(v, float):
-            return f"{v:.6g}"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k}: {fmt(x)}" for k, x in v.items()) + "}"
-        if isinstance(v, list):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        return str(v)
-
-    return ", ".join(f"{k}={fmt(v)}" for k, v in numbers.items())
 
 
 def _cell(cell: str | Cell) -> str:

@@ -18,7 +18,7 @@ satisfies every key of it. A row with no value for a key never matches ``key: v`
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,12 @@ SELECTOR_JSON_SCHEMA: dict[str, Any] = {
 }
 
 _SHOWN = 30  # values listed in an "unknown value" message
+
+
+def _listing(names: Sequence[str], limit: int) -> str:
+    """The first ``limit`` names, comma-separated, then ``, ... (N more)`` when there are more."""
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _is_scalar(value: Any) -> bool:
@@ -247,9 +253,7 @@ class CatalogueItems:
         known = self.values(cond.attribute)
         for v in cond.values:
             if v not in known:
-                shown = ", ".join(known[:_SHOWN]) + (
-                    f", ... ({len(known) - _SHOWN} more)" if len(known) > _SHOWN else ""
-                )
+                shown = _listing(known, _SHOWN)
                 where = cond.where + (".not" if cond.negate else "")
                 errors.append(f"{where}: unknown value '{v}' for '{cond.attribute}'; values: {shown}")
         col = self._column(cond.attribute)
@@ -258,6 +262,4 @@ class CatalogueItems:
 
     def names(self, mask: np.ndarray, limit: int = 5) -> str:
         """Up to ``limit`` ids of a mask, for messages."""
-        idx = np.flatnonzero(mask)
-        shown = ", ".join(self.ids[i] for i in idx[:limit])
-        return shown + (f", ... ({len(idx) - limit} more)" if len(idx) > limit else "")
+        return _listing([self.ids[i] for i in np.flatnonzero(mask)], limit)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from numpy.random import PCG64, Generator
+from numpy.random import Generator
 from PIL import Image, ImageDraw
 
 from cliptune.data.synthetic.common import (
@@ -23,6 +23,8 @@ from cliptune.data.synthetic.common import (
     make_contact_sheet,
     progress_iter,
     save_png,
+    seeded_rng,
+    with_article,
     write_csv,
 )
 
@@ -88,10 +90,6 @@ class _Composition:
     background: str
     shapes: tuple[_Shape, ...]
     texture: str  # a key of _TEXTURE_PHRASE; descriptions also accept 'a+b' for layered textures
-
-
-def _rng(*key: int) -> Generator:
-    return Generator(PCG64(list(key)))
 
 
 def _composition(rng: Generator) -> _Composition:
@@ -202,7 +200,7 @@ def _describe(comp: _Composition, shapes: tuple[_Shape, ...] | None = None) -> s
         if len(members) == 1:
             adjective = "large " if members[0].size > 0.22 else ""
             word = f"{adjective}{colour} {kind}"
-            phrases.append(("an " if word[0] in "aeiou" else "a ") + word)
+            phrases.append(with_article(word))
         else:
             phrases.append(f"{_NUMBER.get(len(members), 'several')} {colour} {kind}s")
     listing = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
@@ -298,21 +296,21 @@ def render_art(
     members: list[list[str]] = []  # file names per group, original first
     for i in progress_iter(range(n), progress, "art"):
         group = f"a{i:04d}"
-        comp = _composition(_rng(seed, 0, i))
-        original = _render(comp, size, _rng(seed, 1, i))
+        comp = _composition(seeded_rng(seed, 0, i))
+        original = _render(comp, size, seeded_rng(seed, 1, i))
         files = [f"images/{group}_0.png"]
         save_png(original, out / files[0])
         rows.append([files[0], _describe(comp), group, "original", "none"])
-        order = [ART_TRANSFORMS[int(k)] for k in _rng(seed, 2, i).permutation(len(ART_TRANSFORMS))]
+        order = [ART_TRANSFORMS[int(k)] for k in seeded_rng(seed, 2, i).permutation(len(ART_TRANSFORMS))]
         for j in range(1, derivatives + 1):
             transform = order[(j - 1) % len(order)]
-            image, text = _derive(comp, original, transform, _rng(seed, 3, i, j), size)
+            image, text = _derive(comp, original, transform, seeded_rng(seed, 3, i, j), size)
             files.append(f"images/{group}_{j}.png")
             save_png(image, out / files[-1])
             rows.append([files[-1], text, group, "derivative", transform])
         members.append(files)
     write_csv(out / "metadata.csv", ART_COLUMNS, rows)
-    write_csv(out / "triplets.csv", TRIPLET_COLUMNS, _triplets(members, _rng(seed, 4)))
+    write_csv(out / "triplets.csv", TRIPLET_COLUMNS, _triplets(members, seeded_rng(seed, 4)))
     sheet = [(r[0], r[2], r[3] if r[3] == "original" else r[4]) for r in rows]
     make_contact_sheet(out, sheet, out / "contact_sheet.png")
     return out

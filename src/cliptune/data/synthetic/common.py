@@ -13,15 +13,41 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from numpy.random import PCG64, Generator
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["clear_stale_images", "make_contact_sheet", "progress_iter", "save_png", "write_csv"]
+__all__ = [
+    "clear_stale_images",
+    "make_contact_sheet",
+    "progress_iter",
+    "save_png",
+    "seeded_rng",
+    "with_article",
+    "write_csv",
+]
 
 T = TypeVar("T")
 
 _SHEET_COLS = 8
 _SHEET_THUMB = 120
 _SHEET_TEXT_H = 26
+
+
+def seeded_rng(*key: int) -> Generator:
+    """An independent PCG64 stream for a key such as ``(seed, stream, item)``: the same key, the same draws.
+
+    Args:
+        key: Non-negative integers naming the stream.
+
+    Returns:
+        A numpy ``Generator`` seeded with ``list(key)``.
+    """
+    return Generator(PCG64(list(key)))
+
+
+def with_article(phrase: str) -> str:
+    """``phrase`` with its indefinite article: ``"an orange dress"``, ``"a red coat"`` (by first letter)."""
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
 def save_png(image: Image.Image, path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from numpy.random import PCG64, Generator
+from numpy.random import Generator
 from PIL import Image, ImageDraw
 
 from cliptune.data.synthetic.common import (
@@ -28,6 +28,8 @@ from cliptune.data.synthetic.common import (
     make_contact_sheet,
     progress_iter,
     save_png,
+    seeded_rng,
+    with_article,
     write_csv,
 )
 
@@ -149,10 +151,6 @@ class FashionProduct:
     rips: bool
     style: str
     design_seed: int
-
-
-def _rng(*key: int) -> Generator:
-    return Generator(PCG64(list(key)))
 
 
 # --- garment silhouettes -------------------------------------------------------------------------
@@ -419,7 +417,7 @@ def _product_layer(p: FashionProduct, size: int) -> Image.Image:
     each photo only has to warp a small layer.
     """
     g = 2 * size
-    rng = _rng(p.design_seed, 0)
+    rng = seeded_rng(p.design_seed, 0)
     jitter = rng.integers(-10, 11, size=3)
     base = _as_rgb(np.clip(np.array(_COLOURS[p.colour]) + jitter, 0, 255))
     outline = _silhouette(p.garment)
@@ -438,7 +436,7 @@ def _product_layer(p: FashionProduct, size: int) -> Image.Image:
     draw = ImageDraw.Draw(fabric)
     _draw_details(draw, p, base, g)
     if p.rips:
-        _draw_rips(fabric, np.asarray(mask_img) > 0, p, _rng(p.design_seed, 1))
+        _draw_rips(fabric, np.asarray(mask_img) > 0, p, seeded_rng(p.design_seed, 1))
     draw.line([*xy, xy[0]], fill=_shade(base, 0.45), width=max(2, g // 100))
 
     layer = fabric.convert("RGBA")  # RGB under alpha 0 is still fabric: no dark fringe after reducing
@@ -482,7 +480,7 @@ def _tinted(gain: np.ndarray, rgb: np.ndarray, base: np.ndarray | None = None) -
 
 def _photo(layer: Image.Image, p: FashionProduct, photo: int) -> tuple[Image.Image, np.ndarray]:
     g = size = layer.size[0]
-    rng = _rng(p.design_seed, 2, photo)
+    rng = seeded_rng(p.design_seed, 2, photo)
     garment = layer.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.3 else layer
     scale = float(rng.uniform(0.80, 0.98))
     angle = math.radians(float(rng.uniform(-9.0, 9.0)))
@@ -558,11 +556,12 @@ def _products(n: int, seed: int) -> list[tuple[FashionProduct, int]]:
     values appear as soon as there are as many products as values; rips come in shuffled blocks of
     20 products with exactly 7 ripped (35%).
     """
-    rng = _rng(seed)
+    rng = seeded_rng(seed)
     cycles = {
-        name: _shuffled_cycle(_rng(seed, 5, i), values) for i, (name, values) in enumerate(_CYCLED.items())
+        name: _shuffled_cycle(seeded_rng(seed, 5, i), values)
+        for i, (name, values) in enumerate(_CYCLED.items())
     }
-    rips = _shuffled_cycle(_rng(seed, 6), (True,) * 7 + (False,) * 13)
+    rips = _shuffled_cycle(seeded_rng(seed, 6), (True,) * 7 + (False,) * 13)
     out: list[tuple[FashionProduct, int]] = []
     remaining = n
     while remaining > 0:
@@ -589,7 +588,7 @@ def _pick(rng: Generator, options: list[str]) -> str:
 
 def _captions(p: FashionProduct, photo: int) -> tuple[str, str]:
     """(attribute-rich caption, generic caption); the generic one is garment + colour only."""
-    rng = _rng(p.design_seed, 3, photo)
+    rng = seeded_rng(p.design_seed, 3, photo)
     noun, plural = _GARMENT_WORDS[p.garment][int(rng.integers(len(_GARMENT_WORDS[p.garment])))]
     colour = _pick(rng, _COLOUR_WORDS.get(p.colour, [p.colour]))
     is_bottom = p.garment in ("jeans", "shorts")
@@ -610,7 +609,7 @@ def _captions(p: FashionProduct, photo: int) -> tuple[str, str]:
     prefix = _pick(rng, _PREFIXES)
 
     def article(phrase: str) -> str:
-        return phrase if plural else ("an " if phrase[0] in "aeiou" else "a ") + phrase
+        return phrase if plural else with_article(phrase)
 
     rich = prefix + article(" ".join(words)) + tail
     generic = ("a pair of " + f"{colour} {noun}") if plural else article(f"{colour} {noun}")

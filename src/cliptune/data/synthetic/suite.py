@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from cliptune.data.synthetic.common import with_article
+
 __all__ = ["SUITE_NAME", "fashion_suite", "write_fashion_suite"]
 
 SUITE_NAME = "fashion-behaviour"
@@ -204,7 +206,7 @@ def _fixed(
 
 def _phrase(garment: str, words: list[str]) -> str:
     text = " ".join([*words, garment])
-    return text if garment in _PLURAL else ("an " if text[0] in "aeiou" else "a ") + text
+    return text if garment in _PLURAL else with_article(text)
 
 
 def _combinations(photos: Counter[_Product], present: dict[str, set[str]]) -> list[dict[str, Any]]:
