@@ -24,6 +24,7 @@ from cliptune.report.html import render_html
 from cliptune.report.markdown import render_markdown
 from cliptune.report.plots import overlay_plot
 from cliptune.report.rundata import ReportError, RunData, load_run
+from cliptune.rundir import RunDir, read_json, write_text_atomic
 
 __all__ = ["Delta", "compare_runs", "metric_deltas", "relative_change"]
 
@@ -199,9 +200,9 @@ def compare_runs(
     out_dir.mkdir(parents=True, exist_ok=True)
     doc, data = _compare_document(base, others)
     html_path, md_path = out_dir / "compare.html", out_dir / "compare.md"
-    html_path.write_text(render_html(doc), encoding="utf-8")
-    md_path.write_text(render_markdown(doc), encoding="utf-8")
-    (out_dir / "compare.json").write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    write_text_atomic(html_path, render_html(doc))
+    write_text_atomic(md_path, render_markdown(doc))
+    write_text_atomic(out_dir / "compare.json", json.dumps(data, indent=2, default=str))
     return html_path, md_path
 
 
@@ -410,8 +411,8 @@ def _dynamics_sentences(base: RunData, cand: RunData, dyn: dict[str, Any]) -> li
 
 def _same_val_groups(a: RunData, b: RunData) -> bool:
     def groups(r: RunData) -> Any:
-        path = r.path / "splits.json"
-        return json.loads(path.read_text(encoding="utf-8")).get("val") if path.is_file() else None
+        path = RunDir(r.path).splits
+        return read_json(path).get("val") if path.is_file() else None
 
     ga, gb = groups(a), groups(b)
     return ga is None or gb is None or sorted(map(str, ga)) == sorted(map(str, gb))
