@@ -15,7 +15,7 @@ from cliptune.config import DataConfig
 from cliptune.data.catalogue import Catalogue, CatalogueError, read_catalogue
 from cliptune.data.check import CheckResult, Rejection, check_catalogue
 from cliptune.data.splits import assign_rows, load_splits, make_splits, save_splits
-from cliptune.rundir import RunDir
+from cliptune.rundir import RunDir, write_text_atomic
 
 __all__ = ["BadRowsError", "PreparedData", "prepare_data"]
 
@@ -107,4 +107,4 @@ def _write_rejected(result: CheckResult, path: Path) -> None:
         ],
         columns=["file_name", "row", "reason", "source"],
     )
-    table.to_csv(path, index=False)
+    write_text_atomic(path, table.to_csv(index=False))
