@@ -54,7 +54,8 @@ class PreparedData:
         """Rows of one split, in catalogue order."""
         if name not in self.splits:
             raise KeyError(f"no split '{name}'; splits: {', '.join(sorted(self.splits))}")
-        return self.rows[self.rows["split"] == name].reset_index(drop=True)
+        rows: pd.DataFrame = self.rows[self.rows["split"] == name].reset_index(drop=True)
+        return rows
 
 
 def prepare_data(cfg: DataConfig, run_dir: Path | None = None, *, progress: bool = False) -> PreparedData:

@@ -18,7 +18,7 @@ from typing import Any
 
 from cliptune.ranking.bootstrap import Interval, paired_bootstrap_delta, unpaired_bootstrap_delta, verdict
 from cliptune.report.build import interval_text, resolver_for
-from cliptune.report.document import Cell, Document, Grid, Paragraph, Section, Table
+from cliptune.report.document import Block, Cell, Document, Grid, Paragraph, Section, Table
 from cliptune.report.grids import query_rows
 from cliptune.report.html import render_html
 from cliptune.report.markdown import render_markdown
@@ -253,7 +253,7 @@ _VERDICT_CSS = {"better": "better", "worse": "worse", "not distinguishable": "sa
 
 
 def _delta_table(base: RunData, cand: RunData, split: str, deltas: list[Delta]) -> Table:
-    rows = []
+    rows: list[list[str | Cell]] = []
     for d in deltas:
         iv = d.interval
         diff = d.candidate - d.baseline
@@ -268,7 +268,7 @@ def _delta_table(base: RunData, cand: RunData, split: str, deltas: list[Delta]) 
 
 
 def _summary_section(base: RunData, others: list[RunData], data: dict[str, Any]) -> Section:
-    lines = []
+    lines: list[Block] = []
     for cand in others:
         counts: dict[str, list[str]] = {}
         for split, ds in data["deltas"].get(cand.name, {}).items():
@@ -318,8 +318,9 @@ def _leaderboard_section(runs: list[RunData]) -> Section:
 def _leaderboard_rows(run: RunData, keys: list[str]) -> list[tuple[str, list[str], str]]:
     best = run.summary.get("best") or run.epochs[-1]
     losses = {"train": best.get("train/loss"), "val": best.get("val/loss"), "val (log)": best.get("val/loss")}
-    rows = []
-    for split in [s for s in ("train", "val", "test") if s in run.evals] or ["val (log)"]:
+    rows: list[tuple[str, list[str], str]] = []
+    splits: list[str] = [s for s in ("train", "val", "test") if s in run.evals] or ["val (log)"]
+    for split in splits:
         if split == "val (log)":
             values = [f"{best[f'val/{k}']:.4f}" if f"val/{k}" in best else "" for k in keys]
         else:
