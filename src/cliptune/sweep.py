@@ -34,6 +34,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from cliptune.config import Config, ConfigError, SweepParam, dump_config, load_config, save_config
 from cliptune.errors import CliptuneError
+from cliptune.rundir import RunDir, read_summary, write_text_atomic
 from cliptune.train.errors import TrainingError
 from cliptune.train.run import train
 
@@ -289,7 +290,7 @@ class _Objective:
             trial.set_user_attr("error", str(exc).replace(str(self.base_yaml), "the sweep config"))
             raise
         run_dir = self.runs_root / run_name
-        if (run_dir / "metrics.jsonl").exists():
+        if RunDir(run_dir).metrics.exists():
             raise TrialRunExistsError(run_dir, self.name)
         try:
             train(cfg, runs_root=self.runs_root, quiet=self.quiet, on_epoch=self._reporter(trial, run_dir))
@@ -300,14 +301,14 @@ class _Objective:
             trial.set_user_attr("error", "interrupted (Ctrl-C / SIGTERM)")
             trial.set_user_attr("interrupted", True)
             raise
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        summary = read_summary(run_dir)
         trial.set_user_attr("best_epoch", summary.get("best_epoch"))
-        return _objective_value(summary.get("best") or {}, self.sweep.objective, run_dir / "summary.json")
+        return _objective_value(summary.get("best") or {}, self.sweep.objective, RunDir(run_dir).summary)
 
     def _reporter(self, trial: Trial, run_dir: Path) -> Callable[[dict[str, Any]], None]:
         def report(record: dict[str, Any]) -> None:
             epoch = int(record["epoch"])
-            value = _objective_value(record, self.sweep.objective, run_dir / "metrics.jsonl")
+            value = _objective_value(record, self.sweep.objective, RunDir(run_dir).metrics)
             trial.report(value, epoch)
             if trial.should_prune():
                 trial.set_user_attr("pruned_after_epoch", epoch)
@@ -532,8 +533,8 @@ def _leaderboard(
         sweep_dir / "sweep.md",
     )
     data = {k: v for k, v in asdict(result).items() if k not in ("json_path", "md_path")}
-    result.json_path.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    result.md_path.write_text(_markdown(result, sweep_dir), encoding="utf-8")
+    write_text_atomic(result.json_path, json.dumps(data, indent=2, default=str))
+    write_text_atomic(result.md_path, _markdown(result, sweep_dir))
     return result
 
 

@@ -96,9 +96,10 @@ def config_docs(
         cliptune config docs --out docs/config.md
     """
     from cliptune.config import config_markdown
+    from cliptune.rundir import write_text_atomic
 
     text = config_markdown()
     if out is None:
         console.print(text, end="", highlight=False, markup=False)
     else:
-        out.write_text(text, encoding="utf-8")
+        write_text_atomic(out, text)

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from cliptune.rundir import write_text_atomic
+
 __all__ = ["DemoStep", "demo_steps", "write_demo_configs"]
 
 
@@ -94,7 +96,7 @@ def write_demo_configs(out: Path, fast: bool = False) -> dict[str, Path]:
     paths = {}
     for key, cfg in configs.items():
         path = folder / f"{cfg['name']}.yaml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+        write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
         paths[key] = path
     return paths
 

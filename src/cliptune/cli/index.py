@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 
 from cliptune.cli.errors import err_console, exit_on_error
+
+if TYPE_CHECKING:
+    from cliptune.models.cache import Precision
 
 __all__ = ["index_cmd", "register"]
 
@@ -43,7 +46,8 @@ def index_cmd(
     from cliptune.models.factory import load_model
     from cliptune.search import build_index
 
-    if precision not in ("auto", "fp32", "bf16"):
+    precisions: dict[str, Precision] = {"auto": "auto", "fp32": "fp32", "bf16": "bf16"}
+    if precision not in precisions:
         err_console.print(
             f"[red]--precision must be auto, fp32 or bf16, got {precision}[/red]", highlight=False
         )
@@ -52,7 +56,7 @@ def index_cmd(
         catalogue = read_catalogue(data)
         loaded = load_model(model)
         path = build_index(
-            loaded, catalogue, out, cache_dir=cache_dir, precision=precision, batch_size=batch_size,
+            loaded, catalogue, out, cache_dir=cache_dir, precision=precisions[precision], batch_size=batch_size,
             overwrite=overwrite, progress=not quiet,
         )  # fmt: skip
     manifest = json.loads((path / "index.json").read_text())

@@ -34,6 +34,7 @@ from cliptune.data.catalogue import (
 )
 from cliptune.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, probe_image
 from cliptune.data.splits import group_ids
+from cliptune.rundir import write_text_atomic
 
 __all__ = ["CheckResult", "Rejection", "check_catalogue", "write_clean"]
 
@@ -193,17 +194,19 @@ def write_clean(result: CheckResult, catalogue: Catalogue, out: Path) -> tuple[P
         raise ValueError(f"{out}: already holds {', '.join(stale)}; remove it or choose an empty folder")
     out.mkdir(parents=True, exist_ok=True)
     assert catalogue.image_root is not None
-    (out / CATALOGUE_JSON).write_text(json.dumps({"image_root": str(catalogue.image_root.resolve())}) + "\n")
+    write_text_atomic(
+        out / CATALOGUE_JSON, json.dumps({"image_root": str(catalogue.image_root.resolve())}) + "\n"
+    )
     metadata = out / "metadata.csv"
-    result.good.drop(columns="row").to_csv(metadata, index=False)
+    write_text_atomic(metadata, result.good.drop(columns="row").to_csv(index=False))
     if result.good_triplets is not None:
-        result.good_triplets.drop(columns="row").to_csv(out / "triplets.csv", index=False)
-    rejected = out / "rejected.csv"
+        write_text_atomic(out / "triplets.csv", result.good_triplets.drop(columns="row").to_csv(index=False))
+    rejected = out / "rejected.csv"  # the clean catalogue's list, not a run directory's
     table = pd.DataFrame(
         [(r.file_name, r.row, r.reason, r.source) for r in result.rejected + result.rejected_triplets],
         columns=["file_name", "row", "reason", "source"],
     )
-    table.to_csv(rejected, index=False)
+    write_text_atomic(rejected, table.to_csv(index=False))
     return metadata, rejected
 
 

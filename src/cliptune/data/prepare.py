@@ -15,7 +15,7 @@ from cliptune.config import DataConfig
 from cliptune.data.catalogue import Catalogue, CatalogueError, read_catalogue
 from cliptune.data.check import CheckResult, Rejection, check_catalogue
 from cliptune.data.splits import assign_rows, load_splits, make_splits, save_splits
-from cliptune.rundir import RunDir
+from cliptune.rundir import RunDir, write_text_atomic
 
 __all__ = ["BadRowsError", "PreparedData", "prepare_data"]
 
@@ -54,7 +54,8 @@ class PreparedData:
         """Rows of one split, in catalogue order."""
         if name not in self.splits:
             raise KeyError(f"no split '{name}'; splits: {', '.join(sorted(self.splits))}")
-        return self.rows[self.rows["split"] == name].reset_index(drop=True)
+        rows: pd.DataFrame = self.rows[self.rows["split"] == name].reset_index(drop=True)
+        return rows
 
 
 def prepare_data(cfg: DataConfig, run_dir: Path | None = None, *, progress: bool = False) -> PreparedData:
@@ -107,4 +108,4 @@ def _write_rejected(result: CheckResult, path: Path) -> None:
         ],
         columns=["file_name", "row", "reason", "source"],
     )
-    table.to_csv(path, index=False)
+    write_text_atomic(path, table.to_csv(index=False))

@@ -54,7 +54,7 @@ def prepare_catalogue(
             in a catalogue that has a ``split`` column (named).
     """
     cat = read_catalogue(Path(catalogue))
-    limit = max_pixels if max_pixels is not None else DataConfig().max_pixels  # type: ignore[call-arg]
+    limit = max_pixels if max_pixels is not None else DataConfig().max_pixels
     result = check_catalogue(cat, max_pixels=limit, progress=progress, group_column=group_column)
     if result.rejected:
         raise RejectedRowsError(cat.metadata_path, [(r.row, r.file_name, r.reason) for r in result.rejected])

@@ -22,7 +22,7 @@ from cliptune.evaluation.loss import loss_settings
 from cliptune.evaluation.retrieval import Relevant
 from cliptune.evaluation.split import evaluate_split
 from cliptune.models.factory import load_model
-from cliptune.rundir import RunDir, write_eval_json
+from cliptune.rundir import CONFIG_FILE, RunDir, write_eval_json
 
 __all__ = ["evaluate_run", "write_eval"]
 
@@ -64,9 +64,10 @@ def evaluate_run(
         CatalogueError, ConfigError, BackboneError: From loading the data, config or model.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise EvalError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise EvalError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    cfg = load_config(run.config)
     if catalogue is not None:
         cfg.data.catalogue = Path(catalogue)
     data = prepare_data(cfg.data, run_dir, progress=progress)

@@ -25,8 +25,6 @@ from cliptune.ranking.metrics import triplet_accuracy
 
 __all__ = ["triplet_accuracies", "triplet_section", "triplet_values"]
 
-_HEAD_CHUNK = 1024  # rows per head forward: bounded memory on large splits
-
 
 def triplet_accuracies(
     anchor: Mapping[str, Tensor], positive: Mapping[str, Tensor], negative: Mapping[str, Tensor]
@@ -83,24 +81,20 @@ def _head_outputs(
     model: LoadedModel, data: PreparedData, rows: np.ndarray, **embed: Any
 ) -> dict[str, Tensor]:
     """The Siamese head's image / text / fused embeddings of catalogue rows, image and text jointly."""
-    from cliptune.models.embed import tower_features
+    from cliptune.models.embed import siamese_embeddings
 
-    assert model.head is not None
-    backbone = model.backbone
-    if not backbone.features_frozen:
+    if not model.backbone.features_frozen:
         raise EvalError(f"{model.source}: a Siamese head needs frozen towers (trainable_layers 0)")
     table = data.rows.iloc[rows]
     paths = [data.catalogue.image_path(f) for f in table["file_name"]]
-    with torch.inference_mode():
-        img, txt = tower_features(
-            backbone, paths, table[embed["text_column"]].astype(str).tolist(), cache_dir=embed["cache_dir"],
-            precision=embed["precision"], progress=embed["progress"],
-        )  # fmt: skip
-        parts = [
-            model.head(img[i : i + _HEAD_CHUNK].float(), txt[i : i + _HEAD_CHUNK].float())
-            for i in range(0, len(img), _HEAD_CHUNK)
-        ]
-    return {k: torch.cat([getattr(p, k) for p in parts]) for k in ("image", "text", "fused")}  # (U, D) each
+    return siamese_embeddings(
+        model,
+        paths,
+        table[embed["text_column"]].astype(str).tolist(),
+        cache_dir=embed["cache_dir"],
+        precision=embed["precision"],
+        progress=embed["progress"],
+    )  # fmt: skip  (U, D) each
 
 
 def triplet_section(

@@ -27,6 +27,7 @@ from cliptune.models import composed, hf
 from cliptune.models.backbone import CONFIG_FILE, FORMAT_VERSION, STATE_FILE, Backbone, BackboneError
 from cliptune.models.freeze import LoraSpec, apply_lora, apply_trainable_layers
 from cliptune.models.siamese import SiameseHead
+from cliptune.rundir import MODEL_DIR, RunDir
 
 __all__ = [
     "BACKBONE_DIR",
@@ -41,9 +42,8 @@ __all__ = [
     "model_folder",
 ]
 
-# --- folder layouts written by training (train/state.py, train/tasks/siamese.py) -------------------
-MODEL_DIR = "model"
-"""Sub-folder of a run directory holding the best model."""
+# --- folder layouts written by training (train/checkpoint.py, train/tasks/siamese.py) --------------
+# MODEL_DIR, the run directory's model folder, is cliptune.rundir's (re-exported here).
 HEAD_DIR = "head"
 """Sub-folder of a Siamese model folder holding the :class:`SiameseHead`."""
 BACKBONE_DIR = "backbone"
@@ -236,7 +236,8 @@ class LoadedModel:
 
 def model_folder(path: Path) -> Path:
     """The model folder of ``path``: ``path/model`` for a run directory, else ``path`` itself."""
-    return path / MODEL_DIR if (path / MODEL_DIR).is_dir() else path
+    model = RunDir(path).model
+    return model if model.is_dir() else path
 
 
 def is_siamese_folder(folder: Path) -> bool:

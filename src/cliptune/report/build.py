@@ -17,6 +17,7 @@ from cliptune.report.html import render_html
 from cliptune.report.markdown import render_markdown
 from cliptune.report.plots import loss_plot, lr_plot, metric_families, metric_plots
 from cliptune.report.rundata import RunData, load_run
+from cliptune.rundir import RunDir, write_text_atomic
 
 __all__ = ["build_report", "report_document", "interval_text", "resolver_for"]
 
@@ -42,9 +43,9 @@ def build_report(run_dir: Path | str) -> tuple[Path, Path]:
     """
     run = load_run(run_dir)
     doc = report_document(run, diagnose(run))
-    html_path, md_path = run.path / "report.html", run.path / "report.md"
-    html_path.write_text(render_html(doc), encoding="utf-8")
-    md_path.write_text(render_markdown(doc), encoding="utf-8")
+    html_path, md_path = RunDir(run.path).report, RunDir(run.path).report_md
+    write_text_atomic(html_path, render_html(doc))
+    write_text_atomic(md_path, render_markdown(doc))
     return html_path, md_path
 
 

@@ -18,12 +18,13 @@ from typing import Any
 
 from cliptune.ranking.bootstrap import Interval, paired_bootstrap_delta, unpaired_bootstrap_delta, verdict
 from cliptune.report.build import interval_text, resolver_for
-from cliptune.report.document import Cell, Document, Grid, Paragraph, Section, Table
+from cliptune.report.document import Block, Cell, Document, Grid, Paragraph, Section, Table
 from cliptune.report.grids import query_rows
 from cliptune.report.html import render_html
 from cliptune.report.markdown import render_markdown
 from cliptune.report.plots import overlay_plot
 from cliptune.report.rundata import ReportError, RunData, load_run
+from cliptune.rundir import RunDir, read_json, write_text_atomic
 
 __all__ = ["Delta", "compare_runs", "metric_deltas", "relative_change"]
 
@@ -199,9 +200,9 @@ def compare_runs(
     out_dir.mkdir(parents=True, exist_ok=True)
     doc, data = _compare_document(base, others)
     html_path, md_path = out_dir / "compare.html", out_dir / "compare.md"
-    html_path.write_text(render_html(doc), encoding="utf-8")
-    md_path.write_text(render_markdown(doc), encoding="utf-8")
-    (out_dir / "compare.json").write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    write_text_atomic(html_path, render_html(doc))
+    write_text_atomic(md_path, render_markdown(doc))
+    write_text_atomic(out_dir / "compare.json", json.dumps(data, indent=2, default=str))
     return html_path, md_path
 
 
@@ -252,7 +253,7 @@ _VERDICT_CSS = {"better": "better", "worse": "worse", "not distinguishable": "sa
 
 
 def _delta_table(base: RunData, cand: RunData, split: str, deltas: list[Delta]) -> Table:
-    rows = []
+    rows: list[list[str | Cell]] = []
     for d in deltas:
         iv = d.interval
         diff = d.candidate - d.baseline
@@ -267,7 +268,7 @@ def _delta_table(base: RunData, cand: RunData, split: str, deltas: list[Delta]) 
 
 
 def _summary_section(base: RunData, others: list[RunData], data: dict[str, Any]) -> Section:
-    lines = []
+    lines: list[Block] = []
     for cand in others:
         counts: dict[str, list[str]] = {}
         for split, ds in data["deltas"].get(cand.name, {}).items():
@@ -317,8 +318,9 @@ def _leaderboard_section(runs: list[RunData]) -> Section:
 def _leaderboard_rows(run: RunData, keys: list[str]) -> list[tuple[str, list[str], str]]:
     best = run.summary.get("best") or run.epochs[-1]
     losses = {"train": best.get("train/loss"), "val": best.get("val/loss"), "val (log)": best.get("val/loss")}
-    rows = []
-    for split in [s for s in ("train", "val", "test") if s in run.evals] or ["val (log)"]:
+    rows: list[tuple[str, list[str], str]] = []
+    splits: list[str] = [s for s in ("train", "val", "test") if s in run.evals] or ["val (log)"]
+    for split in splits:
         if split == "val (log)":
             values = [f"{best[f'val/{k}']:.4f}" if f"val/{k}" in best else "" for k in keys]
         else:
@@ -410,8 +412,8 @@ def _dynamics_sentences(base: RunData, cand: RunData, dyn: dict[str, Any]) -> li
 
 def _same_val_groups(a: RunData, b: RunData) -> bool:
     def groups(r: RunData) -> Any:
-        path = r.path / "splits.json"
-        return json.loads(path.read_text(encoding="utf-8")).get("val") if path.is_file() else None
+        path = RunDir(r.path).splits
+        return read_json(path).get("val") if path.is_file() else None
 
     ga, gb = groups(a), groups(b)
     return ga is None or gb is None or sorted(map(str, ga)) == sorted(map(str, gb))

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from cliptune.errors import CliptuneError
+from cliptune.rundir import RunDir
 
 __all__ = ["ReportError", "RunData", "load_run", "watched_metric"]
 
@@ -81,23 +82,24 @@ def load_run(path: Path | str) -> RunData:
     run_dir = Path(path)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: run directory not found")
-    metrics = run_dir / "metrics.jsonl"
+    run = RunDir(run_dir)
+    metrics = run.metrics
     if not metrics.is_file():
         raise ReportError(f"{metrics}: not found; is {run_dir} a run directory written by `cliptune train`?")
     records = _read_jsonl(metrics)
     epochs = sorted((r for r in records if r.get("kind") == "epoch"), key=lambda r: int(r["epoch"]))
     if not epochs:
         raise ReportError(f"{metrics}: no epoch record (kind: epoch); training wrote nothing to report on")
-    summary = _read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    summary = _read_json(run.summary) if run.summary.is_file() else {}
     return RunData(
         path=run_dir,
         name=str(summary.get("name") or run_dir.name),
-        config=_read_config(run_dir / "config.yaml"),
+        config=_read_config(run.config),
         epochs=epochs,
         steps=[r for r in records if r.get("kind") == "step"],
         summary=summary,
-        evals=_read_folder(run_dir / "eval"),
-        suites=_read_folder(run_dir / "suite"),
+        evals=_read_folder(run.eval_dir),
+        suites=_read_folder(run.suite_dir),
     )
 
 

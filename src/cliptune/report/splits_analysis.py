@@ -14,12 +14,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from cliptune.config import load_config
 from cliptune.report.rundata import ReportError
+from cliptune.rundir import RunDir, read_json
 
 __all__ = ["SHARED_SPLIT", "split_differences", "shared_heldout_groups", "shared_heldout_eval"]
 
@@ -28,10 +28,10 @@ SHARED_SPLIT = "shared-heldout"
 
 
 def _splits(run: Path) -> dict[str, list[str]]:
-    path = run / "splits.json"
+    path = RunDir(run).splits
     if not path.is_file():
         raise ReportError(f"{path}: missing (the run's split is needed to know what it trained on)")
-    return {name: [str(g) for g in groups] for name, groups in json.loads(path.read_text("utf-8")).items()}
+    return {name: [str(g) for g in groups] for name, groups in read_json(path).items()}
 
 
 def split_differences(run_a: Path | str, run_b: Path | str) -> list[str]:
@@ -52,7 +52,7 @@ def split_differences(run_a: Path | str, run_b: Path | str) -> list[str]:
     sa, sb = _splits(a), _splits(b)
     if {k: sorted(v) for k, v in sa.items()} == {k: sorted(v) for k, v in sb.items()}:
         return []
-    ra, rb = (load_config(r / "config.yaml").data.split.ratios for r in (a, b))
+    ra, rb = (load_config(RunDir(r).config).data.split.ratios for r in (a, b))
     out = []
     if ra != rb:
         out.append(f"split ratios differ: {a.name} {_ratios(ra)} vs {b.name} {_ratios(rb)}")
@@ -75,8 +75,9 @@ def _ratios(ratios: dict[str, float]) -> str:
 
 
 def _eval(run: Path, split: str) -> dict[str, Any] | None:
-    path = run / "eval" / f"{split}.json"
-    return json.loads(path.read_text("utf-8")) if path.is_file() else None
+    path = RunDir(run).eval(split)
+    data: dict[str, Any] | None = read_json(path) if path.is_file() else None
+    return data
 
 
 def shared_heldout_groups(run_a: Path | str, run_b: Path | str) -> list[str]:
@@ -86,7 +87,7 @@ def shared_heldout_groups(run_a: Path | str, run_b: Path | str) -> list[str]:
         ReportError: A run without ``splits.json`` or ``config.yaml``, or runs on different catalogues.
     """
     a, b = Path(run_a), Path(run_b)
-    cats = [load_config(r / "config.yaml").data.catalogue for r in (a, b)]
+    cats = [load_config(RunDir(r).config).data.catalogue for r in (a, b)]
     if cats[0] is None or cats[1] is None or Path(cats[0]).resolve() != Path(cats[1]).resolve():
         raise ReportError(
             f"{a} and {b} trained on different catalogues ({cats[0]} vs {cats[1]}): no shared groups"
@@ -126,7 +127,7 @@ def shared_heldout_eval(
     groups = shared_heldout_groups(a, b)
     if not groups:
         raise ReportError(f"no group is held out from both {a} and {b}: nothing to compare them on")
-    cfg = load_config(a / "config.yaml")
+    cfg = load_config(RunDir(a).config)
     data = prepare_data(cfg.data, a, progress=progress)
     held = group_ids(data.rows, cfg.data.group_column).isin(set(groups)).to_numpy()
     rows = data.rows.assign(split=[SHARED_SPLIT if h else "other" for h in held])
@@ -139,6 +140,6 @@ def shared_heldout_eval(
             bootstrap=cfg.eval.bootstrap if bootstrap is None else bootstrap, confidence=cfg.eval.confidence,
             seed=cfg.eval.seed, text_column=cfg.data.text_column, group_column=cfg.data.group_column,
             cache_dir=cfg.model.cache_dir, precision=cfg.model.embed_precision, progress=progress,
-            loss=loss_settings(load_config(run / "config.yaml"), model.source),
+            loss=loss_settings(load_config(RunDir(run).config), model.source),
         ))  # fmt: skip
     return out[0], out[1]

@@ -36,9 +36,10 @@ import pandas as pd
 from cliptune.data.catalogue import Catalogue
 from cliptune.data.check import Rejection, check_catalogue
 from cliptune.errors import CliptuneError
+from cliptune.models.cache import Precision
 from cliptune.models.embed import embed_images_with
 from cliptune.models.factory import LoadedModel
-from cliptune.rundir import atomic_folder
+from cliptune.rundir import atomic_folder, write_text_atomic
 
 __all__ = [
     "IndexBadRowsError",
@@ -193,7 +194,7 @@ def build_index(
     out: Path,
     *,
     cache_dir: Path | None = None,
-    precision: str = "auto",
+    precision: Precision = "auto",
     batch_size: int = 64,
     overwrite: bool = False,
     progress: bool = True,
@@ -410,4 +411,4 @@ def _write_atomically(
                 }
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         # the manifest goes last: a folder with index.json is a complete index
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")

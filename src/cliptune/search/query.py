@@ -193,12 +193,13 @@ def _topk(
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
     if selected is not None and n_sel <= _SUBSET_SHARE * n_items:
         return _exact(index, queries, k, selected)  # few candidates: gathering them beats scanning all N
-    params = None
+    params: faiss.SearchParameters | None = None
     if selected is not None and n_sel < n_items:
         bitmap = np.zeros(n_items, dtype=bool)
         bitmap[selected] = True
         bits = np.packbits(bitmap, bitorder="little")  # FAISS reads bit i of byte i // 8, low bit first
-        params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(n_items, faiss.swig_ptr(bits)))
+        params = faiss.SearchParameters()  # faiss's SearchParameters(sel=...) sets the same attribute
+        params.sel = faiss.IDSelectorBitmap(n_items, faiss.swig_ptr(bits))
     n_cand = min(n_sel, k + TIE_PAD)
     scores, numbers = index.faiss_index.search(queries, n_cand, params=params)  # (Q, n_cand) each
 

@@ -9,9 +9,12 @@ exit code follows; a CI that fails on any JUnit failure also fails on single que
 
 from __future__ import annotations
 
+import io
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
+
+from cliptune.rundir import write_bytes_atomic
 
 __all__ = ["junit_xml", "write_junit"]
 
@@ -83,5 +86,6 @@ def write_junit(result: dict[str, Any], path: Path | str) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    junit_xml(result).write(path, encoding="utf-8", xml_declaration=True)
-    return path
+    buf = io.BytesIO()
+    junit_xml(result).write(buf, encoding="utf-8", xml_declaration=True)
+    return write_bytes_atomic(path, buf.getvalue())

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cliptune.rundir import atomic_folder, write_text_atomic
+from cliptune.rundir import RunDir, atomic_folder, write_text_atomic
 from cliptune.train.early_stopping import EarlyStopping
 from cliptune.train.errors import NothingToResumeError, TrainingError, WorldSizeMismatchError
 from cliptune.train.optim import Scheduler
@@ -90,7 +90,7 @@ def save_loop_checkpoint(run_dir: Path, accelerator: Accelerator, parts: Resumab
     Returns:
         The checkpoint folder (on every process).
     """
-    directory = run_dir / "checkpoints"
+    directory = RunDir(run_dir).checkpoints
     name = checkpoint_name(parts.state.step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -131,9 +131,9 @@ def restore_loop_checkpoint(
             position in the epoch would mean other batches).
         TrainingError: The checkpoint lacks trainable weights of this model.
     """
-    path = latest_checkpoint(run_dir / "checkpoints")
+    path = latest_checkpoint(RunDir(run_dir).checkpoints)
     if path is None:
-        raise NothingToResumeError(run_dir / "checkpoints")
+        raise NothingToResumeError(RunDir(run_dir).checkpoints)
     model_state, opt_state, trainer = load_checkpoint(path)
     saved = trainer.get("processes", 1)
     if saved != accelerator.num_processes:
@@ -152,7 +152,7 @@ def save_best_model(bundle: TaskBundle, accelerator: Accelerator, model: nn.Modu
     """Write the deployable model to ``run_dir/model`` atomically with the task's ``save_model``."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with atomic_folder(run_dir / "model") as tmp:
+        with atomic_folder(RunDir(run_dir).model) as tmp:
             bundle.save_model(accelerator.unwrap_model(model), tmp)
     accelerator.wait_for_everyone()
 
@@ -236,7 +236,7 @@ def save_checkpoint(
             tmp / "state.pt",
         )
         trainer_json = json.dumps(trainer_state, indent=2, sort_keys=True)
-        (tmp / "trainer.json").write_text(trainer_json, encoding="utf-8")
+        write_text_atomic(tmp / "trainer.json", trainer_json)
     write_text_atomic(directory / "latest", name)
     return final
 

@@ -20,6 +20,7 @@ from types import FrameType
 import torch
 
 from cliptune.config import TrainConfig
+from cliptune.rundir import RunDir
 from cliptune.train.checkpoint import latest_checkpoint
 from cliptune.train.errors import NonFiniteLossError, TrainingOutOfMemoryError
 from cliptune.train.state import LoopState
@@ -99,7 +100,7 @@ def count_bad_step(state: LoopState, loss: float, max_bad_steps: int, run_dir: P
     state.bad_steps += 1
     step, epoch, batch = state.step + 1, state.epoch + 1, state.batch + 1
     if state.bad_steps > max_bad_steps:
-        last = latest_checkpoint(run_dir / "checkpoints")
+        last = latest_checkpoint(RunDir(run_dir).checkpoints)
         raise NonFiniteLossError(loss, step, epoch, batch, last, max_bad_steps)
     where = f"step {step} (epoch {epoch}, batch {batch})"
     return f"non-finite loss ({loss}) at {where}: step skipped ({state.bad_steps}/{max_bad_steps} allowed)"

@@ -16,6 +16,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from cliptune.config import TrainConfig
+from cliptune.rundir import RunDir
 from cliptune.train import checkpoint
 from cliptune.train.batches import batches_per_epoch, epoch_batches, step_values, to_device
 from cliptune.train.early_stopping import EarlyStopping, metric_value
@@ -87,7 +88,7 @@ def fit(
         state.lrs = [current_lr(optimizer)]
         parts = checkpoint.Resumable(model, optimizer, scheduler, state, stopper)
         main = accelerator.is_main_process
-        log = MetricsLog(run_dir / "metrics.jsonl", enabled=main, sink=tracker_sink(accelerator))
+        log = MetricsLog(RunDir(run_dir).metrics, enabled=main, sink=tracker_sink(accelerator))
         if resume:  # same weights, optimiser, schedule, RNGs and position; later log lines dropped
             checkpoint.restore_loop_checkpoint(run_dir, accelerator, parts, log)
         progress = EpochProgress(n_batches, enabled=main and not quiet, summaries=main)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -22,7 +21,7 @@ from cliptune.data.images import ImageLoadError
 from cliptune.data.prepare import PreparedData, prepare_data
 from cliptune.models.factory import load_backbone
 from cliptune.models.freeze import LoraSpec, count_parameters
-from cliptune.rundir import write_text_atomic
+from cliptune.rundir import RunDir, read_metrics, write_summary
 from cliptune.train.errors import (
     LauncherMismatchError,
     MissingRunNameError,
@@ -92,7 +91,7 @@ class _BadRowGuard:
         on_bad_row: str,
         run_dir: Path,
     ) -> None:
-        self.collate, self.on_bad_row, self.rejected_csv = collate, on_bad_row, run_dir / "rejected.csv"
+        self.collate, self.on_bad_row, self.rejected_csv = collate, on_bad_row, RunDir(run_dir).rejected
         self.source = data.catalogue.metadata_path.name
         paths = [str(data.catalogue.image_path(f)) for f in data.rows["file_name"]]
         self.rows = dict(zip(paths, zip(data.rows["file_name"], data.rows["row"], strict=True), strict=True))
@@ -179,12 +178,12 @@ def train(
     """
     if resume is not None:
         run_dir = Path(resume)
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(RunDir(run_dir).config)
     else:
         if not cfg.name:
             raise MissingRunNameError()
         run_dir = runs_root / cfg.name
-        if (run_dir / "metrics.jsonl").exists():
+        if RunDir(run_dir).metrics.exists():
             raise RunExistsError(run_dir)
     if cfg.train.val_every_steps is not None:  # a setting that silently did nothing would mislead
         raise TrainingError("train.val_every_steps is not supported yet: validation runs after every epoch")
@@ -199,7 +198,7 @@ def train(
         _check_processes(accelerator)
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
+            save_config(cfg, RunDir(run_dir).config)
         accelerator.wait_for_everyone()
         start_trackers(accelerator, cfg, run_dir)
         set_seed(cfg.train.seed)
@@ -230,9 +229,7 @@ def _check_processes(accelerator: Accelerator) -> None:
 def _write_summary(
     run_dir: Path, cfg: Config, state: LoopState, info: dict[str, Any], setup: float, accelerator: Accelerator
 ) -> None:
-    records = [
-        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
-    ]
+    records = read_metrics(run_dir)
     epochs = [r for r in records if r.get("kind") == "epoch"]
     best = next((r for r in epochs if r["epoch"] == state.best_epoch), epochs[-1] if epochs else {})
     summary = {
@@ -256,4 +253,4 @@ def _write_summary(
             "python": platform.python_version(),
         },
     }
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    write_summary(run_dir, summary)

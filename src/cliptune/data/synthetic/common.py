@@ -8,6 +8,7 @@ contact sheet uses Pillow's built-in bitmap font (no FreeType version can change
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import TypeVar
 
 from numpy.random import PCG64, Generator
 from PIL import Image, ImageDraw, ImageFont
+
+from cliptune.rundir import write_bytes_atomic, write_text_atomic
 
 __all__ = [
     "clear_stale_images",
@@ -58,7 +61,9 @@ def save_png(image: Image.Image, path: Path) -> None:
         path: Destination file (parent folders must exist).
     """
     # No pnginfo, no optimize pass: Pillow then writes only IHDR/IDAT/IEND, no time or text chunks.
-    image.convert("RGB").save(path, format="PNG", compress_level=1)
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG", compress_level=1)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
@@ -69,10 +74,11 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]
         header: Column names.
         rows: One sequence per row, in header order.
     """
-    with path.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
 
 
 def clear_stale_images(images_dir: Path, pattern: str) -> None:

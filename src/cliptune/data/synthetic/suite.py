@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from cliptune.data.synthetic.common import with_article
+from cliptune.rundir import write_text_atomic
 
 __all__ = ["SUITE_NAME", "fashion_suite", "write_fashion_suite"]
 
@@ -338,5 +339,5 @@ def write_fashion_suite(catalogue_dir: Path) -> Path:
         "Fixed queries left out (no relevant image in this catalogue): " + ("; ".join(skipped) or "none"),
     ]
     path = catalogue_dir / "suite.yaml"
-    path.write_text(_dump(suite, header), encoding="utf-8")
+    write_text_atomic(path, _dump(suite, header))
     return path

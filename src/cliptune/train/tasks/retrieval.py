@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
@@ -53,7 +53,8 @@ class RetrievalModel(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         image, text = self.embed(batch)
-        return self.loss(image, text)
+        terms: dict[str, Tensor] = self.loss(image, text)  # every loss returns its named terms
+        return terms
 
 
 def loss_kwargs(cfg: Config) -> dict[str, Any]:
@@ -117,6 +118,7 @@ def build_retrieval(
     train_idx = [i for i in range(len(split)) if split[i] == "train"]
     val_idx = [i for i in range(len(split)) if split[i] == "val"]
     collate = None
+    train_items: list[dict[str, Any]]  # cached feature tensors, or image paths and captions
     if backbone.features_frozen:
         images, texts = cached_features(
             backbone, data, cfg, accelerator.device, progress and accelerator.is_main_process
@@ -142,8 +144,11 @@ def build_retrieval(
         )  # fmt: skip
 
     def save_model(m: nn.Module, directory: Path) -> None:
-        m.backbone.save(directory)
-        torch.save({k: v.detach().cpu() for k, v in m.loss.state_dict().items()}, directory / "loss_state.pt")
+        inner = cast(RetrievalModel, m)  # the loop passes back the unwrapped model of this bundle
+        inner.backbone.save(directory)
+        torch.save(
+            {k: v.detach().cpu() for k, v in inner.loss.state_dict().items()}, directory / "loss_state.pt"
+        )
 
     return TaskBundle(model=model, train_data=train_items, evaluate=evaluate, save_model=save_model,
                       collate=collate, info=info)  # fmt: skip

@@ -11,7 +11,7 @@ another split is replaced by a seeded draw from this split, and the count is rep
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ class SiameseModel(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {role: self.head(batch[f"{role}_image"], batch[f"{role}_text"]).as_dict() for role in _ROLES}
-        terms = self.loss(out["anchor"], out["positive"], out["negative"])
+        terms: dict[str, Tensor] = self.loss(out["anchor"], out["positive"], out["negative"])
         with torch.no_grad():
             terms |= triplet_accuracies(out["anchor"], out["positive"], out["negative"])
         return terms
@@ -92,7 +92,8 @@ def build_siamese(
     head = SiameseHead(
         images.shape[1], texts.shape[1], width=h.width, depth=h.depth, heads=h.heads, dropout=h.dropout
     )
-    loss = SiameseLoss(weights=cfg.loss.weights, margin=cfg.loss.margin, distance=cfg.loss.distance)
+    weights = {str(k): v for k, v in cfg.loss.weights.items()}  # Mapping is invariant in its key type
+    loss = SiameseLoss(weights=weights, margin=cfg.loss.margin, distance=cfg.loss.distance)
     model = SiameseModel(head, loss)
 
     def _items(t: np.ndarray) -> list[dict[str, Tensor]]:
@@ -112,7 +113,7 @@ def build_siamese(
         return batched_term_means(inner, val_batch, cfg.train.batch_size, accelerator.device)
 
     def save_model(m: nn.Module, directory: Path) -> None:
-        m.head.save(directory / HEAD_DIR)
+        cast(SiameseModel, m).head.save(directory / HEAD_DIR)  # the unwrapped model of this bundle
         backbone.save(directory / BACKBONE_DIR)
 
     info: dict[str, Any] = {
