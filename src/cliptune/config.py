@@ -149,6 +149,11 @@ class ModelConfig(_Section):
     )
 
 
+def _default_siamese_weights() -> dict[Literal["image", "text", "fused", "cross"], float]:
+    """Every Siamese term weighted 1 (a typed factory: a lambda's dict literal is inferred as dict[str, float])."""
+    return {"image": 1.0, "text": 1.0, "fused": 1.0, "cross": 1.0}
+
+
 class LossConfig(_Section):
     name: Literal["info_nce", "siglip", "triplet", "contrastive", "siamese"] = Field(
         "info_nce", description="Training objective."
@@ -160,7 +165,7 @@ class LossConfig(_Section):
     margin: float = Field(0.2, ge=0, description="Margin of the triplet and contrastive losses.")
     distance: Literal["cosine", "euclidean"] = Field("cosine", description="Distance of the triplet loss.")
     weights: dict[Literal["image", "text", "fused", "cross"], float] = Field(
-        default_factory=lambda: {"image": 1.0, "text": 1.0, "fused": 1.0, "cross": 1.0},
+        default_factory=_default_siamese_weights,
         description="Weights of the Siamese objective's terms.",
     )
 

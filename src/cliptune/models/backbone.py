@@ -37,6 +37,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from cliptune.errors import CliptuneError
+from cliptune.rundir import write_text_atomic
 
 if TYPE_CHECKING:
     from cliptune.models.freeze import LoraSpec
@@ -277,7 +278,7 @@ def write_config(directory: Path, backbone: Backbone, extra: dict[str, Any]) -> 
         "lora": None if backbone.lora is None else backbone.lora.to_dict(),
         **extra,
     }
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_state(directory: Path, state: dict[str, Tensor]) -> None:

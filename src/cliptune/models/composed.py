@@ -18,7 +18,7 @@ import io
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from cliptune.models.backbone import Backbone, BackboneError, Tower, save_state, write_config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["IMAGE_TOWERS", "ComposedBackbone", "load_composed"]
 
@@ -35,7 +38,33 @@ DEFAULT_EMBED_DIM = 256
 _TEXT_LORA_TARGETS = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin")
 
 
-class _EfficientNetLite0(nn.Module):
+class _ImageTower(nn.Module):
+    """What ``ComposedBackbone`` needs of an image tower besides ``forward`` (pixels (B, 3, H, W) -> (B, out_dim))."""
+
+    out_dim: int
+
+    def preprocess(self, images: list[Image.Image]) -> Tensor:
+        """PIL images -> the (B, 3, H, W) pixel tensor ``forward`` takes."""
+        raise NotImplementedError
+
+    def tower(self) -> Tower:
+        """The tower's layer map for freezing and LoRA."""
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        """What ``cliptune_backbone.json`` records to rebuild the tower."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Architecture and preprocessing settings for ``Backbone.identity``."""
+        raise NotImplementedError
+
+    def save_files(self, directory: Path) -> None:
+        """Write what rebuilding the architecture needs (the weights go to the backbone's state file)."""
+        raise NotImplementedError
+
+
+class _EfficientNetLite0(_ImageTower):
     """EfficientNet-Lite0 features: ``extract_features`` (B, 1280, 7, 7) -> global mean (B, 1280)."""
 
     out_dim = 1280
@@ -61,7 +90,8 @@ class _EfficientNetLite0(nn.Module):
     def forward(self, pixel_values: Tensor) -> Tensor:
         # channels-last runs the depthwise convolutions ~1.4x faster on CPU, with the same values
         x = pixel_values.contiguous(memory_format=torch.channels_last)
-        return self.net.extract_features(x).mean(dim=(2, 3))  # (B, 1280, h, w) -> (B, 1280)
+        features: Tensor = self.net.extract_features(x)  # (B, 1280, h, w)
+        return features.mean(dim=(2, 3))  # (B, 1280)
 
     def preprocess(self, images: list[Image.Image]) -> Tensor:
         return torch.stack([_imagenet_tensor(im, self.size) for im in images])  # (B, 3, 224, 224)
@@ -86,14 +116,16 @@ class _EfficientNetLite0(nn.Module):
         """The architecture is fixed by name: nothing besides the weights to write."""
 
 
-class _HFVisionTower(nn.Module):
+class _HFVisionTower(_ImageTower):
     """The vision model of a CLIP or SigLIP folder; features = its pooled output."""
 
     def __init__(self, vision: nn.Module, image_processor: Any) -> None:
+        from cliptune.models.hf import _config
+
         super().__init__()
         self.vision = vision
         self.image_processor = image_processor
-        self.out_dim = int(vision.config.hidden_size)
+        self.out_dim = int(_config(vision).hidden_size)
 
     @classmethod
     def from_folder(cls, folder: Path) -> _HFVisionTower:
@@ -101,7 +133,8 @@ class _HFVisionTower(nn.Module):
 
         try:
             model = AutoModel.from_pretrained(str(folder), local_files_only=True)
-            processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+            # transformers leaves AutoImageProcessor.from_pretrained unannotated
+            processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)  # type: ignore[no-untyped-call]
         except (OSError, ValueError) as err:
             raise BackboneError(f"image tower {folder}: cannot load a transformers model ({err})") from err
         vision = getattr(model, "vision_model", None)
@@ -112,41 +145,50 @@ class _HFVisionTower(nn.Module):
         return cls(vision, processor)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        return self.vision(pixel_values=pixel_values).pooler_output  # (B, H)
+        pooled: Tensor = self.vision(pixel_values=pixel_values).pooler_output  # (B, H)
+        return pooled
 
     def preprocess(self, images: list[Image.Image]) -> Tensor:
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+        pixels: Tensor = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+        return pixels
 
     def tower(self) -> Tower:
         v = self.vision
-        final = [v.post_layernorm] + ([v.head] if isinstance(getattr(v, "head", None), nn.Module) else [])
-        return Tower("image", list(v.encoder.layers), final, v.encoder, ("q_proj", "v_proj"))
+        head = getattr(v, "head", None)
+        final = [v.get_submodule("post_layernorm")] + ([head] if isinstance(head, nn.Module) else [])
+        encoder = v.get_submodule("encoder")
+        return Tower(
+            "image", _block_list(encoder.get_submodule("layers")), final, encoder, ("q_proj", "v_proj")
+        )
 
     def spec(self) -> dict[str, Any]:
         return {"type": "hf"}
 
     def fingerprint(self) -> dict[str, Any]:
-        from cliptune.models.hf import _strip
+        from cliptune.models.hf import _config, _strip
 
         return {
             "type": "hf",
-            "config": _strip(self.vision.config.to_dict()),
+            "config": _strip(_config(self.vision).to_dict()),
             "preprocess": _strip(self.image_processor.to_dict()),
         }
 
     def save_files(self, directory: Path) -> None:
-        self.vision.config.save_pretrained(directory / "image_tower")
+        from cliptune.models.hf import _config
+
+        _config(self.vision).save_pretrained(directory / "image_tower")
         self.image_processor.save_pretrained(directory / "image_tower")
 
 
 class _TextTower(nn.Module):
     """A transformers encoder with mean pooling over the attention mask (sentence-transformers style)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int) -> None:
+    def __init__(self, model: PreTrainedModel, tokenizer: Any, max_length: int) -> None:
         super().__init__()
         if getattr(model, "pooler", None) is not None:
-            model.pooler = None  # BERT's pooler is unused by mean pooling: drop it from training and saves
+            # BERT's pooler is unused by mean pooling: drop it from training and saves (= `model.pooler = None`)
+            model.register_module("pooler", None)
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -166,7 +208,8 @@ class _TextTower(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        hidden: Tensor = outputs.last_hidden_state  # (B, T, H)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-9)  # (B, H)
 
@@ -195,7 +238,7 @@ class _TextTower(nn.Module):
 
 
 # name -> factory(pretrained): pretrained=False builds the architecture only, for loading a saved state.
-IMAGE_TOWERS: dict[str, Callable[..., nn.Module]] = {"efficientnet-lite0": _EfficientNetLite0}
+IMAGE_TOWERS: dict[str, Callable[..., _ImageTower]] = {"efficientnet-lite0": _EfficientNetLite0}
 
 
 class ComposedBackbone(Backbone):
@@ -212,7 +255,7 @@ class ComposedBackbone(Backbone):
 
     def __init__(
         self,
-        image_tower: nn.Module,
+        image_tower: _ImageTower,
         text_tower: _TextTower,
         embed_dim: int = DEFAULT_EMBED_DIM,
         seed: int = 0,
@@ -229,19 +272,23 @@ class ComposedBackbone(Backbone):
 
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """Pooled image tower output. Shapes: (B, 3, H, W) -> (B, Fi)."""
-        return self.image_tower(pixel_values)
+        feats: Tensor = self.image_tower(pixel_values)
+        return feats
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Mean-pooled text tower output. Shapes: (B, T) -> (B, Ft)."""
-        return self.text_tower(input_ids, attention_mask)
+        feats: Tensor = self.text_tower(input_ids, attention_mask)
+        return feats
 
     def image_head(self, feats: Tensor) -> Tensor:
         """Image projection. Shapes: (B, Fi) -> (B, D)."""
-        return self.image_proj(feats)
+        out: Tensor = self.image_proj(feats)
+        return out
 
     def text_head(self, feats: Tensor) -> Tensor:
         """Text projection. Shapes: (B, Ft) -> (B, D)."""
-        return self.text_proj(feats)
+        out: Tensor = self.text_proj(feats)
+        return out
 
     def preprocess(self, images: list[Image.Image]) -> Tensor:
         """The image tower's preprocessing. Returns (B, 3, H, W)."""
@@ -331,22 +378,23 @@ def load_saved_composed(path: Path, saved: dict[str, Any]) -> ComposedBackbone:
     image_type = saved.get("image_tower", {}).get("type")
     if image_type == "hf":
         folder = path / "image_tower"
-        vision = AutoModel.from_config(AutoConfig.from_pretrained(str(folder), local_files_only=True))
-        image: nn.Module = _HFVisionTower(
-            vision, AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
-        )
+        # transformers leaves AutoModel.from_config and AutoImageProcessor.from_pretrained unannotated
+        vision = AutoModel.from_config(AutoConfig.from_pretrained(str(folder), local_files_only=True))  # type: ignore[no-untyped-call]
+        processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)  # type: ignore[no-untyped-call]
+        image: _ImageTower = _HFVisionTower(vision, processor)
     elif image_type in IMAGE_TOWERS:
         image = IMAGE_TOWERS[image_type](pretrained=False, size=int(saved["image_tower"].get("size", 224)))
     else:
         raise BackboneError(f"{path}: unknown image_tower type {image_type!r} in cliptune_backbone.json")
     folder = path / "text_tower"
-    model = AutoModel.from_config(AutoConfig.from_pretrained(str(folder), local_files_only=True))
+    # transformers leaves AutoModel.from_config unannotated
+    model = AutoModel.from_config(AutoConfig.from_pretrained(str(folder), local_files_only=True))  # type: ignore[no-untyped-call]
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     text = _TextTower(model, tokenizer, int(saved["text_tower"]["max_length"]))
     return ComposedBackbone(image, text, int(saved["embed_dim"]))
 
 
-def _image_tower(spec: str | Path, size: int | None = None) -> nn.Module:
+def _image_tower(spec: str | Path, size: int | None = None) -> _ImageTower:
     if str(spec) in IMAGE_TOWERS:
         return IMAGE_TOWERS[str(spec)](pretrained=True, **({"size": size} if size else {}))
     if size is not None:
@@ -385,7 +433,7 @@ def _text_blocks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
             for n in ("final_layer_norm", "norm", "ln_f")
             if isinstance(getattr(model, n, None), nn.Module)
         ]
-        return list(blocks), final
+        return _block_list(blocks), final
     raise BackboneError(f"text tower {type(model).__name__}: cannot find its encoder layers")
 
 
@@ -395,7 +443,7 @@ def _plain_pointwise(net: nn.Module) -> None:
     A 1x1 stride-1 conv pads nothing, so the output is bit-identical; peft's LoRA rebuilds a
     layer's own class for its adapters and the package's static-padding class cannot be built that way.
     """
-    for block in net._blocks:
+    for block in _block_list(net.get_submodule("_blocks")):
         for attr in ("_expand_conv", "_project_conv"):
             conv = getattr(block, attr, None)
             if conv is None or conv.kernel_size != (1, 1) or tuple(conv.stride) != (1, 1):
@@ -405,6 +453,13 @@ def _plain_pointwise(net: nn.Module) -> None:
             if conv.bias is not None:
                 plain.bias = conv.bias
             setattr(block, attr, plain)
+
+
+def _block_list(blocks: nn.Module) -> list[nn.Module]:
+    """The blocks of a ``ModuleList`` / ``Sequential`` in order (``nn.Module`` itself is not iterable)."""
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        raise BackboneError(f"expected a ModuleList or Sequential of blocks, got {type(blocks).__name__}")
+    return list(blocks)
 
 
 def _linear(dim: int, out_dim: int, generator: torch.Generator) -> nn.Linear:
@@ -425,6 +480,6 @@ def _imagenet_tensor(image: Image.Image, size: int) -> Tensor:
     image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     image = image.crop((left, top, left + size, top + size))
-    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    array = (array - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())  # (3, H, W)
+    scaled = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    normed = (scaled - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
+    return torch.from_numpy(normed.transpose(2, 0, 1).copy())  # (3, H, W)

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
 from cliptune.models.backbone import Backbone, BackboneError
 
 __all__ = ["LoraSpec", "apply_lora", "apply_trainable_layers", "count_parameters", "merged_copy"]
+
+_M = TypeVar("_M", bound=nn.Module)  # merged_copy returns a copy of the same class
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,12 @@ def apply_lora(backbone: Backbone, spec: LoraSpec) -> Backbone:
         ]
         if names:  # a tower without any of the targets keeps its weights frozen
             config = LoraConfig(
-                r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=names
+                r=spec.r,
+                # peft annotates lora_alpha as int, but only divides by it (scaling = alpha / r); the float
+                # LoraSpec.alpha is passed unchanged, as before
+                lora_alpha=spec.alpha,  # type: ignore[arg-type]
+                lora_dropout=spec.dropout,
+                target_modules=names,
             )
             inject_adapter_in_model(config, tower.body)
             adapted += 1
@@ -163,7 +170,7 @@ def apply_lora(backbone: Backbone, spec: LoraSpec) -> Backbone:
     return apply_trainable_layers(backbone, 0)
 
 
-def merged_copy(module: nn.Module) -> nn.Module:
+def merged_copy(module: _M) -> _M:
     """A deep copy of ``module`` with every LoRA adapter merged into its base layer and removed.
 
     Used to save plain transformers checkpoints of LoRA-tuned models (merging changes the float

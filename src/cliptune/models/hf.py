@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -34,6 +34,9 @@ from cliptune.models.backbone import (
     save_state,
     write_config,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel
 
 __all__ = ["HFBackbone", "load_hf"]
 
@@ -56,7 +59,7 @@ class HFBackbone(Backbone):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: PreTrainedModel,
         image_processor: Any,
         tokenizer: Any,
         kind: str,
@@ -74,12 +77,13 @@ class HFBackbone(Backbone):
             if isinstance(getattr(model, name, None), torch.Tensor)
         }
         if kind == "clip":
-            self.embed_dim = model.config.projection_dim
+            self.embed_dim = _int_attr(model.config, "projection_dim")
         elif kind == "siglip":
             if not model.config.vision_config.vision_use_head:
                 raise BackboneError("SigLIP without a vision head (vision_use_head=False) is not supported")
-            self.embed_dim = model.vision_model.config.hidden_size
-            self._tokens = (model.vision_model.embeddings.num_patches, self.embed_dim)
+            vision = model.get_submodule("vision_model")
+            self.embed_dim = _int_attr(_config(vision), "hidden_size")
+            self._tokens = (_int_attr(vision.get_submodule("embeddings"), "num_patches"), self.embed_dim)
         else:
             dim = self._auto_dim(model)
             self.embed_dim = embed_dim or dim
@@ -97,46 +101,59 @@ class HFBackbone(Backbone):
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """See ``Backbone.image_features``. Shapes: (B, 3, H, W) -> (B, Fi)."""
         if self.kind == "clip":
-            return self.model.vision_model(pixel_values=pixel_values).pooler_output  # (B, Hv)
+            pooled: Tensor = self.model.get_submodule("vision_model")(pixel_values=pixel_values).pooler_output
+            return pooled  # (B, Hv)
         if self.kind == "siglip":
-            vm = self.model.vision_model
-            hidden = vm.encoder(inputs_embeds=vm.embeddings(pixel_values)).last_hidden_state
-            return vm.post_layernorm(hidden).flatten(1)  # (B, N * H)
-        return _pooled(self.model.get_image_features(pixel_values=pixel_values))  # (B, D)
+            vm = self.model.get_submodule("vision_model")
+            embedded = vm.get_submodule("embeddings")(pixel_values)
+            hidden = vm.get_submodule("encoder")(inputs_embeds=embedded).last_hidden_state
+            normed: Tensor = vm.get_submodule("post_layernorm")(hidden)
+            return normed.flatten(1)  # (B, N * H)
+        return _model_features(self.model, "get_image_features", pixel_values=pixel_values)  # (B, D)
 
     def text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """See ``Backbone.text_features``; SigLIP ignores the mask. Shapes: (B, T) -> (B, Ft)."""
         if self.kind == "clip":
-            return self.model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+            text_model = self.model.get_submodule("text_model")
+            pooled: Tensor = text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+            return pooled
         if self.kind == "siglip":
-            tm = self.model.text_model
-            hidden = tm.encoder(inputs_embeds=tm.embeddings(input_ids=input_ids)).last_hidden_state
-            return tm.final_layer_norm(hidden)[:, -1, :]  # (B, H): SigLIP pools the last position
-        return _pooled(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+            tm = self.model.get_submodule("text_model")
+            embedded = tm.get_submodule("embeddings")(input_ids=input_ids)
+            hidden = tm.get_submodule("encoder")(inputs_embeds=embedded).last_hidden_state
+            normed: Tensor = tm.get_submodule("final_layer_norm")(hidden)
+            return normed[:, -1, :]  # (B, H): SigLIP pools the last position
+        return _model_features(
+            self.model, "get_text_features", input_ids=input_ids, attention_mask=attention_mask
+        )
 
     def image_head(self, feats: Tensor) -> Tensor:
         """See ``Backbone.image_head``. Shapes: (B, Fi) -> (B, D)."""
         if self.kind == "clip":
-            return self.model.visual_projection(feats)
-        if self.kind == "siglip":
-            return self.model.vision_model.head(
-                feats.view(feats.shape[0], *self._tokens)
-            )  # (B, N, H) -> (B, H)
-        return self.image_proj(feats)
+            out: Tensor = self.model.get_submodule("visual_projection")(feats)
+        elif self.kind == "siglip":
+            tokens = feats.view(feats.shape[0], *self._tokens)
+            out = self.model.get_submodule("vision_model.head")(tokens)  # (B, N, H) -> (B, H)
+        else:
+            out = self.image_proj(feats)
+        return out
 
     def text_head(self, feats: Tensor) -> Tensor:
         """See ``Backbone.text_head``. Shapes: (B, Ft) -> (B, D)."""
         if self.kind == "clip":
-            return self.model.text_projection(feats)
-        if self.kind == "siglip":
-            return self.model.text_model.head(feats)
-        return self.text_proj(feats)
+            out: Tensor = self.model.get_submodule("text_projection")(feats)
+        elif self.kind == "siglip":
+            out = self.model.get_submodule("text_model.head")(feats)
+        else:
+            out = self.text_proj(feats)
+        return out
 
     # --- pre-processing ------------------------------------------------------------------
     def preprocess(self, images: list[Image.Image]) -> Tensor:
         """Run the model's own image processor. Returns (B, 3, H, W) float32."""
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+        pixels: Tensor = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+        return pixels
 
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         """Tokenise with the model's tokenizer; SigLIP pads to ``max_length`` as it was trained."""
@@ -155,9 +172,15 @@ class HFBackbone(Backbone):
     def heads(self) -> list[nn.Module]:
         """CLIP projections, SigLIP MAP/text heads, or the new auto projections."""
         if self.kind == "clip":
-            return [self.model.visual_projection, self.model.text_projection]
+            return [
+                self.model.get_submodule("visual_projection"),
+                self.model.get_submodule("text_projection"),
+            ]
         if self.kind == "siglip":
-            return [self.model.vision_model.head, self.model.text_model.head]
+            return [
+                self.model.get_submodule("vision_model.head"),
+                self.model.get_submodule("text_model.head"),
+            ]
         return [self.image_proj, self.text_proj]
 
     def towers(self) -> list[Tower]:
@@ -176,7 +199,8 @@ class HFBackbone(Backbone):
             if self.kind == "auto":
                 own_heads = ("visual_projection",) if name == "image" else ("text_projection",)
                 final += [getattr(self.model, n) for n in own_heads if hasattr(self.model, n)]
-                final += [sub.head] if isinstance(getattr(sub, "head", None), nn.Module) else []
+                head = getattr(sub, "head", None)
+                final += [head] if isinstance(head, nn.Module) else []
             towers.append(Tower(name, list(blocks), final, encoder, ("q_proj", "v_proj")))
         return towers
 
@@ -234,9 +258,10 @@ class HFBackbone(Backbone):
         """Probe with one token: configs name the embedding size differently per model."""
         ids = torch.ones(1, 2, dtype=torch.long)
         with torch.no_grad():
-            return int(
-                _pooled(model.get_text_features(input_ids=ids, attention_mask=torch.ones_like(ids))).shape[-1]
+            features = _model_features(
+                model, "get_text_features", input_ids=ids, attention_mask=torch.ones_like(ids)
             )
+            return int(features.shape[-1])
 
 
 def load_hf(
@@ -261,9 +286,9 @@ def load_hf(
     if kind is not None and kind not in _KINDS:
         raise BackboneError(f"backbone {spec!s}: kind must be one of {_KINDS}, got {kind!r}")
     local = Path(spec).is_dir()
-    options = {"local_files_only": local or _offline()}
+    local_only = local or _offline()
     try:
-        config = AutoConfig.from_pretrained(str(spec), **options)
+        config = AutoConfig.from_pretrained(str(spec), local_files_only=local_only)
     except (OSError, ValueError) as err:
         if local:
             raise BackboneError(f"{spec}: not a transformers model folder ({err})") from err
@@ -275,15 +300,18 @@ def load_hf(
         ) from err
     model_type = getattr(config, "model_type", "")
     kind = kind or (model_type if model_type in ("clip", "siglip") else "auto")
-    model_class = {"clip": CLIPModel, "siglip": SiglipModel}.get(kind, AutoModel)
+    model_class: type[CLIPModel] | type[SiglipModel] | type[AutoModel] = (
+        CLIPModel if kind == "clip" else SiglipModel if kind == "siglip" else AutoModel
+    )
     if kind in ("clip", "siglip") and model_type != kind:
         raise BackboneError(
             f"backbone {spec!s}: kind={kind!r} but config.json says model_type={model_type!r}"
         )
     try:
-        model = model_class.from_pretrained(str(spec), **options)
-        image_processor = AutoImageProcessor.from_pretrained(str(spec), **options)
-        tokenizer = AutoTokenizer.from_pretrained(str(spec), **options)
+        model = model_class.from_pretrained(str(spec), local_files_only=local_only)
+        # transformers leaves AutoImageProcessor.from_pretrained unannotated
+        image_processor = AutoImageProcessor.from_pretrained(str(spec), local_files_only=local_only)  # type: ignore[no-untyped-call]
+        tokenizer = AutoTokenizer.from_pretrained(str(spec), local_files_only=local_only)
     except (OSError, ValueError) as err:
         raise BackboneError(
             f"backbone {spec!s}: cannot load model, image processor or tokenizer ({err})"
@@ -303,14 +331,37 @@ def _offline() -> bool:
     return constants.HF_HUB_OFFLINE or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
 
 
+def _model_features(model: nn.Module, method: str, **inputs: Tensor | None) -> Tensor:
+    """``model.<method>(**inputs)`` (``get_image_features`` / ``get_text_features``) as a tensor."""
+    return _pooled(getattr(model, method)(**inputs))
+
+
 def _pooled(output: Any) -> Tensor:
     """transformers 5 returns a ModelOutput from ``get_*_features``; older versions a tensor."""
     if isinstance(output, Tensor):
         return output
     pooled = getattr(output, "pooler_output", None)
-    if pooled is None:
+    if not isinstance(pooled, Tensor):
         raise BackboneError(f"get_*_features returned {type(output).__name__} without pooler_output")
     return pooled
+
+
+def _config(module: nn.Module) -> PreTrainedConfig:
+    """The transformers config a (sub)model carries: ``nn.Module`` types unknown attributes as ``Tensor | Module``."""
+    from transformers import PreTrainedConfig
+
+    config = getattr(module, "config", None)
+    if not isinstance(config, PreTrainedConfig):
+        raise BackboneError(f"{type(module).__name__} has no transformers config")
+    return config
+
+
+def _int_attr(owner: object, name: str) -> int:
+    """``owner.<name>`` checked to be an int (transformers configs and modules type their attributes as Any)."""
+    value = getattr(owner, name)
+    if not isinstance(value, int):
+        raise BackboneError(f"{type(owner).__name__}.{name} is {value!r}, not an int")
+    return value
 
 
 def _identity_or_random(dim: int, out_dim: int, generator: torch.Generator) -> nn.Linear:
