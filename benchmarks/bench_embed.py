@@ -1,6 +1,6 @@
 """Embedding throughput of the embedded image tower: the full pipeline vs the bare tower forward.
 
-The pipeline (``cliptune.models.cache.embed_images``: read PNGs, decode, resize, normalise, batch,
+The pipeline (``cliptune.models.embed.embed_images``: read PNGs, decode, resize, normalise, batch,
 forward, no cache) should reach >= 0.8x the bare forward's images/s at the same precision, i.e.
 preprocessing and loading are not the bottleneck. Also bf16 vs fp32 speed and the largest difference
 between their features.
@@ -22,8 +22,8 @@ import torch
 
 from cliptune.data.images import load_image
 from cliptune.data.synthetic import render_fashion
-from cliptune.models.cache import embed_images
 from cliptune.models.composed import _EfficientNetLite0
+from cliptune.models.embed import embed_images
 
 
 def _time(fn, repeats: int) -> list[float]:

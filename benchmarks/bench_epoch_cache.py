@@ -41,7 +41,8 @@ from cliptune.data.images import load_image
 from cliptune.data.synthetic import render_fashion
 from cliptune.losses import InfoNCELoss
 from cliptune.models.backbone import Backbone
-from cliptune.models.cache import FeatureCache, embed_images, embed_texts, resolve_precision
+from cliptune.models.cache import FeatureCache
+from cliptune.models.embed import embed_images, embed_texts, resolve_precision
 from cliptune.models.factory import load_backbone
 from cliptune.train.tasks.retrieval import RetrievalModel
 

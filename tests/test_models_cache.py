@@ -14,15 +14,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from cliptune.models import cache as cache_mod
-from cliptune.models.cache import (
-    CacheStats,
-    FeatureCache,
-    embed_images,
-    embed_texts,
-    feature_key,
-    resolve_precision,
-)
+from cliptune.models import embed as embed_mod
+from cliptune.models.cache import CacheStats, FeatureCache, feature_key
+from cliptune.models.embed import embed_images, embed_texts, resolve_precision
 
 SIDE = 8
 
@@ -231,7 +225,7 @@ def test_dataloader_workers_give_same_features(tmp_path: Path) -> None:
 
 
 def test_flushes_in_shards_during_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cache_mod, "_FLUSH_ROWS", 4)
+    monkeypatch.setattr(embed_mod, "_FLUSH_ROWS", 4)
     paths = write_images(tmp_path, 10)
     cache = FeatureCache(tmp_path / "c", "t")
     run_images(paths, cache, CountingTower())

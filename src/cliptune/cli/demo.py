@@ -37,7 +37,9 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 def _fmt(m: dict[str, Any] | None) -> str:
-    return "-" if m is None else f"{m['mean']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+    from cliptune.ranking.bootstrap import format_interval
+
+    return "-" if m is None else format_interval(m)
 
 
 def _summary(out: Path) -> list[str]:

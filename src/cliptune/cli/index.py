@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -44,7 +43,7 @@ def index_cmd(
     """
     from cliptune.data.catalogue import read_catalogue
     from cliptune.models.factory import load_model
-    from cliptune.search import build_index
+    from cliptune.search.index import build_index, read_manifest
 
     precisions: dict[str, Precision] = {"auto": "auto", "fp32": "fp32", "bf16": "bf16"}
     if precision not in precisions:
@@ -59,7 +58,8 @@ def index_cmd(
             loaded, catalogue, out, cache_dir=cache_dir, precision=precisions[precision], batch_size=batch_size,
             overwrite=overwrite, progress=not quiet,
         )  # fmt: skip
-    manifest = json.loads((path / "index.json").read_text())
+    manifest = read_manifest(path)
+    assert manifest is not None  # build_index has just written it
     console.print(
         f"indexed {manifest['n_items']} images (dim {manifest['dim']}) with {loaded.name} into [bold]{path}[/bold]"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cliptune.ranking.bootstrap import format_interval
 from cliptune.report.diagnostics import WIDE_INTERVAL, Finding, diagnose
 from cliptune.report.document import Cell, Document, Findings, Grid, Paragraph, Section, Table
 from cliptune.report.grids import ImageResolver, retrieval_grid, suite_grid, triplet_grid
@@ -69,7 +70,7 @@ def report_document(run: RunData, findings: list[Finding]) -> Document:
 
 def interval_text(m: dict[str, Any]) -> str:
     """``0.800 [0.700, 0.900] n=44`` for an eval/suite metric dict."""
-    return f"{m['mean']:.3f} [{m['low']:.3f}, {m['high']:.3f}] n={m.get('n', '?')}"
+    return f"{format_interval(m)} n={m.get('n', '?')}"
 
 
 def _interval_cell(m: dict[str, Any]) -> Cell:

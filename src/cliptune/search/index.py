@@ -42,6 +42,7 @@ from cliptune.models.factory import LoadedModel
 from cliptune.rundir import atomic_folder, write_text_atomic
 
 __all__ = [
+    "read_manifest",
     "IndexBadRowsError",
     "IndexExistsError",
     "SearchIndex",
@@ -271,7 +272,7 @@ def load_index(path: Path | str) -> SearchIndex:
     import faiss
 
     path = Path(path)
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     if manifest is None:
         raise SearchIndexError(
             f"{path}: not a cliptune index (no {MANIFEST}); build one with `cliptune index`"
@@ -313,7 +314,12 @@ def _source(source: Path) -> str:
     return str(source.resolve()) if source.exists() else str(source)
 
 
-def _read_manifest(path: Path) -> dict[str, Any] | None:
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The index folder's ``index.json`` (model, dim, item count), or None when the folder holds no index.
+
+    Raises:
+        SearchIndexError: The manifest is not valid JSON.
+    """
     if not (path / MANIFEST).is_file():
         return None
     try:
@@ -338,7 +344,7 @@ def _refuse_foreign(out: Path, model: LoadedModel, overwrite: bool) -> None:
         return
     if not out.is_dir():
         raise IndexExistsError(out, f"{out} exists and is not a folder")
-    manifest = _read_manifest(out)
+    manifest = read_manifest(out)
     if manifest is None:
         if any(out.iterdir()):
             raise IndexExistsError(out, f"{out} is not empty and holds no index")

@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from cliptune.ranking.bootstrap import format_interval
 from cliptune.rundir import write_bytes_atomic
 
 __all__ = ["junit_xml", "write_junit"]
@@ -23,7 +24,7 @@ def _fmt(metrics: dict[str, Any]) -> str:
     parts = []
     for key, m in metrics.items():
         if isinstance(m, dict):
-            parts.append(f"{key} {m['mean']:.3f} [{m['low']:.3f}, {m['high']:.3f}]")
+            parts.append(f"{key} {format_interval(m)}")
         else:
             parts.append(f"{key} {m:.3f}")
     return ", ".join(parts)
