@@ -1,0 +1,1 @@
+"""One evaluator for training validation (no intervals) and ``cliptune eval`` (with intervals)."""
