@@ -111,27 +111,48 @@ def demo_steps(out: Path, fast: bool = False) -> list[DemoStep]:
     n_fashion, n_art = ("600", "80") if fast else ("1500", "200")
     q = ["--quiet"]
     return [
-        DemoStep("Render the synthetic fashion catalogue", ["data", "synth", "fashion", fashion, "--n", n_fashion, *q]),
+        DemoStep(
+            "Render the synthetic fashion catalogue",
+            ["data", "synth", "fashion", fashion, "--n", n_fashion, *q],
+        ),
         DemoStep("Check it (every bad row would be listed)", ["data", "check", fashion, *q]),
         DemoStep("Render the synthetic art catalogue", ["data", "synth", "art", art, "--n", n_art, *q]),
         DemoStep("Check it", ["data", "check", art, *q]),
-        DemoStep("Train the base model on generic captions (garment + colour)",
-                 ["train", str(cfg / "fashion-base.yaml"), "--runs", str(runs), *q]),
-        DemoStep("Fine-tune on attribute-rich captions (rips, pattern, style)",
-                 ["train", str(cfg / "fashion-finetuned.yaml"), "--runs", str(runs), *q]),
-        DemoStep("Evaluate the base model on the held-out test queries (rich captions)",
-                 ["eval", base, "--split", "test", "--text-column", "text"]),
+        DemoStep(
+            "Train the base model on generic captions (garment + colour)",
+            ["train", str(cfg / "fashion-base.yaml"), "--runs", str(runs), *q],
+        ),
+        DemoStep(
+            "Fine-tune on attribute-rich captions (rips, pattern, style)",
+            ["train", str(cfg / "fashion-finetuned.yaml"), "--runs", str(runs), *q],
+        ),
+        DemoStep(
+            "Evaluate the base model on the held-out test queries (rich captions)",
+            ["eval", base, "--split", "test", "--text-column", "text"],
+        ),
         DemoStep("Evaluate the fine-tuned model on the same queries", ["eval", tuned, "--split", "test"]),
         DemoStep("Behavioural suite on the base model", ["test", base, "--suite", suite], may_fail=True),
-        DemoStep("Behavioural suite on the fine-tuned model", ["test", tuned, "--suite", suite], may_fail=True),
-        DemoStep("Compare the two runs (paired bootstrap on the same queries)",
-                 ["compare", base, tuned, "--baseline", base, "--out", str(out / "compare")]),
+        DemoStep(
+            "Behavioural suite on the fine-tuned model", ["test", tuned, "--suite", suite], may_fail=True
+        ),
+        DemoStep(
+            "Compare the two runs (paired bootstrap on the same queries)",
+            ["compare", base, tuned, "--baseline", base, "--out", str(out / "compare")],
+        ),
         DemoStep("Report on the fine-tuned run", ["report", tuned]),
-        DemoStep("Train the Siamese head on art originals and derivatives",
-                 ["train", str(cfg / "art-siamese.yaml"), "--runs", str(runs), *q]),
+        DemoStep(
+            "Train the Siamese head on art originals and derivatives",
+            ["train", str(cfg / "art-siamese.yaml"), "--runs", str(runs), *q],
+        ),
         DemoStep("Evaluate it (seed-000 figures)", ["eval", siam, "--split", "val"]),
         DemoStep("Report on the Siamese run", ["report", siam]),
-        DemoStep("Index the fashion catalogue with the fine-tuned model", ["index", tuned, "--data", fashion, index]),
+        DemoStep(
+            "Index the fashion catalogue with the fine-tuned model",
+            ["index", tuned, "--data", fashion, index],
+        ),
         DemoStep("Search it", ["search", index, "ripped blue jeans", "-k", "5"]),
-        DemoStep("Search with an attribute filter", ["search", index, "oversized sweater", "-k", "5", "--where", "colour=red"]),
-    ]  # fmt: skip
+        DemoStep(
+            "Search with an attribute filter",
+            ["search", index, "oversized sweater", "-k", "5", "--where", "colour=red"],
+        ),
+    ]

@@ -202,9 +202,16 @@ def _evaluate(
     if is_run:
         names = None if all_splits else [split or "test"]
         return evaluate_run(
-            path, names, catalogue=data, ks=ks, bootstrap=bootstrap, relevant=relevant,  # type: ignore[arg-type]
-            cache_dir=cache_dir, text_column=text_column, progress=not quiet,
-        )  # fmt: skip
+            path,
+            names,
+            catalogue=data,
+            ks=ks,
+            bootstrap=bootstrap,
+            relevant=relevant,  # type: ignore[arg-type]
+            cache_dir=cache_dir,
+            text_column=text_column,
+            progress=not quiet,
+        )
     assert data is not None
     prepared = prepare_catalogue(data, progress=not quiet)
     names = split_order(prepared.splits) if all_splits else [split or _default_split(prepared.splits)]

@@ -55,9 +55,15 @@ def index_cmd(
         catalogue = read_catalogue(data)
         loaded = load_model(model)
         path = build_index(
-            loaded, catalogue, out, cache_dir=cache_dir, precision=precisions[precision], batch_size=batch_size,
-            overwrite=overwrite, progress=not quiet,
-        )  # fmt: skip
+            loaded,
+            catalogue,
+            out,
+            cache_dir=cache_dir,
+            precision=precisions[precision],
+            batch_size=batch_size,
+            overwrite=overwrite,
+            progress=not quiet,
+        )
     manifest = read_manifest(path)
     assert manifest is not None  # build_index has just written it
     console.print(

@@ -89,15 +89,23 @@ def _print(result: SweepResult) -> None:
         table.add_column(column, justify="right" if column in ("trial", result.objective) else "left")
     for r in result.trials:
         style = _STATE_STYLE.get(r.state, "dim")
-        table.add_row(str(r.number), *(_short(r.params.get(p, "")) for p in params),
-                      "" if r.value is None else f"{r.value:.4g}", f"[{style}]{r.state}[/{style}]", r.note)  # fmt: skip
+        table.add_row(
+            str(r.number),
+            *(_short(r.params.get(p, "")) for p in params),
+            "" if r.value is None else f"{r.value:.4g}",
+            f"[{style}]{r.state}[/{style}]",
+            r.note,
+        )
     console.print(table)
     if result.importances:
         ranked = ", ".join(f"{k} {v:.2f}" for k, v in result.importances.items())
         console.print(f"parameter importances ({result.importance_note}): {ranked}", highlight=False)
     if result.best is not None:
-        console.print(f"best: trial {result.best.number}, {result.objective} = {result.best.value:.4g}, "
-                      f"run [bold]{result.best.run_dir}[/bold]", highlight=False)  # fmt: skip
+        console.print(
+            f"best: trial {result.best.number}, {result.objective} = {result.best.value:.4g}, "
+            f"run [bold]{result.best.run_dir}[/bold]",
+            highlight=False,
+        )
     else:
         console.print("[yellow]no trial completed[/yellow]")
     console.print(f"leaderboard: {result.md_path} and {result.json_path}", highlight=False)

@@ -133,9 +133,14 @@ def register(app: typer.Typer) -> None:
             model = load_model(path if path.exists() else target)
         with exit_on_error(1, ValueError):
             result = run_suite(
-                resolved, model, cache_dir=cache_dir, bootstrap=bootstrap, seed=seed,
-                suite_file=suite.resolve(), progress=not quiet,
-            )  # fmt: skip
+                resolved,
+                model,
+                cache_dir=cache_dir,
+                bootstrap=bootstrap,
+                seed=seed,
+                suite_file=suite.resolve(),
+                progress=not quiet,
+            )
         folder = out if out is not None else (RunDir(path).suite_dir if is_run else Path("suite"))
         written = write_suite_json(folder, result)
         console = Console(soft_wrap=True)
@@ -150,8 +155,13 @@ def register(app: typer.Typer) -> None:
         console.print(f"wrote {written}", highlight=False)
         bad = [n for n, c in result["categories"].items() if not c["passed"]]
         if bad:
-            console.print(f"[red]FAIL[/red] {result['suite']}: {len(bad)} of {len(result['categories'])} "
-                          f"categories failed: {', '.join(bad)}", highlight=False)  # fmt: skip
+            console.print(
+                f"[red]FAIL[/red] {result['suite']}: {len(bad)} of {len(result['categories'])} "
+                f"categories failed: {', '.join(bad)}",
+                highlight=False,
+            )
             raise typer.Exit(1)
-        console.print(f"[green]PASS[/green] {result['suite']}: all {len(result['categories'])} categories passed",
-                      highlight=False)  # fmt: skip
+        console.print(
+            f"[green]PASS[/green] {result['suite']}: all {len(result['categories'])} categories passed",
+            highlight=False,
+        )

@@ -30,7 +30,12 @@ def metric_summaries(
     if bootstrap > 0:
         return {k: v.to_dict() for k, v in bootstrap_metrics(per_query, bootstrap, confidence, seed).items()}
     return {  # bootstrap disabled: the mean and n only
-        k: {"mean": float(v.double().mean()), "low": None, "high": None, "n": int(v.numel()),
-            "confidence": confidence}
+        k: {
+            "mean": float(v.double().mean()),
+            "low": None,
+            "high": None,
+            "n": int(v.numel()),
+            "confidence": confidence,
+        }
         for k, v in per_query.items()
-    }  # fmt: skip
+    }

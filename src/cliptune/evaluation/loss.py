@@ -101,7 +101,9 @@ def info_nce_per_pair(image: Tensor, text: Tensor, temperature: float, batch_siz
     Shapes:
         image, text: (N, D) paired rows -> (N,)
     """
-    return torch.cat([
-        info_nce(image[s : s + batch_size].float(), text[s : s + batch_size].float(), temperature, "none")
-        for s in range(0, len(image), batch_size)
-    ])  # fmt: skip
+    return torch.cat(
+        [
+            info_nce(image[s : s + batch_size].float(), text[s : s + batch_size].float(), temperature, "none")
+            for s in range(0, len(image), batch_size)
+        ]
+    )

@@ -211,9 +211,15 @@ def evaluate_embeddings(
     _check_inputs(text_emb, image_emb, row_ids, texts, files, groups, images, relevant)
     keys = list(groups) if relevant == "group" else list(files)
     ranked = rank_directions(
-        text_emb.float(), image_emb.float(), files=files, keys=keys, images=images, ks=ks, top_n=top_n,
+        text_emb.float(),
+        image_emb.float(),
+        files=files,
+        keys=keys,
+        images=images,
+        ks=ks,
+        top_n=top_n,
         progress=progress,
-    )  # fmt: skip
+    )
     per_metric = {f"{name}/{k}": v for name in DIRECTIONS for k, v in ranked[name].values.items()}
     return {
         "metrics": metric_summaries(per_metric, bootstrap, confidence, seed),

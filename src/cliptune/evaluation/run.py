@@ -95,7 +95,7 @@ def evaluate_run(
             precision=cfg.model.embed_precision,
             progress=progress,
             loss=settings,
-        )  # fmt: skip
+        )
         for name in splits
     }
 

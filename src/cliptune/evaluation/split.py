@@ -93,10 +93,21 @@ def evaluate_split(
     image_emb = embed_images_with(model, catalogue_paths(data.catalogue, images), **embed)
     text_emb = embed_texts_with(model, texts, **embed)
     result = evaluate_embeddings(
-        text_emb, image_emb, row_ids=[str(r) for r in rows["row"]], texts=texts, files=files,
-        groups=group_ids(rows, group_column).astype(str).tolist(), images=images, ks=ks, relevant=relevant,
-        bootstrap=bootstrap, confidence=confidence, seed=seed, top_n=top_n, progress=progress,
-    )  # fmt: skip
+        text_emb,
+        image_emb,
+        row_ids=[str(r) for r in rows["row"]],
+        texts=texts,
+        files=files,
+        groups=group_ids(rows, group_column).astype(str).tolist(),
+        images=images,
+        ks=ks,
+        relevant=relevant,
+        bootstrap=bootstrap,
+        confidence=confidence,
+        seed=seed,
+        top_n=top_n,
+        progress=progress,
+    )
     extra: dict[str, Tensor] = {}
     loss = loss or LossSettings()
     loss_info: dict[str, Any]
@@ -110,18 +121,28 @@ def evaluate_split(
             triplet_metrics = {f"triplet/{k}": v for k, v in values.items()}
             result["metrics"] |= metric_summaries(triplet_metrics, bootstrap, confidence, seed)
             result["per_query"]["triplet"] = {
-                "query_ids": ids, "values": {k: [float(x) for x in v.tolist()] for k, v in values.items()},
-            }  # fmt: skip
-            loss_info = {"name": "siamese", "margin": loss.margin, "distance": loss.distance,
-                         "weights": dict(loss.weights), "n_triplets": len(ids)}  # fmt: skip
+                "query_ids": ids,
+                "values": {k: [float(x) for x in v.tolist()] for k, v in values.items()},
+            }
+            loss_info = {
+                "name": "siamese",
+                "margin": loss.margin,
+                "distance": loss.distance,
+                "weights": dict(loss.weights),
+                "n_triplets": len(ids),
+            }
     elif loss.temperature is None:
         loss_info = {"name": None, "reason": "no temperature: a bare model has no training config"}
     else:
         index = {f: j for j, f in enumerate(images)}
         paired = image_emb[[index[f] for f in files]]  # (N, D) the image of each caption row
         extra["loss"] = info_nce_per_pair(paired, text_emb, loss.temperature, loss.batch_size)
-        loss_info = {"name": "info_nce", "temperature": loss.temperature, "temperature_source": loss.source,
-                     "batch_size": loss.batch_size}  # fmt: skip
+        loss_info = {
+            "name": "info_nce",
+            "temperature": loss.temperature,
+            "temperature_source": loss.source,
+            "batch_size": loss.batch_size,
+        }
     if "loss" in extra:
         result["metrics"] = metric_summaries(extra, bootstrap, confidence, seed) | result["metrics"]
         # one loss value per caption row (retrieval) or per triplet (siamese): the same ids pair them

@@ -58,9 +58,11 @@ def triplet_accuracies(
 
 
 def triplet_values(
-    anchor: Mapping[str, Tensor], positive: Mapping[str, Tensor], negative: Mapping[str, Tensor],
+    anchor: Mapping[str, Tensor],
+    positive: Mapping[str, Tensor],
+    negative: Mapping[str, Tensor],
     loss: LossSettings,
-) -> dict[str, Tensor]:  # fmt: skip
+) -> dict[str, Tensor]:
     """Per-triplet accuracies (:func:`triplet_accuracies`) and the per-triplet Siamese objective.
 
     ``loss`` is :func:`cliptune.losses.siamese_objective` with ``reduction="none"``: its mean is the
@@ -94,7 +96,7 @@ def _head_outputs(
         cache_dir=embed["cache_dir"],
         precision=embed["precision"],
         progress=embed["progress"],
-    )  # fmt: skip  (U, D) each
+    )  # (U, D) each
 
 
 def triplet_section(

@@ -78,14 +78,25 @@ def tower_features(
     cache = FeatureCache(cache_dir or default_cache_dir(), backbone.identity())
     backbone.to(device)
     images = embed_images(
-        list(paths), cache=cache, load=partial(load_image, max_pixels=max_pixels), preprocess=backbone.preprocess,
-        forward=backbone.image_features, precision=precision, num_workers=num_workers, device=device,
+        list(paths),
+        cache=cache,
+        load=partial(load_image, max_pixels=max_pixels),
+        preprocess=backbone.preprocess,
+        forward=backbone.image_features,
+        precision=precision,
+        num_workers=num_workers,
+        device=device,
         progress=progress,
-    )  # fmt: skip
+    )
     text_feats = embed_texts(
-        list(texts), cache=cache, tokenize=backbone.tokenize, forward=backbone.text_features,
-        precision=precision, device=device, progress=progress,
-    )  # fmt: skip
+        list(texts),
+        cache=cache,
+        tokenize=backbone.tokenize,
+        forward=backbone.text_features,
+        precision=precision,
+        device=device,
+        progress=progress,
+    )
     return images, text_feats
 
 
@@ -129,9 +140,16 @@ def embed_images_with(
     cache = FeatureCache(cache_dir or default_cache_dir(), backbone.identity()) if frozen else None
     forward = backbone.image_features if frozen else backbone.encode_image
     feats = embed_images(
-        list(paths), cache=cache, load=load, preprocess=backbone.preprocess, forward=forward,
-        batch_size=batch_size, precision=precision, num_workers=num_workers, progress=progress,
-    )  # fmt: skip
+        list(paths),
+        cache=cache,
+        load=load,
+        preprocess=backbone.preprocess,
+        forward=forward,
+        batch_size=batch_size,
+        precision=precision,
+        num_workers=num_workers,
+        progress=progress,
+    )
     if model.head is not None:
         out = _siamese(model.head, image=feats, text=None)
     else:
@@ -155,9 +173,14 @@ def embed_texts_with(
     cache = FeatureCache(cache_dir or default_cache_dir(), backbone.identity()) if frozen else None
     forward = backbone.text_features if frozen else backbone.encode_text
     feats = embed_texts(
-        list(texts), cache=cache, tokenize=backbone.tokenize, forward=forward, batch_size=batch_size,
-        precision=precision, progress=progress,
-    )  # fmt: skip
+        list(texts),
+        cache=cache,
+        tokenize=backbone.tokenize,
+        forward=forward,
+        batch_size=batch_size,
+        precision=precision,
+        progress=progress,
+    )
     if model.head is not None:
         out = _siamese(model.head, image=None, text=feats)
     else:

@@ -117,11 +117,21 @@ def _metrics_section(run: RunData) -> Section:
             row.append(f"{best[f'val/{key}']:.3f}" if f"val/{key}" in best else "")
             rows.append(row)
         conf = run.evals[splits[0]].get("confidence", 0.95)
-        blocks.append(Table(["metric"] + [f"{s} (eval)" for s in splits] + ["val (training log, best epoch)"], rows,
-                            f"Final metrics: mean [{conf:.0%} bootstrap interval] n=queries"))  # fmt: skip
+        blocks.append(
+            Table(
+                ["metric"] + [f"{s} (eval)" for s in splits] + ["val (training log, best epoch)"],
+                rows,
+                f"Final metrics: mean [{conf:.0%} bootstrap interval] n=queries",
+            )
+        )
     else:
-        blocks.append(Paragraph("No eval/*.json yet: run `cliptune eval RUN --split test` for intervals and "
-                                "retrieval grids. Values below are from the training log.", "note"))  # fmt: skip
+        blocks.append(
+            Paragraph(
+                "No eval/*.json yet: run `cliptune eval RUN --split test` for intervals and "
+                "retrieval grids. Values below are from the training log.",
+                "note",
+            )
+        )
         blocks.append(_log_metrics_table(best, metric_families(best)))
     blocks.append(_loss_table(run))
     return Section("metrics", "Final metrics", blocks)
@@ -170,14 +180,23 @@ def _suites_section(run: RunData) -> Section:
         passed = bool(suite.get("passed"))
         k = suite.get("k", 5)
         th = ", ".join(f"{m} {v}" for m, v in (suite.get("thresholds") or {}).items() if v is not None)
-        blocks.append(Paragraph(f"Suite {suite.get('suite', name)}: {'PASSED' if passed else 'FAILED'} "
-                                f"(k={k}; thresholds: {th or 'none'})", "ok" if passed else "warn"))  # fmt: skip
+        blocks.append(
+            Paragraph(
+                f"Suite {suite.get('suite', name)}: {'PASSED' if passed else 'FAILED'} "
+                f"(k={k}; thresholds: {th or 'none'})",
+                "ok" if passed else "warn",
+            )
+        )
         rows = []
         for cat, c in suite.get("categories", {}).items():
             metrics = c.get("metrics", {})
             cat_k = c.get("k", k)  # a category may set its own cut-off
-            cells: list[Any] = [cat, Cell("pass" if c.get("passed") else "FAIL", "pass" if c.get("passed") else "fail"),
-                                str(c.get("n_queries", "")), str(cat_k)]  # fmt: skip
+            cells: list[Any] = [
+                cat,
+                Cell("pass" if c.get("passed") else "FAIL", "pass" if c.get("passed") else "fail"),
+                str(c.get("n_queries", "")),
+                str(cat_k),
+            ]
             for m in _SUITE_METRICS:
                 key = m if m == "mrr" else f"{m}@{cat_k}"
                 cells.append(interval_text(metrics[key]) if key in metrics else "")
@@ -191,8 +210,13 @@ def _suites_section(run: RunData) -> Section:
         keep = [
             i for i, _ in enumerate(cols) if i < 4 or any(r[i] for r in rows)
         ]  # drop metrics no category has
-        blocks.append(Table([cols[i] for i in keep], [[r[i] for i in keep] for r in rows],
-                            f"Suite {suite.get('suite', name)} by category: mean [95% interval] n=queries"))  # fmt: skip
+        blocks.append(
+            Table(
+                [cols[i] for i in keep],
+                [[r[i] for i in keep] for r in rows],
+                f"Suite {suite.get('suite', name)} by category: mean [95% interval] n=queries",
+            )
+        )
     return Section("suites", "Behavioural suites", blocks)
 
 

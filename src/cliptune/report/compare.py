@@ -31,9 +31,15 @@ __all__ = ["Delta", "compare_runs", "metric_deltas", "relative_change"]
 LEADERBOARD = {
     "text → image": ["t2i/recall@1", "t2i/recall@5", "t2i/recall@10", "t2i/mrr", "t2i/precision@5"],
     "image → text": ["i2t/recall@1", "i2t/recall@5", "i2t/recall@10", "i2t/mrr", "i2t/precision@5"],
-    "triplets": ["triplet/accuracy", "triplet/accuracy/image", "triplet/accuracy/text",
-                 "triplet/accuracy/cross", "triplet/accuracy/i2t", "triplet/accuracy/t2i"],
-}  # fmt: skip
+    "triplets": [
+        "triplet/accuracy",
+        "triplet/accuracy/image",
+        "triplet/accuracy/text",
+        "triplet/accuracy/cross",
+        "triplet/accuracy/i2t",
+        "triplet/accuracy/t2i",
+    ],
+}
 OVERLAY_KEYS = ["val/loss", "val/t2i/mrr", "val/t2i/recall@5", "val/i2t/mrr", "val/triplet/accuracy", "lr"]
 MOVERS = 4
 """Queries shown as most improved and most regressed (by per-query t2i MRR delta)."""
@@ -155,8 +161,18 @@ def metric_deltas(
                 f"{shared} shared): deltas are unpaired and mix model and data differences"
             )
         iv = unpaired_bootstrap_delta(va, vb, n_resamples, conf, seed)
-        deltas.append(Delta(split, metric, a_mean, b_mean, iv, False, verdict(iv, higher),
-                            "different query sets: unpaired bootstrap"))  # fmt: skip
+        deltas.append(
+            Delta(
+                split,
+                metric,
+                a_mean,
+                b_mean,
+                iv,
+                False,
+                verdict(iv, higher),
+                "different query sets: unpaired bootstrap",
+            )
+        )
     return deltas, flags
 
 
@@ -223,9 +239,13 @@ def _compare_document(base: RunData, others: list[RunData]) -> tuple[Document, d
             deltas_section.blocks += [Paragraph(f"{cand.name}: {f}.", "warn") for f in flags]
             deltas_section.blocks.append(_delta_table(base, cand, split, deltas))
         if not set(base.evals) & set(cand.evals):
-            deltas_section.blocks.append(Paragraph(
-                f"{cand.name} and {base.name} share no eval split: run `cliptune eval` on both for deltas "
-                "with intervals; only training-log values are compared below.", "warn"))  # fmt: skip
+            deltas_section.blocks.append(
+                Paragraph(
+                    f"{cand.name} and {base.name} share no eval split: run `cliptune eval` on both for deltas "
+                    "with intervals; only training-log values are compared below.",
+                    "warn",
+                )
+            )
     sections = [
         _summary_section(base, others, data),
         _leaderboard_section(runs),
@@ -245,8 +265,15 @@ def _compare_document(base: RunData, others: list[RunData]) -> tuple[Document, d
 
 
 def _delta_json(d: Delta) -> dict[str, Any]:
-    return {"metric": d.metric, "baseline": d.baseline, "candidate": d.candidate, "paired": d.paired,
-            "interval": d.interval.to_dict() if d.interval else None, "verdict": d.verdict, "note": d.note}  # fmt: skip
+    return {
+        "metric": d.metric,
+        "baseline": d.baseline,
+        "candidate": d.candidate,
+        "paired": d.paired,
+        "interval": d.interval.to_dict() if d.interval else None,
+        "verdict": d.verdict,
+        "note": d.note,
+    }
 
 
 _VERDICT_CSS = {"better": "better", "worse": "worse", "not distinguishable": "same", "no verdict": "same"}
@@ -259,9 +286,17 @@ def _delta_table(base: RunData, cand: RunData, split: str, deltas: list[Delta]) 
         diff = d.candidate - d.baseline
         interval = f"{diff:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]" if iv else f"{diff:+.3f}"
         label = d.verdict + ("" if d.paired or d.verdict == "no verdict" else " (unpaired)")
-        rows.append([d.metric, f"{d.baseline:.4f}", f"{d.candidate:.4f}", interval,
-                     relative_change(d.baseline, d.candidate, d.higher_is_better),
-                     Cell(label, _VERDICT_CSS.get(d.verdict, "")), d.note])  # fmt: skip
+        rows.append(
+            [
+                d.metric,
+                f"{d.baseline:.4f}",
+                f"{d.candidate:.4f}",
+                interval,
+                relative_change(d.baseline, d.candidate, d.higher_is_better),
+                Cell(label, _VERDICT_CSS.get(d.verdict, "")),
+                d.note,
+            ]
+        )
     conf = base.evals[split].get("confidence", 0.95)
     cols = ["metric", base.name, cand.name, f"delta [{conf:.0%} interval]", "relative", "verdict", "note"]
     return Table(cols, rows, f"{cand.name} vs {base.name} on {split}")
@@ -281,25 +316,35 @@ def _summary_section(base: RunData, others: list[RunData], data: dict[str, Any])
             continue
         better, worse = counts.get("better", []), counts.get("worse", [])
         same = len(counts.get("not distinguishable", []))
-        text = (f"{cand.name} vs {base.name}: better on {len(better)} metric(s)"
-                + (f" ({', '.join(better[:4])}{'...' if len(better) > 4 else ''})" if better else "")
-                + f", worse on {len(worse)}" + (f" ({', '.join(worse[:4])}{'...' if len(worse) > 4 else ''})" if worse else "")
-                + f", not distinguishable from noise on {same}.")  # fmt: skip
+        text = (
+            f"{cand.name} vs {base.name}: better on {len(better)} metric(s)"
+            + (f" ({', '.join(better[:4])}{'...' if len(better) > 4 else ''})" if better else "")
+            + f", worse on {len(worse)}"
+            + (f" ({', '.join(worse[:4])}{'...' if len(worse) > 4 else ''})" if worse else "")
+            + f", not distinguishable from noise on {same}."
+        )
         css = "warn" if worse else "ok" if better else "note"
         lines.append(Paragraph(text, css))
     lines += [Paragraph(f, "warn") for f in data["flags"]]
-    lines.append(Paragraph(
-        "How to read: a verdict is 'better' or 'worse' only when the whole 95% paired bootstrap interval of the "
-        "difference (same queries resampled together) lies on one side of zero; otherwise the difference is "
-        "'not distinguishable' from what another sample of queries could give."))  # fmt: skip
+    lines.append(
+        Paragraph(
+            "How to read: a verdict is 'better' or 'worse' only when the whole 95% paired bootstrap interval of the "
+            "difference (same queries resampled together) lies on one side of zero; otherwise the difference is "
+            "'not distinguishable' from what another sample of queries could give."
+        )
+    )
     return Section("summary", "Verdict summary", lines)
 
 
 def _leaderboard_section(runs: list[RunData]) -> Section:
     blocks: list[Any] = []
     for title, keys in LEADERBOARD.items():
-        present = [k for k in keys if any(k in ev.get("metrics", {}) for r in runs for ev in r.evals.values())
-                   or any(f"val/{k}" in (r.summary.get("best") or {}) for r in runs)]  # fmt: skip
+        present = [
+            k
+            for k in keys
+            if any(k in ev.get("metrics", {}) for r in runs for ev in r.evals.values())
+            or any(f"val/{k}" in (r.summary.get("best") or {}) for r in runs)
+        ]
         if not present:
             continue
         rows: list[list[Any]] = []
@@ -310,8 +355,13 @@ def _leaderboard_section(runs: list[RunData]) -> Section:
         cols = ["run", "split", *[k.split("/", 1)[1] for k in present], "loss (log, best epoch)"]
         blocks.append(Table(cols, rows, f"Leaderboard: {title}"))
     if blocks:
-        blocks.append(Paragraph("Eval rows show the mean of eval/<split>.json; 'val (log)' rows come from the training "
-                                "log at the best epoch. Bold green: best in its column and split.", "note"))  # fmt: skip
+        blocks.append(
+            Paragraph(
+                "Eval rows show the mean of eval/<split>.json; 'val (log)' rows come from the training "
+                "log at the best epoch. Bold green: best in its column and split.",
+                "note",
+            )
+        )
     return Section("leaderboard", "Leaderboard", blocks)
 
 
@@ -360,15 +410,32 @@ def _dynamics_section(base: RunData, others: list[RunData]) -> Section:
     for r in runs:
         lr, gap = dyn[r.name]["lr"], dyn[r.name]["gap"]
         cuts = lr.get("cut_after_epochs")
-        rows.append([
-            r.name, str(max(e["epoch"] for e in r.epochs)), str(r.summary.get("best_epoch", "")),
-            str(r.summary.get("stop_reason", "not finished")),
-            f"{lr.get('lr_initial', math.nan):.3g} -> {lr.get('lr_final', math.nan):.3g}",
-            "" if cuts is None else f"{len(cuts)}" + (f" (after {', '.join(map(str, cuts))})" if cuts else ""),
-            _f(gap.get("train_loss")), _f(gap.get("val_loss")), _f(gap.get("ratio")),
-        ])  # fmt: skip
-    cols = ["run", "epochs", "best epoch", "stop reason", "lr initial -> final", "LR cuts",
-            "train loss (final)", "val loss (final)", "val / train loss"]  # fmt: skip
+        rows.append(
+            [
+                r.name,
+                str(max(e["epoch"] for e in r.epochs)),
+                str(r.summary.get("best_epoch", "")),
+                str(r.summary.get("stop_reason", "not finished")),
+                f"{lr.get('lr_initial', math.nan):.3g} -> {lr.get('lr_final', math.nan):.3g}",
+                ""
+                if cuts is None
+                else f"{len(cuts)}" + (f" (after {', '.join(map(str, cuts))})" if cuts else ""),
+                _f(gap.get("train_loss")),
+                _f(gap.get("val_loss")),
+                _f(gap.get("ratio")),
+            ]
+        )
+    cols = [
+        "run",
+        "epochs",
+        "best epoch",
+        "stop reason",
+        "lr initial -> final",
+        "LR cuts",
+        "train loss (final)",
+        "val loss (final)",
+        "val / train loss",
+    ]
     blocks: list[Any] = [Table(cols, rows, "Training dynamics (from metrics.jsonl and summary.json)")]
     for cand in others:
         blocks += _dynamics_sentences(base, cand, dyn)
@@ -391,22 +458,38 @@ def _dynamics_sentences(base: RunData, cand: RunData, dyn: dict[str, Any]) -> li
             if lc["lr_final"] < lb["lr_final"]
             else "the same"
         )
-        out.append(Paragraph(
-            f"{cand.name} ended with {word} LR {'as' if word == 'the same' else 'than'} {base.name} "
-            f"({lc['lr_final']:.3g} vs {lb['lr_final']:.3g}) "
-            f"after {lc['cuts']} plateau cut(s) vs {lb['cuts']}: "
-            + ("fewer plateaus." if lc["cuts"] < lb["cuts"] else "more plateaus." if lc["cuts"] > lb["cuts"] else "as many plateaus.")))  # fmt: skip
+        out.append(
+            Paragraph(
+                f"{cand.name} ended with {word} LR {'as' if word == 'the same' else 'than'} {base.name} "
+                f"({lc['lr_final']:.3g} vs {lb['lr_final']:.3g}) "
+                f"after {lc['cuts']} plateau cut(s) vs {lb['cuts']}: "
+                + (
+                    "fewer plateaus."
+                    if lc["cuts"] < lb["cuts"]
+                    else "more plateaus."
+                    if lc["cuts"] > lb["cuts"]
+                    else "as many plateaus."
+                )
+            )
+        )
     gb, gc = dyn[base.name]["gap"], dyn[cand.name]["gap"]
     if "ratio" in gb and "ratio" in gc:
         smaller = gc["ratio"] < gb["ratio"]
-        out.append(Paragraph(
-            f"Train-val loss gap: {cand.name} val/train {gc['ratio']:.3g}x vs {base.name} {gb['ratio']:.3g}x "
-            f"({'smaller: better generalisation' if smaller else 'larger: more overfitting'}; losses of "
-            "different runs are comparable only with the same loss and temperature)."))  # fmt: skip
+        out.append(
+            Paragraph(
+                f"Train-val loss gap: {cand.name} val/train {gc['ratio']:.3g}x vs {base.name} {gb['ratio']:.3g}x "
+                f"({'smaller: better generalisation' if smaller else 'larger: more overfitting'}; losses of "
+                "different runs are comparable only with the same loss and temperature)."
+            )
+        )
     if not _same_val_groups(base, cand):
-        out.append(Paragraph(
-            f"{cand.name} and {base.name} were validated on different groups (splits.json differ, e.g. another "
-            "split ratio): training-log values below are measured on different data.", "warn"))  # fmt: skip
+        out.append(
+            Paragraph(
+                f"{cand.name} and {base.name} were validated on different groups (splits.json differ, e.g. another "
+                "split ratio): training-log values below are measured on different data.",
+                "warn",
+            )
+        )
     return out
 
 
@@ -423,14 +506,27 @@ def _log_table(base: RunData, cand: RunData) -> Table:
     bb, bc = base.summary.get("best") or base.epochs[-1], cand.summary.get("best") or cand.epochs[-1]
     # Loss terms (one slash: val/loss, val/text) and the headline ranking metrics, present in both runs.
     headline = ("recall@1", "recall@5", "recall@10", "precision@5", "mrr", "triplet/accuracy")
-    keys = [k for k in bb if k in bc and isinstance(bb[k], int | float) and "temperature" not in k
-            and (k.count("/") == 1 or (k.startswith("val/") and k.split("/", 2)[-1].startswith(headline)))]  # fmt: skip
+    keys = [
+        k
+        for k in bb
+        if k in bc
+        and isinstance(bb[k], int | float)
+        and "temperature" not in k
+        and (k.count("/") == 1 or (k.startswith("val/") and k.split("/", 2)[-1].startswith(headline)))
+    ]
     rows = []
     for k in keys:
         # Val loss terms are lower-is-better; a lower *train* loss can just be more overfitting.
         higher = None if k.startswith("train/") else k.count("/") > 1
-        rows.append([k, f"{bb[k]:.5g}", f"{bc[k]:.5g}", relative_change(float(bb[k]), float(bc[k]), higher),
-                     Cell("no verdict", "same")])  # fmt: skip
+        rows.append(
+            [
+                k,
+                f"{bb[k]:.5g}",
+                f"{bc[k]:.5g}",
+                relative_change(float(bb[k]), float(bc[k]), higher),
+                Cell("no verdict", "same"),
+            ]
+        )
     cols = ["value (best epoch)", base.name, cand.name, "relative", "verdict"]
     caption = (
         f"{cand.name} vs {base.name}: training log at the best epoch (no per-query values: no intervals)"
@@ -474,14 +570,28 @@ def _suite_table(base: RunData, cand: RunData, name: str) -> Table:
             and ids_a == ids_b
             and all("mrr" in qa[i].get("metrics", {}) and "mrr" in qb[i].get("metrics", {}) for i in ids_a)
         ):
-            iv = paired_bootstrap_delta([qa[i]["metrics"]["mrr"] for i in ids_a], [qb[i]["metrics"]["mrr"] for i in ids_a],
-                                        n_resamples=1000, seed=0)  # fmt: skip
+            iv = paired_bootstrap_delta(
+                [qa[i]["metrics"]["mrr"] for i in ids_a],
+                [qb[i]["metrics"]["mrr"] for i in ids_a],
+                n_resamples=1000,
+                seed=0,
+            )
             word = verdict(iv)
             delta_text = f"{iv.mean:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]"
         elif ids_a != ids_b:
             note = "different queries in this category: not paired"
-        rows.append([cat, _status(ca), _status(cb), interval_text(ma) if ma else "", interval_text(mb) if mb else "",
-                     delta_text, Cell(word, _VERDICT_CSS.get(word, "")), note])  # fmt: skip
+        rows.append(
+            [
+                cat,
+                _status(ca),
+                _status(cb),
+                interval_text(ma) if ma else "",
+                interval_text(mb) if mb else "",
+                delta_text,
+                Cell(word, _VERDICT_CSS.get(word, "")),
+                note,
+            ]
+        )
     cols = [
         "category",
         base.name,
@@ -526,8 +636,14 @@ def _movers_section(base: RunData, others: list[RunData]) -> Section:
                     bb, [j], resolver_for(cand, cand.evals[split]), prefix=f"{cand.name} ({d:+.3f}): "
                 )
             if rows:
-                blocks.append(Grid(f"movers-{cand.name}-{title}", f"{cand.name}: queries that {title} most "
-                                   f"(t2i mrr on {split}; baseline row, then candidate row)", rows))  # fmt: skip
+                blocks.append(
+                    Grid(
+                        f"movers-{cand.name}-{title}",
+                        f"{cand.name}: queries that {title} most "
+                        f"(t2i mrr on {split}; baseline row, then candidate row)",
+                        rows,
+                    )
+                )
         if not improved and not regressed:
             blocks.append(Paragraph(f"{cand.name}: no query's t2i mrr changed on {split}.", "note"))
     return Section("movers", "Queries that moved most", blocks)

@@ -139,9 +139,15 @@ def _generalisation_gap(run: RunData) -> list[Finding]:
     gap = ratio > OVERFIT_LOSS_RATIO and diff > OVERFIT_MIN_DIFF
     rising = rise > VAL_LOSS_RISE and train_fell
     numbers = {
-        "epoch": last["epoch"], "train_loss": train, "val_loss": val, "ratio": ratio, "diff": diff,
-        "val_loss_best": val_best, "val_loss_best_epoch": best["epoch"], "val_loss_rise": rise,
-    }  # fmt: skip
+        "epoch": last["epoch"],
+        "train_loss": train,
+        "val_loss": val,
+        "ratio": ratio,
+        "diff": diff,
+        "val_loss_best": val_best,
+        "val_loss_best_epoch": best["epoch"],
+        "val_loss_rise": rise,
+    }
     parts = [
         f"final train loss {_fmt(train)} vs val loss {_fmt(val)} (val/train {_fmt(ratio)}x, "
         f"difference {_fmt(diff)}) at epoch {last['epoch']}"
@@ -162,8 +168,15 @@ def _accuracy_gap(run: RunData) -> list[Finding]:
     out = []
     last = _trained(run)[-1] if _trained(run) else {}
     if "train/triplet/accuracy" in last and "val/triplet/accuracy" in last:
-        out.append(_gap_finding("triplet/accuracy", float(last["train/triplet/accuracy"]),
-                                float(last["val/triplet/accuracy"]), "val", f"training log, epoch {last['epoch']}"))  # fmt: skip
+        out.append(
+            _gap_finding(
+                "triplet/accuracy",
+                float(last["train/triplet/accuracy"]),
+                float(last["val/triplet/accuracy"]),
+                "val",
+                f"training log, epoch {last['epoch']}",
+            )
+        )
     held_out = next((s for s in ("test", "val") if s in run.evals), None)
     if "train" in run.evals and held_out is not None:
         train_m, held_m = run.evals["train"].get("metrics", {}), run.evals[held_out].get("metrics", {})
@@ -171,8 +184,13 @@ def _accuracy_gap(run: RunData) -> list[Finding]:
             if key == "triplet/accuracy" and out:
                 continue  # already read from the training log
             if key in train_m and key in held_m:
-                finding = _gap_finding(key, float(train_m[key]["mean"]), float(held_m[key]["mean"]), held_out,
-                                       f"eval/train.json vs eval/{held_out}.json")  # fmt: skip
+                finding = _gap_finding(
+                    key,
+                    float(train_m[key]["mean"]),
+                    float(held_m[key]["mean"]),
+                    held_out,
+                    f"eval/train.json vs eval/{held_out}.json",
+                )
                 out.append(_with_gallery_note(finding, run, held_out))
     return out
 
@@ -220,8 +238,12 @@ def _lr_schedule(run: RunData) -> list[Finding]:
         return []
     final = float(run.summary.get("lr_final") or trained[-1].get("lr", math.nan))
     scheduler = train_cfg.get("scheduler", "plateau")
-    numbers: dict[str, Any] = {"scheduler": scheduler, "lr_initial": initial, "lr_final": final,
-                               "lr_ratio": final / initial if initial else math.nan}  # fmt: skip
+    numbers: dict[str, Any] = {
+        "scheduler": scheduler,
+        "lr_initial": initial,
+        "lr_final": final,
+        "lr_ratio": final / initial if initial else math.nan,
+    }
     if scheduler != "plateau":
         msg = f"{scheduler} schedule: LR {_fmt(initial)} -> {_fmt(final)}."
         return [Finding("lr_schedule", "info", msg, numbers)]
@@ -246,14 +268,25 @@ def _lr_schedule(run: RunData) -> list[Finding]:
 
 def _stopping(run: RunData) -> list[Finding]:
     if not run.summary:
-        return [Finding("stopping", "warning", "No summary.json: training did not finish (or is running).",
-                        {"epochs_logged": len(run.epochs) - 1})]  # fmt: skip
+        return [
+            Finding(
+                "stopping",
+                "warning",
+                "No summary.json: training did not finish (or is running).",
+                {"epochs_logged": len(run.epochs) - 1},
+            )
+        ]
     best_epoch = run.summary.get("best_epoch")
     trained_epochs = max(e["epoch"] for e in run.epochs)
     reason = str(run.summary.get("stop_reason") or "unknown")
     metric, mode = watched_metric(run)
-    numbers = {"stop_reason": reason, "epochs_trained": trained_epochs, "best_epoch": best_epoch,
-               "watched_metric": metric, "mode": mode}  # fmt: skip
+    numbers = {
+        "stop_reason": reason,
+        "epochs_trained": trained_epochs,
+        "best_epoch": best_epoch,
+        "watched_metric": metric,
+        "mode": mode,
+    }
     msg = f"Trained {trained_epochs} epoch(s); stopped by: {reason}. Best epoch {best_epoch} by {metric} ({mode})."
     if best_epoch == 0:
         msg += " The untrained baseline (epoch 0) was never beaten: training did not help."
@@ -272,8 +305,16 @@ def _under_training(run: RunData) -> list[Finding]:
     gain = sign * (end - start) / abs(start) if start != 0 else 0.0
     best_epoch = max(series, key=lambda s: sign * s[1])[0]
     early = str(run.summary.get("stop_reason", "")).startswith("early stopping")
-    numbers = {"metric": metric, "mode": mode, "window": end_epoch - start_epoch, "from_epoch": start_epoch,
-               "from": start, "to": end, "relative_gain": gain, "best_epoch": best_epoch}  # fmt: skip
+    numbers = {
+        "metric": metric,
+        "mode": mode,
+        "window": end_epoch - start_epoch,
+        "from_epoch": start_epoch,
+        "from": start,
+        "to": end,
+        "relative_gain": gain,
+        "best_epoch": best_epoch,
+    }
     if best_epoch == end_epoch and gain > UNDERTRAINED_GAIN and not early:
         msg = (
             f"Under-trained: {metric} still improving at the end, {_fmt(start)} (epoch {start_epoch}) -> "
@@ -298,8 +339,14 @@ def _modality_gap(run: RunData) -> list[Finding]:
     accs = {
         m: float(best[f"val/triplet/accuracy/{m}"]) for m in losses if f"val/triplet/accuracy/{m}" in best
     }
-    numbers = {"epoch": best["epoch"], "losses": losses, "accuracies": accs, "hardest": hardest,
-               "easiest": easiest, "ratio": ratio}  # fmt: skip
+    numbers = {
+        "epoch": best["epoch"],
+        "losses": losses,
+        "accuracies": accs,
+        "hardest": hardest,
+        "easiest": easiest,
+        "ratio": ratio,
+    }
     listing = ", ".join(f"{m} {_fmt(v)}" for m, v in losses.items())
     msg = (
         f"Val losses by modality at epoch {best['epoch']}: {listing}. {hardest.capitalize()} is the hardest, "
@@ -326,9 +373,14 @@ def _direction_gap(run: RunData) -> list[Finding]:
         return []
     t2i, i2t = float(best[f"val/{t2i_key}"]), float(best[f"val/{i2t_key}"])
     stronger = "t2i" if t2i > i2t else "i2t" if i2t > t2i else "neither"
-    numbers = {"metric": t2i_key.split("/")[-1] if run.task != "siamese" else "triplet/accuracy",
-               "t2i": t2i, "i2t": i2t, "diff": t2i - i2t, "source": f"training log, epoch {best['epoch']}",
-               "verdict": "no interval"}  # fmt: skip
+    numbers = {
+        "metric": t2i_key.split("/")[-1] if run.task != "siamese" else "triplet/accuracy",
+        "t2i": t2i,
+        "i2t": i2t,
+        "diff": t2i - i2t,
+        "source": f"training log, epoch {best['epoch']}",
+        "verdict": "no interval",
+    }
     msg = (
         f"t2i {_fmt(t2i)} vs i2t {_fmt(i2t)} ({t2i_key.removeprefix('t2i/')}, val, epoch {best['epoch']}): "
         f"{stronger} is higher, but the training log has no intervals: run `cliptune eval` to tell "
@@ -340,15 +392,22 @@ def _direction_gap(run: RunData) -> list[Finding]:
 def _direction_from_eval(run: RunData, split: str, t2i_key: str, i2t_key: str) -> Finding:
     ev = run.evals[split]
     t2i, i2t = ev["metrics"][t2i_key], ev["metrics"][i2t_key]
-    numbers: dict[str, Any] = {"metric": t2i_key, "split": split, "t2i": t2i["mean"], "i2t": i2t["mean"],
-                               "diff": t2i["mean"] - i2t["mean"], "t2i_interval": [t2i["low"], t2i["high"]],
-                               "i2t_interval": [i2t["low"], i2t["high"]]}  # fmt: skip
+    numbers: dict[str, Any] = {
+        "metric": t2i_key,
+        "split": split,
+        "t2i": t2i["mean"],
+        "i2t": i2t["mean"],
+        "diff": t2i["mean"] - i2t["mean"],
+        "t2i_interval": [t2i["low"], t2i["high"]],
+        "i2t_interval": [i2t["low"], i2t["high"]],
+    }
     triplet = ev.get("per_query", {}).get("triplet", {}).get("values", {})
     a, b = triplet.get(i2t_key.removeprefix("triplet/")), triplet.get(t2i_key.removeprefix("triplet/"))
     if a is not None and b is not None and len(a) == len(b) and len(a) > 0:
         # The same triplets scored both ways: a paired comparison is valid and much tighter.
-        delta: Interval = paired_bootstrap_delta(a, b, n_resamples=int(ev.get("bootstrap", 1000)),
-                                                 seed=int(ev.get("seed", 0)))  # fmt: skip
+        delta: Interval = paired_bootstrap_delta(
+            a, b, n_resamples=int(ev.get("bootstrap", 1000)), seed=int(ev.get("seed", 0))
+        )
         word = verdict(delta)
         call = {"better": "t2i is stronger", "worse": "i2t is stronger"}.get(word, "not distinguishable")
         numbers |= {"method": "paired bootstrap", "delta_interval": [delta.low, delta.high], "verdict": call}

@@ -140,8 +140,12 @@ def suite_grid(suite: dict[str, Any], resolver: ImageResolver, max_rows: int = 8
             )
         )
     name = suite.get("suite", "suite")
-    return Grid(f"grid-suite-{name}", f"Suite {name}: failed queries first", rows,
-                ("relevant", "yellow", "red", "none"))  # fmt: skip
+    return Grid(
+        f"grid-suite-{name}",
+        f"Suite {name}: failed queries first",
+        rows,
+        ("relevant", "yellow", "red", "none"),
+    )
 
 
 def triplet_grid(ev: dict[str, Any], resolver: ImageResolver, max_rows: int = 6) -> Grid | None:
@@ -163,5 +167,9 @@ def triplet_grid(ev: dict[str, Any], resolver: ImageResolver, max_rows: int = 6)
     if not rows:
         return None
     split = ev.get("split", "")
-    return Grid(f"grid-{split}-triplets", f"Triplets the model gets wrong on {split} (anchor, positive, negative)",
-                rows, ("anchor", "relevant", "red"))  # fmt: skip
+    return Grid(
+        f"grid-{split}-triplets",
+        f"Triplets the model gets wrong on {split} (anchor, positive, negative)",
+        rows,
+        ("anchor", "relevant", "red"),
+    )

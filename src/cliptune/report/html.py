@@ -146,8 +146,13 @@ def _plots(plots: list[Plot]) -> str:
 
 
 def _grid(grid: Grid) -> str:
-    names = {"relevant": "relevant", "yellow": "yellow flag (acceptable)", "red": "red flag (wrong)",
-             "none": "not relevant", "anchor": "anchor (query image)"}  # fmt: skip
+    names = {
+        "relevant": "relevant",
+        "yellow": "yellow flag (acceptable)",
+        "red": "red flag (wrong)",
+        "none": "not relevant",
+        "anchor": "anchor (query image)",
+    }
     legend = "".join(
         f'<span><i style="background:{FLAG_COLOURS[f]}"></i>{escape(names[f])}</span>' for f in grid.legend
     )

@@ -20,9 +20,14 @@ __all__ = ["loss_plot", "metric_plots", "lr_plot", "overlay_plot", "metric_famil
 _FAMILY = re.compile(r"^val/(t2i|i2t)/([a-z_]+)(?:@(\d+))?$")
 _TRIPLET = re.compile(r"^val/triplet/accuracy(?:/([a-z0-9]+))?$")
 _FAMILY_TITLES = {
-    "recall": "Recall@k", "precision": "Precision@k", "accuracy": "Accuracy@k (hit rate)",
-    "mrr": "MRR", "ndcg": "nDCG@k", "map": "mAP", "triplet": "Triplet accuracy",
-}  # fmt: skip
+    "recall": "Recall@k",
+    "precision": "Precision@k",
+    "accuracy": "Accuracy@k (hit rate)",
+    "mrr": "MRR",
+    "ndcg": "nDCG@k",
+    "map": "mAP",
+    "triplet": "Triplet accuracy",
+}
 
 
 def _figure(width: float = 6.0, height: float = 3.4) -> Any:
@@ -85,8 +90,12 @@ def loss_plot(run: RunData) -> Plot | None:
         ax.legend(fontsize=7)
     for ax in axes[len(terms) :]:
         ax.set_visible(False)
-    return Plot("plot-loss", "Train and validation loss per term", _png(fig),
-                "Lower is better. Epoch 0 is the untrained model (val only).")  # fmt: skip
+    return Plot(
+        "plot-loss",
+        "Train and validation loss per term",
+        _png(fig),
+        "Lower is better. Epoch 0 is the untrained model (val only).",
+    )
 
 
 def metric_families(record: dict[str, Any]) -> dict[str, list[str]]:
@@ -136,8 +145,9 @@ def lr_plot(run: RunData, cut_after: Sequence[int] = ()) -> Plot | None:
     steps = [(s["step"], float(s["lr"])) for s in run.steps if "lr" in s and "step" in s]
     ax.step(x, y, where="post", marker="o", markersize=3, label="lr (epoch)")
     for i, epoch in enumerate(cut_after):
-        ax.axvline(epoch + 0.5, color="#e07b00", linestyle="--", linewidth=1,
-                   label="LR cut" if i == 0 else None)  # fmt: skip
+        ax.axvline(
+            epoch + 0.5, color="#e07b00", linestyle="--", linewidth=1, label="LR cut" if i == 0 else None
+        )
     if steps and len({v for _, v in steps}) > 1 and run.config.get("train", {}).get("scheduler") == "cosine":
         ax2 = ax.twiny()
         ax2.plot([s for s, _ in steps], [v for _, v in steps], color="grey", linewidth=0.8, alpha=0.6)

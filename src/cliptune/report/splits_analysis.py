@@ -59,14 +59,18 @@ def split_differences(run_a: Path | str, run_b: Path | str) -> list[str]:
     counts = ", ".join(f"{s} {len(sa.get(s, []))} vs {len(sb.get(s, []))}" for s in dict.fromkeys([*sa, *sb]))
     out.append(f"groups per split ({a.name} vs {b.name}): {counts}")
     shared = shared_heldout_groups(a, b)
-    out.append(f"{len(shared)} group(s) are held out from both runs (in neither train split): the only data "
-               "on which the two models compare like for like (shared_heldout_eval)")  # fmt: skip
+    out.append(
+        f"{len(shared)} group(s) are held out from both runs (in neither train split): the only data "
+        "on which the two models compare like for like (shared_heldout_eval)"
+    )
     for split in ("val", "test"):
         ea, eb = _eval(a, split), _eval(b, split)
         if ea and eb and ea.get("n_rows") != eb.get("n_rows"):
-            out.append(f"{split} galleries differ: {ea.get('n_rows')} vs {eb.get('n_rows')} rows: recall@k, "
-                       "precision@k and MRR rank among different numbers of candidates (more is harder), so "
-                       f"their {split} values differ even for the same model")  # fmt: skip
+            out.append(
+                f"{split} galleries differ: {ea.get('n_rows')} vs {eb.get('n_rows')} rows: recall@k, "
+                "precision@k and MRR rank among different numbers of candidates (more is harder), so "
+                f"their {split} values differ even for the same model"
+            )
     return out
 
 
@@ -135,11 +139,22 @@ def shared_heldout_eval(
     out = []
     for run in (a, b):
         model = load_model(run)
-        out.append(evaluate_split(
-            model, shared, SHARED_SPLIT, ks=cfg.eval.k, relevant=cfg.eval.relevant,
-            bootstrap=cfg.eval.bootstrap if bootstrap is None else bootstrap, confidence=cfg.eval.confidence,
-            seed=cfg.eval.seed, text_column=cfg.data.text_column, group_column=cfg.data.group_column,
-            cache_dir=cfg.model.cache_dir, precision=cfg.model.embed_precision, progress=progress,
-            loss=loss_settings(load_config(RunDir(run).config), model.source),
-        ))  # fmt: skip
+        out.append(
+            evaluate_split(
+                model,
+                shared,
+                SHARED_SPLIT,
+                ks=cfg.eval.k,
+                relevant=cfg.eval.relevant,
+                bootstrap=cfg.eval.bootstrap if bootstrap is None else bootstrap,
+                confidence=cfg.eval.confidence,
+                seed=cfg.eval.seed,
+                text_column=cfg.data.text_column,
+                group_column=cfg.data.group_column,
+                cache_dir=cfg.model.cache_dir,
+                precision=cfg.model.embed_precision,
+                progress=progress,
+                loss=loss_settings(load_config(RunDir(run).config), model.source),
+            )
+        )
     return out[0], out[1]

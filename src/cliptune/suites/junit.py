@@ -60,8 +60,14 @@ def junit_xml(result: dict[str, Any]) -> ET.ElementTree:
             ET.SubElement(props, "property", name=key, value=str(value))
         for q in queries:
             what = q["text"] if q["text"] is not None else f"image {q['image']}"
-            _case(node, f"{suite}.{name}", q["id"], [] if q["passed"] else q["failures"], "QueryFailed",
-                  f"{what}\n{_fmt(q['metrics'])}")  # fmt: skip
+            _case(
+                node,
+                f"{suite}.{name}",
+                q["id"],
+                [] if q["passed"] else q["failures"],
+                "QueryFailed",
+                f"{what}\n{_fmt(q['metrics'])}",
+            )
         _case(node, f"{suite}.{name}", "gate", cat["failures"], "GateFailed", _fmt(cat["metrics"]))
         total, failed = total + len(queries) + 1, failed + n_fail
     root.set("tests", str(total))

@@ -36,14 +36,28 @@ _Product = tuple[str, str, str, bool, str]  # garment, colour, pattern, rips, st
 _UNCONSTRAINED = object()  # a pruned {not: [...]} whose values are all absent: the key constrains nothing
 
 _SIBLING = {
-    "jeans": "shorts", "shorts": "jeans", "t-shirt": "sweater", "sweater": "t-shirt",
-    "jacket": "coat", "coat": "jacket", "dress": "skirt", "skirt": "dress",
-}  # fmt: skip
+    "jeans": "shorts",
+    "shorts": "jeans",
+    "t-shirt": "sweater",
+    "sweater": "t-shirt",
+    "jacket": "coat",
+    "coat": "jacket",
+    "dress": "skirt",
+    "skirt": "dress",
+}
 _NEAR_COLOURS = {
-    "red": ["orange", "pink"], "orange": ["red", "yellow", "brown"], "yellow": ["orange"], "green": [],
-    "blue": ["purple"], "purple": ["blue", "pink"], "pink": ["red", "purple"], "brown": ["orange"],
-    "black": ["grey"], "white": ["grey"], "grey": ["black", "white"],
-}  # fmt: skip
+    "red": ["orange", "pink"],
+    "orange": ["red", "yellow", "brown"],
+    "yellow": ["orange"],
+    "green": [],
+    "blue": ["purple"],
+    "purple": ["blue", "pink"],
+    "pink": ["red", "purple"],
+    "brown": ["orange"],
+    "black": ["grey"],
+    "white": ["grey"],
+    "grey": ["black", "white"],
+}
 _NEAR_PATTERNS = {"striped": ["checked"], "checked": ["striped"], "dotted": ["floral"], "floral": ["dotted"]}
 _COLOUR_WORD = {"grey": "gray", "purple": "violet"}  # the caption synonyms, used on alternate queries
 _PATTERN_WORD = {"striped": "striped", "checked": "plaid", "dotted": "polka-dot", "floral": "floral"}
@@ -184,24 +198,54 @@ def _fixed(
 
     for g, ripped, text in _RIPS:
         sib = {"garment": _SIBLING[g], "rips": True} if ripped else None
-        add("rips", text, _present(photos, garment=g, rips=ripped),
-            {"garment": g, "rips": ripped}, sib, {"garment": g, "rips": not ripped})  # fmt: skip
+        add(
+            "rips",
+            text,
+            _present(photos, garment=g, rips=ripped),
+            {"garment": g, "rips": ripped},
+            sib,
+            {"garment": g, "rips": not ripped},
+        )
     for g, style, text in _STYLES:
         opposite = "slim" if style == "oversized" else "oversized"
-        add("styles", text, _present(photos, garment=g, style=style), {"garment": g, "style": style},
-            {"garment": g, "style": "regular"}, [{"garment": _not([g])}, {"garment": g, "style": opposite}])  # fmt: skip
+        add(
+            "styles",
+            text,
+            _present(photos, garment=g, style=style),
+            {"garment": g, "style": style},
+            {"garment": g, "style": "regular"},
+            [{"garment": _not([g])}, {"garment": g, "style": opposite}],
+        )
     for g, text in _GARMENTS:
-        add("garments", text, _present(photos, garment=g), {"garment": g}, {"garment": _SIBLING[g]},
-            {"garment": _not([g, _SIBLING[g]])})  # fmt: skip
+        add(
+            "garments",
+            text,
+            _present(photos, garment=g),
+            {"garment": g},
+            {"garment": _SIBLING[g]},
+            {"garment": _not([g, _SIBLING[g]])},
+        )
     for i, c in enumerate(_COLOURS):
         word = _COLOUR_WORD.get(c, c) if i % 2 else c
         near = _near(c, present["colour"])
-        add("colours", _COLOUR_TEMPLATES[i % len(_COLOUR_TEMPLATES)].format(word), c in present["colour"],
-            {"colour": c}, {"colour": near} if near else None, {"colour": _not([c, *near])})  # fmt: skip
+        add(
+            "colours",
+            _COLOUR_TEMPLATES[i % len(_COLOUR_TEMPLATES)].format(word),
+            c in present["colour"],
+            {"colour": c},
+            {"colour": near} if near else None,
+            {"colour": _not([c, *near])},
+        )
     for p, text in _PATTERNS:
         near_p = _NEAR_PATTERNS.get(p, [])
-        add("patterns", text, _present(photos, pattern=p), {"pattern": p},
-            {"pattern": near_p} if near_p else None, {"pattern": _not([p, *near_p])})  # fmt: skip
+        add(
+            "patterns",
+            text,
+            _present(photos, pattern=p),
+            {"pattern": p},
+            {"pattern": near_p} if near_p else None,
+            {"pattern": _not([p, *near_p])},
+        )
     return cats, skipped
 
 
@@ -229,19 +273,38 @@ def _combinations(photos: Counter[_Product], present: dict[str, set[str]]) -> li
         return chosen
 
     for g, c in pick(ripped, 4):
-        out.append(_query("", _phrase(g, ["ripped", c]), {"garment": g, "colour": c, "rips": True},
-                          {"garment": g, "colour": _not([c]), "rips": True}, {"garment": g, "rips": False}))  # fmt: skip
+        out.append(
+            _query(
+                "",
+                _phrase(g, ["ripped", c]),
+                {"garment": g, "colour": c, "rips": True},
+                {"garment": g, "colour": _not([c]), "rips": True},
+                {"garment": g, "rips": False},
+            )
+        )
     styled = [(g, c, s) for g, c, _, _, s in ranked if s != "regular"]
     for g, c, s in pick(styled, 3):
         word = (_BOTTOM_STYLE_WORD if g in _PLURAL else _STYLE_WORD)[s]
-        out.append(_query("", _phrase(g, [word, c]), {"garment": g, "colour": c, "style": s},
-                          {"garment": g, "colour": c, "style": _not([s])},
-                          {"garment": g, "colour": _not([c, *_near(c, present["colour"])])}))  # fmt: skip
+        out.append(
+            _query(
+                "",
+                _phrase(g, [word, c]),
+                {"garment": g, "colour": c, "style": s},
+                {"garment": g, "colour": c, "style": _not([s])},
+                {"garment": g, "colour": _not([c, *_near(c, present["colour"])])},
+            )
+        )
     patterned = [(g, c, p) for g, c, p, _, _ in ranked if p != "plain"]
     for g, c, p in pick(patterned, 3):
-        out.append(_query("", _phrase(g, [c, _PATTERN_WORD[p]]), {"garment": g, "colour": c, "pattern": p},
-                          {"garment": g, "colour": c, "pattern": _not([p])},
-                          {"garment": g, "colour": _not([c, *_near(c, present["colour"])])}))  # fmt: skip
+        out.append(
+            _query(
+                "",
+                _phrase(g, [c, _PATTERN_WORD[p]]),
+                {"garment": g, "colour": c, "pattern": p},
+                {"garment": g, "colour": c, "pattern": _not([p])},
+                {"garment": g, "colour": _not([c, *_near(c, present["colour"])])},
+            )
+        )
     for i, q in enumerate(out, 1):
         q["id"] = f"combinations-{i:02d}"
     return out

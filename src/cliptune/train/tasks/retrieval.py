@@ -76,11 +76,16 @@ def cached_features(
 ) -> tuple[Tensor, Tensor]:
     """Tower features of every catalogue row (image, caption) through the feature cache."""
     return tower_features(
-        backbone, [data.catalogue.image_path(f) for f in data.rows["file_name"]],
-        data.rows[cfg.data.text_column].astype(str).tolist(), cache_dir=cfg.model.cache_dir,
-        precision=cfg.model.embed_precision, max_pixels=cfg.data.max_pixels,
-        num_workers=cfg.data.num_workers, device=device, progress=progress,
-    )  # fmt: skip
+        backbone,
+        [data.catalogue.image_path(f) for f in data.rows["file_name"]],
+        data.rows[cfg.data.text_column].astype(str).tolist(),
+        cache_dir=cfg.model.cache_dir,
+        precision=cfg.model.embed_precision,
+        max_pixels=cfg.data.max_pixels,
+        num_workers=cfg.data.num_workers,
+        device=device,
+        progress=progress,
+    )
 
 
 def _raw_collate(backbone: Backbone, max_pixels: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
@@ -139,9 +144,15 @@ def build_retrieval(
         inner = accelerator.unwrap_model(m)
         image, text = _embed_sharded(inner, val_inputs, cfg.train.batch_size, accelerator)
         return retrieval_validation(
-            image, text, groups=val_groups, files=val_files, ks=cfg.eval.k, relevant=cfg.eval.relevant,
-            loss_fn=inner.loss, batch_size=cfg.train.batch_size * accelerator.num_processes,
-        )  # fmt: skip
+            image,
+            text,
+            groups=val_groups,
+            files=val_files,
+            ks=cfg.eval.k,
+            relevant=cfg.eval.relevant,
+            loss_fn=inner.loss,
+            batch_size=cfg.train.batch_size * accelerator.num_processes,
+        )
 
     def save_model(m: nn.Module, directory: Path) -> None:
         inner = cast(RetrievalModel, m)  # the loop passes back the unwrapped model of this bundle
@@ -150,8 +161,14 @@ def build_retrieval(
             {k: v.detach().cpu() for k, v in inner.loss.state_dict().items()}, directory / "loss_state.pt"
         )
 
-    return TaskBundle(model=model, train_data=train_items, evaluate=evaluate, save_model=save_model,
-                      collate=collate, info=info)  # fmt: skip
+    return TaskBundle(
+        model=model,
+        train_data=train_items,
+        evaluate=evaluate,
+        save_model=save_model,
+        collate=collate,
+        info=info,
+    )
 
 
 def _embed_sharded(

@@ -98,10 +98,13 @@ def build_siamese(
 
     def _items(t: np.ndarray) -> list[dict[str, Tensor]]:
         return [
-            {f"{role}_{kind}": feats[row] for role, row in zip(_ROLES, tri, strict=True)
-             for kind, feats in (("image", images), ("text", texts))}
+            {
+                f"{role}_{kind}": feats[row]
+                for role, row in zip(_ROLES, tri, strict=True)
+                for kind, feats in (("image", images), ("text", texts))
+            }
             for tri in t.tolist()
-        ]  # fmt: skip
+        ]
 
     val_items = _items(triplets["val"])
     if not val_items:
@@ -121,5 +124,6 @@ def build_siamese(
         "negatives_redrawn": redrawn,
         "feature_dims": [int(images.shape[1]), int(texts.shape[1])],
     }
-    return TaskBundle(model=model, train_data=_items(triplets["train"]), evaluate=evaluate, save_model=save_model,
-                      info=info)  # fmt: skip
+    return TaskBundle(
+        model=model, train_data=_items(triplets["train"]), evaluate=evaluate, save_model=save_model, info=info
+    )
