@@ -19,6 +19,7 @@ from cliptune.cli import (
     config,
     data,
     demo,
+    embed,
     eval,  # noqa: A004 (the module of `cliptune eval`)
     index,
     report,
@@ -42,7 +43,7 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 
 # --help order: commands in this order, then the groups (typer lists groups after commands)
-COMMANDS = (train, demo, eval, test, report, compare, sweep, index, search, config, data)
+COMMANDS = (train, demo, eval, test, report, compare, sweep, index, embed, search, config, data)
 
 
 def _version(value: bool) -> None:

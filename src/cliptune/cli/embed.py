@@ -1,0 +1,79 @@
+"""``cliptune embed``: write a catalogue's embeddings to a Parquet file, for a vector store of one's own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from cliptune.cli.errors import err_console, exit_on_error
+
+if TYPE_CHECKING:
+    from cliptune.models.cache import Precision
+
+__all__ = ["embed_cmd", "register"]
+
+console = Console(soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cliptune embed`` to ``app``."""
+    app.command("embed")(embed_cmd)
+
+
+def embed_cmd(
+    model: Annotated[str, typer.Argument(help="Run directory, model folder, or backbone spec (embedded).")],
+    out: Annotated[Path, typer.Argument(help="Parquet file to write (replaced atomically).")],
+    data: Annotated[Path, typer.Option("--data", help="Catalogue folder to embed.")],
+    texts: Annotated[
+        bool, typer.Option("--texts", help="Also embed each row's caption into text_embedding.")
+    ] = False,
+    text_column: Annotated[
+        str, typer.Option(help="Caption column, written as `caption` (and embedded with --texts).")
+    ] = "text",
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder.")] = None,  # noqa: UP045
+    precision: Annotated[str, typer.Option(help="Tower precision: auto, fp32 or bf16.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward.", min=1)] = 64,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Embed every catalogue row with a model into a Parquet file: metadata, image (and text) vectors.
+
+    One row per catalogue row: file_name, caption, the attribute columns, image_embedding (and
+    text_embedding with --texts), L2-normalised float32; the file's metadata names the model. The vectors
+    are the ones `cliptune index` stores. See docs/embed.md.
+
+    Examples:
+        cliptune embed runs/fashion-finetuned --data data/fashion fashion.parquet
+        cliptune embed runs/fashion-finetuned --data data/fashion fashion.parquet --texts --text-column text_generic -q
+    """
+    from cliptune.data.catalogue import read_catalogue
+    from cliptune.models.factory import load_model
+    from cliptune.search.vectors import export_embeddings
+
+    precisions: dict[str, Precision] = {"auto": "auto", "fp32": "fp32", "bf16": "bf16"}
+    if precision not in precisions:
+        err_console.print(
+            f"[red]--precision must be auto, fp32 or bf16, got {precision}[/red]", highlight=False
+        )
+        raise typer.Exit(2)
+    with exit_on_error(1):
+        catalogue = read_catalogue(data)
+        loaded = load_model(model)
+        info = export_embeddings(
+            loaded,
+            catalogue,
+            out,
+            text_column=text_column,
+            texts=texts,
+            cache_dir=cache_dir,
+            precision=precisions[precision],
+            batch_size=batch_size,
+            progress=not quiet,
+        )
+    what = "image and text" if texts else "image"
+    console.print(
+        f"embedded {info['n_rows']} rows ({info['n_images']} images, {what} vectors of dim {info['dim']}) "
+        f"with {loaded.name} into [bold]{out}[/bold]"
+    )

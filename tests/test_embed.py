@@ -1,0 +1,237 @@
+"""`cliptune embed`: one Parquet row per catalogue row with its vectors, bit-equal to an index's; the model
+named in the file's metadata; bad rows and unknown columns refused with the facts, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cliptune.cli import embed as embed_cli
+from cliptune.data.catalogue import read_catalogue
+from cliptune.data.synthetic import render_fashion
+from cliptune.models.embed import embed_images_with, embed_texts_with
+from cliptune.models.factory import LoadedModel, load_model
+from cliptune.search import build_index, load_index
+from cliptune.search.index import IndexBadRowsError
+from cliptune.search.vectors import EmbedBadRowsError, EmbedError, export_embeddings, read_embeddings_metadata
+from tests.tiny_models import make_tiny_clip
+
+ATTRIBUTES = ["garment", "colour", "pattern", "rips", "style"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("embed")
+
+
+@pytest.fixture(scope="module")
+def fashion(root: Path) -> Path:
+    return render_fashion(root / "fashion", n=24, seed=0)  # 24 photos, one caption each
+
+
+@pytest.fixture(scope="module")
+def model(root: Path) -> LoadedModel:
+    return load_model(make_tiny_clip(root / "clip", seed=0))
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    embed_cli.register(app)
+    app.command("noop")(lambda: None)  # a second command keeps `embed` a subcommand, as in cliptune's app
+    return app
+
+
+def _embed(root: Path, catalogue: Path, out: Path, *extra: str) -> tuple[int, str]:
+    args = [
+        "embed",
+        str(root / "clip"),
+        str(out),
+        "--data",
+        str(catalogue),
+        "--cache-dir",
+        str(root / "cache"),
+    ]
+    result = CliRunner().invoke(_app(), [*args, "-q", *extra])
+    # a user error exits through typer.Exit: never an uncaught exception (a traceback)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, " ".join(result.output.split())
+
+
+def _matrix(column: pd.Series) -> np.ndarray:
+    return np.stack(column.to_list())
+
+
+def test_cli_writes_one_row_per_catalogue_row_with_the_index_vectors(
+    tmp_path: Path, root: Path, fashion: Path, model: LoadedModel
+) -> None:
+    out = tmp_path / "vectors" / "fashion.parquet"  # the folder is created
+    code, output = _embed(root, fashion, out)
+    assert code == 0, output
+    assert f"embedded 24 rows (24 images, image vectors of dim 24) with {model.name} into {out}" in output
+
+    table = pd.read_parquet(out)
+    rows = pd.read_csv(fashion / "metadata.csv")
+    assert list(table.columns) == ["file_name", "caption", *ATTRIBUTES, "image_embedding"]
+    assert table["file_name"].tolist() == rows["file_name"].tolist()
+    assert table["caption"].tolist() == rows["text"].tolist()
+    assert table["rips"].tolist() == rows["rips"].tolist() and table["rips"].dtype == bool
+    schema = pq.read_schema(out)
+    assert schema.field("image_embedding").type == pa.list_(pa.float32())
+    vectors = _matrix(table["image_embedding"])
+    assert vectors.shape == (24, 24) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+    # the same bits as `cliptune index` stores and as embed_images_with returns for the same files
+    index = load_index(
+        build_index(
+            model, read_catalogue(fashion), tmp_path / "idx", cache_dir=root / "cache", progress=False
+        )
+    )
+    assert index.ids == table["file_name"].tolist()
+    np.testing.assert_array_equal(vectors, index.vectors())
+    direct = embed_images_with(
+        model, [fashion / f for f in rows["file_name"]], cache_dir=root / "cache", progress=False
+    ).numpy()
+    np.testing.assert_array_equal(vectors, direct)
+
+    info = read_embeddings_metadata(out)
+    assert (info["format"], info["version"], info["model"]) == ("cliptune-embeddings", 1, model.name)
+    assert info["model_source"] == str((root / "clip").resolve()) and info["dim"] == 24
+    assert (info["n_rows"], info["n_images"], info["text_column"]) == (24, 24, "text")
+    assert info["columns"] == list(table.columns)
+    assert json.loads(schema.metadata[b"cliptune"]) == info  # readable without cliptune too
+
+    # a rerun replaces the file atomically: nothing but the file is left beside it
+    code, output = _embed(root, fashion, out)
+    assert code == 0, output
+    assert [p.name for p in out.parent.iterdir()] == ["fashion.parquet"]
+
+
+def test_cli_texts_and_another_caption_column(
+    tmp_path: Path, root: Path, fashion: Path, model: LoadedModel
+) -> None:
+    out = tmp_path / "t.parquet"
+    code, output = _embed(root, fashion, out, "--texts", "--text-column", "text_generic")
+    assert code == 0, output
+    assert "image and text vectors of dim 24" in output
+    table = pd.read_parquet(out)
+    rows = pd.read_csv(fashion / "metadata.csv")
+    assert list(table.columns) == ["file_name", "caption", *ATTRIBUTES, "image_embedding", "text_embedding"]
+    assert table["caption"].tolist() == rows["text_generic"].tolist()
+    assert pq.read_schema(out).field("text_embedding").type == pa.list_(pa.float32())
+    texts = _matrix(table["text_embedding"])
+    assert texts.shape == (24, 24) and texts.dtype == np.float32
+    expected = embed_texts_with(
+        model, rows["text_generic"].tolist(), cache_dir=root / "cache", progress=False
+    )
+    np.testing.assert_array_equal(texts, expected.numpy())
+    assert read_embeddings_metadata(out)["text_column"] == "text_generic"
+
+
+def test_an_image_with_several_rows_is_embedded_once_and_repeated(
+    tmp_path: Path, root: Path, fashion: Path, model: LoadedModel
+) -> None:
+    cat = tmp_path / "cat"
+    (cat / "img").mkdir(parents=True)
+    for name in ("000000.png", "000001.png"):
+        shutil.copy(fashion / "images" / name, cat / "img" / name)
+    records = [
+        {"file_name": "img/000001.png", "text": "blue jeans", "lang": "en", "size": 3},
+        {"file_name": "img/000000.png", "text": "a dress", "lang": "en", "size": None},
+        {"file_name": "img/000001.png", "text": "jean bleu", "lang": "fr", "size": "x"},
+    ]
+    (cat / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    info = export_embeddings(
+        model, read_catalogue(cat), tmp_path / "e.parquet", cache_dir=root / "cache", progress=False
+    )
+    assert (info["n_rows"], info["n_images"]) == (3, 2)
+    table = pd.read_parquet(tmp_path / "e.parquet")
+    assert table["file_name"].tolist() == ["img/000001.png", "img/000000.png", "img/000001.png"]
+    assert table["lang"].tolist() == ["en", "en", "fr"]
+    # cells of mixed types are kept as text, missing ones as null
+    assert pq.read_table(tmp_path / "e.parquet").column("size").to_pylist() == ["3", None, "x"]
+    vectors = _matrix(table["image_embedding"])
+    np.testing.assert_array_equal(vectors[0], vectors[2])
+    assert not np.array_equal(vectors[0], vectors[1])
+
+
+def test_cli_bad_rows_exit_1_listing_them(
+    tmp_path: Path, root: Path, fashion: Path, model: LoadedModel
+) -> None:
+    cat = tmp_path / "cat"
+    (cat / "img").mkdir(parents=True)
+    shutil.copy(fashion / "images" / "000001.png", cat / "img" / "000001.png")
+    (cat / "metadata.csv").write_text(
+        "file_name,text,text_generic\nimg/000001.png,jeans,jeans\nimg/missing.png,a coat,a coat\n"
+        "img/000001.png,,blank\n"
+    )
+    out = tmp_path / "e.parquet"
+    code, output = _embed(root, cat, out)
+    assert code == 1 and not out.exists()
+    assert "2 bad row(s), nothing embedded: row 2 (img/missing.png): file not found" in output
+    assert "row 3 (img/000001.png): missing text" in output
+    root_dir = read_catalogue(cat).root
+    assert f"`cliptune data check {root_dir} --write-clean OUT`" in output
+
+    # the library states the facts; another caption column must be filled as well
+    (cat / "metadata.csv").write_text("file_name,text,text_generic\nimg/000001.png,jeans,\n")
+    with pytest.raises(
+        EmbedBadRowsError, match=r"row 1 \(img/000001.png\): text_generic is missing or blank"
+    ) as exc:
+        export_embeddings(model, read_catalogue(cat), out, text_column="text_generic", progress=False)
+    assert isinstance(exc.value, IndexBadRowsError) and [r.row for r in exc.value.rejected] == [1]
+    assert "--write-clean" not in str(exc.value) and not out.exists()
+
+
+def test_cli_unknown_text_column_and_bad_options(
+    tmp_path: Path, root: Path, fashion: Path, model: LoadedModel
+) -> None:
+    out = tmp_path / "e.parquet"
+    code, output = _embed(root, fashion, out, "--text-column", "caption_en")
+    assert code == 1 and not out.exists()
+    assert "no caption column 'caption_en' (columns: file_name, text, text_generic, group, garment" in output
+    code, output = _embed(root, fashion, out, "--precision", "fp16")
+    assert code == 2 and "--precision must be auto, fp32 or bf16, got fp16" in output
+    out.mkdir()
+    code, output = _embed(root, fashion, out)
+    assert code == 1 and "is a folder; the embeddings are written to one Parquet file" in output
+
+
+def test_attribute_named_like_an_output_column_is_refused(
+    tmp_path: Path, root: Path, fashion: Path, model: LoadedModel
+) -> None:
+    cat = tmp_path / "cat"
+    (cat / "img").mkdir(parents=True)
+    shutil.copy(fashion / "images" / "000001.png", cat / "img" / "000001.png")
+    (cat / "metadata.csv").write_text("file_name,text,caption\nimg/000001.png,jeans,old caption\n")
+    with pytest.raises(EmbedError, match=r"attribute column\(s\) caption would clash"):
+        export_embeddings(model, read_catalogue(cat), tmp_path / "e.parquet", progress=False)
+    # ... unless it is the caption column itself
+    info = export_embeddings(
+        model,
+        read_catalogue(cat),
+        tmp_path / "e.parquet",
+        text_column="caption",
+        cache_dir=root / "cache",
+        progress=False,
+    )
+    assert info["columns"] == ["file_name", "caption", "image_embedding"]
+    assert pd.read_parquet(tmp_path / "e.parquet")["caption"].tolist() == ["old caption"]
+
+
+def test_read_metadata_of_a_foreign_file(tmp_path: Path) -> None:
+    pd.DataFrame({"a": [1]}).to_parquet(tmp_path / "x.parquet")
+    with pytest.raises(EmbedError, match="no cliptune description"):
+        read_embeddings_metadata(tmp_path / "x.parquet")
+    (tmp_path / "y.parquet").write_text("not parquet")
+    with pytest.raises(EmbedError, match="not a readable Parquet file"):
+        read_embeddings_metadata(tmp_path / "y.parquet")
