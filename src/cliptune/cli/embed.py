@@ -38,15 +38,11 @@ def embed_cmd(
     batch_size: Annotated[int, typer.Option(help="Images per forward.", min=1)] = 64,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Embed every catalogue row with a model into a Parquet file: metadata, image (and text) vectors.
-
-    One row per catalogue row: file_name, caption, the attribute columns, image_embedding (and
-    text_embedding with --texts), L2-normalised float32; the file's metadata names the model. The vectors
-    are the ones `cliptune index` stores. See docs/embed.md.
+    """Embed every row of a catalogue with a model into a Parquet file: metadata + image (and text) vectors.
 
     Examples:
         cliptune embed runs/fashion-finetuned --data data/fashion fashion.parquet
-        cliptune embed runs/fashion-finetuned --data data/fashion fashion.parquet --texts --text-column text_generic -q
+        cliptune embed runs/ft --data data/fashion ft.parquet --texts --text-column text_generic -q
     """
     from cliptune.data.catalogue import read_catalogue
     from cliptune.models.factory import load_model
