@@ -180,7 +180,7 @@ def test_cli_bad_rows_exit_1_listing_them(
     assert "2 bad row(s), nothing embedded: row 2 (img/missing.png): file not found" in output
     assert "row 3 (img/000001.png): missing text" in output
     root_dir = read_catalogue(cat).root
-    assert f"`cliptune data check {root_dir} --write-clean OUT`" in output
+    assert f"embed a clean copy (`cliptune data check {root_dir} --write-clean OUT`)" in output
 
     # the library states the facts; another caption column must be filled as well
     (cat / "metadata.csv").write_text("file_name,text,text_generic\nimg/000001.png,jeans,\n")

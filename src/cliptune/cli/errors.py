@@ -49,6 +49,9 @@ HINTS: dict[str, Hint] = {
     ),
     "cliptune.search.index.IndexExistsError": "use a new folder or --overwrite",
     "cliptune.search.index.IndexBadRowsError": _index_bad_rows,
+    "cliptune.search.vectors.EmbedBadRowsError": lambda e: (
+        f"fix them, or embed a clean copy (`cliptune data check {e.catalogue} --write-clean OUT`)"
+    ),
     "cliptune.evaluation.errors.RejectedRowsError": (
         "Or clean the catalogue with `cliptune data check --write-clean` first."
     ),

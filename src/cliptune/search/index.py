@@ -93,10 +93,12 @@ class IndexBadRowsError(SearchIndexError):
         rejected: Every bad row (file, row number, reason).
     """
 
-    def __init__(self, catalogue: Path, metadata_path: Path, rejected: list[Rejection]) -> None:
+    def __init__(
+        self, catalogue: Path, metadata_path: Path, rejected: list[Rejection], *, nothing: str = "indexed"
+    ) -> None:
         shown = "\n".join(f"  row {r.row} ({r.file_name}): {r.reason}" for r in rejected[:10])
         more = f"\n  ... and {len(rejected) - 10} more" if len(rejected) > 10 else ""
-        super().__init__(f"{metadata_path}: {len(rejected)} bad row(s), nothing indexed:\n{shown}{more}")
+        super().__init__(f"{metadata_path}: {len(rejected)} bad row(s), nothing {nothing}:\n{shown}{more}")
         self.catalogue = catalogue
         self.metadata_path = metadata_path
         self.rejected = rejected

@@ -73,10 +73,7 @@ class EmbedBadRowsError(IndexBadRowsError):
     """
 
     def __init__(self, catalogue: Path, metadata_path: Path, rejected: list[Rejection]) -> None:
-        super().__init__(catalogue, metadata_path, rejected)
-        shown = "\n".join(f"  row {r.row} ({r.file_name}): {r.reason}" for r in rejected[:10])
-        more = f"\n  ... and {len(rejected) - 10} more" if len(rejected) > 10 else ""
-        self.args = (f"{metadata_path}: {len(rejected)} bad row(s), nothing embedded:\n{shown}{more}",)
+        super().__init__(catalogue, metadata_path, rejected, nothing="embedded")
 
 
 def export_embeddings(
