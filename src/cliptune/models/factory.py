@@ -20,11 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
 from torch import nn
 
 from cliptune.models import composed, hf
-from cliptune.models.backbone import CONFIG_FILE, FORMAT_VERSION, STATE_FILE, Backbone, BackboneError
+from cliptune.models.backbone import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    STATE_FILE,
+    Backbone,
+    BackboneError,
+    WeightsMismatchError,
+    load_state_strict,
+    read_state,
+)
 from cliptune.models.freeze import LoraSpec, apply_lora, apply_trainable_layers
 from cliptune.models.siamese import SiameseHead
 from cliptune.rundir import MODEL_DIR, RunDir
@@ -203,18 +211,19 @@ def _load_saved(path: Path, saved: dict[str, Any]) -> tuple[Backbone, LoraSpec |
     if lora is not None:  # the adapters must exist before their weights can be loaded
         apply_lora(backbone, lora)
     state_file = path / STATE_FILE
-    if state_file.is_file():
-        try:
-            state = load_file(str(state_file))
-        except Exception as err:  # safetensors raises its own error types
-            raise BackboneError(f"{state_file}: cannot read weights ({err})") from err
-        missing, unexpected = backbone.load_state_dict(state, strict=False)
-        if unexpected or (saved.get("state") == "full" and missing):
-            raise BackboneError(
-                f"{state_file}: weights do not match the architecture "
-                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-            )
+    keys = _state_keys(backbone, saved)
+    if keys is None or keys or state_file.is_file():
+        load_state_strict(backbone, read_state(state_file), state_file, keys=keys)
     return backbone, lora
+
+
+def _state_keys(backbone: Backbone, saved: dict[str, Any]) -> set[str] | None:
+    """Keys the state file must hold exactly: all (None) for a full state, else those outside ``model.``."""
+    if saved.get("state", "full") == "full":
+        return None
+    # a partial state is an HF save: the transformers folder held `model.*` (loaded strictly by hf.load_hf),
+    # the state file holds the rest (an auto backbone's new heads; nothing for CLIP / SigLIP)
+    return {k for k in backbone.state_dict() if not k.startswith("model.")}
 
 
 @dataclass
@@ -269,6 +278,8 @@ def load_model(path: Path | str) -> LoadedModel:
     else:
         try:
             backbone = load_backbone(folder if folder.exists() else str(path))
+        except WeightsMismatchError:
+            raise  # it was loadable, its weights are wrong: say so, not "nothing loadable"
         except BackboneError as exc:
             raise BackboneError(
                 f"{path}: not a run directory, model folder or backbone spec ({exc})"

@@ -31,6 +31,7 @@ from cliptune.models.backbone import (
     Backbone,
     BackboneError,
     Tower,
+    WeightsMismatchError,
     save_state,
     write_config,
 )
@@ -38,7 +39,7 @@ from cliptune.models.backbone import (
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
 
-__all__ = ["HFBackbone", "load_hf"]
+__all__ = ["HFBackbone", "from_pretrained_strict", "load_hf"]
 
 _KINDS = ("clip", "siglip", "auto")
 # Keys of a transformers config that do not change what the model computes.
@@ -307,21 +308,70 @@ def load_hf(
         raise BackboneError(
             f"backbone {spec!s}: kind={kind!r} but config.json says model_type={model_type!r}"
         )
+    model = from_pretrained_strict(model_class, spec, local_files_only=local_only)
     try:
-        model = model_class.from_pretrained(str(spec), local_files_only=local_only)
         # transformers leaves AutoImageProcessor.from_pretrained unannotated
         image_processor = AutoImageProcessor.from_pretrained(str(spec), local_files_only=local_only)  # type: ignore[no-untyped-call]
         tokenizer = AutoTokenizer.from_pretrained(str(spec), local_files_only=local_only)
     except (OSError, ValueError) as err:
-        raise BackboneError(
-            f"backbone {spec!s}: cannot load model, image processor or tokenizer ({err})"
-        ) from err
+        raise BackboneError(f"backbone {spec!s}: cannot load image processor or tokenizer ({err})") from err
     if kind == "auto" and not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
         raise BackboneError(
             f"backbone {spec!s}: {type(model).__name__} has no get_image_features/get_text_features; "
             "it is not an image-text dual encoder (use 'composed' to pair separate towers)"
         )
     return HFBackbone(model, image_processor, tokenizer, kind, embed_dim=embed_dim, seed=seed).eval()
+
+
+def from_pretrained_strict(
+    model_class: Any, source: str | Path, *, local_files_only: bool, allow_missing: tuple[str, ...] = ()
+) -> PreTrainedModel:
+    """``model_class.from_pretrained(source)``, refusing any weight transformers would initialise randomly.
+
+    transformers only warns about missing, unexpected and (with ``ignore_mismatched_sizes``)
+    wrong-shaped weights and initialises them randomly; here each is an error. What transformers
+    itself knows to be legitimately absent is already dropped from its report (the model's
+    ``_keys_to_ignore_on_load_*`` patterns, non-persistent ``position_ids`` / ``inv_freq`` buffers
+    of old checkpoints, weights tied to others), so no key is allowed here unless the caller
+    discards the module it belongs to.
+
+    Args:
+        model_class: ``CLIPModel``, ``SiglipModel``, ``AutoModel`` or another transformers model class.
+        source: A local folder or a hub id.
+        local_files_only: Never download.
+        allow_missing: Key prefixes the caller discards after loading (e.g. the text tower of a
+            CLIP folder used as an image tower), so a checkpoint without them is complete.
+
+    Returns:
+        The model with every weight from ``source``.
+
+    Raises:
+        WeightsMismatchError: A missing (outside ``allow_missing``), unexpected or wrong-shaped
+            weight, naming the keys and ``source``.
+        BackboneError: transformers cannot load ``source`` at all.
+    """
+    try:
+        # shape mismatches are reported in the loading info (and then refused) rather than raised unnamed
+        model, info = model_class.from_pretrained(
+            str(source),
+            local_files_only=local_files_only,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise BackboneError(f"backbone {source!s}: cannot load the model ({err})") from err
+    missing = [k for k in info["missing_keys"] if not k.startswith(allow_missing)]
+    mismatched = [(k, tuple(a), tuple(b)) for k, a, b in info["mismatched_keys"]]
+    if missing or info["unexpected_keys"] or mismatched:
+        raise WeightsMismatchError(
+            source, missing=missing, unexpected=info["unexpected_keys"], mismatched=mismatched
+        )
+    if info["error_msgs"]:
+        raise BackboneError(
+            f"backbone {source!s}: weights did not load ({'; '.join(info['error_msgs'][:3])})"
+        )
+    loaded: PreTrainedModel = model
+    return loaded
 
 
 def _offline() -> bool:

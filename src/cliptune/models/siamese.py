@@ -28,10 +28,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from cliptune.models.backbone import load_state_strict, read_state
 from cliptune.rundir import write_bytes_atomic, write_text_atomic
 
 __all__ = ["SiameseHead", "SiameseOutput"]
@@ -223,6 +223,8 @@ class SiameseHead(nn.Module):
         Raises:
             FileNotFoundError: a file is missing (named).
             ValueError: the config is not a Siamese head config (names the file and field).
+            WeightsMismatchError: the weights miss a key, have an extra one or another shape (a
+                ``BackboneError``, itself a ``ValueError``; names the keys and the file).
         """
         directory = Path(directory)
         config_path, weights_path = directory / _CONFIG_FILE, directory / _WEIGHTS_FILE
@@ -236,5 +238,5 @@ class SiameseHead(nn.Module):
             head = cls(**config)
         except TypeError as e:
             raise ValueError(f"{config_path}: bad fields: {e}") from e
-        load_model(head, str(weights_path), strict=True, device=str(device))
+        load_state_strict(head, read_state(weights_path), weights_path)
         return head.to(device).eval()
