@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal
 
 __all__ = [
     "DEFAULT_SIGLIP_BIAS",
     "DEFAULT_SIGLIP_SCALE",
     "DEFAULT_TEMPERATURE",
-    "InitSource",
+    "SOURCES",
     "initial_siglip",
     "initial_temperature",
 ]
@@ -31,15 +30,15 @@ DEFAULT_SIGLIP_SCALE = 10.0
 DEFAULT_SIGLIP_BIAS = -10.0
 """SigLIP bias without a config value or a pretrained sigmoid similarity."""
 
-InitSource = Literal["config", "pretrained", "default"]
-"""Where a starting value came from: set in the config, the backbone's pretrained similarity, or the default."""
+SOURCES = ("config", "pretrained", "default")
+"""Where a starting value can come from: set in the config, the backbone's pretrained similarity, the default."""
 
 
 def initial_temperature(
     configured: float | None,
     similarity_init: Mapping[str, float],
     max_logit_scale: float | None = None,
-) -> tuple[float, InitSource]:
+) -> tuple[float, str]:
     """The InfoNCE temperature to start from, and where it came from.
 
     Args:
@@ -70,7 +69,7 @@ def initial_temperature(
 
 def initial_siglip(
     scale: float | None, bias: float | None, similarity_init: Mapping[str, float]
-) -> tuple[float, float, dict[str, InitSource]]:
+) -> tuple[float, float, dict[str, str]]:
     """The SigLIP multiplier and bias to start from, and where each came from.
 
     Each value is resolved on its own: the configured one, else the backbone's sigmoid similarity (one with
@@ -91,7 +90,7 @@ def initial_siglip(
         (1.0, -5.0, {'scale': 'pretrained', 'bias': 'config'})
     """
     sigmoid = "logit_scale" in similarity_init and "logit_bias" in similarity_init
-    sources: dict[str, InitSource] = {}
+    sources: dict[str, str] = {}
     if scale is not None:
         sources["scale"] = "config"
     elif sigmoid:
