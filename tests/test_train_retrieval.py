@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,8 @@ def test_embedded_backbone_learns_on_cached_features(tmp_path: Path, fashion: Pa
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_run"] == 7  # the epoch-0 baseline and 6 epochs
     assert summary["info"]["feature_dims"] == [1280, 384]
+    # no pretrained similarity on the embedded towers: the documented default, as before
+    assert summary["info"]["loss_init"] == {"temperature": 0.07, "source": "default"}
     assert summary["info"]["trainable_parameters"] == (1280 + 1) * 256 + (384 + 1) * 256
     assert set(json.loads((run_dir / "splits.json").read_text())) == {"train", "val"}
     # The best model reloads and embeds like the trained heads did.
@@ -72,6 +75,17 @@ def test_tiny_clip_trains_its_last_layer(tmp_path: Path, fashion: Path) -> None:
     epochs = _epochs(tmp_path / "runs" / "clip")
     assert epochs[-1]["train/loss"] < epochs[1]["train/loss"]
     assert (tmp_path / "runs" / "clip" / "model" / "cliptune_backbone.json").exists()
+    # InfoNCE started at CLIP's pretrained temperature 1 / exp(logit_scale); config.yaml keeps "not set"
+    summary = json.loads((tmp_path / "runs" / "clip" / "summary.json").read_text())
+    scale = load_backbone(clip).similarity_init["logit_scale"]
+    assert summary["info"]["loss_init"] == {
+        "temperature": pytest.approx(math.exp(-scale)),
+        "source": "pretrained",
+    }
+    assert (
+        yaml.safe_load((tmp_path / "runs" / "clip" / "config.yaml").read_text())["loss"]["temperature"]
+        is None
+    )
 
 
 def test_existing_run_is_not_overwritten(tmp_path: Path, fashion: Path) -> None:

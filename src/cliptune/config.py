@@ -158,9 +158,23 @@ class LossConfig(_Section):
     name: Literal["info_nce", "siglip", "triplet", "contrastive", "siamese"] = Field(
         "info_nce", description="Training objective."
     )
-    temperature: float = Field(0.07, gt=0, description="InfoNCE temperature (initial value when learned).")
+    temperature: float | None = Field(
+        None,
+        gt=0,
+        description="InfoNCE temperature (initial value when learned); null: the backbone's pretrained one "
+        "(CLIP: 1 / exp(logit_scale)), else 0.07. Also the temperature of the InfoNCE that eval reports.",
+    )
     learn_temperature: bool = Field(
         False, description="Learn the InfoNCE temperature (log-parametrised, scale <= 100)."
+    )
+    siglip_scale: float | None = Field(
+        None,
+        gt=0,
+        description="Initial SigLIP multiplier (not its log); null: the backbone's pretrained "
+        "exp(logit_scale), else 10.",
+    )
+    siglip_bias: float | None = Field(
+        None, description="Initial SigLIP bias; null: the backbone's pretrained logit_bias, else -10."
     )
     margin: float = Field(0.2, ge=0, description="Margin of the triplet and contrastive losses.")
     distance: Literal["cosine", "euclidean"] = Field("cosine", description="Distance of the triplet loss.")
@@ -365,6 +379,12 @@ def cross_field_problems(config: Config) -> list[str]:
         problems.append(
             f"loss.name={config.loss.name!r} does not fit train.task={task!r}; "
             f"that task takes {', '.join(TASK_LOSSES[task])}"
+        )
+    siglip_set = [f"loss.{k}" for k in ("siglip_scale", "siglip_bias") if getattr(config.loss, k) is not None]
+    if siglip_set and config.loss.name != "siglip":
+        problems.append(
+            f"{' and '.join(siglip_set)} apply only to loss.name='siglip', got loss.name={config.loss.name!r}; "
+            "set them to null or the loss to siglip"
         )
     if task == "siamese" and (model.trainable_layers != 0 or model.lora is not None):
         problems.append(

@@ -9,6 +9,7 @@ from cliptune.losses.margin import ContrastiveLoss, TripletLoss, contrastive, tr
 from cliptune.losses.registry import LOSSES, make_loss
 from cliptune.losses.siamese import SiameseLoss, siamese_objective
 from cliptune.losses.siglip import SigLIPLoss, siglip
+from cliptune.losses.similarity_init import initial_siglip, initial_temperature
 
 __all__ = [
     "DISTANCES",
@@ -20,6 +21,8 @@ __all__ = [
     "TripletLoss",
     "contrastive",
     "info_nce",
+    "initial_siglip",
+    "initial_temperature",
     "make_loss",
     "siamese_objective",
     "siglip",

@@ -10,6 +10,7 @@ from torch import nn
 
 from cliptune.losses._checks import Reduction, check_reduction, check_same_batch
 from cliptune.losses.distributed import gather_with_grad, rank_and_world_size
+from cliptune.losses.similarity_init import DEFAULT_TEMPERATURE
 
 __all__ = ["InfoNCELoss", "info_nce"]
 
@@ -106,11 +107,14 @@ class InfoNCELoss(nn.Module):
         ['i2t', 'loss', 't2i', 'temperature']
     """
 
+    DEFAULT_MAX_LOGIT_SCALE = 100.0
+    """CLIP's bound on the learned scale ``1 / temperature``."""
+
     def __init__(
         self,
-        temperature: float = 0.07,
+        temperature: float = DEFAULT_TEMPERATURE,
         learn_temperature: bool = False,
-        max_logit_scale: float = 100.0,
+        max_logit_scale: float = DEFAULT_MAX_LOGIT_SCALE,
         gather: bool = True,
     ) -> None:
         super().__init__()

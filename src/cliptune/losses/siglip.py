@@ -10,6 +10,7 @@ from torch import nn
 
 from cliptune.losses._checks import check_same_batch
 from cliptune.losses.distributed import gather_with_grad, rank_and_world_size
+from cliptune.losses.similarity_init import DEFAULT_SIGLIP_BIAS, DEFAULT_SIGLIP_SCALE
 
 __all__ = ["SigLIPLoss", "siglip"]
 
@@ -96,8 +97,8 @@ class SigLIPLoss(nn.Module):
 
     def __init__(
         self,
-        init_logit_scale: float = math.log(10.0),
-        init_logit_bias: float = -10.0,
+        init_logit_scale: float = math.log(DEFAULT_SIGLIP_SCALE),
+        init_logit_bias: float = DEFAULT_SIGLIP_BIAS,
         learnable: bool = True,
         gather: bool = True,
     ) -> None:

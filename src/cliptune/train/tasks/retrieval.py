@@ -8,7 +8,8 @@ split, ranks both directions and reports the loss, recall@k, precision@k and MRR
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,13 +22,13 @@ from cliptune.data.images import load_image
 from cliptune.data.prepare import PreparedData
 from cliptune.data.splits import group_ids
 from cliptune.evaluation.validation import retrieval_validation
-from cliptune.losses import make_loss
+from cliptune.losses import InfoNCELoss, initial_siglip, initial_temperature, make_loss
 from cliptune.models.backbone import Backbone
 from cliptune.models.embed import tower_features
 from cliptune.train.batches import shard_indices
 from cliptune.train.tasks.bundle import TaskBundle
 
-__all__ = ["RetrievalModel", "build_retrieval", "loss_kwargs"]
+__all__ = ["RetrievalModel", "build_retrieval", "loss_init", "loss_kwargs"]
 
 
 class RetrievalModel(nn.Module):
@@ -57,18 +58,50 @@ class RetrievalModel(nn.Module):
         return terms
 
 
-def loss_kwargs(cfg: Config) -> dict[str, Any]:
-    """Constructor arguments of the configured loss, from the ``loss`` section."""
+def loss_init(cfg: Config, similarity_init: Mapping[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Constructor arguments of the configured loss, and what its similarity starts from, for ``info``.
+
+    An unset ``loss.temperature`` (``loss.siglip_scale`` / ``loss.siglip_bias``) starts from the backbone's
+    pretrained similarity when it has one of the loss's form, else from the default (0.07; 10 / -10); see
+    :mod:`cliptune.losses.similarity_init`.
+
+    Args:
+        cfg: The whole config (its ``loss`` section).
+        similarity_init: ``Backbone.similarity_init`` of the backbone being fine-tuned.
+
+    Returns:
+        ``(kwargs, start)``: ``make_loss(cfg.loss.name, **kwargs)`` builds the loss; ``start`` holds the
+        starting values and their sources (``config``, ``pretrained``, ``default``), empty for the margin losses.
+
+    Example:
+        >>> loss_init(load_config(None), {"logit_scale": math.log(50.0)})[1]  # doctest: +SKIP
+        {'temperature': 0.02, 'source': 'pretrained'}
+    """
     name, c = cfg.loss.name, cfg.loss
     if name == "info_nce":
-        return {"temperature": c.temperature, "learn_temperature": c.learn_temperature}
+        max_scale = InfoNCELoss.DEFAULT_MAX_LOGIT_SCALE if c.learn_temperature else None
+        temperature, source = initial_temperature(c.temperature, similarity_init, max_scale)
+        kwargs = {"temperature": temperature, "learn_temperature": c.learn_temperature}
+        return kwargs, {"temperature": temperature, "source": source}
+    if name == "siglip":
+        scale, bias, sources = initial_siglip(c.siglip_scale, c.siglip_bias, similarity_init)
+        return {"init_logit_scale": math.log(scale), "init_logit_bias": bias}, {
+            "scale": scale,
+            "bias": bias,
+            "source": sources,
+        }
     if name in ("triplet", "siamese"):
         return {"margin": c.margin, "distance": c.distance} | (
             {"weights": c.weights} if name == "siamese" else {}
-        )
+        ), {}
     if name == "contrastive":
-        return {"margin": c.margin}
-    return {}
+        return {"margin": c.margin}, {}
+    return {}, {}
+
+
+def loss_kwargs(cfg: Config, similarity_init: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Constructor arguments of the configured loss (see :func:`loss_init`; no backbone: the defaults)."""
+    return loss_init(cfg, similarity_init or {})[0]
 
 
 def cached_features(
@@ -116,10 +149,13 @@ def build_retrieval(
         raise ValueError(
             f"the retrieval task validates on a 'val' split; data.split.ratios has {sorted(data.splits)}"
         )
-    model = RetrievalModel(backbone, make_loss(cfg.loss.name, **loss_kwargs(cfg)))
+    kwargs, start = loss_init(cfg, backbone.similarity_init)
+    model = RetrievalModel(backbone, make_loss(cfg.loss.name, **kwargs))
     split = data.rows["split"].to_numpy()
     gids = group_ids(data.rows, cfg.data.group_column).to_numpy()
     info: dict[str, Any] = {"split_rows": {s: int((split == s).sum()) for s in sorted(data.splits)}}
+    if start:  # summary.json's info: which temperature / scale and bias step 0 used, and why
+        info["loss_init"] = start
     train_idx = [i for i in range(len(split)) if split[i] == "train"]
     val_idx = [i for i in range(len(split)) if split[i] == "val"]
     collate = None
