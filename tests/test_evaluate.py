@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -197,16 +198,18 @@ def test_run_eval_equals_dense_recomputation(world: dict[str, Path]) -> None:
             assert m["n"] == n and m["low"] <= m["mean"] <= m["high"]
         n_items = len(images) if name == "t2i" else len(rows)
         assert [len(top) for top in result["per_query"][name]["top"]] == [min(10, n_items)] * n
-    # loss: InfoNCE at the run's temperature over batches of 8 pairs in row order, weighted by pairs
+    # loss: InfoNCE at the temperature training started from (no loss.temperature in the config, so the
+    # tiny CLIP's pretrained logit_scale: t = exp(-logit_scale)) over batches of 8 pairs in row order
+    t = math.exp(-model.backbone.similarity_init["logit_scale"])
     paired = image[[images.index(f) for f in files]]
-    batches = [(info_nce(paired[s : s + 8], text[s : s + 8], 0.07).item(), len(text[s : s + 8]))
+    batches = [(info_nce(paired[s : s + 8], text[s : s + 8], t).item(), len(text[s : s + 8]))
                for s in range(0, len(text), 8)]  # fmt: skip
     expected = sum(v * b for v, b in batches) / len(text)
     assert result["metrics"]["loss"]["mean"] == pytest.approx(expected, rel=1e-5)
     assert result["loss"] == {
         "name": "info_nce",
-        "temperature": 0.07,
-        "temperature_source": "config",
+        "temperature": t,
+        "temperature_source": "pretrained",
         "batch_size": 8,
     }
     # the same model on the same split again: same ids, same values (query ids are stable)

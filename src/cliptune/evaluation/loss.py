@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from cliptune.config import Config
-from cliptune.losses import info_nce
+from cliptune.losses import info_nce, initial_temperature
 from cliptune.losses.siamese import DEFAULT_SIAMESE_WEIGHTS
 
 __all__ = ["LossSettings", "info_nce_per_pair", "loss_settings"]
@@ -48,22 +48,26 @@ class LossSettings:
     source: str = "none"
 
 
-def loss_settings(cfg: Config, model_folder: Path | None = None) -> LossSettings:
+def loss_settings(
+    cfg: Config, model_folder: Path | None = None, similarity_init: Mapping[str, float] | None = None
+) -> LossSettings:
     """The loss settings of a run: its ``loss`` section, and a learned temperature when it has one.
 
     A run trained with ``loss.learn_temperature`` saved the learned ``logit_scale`` in
     ``model/loss_state.pt``; its temperature ``exp(-logit_scale)`` is used then (clamped like training:
-    scale <= 100). Every other run uses ``loss.temperature`` as configured, whatever its objective, so the
-    InfoNCE of runs trained with different losses stays comparable.
+    scale <= 100). Every other run starts where training started (``loss.temperature`` when set, else the
+    backbone's pretrained ``logit_scale``, else 0.07: :func:`cliptune.losses.initial_temperature`), whatever
+    its objective, so the InfoNCE of runs trained with different losses stays comparable.
 
     Args:
         cfg: The run's config.
         model_folder: ``RUN/model`` (for ``loss_state.pt``), or None.
+        similarity_init: The loaded backbone's pretrained similarity (``logit_scale``, ``logit_bias``).
 
     Returns:
         The :class:`LossSettings`.
     """
-    temperature, source = cfg.loss.temperature, "config"
+    temperature, source = initial_temperature(cfg.loss.temperature, similarity_init or {})
     state_file = model_folder / "loss_state.pt" if model_folder is not None else None
     if cfg.loss.learn_temperature and state_file is not None and state_file.is_file():
         state = torch.load(state_file, map_location="cpu", weights_only=True)

@@ -78,7 +78,7 @@ def evaluate_run(
             f"{run_dir}: no split {', '.join(map(repr, unknown))}; this run has {', '.join(sorted(data.splits))}"
         )
     model = load_model(run_dir)
-    settings = loss_settings(cfg, model.source)
+    settings = loss_settings(cfg, model.source, model.backbone.similarity_init)
     return {
         name: evaluate_split(
             model,

@@ -154,7 +154,9 @@ def shared_heldout_eval(
                 cache_dir=cfg.model.cache_dir,
                 precision=cfg.model.embed_precision,
                 progress=progress,
-                loss=loss_settings(load_config(RunDir(run).config), model.source),
+                loss=loss_settings(
+                    load_config(RunDir(run).config), model.source, model.backbone.similarity_init
+                ),
             )
         )
     return out[0], out[1]
