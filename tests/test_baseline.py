@@ -257,3 +257,24 @@ def test_leaderboard_of_a_zero_shot_baseline_and_three_runs(world: dict[str, Pat
     assert sorted((r[0], r[1]) for r in rows) == sorted(expected)
     assert all(r[-1] and "(log)" not in r[-1] for r in rows)  # every row's loss is the eval's
     assert "base: " in md and "evaluated on the splits of b" in md
+
+
+def test_the_documented_example(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cliptune eval RUN_A/model --splits-from RUN_B --split test; cliptune compare RUN_B evals/... --baseline
+    monkeypatch.chdir(tmp_path)
+    run_a, run_b = world["a"], world["b"]
+    write_eval(evaluate_run(run_b, ["test"], bootstrap=50, progress=False)["test"], run_b)
+    res = runner.invoke(
+        _app(), ["eval", str(run_a / "model"), "--splits-from", str(run_b), "--split", "test", "-q"]
+    )
+    assert res.exit_code == 0, res.output
+    base = Path("evals") / "a-model-on-b"  # the default folder: evals/<model>-on-<run>
+    assert json.loads((base / MANIFEST_FILE).read_text())["evals"] == ["test"]
+    res = runner.invoke(_app(), ["compare", str(run_b), str(base), "--baseline", str(base), "--out", "cmp"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(Path("cmp/compare.json").read_text())
+    deltas = data["deltas"]["b"]["test"]
+    assert data["flags"] == [] and deltas and all(d["paired"] for d in deltas)
+    assert "(unpaired)" not in res.output
