@@ -119,7 +119,8 @@ def evaluate_model_on_run(
 
     Everything but the model comes from the run, exactly as :func:`evaluate_run` takes it: the catalogue
     (``data.catalogue``), the groups of ``splits.json``, the ``eval`` settings and the loss settings (the
-    configured temperature and batch size: a learned temperature belongs to the run's model, not this one).
+    configured temperature and batch size: a learned temperature belongs to the run's model, not this one;
+    a model without a head on a Siamese run gets no loss, since that objective needs the head).
     So the query ids equal the run's ``eval/<split>.json`` and the loss is the same formula. The run is only
     read: a run without ``splits.json`` is an error, never given a fresh split.
 
@@ -152,10 +153,16 @@ def evaluate_model_on_run(
         raise EvalError(f"{run_dir}: no {SPLITS_FILE}: this run has no splits to borrow")
     cfg, data, splits = _open_run(run_dir, catalogue, splits, progress)
     loaded = load_model(model)
-    settings = loss_settings(cfg, None)
-    return _evaluate_splits(
+    # A Siamese run's loss is the objective of its head: a model without one has no comparable loss.
+    siamese_only = cfg.train.task == "siamese" and loaded.head is None
+    settings = LossSettings() if siamese_only else loss_settings(cfg, None)
+    results = _evaluate_splits(
         loaded, cfg, data, splits, settings, ks, bootstrap, relevant, cache_dir, text_column, progress
     )
+    if siamese_only:
+        for result in results.values():
+            result["loss"]["reason"] = "the run's loss is the Siamese objective, which needs a head"
+    return results
 
 
 def split_files(
