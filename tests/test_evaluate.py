@@ -337,3 +337,14 @@ def test_loss_settings_use_the_learned_temperature(tmp_path: Path) -> None:
     assert loss_settings(cfg, tmp_path).temperature == pytest.approx(0.01)
     fixed = loss_settings(load_config(None, ["loss.temperature=0.05"]), tmp_path)
     assert (fixed.temperature, fixed.source) == (0.05, "config")
+
+
+def test_a_headless_baseline_on_a_siamese_run_has_no_loss(world: dict[str, Path]) -> None:
+    from cliptune.evaluation.run import evaluate_model_on_run
+
+    run = world["siamese"]
+    own = evaluate_run(run, ["test"], bootstrap=0, progress=False)["test"]
+    base = evaluate_model_on_run(world["clip"], run, ["test"], bootstrap=0, progress=False)["test"]
+    assert base["per_query"]["t2i"]["query_ids"] == own["per_query"]["t2i"]["query_ids"]
+    # the run's loss is per triplet through its head: a headless model's InfoNCE would not compare
+    assert "loss" not in base["metrics"] and "needs a head" in base["loss"]["reason"]

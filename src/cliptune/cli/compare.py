@@ -20,10 +20,17 @@ def register(app: typer.Typer) -> None:
 
 
 def compare(
-    runs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")],
+    runs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Two or more run directories or evaluation folders (cliptune eval --splits-from)."
+        ),
+    ],
     baseline: Annotated[
         Optional[Path],  # noqa: UP045 (typer needs Optional)
-        typer.Option("--baseline", help="The run the others are compared with (default: the first)."),
+        typer.Option(
+            "--baseline", help="The run or evaluation the others are compared with (default: the first)."
+        ),
     ] = None,
     out: Annotated[
         Optional[Path],  # noqa: UP045
@@ -32,12 +39,16 @@ def compare(
 ) -> None:
     """Compare runs: leaderboard, deltas with paired-bootstrap verdicts, curves, suites, queries that moved.
 
+    A model evaluation folder (`cliptune eval MODEL --splits-from RUN`) stands beside runs, e.g. a zero-shot
+    baseline measured on a run's own queries, so its deltas are paired query by query.
+
     Writes compare.html, compare.md and compare.json; prints each candidate's verdicts. Exit 2 for fewer
     than two runs or a baseline that is not among them; exit 1 when a run cannot be read.
 
     Examples:
         cliptune compare runs/fashion-base runs/fashion-tuned
         cliptune compare runs/base runs/tuned runs/tuned-lora --baseline runs/base --out runs/compare
+        cliptune compare runs/tuned evals/base --baseline evals/base
     """
     from cliptune.report import compare_runs
     from cliptune.rundir import read_json
@@ -45,7 +56,7 @@ def compare(
     console = Console(soft_wrap=True)
     resolved = [p.resolve() for p in runs]
     if len(runs) < 2:
-        err_console.print("[red]compare needs at least two run directories[/red]")
+        err_console.print("[red]compare needs at least two run directories or evaluation folders[/red]")
         raise typer.Exit(2)
     if baseline is not None and baseline.resolve() not in resolved:
         err_console.print(f"[red]--baseline {baseline} is not one of the runs given[/red]", highlight=False)

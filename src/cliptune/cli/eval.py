@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -13,7 +14,7 @@ from rich.table import Table
 
 from cliptune.cli.errors import err_console, exit_on_error
 
-__all__ = ["register", "metrics_table", "parse_ks"]
+__all__ = ["default_evaluation_folder", "metrics_table", "parse_ks", "register"]
 
 _RETRIEVAL_COLUMNS = ("recall@{k}", "mrr", "precision@{p}")
 _TRIPLET_COLUMNS = (
@@ -83,10 +84,20 @@ def register(app: typer.Typer) -> None:
 
     @app.command("eval")
     def eval_cmd(
-        target: Annotated[str, typer.Argument(help="A run directory, a saved model folder, or 'embedded'.")],
+        target: Annotated[
+            str, typer.Argument(help="A run directory, a saved model folder, a hub id, or 'embedded'.")
+        ],
         data: Annotated[
             Optional[Path],  # noqa: UP045
             typer.Option("--data", help="Catalogue folder; default for a run: the run's own catalogue."),
+        ] = None,
+        splits_from: Annotated[
+            Optional[Path],  # noqa: UP045
+            typer.Option(
+                "--splits-from",
+                help="Evaluate the model on this run's split: its catalogue, splits.json and eval settings "
+                "(the same queries as the run's own eval, for compare).",
+            ),
         ] = None,
         split: Annotated[
             Optional[str],  # noqa: UP045
@@ -111,7 +122,11 @@ def register(app: typer.Typer) -> None:
         ] = False,
         out: Annotated[
             Optional[Path],  # noqa: UP045
-            typer.Option(help="Folder for <split>.json (default: RUN/eval, or ./eval for a bare model)."),
+            typer.Option(
+                help="Folder for <split>.json (default: RUN/eval, or ./eval for a bare model); with "
+                "--splits-from, the evaluation folder of evaluation.json + eval/<split>.json (default: "
+                "evals/<model>-on-<run>)."
+            ),
         ] = None,
         cache_dir: Annotated[
             Optional[Path],  # noqa: UP045
@@ -122,7 +137,9 @@ def register(app: typer.Typer) -> None:
         ] = False,
         text_column: Annotated[
             Optional[str],  # noqa: UP045
-            typer.Option(help="Caption column of the queries (default: the run's data.text_column)."),
+            typer.Option(
+                help="Caption column of the queries (default: the run's data.text_column, else 'text')."
+            ),
         ] = None,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     ) -> None:
@@ -132,11 +149,16 @@ def register(app: typer.Typer) -> None:
         (or 'embedded') needs --data, and the split comes from the catalogue's `split` column, else the
         whole catalogue is the split 'all'. Writes <split>.json per split.
 
+        With --splits-from RUN, any model (a zero-shot baseline, another run's model) is measured on that
+        run's split, on the same queries as the run's own eval, and written to an evaluation folder that
+        `cliptune compare` takes beside runs.
+
         Examples:
             cliptune eval runs/demo-finetuned
             cliptune eval runs/demo-finetuned --all-splits --k 1,5,10 --bootstrap 2000
             cliptune eval runs/demo-finetuned --split val --json
             cliptune eval embedded --data data/fashion --out eval/base
+            cliptune eval runs/a/model --splits-from runs/b --split test --out evals/base
         """
         from cliptune.rundir import RunDir, write_eval_json
         from cliptune.rundir import is_run as is_run_dir
@@ -148,6 +170,23 @@ def register(app: typer.Typer) -> None:
             )
             raise typer.Exit(2)
         path = Path(target)
+        if splits_from is not None:
+            _eval_on_run(
+                target,
+                splits_from,
+                data,
+                split,
+                all_splits,
+                ks,
+                bootstrap,
+                relevant,
+                out,
+                cache_dir,
+                as_json,
+                text_column,
+                quiet,
+            )
+            return
         is_run = is_run_dir(path)
         if not is_run and data is None:
             err_console.print(
@@ -162,21 +201,69 @@ def register(app: typer.Typer) -> None:
             )
         folder = out if out is not None else (RunDir(path).eval_dir if is_run else Path("eval"))
         written = [write_eval_json(folder, r) for r in results.values()]
-        if as_json:
-            sys.stdout.write(json.dumps({s: r["metrics"] for s, r in results.items()}, indent=1) + "\n")
-            return
-        console = Console(soft_wrap=True)
-        if not console.is_terminal:  # piped or captured: no terminal width to fit, keep rows on one line
-            console.width = 200
-        directions = ["t2i", "i2t"] + (
-            ["triplet"] if any("triplet" in r["per_query"] for r in results.values()) else []
+        _print_results(results, written, as_json)
+
+
+def _print_results(results: dict[str, dict[str, Any]], written: list[Path], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps({s: r["metrics"] for s, r in results.items()}, indent=1) + "\n")
+        return
+    console = Console(soft_wrap=True)
+    if not console.is_terminal:  # piped or captured: no terminal width to fit, keep rows on one line
+        console.width = 200
+    directions = ["t2i", "i2t"] + (
+        ["triplet"] if any("triplet" in r["per_query"] for r in results.values()) else []
+    )
+    for direction in directions:
+        console.print(metrics_table(results, direction))
+    for name, r in results.items():
+        if "loss" not in r["metrics"]:
+            console.print(f"{name}: no loss ({r['loss'].get('reason')})", highlight=False)
+    console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+
+
+def _eval_on_run(
+    target: str,
+    run: Path,
+    data: Path | None,
+    split: str | None,
+    all_splits: bool,
+    ks: list[int] | None,
+    bootstrap: int | None,
+    relevant: str | None,
+    out: Path | None,
+    cache_dir: Path | None,
+    as_json: bool,
+    text_column: str | None,
+    quiet: bool,
+) -> None:
+    """A model on a run's own split(s), written to an evaluation folder (evaluation.json + eval/)."""
+    from cliptune.evaluation.run import evaluate_model_on_run, write_model_evaluation
+
+    with exit_on_error(1, ValueError, FileNotFoundError):
+        results = evaluate_model_on_run(
+            target,
+            run,
+            None if all_splits else [split or "test"],
+            catalogue=data,
+            ks=ks,
+            bootstrap=bootstrap,
+            relevant=relevant,  # type: ignore[arg-type]
+            cache_dir=cache_dir,
+            text_column=text_column,
+            progress=not quiet,
         )
-        for direction in directions:
-            console.print(metrics_table(results, direction))
-        for name, r in results.items():
-            if "loss" not in r["metrics"]:
-                console.print(f"{name}: no loss ({r['loss'].get('reason')})", highlight=False)
-        console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+        folder = out if out is not None else default_evaluation_folder(target, run)
+        written = write_model_evaluation(folder, target, run, evals=results)
+    _print_results(results, written, as_json)
+
+
+def default_evaluation_folder(model: str, run: Path) -> Path:
+    """``evals/<model>-on-<run name>``: ``RUN_A/model`` -> ``evals/RUN_A-model-on-RUN_B``."""
+    path = Path(model)
+    parts = path.parts[-2:] if path.name == "model" else path.parts[-1:]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(parts)).strip("-") or "model"
+    return Path("evals") / f"{slug}-on-{Path(run).resolve().name}"
 
 
 def _evaluate(
@@ -213,7 +300,8 @@ def _evaluate(
             progress=not quiet,
         )
     assert data is not None
-    prepared = prepare_catalogue(data, progress=not quiet)
+    column = text_column or "text"  # a bare model has no config: the catalogue's `text` unless told
+    prepared = prepare_catalogue(data, text_column=column, progress=not quiet)
     names = split_order(prepared.splits) if all_splits else [split or _default_split(prepared.splits)]
     unknown = [n for n in names if n not in prepared.splits]
     if unknown:
@@ -227,6 +315,7 @@ def _evaluate(
             ks=ks or (1, 5, 10),
             relevant=relevant or "group",  # type: ignore[arg-type]
             bootstrap=1000 if bootstrap is None else bootstrap,
+            text_column=column,
             cache_dir=cache_dir,
             progress=not quiet,
         )

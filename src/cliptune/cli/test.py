@@ -71,8 +71,19 @@ def register(app: typer.Typer) -> None:
 
     @app.command("test")
     def test_cmd(
-        target: Annotated[str, typer.Argument(help="A run directory, a saved model folder, or 'embedded'.")],
+        target: Annotated[
+            str, typer.Argument(help="A run directory, a saved model folder, a hub id, or 'embedded'.")
+        ],
         suite: Annotated[Path, typer.Option("--suite", help="The suite YAML file.")],
+        splits_from: Annotated[
+            Optional[Path],  # noqa: UP045
+            typer.Option(
+                "--splits-from",
+                help="Rank only this run's --split images (its catalogue and splits.json), and write to an "
+                "evaluation folder that compare takes beside runs.",
+            ),
+        ] = None,
+        split: Annotated[str, typer.Option(help="The split of --splits-from to rank.")] = "test",
         data: Annotated[
             Optional[Path],  # noqa: UP045
             typer.Option("--data", help="Catalogue folder; default for a run: its config's data.catalogue."),
@@ -83,7 +94,11 @@ def register(app: typer.Typer) -> None:
         ] = None,
         out: Annotated[
             Optional[Path],  # noqa: UP045
-            typer.Option(help="Folder for <suite>.json (default: RUN/suite, or ./suite for a bare model)."),
+            typer.Option(
+                help="Folder for <suite>.json (default: RUN/suite, or ./suite for a bare model); with "
+                "--splits-from, the evaluation folder (evaluation.json + suite/<suite>.json, default "
+                "evals/<model>-on-<run>)."
+            ),
         ] = None,
         bootstrap: Annotated[
             int, typer.Option(help="Bootstrap resamples of the category intervals.", min=0)
@@ -101,10 +116,14 @@ def register(app: typer.Typer) -> None:
         recall@k, accuracy@k, nDCG@k and the red-flag rate; a category passes when its means meet its
         thresholds. Writes <suite>.json; an invalid suite or catalogue exits 2 naming the exact location.
 
+        With --splits-from RUN, only the images of RUN's --split are ranked (what training never saw), on
+        RUN's catalogue; queries left without a relevant image are skipped and listed.
+
         Examples:
             cliptune test runs/demo-finetuned --suite data/fashion/suite.yaml
             cliptune test runs/demo-finetuned --suite data/fashion/suite.yaml --junit reports/suite.xml
             cliptune test embedded --suite data/fashion/suite.yaml --data data/fashion --out suite/base
+            cliptune test embedded --suite data/fashion/suite.yaml --splits-from runs/tuned --out evals/base
         """
         from cliptune.data.catalogue import read_catalogue
         from cliptune.models.factory import load_model
@@ -114,11 +133,16 @@ def register(app: typer.Typer) -> None:
 
         path = Path(target)
         is_run = is_run_dir(path)
+        items: list[str] | None = None
         with exit_on_error(2, ValueError):
             spec = load_suite(suite)
-            if is_run:
-                run_data, run_cache = _run_catalogue(path)
+            if is_run or splits_from is not None:
+                run_data, run_cache = _run_catalogue(splits_from or path)
                 data, cache_dir = data or run_data, cache_dir or run_cache
+            if splits_from is not None:
+                from cliptune.evaluation.run import split_files
+
+                items = split_files(splits_from, split, catalogue=data, progress=not quiet)
             if data is None:
                 what = (
                     "its config has no data.catalogue"
@@ -140,10 +164,22 @@ def register(app: typer.Typer) -> None:
                 seed=seed,
                 suite_file=suite.resolve(),
                 progress=not quiet,
+                items=items,
             )
-        folder = out if out is not None else (RunDir(path).suite_dir if is_run else Path("suite"))
-        written = write_suite_json(folder, result)
+        if splits_from is not None:
+            from cliptune.cli.eval import default_evaluation_folder
+            from cliptune.evaluation.run import write_model_evaluation
+
+            result |= {"splits_from": str(splits_from.resolve()), "split": split}
+            with exit_on_error(1, ValueError):
+                folder = out if out is not None else default_evaluation_folder(target, splits_from)
+                written = write_model_evaluation(folder, target, splits_from, suite=result)[0]
+        else:
+            folder = out if out is not None else (RunDir(path).suite_dir if is_run else Path("suite"))
+            written = write_suite_json(folder, result)
         console = Console(soft_wrap=True)
+        for q in result.get("skipped", []):
+            console.print(f"skipped {q['category']}/{q['id']}: {q['reason']}", highlight=False)
         for name, cat in result["categories"].items():
             console.print(category_table(name, cat))
         failing = _failing_queries(result)

@@ -6,6 +6,10 @@ delta of an eval metric comes with a paired bootstrap interval over the same que
 id), and a verdict: better / worse only when the whole interval is on one side of zero. Runs evaluated
 on different query sets are flagged and compared unpaired (see :func:`unpaired_bootstrap_delta`); values
 from the training log have no per-query values, so they are shown without a verdict.
+
+Model evaluation folders (``cliptune eval MODEL --splits-from RUN``) sit beside runs: a zero-shot
+baseline evaluated on a run's own queries pairs with it query by query; it has no training log, so it
+has no curves and no training-dynamics rows.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from cliptune.report.grids import query_rows
 from cliptune.report.html import render_html
 from cliptune.report.markdown import render_markdown
 from cliptune.report.plots import overlay_plot
-from cliptune.report.rundata import ReportError, RunData, load_run
+from cliptune.report.rundata import ReportError, RunData, load_compared
 from cliptune.rundir import RunDir, read_json, write_text_atomic
 
 __all__ = ["Delta", "compare_runs", "metric_deltas", "relative_change"]
@@ -182,8 +186,9 @@ def compare_runs(
     """Write ``compare.html`` (self-contained), ``compare.md`` and ``compare.json`` for several runs.
 
     Args:
-        run_dirs: Two or more run directories.
-        baseline: The run every other run is compared with (one of ``run_dirs``); default the first.
+        run_dirs: Two or more run directories or model evaluation folders (``evaluation.json``).
+        baseline: The run or evaluation every other one is compared with (one of ``run_dirs``); default
+            the first.
         out: Output folder; default ``<parent of the first run>/compare``.
 
     Returns:
@@ -209,7 +214,7 @@ def compare_runs(
                 f"compare: baseline {baseline} is not one of the runs ({', '.join(map(str, paths))})"
             )
         base_index = resolved.index(Path(baseline).resolve())
-    runs = [load_run(p) for p in paths]
+    runs = [load_compared(p) for p in paths]
     base = runs[base_index]
     others = [r for i, r in enumerate(runs) if i != base_index]
     out_dir = Path(out) if out is not None else paths[0].parent / "compare"
@@ -246,17 +251,18 @@ def _compare_document(base: RunData, others: list[RunData]) -> tuple[Document, d
                     "warn",
                 )
             )
+    trained = [r for r in runs if r.trained]  # the baseline first when it is a run
     sections = [
         _summary_section(base, others, data),
         _leaderboard_section(runs),
         deltas_section,
-        _dynamics_section(base, others),
-        _curves_section(runs),
+        _dynamics_section(trained[0], trained[1:]) if trained else Section("dynamics", "", []),
+        _curves_section(trained),
         _suite_section(base, others),
         _movers_section(base, others),
     ]
     subtitle = (
-        f"{len(runs)} runs · baseline {base.name} · verdicts from paired bootstrap intervals over queries"
+        f"{len(runs)} models · baseline {base.name} · verdicts from paired bootstrap intervals over queries"
     )
     doc = Document(
         "cliptune compare: " + " vs ".join(r.name for r in runs), subtitle, [s for s in sections if s.blocks]
@@ -352,32 +358,49 @@ def _leaderboard_section(runs: list[RunData]) -> Section:
             for split, values, loss in _leaderboard_rows(r, present):
                 rows.append([r.name, split, *values, loss])
         _bold_best(rows, present)
-        cols = ["run", "split", *[k.split("/", 1)[1] for k in present], "loss (log, best epoch)"]
+        cols = ["run", "split", *[k.split("/", 1)[1] for k in present], "loss"]
         blocks.append(Table(cols, rows, f"Leaderboard: {title}"))
     if blocks:
         blocks.append(
             Paragraph(
-                "Eval rows show the mean of eval/<split>.json; 'val (log)' rows come from the training "
-                "log at the best epoch. Bold green: best in its column and split.",
+                "Eval rows show the mean of eval/<split>.json, loss included (the run's InfoNCE or "
+                "Siamese objective on that split); a loss marked (log) comes from the training log at the "
+                "best epoch, as do 'val (log)' rows. Bold green: best in its column and split.",
                 "note",
             )
         )
+        blocks += [
+            Paragraph(
+                f"{r.name}: {r.manifest.get('model')} evaluated on the splits of "
+                f"{r.manifest.get('run_name') or r.manifest.get('splits_from')} (no training).",
+                "note",
+            )
+            for r in runs
+            if r.manifest is not None
+        ]
     return Section("leaderboard", "Leaderboard", blocks)
 
 
 def _leaderboard_rows(run: RunData, keys: list[str]) -> list[tuple[str, list[str], str]]:
-    best = run.summary.get("best") or run.epochs[-1]
-    losses = {"train": best.get("train/loss"), "val": best.get("val/loss"), "val (log)": best.get("val/loss")}
+    best = run.summary.get("best") or (run.epochs[-1] if run.epochs else {})
+    logged = {"train": best.get("train/loss"), "val": best.get("val/loss")}
     rows: list[tuple[str, list[str], str]] = []
-    splits: list[str] = [s for s in ("train", "val", "test") if s in run.evals] or ["val (log)"]
+    splits: list[str] = [s for s in ("train", "val", "test") if s in run.evals]
+    splits = splits or (["val (log)"] if best else [])
     for split in splits:
         if split == "val (log)":
             values = [f"{best[f'val/{k}']:.4f}" if f"val/{k}" in best else "" for k in keys]
+            loss = best.get("val/loss")
+            rows.append((split, values, f"{loss:.4f}" if isinstance(loss, int | float) else ""))
+            continue
+        metrics = run.evals[split].get("metrics", {})
+        values = [f"{metrics[k]['mean']:.4f}" if k in metrics else "" for k in keys]
+        log = logged.get(split)
+        if "loss" in metrics:  # the eval's loss: the same formula and queries for every model
+            loss_text = f"{float(metrics['loss']['mean']):.4f}"
         else:
-            metrics = run.evals[split].get("metrics", {})
-            values = [f"{metrics[k]['mean']:.4f}" if k in metrics else "" for k in keys]
-        loss = losses.get(split)
-        rows.append((split, values, f"{loss:.4f}" if isinstance(loss, int | float) else ""))
+            loss_text = f"{log:.4f} (log)" if isinstance(log, int | float) else ""
+        rows.append((split, values, loss_text))
     return rows
 
 

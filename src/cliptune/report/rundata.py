@@ -4,6 +4,9 @@ Everything the report and the comparison show comes from these files (see PRODUC
 ``metrics.jsonl``, ``summary.json``, ``eval/<split>.json`` and ``suite/<name>.json``. Only
 ``metrics.jsonl`` is required; a run that was never evaluated or gated simply has no eval or suite
 sections. A file that exists but cannot be read is an error naming the file (and line), never skipped.
+
+``compare`` also reads *model evaluation folders* (``cliptune eval MODEL --splits-from RUN``): an
+``evaluation.json`` manifest beside ``eval/`` and ``suite/``, no training log (:func:`load_compared`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import yaml
 from cliptune.errors import CliptuneError
 from cliptune.rundir import RunDir
 
-__all__ = ["ReportError", "RunData", "load_run", "watched_metric"]
+__all__ = ["ReportError", "RunData", "load_compared", "load_run", "watched_metric"]
 
 
 class ReportError(CliptuneError, ValueError):
@@ -38,6 +41,8 @@ class RunData:
         summary: ``summary.json`` (``{}`` when training did not finish).
         evals: split -> ``eval/<split>.json``.
         suites: suite name -> ``suite/<name>.json``.
+        manifest: ``evaluation.json`` of a model evaluation folder (no training: ``epochs`` is empty);
+            None for a run.
     """
 
     path: Path
@@ -48,6 +53,12 @@ class RunData:
     summary: dict[str, Any] = field(default_factory=dict)
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)
     suites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    manifest: dict[str, Any] | None = None
+
+    @property
+    def trained(self) -> bool:
+        """True for a run directory, False for a model evaluation folder (no training log)."""
+        return self.manifest is None
 
     @property
     def task(self) -> str:
@@ -100,6 +111,42 @@ def load_run(path: Path | str) -> RunData:
         summary=summary,
         evals=_read_folder(run.eval_dir),
         suites=_read_folder(run.suite_dir),
+    )
+
+
+def load_compared(path: Path | str) -> RunData:
+    """Read what ``compare`` takes: a run directory, or a model evaluation folder (``evaluation.json``).
+
+    Args:
+        path: ``runs/<name>``, or the ``--out`` folder of ``cliptune eval MODEL --splits-from RUN``.
+
+    Returns:
+        The :class:`RunData`; for an evaluation folder ``manifest`` is set, ``epochs`` empty and
+        ``config`` holds only ``data.catalogue``.
+
+    Raises:
+        ReportError: Neither a run directory nor an evaluation folder, or a file does not parse.
+
+    Example:
+        >>> load_compared("evals/base").manifest["splits_from"]  # doctest: +SKIP
+        '/home/me/runs/tuned'
+    """
+    from cliptune.evaluation.run import MANIFEST_FILE
+
+    folder = Path(path)
+    manifest_file = folder / MANIFEST_FILE
+    if RunDir(folder).metrics.is_file() or not manifest_file.is_file():
+        return load_run(folder)
+    manifest = _read_json(manifest_file)
+    run = RunDir(folder)
+    return RunData(
+        path=folder,
+        name=str(manifest.get("name") or folder.name),
+        config={"data": {"catalogue": manifest.get("catalogue")}},
+        epochs=[],
+        evals=_read_folder(run.eval_dir),
+        suites=_read_folder(run.suite_dir),
+        manifest=manifest,
     )
 
 

@@ -9,9 +9,12 @@ its means meet the category thresholds, and the suite passes when every category
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cliptune.data.catalogue import Catalogue
@@ -19,23 +22,33 @@ from cliptune.models.embed import embed_images_with, embed_texts_with
 from cliptune.models.factory import LoadedModel
 from cliptune.ranking.bootstrap import Interval, bootstrap_ci
 from cliptune.suites.resolve import ResolvedQuery, ResolvedSuite, resolve_suite
-from cliptune.suites.schema import Suite
+from cliptune.suites.schema import Suite, SuiteError
 from cliptune.suites.scoring import METRICS, gate_failures, metric_key, query_metrics
 
 __all__ = ["run_suite", "embed_suite"]
 
 
 def embed_suite(
-    resolved: ResolvedSuite, model: LoadedModel, *, cache_dir: Path | None = None, progress: bool = False
+    resolved: ResolvedSuite,
+    model: LoadedModel,
+    *,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+    keep: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings of the catalogue's unique images and of every query (text or image), L2-normalised.
 
+    Args:
+        keep: Item indices to embed (default: every item).
+
     Returns:
-        ``(items, queries)``: (N, D) in ``resolved.items.ids`` order and (Q, D) in ``resolved.queries`` order.
+        ``(items, queries)``: (N, D) in ``resolved.items.ids`` order (or ``keep`` order) and (Q, D) in
+        ``resolved.queries`` order.
     """
     cat = resolved.items.catalogue
+    ids = resolved.items.ids if keep is None else [resolved.items.ids[i] for i in keep]
     items = embed_images_with(
-        model, [cat.image_path(i) for i in resolved.items.ids], cache_dir=cache_dir, progress=progress
+        model, [cat.image_path(i) for i in ids], cache_dir=cache_dir, progress=progress
     )  # (N, D)
     texts = [(j, q.query.text) for j, q in enumerate(resolved.queries) if q.query.text is not None]
     images = [(j, q.image_path) for j, q in enumerate(resolved.queries) if q.image_path is not None]
@@ -134,8 +147,13 @@ def run_suite(
     seed: int = 0,
     suite_file: Path | None = None,
     progress: bool = False,
+    items: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run every query of a suite with a model and gate every category.
+
+    By default every query ranks all the catalogue's images. ``items`` ranks only those (a run's held-out
+    split, so a suite measures what training never saw): each query's relevant, yellow and red sets
+    shrink to them, and a query left with no relevant image is skipped (listed under ``skipped``).
 
     Args:
         suite: A loaded suite (checked against ``catalogue`` here) or an already resolved one.
@@ -147,6 +165,7 @@ def run_suite(
         seed: Bootstrap seed.
         suite_file: Recorded in the result.
         progress: Progress bars while embedding.
+        items: Image ``file_name`` values to rank (default: every catalogue image).
 
     Returns:
         The ``suite/<name>.json`` document: ``suite``, ``passed``, ``thresholds``, ``k``, ``categories``
@@ -154,7 +173,8 @@ def run_suite(
         verdict, failures and the top k with relevant/yellow/red/none flags).
 
     Raises:
-        SuiteError: The suite does not match the catalogue.
+        SuiteError: The suite does not match the catalogue; ``items`` names an image the catalogue lacks, or
+            leaves a category without a query that has a relevant image.
 
     Example:
         >>> result = run_suite(load_suite("suite.yaml"), load_model("runs/a"), read_catalogue(Path("data/fashion")))  # doctest: +SKIP
@@ -168,13 +188,26 @@ def run_suite(
             raise ValueError("run_suite: give the catalogue to run an unresolved suite on")
         resolved = resolve_suite(suite, catalogue)
     spec = resolved.suite
-    items, queries = embed_suite(resolved, model, cache_dir=cache_dir, progress=progress)
-    if items.shape[1] != queries.shape[1]:
-        raise ValueError(f"run_suite: item embeddings are {items.shape[1]}-d, queries {queries.shape[1]}-d")
-    ids = resolved.items.ids
+    keep = None if items is None else _item_indices(resolved, items)
+    ids = resolved.items.ids if keep is None else [resolved.items.ids[i] for i in keep]
+    kept = resolved.queries if keep is None else [_restrict(q, keep) for q in resolved.queries]
+    skipped = [
+        {"id": q.query.id, "category": q.category, "reason": "no relevant image among the ranked items"}
+        for q in kept
+        if not q.relevant.any()
+    ]
+    empty = [c for c in spec.categories if all(not q.relevant.any() for q in kept if q.category == c)]
+    if empty:
+        raise SuiteError(
+            [f"categories.{c}: no query has a relevant image among the ranked items" for c in empty],
+            source=f"for the {len(ids)} ranked images",
+        )
+    emb, queries = embed_suite(resolved, model, cache_dir=cache_dir, progress=progress, keep=keep)
+    if emb.shape[1] != queries.shape[1]:
+        raise ValueError(f"run_suite: item embeddings are {emb.shape[1]}-d, queries {queries.shape[1]}-d")
     gain = spec.defaults.yellow_gain
     results = [
-        _score_query(q, items @ queries[j], ids, gain) for j, q in enumerate(resolved.queries)
+        _score_query(q, emb @ queries[j], ids, gain) for j, q in enumerate(kept) if q.relevant.any()
     ]  # (N,) scores each
     categories = {
         name: _category(
@@ -199,4 +232,21 @@ def run_suite(
         "seed": seed,
         "categories": categories,
         "queries": results,
-    }
+    } | ({} if items is None else {"skipped": skipped})
+
+
+def _item_indices(resolved: ResolvedSuite, items: Sequence[str]) -> list[int]:
+    index = {name: i for i, name in enumerate(resolved.items.ids)}
+    unknown = [name for name in items if name not in index]
+    if unknown:
+        raise SuiteError([f"items: {len(unknown)} are not catalogue images, e.g. {unknown[0]!r}"])
+    return sorted({index[name] for name in items})
+
+
+def _restrict(q: ResolvedQuery, keep: list[int]) -> ResolvedQuery:
+    """The query over the kept items only (masks sliced, the excluded query image re-indexed)."""
+    at = np.asarray(keep)
+    exclude = keep.index(q.exclude) if q.exclude is not None and q.exclude in set(keep) else None
+    return dataclasses.replace(
+        q, relevant=q.relevant[at], yellow=q.yellow[at], red=q.red[at], exclude=exclude
+    )
