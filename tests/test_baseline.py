@@ -19,13 +19,12 @@ from cliptune.data.splits import load_splits
 from cliptune.data.synthetic import render_fashion
 from cliptune.evaluation.errors import EvalError
 from cliptune.evaluation.run import (
-    MANIFEST_FILE,
     evaluate_model_on_run,
     evaluate_run,
     write_eval,
     write_model_evaluation,
 )
-from cliptune.rundir import RunDir
+from cliptune.rundir import EVALUATION_FILE, RunDir
 from cliptune.train.run import train
 from tests.tiny_models import make_tiny_clip
 
@@ -101,7 +100,7 @@ def test_cli_eval_splits_from_writes_an_evaluation_folder(world: dict[str, Path]
     assert res.exit_code == 0, res.output
     res = runner.invoke(_app(), [*args, "--split", "train", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest = json.loads((out / EVALUATION_FILE).read_text())
     assert manifest["splits_from"] == str(world["b"].resolve())
     assert manifest["model"] == str(world["clip"].resolve())
     assert manifest["evals"] == ["test", "train"] and manifest["text_column"] == "text"
@@ -193,7 +192,7 @@ def test_suite_on_a_runs_split_ranks_only_its_images(world: dict[str, Path], tmp
     (scored,) = [q for q in result["queries"] if q["id"] == "any"]
     assert scored["n_relevant"] == len(images) and {t["id"] for t in scored["top"]} <= images
     assert [q["id"] for q in result["skipped"]] == (["gone"] if absent else [])
-    assert json.loads((out / MANIFEST_FILE).read_text())["suites"] == ["mini"]
+    assert json.loads((out / EVALUATION_FILE).read_text())["suites"] == ["mini"]
     # the default stays unchanged: without --splits-from every catalogue image is ranked
     res = runner.invoke(
         _app(), ["test", str(run), "--suite", str(suite), "--out", str(tmp_path / "all"), "-q"]
@@ -271,7 +270,7 @@ def test_the_documented_example(
     )
     assert res.exit_code == 0, res.output
     base = Path("evals") / "a-model-on-b"  # the default folder: evals/<model>-on-<run>
-    assert json.loads((base / MANIFEST_FILE).read_text())["evals"] == ["test"]
+    assert json.loads((base / EVALUATION_FILE).read_text())["evals"] == ["test"]
     res = runner.invoke(_app(), ["compare", str(run_b), str(base), "--baseline", str(base), "--out", "cmp"])
     assert res.exit_code == 0, res.output
     data = json.loads(Path("cmp/compare.json").read_text())

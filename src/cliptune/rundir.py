@@ -36,6 +36,7 @@ from typing import Any
 __all__ = [
     "CHECKPOINTS_DIR",
     "CONFIG_FILE",
+    "EVALUATION_FILE",
     "EVAL_DIR",
     "METRICS_FILE",
     "MODEL_DIR",
@@ -69,6 +70,9 @@ EVAL_DIR = "eval"
 SUITE_DIR = "suite"
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
+# A model-evaluation folder (a bare model measured on a run's splits) is shaped like a run without
+# training: this manifest, eval/ and suite/.
+EVALUATION_FILE = "evaluation.json"
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,11 @@ class RunDir:
     def model(self) -> Path:
         """``model/``: the trained model folder."""
         return self.path / MODEL_DIR
+
+    @property
+    def evaluation(self) -> Path:
+        """``evaluation.json``: the manifest of a model-evaluation folder (which model, whose splits)."""
+        return self.path / EVALUATION_FILE
 
     @property
     def eval_dir(self) -> Path:

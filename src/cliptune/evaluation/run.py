@@ -44,7 +44,6 @@ from cliptune.rundir import (
 )
 
 __all__ = [
-    "MANIFEST_FILE",
     "evaluate_model_on_run",
     "evaluate_run",
     "read_manifest",
@@ -52,9 +51,6 @@ __all__ = [
     "write_eval",
     "write_model_evaluation",
 ]
-
-MANIFEST_FILE = "evaluation.json"
-"""The manifest of a model evaluation folder (what :func:`write_model_evaluation` writes beside ``eval/``)."""
 
 
 def evaluate_run(
@@ -246,7 +242,7 @@ def _evaluate_splits(
 
 def read_manifest(folder: Path | str) -> dict[str, Any] | None:
     """The manifest of a model evaluation folder, or None when ``folder`` holds none."""
-    path = Path(folder) / MANIFEST_FILE
+    path = RunDir(Path(folder)).evaluation
     if not path.is_file():
         return None
     value = read_json(path)
@@ -298,7 +294,7 @@ def write_model_evaluation(
     }
     if (manifest.get("model"), manifest.get("splits_from")) != (model_text, str(run)):
         raise EvalError(
-            f"{folder / MANIFEST_FILE}: holds {manifest.get('model')} on the splits of "
+            f"{RunDir(folder).evaluation}: holds {manifest.get('model')} on the splits of "
             f"{manifest.get('splits_from')}, not {model_text} on {run}: use another folder"
         )
     written: list[Path] = []
@@ -311,7 +307,7 @@ def write_model_evaluation(
     if suite is not None:
         written.append(write_suite_json(RunDir(folder).suite_dir, suite))
         manifest["suites"] = sorted({*manifest.get("suites", []), str(suite["suite"])})
-    written.append(write_text_atomic(folder / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n"))
+    written.append(write_text_atomic(RunDir(folder).evaluation, json.dumps(manifest, indent=2) + "\n"))
     return written
 
 

@@ -131,10 +131,8 @@ def load_compared(path: Path | str) -> RunData:
         >>> load_compared("evals/base").manifest["splits_from"]  # doctest: +SKIP
         '/home/me/runs/tuned'
     """
-    from cliptune.evaluation.run import MANIFEST_FILE
-
     folder = Path(path)
-    manifest_file = folder / MANIFEST_FILE
+    manifest_file = RunDir(folder).evaluation
     if RunDir(folder).metrics.is_file() or not manifest_file.is_file():
         return load_run(folder)
     manifest = _read_json(manifest_file)
