@@ -128,6 +128,31 @@ def _save_open_clip(
     return folder
 
 
+@pytest.mark.parametrize(
+    ("tiny", "builtin"), [(TINY_CLIP_CFG, "ViT-B-32"), (TINY_SIGLIP_CFG, "ViT-B-16-SigLIP")]
+)
+def test_tiny_configs_shrink_the_real_architectures(open_clip, tiny, builtin) -> None:
+    real = open_clip.get_model_config(builtin)
+    # the same structure (keys: pooling, masks, projections, timm pooling); only sizes and names differ
+    assert set(tiny) == set(real)
+    for tower in ("vision_cfg", "text_cfg"):
+        assert set(tiny[tower]) <= set(real[tower]) | {"head_width"}
+    sizes = {
+        "image_size",
+        "layers",
+        "width",
+        "heads",
+        "patch_size",
+        "context_length",
+        "vocab_size",
+        "head_width",
+    }
+    for tower in ("vision_cfg", "text_cfg"):
+        for key, value in real[tower].items():
+            if key not in sizes | {"timm_model_name", "hf_tokenizer_name", "tokenizer_kwargs"}:
+                assert tiny[tower][key] == value, (tower, key)
+
+
 @pytest.fixture(scope="module")
 def folders(open_clip: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("open_clip")
@@ -331,6 +356,8 @@ def test_bad_specs_are_backbone_errors(open_clip, folders, tmp_path, monkeypatch
         load_backbone(f"open_clip:{tmp_path}")
     with pytest.raises(BackboneError, match="could not load it"):
         load_backbone("open_clip:hf-hub:Marqo/marqo-fashionSigLIP")
+    with pytest.raises(BackboneError, match="could not load it"):  # a pretrained tag needs a download
+        load_backbone("open_clip:ViT-B-32/laion2b_s34b_b79k")
     with pytest.raises(BackboneError, match="expected a local open_clip folder"):
         load_backbone("open_clip:ViT-B-32")
     with pytest.raises(BackboneError, match="embed_dim=8 differs"):

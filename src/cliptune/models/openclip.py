@@ -144,6 +144,11 @@ class OpenClipBackbone(Backbone):
             )
         if getattr(text_owner, "cls_emb", None) is not None:
             raise BackboneError("open_clip text tower with a CLS embedding (CoCa) is not supported")
+        if type(tokenizer).__name__ not in ("SimpleTokenizer", "HFTokenizer"):  # what local-dir reloads
+            raise BackboneError(
+                f"open_clip tokenizer {type(tokenizer).__name__}: a saved model could not reload it; only "
+                "checkpoints with open_clip's BPE tokenizer or an hf_tokenizer_name are supported"
+            )
         if not self._timm and not hasattr(visual, "transformer"):
             raise BackboneError(
                 f"open_clip image tower {type(visual).__name__}: only ViT and timm towers are supported"
