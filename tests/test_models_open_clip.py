@@ -318,11 +318,19 @@ def test_save_reload_is_bitwise_and_loads_in_open_clip(open_clip, folders, image
     assert (tmp_path / "saved" / OPEN_CLIP_CONFIG).is_file()
 
 
-def test_lora_trains_saves_and_reloads_bitwise(open_clip, folders, images, tmp_path) -> None:
-    backbone = load_backbone(f"open_clip:{folders['siglip']}", lora=LoraSpec(r=2, alpha=4))
+@pytest.mark.parametrize(
+    ("name", "towers"),
+    [
+        ("clip", (".visual.transformer.", "model.transformer.")),
+        ("siglip", (".trunk.blocks.", ".text.transformer.")),
+    ],
+)
+def test_lora_trains_saves_and_reloads_bitwise(open_clip, folders, images, tmp_path, name, towers) -> None:
+    backbone = load_backbone(f"open_clip:{folders[name]}", lora=LoraSpec(r=2, alpha=4))
     lora = [n for n, p in backbone.named_parameters() if "lora_" in n]
     assert lora and all(backbone.get_parameter(n).requires_grad for n in lora)
-    assert any(".trunk.blocks." in n for n in lora) and any(".text.transformer." in n for n in lora)
+    assert all(any(tower in n for n in lora) for tower in towers)  # adapters in both towers
+    assert not any(n.startswith(("image_proj.", "text_proj.")) or ".attn_pool." in n for n in lora)  # no head
     with torch.no_grad():  # lora_B starts at zero; make the adapters matter
         for n in lora:
             if "lora_B" in n:
