@@ -18,8 +18,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $(STAMP)
 
+# open_clip and timm (the open_clip extra) require torchvision, whose PyPI build fails to import beside the
+# CPU torch and would make transformers believe it is usable: installed with --no-deps (their other
+# dependencies come with the package and the test extra); cliptune imports them under a stand-in torchvision.
+OPEN_CLIP_PKGS := open_clip_torch==3.3.0 timm==1.0.31
+
 $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e ".[test,track]"
+	$(PY) -m pip install --quiet --no-deps $(OPEN_CLIP_PKGS)
 	touch $(TEST_STAMP)
 
 install: $(STAMP)
@@ -31,9 +37,10 @@ demo: install
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-# A red lint fails the tests (as in CI): lint runs first, then pytest.
+# A red lint fails the tests (as in CI): lint runs first, then pytest. CLIPTUNE_REQUIRE_OPEN_CLIP turns a
+# missing open_clip into a failure instead of a skip, so the open_clip parity tests always run here.
 test: lint browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	CLIPTUNE_REQUIRE_OPEN_CLIP=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 # ruff on all Python; import contracts and strict mypy on the package (settings in pyproject.toml).
 # Their caches live in the venv, so `make clean` removes them and git never sees them.

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from cliptune.models import composed, hf
+from cliptune.models import composed, hf, openclip
 from cliptune.models.backbone import (
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -42,6 +42,7 @@ __all__ = [
     "HEAD_DIR",
     "MODEL_DIR",
     "NAMED_SPECS",
+    "OPEN_CLIP_PREFIX",
     "SAVED_KINDS",
     "LoadedModel",
     "is_siamese_folder",
@@ -78,6 +79,14 @@ def _saved_hf(path: Path, saved: dict[str, Any]) -> Backbone:
     return hf.load_hf(path, kind=saved["kind"], embed_dim=saved.get("embed_dim"), seed=0)
 
 
+def _saved_open_clip(path: Path, saved: dict[str, Any]) -> Backbone:
+    return openclip.load_open_clip(str(path))
+
+
+OPEN_CLIP_PREFIX = "open_clip:"
+"""Spec prefix of open_clip checkpoints: ``open_clip:hf-hub:org/name``, ``open_clip:ViT-B-32/tag``, ``open_clip:DIR``."""
+
+
 NAMED_SPECS: dict[str, _NamedSpec] = {
     "embedded": _NamedSpec(_build_composed, frozenset({"image_tower", "text_tower", "seed", "image_size"})),
     "composed": _NamedSpec(_build_composed, frozenset({"image_tower", "text_tower", "seed", "image_size"})),
@@ -89,6 +98,7 @@ SAVED_KINDS: dict[str, Callable[[Path, dict[str, Any]], Backbone]] = {
     "clip": _saved_hf,
     "siglip": _saved_hf,
     "auto": _saved_hf,
+    "open_clip": _saved_open_clip,
 }
 """How each ``kind`` of ``cliptune_backbone.json`` rebuilds its architecture before weights load."""
 
@@ -115,6 +125,8 @@ def load_backbone(
     3. A local folder or hub id of a ``CLIPModel``, ``SiglipModel`` or any ``AutoModel`` with
        ``get_image_features`` / ``get_text_features`` (``kind="auto"`` forces the generic path).
        A hub id is tried from the local cache only when ``HF_HUB_OFFLINE`` is set.
+    4. ``open_clip:`` + an open_clip folder, ``hf-hub:org/name`` or ``Name/pretrained-tag``
+       (needs the optional extra ``cliptune[open_clip]``; see ``cliptune.models.openclip``).
 
     Args:
         spec: See above.
@@ -164,6 +176,8 @@ def load_backbone(
         named = NAMED_SPECS[str(spec)]
         _check_options(spec, kwargs, named.options)
         backbone = named.build(str(spec), embed_dim=embed_dim, **kwargs)
+    elif str(spec).startswith(OPEN_CLIP_PREFIX):
+        backbone = _build_open_clip(str(spec), embed_dim, kwargs)
     else:
         _check_options(spec, kwargs, _HF_OPTIONS)
         backbone = hf.load_hf(spec, embed_dim=embed_dim, **kwargs)
@@ -171,6 +185,17 @@ def load_backbone(
     if lora is not None:
         apply_lora(backbone, lora)
     return backbone.eval()
+
+
+def _build_open_clip(spec: str, embed_dim: int | None, kwargs: dict[str, Any]) -> Backbone:
+    _check_options(spec, kwargs, frozenset())
+    backbone = openclip.load_open_clip(spec.removeprefix(OPEN_CLIP_PREFIX))
+    if embed_dim not in (None, backbone.embed_dim):
+        raise BackboneError(
+            f"backbone {spec!r}: embed_dim={embed_dim} differs from the pretrained projection size "
+            f"{backbone.embed_dim}; the pretrained heads define the shared space"
+        )
+    return backbone
 
 
 def _check_options(spec: str | Path, kwargs: dict[str, Any], allowed: frozenset[str]) -> None:
