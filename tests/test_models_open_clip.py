@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from cliptune.models.backbone import CONFIG_FILE, BackboneError
 from cliptune.models.factory import load_backbone
 from cliptune.models.freeze import LoraSpec
-from cliptune.models.openclip import OPEN_CLIP_CONFIG, import_open_clip, preprocess_image
+from cliptune.models.openclip import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, import_open_clip, preprocess_image
 from tests.tiny_models import TINY_CORPUS, make_tiny_tokenizer
 
 TEXTS = ["a photo of a cat", "ripped blue jeans!", "an abstract painting in green and yellow"]
@@ -427,3 +427,19 @@ def test_open_clip_folder_trains_saves_reloads_and_evaluates(folders, catalogue,
     if layers == 0:  # frozen towers, the same cached features: eval ranks as the best epoch's validation did
         assert metrics["t2i/recall@1"]["mean"] == pytest.approx(best["val/t2i/recall@1"])
         assert metrics["i2t/recall@5"]["mean"] == pytest.approx(best["val/i2t/recall@5"])
+
+
+def test_open_clip_weights_that_do_not_fit_fail_naming_the_key(folders, tmp_path) -> None:
+    # A saved open_clip folder whose weights file lost a key (renamed) must not load as a partly random model.
+    from safetensors.torch import load_file, save_file
+
+    backbone = load_backbone(f"open_clip:{folders['clip']}")
+    backbone.save(tmp_path / "saved")
+    weights = tmp_path / "saved" / OPEN_CLIP_WEIGHTS
+    state = load_file(str(weights))
+    key = next(k for k in state if k.startswith("visual.transformer."))
+    state[key + "_renamed"] = state.pop(key)
+    save_file(state, str(weights))
+    with pytest.raises(BackboneError) as info:
+        load_backbone(tmp_path / "saved")
+    assert key in str(info.value) and str(tmp_path / "saved") in str(info.value)

@@ -113,8 +113,10 @@ class HeadConfig(_Section):
 class ModelConfig(_Section):
     backbone: str = Field(
         "embedded",
-        description="'embedded' (offline EfficientNet-Lite0 + MiniLM), a local folder, or a hub id of a "
-        "CLIP/SigLIP/AutoModel with get_image_features/get_text_features.",
+        description="'embedded' (offline EfficientNet-Lite0 + MiniLM), a local folder, a hub id of a "
+        "CLIP/SigLIP/AutoModel with get_image_features/get_text_features, or an open_clip checkpoint: "
+        "'open_clip:hf-hub:ORG/NAME', 'open_clip:ARCH/PRETRAINED_TAG' or 'open_clip:FOLDER' "
+        "(needs the open_clip extra).",
     )
     embed_dim: int | None = Field(
         None,

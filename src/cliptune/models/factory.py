@@ -246,6 +246,8 @@ def _state_keys(backbone: Backbone, saved: dict[str, Any]) -> set[str] | None:
     """Keys the state file must hold exactly: all (None) for a full state, else those outside ``model.``."""
     if saved.get("state", "full") == "full":
         return None
+    if saved["state"] == "none":  # the architecture's own folder holds every weight (an open_clip save)
+        return set()
     # a partial state is an HF save: the transformers folder held `model.*` (loaded strictly by hf.load_hf),
     # the state file holds the rest (an auto backbone's new heads; nothing for CLIP / SigLIP)
     return {k for k in backbone.state_dict() if not k.startswith("model.")}

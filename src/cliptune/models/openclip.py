@@ -314,7 +314,9 @@ class OpenClipBackbone(Backbone):
         write_text_atomic(directory / OPEN_CLIP_CONFIG, json.dumps(config, indent=2) + "\n")
         if self.lora is not None:
             save_state(directory, self.state_dict())
-        write_config(directory, self, {"state": "full" if self.lora is not None else "partial"})
+        # without LoRA the open_clip folder holds every weight (projections included) and open_clip loads
+        # it strictly: there is no cliptune state file to expect
+        write_config(directory, self, {"state": "full" if self.lora is not None else "none"})
 
     def _fingerprint(self) -> dict[str, Any]:
         return {
