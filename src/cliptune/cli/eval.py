@@ -6,13 +6,16 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from cliptune.cli.errors import err_console, exit_on_error
+
+if TYPE_CHECKING:  # annotations only: the command imports torch lazily
+    from cliptune.evaluation.retrieval import Relevant
 
 __all__ = ["default_evaluation_folder", "metrics_table", "parse_ks", "register"]
 
@@ -164,11 +167,7 @@ def register(app: typer.Typer) -> None:
         from cliptune.rundir import is_run as is_run_dir
 
         ks = parse_ks(k) if k is not None else None
-        if relevant not in (None, "group", "item"):
-            err_console.print(
-                f"[red]--relevant must be 'group' or 'item', got {relevant!r}[/red]", highlight=False
-            )
-            raise typer.Exit(2)
+        relevance = _parse_relevant(relevant)
         path = Path(target)
         if splits_from is not None:
             _eval_on_run(
@@ -179,7 +178,7 @@ def register(app: typer.Typer) -> None:
                 all_splits,
                 ks,
                 bootstrap,
-                relevant,
+                relevance,
                 out,
                 cache_dir,
                 as_json,
@@ -197,7 +196,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2)
         with exit_on_error(1, ValueError, FileNotFoundError):
             results = _evaluate(
-                path, is_run, data, split, all_splits, ks, bootstrap, relevant, cache_dir, quiet, text_column
+                path, is_run, data, split, all_splits, ks, bootstrap, relevance, cache_dir, quiet, text_column
             )
         folder = out if out is not None else (RunDir(path).eval_dir if is_run else Path("eval"))
         written = [write_eval_json(folder, r) for r in results.values()]
@@ -230,7 +229,7 @@ def _eval_on_run(
     all_splits: bool,
     ks: list[int] | None,
     bootstrap: int | None,
-    relevant: str | None,
+    relevant: Relevant | None,
     out: Path | None,
     cache_dir: Path | None,
     as_json: bool,
@@ -248,7 +247,7 @@ def _eval_on_run(
             catalogue=data,
             ks=ks,
             bootstrap=bootstrap,
-            relevant=relevant,  # type: ignore[arg-type]
+            relevant=relevant,
             cache_dir=cache_dir,
             text_column=text_column,
             progress=not quiet,
@@ -274,7 +273,7 @@ def _evaluate(
     all_splits: bool,
     ks: list[int] | None,
     bootstrap: int | None,
-    relevant: str | None,
+    relevant: Relevant | None,
     cache_dir: Path | None,
     quiet: bool,
     text_column: str | None = None,
@@ -294,7 +293,7 @@ def _evaluate(
             catalogue=data,
             ks=ks,
             bootstrap=bootstrap,
-            relevant=relevant,  # type: ignore[arg-type]
+            relevant=relevant,
             cache_dir=cache_dir,
             text_column=text_column,
             progress=not quiet,
@@ -313,7 +312,7 @@ def _evaluate(
             prepared,
             name,
             ks=ks or (1, 5, 10),
-            relevant=relevant or "group",  # type: ignore[arg-type]
+            relevant=relevant or "group",
             bootstrap=1000 if bootstrap is None else bootstrap,
             text_column=column,
             cache_dir=cache_dir,
@@ -321,6 +320,18 @@ def _evaluate(
         )
         for name in names
     }
+
+
+def _parse_relevant(value: str | None) -> Relevant | None:
+    """``--relevant`` as the library's type; anything but 'group' or 'item' exits 2."""
+    if value == "group":
+        return "group"
+    if value == "item":
+        return "item"
+    if value is None:
+        return None
+    err_console.print(f"[red]--relevant must be 'group' or 'item', got {value!r}[/red]", highlight=False)
+    raise typer.Exit(2)
 
 
 def _default_split(splits: dict[str, list[str]]) -> str:

@@ -328,7 +328,8 @@ def write_eval(
         EvalError: Neither or both folders given.
         ValueError: A non-finite number in ``result``.
     """
-    if (run_dir is None) == (out_dir is None):
-        raise EvalError("write_eval: give exactly one of run_dir and out_dir")
-    folder = Path(out_dir) if out_dir is not None else RunDir(Path(run_dir)).eval_dir  # type: ignore[arg-type]
-    return write_eval_json(folder, result)
+    if run_dir is not None and out_dir is None:
+        return write_eval_json(RunDir(Path(run_dir)).eval_dir, result)
+    if out_dir is not None and run_dir is None:
+        return write_eval_json(Path(out_dir), result)
+    raise EvalError("write_eval: give exactly one of run_dir and out_dir")

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no py.typed
-import pyarrow.parquet as pq  # type: ignore[import-untyped]
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from cliptune.data.catalogue import Catalogue
 from cliptune.data.check import Rejection, check_catalogue
