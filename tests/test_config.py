@@ -58,7 +58,7 @@ def test_override_is_repeatable_and_last_wins() -> None:
 
 
 def test_saved_config_round_trips(tmp_path: Path) -> None:
-    cfg = load_config(None, ["name=r1", "data.split.ratios={train: 0.6, test: 0.4}", "eval.k=[10, 1]"])
+    cfg = load_config(None, ["name=r1", "data.split.ratios={train: 0.6, val: 0.4}", "eval.k=[10, 1]"])
     path = save_config(cfg, tmp_path / "runs" / "r1" / "config.yaml")
     again = load_config(path)
     assert again == cfg

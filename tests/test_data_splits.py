@@ -11,7 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cliptune.data.splits import assign_rows, group_ids, load_splits, make_splits, save_splits
+from cliptune.data.splits import (
+    assign_rows,
+    carved_groups,
+    group_ids,
+    load_splits,
+    make_splits,
+    save_splits,
+)
 
 
 def _catalogue(sizes: list[int], explicit: dict[int, str] | None = None) -> pd.DataFrame:
@@ -204,9 +211,113 @@ def test_explicit_split_property(
     fixed = {g: s for g, s in fixed.items() if g < len(sizes)}
     rows = _catalogue(sizes, explicit=fixed)
     splits = make_splits(rows, ratios, seed=seed)
-    for g, name in fixed.items():
-        assert f"g{g:02d}" in splits[name]
+    carved = carved_groups(rows, splits)
+    carved_ids = {g for gids in carved.values() for g in gids}
+    for g, name in fixed.items():  # fixed groups stay, except train groups carved into an empty split
+        gid = f"g{g:02d}"
+        assert gid in splits[name] or (name == "train" and gid in carved_ids)
+    named = set(fixed.values())
+    assert all(name != "train" and name not in named for name in carved)  # only into splits no row names
     listed = [g for gids in splits.values() for g in gids]
     assert sorted(listed) == sorted(set(rows["group"]))
     shuffled = rows.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     assert make_splits(shuffled, ratios, seed=seed) == splits
+
+
+# --- predefined splits: val carved from train --------------------------------------------------------
+
+
+def _fixed_catalogue(train: list[int], test: list[int]) -> pd.DataFrame:
+    """Every row fixed: groups t00.. (sizes ``train``) say train, groups x00.. (sizes ``test``) say test."""
+    records = []
+    for prefix, name, sizes in (("t", "train", train), ("x", "test", test)):
+        for g, size in enumerate(sizes):
+            for k in range(size):
+                records.append(
+                    {"file_name": f"{prefix}{g}_{k}.png", "group": f"{prefix}{g:02d}", "split": name}
+                )
+    frame = pd.DataFrame(records)
+    frame.insert(0, "row", range(1, len(frame) + 1))
+    return frame
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_train_test_rows_get_val_carved_from_train(seed: int) -> None:
+    rows = _fixed_catalogue(train=[2] * 10, test=[2] * 3)
+    splits = make_splits(rows, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=seed)
+    # val's share of train + val is 0.1 / 0.9: 20 * 0.111 = 2.2 rows, so exactly one 2-row group fits
+    assert len(splits["val"]) == 1 and len(splits["train"]) == 9
+    assert splits["test"] == ["x00", "x01", "x02"]  # the fixed test split is untouched
+    assert sorted(splits["train"] + splits["val"]) == [f"t{g:02d}" for g in range(10)]
+    assert carved_groups(rows, splits) == {"val": splits["val"]}
+    assert (
+        make_splits(
+            rows.sample(frac=1.0, random_state=seed), {"train": 0.8, "val": 0.1, "test": 0.1}, seed=seed
+        )
+        == splits
+    )
+    # the carve is seeded: the 10 candidate groups are not always the same one
+    picks = {make_splits(rows, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=s)["val"][0] for s in range(12)}
+    assert len(picks) > 1
+
+
+def test_train_only_rows_split_like_rows_without_a_split_column() -> None:
+    rows = _fixed_catalogue(train=[1, 2, 3, 1, 2, 3, 1, 2, 3, 4, 1, 1], test=[])
+    ratios = {"train": 0.7, "val": 0.15, "test": 0.15}
+    for seed in range(5):
+        carved = make_splits(rows, ratios, seed=seed)
+        free = make_splits(rows.drop(columns="split"), ratios, seed=seed)
+        assert carved == free  # same shares, same generator, same sorted groups
+        assert set(carved_groups(rows, carved)) == {"val", "test"}
+
+
+def test_carving_needs_two_train_groups_and_test_only_rows_carve_nothing() -> None:
+    one = _fixed_catalogue(train=[5], test=[2, 2])
+    splits = make_splits(one, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=0)
+    assert splits == {"test": ["x00", "x01"], "train": ["t00"], "val": []}
+    test_only = _fixed_catalogue(train=[], test=[2, 2, 2])
+    assert make_splits(test_only, {"train": 0.8, "val": 0.2}, seed=0) == {
+        "test": ["x00", "x01", "x02"],
+        "train": [],
+        "val": [],
+    }
+
+
+# --- minimum groups per held-out split ---------------------------------------------------------------
+
+
+def test_eighty_images_of_ten_products_get_more_than_one_group_per_held_out_split() -> None:
+    rows = _catalogue([8] * 10)  # the issue's catalogue: 80 photos of 10 products, split 0.8/0.1/0.1
+    ratios = {"train": 0.8, "val": 0.1, "test": 0.1}
+    plain = make_splits(rows, ratios, seed=0)
+    assert [len(plain[n]) for n in ("train", "val", "test")] == [8, 1, 1]  # degenerate: 1 product each
+    raised = make_splits(rows, ratios, seed=0, min_groups=5)
+    # m = min(5, 10 // (2 * 2)) = 2: val and test get 2 groups each, train keeps 6 (at least half)
+    assert [len(raised[n]) for n in ("train", "val", "test")] == [6, 2, 2]
+    assert set(plain["val"]) <= set(raised["val"]) and set(plain["test"]) <= set(raised["test"])
+
+
+def test_min_groups_golden_and_never_shrinks() -> None:
+    rows = _catalogue([1] * 20)  # 20 singletons at 0.7/0.15/0.15: 3 + 3 groups held out by ratio alone
+    ratios = {"train": 0.7, "val": 0.15, "test": 0.15}
+    raised = make_splits(rows, ratios, seed=0, min_groups=5)
+    # m = min(5, 20 // 4) = 5; each takes train's smallest ids (all size 1) in sorted order
+    assert [len(raised[n]) for n in ("train", "val", "test")] == [10, 5, 5]
+    plain = make_splits(rows, ratios, seed=0)
+    assert set(plain["test"]) <= set(raised["test"]) and set(plain["val"]) <= set(raised["val"])
+    rows = _catalogue([1] * 40)  # 6 + 6 held out already: nothing moves
+    assert make_splits(rows, ratios, seed=0, min_groups=5) == make_splits(rows, ratios, seed=0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(sizes=sizes_strategy, ratios=ratios_strategy, seed=st.integers(0, 1000), m=st.integers(1, 6))
+def test_min_groups_property(sizes: list[int], ratios: dict[str, float], seed: int, m: int) -> None:
+    rows = _catalogue(sizes)
+    splits = make_splits(rows, ratios, seed=seed, min_groups=m)
+    held_out = [n for n in ratios if n != "train"]
+    want = min(m, len(sizes) // (2 * len(held_out)))
+    assert all(len(splits[n]) >= want for n in held_out)
+    assert sorted(g for gids in splits.values() for g in gids) == sorted(set(rows["group"]))
+    plain = make_splits(rows, ratios, seed=seed)
+    if len(plain["train"]) >= len(sizes) / 2:  # moving groups never takes train below half of them
+        assert len(splits["train"]) >= len(sizes) / 2

@@ -255,8 +255,8 @@ def test_interval_too_wide_or_too_few_queries(tmp_path: Path) -> None:
                                                                       "values": {"mrr": [0.0, 1.0] * 5}}}))  # fmt: skip
     wide = _by_rule(diagnose(load_run(run)), "interval_width")
     assert wide.severity == "warning"
-    assert wide.numbers["metrics"]["t2i/mrr"]["n"] == 10
-    assert wide.numbers["metrics"]["t2i/mrr"]["width"] > 0.2
+    assert wide.numbers["widest"]["t2i/mrr"]["n"] == 10
+    assert wide.numbers["widest"]["t2i/mrr"]["width"] > 0.2
 
 
 def test_siamese_direction_is_paired_over_triplets(tmp_path: Path) -> None:

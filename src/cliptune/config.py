@@ -6,7 +6,7 @@ serialisation: everything is validated by pydantic before any work starts, and a
 the exact field path (``train.lr``) and the allowed values.
 
 Example:
-    >>> cfg = load_config(None, overrides=["train.lr=1e-4", "data.split.ratios={train: 0.8, test: 0.2}"])
+    >>> cfg = load_config(None, overrides=["train.lr=1e-4", "data.split.ratios={train: 0.8, val: 0.2}"])
     >>> cfg.train.lr
     0.0001
 """
@@ -38,13 +38,21 @@ class SplitConfig(_Section):
     ratios: dict[str, float] = Field(
         default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1},
         description="Split names and their share of the catalogue's rows; must sum to 1 and include 'train' "
-        "(e.g. {train: 0.8, val: 0.2} or {train: 0.7, val: 0.15, test: 0.15}).",
+        "(e.g. {train: 0.8, val: 0.2} or {train: 0.7, val: 0.15, test: 0.15}). Without a 'val' share there "
+        "is no validation (unless rows name a val split): then train.early_stopping must be null and "
+        "train.scheduler cosine. Rows fixed to train/test get val carved from the train groups.",
     )
     seed: int = Field(
         0, description="Seed of the grouped split; the same seed and catalogue give the same split."
     )
     stratify: str | None = Field(
         None, description="Attribute column to stratify the split by (each group's majority value)."
+    )
+    min_groups: int = Field(
+        5,
+        ge=0,
+        description="Each held-out split (val, test) gets at least this many groups while train keeps half "
+        "of them, so small catalogues get metrics that can tell models apart; 0 follows the ratios alone.",
     )
 
     @field_validator("ratios")
@@ -394,12 +402,32 @@ def cross_field_problems(config: Config) -> list[str]:
             f"model.lora=null, got model.trainable_layers={model.trainable_layers} and "
             f"model.lora={'set' if model.lora is not None else 'null'}"
         )
+    problems.extend(_no_validation_problems(config))
     if model.image_size is not None and model.backbone not in NAMED_BACKBONES_WITH_IMAGE_SIZE:
         problems.append(
             f"model.image_size applies only to model.backbone {' or '.join(NAMED_BACKBONES_WITH_IMAGE_SIZE)}, "
             f"got model.backbone={model.backbone!r} (its image size is fixed by the model)"
         )
     return problems
+
+
+def _no_validation_problems(config: Config) -> list[str]:
+    """Without a val share there is no validation metric: nothing may watch one."""
+    if "val" in config.data.split.ratios:
+        return []
+    train, ratios = config.train, dict(config.data.split.ratios)
+    watching = []
+    if train.early_stopping is not None and train.early_stopping.metric.startswith("val/"):
+        watching.append(f"train.early_stopping.metric={train.early_stopping.metric!r}")
+    if train.scheduler == "plateau":
+        watching.append(f"train.scheduler='plateau' (train.plateau.metric={train.plateau.metric!r})")
+    if not watching:
+        return []
+    return [
+        f"data.split.ratios={ratios} has no 'val' share, so training has no validation metric, but "
+        f"{' and '.join(watching)} watch one; add a val share to data.split.ratios, or set "
+        "train.early_stopping to null (or a train/ metric) and train.scheduler to 'cosine'"
+    ]
 
 
 class ConfigError(CliptuneError, ValueError):

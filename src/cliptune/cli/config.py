@@ -66,7 +66,7 @@ def config_show(
 
     Examples:
         cliptune config show
-        cliptune config show run.yaml --set train.lr=1e-4 --set data.split.ratios="{train: 0.6, test: 0.4}"
+        cliptune config show run.yaml --set train.lr=1e-4 --set data.split.ratios="{train: 0.6, val: 0.4}"
     """
     from cliptune.config import dump_config
 

@@ -17,7 +17,7 @@ from cliptune.cli.errors import err_console, exit_on_error
 if TYPE_CHECKING:  # annotations only: the command imports torch lazily
     from cliptune.evaluation.retrieval import Relevant
 
-__all__ = ["default_evaluation_folder", "metrics_table", "parse_ks", "register"]
+__all__ = ["default_evaluation_folder", "metrics_table", "parse_ks", "register", "split_warnings"]
 
 _RETRIEVAL_COLUMNS = ("recall@{k}", "mrr", "precision@{p}")
 _TRIPLET_COLUMNS = (
@@ -200,12 +200,16 @@ def register(app: typer.Typer) -> None:
             )
         folder = out if out is not None else (RunDir(path).eval_dir if is_run else Path("eval"))
         written = [write_eval_json(folder, r) for r in results.values()]
-        _print_results(results, written, as_json)
+        _print_results(results, written, as_json, path if is_run else None)
 
 
-def _print_results(results: dict[str, dict[str, Any]], written: list[Path], as_json: bool) -> None:
+def _print_results(
+    results: dict[str, dict[str, Any]], written: list[Path], as_json: bool, run: Path | None = None
+) -> None:
     if as_json:
         sys.stdout.write(json.dumps({s: r["metrics"] for s, r in results.items()}, indent=1) + "\n")
+        for line in split_warnings(results, run):  # stdout stays JSON
+            err_console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
         return
     console = Console(soft_wrap=True)
     if not console.is_terminal:  # piped or captured: no terminal width to fit, keep rows on one line
@@ -218,7 +222,36 @@ def _print_results(results: dict[str, dict[str, Any]], written: list[Path], as_j
     for name, r in results.items():
         if "loss" not in r["metrics"]:
             console.print(f"{name}: no loss ({r['loss'].get('reason')})", highlight=False)
+    for line in split_warnings(results, run):
+        console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
     console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+
+
+def split_warnings(results: dict[str, dict[str, Any]], run: Path | None = None) -> list[str]:
+    """One sentence per evaluated split whose metrics cannot tell models apart, with a split that would.
+
+    The suggestion is sized from ``run``'s ``splits.json`` (every group of its catalogue) when there is a
+    run; otherwise it names the flags that change what is ranked.
+    """
+    from cliptune.data.split_health import judge_eval, suggest_split
+    from cliptune.data.splits import load_splits
+    from cliptune.rundir import RunDir
+
+    splits = load_splits(RunDir(run).splits) if run is not None and RunDir(run).splits.exists() else None
+    out = []
+    for r in results.values():
+        health = judge_eval(r)
+        if health is None or health.warning is None:
+            continue
+        if splits is not None:
+            held_out = [n for n in splits if n != "train"]
+            advice = suggest_split(sum(map(len, splits.values())), held_out, 0)
+        else:
+            advice = (
+                "evaluate on a split with more groups, or rank each image on its own with --relevant item"
+            )
+        out.append(f"{health.warning}; {advice}")
+    return out
 
 
 def _eval_on_run(
@@ -254,7 +287,7 @@ def _eval_on_run(
         )
         folder = out if out is not None else default_evaluation_folder(target, run)
         written = write_model_evaluation(folder, target, run, evals=results)
-    _print_results(results, written, as_json)
+    _print_results(results, written, as_json, run)
 
 
 def default_evaluation_folder(model: str, run: Path) -> Path:

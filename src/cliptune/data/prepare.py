@@ -92,7 +92,14 @@ def prepare_data(cfg: DataConfig, run_dir: Path | None = None, *, progress: bool
     if saved is not None and saved.exists():
         splits = load_splits(saved)
     else:
-        splits = make_splits(rows, cfg.split.ratios, cfg.split.seed, cfg.group_column, cfg.split.stratify)
+        splits = make_splits(
+            rows,
+            cfg.split.ratios,
+            cfg.split.seed,
+            cfg.group_column,
+            cfg.split.stratify,
+            min_groups=cfg.split.min_groups,
+        )
         if saved is not None:
             save_splits(splits, saved)
     rows = rows.assign(split=assign_rows(rows, splits, cfg.group_column).to_numpy())

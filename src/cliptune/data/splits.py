@@ -19,6 +19,15 @@ Algorithm (see also ``docs/catalogues.md``):
    targets 2% of rows, against 12% for plain "furthest below target" filling).
 5. If a split with ratio > 0 got no group while another split has several, that split's smallest group
    moves over, so each such split gets at least one group whenever there are enough groups.
+6. Carving: if a held-out split (ratio > 0, not ``train``) is still empty because every group was fixed
+   (a catalogue whose rows say only ``train`` / ``test``), the ``train`` groups are split again, by steps
+   3-5, between ``train`` and the empty splits in proportion to their ratios (0.8/0.1/0.1 with test
+   fixed: val gets 0.1 / 0.9 of the train rows). :func:`carved_groups` says afterwards which groups moved.
+7. Minimum groups (``min_groups`` > 0): each held-out split of the ratio split (steps 3-6) with fewer than
+   ``m = min(min_groups, pool // (2 * h))`` groups takes ``train``'s smallest movable groups (ties:
+   smallest id) until it has ``m``; ``pool`` is the number of groups split by ratio and ``h`` the number of
+   held-out splits, so ``train`` keeps at least half of them. A split with a handful of groups is what
+   lets ranking metrics tell models apart (:mod:`cliptune.data.split_health`).
 
 Example:
     >>> splits = make_splits(cat.rows, {"train": 0.8, "test": 0.2}, seed=0)  # doctest: +SKIP
@@ -37,9 +46,11 @@ import pandas as pd
 
 from cliptune.rundir import write_text_atomic
 
-__all__ = ["assign_rows", "group_ids", "load_splits", "make_splits", "save_splits"]
+__all__ = ["TRAIN", "assign_rows", "carved_groups", "group_ids", "load_splits", "make_splits", "save_splits"]
 
 _EPS = 1e-6  # row counts are integers: absorbs float error in ratio * rows
+TRAIN = "train"
+"""The split the model trains on: held-out splits are carved from it and take its groups (steps 6-7)."""
 
 
 def group_ids(rows: pd.DataFrame, group_column: str = "group") -> pd.Series:
@@ -70,6 +81,7 @@ def make_splits(
     group_column: str = "group",
     stratify: str | None = None,
     split_column: str = "split",
+    min_groups: int = 0,
 ) -> dict[str, list[str]]:
     """Split a catalogue's groups into named splits by ratio of rows.
 
@@ -82,7 +94,10 @@ def make_splits(
         stratify: Optional attribute column: groups are split within each value of it (a group's value is
             its most frequent one, ties to the smallest), so every split gets each value in proportion.
         split_column: Column of explicit split names; a group with a value there is fixed to that split
-            (the name need not be in ``ratios``). The remaining groups are split by ``ratios``.
+            (the name need not be in ``ratios``). The remaining groups are split by ``ratios``; a held-out
+            split left empty because every group was fixed is carved from ``train`` (step 6).
+        min_groups: Each held-out split of the ratio split gets at least this many groups while ``train``
+            keeps half of them (step 7); 0 (the default here) keeps the ratios alone.
 
     Returns:
         Split name -> sorted group ids, for every name in ``ratios`` (possibly empty) and every explicit
@@ -123,7 +138,46 @@ def make_splits(
         order = rng.permutation(len(gids))
         _greedy_fill([gids[i] for i in order], sizes, ratios, names, splits)
     _ensure_nonempty(splits, sizes, ratios, names, fixed_gids)
+    free = set(table["gid"]) - fixed_gids
+    carved = _carve_from_train(table, splits, sizes, ratios, rng)
+    pool = set(splits.get(TRAIN, [])) if carved else free
+    held_out = carved or [n for n in names if n != TRAIN and ratios[n] > 0]
+    if min_groups > 0 and TRAIN in splits and held_out:
+        _raise_to_minimum(splits, sizes, held_out, pool, min_groups)
     return {name: sorted(gids) for name, gids in sorted(splits.items())}
+
+
+def carved_groups(
+    rows: pd.DataFrame,
+    splits: Mapping[str, list[str]],
+    group_column: str = "group",
+    split_column: str = "split",
+) -> dict[str, list[str]]:
+    """Groups whose rows name one split but that :func:`make_splits` put in another (step 6 carving).
+
+    Derived from the rows and the splits alone, so ``eval`` and ``report`` can say where a run's val split
+    came from without extra state in ``splits.json``.
+
+    Args:
+        rows: Catalogue rows with the explicit ``split_column`` (absent: nothing was carved).
+        splits: Split name -> group ids.
+        group_column: Column naming each row's group.
+        split_column: Column of explicit split names.
+
+    Returns:
+        Split name -> sorted group ids carved into it (only splits that received any), e.g.
+        ``{"val": ["p03", "p11"]}`` for a catalogue fixed to train/test.
+    """
+    if split_column not in rows:
+        return {}
+    named = [(g, _as_id(v)) for g, v in zip(group_ids(rows, group_column), rows[split_column], strict=True)]
+    explicit = {g: v for g, v in named if v is not None}  # a group's rows agree (make_splits checks)
+    out: dict[str, list[str]] = {}
+    for name, gids in sorted(splits.items()):
+        moved = sorted(g for g in gids if g in explicit and explicit[g] != name)
+        if moved:
+            out[name] = moved
+    return out
 
 
 def assign_rows(
@@ -224,6 +278,46 @@ def _greedy_fill(
         best = min(fits, key=room.__getitem__) if fits else max(range(len(names)), key=room.__getitem__)
         splits[names[best]].append(gid)
         filled[best] += size
+
+
+def _carve_from_train(
+    table: pd.DataFrame,
+    splits: dict[str, list[str]],
+    sizes: dict[str, int],
+    ratios: Mapping[str, float],
+    rng: np.random.Generator,
+) -> list[str]:
+    # Step 6: held-out splits still empty take their share of train's groups; returns their names.
+    empty = sorted(n for n in ratios if n != TRAIN and ratios[n] > 0 and not splits.get(n))
+    if not empty or TRAIN not in ratios or len(splits.get(TRAIN, [])) < 2:
+        return []
+    names = sorted([TRAIN, *empty])
+    total = math.fsum(ratios[n] for n in names)
+    shares = {n: ratios[n] / total for n in names}
+    pool = splits[TRAIN]
+    splits[TRAIN] = []
+    strata = _strata(table[table["gid"].isin(set(pool))])
+    for stratum in sorted(strata):
+        gids = sorted(strata[stratum])
+        order = rng.permutation(len(gids))
+        _greedy_fill([gids[i] for i in order], sizes, shares, names, splits)
+    _ensure_nonempty(splits, sizes, shares, names, set())
+    return empty
+
+
+def _raise_to_minimum(
+    splits: dict[str, list[str]], sizes: dict[str, int], held_out: list[str], pool: set[str], min_groups: int
+) -> None:
+    # Step 7: each held-out split gets m groups from train's movable ones; train keeps half the pool.
+    m = min(min_groups, len(pool) // (2 * len(held_out)))
+    for name in sorted(held_out):
+        while len(splits[name]) < m:
+            movable = [g for g in splits[TRAIN] if g in pool]
+            if not movable:
+                return
+            gid = min(movable, key=lambda g: (sizes[g], g))
+            splits[TRAIN].remove(gid)
+            splits[name].append(gid)
 
 
 def _ensure_nonempty(

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from cliptune.data.split_health import judge_eval, suggest_split
 from cliptune.ranking.bootstrap import Interval, paired_bootstrap_delta, verdict
 from cliptune.report.rundata import RunData, watched_metric
 
@@ -45,6 +46,8 @@ WIDE_INTERVAL = 0.2
 """A 95% interval wider than this (on a [0, 1] metric) is too wide to trust."""
 MIN_QUERIES = 30
 """Fewer queries than this behind a metric: the interval itself is unreliable."""
+WIDEST_SHOWN = 3
+"""The interval-width finding names this many of the widest metrics (the rest are counted)."""
 
 # Loss terms whose train/val ratio is not a loss (a learned temperature is logged beside the terms).
 _NOT_LOSSES = {"temperature"}
@@ -89,6 +92,7 @@ def diagnose(run: RunData) -> list[Finding]:
         _modality_gap,
         _direction_gap,
         _interval_width,
+        _split_health,
     ):
         findings.extend(rule(run))
     return findings + _recommendations(findings)
@@ -288,6 +292,12 @@ def _stopping(run: RunData) -> list[Finding]:
         "mode": mode,
     }
     msg = f"Trained {trained_epochs} epoch(s); stopped by: {reason}. Best epoch {best_epoch} by {metric} ({mode})."
+    if not any(metric in e for e in run.epochs):  # trained without validation: nothing was watched
+        numbers["watched_metric"] = None
+        msg = (
+            f"Trained {trained_epochs} epoch(s); stopped by: {reason}. No validation ({metric} was never "
+            f"logged): the kept model is epoch {best_epoch}."
+        )
     if best_epoch == 0:
         msg += " The untrained baseline (epoch 0) was never beaten: training did not help."
         return [Finding("stopping", "warning", msg, numbers)]
@@ -434,21 +444,64 @@ def _direction_from_eval(run: RunData, split: str, t2i_key: str, i2t_key: str) -
 def _interval_width(run: RunData) -> list[Finding]:
     out = []
     for split, ev in run.evals.items():
+        metrics = ev.get("metrics", {})
         wide = {}
-        for key, m in ev.get("metrics", {}).items():
+        for key, m in metrics.items():
             width = float(m["high"]) - float(m["low"])
             if width > WIDE_INTERVAL or int(m.get("n", 0)) < MIN_QUERIES:
                 wide[key] = {"width": width, "n": int(m.get("n", 0))}
-        if wide:
-            listing = ", ".join(
-                f"{k} (width {_fmt(v['width'])}, n={v['n']})" for k, v in list(wide.items())[:4]
-            )
-            more = f" and {len(wide) - 4} more" if len(wide) > 4 else ""
-            msg = (
-                f"eval/{split}.json: intervals too wide to trust (width > {WIDE_INTERVAL} or n < {MIN_QUERIES}): "
-                f"{listing}{more}."
-            )
-            out.append(Finding("interval_width", "warning", msg, {"split": split, "metrics": wide}))
+        if not wide:
+            continue
+        # a sentence a person reads: how many, the widest few, and the query counts; the numbers keep
+        # the widest metrics structured (every metric's interval is in eval/<split>.json)
+        ranked = sorted(wide.items(), key=lambda kv: (-kv[1]["width"], kv[0]))
+        widest = dict(ranked[:WIDEST_SHOWN])
+        ns = sorted({v["n"] for v in wide.values()})
+        queries = f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]} to {ns[-1]}"
+        listing = ", ".join(f"{k} ({_fmt(v['width'])})" for k, v in widest.items())
+        msg = (
+            f"eval/{split}.json: {len(wide)} of {len(metrics)} metrics have intervals too wide to trust "
+            f"(wider than {WIDE_INTERVAL}, or under {MIN_QUERIES} queries; {queries}); widest: {listing}."
+        )
+        numbers = {
+            "split": split,
+            "wide": len(wide),
+            "metrics": len(metrics),
+            "min_n": ns[0],
+            "widest": widest,
+        }
+        out.append(Finding("interval_width", "warning", msg, numbers))
+    return out
+
+
+def _split_health(run: RunData) -> list[Finding]:
+    """Held-out splits whose metrics cannot tell models apart (:mod:`cliptune.data.split_health`).
+
+    Reads each ``eval/<split>.json`` (its queries' relevant images), and for splits without one (val,
+    usually) what training judged (``summary.json`` ``info.splits.health``).
+    """
+    judged: dict[str, dict[str, Any]] = {}
+    for split, ev in run.evals.items():
+        health = judge_eval({"split": split, **ev})
+        if health is not None and split != "train":
+            judged[split] = health.as_dict()
+    splits_info = run.summary.get("info", {}).get("splits", {})
+    for record in splits_info.get("health", []):
+        judged.setdefault(str(record.get("split")), record)
+    groups = splits_info.get("groups", {})
+    n_groups = sum(int(v) for v in groups.values()) if groups else None
+    out = []
+    for _, h in sorted(judged.items()):
+        if not h.get("warning"):
+            continue
+        msg = f"{h['warning'][0].upper()}{h['warning'][1:]}."
+        if n_groups is not None:
+            held_out = [n for n in groups if n != "train"]
+            msg += f" Suggested: {suggest_split(n_groups, held_out)}."
+        numbers = {
+            k: h[k] for k in ("split", "classes", "queries", "gallery", "mostly_relevant", "chance_mrr")
+        }
+        out.append(Finding("split_health", "warning", msg, numbers))
     return out
 
 
@@ -476,8 +529,13 @@ _ADVICE = {
     ),
     "interval_width": (
         "queries",
-        "Intervals are too wide to tell models apart: evaluate on more queries (a larger test split, or "
-        "relevant: group) before trusting differences.",
+        "Intervals are too wide to tell models apart: evaluate on more queries (a larger held-out share in "
+        "data.split.ratios, or more groups) before trusting differences.",
+    ),
+    "split_health": (
+        "split",
+        "A held-out split has too few groups for its metrics to tell models apart: give it more groups "
+        "(data.split.ratios, data.split.min_groups) or rank each image on its own (eval.relevant: item).",
     ),
 }
 

@@ -19,6 +19,8 @@ from cliptune import __version__
 from cliptune.config import Config, load_config, save_config
 from cliptune.data.images import ImageLoadError
 from cliptune.data.prepare import PreparedData, prepare_data
+from cliptune.data.split_health import check_trainable, judge_rows, suggest_split
+from cliptune.data.splits import carved_groups
 from cliptune.models.factory import load_backbone
 from cliptune.models.freeze import LoraSpec, count_parameters
 from cliptune.rundir import RunDir, read_metrics, write_summary
@@ -54,6 +56,7 @@ def resolve_precision(precision: str) -> str:
 
 def _build_task(cfg: Config, run_dir: Path, accelerator: Accelerator, quiet: bool) -> TaskBundle:
     data = prepare_data(cfg.data, run_dir if accelerator.is_main_process else None, progress=not quiet)
+    splits_info = _check_splits(cfg, data, announce=accelerator.is_main_process)  # before any embedding
     m = cfg.model
     lora = LoraSpec(**m.lora.model_dump()) if m.lora is not None else None
     extra = {"image_size": m.image_size} if m.image_size is not None else {}
@@ -74,10 +77,60 @@ def _build_task(cfg: Config, run_dir: Path, accelerator: Accelerator, quiet: boo
 
         bundle = build_retrieval(cfg, data, backbone, accelerator, progress=not quiet)
     trainable, total = count_parameters(bundle.model)
-    bundle.info |= {"trainable_parameters": trainable, "total_parameters": total}
+    bundle.info |= {"trainable_parameters": trainable, "total_parameters": total, "splits": splits_info}
     if bundle.collate is not None:  # images decoded while training: a row can still fail to load
         bundle.collate = _BadRowGuard(bundle.collate, data, cfg.data.on_bad_row, run_dir)
     return bundle
+
+
+def _check_splits(cfg: Config, data: PreparedData, *, announce: bool) -> dict[str, Any]:
+    """Fail on a split that cannot train; say where val came from and which splits cannot judge models.
+
+    Returns ``summary.json``'s ``info.splits``: groups per split, carved groups, whether training
+    validates, and each held-out split's health (:mod:`cliptune.data.split_health`).
+    """
+    source = data.catalogue.metadata_path.name
+    check_trainable(data.splits, cfg.data.split.ratios, source)
+    counts = {name: len(gids) for name, gids in sorted(data.splits.items())}
+    lines: list[str] = []
+    carved = carved_groups(data.check.good, data.splits, cfg.data.group_column)
+    carved_info = {}
+    ratios = cfg.data.split.ratios
+    for name, gids in carved.items():
+        rows = int((data.rows["split"] == name).sum())
+        share = ratios.get(name, 0.0) / (ratios.get(name, 0.0) + ratios["train"])
+        carved_info[name] = {"groups": len(gids), "rows": rows, "from": "train", "share": share}
+        lines.append(
+            f"{name}: {len(gids)} group(s) ({rows} rows) carved from the train rows of {source}, which names no "
+            f"{name} split ({share:.0%} of them by data.split.ratios, at least data.split.min_groups="
+            f"{cfg.data.split.min_groups} groups while train keeps half; seed {cfg.data.split.seed})"
+        )
+    validates = bool(data.splits.get("val"))
+    if not validates:
+        lines.append(
+            "no validation: data.split.ratios has no val share; epochs log train metrics only and model/ "
+            "holds the last epoch"
+        )
+    held_out = [n for n in data.splits if n != "train" and data.splits[n]]
+    health = [judge_rows(data.rows, n, cfg.eval.relevant, cfg.data.group_column) for n in held_out]
+    n_groups = sum(counts.values())
+    wanted = [n for n, share in cfg.data.split.ratios.items() if n != "train" and share > 0]
+    explicit = data.check.good.get("split")
+    named = set(explicit.dropna().astype(str)) if explicit is not None else set()
+    for h in health:
+        if h.warning:
+            fixed = h.split if h.split in named and h.split not in carved else None
+            lines.append(f"warning: {h.warning}; {suggest_split(n_groups, wanted, len(data.rows), fixed)}")
+    if announce:
+        for line in lines:
+            _console.print(line, highlight=False, markup=False)
+    return {
+        "groups": counts,
+        "carved": carved_info,
+        "validation": validates,
+        "health": [h.as_dict() for h in health],
+        "warnings": [line for line in lines if line.startswith("warning: ")],
+    }
 
 
 class _BadRowGuard:

@@ -67,7 +67,7 @@ def build_siamese(
 
     Args:
         cfg: The whole config (``model.head``, ``loss`` weights/margin/distance).
-        data: Checked, split rows (needs ``train`` and ``val``).
+        data: Checked, split rows (needs ``train``; without ``val``, validation returns nothing).
         backbone: Frozen towers whose features feed the head.
         accelerator: Device and processes.
         progress: Progress bars while features are cached.
@@ -78,10 +78,6 @@ def build_siamese(
     if not backbone.features_frozen:
         raise ValueError(
             "the siamese task trains a head on frozen towers: use model.trainable_layers=0 without lora"
-        )
-    if "val" not in data.splits:
-        raise ValueError(
-            f"the siamese task validates on a 'val' split; data.split.ratios has {sorted(data.splits)}"
         )
     images, texts = cached_features(
         backbone, data, cfg, accelerator.device, progress and accelerator.is_main_process
@@ -106,12 +102,15 @@ def build_siamese(
             for tri in t.tolist()
         ]
 
-    val_items = _items(triplets["val"])
-    if not val_items:
+    validates = bool(data.splits.get("val"))  # without val (data.split.ratios has none) nothing is logged
+    val_items = _items(triplets["val"]) if validates else []
+    if validates and not val_items:
         raise ValueError("the val split has no triplets: it needs groups with two or more items")
-    val_batch = {k: torch.stack([it[k] for it in val_items]) for k in val_items[0]}
+    val_batch = {k: torch.stack([it[k] for it in val_items]) for k in val_items[0]} if validates else {}
 
     def evaluate(m: nn.Module) -> dict[str, float]:
+        if not validates:
+            return {}
         inner = accelerator.unwrap_model(m)
         return batched_term_means(inner, val_batch, cfg.train.batch_size, accelerator.device)
 
