@@ -238,6 +238,9 @@ def split_warnings(results: dict[str, dict[str, Any]], run: Path | None = None) 
     from cliptune.rundir import RunDir
 
     splits = load_splits(RunDir(run).splits) if run is not None and RunDir(run).splits.exists() else None
+    summary = RunDir(run).summary if run is not None else None
+    info = json.loads(summary.read_text()).get("info", {}) if summary is not None and summary.exists() else {}
+    fixed_by_rows = set(info.get("splits", {}).get("fixed", []))  # splits the catalogue's rows name
     out = []
     for r in results.values():
         health = judge_eval(r)
@@ -245,7 +248,8 @@ def split_warnings(results: dict[str, dict[str, Any]], run: Path | None = None) 
             continue
         if splits is not None:
             held_out = [n for n in splits if n != "train"]
-            advice = suggest_split(sum(map(len, splits.values())), held_out, 0)
+            fixed = health.split if health.split in fixed_by_rows else None
+            advice = suggest_split(sum(map(len, splits.values())), held_out, 0, fixed)
         else:
             advice = (
                 "evaluate on a split with more groups, or rank each image on its own with --relevant item"

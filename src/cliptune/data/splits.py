@@ -139,8 +139,9 @@ def make_splits(
         _greedy_fill([gids[i] for i in order], sizes, ratios, names, splits)
     _ensure_nonempty(splits, sizes, ratios, names, fixed_gids)
     free = set(table["gid"]) - fixed_gids
+    train_before = set(splits.get(TRAIN, []))
     carved = _carve_from_train(table, splits, sizes, ratios, rng)
-    pool = set(splits.get(TRAIN, [])) if carved else free
+    pool = train_before if carved else free  # the groups split by ratio, that step 7 may move
     held_out = carved or [n for n in names if n != TRAIN and ratios[n] > 0]
     if min_groups > 0 and TRAIN in splits and held_out:
         _raise_to_minimum(splits, sizes, held_out, pool, min_groups)

@@ -494,10 +494,11 @@ def _split_health(run: RunData) -> list[Finding]:
     for _, h in sorted(judged.items()):
         if not h.get("warning"):
             continue
-        msg = f"{h['warning'][0].upper()}{h['warning'][1:]}."
+        msg = f"{h['warning']}."
         if n_groups is not None:
             held_out = [n for n in groups if n != "train"]
-            msg += f" Suggested: {suggest_split(n_groups, held_out)}."
+            fixed = h["split"] if h["split"] in splits_info.get("fixed", []) else None
+            msg += f" Suggested: {suggest_split(n_groups, held_out, fixed=fixed)}."
         numbers = {
             k: h[k] for k in ("split", "classes", "queries", "gallery", "mostly_relevant", "chance_mrr")
         }

@@ -128,6 +128,7 @@ def _check_splits(cfg: Config, data: PreparedData, *, announce: bool) -> dict[st
         "groups": counts,
         "carved": carved_info,
         "validation": validates,
+        "fixed": sorted(n for n in named if n in data.splits and n not in carved),
         "health": [h.as_dict() for h in health],
         "warnings": [line for line in lines if line.startswith("warning: ")],
     }
