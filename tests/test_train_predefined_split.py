@@ -17,7 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cliptune.cli.app import app
-from cliptune.data.synthetic import render_fashion
+from cliptune.data.synthetic import render_art, render_fashion
 from cliptune.data.synthetic.suite import write_fashion_suite
 from tests.tiny_models import make_tiny_clip
 
@@ -141,6 +141,30 @@ def test_no_validation_trains_and_says_so(assets: dict[str, Path], tmp_path: Pat
     assert len(epochs) == 3 and not any(k.startswith("val/") for r in epochs for k in r)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["info"]["splits"]["validation"] is False and summary["best_epoch"] == 2
+
+    from cliptune.report.diagnostics import diagnose
+    from cliptune.report.rundata import load_run
+
+    (stopping,) = [f for f in diagnose(load_run(run)) if f.rule == "stopping"]
+    assert "No validation (val/loss was never logged): the kept model is epoch 2" in stopping.message
+    assert stopping.numbers["watched_metric"] is None
+
+
+def test_siamese_val_without_triplets_fails_before_embedding(tmp_path: Path) -> None:
+    art = render_art(tmp_path / "art", n=16, seed=0)  # 16 artworks of 4 images each
+    cfg = {
+        "data": {"catalogue": str(art), "split": {"ratios": {"train": 0.95, "val": 0.05}, "min_groups": 0}},
+        "model": {"cache_dir": str(tmp_path / "cache"), "head": {"width": 32, "depth": 1, "heads": 2}},
+        "loss": {"name": "siamese"},
+        "train": {"task": "siamese", "epochs": 1, "batch_size": 8},
+    }
+    path = tmp_path / "siamese.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = runner.invoke(app, ["train", str(path), "--runs", str(tmp_path / "runs"), "-q"])
+    assert result.exit_code == 1
+    # 0.05 of 64 rows is one 4-image artwork: no other group in val to draw a negative from
+    assert "the val split has no triplets (1 group(s))" in result.output
+    assert not (tmp_path / "cache").exists()
 
 
 def test_ten_product_catalogue_is_called_out_at_train_eval_and_report(

@@ -19,8 +19,9 @@ from cliptune import __version__
 from cliptune.config import Config, load_config, save_config
 from cliptune.data.images import ImageLoadError
 from cliptune.data.prepare import PreparedData, prepare_data
-from cliptune.data.split_health import check_trainable, judge_rows, suggest_split
+from cliptune.data.split_health import SplitError, check_trainable, judge_rows, suggest_split
 from cliptune.data.splits import carved_groups
+from cliptune.data.triplets import make_triplets
 from cliptune.models.factory import load_backbone
 from cliptune.models.freeze import LoraSpec, count_parameters
 from cliptune.rundir import RunDir, read_metrics, write_summary
@@ -91,6 +92,17 @@ def _check_splits(cfg: Config, data: PreparedData, *, announce: bool) -> dict[st
     """
     source = data.catalogue.metadata_path.name
     check_trainable(data.splits, cfg.data.split.ratios, source)
+    if cfg.train.task == "siamese":  # triplets are cheap to draw: check them before the towers embed
+        triplets, _ = make_triplets(data, cfg.data.group_column, cfg.data.split.seed)
+        for name in ("train", "val"):
+            if data.splits.get(name) and not len(triplets.get(name, [])):
+                raise SplitError(
+                    f"the {name} split has no triplets ({len(data.splits[name])} group(s)): the siamese task "
+                    f"needs {name} groups with two or more items and at least two groups; give {name} more "
+                    "groups (data.split.ratios, data.split.min_groups) or add a triplets file",
+                    name,
+                    {n: len(g) for n, g in sorted(data.splits.items())},
+                )
     counts = {name: len(gids) for name, gids in sorted(data.splits.items())}
     lines: list[str] = []
     carved = carved_groups(data.check.good, data.splits, cfg.data.group_column)
