@@ -120,6 +120,7 @@ def test_test_only_catalogue_fails_before_embedding(assets: dict[str, Path], tmp
     assert "Traceback" not in output
     assert not (tmp_path / "cache").exists()  # nothing was embedded
     assert not (run / "metrics.jsonl").exists()
+    assert not (run / "splits.json").exists()  # a rerun with the fix splits afresh
 
 
 def test_no_validation_trains_and_says_so(assets: dict[str, Path], tmp_path: Path) -> None:

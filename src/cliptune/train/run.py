@@ -55,9 +55,15 @@ def resolve_precision(precision: str) -> str:
     return {"fp32": "no"}.get(precision, precision)
 
 
-def _build_task(cfg: Config, run_dir: Path, accelerator: Accelerator, quiet: bool) -> TaskBundle:
-    data = prepare_data(cfg.data, run_dir if accelerator.is_main_process else None, progress=not quiet)
-    splits_info = _check_splits(cfg, data, announce=accelerator.is_main_process)  # before any embedding
+def _build_task(cfg: Config, run_dir: Path, accelerator: Accelerator, quiet: bool, fresh: bool) -> TaskBundle:
+    main = accelerator.is_main_process
+    data = prepare_data(cfg.data, run_dir if main else None, progress=not quiet)
+    try:
+        splits_info = _check_splits(cfg, data, announce=main)  # before any embedding
+    except SplitError:
+        if fresh and main:  # else a rerun with the fix would reuse the unusable splits.json
+            RunDir(run_dir).splits.unlink(missing_ok=True)
+        raise
     m = cfg.model
     lora = LoraSpec(**m.lora.model_dump()) if m.lora is not None else None
     extra = {"image_size": m.image_size} if m.image_size is not None else {}
@@ -269,7 +275,7 @@ def train(
         start_trackers(accelerator, cfg, run_dir)
         set_seed(cfg.train.seed)
         tic = time.perf_counter()
-        bundle = _build_task(cfg, run_dir, accelerator, quiet)
+        bundle = _build_task(cfg, run_dir, accelerator, quiet, fresh=resume is None)
         setup_seconds = time.perf_counter() - tic
         state = fit(
             bundle, cfg.train, run_dir, accelerator, resume=resume is not None, quiet=quiet, on_epoch=on_epoch
