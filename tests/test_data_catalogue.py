@@ -101,7 +101,7 @@ def test_catalogue_level_errors(tmp_path: Path) -> None:
         read_catalogue(tmp_path)
     (tmp_path / "metadata.csv").write_text("file_name,caption\na.png,x\n")
     with pytest.raises(
-        CatalogueError, match=r"metadata.csv: missing required column\(s\) text \(found: file_name, caption\)"
+        CatalogueError, match=r"metadata.csv: no caption column 'text' \(columns: file_name, caption\)"
     ):
         read_catalogue(tmp_path)
     (tmp_path / "metadata.jsonl").write_text("")

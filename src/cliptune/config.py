@@ -67,7 +67,11 @@ class DataConfig(_Section):
     catalogue: Path | None = Field(
         None, description="Catalogue folder (images + metadata.csv/.jsonl/.parquet, imagefolder convention)."
     )
-    text_column: str = Field("text", description="Metadata column holding the caption used for training.")
+    text_column: str = Field(
+        "text",
+        description="Caption column of the catalogue (e.g. title): trained on, evaluated, shown by search; "
+        "required, while `text` then is not; never a filter attribute.",
+    )
     group_column: str = Field("group", description="Column whose values must never be split across splits.")
     split: SplitConfig = Field(
         default_factory=SplitConfig, description="How rows are split (grouped, seeded)."

@@ -43,6 +43,10 @@ def _index_bad_rows(exc: Any) -> str:
 # "module.ClassName" of a CliptuneError subclass -> the hint that names the flags fixing it. A subclass
 # without an entry of its own takes its nearest base class's. tests/test_cli.py checks every key imports.
 HINTS: dict[str, Hint] = {
+    "cliptune.data.catalogue.MissingCaptionError": (
+        "name the caption column: data.text_column in the config, or --text-column on data check, eval, "
+        "index and embed"
+    ),
     "cliptune.data.prepare.BadRowsError": (
         "Fix them, clean the catalogue with `cliptune data check --write-clean`, or set "
         "data.on_bad_row=skip to train without them (they are then listed in rejected.csv)."

@@ -57,13 +57,13 @@ def _failing_queries(result: dict[str, Any]) -> Table | None:
     return table
 
 
-def _run_catalogue(path: Path) -> tuple[Path | None, Path | None]:
-    """The run's ``data.catalogue`` and ``model.cache_dir`` from its config.yaml."""
+def _run_catalogue(path: Path) -> tuple[Path | None, Path | None, str]:
+    """The run's ``data.catalogue``, ``model.cache_dir`` and ``data.text_column`` from its config.yaml."""
     from cliptune.config import load_config
     from cliptune.rundir import RunDir
 
     cfg = load_config(RunDir(path).config)
-    return cfg.data.catalogue, cfg.model.cache_dir
+    return cfg.data.catalogue, cfg.model.cache_dir, cfg.data.text_column
 
 
 def register(app: typer.Typer) -> None:
@@ -134,10 +134,11 @@ def register(app: typer.Typer) -> None:
         path = Path(target)
         is_run = is_run_dir(path)
         items: list[str] | None = None
+        text_column = "text"  # a bare model's catalogue: its `text` column
         with exit_on_error(2, ValueError):
             spec = load_suite(suite)
             if is_run or splits_from is not None:
-                run_data, run_cache = _run_catalogue(splits_from or path)
+                run_data, run_cache, text_column = _run_catalogue(splits_from or path)
                 data, cache_dir = data or run_data, cache_dir or run_cache
             if splits_from is not None:
                 from cliptune.evaluation.run import split_files
@@ -153,7 +154,7 @@ def register(app: typer.Typer) -> None:
                     f"[red]{target}: {what}; give the catalogue with --data CATALOGUE[/red]", highlight=False
                 )
                 raise typer.Exit(2)
-            resolved = resolve_suite(spec, read_catalogue(data))
+            resolved = resolve_suite(spec, read_catalogue(data, text_column))
             model = load_model(path if path.exists() else target)
         with exit_on_error(1, ValueError):
             result = run_suite(
