@@ -45,7 +45,7 @@ def _index_bad_rows(exc: Any) -> str:
 HINTS: dict[str, Hint] = {
     "cliptune.data.catalogue.MissingCaptionError": (
         "name the caption column: data.text_column in the config, or --text-column on data check, eval, "
-        "index and embed"
+        "test, index and embed"
     ),
     "cliptune.data.prepare.BadRowsError": (
         "Fix them, clean the catalogue with `cliptune data check --write-clean`, or set "

@@ -88,6 +88,12 @@ def register(app: typer.Typer) -> None:
             Optional[Path],  # noqa: UP045
             typer.Option("--data", help="Catalogue folder; default for a run: its config's data.catalogue."),
         ] = None,
+        text_column: Annotated[
+            Optional[str],  # noqa: UP045
+            typer.Option(
+                help="Caption column of the catalogue (default: the run's data.text_column, else 'text')."
+            ),
+        ] = None,
         junit: Annotated[
             Optional[Path],  # noqa: UP045
             typer.Option("--junit", help="Also write JUnit XML here (one testsuite per category)."),
@@ -134,11 +140,11 @@ def register(app: typer.Typer) -> None:
         path = Path(target)
         is_run = is_run_dir(path)
         items: list[str] | None = None
-        text_column = "text"  # a bare model's catalogue: its `text` column
+        column = "text"  # a bare model's catalogue: its `text` column unless told
         with exit_on_error(2, ValueError):
             spec = load_suite(suite)
             if is_run or splits_from is not None:
-                run_data, run_cache, text_column = _run_catalogue(splits_from or path)
+                run_data, run_cache, column = _run_catalogue(splits_from or path)
                 data, cache_dir = data or run_data, cache_dir or run_cache
             if splits_from is not None:
                 from cliptune.evaluation.run import split_files
@@ -154,7 +160,7 @@ def register(app: typer.Typer) -> None:
                     f"[red]{target}: {what}; give the catalogue with --data CATALOGUE[/red]", highlight=False
                 )
                 raise typer.Exit(2)
-            resolved = resolve_suite(spec, read_catalogue(data, text_column))
+            resolved = resolve_suite(spec, read_catalogue(data, text_column or column))
             model = load_model(path if path.exists() else target)
         with exit_on_error(1, ValueError):
             result = run_suite(
