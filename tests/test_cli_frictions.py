@@ -81,3 +81,17 @@ def test_data_check_takes_the_caption_column(titles: Path) -> None:
     checked = runner.invoke(app, ["data", "check", str(titles), "--text-column", "title", "-q"])
     assert checked.exit_code == 0, checked.output
     assert "2 good row(s), 0 bad row(s)" in _flat(checked.output)
+
+
+def test_index_and_embed_of_a_bare_model_need_data(tmp_path: Path) -> None:
+    # a run defaults to its own catalogue (tests/test_own_data_doc.py runs `cliptune index RUN OUT`);
+    # a bare model has none to default to, and is told which flag gives it, before any model loads
+    for command in (
+        ["index", "embedded", str(tmp_path / "idx")],
+        ["embed", "embedded", str(tmp_path / "e.pq")],
+    ):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2
+        assert "embedded: not a run directory; give the catalogue with --data CATALOGUE" in _flat(
+            result.output
+        )

@@ -54,7 +54,7 @@ def embed_cmd(
         cliptune embed runs/fashion-finetuned --data data/fashion fashion.parquet
         cliptune embed runs/ft ft.parquet --texts --text-column text_generic -q
     """
-    from cliptune.cli.rundata import run_data
+    from cliptune.cli.rundata import data_for
     from cliptune.data.catalogue import read_catalogue
     from cliptune.models.factory import load_model
     from cliptune.search.vectors import export_embeddings
@@ -65,24 +65,16 @@ def embed_cmd(
             f"[red]--precision must be auto, fp32 or bf16, got {precision}[/red]", highlight=False
         )
         raise typer.Exit(2)
-    with exit_on_error(2):
-        run = run_data(model)
-    data = data or (run.catalogue if run is not None else None)
-    if data is None:
-        what = "its config has no data.catalogue" if run is not None else "not a run directory"
-        err_console.print(
-            f"[red]{model}: {what}; give the catalogue with --data CATALOGUE[/red]", highlight=False
-        )
-        raise typer.Exit(2)
+    data, column, cache_dir = data_for(model, data, text_column, cache_dir)
     with exit_on_error(1):
-        catalogue = read_catalogue(data, text_column or (run.text_column if run is not None else "text"))
+        catalogue = read_catalogue(data, column)
         loaded = load_model(model)
         info = export_embeddings(
             loaded,
             catalogue,
             out,
             texts=texts,
-            cache_dir=cache_dir or (run.cache_dir if run is not None else None),
+            cache_dir=cache_dir,
             precision=precisions[precision],
             batch_size=batch_size,
             progress=not quiet,

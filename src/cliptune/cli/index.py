@@ -52,7 +52,7 @@ def index_cmd(
         cliptune index runs/fashion-finetuned indexes/fashion --data data/fashion-2 --overwrite -q
         cliptune index embedded indexes/base --data data/fashion --text-column text_generic
     """
-    from cliptune.cli.rundata import run_data
+    from cliptune.cli.rundata import data_for
     from cliptune.data.catalogue import read_catalogue
     from cliptune.models.factory import load_model
     from cliptune.search.index import build_index, read_manifest
@@ -63,16 +63,7 @@ def index_cmd(
             f"[red]--precision must be auto, fp32 or bf16, got {precision}[/red]", highlight=False
         )
         raise typer.Exit(2)
-    with exit_on_error(2):
-        run = run_data(model)
-    data = data or (run.catalogue if run is not None else None)
-    if data is None:
-        what = "its config has no data.catalogue" if run is not None else "not a run directory"
-        err_console.print(
-            f"[red]{model}: {what}; give the catalogue with --data CATALOGUE[/red]", highlight=False
-        )
-        raise typer.Exit(2)
-    column = text_column or (run.text_column if run is not None else "text")
+    data, column, cache_dir = data_for(model, data, text_column, cache_dir)
     with exit_on_error(1):
         catalogue = read_catalogue(data, column)
         loaded = load_model(model)
@@ -80,7 +71,7 @@ def index_cmd(
             loaded,
             catalogue,
             out,
-            cache_dir=cache_dir or (run.cache_dir if run is not None else None),
+            cache_dir=cache_dir,
             precision=precisions[precision],
             batch_size=batch_size,
             overwrite=overwrite,
