@@ -78,7 +78,7 @@ def _art_config(out: Path, epochs: int) -> dict[str, Any]:
             "trainable_layers": 0,
             "head": {"width": 128, "depth": 2, "heads": 4},
         },
-        "loss": {"name": "siamese", "margin": 0.2},
+        "loss": {"name": "triplet", "margin": 0.2},
         "train": {"task": "siamese", "epochs": epochs, "batch_size": 32, "lr": 3e-4, "early_stopping": None},
     }
 
