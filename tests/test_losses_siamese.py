@@ -173,3 +173,28 @@ def test_unknown_siamese_loss_and_bad_temperature_fail_early() -> None:
         SiameseLoss("info_nce", temperature=0.0)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         info_nce_triplets(A, P, N, temperature=-1.0)
+
+
+def test_eval_recomputes_batch_dependent_info_nce_over_training_sized_batches() -> None:
+    # 5 triplets, batch size 2: batches [0, 1], [2, 3], [4]; each triplet's InfoNCE sees only its batch's
+    # candidates, as in training and validation (batched_term_means weights batches by size).
+    from cliptune.evaluation.loss import LossSettings
+    from cliptune.evaluation.triplets import triplet_values
+
+    g = torch.Generator().manual_seed(7)
+    a, p, n = ({k: torch.randn(5, 3, generator=g) for k in ("image", "text", "fused")} for _ in range(3))
+    settings = LossSettings(temperature=0.5, batch_size=2, siamese_loss="info_nce")
+    values = triplet_values(a, p, n, settings)["loss"]
+    expected: list[float] = []
+    for s in (slice(0, 2), slice(2, 4), slice(4, 5)):
+        a_b, p_b, n_b = ({k: v[s].tolist() for k, v in item.items()} for item in (a, p, n))
+
+        def term(ka: str, kp: str) -> list[float]:
+            return ref_terms("info_nce", a_b[ka], p_b[kp], n_b[kp], 0.2, 0.5, "cosine")  # noqa: B023
+
+        parts = [term(m, m) for m in ("image", "text", "fused")] + [
+            term("image", "text"),
+            term("text", "image"),
+        ]
+        expected += [i + t + f + (x + y) / 2 for i, t, f, x, y in zip(*parts, strict=True)]
+    assert values.tolist() == pytest.approx(expected, rel=1e-5)
