@@ -174,6 +174,8 @@ def test_docs_config_md_is_generated_from_the_code() -> None:
          ["loss.name='siglip'", "train.task='siamese'", "loss.name triplet, contrastive, info_nce"]),
         (["train.task=siamese", "loss.learn_temperature=true"],
          ["loss.learn_temperature=true", "train.task='siamese'"]),
+        (["train.task=siamese", "loss.name=triplet", "loss.temperature=0.1"],
+         ["loss.temperature=0.1", "train.task='siamese'", "loss.name='triplet'"]),
         (["train.task=siamese", "loss.name=triplet", "model.trainable_layers=1"],
          ["train.task='siamese'", "model.trainable_layers=1", "model.lora=null"]),
         (["train.task=siamese", "loss.name=contrastive", "model.lora={r: 2}"],
@@ -213,6 +215,7 @@ def test_cross_field_rules_also_guard_assignment() -> None:
         ["train.task=siamese"],  # info_nce over the triplets
         ["train.task=siamese", "loss.name=triplet"],
         ["train.task=siamese", "loss.name=contrastive"],
+        ["train.task=siamese", "loss.name=info_nce", "loss.temperature=0.1"],
         ["train.task=retrieval", "loss.name=siglip"],
         ["model.backbone=embedded", "model.image_size=160"],
         ["model.backbone=composed", "model.image_size=160"],

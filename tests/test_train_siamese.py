@@ -106,7 +106,7 @@ def test_siamese_run_trains_the_configured_contrastive_loss(tmp_path: Path) -> N
         "data": {"catalogue": str(art), "split": {"ratios": {"train": 0.6, "val": 0.4}}},
         "model": {"cache_dir": str(tmp_path / "cache"), "head": {"width": 32, "depth": 1, "heads": 2}},
         "loss": {"name": "contrastive", "margin": 0.5},
-        "train": {"task": "siamese", "epochs": 5, "batch_size": 8, "lr": 1e-3, "early_stopping": None},
+        "train": {"task": "siamese", "epochs": 3, "batch_size": 8, "lr": 1e-3, "early_stopping": None},
     }
     path = tmp_path / "siam.yaml"
     path.write_text(yaml.safe_dump(cfg))

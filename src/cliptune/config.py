@@ -405,6 +405,11 @@ def cross_field_problems(config: Config) -> list[str]:
             "loss.learn_temperature=true does not fit train.task='siamese': its info_nce uses the fixed "
             "loss.temperature; set loss.learn_temperature to false"
         )
+    if task == "siamese" and config.loss.temperature is not None and config.loss.name != "info_nce":
+        problems.append(
+            f"loss.temperature={config.loss.temperature:g} applies to train.task='siamese' only with "
+            f"loss.name='info_nce', got loss.name={config.loss.name!r}; set loss.temperature to null"
+        )
     siglip_set = [f"loss.{k}" for k in ("siglip_scale", "siglip_bias") if getattr(config.loss, k) is not None]
     if siglip_set and config.loss.name != "siglip":
         problems.append(
