@@ -66,7 +66,7 @@ HINTS: dict[str, Hint] = {
     ),
     "cliptune.suites.heldout.RankedSplitError": lambda e: (
         "give a run's splits with --splits-from RUN, or rank every image with --split all"
-        if not e.available
+        if e.run_dir is None
         else f"choose the images with --split ({', '.join([*e.available, 'all'])})"
     ),
     "cliptune.suites.run.EmptySplitError": (
