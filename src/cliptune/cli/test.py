@@ -174,6 +174,7 @@ def register(app: typer.Typer) -> None:
                     f"[red]{target}: {what}; give the catalogue with --data CATALOGUE[/red]", highlight=False
                 )
                 raise typer.Exit(2)
+            resolved = resolve_suite(spec, read_catalogue(data))
             # the run's held-out split unless --split says otherwise; a bare model: every image
             ranked = ranked_images(
                 splits_from or (path if is_run else None),
@@ -182,7 +183,6 @@ def register(app: typer.Typer) -> None:
                 progress=not quiet,
                 required=splits_from is not None,
             )
-            resolved = resolve_suite(spec, read_catalogue(data))
             model = load_model(path if path.exists() else target)
         with exit_on_error(1, ValueError):
             result = run_suite(
