@@ -61,7 +61,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "model.head.width=16",
             "model.head.depth=1",
             "model.head.heads=2",
-            "loss.name=siamese",
+            "loss.name=contrastive",
             "train.task=siamese",
             "train.epochs=2",
             "train.batch_size=8",
