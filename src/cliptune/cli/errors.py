@@ -68,6 +68,14 @@ HINTS: dict[str, Hint] = {
     "cliptune.train.errors.WorldSizeMismatchError": lambda e: (
         f"launch it the same way (e.g. torchrun --nproc_per_node {e.saved}) or start a new run"
     ),
+    "cliptune.suites.heldout.RankedSplitError": lambda e: (
+        "give a run's splits with --splits-from RUN, or rank every image with --split all"
+        if e.run_dir is None
+        else f"choose the images with --split ({', '.join([*e.available, 'all'])})"
+    ),
+    "cliptune.suites.run.EmptySplitError": (
+        "rank more images with --split (e.g. --split all), or add queries whose relevant images are in it"
+    ),
     "cliptune.sweep.MissingSweepNameError": "or pass --name",
     "cliptune.sweep.TrialRunExistsError": "or use another --name",
     "cliptune.sweep.StudyDirectionMismatchError": "use another --name",

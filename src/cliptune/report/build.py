@@ -174,6 +174,18 @@ def _curves_section(run: RunData, findings: list[Finding]) -> Section:
     return Section("curves", "Training curves", [p for p in plots if p is not None])
 
 
+def _ranked_text(suite: dict[str, Any]) -> str:
+    """Which images a suite ranked (split, count) and what it could not score there."""
+    split = suite.get("split", "all (an older result: every catalogue image)")
+    text = f"Ranked: split {split}, {suite.get('n_items', '?')} images."
+    lost, unmeasured = suite.get("skipped", []), suite.get("unmeasured", {})
+    if lost:
+        text += f" Not scored: {len(lost)} quer{'y' if len(lost) == 1 else 'ies'} ({lost[0].get('status')})."
+    if unmeasured:
+        text += f" Not measured: {', '.join(unmeasured)}."
+    return text
+
+
 def _suites_section(run: RunData) -> Section:
     blocks: list[Any] = []
     for name, suite in run.suites.items():
@@ -183,7 +195,7 @@ def _suites_section(run: RunData) -> Section:
         blocks.append(
             Paragraph(
                 f"Suite {suite.get('suite', name)}: {'PASSED' if passed else 'FAILED'} "
-                f"(k={k}; thresholds: {th or 'none'})",
+                f"(k={k}; thresholds: {th or 'none'}). {_ranked_text(suite)}",
                 "ok" if passed else "warn",
             )
         )
