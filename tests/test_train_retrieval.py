@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cliptune.cli.app import app
@@ -15,6 +16,7 @@ from cliptune.data.synthetic import render_fashion
 from cliptune.models.factory import load_backbone
 from cliptune.report import diagnose, load_run
 from cliptune.report.build import report_document
+from cliptune.train.checkpoint import latest_checkpoint
 from tests.tiny_models import make_tiny_clip
 
 runner = CliRunner()
@@ -146,3 +148,31 @@ def test_the_untrained_model_is_kept_when_training_never_beats_it(
     summary = json.loads((normal / "summary.json").read_text())
     assert summary["best_epoch"] == max(normal_mrr, key=normal_mrr.__getitem__) > 0
     assert summary["best_is_untrained"] is False and "no trained epoch beat" not in console["max"]
+
+
+def test_resume_loads_exactly_the_saved_keys_of_a_partly_frozen_clip(tmp_path: Path, fashion: Path) -> None:
+    # Frozen tower weights are left out of checkpoints on purpose; the resume must load exactly the saved
+    # (trainable + buffer) keys: an intact checkpoint resumes, one with a renamed key is refused by name.
+    clip = make_tiny_clip(tmp_path / "tiny-clip")
+    cfg = _config(
+        tmp_path, fashion, model={"backbone": str(clip), "trainable_layers": 1}, train={"epochs": 1}
+    )
+    runs = tmp_path / "runs"
+    assert runner.invoke(app, ["train", str(cfg), "--name", "c", "--runs", str(runs), "-q"]).exit_code == 0
+    run_dir = runs / "c"
+    weights = latest_checkpoint(run_dir / "checkpoints") / "model.safetensors"
+    saved = load_file(weights)
+    # trainable_layers 1: the last encoder layer of each tower is stored, the frozen first one and the
+    # embeddings are not
+    assert any(".encoder.layers.1." in k for k in saved)
+    assert not any(".encoder.layers.0." in k or "embeddings." in k for k in saved)
+    resumed = runner.invoke(app, ["train", "--resume", str(run_dir), "-q"])
+    assert resumed.exit_code == 0, resumed.output
+
+    key = sorted(saved)[0]
+    save_file({("renamed." + k if k == key else k): v for k, v in saved.items()}, weights)
+    broken = runner.invoke(app, ["train", "--resume", str(run_dir), "-q"])
+    assert broken.exit_code == 1
+    assert f"{weights}: weights do not match the architecture" in broken.output
+    assert f"1 missing: {key}" in broken.output and f"1 unexpected: renamed.{key}" in broken.output
+    assert "Traceback" not in broken.output
