@@ -1,6 +1,7 @@
 """The training loop: reads top to bottom, knows only ``outputs["loss"]`` and the task's ``evaluate``.
 
-Per batch: forward -> backward -> clip -> step (and lr) -> zero -> log; per epoch: validate -> schedule ->
+First the untrained model is validated as epoch 0 and saved as the first best-model candidate; then per
+batch: forward -> backward -> clip -> step (and lr) -> zero -> log; per epoch: validate -> schedule ->
 early-stop -> checkpoint. The task comes from a :class:`~cliptune.train.tasks.bundle.TaskBundle`, devices,
 precision and processes from Accelerate, checkpoints and failure guards from their modules.
 """
