@@ -59,7 +59,7 @@ def main() -> None:
         )
         print(
             f"{name}: {time.perf_counter() - tic:.1f}s mixed_precision={summary['mixed_precision']} "
-            f"epochs={summary['epochs_run']} train/loss {epochs[1].get('train/loss'):.4f} -> "
+            f"epochs={summary['epochs_trained']} train/loss {epochs[1].get('train/loss'):.4f} -> "
             f"{epochs[-1].get('train/loss'):.4f} all finite={finite}"
         )
 

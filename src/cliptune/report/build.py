@@ -53,9 +53,12 @@ def build_report(run_dir: Path | str) -> tuple[Path, Path]:
 def report_document(run: RunData, findings: list[Finding]) -> Document:
     """The report of one run as a :class:`Document` (what both renderers draw)."""
     warnings = sum(f.severity == "warning" for f in findings)
+    best = "?" if run.best_epoch is None else str(run.best_epoch)
+    if run.untrained_best:
+        best += " (the untrained model: no trained epoch beat it)"
     subtitle = (
-        f"{run.task} run at {run.path} · {len(run.epochs) - 1} epoch(s) trained · best epoch "
-        f"{run.summary.get('best_epoch', '?')} · {warnings} warning(s)"
+        f"{run.task} run at {run.path} · {run.epochs_trained} epoch(s) trained · best epoch {best} · "
+        f"{warnings} warning(s)"
     )
     sections = [
         _diagnostics_section(findings),
@@ -103,7 +106,7 @@ def _diagnostics_section(findings: list[Finding]) -> Section:
 def _metrics_section(run: RunData) -> Section:
     blocks: list[Any] = []
     splits = [s for s in _SPLITS if s in run.evals] + sorted(s for s in run.evals if s not in _SPLITS)
-    best = run.summary.get("best") or run.epochs[-1]
+    best = run.best_record
     if splits:
         keys: list[str] = []
         for s in splits:
@@ -154,7 +157,7 @@ def _log_metrics_table(best: dict[str, Any], families: dict[str, list[str]]) -> 
 
 def _loss_table(run: RunData) -> Table:
     last, first = run.epochs[-1], run.epochs[0]
-    best = run.summary.get("best") or last
+    best = run.best_record
     terms = [k[4:] for k in last if k.startswith("val/") and "/" not in k[4:] and k != "val/temperature"]
     rows = []
     for t in terms:
