@@ -41,7 +41,7 @@ def main() -> None:
                              "train.epochs=3", "train.batch_size=32", "train.lr=1e-3"],
         "clip-frozen": [f"data.catalogue={fashion}", f"model.backbone={clip}", "train.epochs=3",
                         "train.batch_size=32", "train.lr=1e-3"],
-        "siamese": [f"data.catalogue={art}", f"model.backbone={clip}", "train.task=siamese", "loss.name=siamese",
+        "siamese": [f"data.catalogue={art}", f"model.backbone={clip}", "train.task=siamese", "loss.name=triplet",
                     "model.head.width=64", "model.head.heads=4", "train.epochs=3", "train.batch_size=16",
                     "data.split.ratios={train: 0.7, val: 0.3}"],
     }  # fmt: skip
@@ -59,7 +59,7 @@ def main() -> None:
         )
         print(
             f"{name}: {time.perf_counter() - tic:.1f}s mixed_precision={summary['mixed_precision']} "
-            f"epochs={summary['epochs_run']} train/loss {epochs[1].get('train/loss'):.4f} -> "
+            f"epochs={summary['epochs_trained']} train/loss {epochs[1].get('train/loss'):.4f} -> "
             f"{epochs[-1].get('train/loss'):.4f} all finite={finite}"
         )
 

@@ -193,13 +193,20 @@ def test_suite_on_a_runs_split_ranks_only_its_images(world: dict[str, Path], tmp
     assert scored["n_relevant"] == len(images) and {t["id"] for t in scored["top"]} <= images
     assert [q["id"] for q in result["skipped"]] == (["gone"] if absent else [])
     assert json.loads((out / EVALUATION_FILE).read_text())["suites"] == ["mini"]
-    # the default stays unchanged: without --splits-from every catalogue image is ranked
+    # the run itself ranks the same test images by default; --split all ranks every catalogue image
     res = runner.invoke(
-        _app(), ["test", str(run), "--suite", str(suite), "--out", str(tmp_path / "all"), "-q"]
+        _app(), ["test", str(run), "--suite", str(suite), "--out", str(tmp_path / "own"), "-q"]
+    )
+    assert res.exit_code == 0, res.output
+    own = json.loads((tmp_path / "own" / "mini.json").read_text())
+    assert (own["split"], own["n_items"]) == ("test", len(images))
+    res = runner.invoke(
+        _app(),
+        ["test", str(run), "--suite", str(suite), "--split", "all", "--out", str(tmp_path / "all"), "-q"],
     )
     assert res.exit_code == 0, res.output
     whole = json.loads((tmp_path / "all" / "mini.json").read_text())
-    assert whole["n_items"] == meta["file_name"].nunique() and "skipped" not in whole
+    assert whole["n_items"] == meta["file_name"].nunique() and whole["skipped"] == []
 
 
 def test_leaderboard_of_a_zero_shot_baseline_and_three_runs(world: dict[str, Path], tmp_path: Path) -> None:

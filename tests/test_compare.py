@@ -79,15 +79,38 @@ def test_missing_per_query_values_give_no_verdict() -> None:
     assert d.verdict == "no verdict" and d.interval is None
 
 
-def test_relative_change_seed_001_wording() -> None:
+def test_relative_change_only_says_better_next_to_a_verdict() -> None:
+    # Seed 001's "32% better" needs the verdict: 0.03664 / 0.1148 = 31.9% -> "32%".
+    assert relative_change(0.1148, 0.07816, "better") == "32% better"
+    assert relative_change(0.98934, 0.99338, "better") == "0.41% better"  # 0.00404 / 0.98934 = 0.408%
+    assert relative_change(0.96685, 0.98401, "worse") == "1.8% worse"  # 0.01716 / 0.96685 = 1.77%
+    # Noise is shown as noise, never as an improvement, whatever the size of the change.
+    assert relative_change(0.17994, 0.12908, "not distinguishable") == "not distinguishable"
+    # Without a verdict (training-log means) the change is neutral: direction of the number only.
+    assert relative_change(0.1148, 0.07816, "no verdict") == "32% lower"
+    assert relative_change(0.01, 0.03, "no verdict") == "200% higher"  # 0.02 / 0.01
     assert (
-        relative_change(0.1148, 0.07816, higher_is_better=False) == "32% better"
-    )  # 0.03664 / 0.1148 = 31.9%
-    assert relative_change(0.98934, 0.99338) == "0.41% better"  # 0.00404 / 0.98934 = 0.408%
-    assert relative_change(0.96685, 0.98401) == "1.8% better"  # 0.01716 / 0.96685 = 1.77%
-    assert relative_change(0.17994, 0.12908, higher_is_better=False) == "28% better"  # 0.05086 / 0.17994
-    assert relative_change(0.5, 0.4) == "20% worse" and relative_change(0.0, 0.1) == "n/a"
-    assert relative_change(0.3, 0.3) == "same" and relative_change(0.01, 0.03, None) == "200% higher"
+        relative_change(0.0, 0.1, "no verdict") == "n/a" and relative_change(0.3, 0.3, "no verdict") == "same"
+    )
+
+
+def test_delta_table_relative_column_follows_the_verdict(tmp_path: Path) -> None:
+    a = write_run(tmp_path / "a", [{"lr": 1e-3, "val/loss": 0.5}], {"best_epoch": 0})
+    b = write_run(tmp_path / "b", [{"lr": 1e-3, "val/loss": 0.4}], {"best_epoch": 0})
+    rng = np.random.default_rng(1)
+    noise = rng.uniform(0, 1, 40).round(3).tolist()
+    # recall@5: +0.33 relative, but per-query noise -> not distinguishable; mrr: +0.5 on every query -> better
+    write_json(a / "eval" / "test.json", _eval([0.2] * 40, **{"recall@5": noise}))
+    cand_recall = [min(1.0, v + (0.3 if i % 2 else -0.25)) for i, v in enumerate(noise)]
+    write_json(b / "eval" / "test.json", _eval([0.7] * 40, **{"recall@5": cand_recall}))
+    _, md = compare_runs([a, b], out=tmp_path / "o")
+    data = json.loads((tmp_path / "o" / "compare.json").read_text())
+    by_metric = {d["metric"]: d for d in data["deltas"]["b"]["test"]}
+    assert by_metric["t2i/recall@5"]["verdict"] == "not distinguishable"
+    assert by_metric["t2i/recall@5"]["relative"] == "not distinguishable"
+    assert by_metric["t2i/mrr"]["relative"] == "250% better"  # (0.7 - 0.2) / 0.2
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| t2i/recall@5 |")]
+    assert rows and all("better" not in r and "worse" not in r for r in rows)
 
 
 def _seed_run(
@@ -118,7 +141,9 @@ def test_compare_runs_end_to_end(tmp_path: Path) -> None:
     verdicts = {d["metric"]: d["verdict"] for d in data["deltas"]["split-80-20"]["test"]}
     assert verdicts == {"t2i/mrr": "better", "t2i/recall@5": "not distinguishable"}
     md = md_path.read_text()
-    assert "| val/loss | 0.1148 | 0.07816 | 32% better | no verdict |" in md  # seed 001, no interval
+    assert (
+        "| val/loss | 0.1148 | 0.07816 | 32% lower | no verdict |" in md
+    )  # seed 001: no interval, no "better"
     assert "validated on different groups" in md
     assert "split-80-20 ended with a higher LR than split-60-40 (0.00015 vs 7e-05)" in md
     assert "| rips | **FAIL** | pass |" in md
@@ -139,7 +164,8 @@ def test_compare_command(tmp_path: Path) -> None:
     result = runner.invoke(app, ["compare", str(a), str(b), "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     assert "compare.html" in result.output and "different queries" in result.output
-    assert "(unpaired)" in result.output
+    assert "(unpaired" in result.output
+    assert "--heldout" in result.output  # the warning about different queries names the fair comparison
     assert runner.invoke(app, ["compare", str(a)]).exit_code == 2
     assert runner.invoke(app, ["compare", str(a), str(b), "--baseline", str(tmp_path)]).exit_code == 2
     missing = runner.invoke(app, ["compare", str(a), str(tmp_path / "nope")])

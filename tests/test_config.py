@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
 
 from cliptune.config import (
+    TASK_LOSSES,
     Config,
     ConfigError,
+    LossConfig,
     ModelConfig,
     apply_overrides,
     config_markdown,
@@ -167,10 +170,15 @@ def test_docs_config_md_is_generated_from_the_code() -> None:
     [
         (["model.lora={r: 4}", "model.trainable_layers=2"], ["model.lora", "model.trainable_layers=2"]),
         (["model.lora={r: 4}", "model.trainable_layers=-1"], ["model.lora", "model.trainable_layers=-1"]),
-        (["loss.name=siamese"], ["loss.name='siamese'", "train.task='retrieval'"]),
-        (["train.task=siamese", "loss.name=siamese", "model.trainable_layers=1"],
+        (["train.task=siamese", "loss.name=siglip"],
+         ["loss.name='siglip'", "train.task='siamese'", "loss.name triplet, contrastive, info_nce"]),
+        (["train.task=siamese", "loss.learn_temperature=true"],
+         ["loss.learn_temperature=true", "train.task='siamese'"]),
+        (["train.task=siamese", "loss.name=triplet", "loss.temperature=0.1"],
+         ["loss.temperature=0.1", "train.task='siamese'", "loss.name='triplet'"]),
+        (["train.task=siamese", "loss.name=triplet", "model.trainable_layers=1"],
          ["train.task='siamese'", "model.trainable_layers=1", "model.lora=null"]),
-        (["train.task=siamese", "loss.name=siamese", "model.lora={r: 2}"],
+        (["train.task=siamese", "loss.name=contrastive", "model.lora={r: 2}"],
          ["train.task='siamese'", "model.trainable_layers=0", "model.lora=set"]),
         (["model.backbone=openai/clip-vit-base-patch32", "model.image_size=160"],
          ["model.image_size", "model.backbone='openai/clip-vit-base-patch32'"]),
@@ -204,8 +212,11 @@ def test_cross_field_rules_also_guard_assignment() -> None:
     "overrides",
     [
         ["model.lora={r: 4}", "model.trainable_layers=0"],
-        ["train.task=siamese"],  # the siamese task ignores loss.name: saved run configs like this must load
-        ["train.task=siamese", "loss.name=siamese"],
+        ["train.task=siamese"],  # info_nce over the triplets
+        ["train.task=siamese", "loss.name=triplet"],
+        ["train.task=siamese", "loss.name=contrastive"],
+        ["train.task=siamese", "loss.name=info_nce", "loss.temperature=0.1"],
+        ["train.task=retrieval", "loss.name=siglip"],
         ["model.backbone=embedded", "model.image_size=160"],
         ["model.backbone=composed", "model.image_size=160"],
         ["loss.name=triplet", "model.trainable_layers=-1"],
@@ -213,3 +224,26 @@ def test_cross_field_rules_also_guard_assignment() -> None:
 )
 def test_consistent_combinations_load(overrides: list[str]) -> None:
     load_config(None, overrides)
+
+
+@pytest.mark.parametrize("task", ["retrieval", "siamese"])
+def test_the_old_siamese_loss_name_fails_naming_its_replacement(task: str) -> None:
+    # 'siamese' used to mean "whatever loss.name says, the siamese task trains triplet margins".
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"train.task={task}", "loss.name=siamese"])
+    (line,) = info.value.errors
+    assert line.startswith("loss.name: ")
+    assert "loss.name='triplet' with train.task='siamese'" in line
+
+
+def test_task_losses_cover_every_loss_name() -> None:
+    names = set(get_args(LossConfig.model_fields["name"].annotation))
+    assert set().union(*TASK_LOSSES.values()) == names
+    for task, losses in TASK_LOSSES.items():
+        for name in names:
+            overrides = [f"train.task={task}", f"loss.name={name}"]
+            if name in losses:
+                assert load_config(None, overrides).loss.name == name
+            else:
+                with pytest.raises(ConfigError, match=f"loss.name='{name}' does not fit train.task='{task}'"):
+                    load_config(None, overrides)

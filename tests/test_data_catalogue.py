@@ -101,7 +101,7 @@ def test_catalogue_level_errors(tmp_path: Path) -> None:
         read_catalogue(tmp_path)
     (tmp_path / "metadata.csv").write_text("file_name,caption\na.png,x\n")
     with pytest.raises(
-        CatalogueError, match=r"metadata.csv: missing required column\(s\) text \(found: file_name, caption\)"
+        CatalogueError, match=r"metadata.csv: no caption column 'text' \(columns: file_name, caption\)"
     ):
         read_catalogue(tmp_path)
     (tmp_path / "metadata.jsonl").write_text("")
@@ -143,3 +143,28 @@ def test_triplets_and_image_root(tmp_path: Path) -> None:
     (tmp_path / "catalogue.json").write_text("{}")
     with pytest.raises(CatalogueError, match='catalogue.json: expected {"image_root"'):
         read_catalogue(tmp_path)
+
+
+def test_a_named_caption_column_replaces_text(tmp_path: Path) -> None:
+    # `title` is the caption: required instead of `text`, read as text, never an attribute
+    records = [{("title" if k == "text" else k): v for k, v in r.items()} for r in RECORDS]
+    root = _write(tmp_path / "titles", "csv", records)
+    with pytest.raises(CatalogueError, match=r"no caption column 'text' \(columns: file_name, title, group,"):
+        read_catalogue(root)
+    cat = read_catalogue(root, "title")
+    assert cat.text_column == "title"
+    assert cat.attributes == ["colour", "rips", "sale"]
+    assert cat.filters == ["colour", "rips", "sale", "group"]  # suites and search --where
+    assert cat.rows["title"].tolist() == ["red shirt", "crimson top", "ripped jeans", "NA"]  # "NA" stays text
+    # a `text` column beside a named caption column is free text, not an attribute either
+    with_text = [{**r, "text": "x"} for r in records]
+    assert read_catalogue(_write(tmp_path / "both", "jsonl", with_text), "title").attributes == [
+        "colour",
+        "rips",
+        "sale",
+    ]
+    # switching the caption column of a catalogue read: `colour` stops being an attribute, `title` becomes one
+    by_colour = cat.with_text_column("colour")
+    assert (by_colour.text_column, by_colour.attributes) == ("colour", ["title", "rips", "sale"])
+    with pytest.raises(CatalogueError, match="no caption column 'caption_en'"):
+        cat.with_text_column("caption_en")

@@ -203,3 +203,25 @@ def test_triplets_are_checked_against_good_rows(tmp_path: Path) -> None:
     clean = read_catalogue(tmp_path / "clean")
     assert clean.triplets is not None and len(clean.triplets) == 1
     assert check_catalogue(clean).ok
+
+
+def test_caption_checks_apply_to_the_named_column(tmp_path: Path) -> None:
+    # data.text_column: title -> blank and duplicate *titles* are bad rows, named by the column; a blank
+    # `text` beside it is free text and no reason to reject a row
+    root = tmp_path / "titles"
+    for name in ("a.png", "b.png", "c.png"):
+        _image(root / name)
+    (root / "metadata.csv").write_text(
+        "file_name,title,text,colour\n"
+        "a.png,blue jeans,,blue\n"  # row 1: good (blank `text` is not the caption)
+        "b.png,  ,x,red\n"  # row 2: blank title
+        "c.png,,x,red\n"  # row 3: missing title
+        "a.png, blue jeans ,y,blue\n"  # row 4: same file and title as row 1 (whitespace ignored)
+    )
+    result = check_catalogue(read_catalogue(root, "title"))
+    assert [(r.row, r.reason) for r in result.rejected] == [
+        (2, "empty title (only whitespace)"),
+        (3, "missing title"),
+        (4, "duplicate of row 1 (same file_name and title)"),
+    ]
+    assert result.good["row"].tolist() == [1]

@@ -54,7 +54,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ])  # fmt: skip
     siamese = load_config(None, [
         "name=s", f"data.catalogue={art}", "data.split.ratios={train: 0.5, val: 0.25, test: 0.25}",
-        "model.head={width: 32, depth: 1, heads: 2}", "loss.name=siamese", "train.task=siamese",
+        "model.head={width: 32, depth: 1, heads: 2}", "loss.name=info_nce", "train.task=siamese",
         "train.epochs=2", "train.batch_size=8", *common,
     ])  # fmt: skip
     runs = root / "runs"
@@ -252,6 +252,7 @@ def test_siamese_run_triplet_metrics(world: dict[str, Path]) -> None:
         assert m["n"] == n_triplets and m["low"] <= m["mean"] <= m["high"]
         assert m["mean"] == pytest.approx(summary["best"][f"val/triplet/{key}"], abs=1e-6), key
     assert result["loss"]["name"] == "siamese"
+    assert result["loss"]["siamese_loss"] == "info_nce" and result["loss"]["temperature"] == 0.07
     assert result["metrics"]["loss"]["mean"] == pytest.approx(summary["best"]["val/loss"], rel=1e-5)
     assert "t2i/recall@5" in result["metrics"] and "i2t/mrr" in result["metrics"]
 

@@ -40,7 +40,7 @@ def write_run(
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if summary is not None:
         best = summary.get("best_epoch", len(epochs) - 1)
-        full = {"name": run_dir.name, "task": "retrieval", "epochs_run": len(epochs), "best_epoch": best,
+        full = {"name": run_dir.name, "task": "retrieval", "epochs_trained": len(epochs) - 1, "best_epoch": best,
                 "stop_reason": f"reached train.epochs ({len(epochs) - 1})", "lr_reductions": 0,
                 "lr_final": epochs[-1].get("lr"), "final": records[-1], "best": records[best],
                 "timings_seconds": {"train": 1.0}, "info": {}} | summary  # fmt: skip
@@ -230,6 +230,43 @@ def test_undertrained_run(tmp_path: Path) -> None:
     assert under.numbers["from_epoch"] == 1 and under.numbers["window"] == 3
     assert under.numbers["relative_gain"] == pytest.approx(1 / 3)  # (0.9 - 0.6) / 0.9
     assert [f.numbers["from"] for f in findings if f.rule == "recommendation"] == ["under_training"]
+
+
+def test_untrained_best_is_one_story(tmp_path: Path) -> None:
+    # The run: epoch-0 val/t2i/mrr 0.672, every trained epoch lower (0.604 at epoch 4); early
+    # stopping watched val/t2i/mrr (max), so the kept model is epoch 0 and every section must say so.
+    mrr = [0.672, 0.65, 0.63, 0.61, 0.604]
+    epochs = [
+        {
+            "lr": 1e-3,
+            "val/loss": 1.0 + e / 10,
+            "val/t2i/mrr": m,
+            **({"train/loss": 0.9 - e / 10} if e else {}),
+        }
+        for e, m in enumerate(mrr)
+    ]
+    stopping = {"early_stopping": {"metric": "val/t2i/mrr", "mode": "max", "patience": 4}}
+    run = write_run(
+        tmp_path / "worse", epochs, {"best_epoch": 0, "best_is_untrained": True}, {"train": stopping}
+    )
+    data = load_run(run)
+    assert (data.best_epoch, data.epochs_trained, data.untrained_best) == (0, 4, True)
+    assert data.best_record["val/t2i/mrr"] == 0.672
+    findings = diagnose(data)
+    stop = _by_rule(findings, "stopping")
+    assert stop.severity == "warning" and stop.numbers["best_epoch"] == 0
+    assert (
+        "Best epoch 0 by val/t2i/mrr (max)" in stop.message and "model/ holds the untrained" in stop.message
+    )
+    under = _by_rule(findings, "under_training")
+    assert under.numbers["peak_epoch"] == 0 and "best" not in under.message
+    assert "never" in " ".join(f.message for f in findings if f.rule == "recommendation")
+    _, md_path = build_report(run)
+    md = md_path.read_text()
+    assert "4 epoch(s) trained · best epoch 0 (the untrained model: no trained epoch beat it)" in md
+    # Every "best epoch N" / "best at epoch N" the page prints names epoch 0.
+    assert set(re.findall(r"best(?: at)? epoch (\d+)", md, flags=re.IGNORECASE)) == {"0"}
+    assert "its best" not in md  # other epochs are named by what they are: "val loss ... its lowest"
 
 
 def test_healthy_run_triggers_nothing(tmp_path: Path) -> None:

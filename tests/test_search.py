@@ -93,7 +93,9 @@ def test_metadata_is_saved_with_the_vectors(fashion: Path, built: Path) -> None:
     rows = pd.read_csv(fashion / "metadata.csv")
     assert index.ids == list(rows["file_name"])
     assert index.captions == [[t] for t in rows["text"]]
-    assert list(index.attributes) == ["garment", "colour", "pattern", "rips", "style"]
+    # `group` is filterable as in suites (search --where group=...); the caption column never is
+    assert list(index.attributes) == ["garment", "colour", "pattern", "rips", "style", "group"]
+    assert index.attributes["group"] == rows["group"].astype(str).tolist()
     assert index.attributes["rips"] == [bool(v) for v in rows["rips"]]
     assert all(Path(p).is_file() for p in index.paths)
     np.testing.assert_allclose(np.linalg.norm(index.vectors(), axis=1), 1.0, atol=1e-5)  # L2-normalised

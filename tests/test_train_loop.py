@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from cliptune.config import EarlyStoppingConfig, PlateauConfig, TrainConfig
+from cliptune.models.backbone import WeightsMismatchError
 from cliptune.train.checkpoint import latest_checkpoint
 from cliptune.train.errors import EmptyEpochError, NothingToResumeError, TrainingError, UnknownMetricError
 from cliptune.train.loop import fit
@@ -99,3 +102,96 @@ def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:
         run(tmp_path, TrainConfig(epochs=1, batch_size=16), resume=True)
     assert isinstance(info.value, NothingToResumeError)
     assert info.value.checkpoints == tmp_path / "checkpoints"
+
+
+def test_untrained_model_is_kept_when_no_epoch_beats_it(tmp_path: Path) -> None:
+    # Crafted val/loss that only gets worse after the baseline: 1.0 (epoch 0), 1.5, 2.0, ... With patience 2
+    # counted from the baseline, epochs 1 and 2 fail to beat it and the run stops after epoch 2, keeping
+    # the untrained model (the weights changed: lr 0.01 on a real loss, only the judged metric is crafted).
+    cfg = TrainConfig(
+        epochs=6,
+        batch_size=50,
+        lr=0.01,
+        scheduler="cosine",
+        early_stopping=EarlyStoppingConfig(metric="val/loss", mode="min", patience=2),
+    )
+    untrained = {k: v.clone() for k, v in make_bundle().model.net.state_dict().items()}
+    bundle = make_bundle(val_values=[1.0, 1.5, 2.0, 2.5])
+    state = fit(bundle, cfg, tmp_path, Accelerator(cpu=True), quiet=True)
+    assert [r["epoch"] for r in _records(tmp_path)] == [0, 1, 2]
+    assert (state.best_epoch, state.best_step, state.epoch, state.untrained_best) == (0, 0, 2, True)
+    assert state.stop_reason == "early stopping: val/loss did not improve for 2 epoch(s) (best 1 at epoch 0)"
+    kept = load_file(tmp_path / "model" / "toy.safetensors")
+    assert set(kept) == set(untrained) and all(torch.equal(kept[k], untrained[k]) for k in untrained)
+    trained = bundle.model.net.state_dict()
+    assert not torch.equal(trained["0.weight"], untrained["0.weight"])  # training did move the weights
+
+
+def test_a_trained_epoch_that_beats_the_baseline_is_kept(tmp_path: Path) -> None:
+    # 1.0 (epoch 0), 0.8, 0.9, 0.7, 0.95: epochs 1 and 3 improve; epoch 3 is kept, not the untrained model.
+    cfg = TrainConfig(
+        epochs=4,
+        batch_size=50,
+        lr=0.01,
+        scheduler="cosine",
+        early_stopping=EarlyStoppingConfig(metric="val/loss", mode="min", patience=3),
+    )
+    bundle = make_bundle(val_values=[1.0, 0.8, 0.9, 0.7, 0.95])
+    saved: dict[int, dict[str, torch.Tensor]] = {}
+    state = fit(
+        bundle,
+        cfg,
+        tmp_path,
+        Accelerator(cpu=True),
+        quiet=True,
+        on_epoch=lambda r: saved.setdefault(r["epoch"], load_file(tmp_path / "model" / "toy.safetensors")),
+    )
+    assert (state.best_epoch, state.untrained_best) == (3, False)
+    kept = load_file(tmp_path / "model" / "toy.safetensors")
+    assert all(torch.equal(kept[k], saved[3][k]) for k in kept)
+    assert not torch.equal(kept["0.weight"], saved[1]["0.weight"])
+
+
+def _rewrite_checkpoint(run_dir: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    path = latest_checkpoint(run_dir / "checkpoints")
+    assert path is not None
+    weights = load_file(path / "model.safetensors")
+    edit(weights)
+    save_file(weights, path / "model.safetensors")
+    return path / "model.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("edit", "missing", "unexpected", "mismatched"),
+    [
+        (
+            lambda w: w.__setitem__("net.0.wieght", w.pop("net.0.weight")),
+            ["net.0.weight"],
+            ["net.0.wieght"],
+            [],
+        ),
+        (lambda w: w.__setitem__("net.9.bias", torch.zeros(1)), [], ["net.9.bias"], []),
+        (lambda w: w.__setitem__("net.2.bias", torch.zeros(2)), [], [], [("net.2.bias", (2,), (1,))]),
+    ],
+    ids=["renamed", "unexpected", "reshaped"],
+)
+def test_resume_from_a_checkpoint_that_does_not_fit_names_the_keys(
+    tmp_path: Path,
+    edit: Callable[[dict[str, torch.Tensor]], None],
+    missing: list,
+    unexpected: list,
+    mismatched: list,
+) -> None:
+    cfg = TrainConfig(epochs=1, batch_size=50, early_stopping=None)
+    run(tmp_path, cfg)
+    weights_file = _rewrite_checkpoint(tmp_path, edit)
+    with pytest.raises(WeightsMismatchError) as info:
+        run(tmp_path, cfg.model_copy(update={"epochs": 2}), resume=True)
+    err = info.value
+    assert (err.source, err.missing, err.unexpected, err.mismatched) == (
+        str(weights_file),
+        missing,
+        unexpected,
+        mismatched,
+    )
+    assert str(weights_file) in str(err) and all(k in str(err) for k in missing + unexpected)

@@ -156,7 +156,7 @@ def test_siamese_val_without_triplets_fails_before_embedding(tmp_path: Path) -> 
     cfg = {
         "data": {"catalogue": str(art), "split": {"ratios": {"train": 0.95, "val": 0.05}, "min_groups": 0}},
         "model": {"cache_dir": str(tmp_path / "cache"), "head": {"width": 32, "depth": 1, "heads": 2}},
-        "loss": {"name": "siamese"},
+        "loss": {"name": "triplet"},
         "train": {"task": "siamese", "epochs": 1, "batch_size": 8},
     }
     path = tmp_path / "siamese.yaml"

@@ -75,7 +75,11 @@ class DataConfig(_Section):
     catalogue: Path | None = Field(
         None, description="Catalogue folder (images + metadata.csv/.jsonl/.parquet, imagefolder convention)."
     )
-    text_column: str = Field("text", description="Metadata column holding the caption used for training.")
+    text_column: str = Field(
+        "text",
+        description="Caption column of the catalogue (e.g. title): trained on, evaluated, shown by search; "
+        "required, while `text` then is not; never a filter attribute.",
+    )
     group_column: str = Field("group", description="Column whose values must never be split across splits.")
     split: SplitConfig = Field(
         default_factory=SplitConfig, description="How rows are split (grouped, seeded)."
@@ -165,14 +169,18 @@ def _default_siamese_weights() -> dict[Literal["image", "text", "fused", "cross"
 
 
 class LossConfig(_Section):
-    name: Literal["info_nce", "siglip", "triplet", "contrastive", "siamese"] = Field(
-        "info_nce", description="Training objective."
+    name: Literal["info_nce", "siglip", "triplet", "contrastive"] = Field(
+        "info_nce",
+        description="Training objective. train.task 'retrieval': info_nce, siglip, triplet or contrastive on "
+        "image-text pairs; 'siamese': triplet, contrastive or info_nce over the triplets, per term (image, "
+        "text, fused, cross). See docs/losses.md.",
     )
     temperature: float | None = Field(
         None,
         gt=0,
         description="InfoNCE temperature (initial value when learned); null: the backbone's pretrained one "
-        "(CLIP: 1 / exp(logit_scale)), else 0.07. Also the temperature of the InfoNCE that eval reports.",
+        "(CLIP: 1 / exp(logit_scale)), else 0.07. Also the temperature of the InfoNCE that eval reports. "
+        "The siamese task's info_nce scores its own head's embeddings: null means 0.07 there.",
     )
     learn_temperature: bool = Field(
         False, description="Learn the InfoNCE temperature (log-parametrised, scale <= 100)."
@@ -187,11 +195,25 @@ class LossConfig(_Section):
         None, description="Initial SigLIP bias; null: the backbone's pretrained logit_bias, else -10."
     )
     margin: float = Field(0.2, ge=0, description="Margin of the triplet and contrastive losses.")
-    distance: Literal["cosine", "euclidean"] = Field("cosine", description="Distance of the triplet loss.")
+    distance: Literal["cosine", "euclidean"] = Field(
+        "cosine",
+        description="Distance of the triplet loss and of every Siamese loss (contrastive: d^2 and "
+        "max(0, margin - d)^2; info_nce: logits -d / temperature).",
+    )
     weights: dict[Literal["image", "text", "fused", "cross"], float] = Field(
         default_factory=_default_siamese_weights,
         description="Weights of the Siamese objective's terms.",
     )
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _renamed_loss(cls, name: Any) -> Any:
+        if name == "siamese":
+            raise ValueError(
+                "'siamese' is no longer a loss name: the Siamese task's triplet-margin objective is "
+                "loss.name='triplet' with train.task='siamese' (also: contrastive, info_nce)"
+            )
+        return name
 
     @field_validator("weights")
     @classmethod
@@ -355,11 +377,11 @@ class Config(_Section):
 
 TASK_LOSSES: dict[str, tuple[str, ...]] = {
     "retrieval": ("info_nce", "siglip", "triplet", "contrastive"),
-    "siamese": ("info_nce", "siglip", "triplet", "contrastive", "siamese"),
+    "siamese": ("triplet", "contrastive", "info_nce"),
 }
-"""Values of ``loss.name`` each ``train.task`` accepts. The retrieval task calls its loss on (image, text)
-embeddings, which the triplet-of-mappings ``siamese`` objective cannot take. The siamese task always trains
-the Siamese objective and ignores ``loss.name`` (run configs saved that way must keep loading)."""
+"""Values of ``loss.name`` each ``train.task`` trains. The retrieval task calls its loss on (image, text)
+pairs; the siamese task applies the named loss to each term of its objective over (anchor, positive,
+negative) triplets (``cliptune.losses.SIAMESE_LOSSES``, kept equal by a test), which has no SigLIP form."""
 
 NAMED_BACKBONES_WITH_IMAGE_SIZE = ("embedded", "composed")
 """Backbone specs built here with an EfficientNet tower, the only ones ``model.image_size`` applies to;
@@ -388,7 +410,17 @@ def cross_field_problems(config: Config) -> list[str]:
     if config.loss.name not in TASK_LOSSES[task]:
         problems.append(
             f"loss.name={config.loss.name!r} does not fit train.task={task!r}; "
-            f"that task takes {', '.join(TASK_LOSSES[task])}"
+            f"that task takes loss.name {', '.join(TASK_LOSSES[task])}"
+        )
+    if task == "siamese" and config.loss.learn_temperature:
+        problems.append(
+            "loss.learn_temperature=true does not fit train.task='siamese': its info_nce uses the fixed "
+            "loss.temperature; set loss.learn_temperature to false"
+        )
+    if task == "siamese" and config.loss.temperature is not None and config.loss.name != "info_nce":
+        problems.append(
+            f"loss.temperature={config.loss.temperature:g} applies to train.task='siamese' only with "
+            f"loss.name='info_nce', got loss.name={config.loss.name!r}; set loss.temperature to null"
         )
     siglip_set = [f"loss.{k}" for k in ("siglip_scale", "siglip_bias") if getattr(config.loss, k) is not None]
     if siglip_set and config.loss.name != "siglip":
@@ -417,7 +449,7 @@ def _no_validation_problems(config: Config) -> list[str]:
         return []
     train, ratios = config.train, dict(config.data.split.ratios)
     watching = []
-    if train.early_stopping is not None and train.early_stopping.metric.startswith("val/"):
+    if train.early_stopping is not None:  # epoch 0, its first candidate, has no train values either
         watching.append(f"train.early_stopping.metric={train.early_stopping.metric!r}")
     if train.scheduler == "plateau":
         watching.append(f"train.scheduler='plateau' (train.plateau.metric={train.plateau.metric!r})")
@@ -426,7 +458,7 @@ def _no_validation_problems(config: Config) -> list[str]:
     return [
         f"data.split.ratios={ratios} has no 'val' share, so training has no validation metric, but "
         f"{' and '.join(watching)} watch one; add a val share to data.split.ratios, or set "
-        "train.early_stopping to null (or a train/ metric) and train.scheduler to 'cosine'"
+        "train.early_stopping to null and train.scheduler to 'cosine'"
     ]
 
 

@@ -8,7 +8,11 @@ arguments, builds typed objects, calls the library and prints; library errors be
 
 from __future__ import annotations
 
-from typing import Annotated
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -61,8 +65,48 @@ def _root(
     """Fine-tune, evaluate, gate and compare CLIP-family image-text models."""
 
 
+def silence_libraries() -> None:
+    """Quiet the libraries' own output for ``-q``: transformers' and the hub's progress bars and notices.
+
+    ``-q`` promises no progress bars, but transformers draws its own ("Loading weights" on every load)
+    through its logging module, which no command touches. Before transformers is imported the hub switch
+    and the verbosity variable are enough (transformers reads both on import); after, its own switches.
+    """
+    from huggingface_hub.utils import disable_progress_bars  # type: ignore[attr-defined]  # lazily exported
+
+    disable_progress_bars()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # likewise
+
+
+def _quiet_aware(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` that silences the libraries first when called with ``quiet=True`` (its ``-q``)."""
+
+    @functools.wraps(command)  # keeps the signature typer reads the options from
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("quiet"):
+            silence_libraries()
+        return command(*args, **kwargs)
+
+    return run
+
+
+def _wrap_quiet(group: typer.Typer) -> None:
+    for info in group.registered_commands:
+        if info.callback is not None:
+            info.callback = _quiet_aware(info.callback)
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _wrap_quiet(sub.typer_instance)
+
+
 for _module in COMMANDS:
     _module.register(app)
+_wrap_quiet(app)  # one place makes every command's -q quiet the libraries too
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""``cliptune config``: show, validate and document run configs; the config options other commands share.
+"""``cliptune config``: show (and so validate), describe and document run configs; the shared config options.
 
 ``--set`` and :func:`load_config_or_exit` live here because a config is this group's subject; ``train``
 uses them too, so an invalid config reads and exits the same (2) everywhere.
@@ -28,7 +28,11 @@ SetOption = Annotated[
     typer.Option("--set", help="Override a config field, e.g. --set train.lr=1e-4 (repeatable)."),
 ]
 
-config_app = typer.Typer(help="Show, validate and document run configs.", no_args_is_help=True)
+config_app = typer.Typer(
+    help="Run configs: `show` resolves and validates one (exit 2 if invalid), `schema` prints the JSON "
+    "schema, `docs` the reference.",
+    no_args_is_help=True,
+)
 
 
 def register(app: typer.Typer) -> None:

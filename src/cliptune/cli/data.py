@@ -65,12 +65,22 @@ def data_check(
     max_pixels: Annotated[
         int, typer.Option(help="Reject images with more pixels than this (decompression-bomb guard).", min=1)
     ] = 89_478_485,
+    text_column: Annotated[
+        str,
+        typer.Option(
+            help="Caption column (your config's data.text_column): required, and blank captions are bad rows."
+        ),
+    ] = "text",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Validate a catalogue; list every bad row (file, row, reason) and exit 1 if there is any.
+    """Validate a catalogue; list every bad row (file, row, reason).
+
+    Exit 1 if there is any bad row, 0 if there is none. With --write-clean the bad rows are listed and set
+    aside in OUT/rejected.csv, the good ones written to OUT, and the exit is 0: OUT is the catalogue to use.
 
     Examples:
         cliptune data check data/fashion
+        cliptune data check my_photos --text-column title
         cliptune data check my_catalogue --write-clean my_catalogue_clean
     """
     from cliptune.data.catalogue import read_catalogue
@@ -78,7 +88,7 @@ def data_check(
     from cliptune.data.check import write_clean as write_clean_fn
 
     with exit_on_error(2):
-        cat = read_catalogue(catalogue)
+        cat = read_catalogue(catalogue, text_column)
         result = check_catalogue(cat, max_pixels=max_pixels, progress=not quiet)
     rejected = [*result.rejected, *result.rejected_triplets]
     n_good, n_bad = len(result.good), len(rejected)
@@ -93,7 +103,9 @@ def data_check(
         console.print(table)
     console.print(f"{n_good} good row(s), {n_bad} bad row(s) in {catalogue}")
     if write_clean is not None:
-        manifest, rejected_csv = write_clean_fn(result, cat, write_clean)
-        console.print(f"wrote {manifest} ({n_good} rows) and {rejected_csv} ({n_bad} rows)")
+        with exit_on_error(2, ValueError):
+            manifest, rejected_csv = write_clean_fn(result, cat, write_clean)
+        console.print(f"wrote {manifest} ({n_good} rows) and {rejected_csv} ({n_bad} rows set aside)")
+        return  # the clean copy is the catalogue to use: nothing is left to fail on
     if n_bad:
         raise typer.Exit(1)

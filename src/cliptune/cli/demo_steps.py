@@ -78,7 +78,7 @@ def _art_config(out: Path, epochs: int) -> dict[str, Any]:
             "trainable_layers": 0,
             "head": {"width": 128, "depth": 2, "heads": 4},
         },
-        "loss": {"name": "siamese", "margin": 0.2},
+        "loss": {"name": "triplet", "margin": 0.2},
         "train": {"task": "siamese", "epochs": epochs, "batch_size": 32, "lr": 3e-4, "early_stopping": None},
     }
 
@@ -131,9 +131,15 @@ def demo_steps(out: Path, fast: bool = False) -> list[DemoStep]:
             ["eval", base, "--split", "test", "--text-column", "text"],
         ),
         DemoStep("Evaluate the fine-tuned model on the same queries", ["eval", tuned, "--split", "test"]),
-        DemoStep("Behavioural suite on the base model", ["test", base, "--suite", suite], may_fail=True),
         DemoStep(
-            "Behavioural suite on the fine-tuned model", ["test", tuned, "--suite", suite], may_fail=True
+            "Behavioural suite on the base model (its held-out test images)",
+            ["test", base, "--suite", suite],
+            may_fail=True,
+        ),
+        DemoStep(
+            "Behavioural suite on the fine-tuned model (the same test images)",
+            ["test", tuned, "--suite", suite],
+            may_fail=True,
         ),
         DemoStep(
             "Compare the two runs (paired bootstrap on the same queries)",

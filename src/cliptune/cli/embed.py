@@ -26,13 +26,20 @@ def register(app: typer.Typer) -> None:
 def embed_cmd(
     model: Annotated[str, typer.Argument(help="Run directory, model folder, or backbone spec (embedded).")],
     out: Annotated[Path, typer.Argument(help="Parquet file to write (replaced atomically).")],
-    data: Annotated[Path, typer.Option("--data", help="Catalogue folder to embed.")],
+    data: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--data", help="Catalogue folder to embed; default for a run: its data.catalogue."),
+    ] = None,
     texts: Annotated[
         bool, typer.Option("--texts", help="Also embed each row's caption into text_embedding.")
     ] = False,
     text_column: Annotated[
-        str, typer.Option(help="Caption column, written as `caption` (and embedded with --texts).")
-    ] = "text",
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Caption column, written as `caption` (and embedded with --texts); default: the run's "
+            "data.text_column, else 'text'."
+        ),
+    ] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder.")] = None,  # noqa: UP045
     precision: Annotated[str, typer.Option(help="Tower precision: auto, fp32 or bf16.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward.", min=1)] = 64,
@@ -40,10 +47,14 @@ def embed_cmd(
 ) -> None:
     """Embed every row of a catalogue with a model into a Parquet file: metadata + image (and text) vectors.
 
+    A run embeds its own catalogue with its own caption column unless --data / --text-column say
+    otherwise; a bare model (folder, hub id, 'embedded') needs --data.
+
     Examples:
         cliptune embed runs/fashion-finetuned --data data/fashion fashion.parquet
-        cliptune embed runs/ft --data data/fashion ft.parquet --texts --text-column text_generic -q
+        cliptune embed runs/ft ft.parquet --texts --text-column text_generic -q
     """
+    from cliptune.cli.rundata import data_for
     from cliptune.data.catalogue import read_catalogue
     from cliptune.models.factory import load_model
     from cliptune.search.vectors import export_embeddings
@@ -54,14 +65,14 @@ def embed_cmd(
             f"[red]--precision must be auto, fp32 or bf16, got {precision}[/red]", highlight=False
         )
         raise typer.Exit(2)
+    data, column, cache_dir = data_for(model, data, text_column, cache_dir)
     with exit_on_error(1):
-        catalogue = read_catalogue(data)
+        catalogue = read_catalogue(data, column)
         loaded = load_model(model)
         info = export_embeddings(
             loaded,
             catalogue,
             out,
-            text_column=text_column,
             texts=texts,
             cache_dir=cache_dir,
             precision=precisions[precision],

@@ -43,6 +43,10 @@ def _index_bad_rows(exc: Any) -> str:
 # "module.ClassName" of a CliptuneError subclass -> the hint that names the flags fixing it. A subclass
 # without an entry of its own takes its nearest base class's. tests/test_cli.py checks every key imports.
 HINTS: dict[str, Hint] = {
+    "cliptune.data.catalogue.MissingCaptionError": (
+        "name the caption column: data.text_column in the config, or --text-column on data check, eval, "
+        "test, index and embed"
+    ),
     "cliptune.data.prepare.BadRowsError": (
         "Fix them, clean the catalogue with `cliptune data check --write-clean`, or set "
         "data.on_bad_row=skip to train without them (they are then listed in rejected.csv)."
@@ -63,6 +67,14 @@ HINTS: dict[str, Hint] = {
     ),
     "cliptune.train.errors.WorldSizeMismatchError": lambda e: (
         f"launch it the same way (e.g. torchrun --nproc_per_node {e.saved}) or start a new run"
+    ),
+    "cliptune.suites.heldout.RankedSplitError": lambda e: (
+        "give a run's splits with --splits-from RUN, or rank every image with --split all"
+        if e.run_dir is None
+        else f"choose the images with --split ({', '.join([*e.available, 'all'])})"
+    ),
+    "cliptune.suites.run.EmptySplitError": (
+        "rank more images with --split (e.g. --split all), or add queries whose relevant images are in it"
     ),
     "cliptune.sweep.MissingSweepNameError": "or pass --name",
     "cliptune.sweep.TrialRunExistsError": "or use another --name",

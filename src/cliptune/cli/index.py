@@ -26,7 +26,14 @@ def register(app: typer.Typer) -> None:
 def index_cmd(
     model: Annotated[str, typer.Argument(help="Run directory, model folder, or backbone spec (embedded).")],
     out: Annotated[Path, typer.Argument(help="Index folder to write (replaced atomically).")],
-    data: Annotated[Path, typer.Option("--data", help="Catalogue folder to index.")],
+    data: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--data", help="Catalogue folder to index; default for a run: its data.catalogue."),
+    ] = None,
+    text_column: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Caption column (default: the run's data.text_column, else 'text')."),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Replace OUT even if another model built it, or it is not an index.")
     ] = False,
@@ -37,10 +44,15 @@ def index_cmd(
 ) -> None:
     """Embed a catalogue's images with a trained model into a FAISS index with their metadata.
 
+    A run indexes its own catalogue with its own caption column unless --data / --text-column say
+    otherwise; a bare model (folder, hub id, 'embedded') needs --data.
+
     Examples:
-        cliptune index runs/fashion-finetuned --data data/fashion indexes/fashion
-        cliptune index runs/fashion-finetuned --data data/fashion indexes/fashion --overwrite -q
+        cliptune index runs/fashion-finetuned indexes/fashion
+        cliptune index runs/fashion-finetuned indexes/fashion --data data/fashion-2 --overwrite -q
+        cliptune index embedded indexes/base --data data/fashion --text-column text_generic
     """
+    from cliptune.cli.rundata import data_for
     from cliptune.data.catalogue import read_catalogue
     from cliptune.models.factory import load_model
     from cliptune.search.index import build_index, read_manifest
@@ -51,8 +63,9 @@ def index_cmd(
             f"[red]--precision must be auto, fp32 or bf16, got {precision}[/red]", highlight=False
         )
         raise typer.Exit(2)
+    data, column, cache_dir = data_for(model, data, text_column, cache_dir)
     with exit_on_error(1):
-        catalogue = read_catalogue(data)
+        catalogue = read_catalogue(data, column)
         loaded = load_model(model)
         path = build_index(
             loaded,

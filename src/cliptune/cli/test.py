@@ -11,7 +11,7 @@ from rich.table import Table
 
 from cliptune.cli.errors import err_console, exit_on_error
 
-__all__ = ["register", "category_table"]
+__all__ = ["register", "category_table", "ranked_line"]
 
 
 def _gate(field: str, limit: float | None) -> str:
@@ -31,7 +31,11 @@ def category_table(name: str, cat: dict[str, Any]) -> Table:
 
     verdict = "[green]PASS[/green]" if cat["passed"] else "[red]FAIL[/red]"
     conf = int(round(100 * next(iter(cat["metrics"].values()))["confidence"]))
-    table = Table(title=f"{name}: {verdict} ({cat['n_queries']} queries, {cat['n_failed_queries']} failed)")
+    skipped = cat.get("n_skipped", 0)
+    title = f"{cat['n_queries']} queries, {cat['n_failed_queries']} failed" + (
+        f", {skipped} not scored" if skipped else ""
+    )
+    table = Table(title=f"{name}: {verdict} ({title})")
     for col in ("metric", f"mean [{conf}% interval]", "gate", ""):
         table.add_column(col)
     failed = {f.split(" ")[0] for f in cat["failures"]}
@@ -57,13 +61,24 @@ def _failing_queries(result: dict[str, Any]) -> Table | None:
     return table
 
 
-def _run_catalogue(path: Path) -> tuple[Path | None, Path | None]:
-    """The run's ``data.catalogue`` and ``model.cache_dir`` from its config.yaml."""
+def ranked_line(result: dict[str, Any], note: str | None = None) -> str:
+    """``ranked: split test, 44 images (splits of /abs/runs/x)``: which images a suite result ranked, and why."""
+    origin = f" (splits of {result['splits_from']})" if result.get("splits_from") else ""
+    text = f"ranked: split {result['split']}, {result['n_items']} images{origin}"
+    if note:
+        text += f"; {note}"
+    if result["skipped"]:
+        text += f"; {len(result['skipped'])} quer{'y' if len(result['skipped']) == 1 else 'ies'} not scored"
+    return text
+
+
+def _run_catalogue(path: Path) -> tuple[Path | None, Path | None, str]:
+    """The run's ``data.catalogue``, ``model.cache_dir`` and ``data.text_column`` from its config.yaml."""
     from cliptune.config import load_config
     from cliptune.rundir import RunDir
 
     cfg = load_config(RunDir(path).config)
-    return cfg.data.catalogue, cfg.model.cache_dir
+    return cfg.data.catalogue, cfg.model.cache_dir, cfg.data.text_column
 
 
 def register(app: typer.Typer) -> None:
@@ -79,14 +94,27 @@ def register(app: typer.Typer) -> None:
             Optional[Path],  # noqa: UP045
             typer.Option(
                 "--splits-from",
-                help="Rank only this run's --split images (its catalogue and splits.json), and write to an "
+                help="Rank this run's --split images (its catalogue and splits.json), and write to an "
                 "evaluation folder that compare takes beside runs.",
             ),
         ] = None,
-        split: Annotated[str, typer.Option(help="The split of --splits-from to rank.")] = "test",
+        split: Annotated[
+            Optional[str],  # noqa: UP045
+            typer.Option(
+                help="Images to rank: all, train, val, test (any split of the run). Default: the run's "
+                "held-out split (test, else val), so the gate measures images training never saw; all "
+                "images for a bare model without --splits-from.",
+            ),
+        ] = None,
         data: Annotated[
             Optional[Path],  # noqa: UP045
             typer.Option("--data", help="Catalogue folder; default for a run: its config's data.catalogue."),
+        ] = None,
+        text_column: Annotated[
+            Optional[str],  # noqa: UP045
+            typer.Option(
+                help="Caption column of the catalogue (default: the run's data.text_column, else 'text')."
+            ),
         ] = None,
         junit: Annotated[
             Optional[Path],  # noqa: UP045
@@ -112,16 +140,19 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run a behavioural suite and gate the model: exit 1 if any category fails, 0 if all pass.
 
-        Each query ranks the catalogue's images; its relevant / yellow / red results give MRR, precision@k,
-        recall@k, accuracy@k, nDCG@k and the red-flag rate; a category passes when its means meet its
-        thresholds. Writes <suite>.json; an invalid suite or catalogue exits 2 naming the exact location.
+        Each query ranks the images; its relevant / yellow / red results give MRR, precision@k, recall@k,
+        accuracy@k, nDCG@k and the red-flag rate; a category passes when its means meet its thresholds.
+        Writes <suite>.json; an invalid suite or catalogue exits 2 naming the exact location.
 
-        With --splits-from RUN, only the images of RUN's --split are ranked (what training never saw), on
-        RUN's catalogue; queries left without a relevant image are skipped and listed.
+        A run ranks its held-out split (test, else val: what training never saw); --split chooses another
+        (all: the whole catalogue). A bare model ranks every image, or with --splits-from RUN the images of
+        RUN's split on RUN's catalogue. Queries left without a relevant image in the split are listed as
+        skipped and gate nothing.
 
         Examples:
             cliptune test runs/demo-finetuned --suite data/fashion/suite.yaml
             cliptune test runs/demo-finetuned --suite data/fashion/suite.yaml --junit reports/suite.xml
+            cliptune test runs/demo-finetuned --suite data/fashion/suite.yaml --split all
             cliptune test embedded --suite data/fashion/suite.yaml --data data/fashion --out suite/base
             cliptune test embedded --suite data/fashion/suite.yaml --splits-from runs/tuned --out evals/base
         """
@@ -130,19 +161,16 @@ def register(app: typer.Typer) -> None:
         from cliptune.rundir import RunDir, write_suite_json
         from cliptune.rundir import is_run as is_run_dir
         from cliptune.suites import load_suite, resolve_suite, run_suite, write_junit
+        from cliptune.suites.heldout import ranked_images
 
         path = Path(target)
         is_run = is_run_dir(path)
-        items: list[str] | None = None
+        column = "text"  # a bare model's catalogue: its `text` column unless told
         with exit_on_error(2, ValueError):
             spec = load_suite(suite)
             if is_run or splits_from is not None:
-                run_data, run_cache = _run_catalogue(splits_from or path)
+                run_data, run_cache, column = _run_catalogue(splits_from or path)
                 data, cache_dir = data or run_data, cache_dir or run_cache
-            if splits_from is not None:
-                from cliptune.evaluation.run import split_files
-
-                items = split_files(splits_from, split, catalogue=data, progress=not quiet)
             if data is None:
                 what = (
                     "its config has no data.catalogue"
@@ -153,7 +181,15 @@ def register(app: typer.Typer) -> None:
                     f"[red]{target}: {what}; give the catalogue with --data CATALOGUE[/red]", highlight=False
                 )
                 raise typer.Exit(2)
-            resolved = resolve_suite(spec, read_catalogue(data))
+            resolved = resolve_suite(spec, read_catalogue(data, text_column or column))
+            # the run's held-out split unless --split says otherwise; a bare model: every image
+            ranked = ranked_images(
+                splits_from or (path if is_run else None),
+                split,
+                catalogue=data,
+                progress=not quiet,
+                required=splits_from is not None,
+            )
             model = load_model(path if path.exists() else target)
         with exit_on_error(1, ValueError):
             result = run_suite(
@@ -164,13 +200,14 @@ def register(app: typer.Typer) -> None:
                 seed=seed,
                 suite_file=suite.resolve(),
                 progress=not quiet,
-                items=items,
+                items=ranked.items,
+                split=ranked.split,
             )
+        result["splits_from"] = None if ranked.splits_from is None else str(ranked.splits_from.resolve())
         if splits_from is not None:
             from cliptune.cli.eval import default_evaluation_folder
             from cliptune.evaluation.run import write_model_evaluation
 
-            result |= {"splits_from": str(splits_from.resolve()), "split": split}
             with exit_on_error(1, ValueError):
                 folder = out if out is not None else default_evaluation_folder(target, splits_from)
                 written = write_model_evaluation(folder, target, splits_from, suite=result)[0]
@@ -178,10 +215,15 @@ def register(app: typer.Typer) -> None:
             folder = out if out is not None else (RunDir(path).suite_dir if is_run else Path("suite"))
             written = write_suite_json(folder, result)
         console = Console(soft_wrap=True)
-        for q in result.get("skipped", []):
-            console.print(f"skipped {q['category']}/{q['id']}: {q['reason']}", highlight=False)
+        console.print(ranked_line(result, ranked.note), highlight=False)
+        for name in dict.fromkeys(q["category"] for q in result["skipped"]):
+            lost = [q for q in result["skipped"] if q["category"] == name]
+            ids = ", ".join(q["id"] for q in lost)
+            console.print(f"skipped in {name} ({lost[0]['status']}): {ids}", highlight=False)
         for name, cat in result["categories"].items():
             console.print(category_table(name, cat))
+        for name, status in result["unmeasured"].items():
+            console.print(f"[yellow]not measured[/yellow] {name}: {status}", highlight=False)
         failing = _failing_queries(result)
         if failing is not None:
             console.print(failing)
@@ -190,14 +232,17 @@ def register(app: typer.Typer) -> None:
             console.print(f"wrote {junit}", highlight=False)
         console.print(f"wrote {written}", highlight=False)
         bad = [n for n, c in result["categories"].items() if not c["passed"]]
+        n, unmeasured = len(result["categories"]), len(result["unmeasured"])
+        tail = f" ({unmeasured} not measured: {', '.join(result['unmeasured'])})" if unmeasured else ""
         if bad:
             console.print(
-                f"[red]FAIL[/red] {result['suite']}: {len(bad)} of {len(result['categories'])} "
-                f"categories failed: {', '.join(bad)}",
+                f"[red]FAIL[/red] {result['suite']}: {len(bad)} of {n} {'measured ' if unmeasured else ''}"
+                f"categories failed: {', '.join(bad)}{tail}",
                 highlight=False,
             )
             raise typer.Exit(1)
         console.print(
-            f"[green]PASS[/green] {result['suite']}: all {len(result['categories'])} categories passed",
+            f"[green]PASS[/green] {result['suite']}: all {n} {'measured ' if unmeasured else ''}"
+            f"categories passed{tail}",
             highlight=False,
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,22 @@ import pandas as pd
 
 from cliptune.errors import CliptuneError
 
-__all__ = ["Catalogue", "CatalogueError", "read_catalogue", "METADATA_NAMES", "TRIPLET_NAMES"]
+__all__ = [
+    "Catalogue",
+    "CatalogueError",
+    "MissingCaptionError",
+    "image_root",
+    "read_catalogue",
+    "METADATA_NAMES",
+    "TRIPLET_NAMES",
+]
 
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 TRIPLET_NAMES = ("triplets.csv", "triplets.jsonl", "triplets.parquet")
 CATALOGUE_JSON = "catalogue.json"
-REQUIRED_COLUMNS = ("file_name", "text")
+DEFAULT_TEXT_COLUMN = "text"  # the caption column unless data.text_column names another
 TRIPLET_COLUMNS = ("anchor", "positive", "negative")
-# Columns with a meaning of their own; every other metadata column is an attribute.
+# Columns with a meaning of their own; every other metadata column (but the caption column) is an attribute.
 RESERVED_COLUMNS = ("row", "file_name", "text", "group", "split")
 # Read as text from CSV so ids like "007" or "1" keep their spelling and a caption "NA" stays a caption.
 _TEXT_COLUMNS = {"file_name": str, "text": str, "group": str, "split": str, "anchor": str, "positive": str}
@@ -40,6 +48,25 @@ _TEXT_COLUMNS |= {"negative": str, "anchor_text": str, "positive_text": str, "ne
 
 class CatalogueError(CliptuneError, ValueError):
     """A problem with the catalogue as a whole (no metadata file, a missing column, a syntax error)."""
+
+
+class MissingCaptionError(CatalogueError):
+    """The metadata has no column of the caption column's name (``text`` unless ``data.text_column`` says).
+
+    Attributes:
+        text_column: The caption column looked for.
+    """
+
+    def __init__(self, path: Path, text_column: str, columns: list[str]) -> None:
+        super().__init__(f"{path}: no caption column '{text_column}' (columns: {', '.join(columns)})")
+        self.path, self.text_column, self.columns = path, text_column, columns
+
+    def __reduce__(self) -> tuple[type[MissingCaptionError], tuple[Path, str, list[str]]]:
+        return type(self), (
+            self.path,
+            self.text_column,
+            self.columns,
+        )  # picklable despite the custom __init__
 
 
 @dataclass(frozen=True)
@@ -52,15 +79,17 @@ class Catalogue:
         rows: One row per data row of the metadata file, in file order, with an added ``row`` column: the
             1-based data row number (CSV: the record number after the header, i.e. the line number minus 1
             when no caption spans lines; JSONL: the line number; Parquet: the row position + 1).
-        attributes: Metadata columns other than ``file_name``, ``text``, ``text_*`` (alternative captions),
-            ``group`` and ``split``, in file
-            order (e.g. ``garment``, ``colour``, ``rips``); suites filter on them.
+        attributes: Metadata columns other than ``file_name``, the caption column, ``text``, ``text_*``
+            (alternative captions), ``group`` and ``split``, in file order (e.g. ``garment``, ``colour``,
+            ``rips``); suites and search filters name them.
         image_root: Folder that ``file_name`` values are relative to: ``root`` unless a ``catalogue.json``
             beside the metadata says otherwise (clean manifests written by ``write_clean`` do).
         triplets: Explicit triplets from ``triplets.csv`` / ``.jsonl`` / ``.parquet`` beside the metadata
             (``anchor``, ``positive``, ``negative`` file names, optional ``*_text`` columns, a ``row``
             column numbered like ``rows``), or None when there is no such file.
         triplets_path: The triplets file, or None.
+        text_column: The caption column (``data.text_column``): required, checked for blank captions,
+            embedded by the text tower, shown as the caption by search; never an attribute.
     """
 
     root: Path
@@ -70,10 +99,25 @@ class Catalogue:
     image_root: Path | None = None
     triplets: pd.DataFrame | None = None
     triplets_path: Path | None = None
+    text_column: str = DEFAULT_TEXT_COLUMN
 
     def __post_init__(self) -> None:
         if self.image_root is None:
             object.__setattr__(self, "image_root", self.root)
+
+    @property
+    def filters(self) -> list[str]:
+        """Columns a filter may name (suite selectors, ``search --where``): attributes, plus ``group``."""
+        return [*self.attributes, *(["group"] if "group" in self.rows.columns else [])]
+
+    def with_text_column(self, text_column: str) -> Catalogue:
+        """The same catalogue read with another caption column (e.g. ``text_generic``), attributes recomputed.
+
+        Raises:
+            CatalogueError: the metadata has no such column.
+        """
+        _require_caption(self.rows, text_column, self.metadata_path)
+        return replace(self, text_column=text_column, attributes=_attributes(self.rows, text_column))
 
     def image_path(self, file_name: str) -> Path:
         """The image file a ``file_name`` value names (no existence or escape check: see ``check``)."""
@@ -81,34 +125,36 @@ class Catalogue:
         return self.image_root / file_name
 
 
-def read_catalogue(root: Path) -> Catalogue:
+def read_catalogue(root: Path, text_column: str = DEFAULT_TEXT_COLUMN) -> Catalogue:
     """Read a catalogue folder and its metadata, keeping every row.
+
+    The caption column is part of how a catalogue is read, not of each command: every reader (check,
+    train, eval, suites, index, embed) gets it from here, so ``data.text_column: title`` means the same
+    thing everywhere and no command requires a ``text`` column beside it.
 
     Args:
         root: Folder holding the images and exactly one of ``metadata.csv``, ``metadata.jsonl``,
-            ``metadata.parquet``. CSV cells are missing only when empty; ``file_name``, ``text``,
-            ``group`` and ``split`` are read as text.
+            ``metadata.parquet``. CSV cells are missing only when empty; ``file_name``, the caption column,
+            ``text``, ``group`` and ``split`` are read as text.
+        text_column: The caption column (``data.text_column``; default ``text``).
 
     Returns:
         The :class:`Catalogue`, rows in file order.
 
     Raises:
         CatalogueError: the folder or metadata file is missing, there are several metadata files, the file
-            cannot be parsed (the message names the line), a required column (``file_name``, ``text``) is
-            absent, or a column is named ``row`` (reserved for the row number).
+            cannot be parsed (the message names the line), a required column (``file_name``, the caption
+            column) is absent, or a column is named ``row`` (reserved for the row number).
     """
     root = Path(root)
     if not root.is_dir():
         raise CatalogueError(f"{root}: catalogue folder not found")
     metadata_path = _find_one(root, METADATA_NAMES, required=True)
     assert metadata_path is not None
-    rows = _read_table(metadata_path)
-    require_columns(rows, REQUIRED_COLUMNS, metadata_path)
-    # `text_<variant>` columns are alternative captions (e.g. `text_generic`), selectable as
-    # data.text_column; they are free text, not attributes to filter on.
-    attributes = [
-        str(c) for c in rows.columns if c not in RESERVED_COLUMNS and not str(c).startswith("text_")
-    ]
+    rows = _read_table(metadata_path, text_column)
+    require_columns(rows, ("file_name",), metadata_path)
+    _require_caption(rows, text_column, metadata_path)
+    attributes = _attributes(rows, text_column)
     triplets_path = _find_one(root, TRIPLET_NAMES, required=False)
     triplets = None
     if triplets_path is not None:
@@ -119,10 +165,16 @@ def read_catalogue(root: Path) -> Catalogue:
         metadata_path=metadata_path,
         rows=rows,
         attributes=attributes,
-        image_root=_image_root(root),
+        image_root=image_root(root),
         triplets=triplets,
         triplets_path=triplets_path,
+        text_column=text_column,
     )
+
+
+def required_columns(text_column: str = DEFAULT_TEXT_COLUMN) -> tuple[str, ...]:
+    """The metadata columns every catalogue needs: ``file_name`` and its caption column."""
+    return ("file_name", text_column)
 
 
 def require_columns(table: pd.DataFrame, columns: tuple[str, ...], path: Path) -> None:
@@ -133,6 +185,18 @@ def require_columns(table: pd.DataFrame, columns: tuple[str, ...], path: Path) -
         raise CatalogueError(
             f"{path}: missing required column(s) {', '.join(missing)} (found: {', '.join(found)})"
         )
+
+
+def _require_caption(rows: pd.DataFrame, text_column: str, path: Path) -> None:
+    if text_column not in rows.columns:
+        raise MissingCaptionError(path, text_column, [str(c) for c in rows.columns if c != "row"])
+
+
+def _attributes(rows: pd.DataFrame, text_column: str) -> list[str]:
+    # `text_<variant>` columns are alternative captions (e.g. `text_generic`), selectable as
+    # data.text_column; they are free text, not attributes to filter on. Nor is the caption column.
+    free_text = {*RESERVED_COLUMNS, text_column}
+    return [str(c) for c in rows.columns if c not in free_text and not str(c).startswith("text_")]
 
 
 def _find_one(root: Path, names: tuple[str, ...], required: bool) -> Path | None:
@@ -146,11 +210,12 @@ def _find_one(root: Path, names: tuple[str, ...], required: bool) -> Path | None
     return found[0] if found else None
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def _read_table(path: Path, text_column: str = DEFAULT_TEXT_COLUMN) -> pd.DataFrame:
     numbers: Sequence[int]
     try:
         if path.suffix == ".csv":
-            table = pd.read_csv(path, dtype=_TEXT_COLUMNS, keep_default_na=False, na_values=[""])
+            dtypes = _TEXT_COLUMNS | {text_column: str}
+            table = pd.read_csv(path, dtype=dtypes, keep_default_na=False, na_values=[""])
             numbers = range(1, len(table) + 1)
         elif path.suffix == ".jsonl":
             table, numbers = _read_jsonl(path)
@@ -190,7 +255,14 @@ def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[int]]:
     return table, numbers
 
 
-def _image_root(root: Path) -> Path:
+def image_root(root: Path) -> Path:
+    """The folder a catalogue's ``file_name`` values are relative to: ``root``, or its ``catalogue.json``'s.
+
+    For readers that need only the images (report thumbnails), not the rows nor their caption column.
+
+    Raises:
+        CatalogueError: an unreadable ``catalogue.json``.
+    """
     pointer = root / CATALOGUE_JSON
     if not pointer.is_file():
         return root
@@ -200,5 +272,5 @@ def _image_root(root: Path) -> Path:
         raise CatalogueError(f"{pointer}: cannot be read ({exc})") from exc
     if not isinstance(info, dict) or not isinstance(info.get("image_root"), str):
         raise CatalogueError(f'{pointer}: expected {{"image_root": "<folder>"}}')
-    image_root: str = info["image_root"]
-    return root / image_root  # an absolute image_root replaces root
+    folder: str = info["image_root"]
+    return root / folder  # an absolute image_root replaces root

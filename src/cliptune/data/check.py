@@ -26,11 +26,11 @@ from rich.progress import track
 from cliptune.data.catalogue import (
     CATALOGUE_JSON,
     METADATA_NAMES,
-    REQUIRED_COLUMNS,
     TRIPLET_COLUMNS,
     TRIPLET_NAMES,
     Catalogue,
     require_columns,
+    required_columns,
 )
 from cliptune.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, probe_image
 from cliptune.data.splits import group_ids
@@ -90,8 +90,8 @@ def check_catalogue(
 
     A row is rejected when its ``file_name`` is missing or escapes the catalogue folder (``../x.jpg``, an
     absolute path), its image is missing, empty, unreadable, truncated or larger than ``max_pixels``, its
-    text is missing or blank, it repeats an earlier row's ``file_name`` and text (the later rows are
-    rejected, naming the first), a cell holds a non-scalar value (list, dict, ...), its image is listed
+    caption (the catalogue's ``text_column``, ``text`` by default) is missing or blank, it repeats an
+    earlier row's ``file_name`` and caption (the later rows are rejected, naming the first), a cell holds a non-scalar value (list, dict, ...), its image is listed
     in several groups, or its group carries conflicting explicit ``split`` values (every row of the group
     is rejected). Each image file is decoded once, however many caption rows it has.
 
@@ -105,13 +105,13 @@ def check_catalogue(
         The :class:`CheckResult`.
 
     Raises:
-        CatalogueError: the rows lack a ``file_name`` or ``text`` column.
+        CatalogueError: the rows lack a ``file_name`` or caption column.
     """
-    rows = catalogue.rows
-    require_columns(rows, REQUIRED_COLUMNS, catalogue.metadata_path)
+    rows, caption = catalogue.rows, catalogue.text_column
+    require_columns(rows, required_columns(caption), catalogue.metadata_path)
     reasons: dict[int, list[str]] = defaultdict(list)  # position in rows -> problems
     names = rows["file_name"].tolist()
-    texts = rows["text"].tolist()
+    texts = rows[caption].tolist()
     numbers = rows["row"].tolist()
 
     usable: dict[int, str] = {}  # position -> file_name that may name an image
@@ -122,11 +122,11 @@ def check_catalogue(
         else:
             usable[i] = name
     for i, text in enumerate(texts):
-        problem = _text_problem(text)
+        problem = _text_problem(text, caption)
         if problem:
             reasons[i].append(problem)
     for column in rows.columns:
-        if column in ("row", "file_name", "text") or rows[column].dtype != object:
+        if column in ("row", "file_name", caption) or rows[column].dtype != object:
             continue
         for i, value in enumerate(rows[column].tolist()):
             if not _is_scalar(value):
@@ -138,7 +138,7 @@ def check_catalogue(
             continue
         first = first_seen.setdefault((name, texts[i].strip()), i)
         if first != i:
-            reasons[i].append(f"duplicate of row {numbers[first]} (same file_name and text)")
+            reasons[i].append(f"duplicate of row {numbers[first]} (same file_name and {caption})")
 
     image_reason: dict[str, str | None] = {}
     unique_names = sorted(set(usable.values()))
@@ -228,12 +228,13 @@ def _path_problem(name: object) -> str | None:
     return None
 
 
-def _text_problem(text: object) -> str | None:
+def _text_problem(text: object, column: str) -> str | None:
+    """The caption's problem, named by its column (``missing text``, ``empty title (only whitespace)``)."""
     if _is_missing(text):
-        return "missing text"
+        return f"missing {column}"
     if not isinstance(text, str):
-        return f"text is not text ({type(text).__name__})"
-    return None if text.strip() else "empty text (only whitespace)"
+        return f"{column} is not text ({type(text).__name__})"
+    return None if text.strip() else f"empty {column} (only whitespace)"
 
 
 def _check_groups(

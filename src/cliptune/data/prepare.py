@@ -72,11 +72,12 @@ def prepare_data(cfg: DataConfig, run_dir: Path | None = None, *, progress: bool
 
     Raises:
         BadRowsError: Bad rows with ``on_bad_row: error`` (a :class:`CatalogueError`).
-        CatalogueError: No catalogue configured, or an unreadable catalogue.
+        CatalogueError: No catalogue configured, an unreadable catalogue, or no ``data.text_column``
+            column in it (the caption column; ``text`` is not required when another is named).
     """
     if cfg.catalogue is None:
         raise CatalogueError("data.catalogue is not set: point it at a catalogue folder")
-    catalogue = read_catalogue(Path(cfg.catalogue))
+    catalogue = read_catalogue(Path(cfg.catalogue), cfg.text_column)
     result = check_catalogue(
         catalogue, max_pixels=cfg.max_pixels, progress=progress, group_column=cfg.group_column
     )
@@ -86,8 +87,6 @@ def prepare_data(cfg: DataConfig, run_dir: Path | None = None, *, progress: bool
         if run_dir is not None:
             _write_rejected(result, RunDir(run_dir).rejected)
     rows = result.good.reset_index(drop=True)
-    if cfg.text_column not in rows.columns:
-        raise CatalogueError(f"{catalogue.metadata_path}: no column '{cfg.text_column}' (data.text_column)")
     saved = RunDir(run_dir).splits if run_dir is not None else None
     if saved is not None and saved.exists():
         splits = load_splits(saved)

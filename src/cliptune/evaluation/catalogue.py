@@ -41,7 +41,7 @@ def prepare_catalogue(
     Args:
         catalogue: Catalogue folder.
         group_column: Column of groups (relevance by group; triplets).
-        text_column: Caption column.
+        text_column: Caption column (required; its blank cells are bad rows).
         max_pixels: Decompression-bomb limit (default: the data config's default).
         progress: Progress bar while images are checked.
 
@@ -53,14 +53,12 @@ def prepare_catalogue(
         CatalogueError: Unreadable catalogue, no caption column, or rows without a split value
             in a catalogue that has a ``split`` column (named).
     """
-    cat = read_catalogue(Path(catalogue))
+    cat = read_catalogue(Path(catalogue), text_column)
     limit = max_pixels if max_pixels is not None else DataConfig().max_pixels
     result = check_catalogue(cat, max_pixels=limit, progress=progress, group_column=group_column)
     if result.rejected:
         raise RejectedRowsError(cat.metadata_path, [(r.row, r.file_name, r.reason) for r in result.rejected])
     rows = result.good.reset_index(drop=True)
-    if text_column not in rows.columns:
-        raise CatalogueError(f"{cat.metadata_path}: no column '{text_column}' (the caption column)")
     if "split" in rows.columns:
         labels = rows["split"].astype("string").str.strip()
         missing = rows.loc[labels.isna() | (labels == ""), "row"].tolist()

@@ -3,7 +3,8 @@
 Evaluation never re-derives a loss: per-pair InfoNCE is :func:`cliptune.losses.info_nce` with
 ``reduction="none"`` over the training batch size, and the Siamese objective per triplet is
 :func:`cliptune.losses.siamese_objective` with ``reduction="none"`` (see :mod:`cliptune.evaluation.triplets`),
-so the eval number is the training formula and compares with ``val/loss`` in ``metrics.jsonl``.
+so the eval number is the training formula and compares with ``val/loss`` in ``metrics.jsonl``. The Siamese
+task builds its training loss from these same settings (:func:`loss_settings`), so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ class LossSettings:
         temperature: InfoNCE temperature for dual encoders; None reports no loss (a bare model has none).
         batch_size: Pairs per InfoNCE batch (the run's ``train.batch_size``): in-batch negatives, as in
             training, so the number is comparable with ``val/loss`` in ``metrics.jsonl``.
-        margin: Siamese objective's triplet margin.
+        siamese_loss: Siamese objective's per-term loss (``triplet``, ``contrastive`` or ``info_nce``: the
+            run's ``loss.name``).
+        margin: Siamese objective's margin (triplet, contrastive).
         distance: Siamese objective's distance (``cosine`` or ``euclidean``).
         weights: Siamese objective's term weights (image, text, fused, cross).
         triplet_seed: Seed of the negative draws of :func:`cliptune.data.triplets.make_triplets` (the run's
@@ -41,6 +44,7 @@ class LossSettings:
 
     temperature: float | None = None
     batch_size: int = 32
+    siamese_loss: str = "triplet"
     margin: float = 0.2
     distance: str = "cosine"
     weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_SIAMESE_WEIGHTS))
@@ -57,7 +61,9 @@ def loss_settings(
     ``model/loss_state.pt``; its temperature ``exp(-logit_scale)`` is used then (clamped like training:
     scale <= 100). Every other run starts where training started (``loss.temperature`` when set, else the
     backbone's pretrained ``logit_scale``, else 0.07: :func:`cliptune.losses.initial_temperature`), whatever
-    its objective, so the InfoNCE of runs trained with different losses stays comparable.
+    its objective, so the InfoNCE of runs trained with different losses stays comparable. A Siamese run scores
+    its own head's embeddings, which have no pretrained similarity: its temperature is ``loss.temperature``
+    or 0.07, whatever the backbone.
 
     Args:
         cfg: The run's config.
@@ -67,7 +73,9 @@ def loss_settings(
     Returns:
         The :class:`LossSettings`.
     """
-    temperature, source = initial_temperature(cfg.loss.temperature, similarity_init or {})
+    siamese = cfg.train.task == "siamese"
+    pretrained = {} if siamese else similarity_init or {}
+    temperature, source = initial_temperature(cfg.loss.temperature, pretrained)
     state_file = model_folder / "loss_state.pt" if model_folder is not None else None
     if cfg.loss.learn_temperature and state_file is not None and state_file.is_file():
         state = torch.load(state_file, map_location="cpu", weights_only=True)
@@ -79,6 +87,7 @@ def loss_settings(
     return LossSettings(
         temperature=temperature,
         batch_size=cfg.train.batch_size,
+        siamese_loss=cfg.loss.name if siamese else "triplet",
         margin=cfg.loss.margin,
         distance=cfg.loss.distance,
         weights=weights,

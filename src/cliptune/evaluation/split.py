@@ -126,6 +126,8 @@ def evaluate_split(
             }
             loss_info = {
                 "name": "siamese",
+                "siamese_loss": loss.siamese_loss,
+                "temperature": loss.temperature if loss.siamese_loss == "info_nce" else None,
                 "margin": loss.margin,
                 "distance": loss.distance,
                 "weights": dict(loss.weights),

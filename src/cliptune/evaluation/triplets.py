@@ -20,6 +20,7 @@ from cliptune.data.triplets import make_triplets
 from cliptune.evaluation.errors import EvalError
 from cliptune.evaluation.loss import LossSettings
 from cliptune.losses.siamese import siamese_objective
+from cliptune.losses.similarity_init import DEFAULT_TEMPERATURE
 from cliptune.models.factory import LoadedModel
 from cliptune.ranking.metrics import triplet_accuracy
 
@@ -65,17 +66,33 @@ def triplet_values(
 ) -> dict[str, Tensor]:
     """Per-triplet accuracies (:func:`triplet_accuracies`) and the per-triplet Siamese objective.
 
-    ``loss`` is :func:`cliptune.losses.siamese_objective` with ``reduction="none"``: its mean is the
-    objective on the same triplets.
+    ``loss`` is :func:`cliptune.losses.siamese_objective` with ``reduction="none"`` and the run's settings
+    (``loss.siamese_loss``, margin, distance, temperature, weights), over batches of ``loss.batch_size``
+    triplets in order, as validation batches them: InfoNCE's negatives are the batch's, so its mean is
+    ``val/loss`` of the same triplets (the margin losses do not depend on the batch).
 
     Shapes:
         each embedding (T, D) -> each value (T,)
     """
     out = triplet_accuracies(anchor, positive, negative)
-    terms = siamese_objective(
-        anchor, positive, negative, loss.weights, loss.margin, loss.distance, reduction="none"
+    n, size = len(anchor["fused"]), max(1, loss.batch_size)
+    batches = [slice(s, s + size) for s in range(0, n, size)]
+    out["loss"] = torch.cat(
+        [
+            siamese_objective(
+                {k: v[b] for k, v in anchor.items()},
+                {k: v[b] for k, v in positive.items()},
+                {k: v[b] for k, v in negative.items()},
+                loss.weights,
+                loss.margin,
+                loss.distance,
+                reduction="none",
+                loss=loss.siamese_loss,
+                temperature=loss.temperature or DEFAULT_TEMPERATURE,
+            )["loss"]
+            for b in batches
+        ]
     )
-    out["loss"] = terms["loss"]
     return out
 
 

@@ -1,4 +1,9 @@
-"""Metric-learning losses: triplet margin and Hadsell et al. contrastive, with in-batch modules."""
+"""Metric-learning losses: triplet margin and Hadsell et al. contrastive, with in-batch modules.
+
+Both exist in two forms: on explicit triplets (``triplet_margin``, ``contrastive_triplet``: the Siamese task's
+per-modality terms) and on image-text pairs (``TripletLoss``, ``contrastive``/``ContrastiveLoss``: the
+retrieval task). The Hadsell formula itself lives once, in ``_hadsell``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from torch import nn
 from cliptune.losses._checks import Reduction, check_same_batch, reduce
 from cliptune.losses.distances import DISTANCES, get_distance
 
-__all__ = ["ContrastiveLoss", "TripletLoss", "contrastive", "triplet_margin"]
+__all__ = ["ContrastiveLoss", "TripletLoss", "contrastive", "contrastive_triplet", "triplet_margin"]
 
 
 def triplet_margin(
@@ -52,6 +57,51 @@ def triplet_margin(
     return reduce(
         "triplet_margin", F.relu(dist(anchor, positive) - dist(anchor, negative) + margin), reduction
     )
+
+
+def contrastive_triplet(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    margin: float = 0.2,
+    distance: str = "cosine",
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Hadsell et al. (2006) contrastive loss on the two pairs of each triplet.
+
+    A triplet holds one similar pair (anchor, positive) and one dissimilar pair (anchor, negative):
+    ``term_i = (d(a_i, p_i)^2 + max(0, margin - d(a_i, n_i))^2) / 2``, the mean of the two pairs' Hadsell
+    terms, so the mean over triplets is the contrastive loss over all 2B pairs (as :func:`contrastive`
+    averages over pairs). Unlike the triplet margin, the positive is pulled all the way in (not just closer
+    than the negative) and the negative is pushed only until ``margin``, whatever the positive does.
+
+    Args:
+        anchor: anchor embeddings.
+        positive: embeddings similar to the anchor (row i with ``anchor[i]``).
+        negative: embeddings dissimilar to the anchor.
+        margin: distance beyond which a negative stops contributing (cosine distance lies in [0, 2]).
+        distance: a name in :data:`DISTANCES` (the same ``d`` in both terms).
+        reduction: ``"mean"`` (the loss) or ``"none"`` (one term per triplet, whose mean is the loss).
+
+    Returns:
+        The loss, a 0-d tensor, or the (B,) per-triplet terms.
+
+    Raises:
+        ValueError: unknown distance name or reduction, or inputs not all (B, D).
+
+    Shapes:
+        anchor, positive, negative: (B, D) -> () or (B,)
+
+    Example:
+        >>> a, p, n = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])
+        >>> round(contrastive_triplet(a, p, n, margin=0.5).item(), 4)  # (1^2 + (0.5 - 0)^2) / 2
+        0.625
+    """
+    dist = get_distance(distance)
+    check_same_batch("contrastive_triplet", anchor=anchor, positive=positive, negative=negative)
+    pairs = torch.stack([dist(anchor, positive), dist(anchor, negative)])  # (2, B): similar, dissimilar
+    label = torch.tensor([[1.0], [0.0]], dtype=pairs.dtype, device=pairs.device)  # (2, 1)
+    return reduce("contrastive_triplet", _hadsell(pairs.pow(2), label, margin).mean(dim=0), reduction)
 
 
 def contrastive(

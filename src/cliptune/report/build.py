@@ -53,9 +53,12 @@ def build_report(run_dir: Path | str) -> tuple[Path, Path]:
 def report_document(run: RunData, findings: list[Finding]) -> Document:
     """The report of one run as a :class:`Document` (what both renderers draw)."""
     warnings = sum(f.severity == "warning" for f in findings)
+    best = "?" if run.best_epoch is None else str(run.best_epoch)
+    if run.untrained_best:
+        best += " (the untrained model: no trained epoch beat it)"
     subtitle = (
-        f"{run.task} run at {run.path} · {len(run.epochs) - 1} epoch(s) trained · best epoch "
-        f"{run.summary.get('best_epoch', '?')} · {warnings} warning(s)"
+        f"{run.task} run at {run.path} · {run.epochs_trained} epoch(s) trained · best epoch {best} · "
+        f"{warnings} warning(s)"
     )
     sections = [
         _diagnostics_section(findings),
@@ -103,7 +106,7 @@ def _diagnostics_section(findings: list[Finding]) -> Section:
 def _metrics_section(run: RunData) -> Section:
     blocks: list[Any] = []
     splits = [s for s in _SPLITS if s in run.evals] + sorted(s for s in run.evals if s not in _SPLITS)
-    best = run.summary.get("best") or run.epochs[-1]
+    best = run.best_record
     if splits:
         keys: list[str] = []
         for s in splits:
@@ -154,7 +157,7 @@ def _log_metrics_table(best: dict[str, Any], families: dict[str, list[str]]) -> 
 
 def _loss_table(run: RunData) -> Table:
     last, first = run.epochs[-1], run.epochs[0]
-    best = run.summary.get("best") or last
+    best = run.best_record
     terms = [k[4:] for k in last if k.startswith("val/") and "/" not in k[4:] and k != "val/temperature"]
     rows = []
     for t in terms:
@@ -174,6 +177,18 @@ def _curves_section(run: RunData, findings: list[Finding]) -> Section:
     return Section("curves", "Training curves", [p for p in plots if p is not None])
 
 
+def _ranked_text(suite: dict[str, Any]) -> str:
+    """Which images a suite ranked (split, count) and what it could not score there."""
+    split = suite.get("split", "all (an older result: every catalogue image)")
+    text = f"Ranked: split {split}, {suite.get('n_items', '?')} images."
+    lost, unmeasured = suite.get("skipped", []), suite.get("unmeasured", {})
+    if lost:
+        text += f" Not scored: {len(lost)} quer{'y' if len(lost) == 1 else 'ies'} ({lost[0].get('status')})."
+    if unmeasured:
+        text += f" Not measured: {', '.join(unmeasured)}."
+    return text
+
+
 def _suites_section(run: RunData) -> Section:
     blocks: list[Any] = []
     for name, suite in run.suites.items():
@@ -183,7 +198,7 @@ def _suites_section(run: RunData) -> Section:
         blocks.append(
             Paragraph(
                 f"Suite {suite.get('suite', name)}: {'PASSED' if passed else 'FAILED'} "
-                f"(k={k}; thresholds: {th or 'none'})",
+                f"(k={k}; thresholds: {th or 'none'}). {_ranked_text(suite)}",
                 "ok" if passed else "warn",
             )
         )

@@ -3,9 +3,12 @@
 Seed 002 is a leaderboard; seed 001 reads "val loss 0.07816 vs 0.1148, 32% better" as a win. Both are
 right only when the difference is larger than what another sample of queries would give. Here each
 delta of an eval metric comes with a paired bootstrap interval over the same queries (paired by query
-id), and a verdict: better / worse only when the whole interval is on one side of zero. Runs evaluated
-on different query sets are flagged and compared unpaired (see :func:`unpaired_bootstrap_delta`); values
-from the training log have no per-query values, so they are shown without a verdict.
+id), and a verdict: better / worse only when the whole interval is on one side of zero, and a relative
+change says "better" only next to that verdict (:mod:`cliptune.report.deltas`). Runs evaluated on
+different query sets are flagged and compared unpaired; ``heldout=True`` re-evaluates every run on the
+groups none of them trained on (:mod:`cliptune.report.splits_analysis`), where deltas pair. Values from
+the training log have no per-query values, so they are shown without a verdict. Verdicts are counted,
+and the best run named, on held-out splits only (:mod:`cliptune.report.recommend`).
 
 Model evaluation folders (``cliptune eval MODEL --splits-from RUN``) sit beside runs: a zero-shot
 baseline evaluated on a run's own queries pairs with it query by query; it has no training log, so it
@@ -16,18 +19,20 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cliptune.ranking.bootstrap import Interval, paired_bootstrap_delta, unpaired_bootstrap_delta, verdict
+from cliptune.ranking.bootstrap import paired_bootstrap_delta, verdict
 from cliptune.report.build import interval_text, resolver_for
+from cliptune.report.deltas import Delta, metric_deltas, relative_change
 from cliptune.report.document import Block, Cell, Document, Grid, Paragraph, Section, Table
 from cliptune.report.grids import query_rows
 from cliptune.report.html import render_html
 from cliptune.report.markdown import render_markdown
 from cliptune.report.plots import overlay_plot
+from cliptune.report.recommend import PRIMARY_METRIC, best_run, loss_kind, verdict_summary
 from cliptune.report.rundata import ReportError, RunData, load_compared
+from cliptune.report.splits_analysis import SHARED_SPLIT, shared_heldout_eval
 from cliptune.rundir import RunDir, read_json, write_text_atomic
 
 __all__ = ["Delta", "compare_runs", "metric_deltas", "relative_change"]
@@ -47,141 +52,19 @@ LEADERBOARD = {
 OVERLAY_KEYS = ["val/loss", "val/t2i/mrr", "val/t2i/recall@5", "val/i2t/mrr", "val/triplet/accuracy", "lr"]
 MOVERS = 4
 """Queries shown as most improved and most regressed (by per-query t2i MRR delta)."""
-
-_LOWER_IS_BETTER = ("loss", "red_flag_rate")
-
-
-@dataclass(frozen=True)
-class Delta:
-    """One metric of a candidate against the baseline.
-
-    Attributes:
-        split: Eval split (``test``), or ``val (log)`` for training-log values.
-        metric: Metric key (``t2i/mrr``).
-        baseline, candidate: The two means.
-        interval: Bootstrap interval of ``candidate - baseline``, or None without per-query values.
-        paired: Whether the interval pairs the same queries.
-        verdict: ``better`` / ``worse`` / ``not distinguishable`` / ``no verdict``.
-        note: Why a verdict is missing or unpaired.
-    """
-
-    split: str
-    metric: str
-    baseline: float
-    candidate: float
-    interval: Interval | None
-    paired: bool
-    verdict: str
-    note: str = ""
-
-    @property
-    def higher_is_better(self) -> bool:
-        """False for losses and red-flag rates."""
-        return not any(word in self.metric for word in _LOWER_IS_BETTER)
-
-
-def relative_change(baseline: float, candidate: float, higher_is_better: bool | None = True) -> str:
-    """Seed-001 wording: ``"32% better"`` / ``"4.1% worse"`` / ``"same"``; ``"n/a"`` when the baseline is 0.
-
-    ``higher_is_better=None`` (a train loss: lower is not simply better) says ``"higher"`` / ``"lower"``.
-
-    Example:
-        >>> relative_change(0.1148, 0.07816, higher_is_better=False)  # (0.1148 - 0.07816) / 0.1148 = 31.9%
-        '32% better'
-    """
-    if candidate == baseline:
-        return "same"
-    if baseline == 0:
-        return "n/a"
-    pct = 100 * abs(candidate - baseline) / abs(baseline)
-    number = f"{pct:.0f}" if pct >= 10 else f"{pct:.2g}"
-    if higher_is_better is None:
-        return f"{number}% {'higher' if candidate > baseline else 'lower'}"
-    good = (candidate > baseline) == higher_is_better
-    return f"{number}% {'better' if good else 'worse'}"
-
-
-def _per_query(ev: dict[str, Any], metric: str) -> tuple[list[str], list[float]] | None:
-    group, _, name = metric.partition("/")
-    block = ev.get("per_query", {}).get(group, {})
-    values = block.get("values", {})
-    # "t2i/mrr" -> per_query.t2i.values.mrr; a bare "loss" -> per_query.loss.values (a list)
-    values = values.get(name) if isinstance(values, dict) else (values if not name else None)
-    ids = block.get("query_ids")
-    if values is None or ids is None or len(ids) != len(values):
-        return None
-    return [str(i) for i in ids], [float(v) for v in values]
-
-
-def metric_deltas(
-    base: dict[str, Any], cand: dict[str, Any], n_resamples: int | None = None, seed: int | None = None
-) -> tuple[list[Delta], list[str]]:
-    """Deltas of every metric two eval JSONs share, with intervals and verdicts.
-
-    Args:
-        base: The baseline's ``eval/<split>.json``.
-        cand: The candidate's ``eval/<split>.json`` (same split).
-        n_resamples: Bootstrap resamples (default: the baseline eval's ``bootstrap``, else 1000).
-        seed: Bootstrap seed (default: the baseline eval's ``seed``, else 0).
-
-    Returns:
-        ``(deltas, flags)``: one :class:`Delta` per shared metric; ``flags`` are sentences about query
-        sets that differ (those deltas are unpaired) or per-query values that are missing.
-
-    Example:
-        >>> deltas, flags = metric_deltas(json.load(open("a/eval/test.json")), json.load(open("b/eval/test.json")))  # doctest: +SKIP
-    """
-    n_resamples = int(n_resamples or base.get("bootstrap") or 1000)
-    seed = int(seed if seed is not None else base.get("seed", 0))
-    conf = float(base.get("confidence", 0.95))
-    split = str(base.get("split", cand.get("split", "")))
-    deltas, flags = [], []
-    flagged: set[str] = set()
-    cand_metrics = cand.get("metrics", {})
-    for metric, m in base.get("metrics", {}).items():
-        if metric not in cand_metrics:
-            continue
-        a_mean, b_mean = float(m["mean"]), float(cand_metrics[metric]["mean"])
-        pa, pb = _per_query(base, metric), _per_query(cand, metric)
-        higher = Delta(split, metric, 0, 0, None, False, "").higher_is_better
-        if pa is None or pb is None:
-            deltas.append(
-                Delta(split, metric, a_mean, b_mean, None, False, "no verdict", "no per-query values")
-            )
-            continue
-        (ids_a, va), (ids_b, vb) = pa, pb
-        group = metric.split("/")[0]
-        if sorted(ids_a) == sorted(ids_b) and len(set(ids_a)) == len(ids_a):
-            order = {q: i for i, q in enumerate(ids_b)}
-            vb_aligned = [vb[order[q]] for q in ids_a]
-            iv = paired_bootstrap_delta(va, vb_aligned, n_resamples, conf, seed)
-            deltas.append(Delta(split, metric, a_mean, b_mean, iv, True, verdict(iv, higher)))
-            continue
-        if group not in flagged:
-            flagged.add(group)
-            shared = len(set(ids_a) & set(ids_b))
-            flags.append(
-                f"{split} {group}: the runs were evaluated on different queries ({len(ids_a)} vs {len(ids_b)}, "
-                f"{shared} shared): deltas are unpaired and mix model and data differences"
-            )
-        iv = unpaired_bootstrap_delta(va, vb, n_resamples, conf, seed)
-        deltas.append(
-            Delta(
-                split,
-                metric,
-                a_mean,
-                b_mean,
-                iv,
-                False,
-                verdict(iv, higher),
-                "different query sets: unpaired bootstrap",
-            )
-        )
-    return deltas, flags
+LOSS_TERMS = ["loss", "image", "text", "fused", "cross", "i2t", "t2i"]
+"""Loss terms of the training log shown in the leaderboard (a Siamese run logs one per modality)."""
+SPLITS = ("train", "val", "test", SHARED_SPLIT)
 
 
 def compare_runs(
-    run_dirs: list[Path | str], baseline: Path | str | None = None, out: Path | str | None = None
+    run_dirs: list[Path | str],
+    baseline: Path | str | None = None,
+    out: Path | str | None = None,
+    *,
+    heldout: bool = False,
+    bootstrap: int | None = None,
+    progress: bool = False,
 ) -> tuple[Path, Path]:
     """Write ``compare.html`` (self-contained), ``compare.md`` and ``compare.json`` for several runs.
 
@@ -190,13 +73,19 @@ def compare_runs(
         baseline: The run or evaluation every other one is compared with (one of ``run_dirs``); default
             the first.
         out: Output folder; default ``<parent of the first run>/compare``.
+        heldout: Also evaluate every run's model on the groups held out from all of them (split
+            ``shared-heldout``; written to ``<out>/heldout/<run>/shared-heldout.json``), so runs trained on different
+            splits get paired verdicts there; the best run is then named on that split.
+        bootstrap: Resamples of the held-out evaluation (default: the first run's ``eval.bootstrap``).
+        progress: Progress bars while embedding for ``heldout``.
 
     Returns:
         ``(html_path, md_path)``.
 
     Raises:
         ReportError: fewer than two runs, a run listed twice, a baseline not among the runs, or a run
-            that cannot be read.
+            that cannot be read; with ``heldout``, an evaluation folder among the runs.
+        NoSharedHeldoutError: ``heldout`` and every group is in some run's train split.
 
     Example:
         >>> compare_runs(["runs/base", "runs/tuned"], baseline="runs/base", out="runs/compare")  # doctest: +SKIP
@@ -215,11 +104,12 @@ def compare_runs(
             )
         base_index = resolved.index(Path(baseline).resolve())
     runs = [load_compared(p) for p in paths]
+    out_dir = Path(out) if out is not None else paths[0].parent / "compare"
+    heldout_info = _add_heldout(runs, out_dir, bootstrap, progress) if heldout else None
     base = runs[base_index]
     others = [r for i, r in enumerate(runs) if i != base_index]
-    out_dir = Path(out) if out is not None else paths[0].parent / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc, data = _compare_document(base, others)
+    doc, data = _compare_document(base, others, heldout_info)
     html_path, md_path = out_dir / "compare.html", out_dir / "compare.md"
     write_text_atomic(html_path, render_html(doc))
     write_text_atomic(md_path, render_markdown(doc))
@@ -227,22 +117,57 @@ def compare_runs(
     return html_path, md_path
 
 
-def _compare_document(base: RunData, others: list[RunData]) -> tuple[Document, dict[str, Any]]:
+def _add_heldout(runs: list[RunData], out_dir: Path, bootstrap: int | None, progress: bool) -> dict[str, Any]:
+    # Every run's model on the groups none of them trained on: written beside compare.json, never into a run.
+    from cliptune.evaluation.run import write_eval
+    from cliptune.report.splits_analysis import shared_heldout_groups
+
+    folders = [r for r in runs if not r.trained]
+    if folders:
+        raise ReportError(
+            f"{folders[0].path}: an evaluation folder has no splits.json of its own; the groups held out "
+            "from every run can be found only for run directories"
+        )
+    evals = shared_heldout_eval(*[r.path for r in runs], bootstrap=bootstrap, progress=progress)
+    for run, ev in zip(runs, evals, strict=True):
+        write_eval(ev, out_dir=out_dir / "heldout" / run.name)
+        run.evals[SHARED_SPLIT] = ev
+    groups = shared_heldout_groups(*[r.path for r in runs])
+    return {"split": SHARED_SPLIT, "groups": groups, "n_rows": evals[0].get("n_rows")}
+
+
+def _compare_document(
+    base: RunData, others: list[RunData], heldout: dict[str, Any] | None = None
+) -> tuple[Document, dict[str, Any]]:
     runs = [base, *others]
     data: dict[str, Any] = {
         "baseline": str(base.path),
         "runs": [str(r.path) for r in runs],
+        "heldout": heldout,
         "deltas": {},
         "flags": [],
+        "summary": {},
     }
+    all_deltas: dict[str, dict[str, list[Delta]]] = {}
     deltas_section = Section("deltas", f"Deltas against the baseline ({base.name})")
+    if heldout is not None:
+        deltas_section.blocks.append(
+            Paragraph(
+                f"{SHARED_SPLIT}: every model re-evaluated on the {len(heldout['groups'])} group(s) no run "
+                f"trained on ({heldout['n_rows']} rows): one gallery, the same queries, paired verdicts.",
+                "ok",
+            )
+        )
     for cand in others:
-        for split in [s for s in ("train", "val", "test") if s in base.evals and s in cand.evals]:
+        for split in [s for s in SPLITS if s in base.evals and s in cand.evals]:
             deltas, flags = metric_deltas(base.evals[split], cand.evals[split])
+            all_deltas.setdefault(cand.name, {})[split] = deltas
             data["deltas"].setdefault(cand.name, {})[split] = [_delta_json(d) for d in deltas]
             data["flags"] += [f"{cand.name}: {f}" for f in flags]
             deltas_section.blocks += [Paragraph(f"{cand.name}: {f}.", "warn") for f in flags]
             deltas_section.blocks.append(_delta_table(base, cand, split, deltas))
+        flat = [d for ds in all_deltas.get(cand.name, {}).values() for d in ds]
+        data["summary"][cand.name] = verdict_summary(base, cand, flat)
         if not set(base.evals) & set(cand.evals):
             deltas_section.blocks.append(
                 Paragraph(
@@ -251,9 +176,13 @@ def _compare_document(base: RunData, others: list[RunData]) -> tuple[Document, d
                     "warn",
                 )
             )
+    best = best_run(base, others, all_deltas)
+    data["best"] = best.to_dict()
+    data["primary_metric"] = PRIMARY_METRIC
+    data["loss_kinds"] = {r.name: loss_kind(r) for r in runs}
     trained = [r for r in runs if r.trained]  # the baseline first when it is a run
     sections = [
-        _summary_section(base, others, data),
+        _summary_section(data),
         _leaderboard_section(runs),
         deltas_section,
         _dynamics_section(trained[0], trained[1:]) if trained else Section("dynamics", "", []),
@@ -273,6 +202,8 @@ def _compare_document(base: RunData, others: list[RunData]) -> tuple[Document, d
 def _delta_json(d: Delta) -> dict[str, Any]:
     return {
         "metric": d.metric,
+        "counted": d.counted,
+        "relative": d.relative,
         "baseline": d.baseline,
         "candidate": d.candidate,
         "paired": d.paired,
@@ -298,52 +229,53 @@ def _delta_table(base: RunData, cand: RunData, split: str, deltas: list[Delta]) 
                 f"{d.baseline:.4f}",
                 f"{d.candidate:.4f}",
                 interval,
-                relative_change(d.baseline, d.candidate, d.higher_is_better),
+                d.relative,
                 Cell(label, _VERDICT_CSS.get(d.verdict, "")),
                 d.note,
             ]
         )
     conf = base.evals[split].get("confidence", 0.95)
     cols = ["metric", base.name, cand.name, f"delta [{conf:.0%} interval]", "relative", "verdict", "note"]
-    return Table(cols, rows, f"{cand.name} vs {base.name} on {split}")
+    caption = f"{cand.name} vs {base.name} on {split}"
+    if split == "train":
+        caption += " (the data the models were fitted on: shown, not counted in the verdict summary)"
+    return Table(cols, rows, caption)
 
 
-def _summary_section(base: RunData, others: list[RunData], data: dict[str, Any]) -> Section:
-    lines: list[Block] = []
-    for cand in others:
-        counts: dict[str, list[str]] = {}
-        for split, ds in data["deltas"].get(cand.name, {}).items():
-            for d in ds:
-                counts.setdefault(d["verdict"], []).append(f"{split} {d['metric']}")
-        if not counts:
-            lines.append(
-                Paragraph(f"{cand.name}: no shared eval split with {base.name}; no verdicts.", "note")
-            )
-            continue
-        better, worse = counts.get("better", []), counts.get("worse", [])
-        same = len(counts.get("not distinguishable", []))
-        text = (
-            f"{cand.name} vs {base.name}: better on {len(better)} metric(s)"
-            + (f" ({', '.join(better[:4])}{'...' if len(better) > 4 else ''})" if better else "")
-            + f", worse on {len(worse)}"
-            + (f" ({', '.join(worse[:4])}{'...' if len(worse) > 4 else ''})" if worse else "")
-            + f", not distinguishable from noise on {same}."
-        )
-        css = "warn" if worse else "ok" if better else "note"
-        lines.append(Paragraph(text, css))
+def _summary_section(data: dict[str, Any]) -> Section:
+    best = data["best"]
+    lines: list[Block] = [Paragraph(best["sentence"], "ok" if best["run"] else "note")]
+    for summary in data["summary"].values():
+        css = "warn" if summary["worse"] else "ok" if summary["better"] else "note"
+        lines.append(Paragraph(summary["sentence"], css))
     lines += [Paragraph(f, "warn") for f in data["flags"]]
+    primary = ", ".join(f"{metric} ({task})" for task, metric in data["primary_metric"].items())
     lines.append(
         Paragraph(
             "How to read: a verdict is 'better' or 'worse' only when the whole 95% paired bootstrap interval of the "
             "difference (same queries resampled together) lies on one side of zero; otherwise the difference is "
-            "'not distinguishable' from what another sample of queries could give."
+            "'not distinguishable' from what another sample of queries could give, and no relative change is "
+            "called an improvement. Only held-out splits (val, test, shared-heldout) are counted; the best run is "
+            f"named by the primary metric, {primary}, on {SHARED_SPLIT}, else test, else val."
         )
     )
     return Section("summary", "Verdict summary", lines)
 
 
 def _leaderboard_section(runs: list[RunData]) -> Section:
+    kinds = {r.name: loss_kind(r) for r in runs}
+    mixed = len(set(kinds.values())) > 1
     blocks: list[Any] = []
+    if mixed:
+        blocks.append(
+            Paragraph(
+                "Losses of different kinds are not comparable ("
+                + ", ".join(f"{name}: {kind}" for name, kind in kinds.items())
+                + "): each loss is labelled with its kind, no loss is highlighted as best, and loss deltas get "
+                "no verdict. Compare these runs by their retrieval or triplet metrics.",
+                "warn",
+            )
+        )
     for title, keys in LEADERBOARD.items():
         present = [
             k
@@ -356,16 +288,20 @@ def _leaderboard_section(runs: list[RunData]) -> Section:
         rows: list[list[Any]] = []
         for r in runs:
             for split, values, loss in _leaderboard_rows(r, present):
-                rows.append([r.name, split, *values, loss])
+                rows.append([r.name, split, *values, f"{loss} ({kinds[r.name]})" if mixed and loss else loss])
         _bold_best(rows, present)
         cols = ["run", "split", *[k.split("/", 1)[1] for k in present], "loss"]
         blocks.append(Table(cols, rows, f"Leaderboard: {title}"))
+    terms = _loss_terms_table(runs, kinds, mixed)
+    if terms is not None:
+        blocks.append(terms)
     if blocks:
         blocks.append(
             Paragraph(
                 "Eval rows show the mean of eval/<split>.json, loss included (the run's InfoNCE or "
                 "Siamese objective on that split); a loss marked (log) comes from the training log at the "
-                "best epoch, as do 'val (log)' rows. Bold green: best in its column and split.",
+                "best epoch, as do 'val (log)' rows and the loss terms. Bold green: best in its column and "
+                "held-out split (train rows, the data the models were fitted on, are never highlighted).",
                 "note",
             )
         )
@@ -381,11 +317,31 @@ def _leaderboard_section(runs: list[RunData]) -> Section:
     return Section("leaderboard", "Leaderboard", blocks)
 
 
+def _loss_terms_table(runs: list[RunData], kinds: dict[str, str], mixed: bool) -> Table | None:
+    # The loss and its terms (a Siamese run: image, text, fused, cross, i2t, t2i) at each run's best epoch.
+    best = {r.name: r.summary.get("best") or (r.epochs[-1] if r.epochs else {}) for r in runs}
+    terms = [t for t in LOSS_TERMS if any(f"{s}/{t}" in b for b in best.values() for s in ("train", "val"))]
+    if not terms or terms == ["loss"]:
+        return None  # the plain loss is already in every leaderboard table
+    rows: list[list[Any]] = []
+    for r in runs:
+        for split in ("train", "val"):
+            values = [best[r.name].get(f"{split}/{t}") for t in terms]
+            if all(v is None for v in values):
+                continue
+            cells = [f"{v:.4f}" if isinstance(v, int | float) else "" for v in values]
+            rows.append([r.name, f"{split} (log)", *cells, kinds[r.name]])
+    if not mixed:
+        _bold_best(rows, terms, lower=True)
+    cols = ["run", "split", *terms, "loss kind"]
+    return Table(cols, rows, "Leaderboard: loss terms (training log at the best epoch; lower is better)")
+
+
 def _leaderboard_rows(run: RunData, keys: list[str]) -> list[tuple[str, list[str], str]]:
     best = run.summary.get("best") or (run.epochs[-1] if run.epochs else {})
     logged = {"train": best.get("train/loss"), "val": best.get("val/loss")}
     rows: list[tuple[str, list[str], str]] = []
-    splits: list[str] = [s for s in ("train", "val", "test") if s in run.evals]
+    splits: list[str] = [s for s in SPLITS if s in run.evals]
     splits = splits or (["val (log)"] if best else [])
     for split in splits:
         if split == "val (log)":
@@ -404,15 +360,15 @@ def _leaderboard_rows(run: RunData, keys: list[str]) -> list[tuple[str, list[str
     return rows
 
 
-def _bold_best(rows: list[list[Any]], keys: list[str]) -> None:
+def _bold_best(rows: list[list[Any]], keys: list[str], lower: bool = False) -> None:
     for col in range(2, 2 + len(keys)):
-        for split in {r[1] for r in rows}:
+        for split in {r[1] for r in rows if not str(r[1]).startswith("train")}:
             cells = [r for r in rows if r[1] == split and r[col] != ""]
             if len(cells) < 2:
                 continue
             values = [float(r[col]) for r in cells]
-            top = max(values)
-            if min(values) == top:
+            top = min(values) if lower else max(values)
+            if min(values) == max(values):
                 continue  # a tie everywhere: nothing to point out
             for r in cells:
                 if float(r[col]) == top:
@@ -525,31 +481,31 @@ def _same_val_groups(a: RunData, b: RunData) -> bool:
     return ga is None or gb is None or sorted(map(str, ga)) == sorted(map(str, gb))
 
 
+_LOG_HEADLINE = ("recall@1", "recall@5", "recall@10", "precision@5", "mrr")
+
+
+def _log_key(key: str) -> bool:
+    # train/val loss terms (val/loss, val/cross), every triplet accuracy, the headline ranking metrics.
+    split, _, rest = key.partition("/")
+    if split not in ("train", "val") or not rest or "temperature" in rest:
+        return False
+    return "/" not in rest or rest.startswith("triplet/") or rest.split("/", 1)[-1].startswith(_LOG_HEADLINE)
+
+
 def _log_table(base: RunData, cand: RunData) -> Table:
     bb, bc = base.summary.get("best") or base.epochs[-1], cand.summary.get("best") or cand.epochs[-1]
-    # Loss terms (one slash: val/loss, val/text) and the headline ranking metrics, present in both runs.
-    headline = ("recall@1", "recall@5", "recall@10", "precision@5", "mrr", "triplet/accuracy")
-    keys = [
-        k
-        for k in bb
-        if k in bc
-        and isinstance(bb[k], int | float)
-        and "temperature" not in k
-        and (k.count("/") == 1 or (k.startswith("val/") and k.split("/", 2)[-1].startswith(headline)))
+    keys = [k for k in bb if k in bc and isinstance(bb[k], int | float) and _log_key(k)]
+    # No per-query values, so no verdict: the relative change is neutral ("32% lower"), never "better".
+    rows = [
+        [
+            k,
+            f"{bb[k]:.5g}",
+            f"{bc[k]:.5g}",
+            relative_change(bb[k], bc[k], "no verdict"),
+            Cell("no verdict", "same"),
+        ]
+        for k in keys
     ]
-    rows = []
-    for k in keys:
-        # Val loss terms are lower-is-better; a lower *train* loss can just be more overfitting.
-        higher = None if k.startswith("train/") else k.count("/") > 1
-        rows.append(
-            [
-                k,
-                f"{bb[k]:.5g}",
-                f"{bc[k]:.5g}",
-                relative_change(float(bb[k]), float(bc[k]), higher),
-                Cell("no verdict", "same"),
-            ]
-        )
     cols = ["value (best epoch)", base.name, cand.name, "relative", "verdict"]
     caption = (
         f"{cand.name} vs {base.name}: training log at the best epoch (no per-query values: no intervals)"
@@ -635,7 +591,7 @@ def _status(c: dict[str, Any]) -> Cell:
 def _movers_section(base: RunData, others: list[RunData]) -> Section:
     blocks: list[Any] = []
     for cand in others:
-        split = next((s for s in ("test", "val") if s in base.evals and s in cand.evals), None)
+        split = next((s for s in (SHARED_SPLIT, "test", "val") if s in base.evals and s in cand.evals), None)
         if split is None:
             continue
         ba, bb = (

@@ -107,11 +107,7 @@ def _trained(run: RunData) -> list[dict[str, Any]]:
 
 
 def _best(run: RunData) -> dict[str, Any]:
-    best_epoch = run.summary.get("best_epoch")
-    for e in run.epochs:
-        if e["epoch"] == best_epoch:
-            return e
-    return run.epochs[-1]
+    return run.best_record
 
 
 def _loss_terms(record: dict[str, Any]) -> list[str]:
@@ -158,7 +154,7 @@ def _generalisation_gap(run: RunData) -> list[Finding]:
     ]
     if rising:
         parts.append(
-            f"val loss rose {rise:.1%} above its best ({_fmt(val_best)} at epoch {best['epoch']}) while "
+            f"val loss rose {rise:.1%} above its lowest ({_fmt(val_best)} at epoch {best['epoch']}) while "
             "train loss kept falling"
         )
     if gap or rising:
@@ -280,8 +276,7 @@ def _stopping(run: RunData) -> list[Finding]:
                 {"epochs_logged": len(run.epochs) - 1},
             )
         ]
-    best_epoch = run.summary.get("best_epoch")
-    trained_epochs = max(e["epoch"] for e in run.epochs)
+    best_epoch, trained_epochs = run.best_epoch, run.epochs_trained
     reason = str(run.summary.get("stop_reason") or "unknown")
     metric, mode = watched_metric(run)
     numbers = {
@@ -291,15 +286,23 @@ def _stopping(run: RunData) -> list[Finding]:
         "watched_metric": metric,
         "mode": mode,
     }
-    msg = f"Trained {trained_epochs} epoch(s); stopped by: {reason}. Best epoch {best_epoch} by {metric} ({mode})."
+    by = (
+        f"by {metric} ({mode})"
+        if run.config.get("train", {}).get("early_stopping")
+        else "(the last: no early stopping)"
+    )
+    msg = f"Trained {trained_epochs} epoch(s); stopped by: {reason}. Best epoch {best_epoch} {by}."
     if not any(metric in e for e in run.epochs):  # trained without validation: nothing was watched
         numbers["watched_metric"] = None
         msg = (
             f"Trained {trained_epochs} epoch(s); stopped by: {reason}. No validation ({metric} was never "
             f"logged): the kept model is epoch {best_epoch}."
         )
-    if best_epoch == 0:
-        msg += " The untrained baseline (epoch 0) was never beaten: training did not help."
+    if run.untrained_best:
+        msg += (
+            " The untrained baseline (epoch 0) was never beaten: training did not help, and model/ holds "
+            "the untrained weights."
+        )
         return [Finding("stopping", "warning", msg, numbers)]
     return [Finding("stopping", "info", msg, numbers)]
 
@@ -313,7 +316,7 @@ def _under_training(run: RunData) -> list[Finding]:
     end_epoch, end = series[-1]
     start_epoch, start = series[max(0, len(series) - 1 - UNDERTRAINED_WINDOW)]
     gain = sign * (end - start) / abs(start) if start != 0 else 0.0
-    best_epoch = max(series, key=lambda s: sign * s[1])[0]
+    peak_epoch = max(series, key=lambda s: sign * s[1])[0]  # of this metric, not the kept model's epoch
     early = str(run.summary.get("stop_reason", "")).startswith("early stopping")
     numbers = {
         "metric": metric,
@@ -323,9 +326,9 @@ def _under_training(run: RunData) -> list[Finding]:
         "from": start,
         "to": end,
         "relative_gain": gain,
-        "best_epoch": best_epoch,
+        "peak_epoch": peak_epoch,
     }
-    if best_epoch == end_epoch and gain > UNDERTRAINED_GAIN and not early:
+    if peak_epoch == end_epoch and gain > UNDERTRAINED_GAIN and not early:
         msg = (
             f"Under-trained: {metric} still improving at the end, {_fmt(start)} (epoch {start_epoch}) -> "
             f"{_fmt(end)} (epoch {end_epoch}), {gain:.1%} better over the last {end_epoch - start_epoch} epochs."
@@ -333,7 +336,7 @@ def _under_training(run: RunData) -> list[Finding]:
         return [Finding("under_training", "warning", msg, numbers)]
     msg = (
         f"{metric} is no longer improving: {gain:+.1%} over the last {end_epoch - start_epoch} epochs "
-        f"(best at epoch {best_epoch})."
+        f"(its {'highest' if mode == 'max' else 'lowest'} value at epoch {peak_epoch})."
     )
     return [Finding("under_training", "info", msg, numbers)]
 

@@ -37,9 +37,9 @@ class ImageResolver:
             self._image_root = self.root
             pointer = self.root / "catalogue.json"
             if pointer.is_file():
-                from cliptune.data.catalogue import read_catalogue
+                from cliptune.data.catalogue import image_root
 
-                self._image_root = read_catalogue(self.root).image_root or self.root
+                self._image_root = image_root(self.root)  # the images only: no caption column needed
         return self._image_root / file_name
 
     def thumb(self, file_name: str) -> tuple[str | None, str]:

@@ -61,6 +61,31 @@ class RunData:
         return self.manifest is None
 
     @property
+    def epochs_trained(self) -> int:
+        """Trained epochs (``summary.json``, else the log's last epoch); epoch 0 is not one."""
+        return int(self.summary.get("epochs_trained", max((e["epoch"] for e in self.epochs), default=0)))
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch ``model/`` holds (0: the untrained model), from ``summary.json``; None before it exists.
+
+        The one place the report reads "best epoch" from, so no two sections can disagree about it.
+        """
+        value = self.summary.get("best_epoch")
+        return int(value) if value is not None else None
+
+    @property
+    def best_record(self) -> dict[str, Any]:
+        """The training log's record of :attr:`best_epoch` (the last epoch while there is no summary)."""
+        found = [e for e in self.epochs if e["epoch"] == self.best_epoch]
+        return found[0] if found else (self.epochs[-1] if self.epochs else {})
+
+    @property
+    def untrained_best(self) -> bool:
+        """Epochs were trained and none beat the untrained model, so ``model/`` is the untrained model."""
+        return self.best_epoch == 0 and self.epochs_trained > 0
+
+    @property
     def task(self) -> str:
         """``retrieval`` or ``siamese``."""
         return str(self.summary.get("task") or self.config.get("train", {}).get("task") or "retrieval")

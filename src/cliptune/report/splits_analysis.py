@@ -6,6 +6,7 @@ candidates is easier than among 40, whatever the model. ``compare_runs`` flags t
 and marks those deltas unpaired; this module says what differs (ratios, held-out groups, gallery sizes)
 and gives the fair comparison: both models evaluated on the groups that *neither* trained on, one
 gallery, paired by query, so :func:`cliptune.report.compare.metric_deltas` gives real verdicts.
+``compare_runs(..., heldout=True)`` (``cliptune compare --heldout``) runs it for every run compared.
 
 Example:
     >>> ev_a, ev_b = shared_heldout_eval("runs/split80", "runs/split60")  # doctest: +SKIP
@@ -14,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,33 @@ from cliptune.config import load_config
 from cliptune.report.rundata import ReportError
 from cliptune.rundir import RunDir, read_json
 
-__all__ = ["SHARED_SPLIT", "split_differences", "shared_heldout_groups", "shared_heldout_eval"]
+__all__ = [
+    "SHARED_SPLIT",
+    "NoSharedHeldoutError",
+    "split_differences",
+    "shared_heldout_groups",
+    "shared_heldout_eval",
+]
 
 SHARED_SPLIT = "shared-heldout"
-"""Split name of the groups held out from both runs (the ``split`` of the eval dicts returned)."""
+"""Split name of the groups held out from every run (the ``split`` of the eval dicts returned)."""
+
+
+class NoSharedHeldoutError(ReportError):
+    """Every group was trained on by at least one of the runs: no common held-out data to compare on.
+
+    Attributes:
+        runs: The run directories.
+        trained: Per run, how many groups its train split holds.
+    """
+
+    def __init__(self, runs: Sequence[Path], trained: Sequence[int]) -> None:
+        self.runs, self.trained = list(runs), list(trained)
+        detail = ", ".join(f"{r} trains on {n}" for r, n in zip(self.runs, self.trained, strict=True))
+        super().__init__(
+            f"no group is held out from every run ({detail} group(s); together they cover every group): "
+            "there is no common held-out set to compare them on"
+        )
 
 
 def _splits(run: Path) -> dict[str, list[str]]:
@@ -84,42 +109,50 @@ def _eval(run: Path, split: str) -> dict[str, Any] | None:
     return data
 
 
-def shared_heldout_groups(run_a: Path | str, run_b: Path | str) -> list[str]:
-    """Group ids in neither run's train split (sorted): held out from both models.
+def shared_heldout_groups(*runs: Path | str) -> list[str]:
+    """Group ids in no run's train split (sorted): held out from every model.
+
+    Args:
+        runs: Two or more run directories (``config.yaml`` and ``splits.json`` are read).
 
     Raises:
         ReportError: A run without ``splits.json`` or ``config.yaml``, or runs on different catalogues.
     """
-    a, b = Path(run_a), Path(run_b)
-    cats = [load_config(RunDir(r).config).data.catalogue for r in (a, b)]
-    if cats[0] is None or cats[1] is None or Path(cats[0]).resolve() != Path(cats[1]).resolve():
-        raise ReportError(
-            f"{a} and {b} trained on different catalogues ({cats[0]} vs {cats[1]}): no shared groups"
-        )
-    sa, sb = _splits(a), _splits(b)
-    every = {g for groups in [*sa.values(), *sb.values()] for g in groups}
-    return sorted(every - set(sa.get("train", [])) - set(sb.get("train", [])))
+    paths = [Path(r) for r in runs]
+    if not paths:
+        return []
+    cats = [load_config(RunDir(r).config).data.catalogue for r in paths]
+    for path, cat in zip(paths[1:], cats[1:], strict=True):
+        if cats[0] is None or cat is None or Path(cats[0]).resolve() != Path(cat).resolve():
+            raise ReportError(
+                f"{paths[0]} and {path} trained on different catalogues ({cats[0]} vs {cat}): no shared groups"
+            )
+    splits = [_splits(p) for p in paths]
+    every = {g for s in splits for groups in s.values() for g in groups}
+    trained = {g for s in splits for g in s.get("train", [])}
+    return sorted(every - trained)
 
 
 def shared_heldout_eval(
-    run_a: Path | str, run_b: Path | str, *, bootstrap: int | None = None, progress: bool = False
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Evaluate both runs' models on the groups held out from both: one gallery, the same queries.
+    *runs: Path | str, bootstrap: int | None = None, progress: bool = False
+) -> list[dict[str, Any]]:
+    """Evaluate every run's model on the groups held out from all of them: one gallery, the same queries.
 
-    Both use ``run_a``'s ``eval`` settings (k, relevance, bootstrap, seed), so the two dicts pair by query
+    All use the first run's ``eval`` settings (k, relevance, bootstrap, seed), so the dicts pair by query
     id and :func:`cliptune.report.compare.metric_deltas` gives paired verdicts.
 
     Args:
-        run_a, run_b: Run directories trained on the same catalogue.
+        runs: Two or more run directories trained on the same catalogue.
         bootstrap: Override of ``eval.bootstrap``.
         progress: Progress bars.
 
     Returns:
-        ``(eval_a, eval_b)``: ``eval/<split>.json``-shaped dicts with ``split`` = :data:`SHARED_SPLIT`
+        One ``eval/<split>.json``-shaped dict per run, in order, with ``split`` = :data:`SHARED_SPLIT`
         (write them with ``cliptune.evaluation.run.write_eval(ev, out_dir=...)``).
 
     Raises:
-        ReportError: No group is held out from both runs, or see :func:`shared_heldout_groups`.
+        NoSharedHeldoutError: Every group is in some run's train split.
+        ReportError: See :func:`shared_heldout_groups`.
     """
     from cliptune.data.prepare import PreparedData, prepare_data
     from cliptune.data.splits import group_ids
@@ -127,17 +160,17 @@ def shared_heldout_eval(
     from cliptune.evaluation.split import evaluate_split
     from cliptune.models.factory import load_model
 
-    a, b = Path(run_a), Path(run_b)
-    groups = shared_heldout_groups(a, b)
+    paths = [Path(r) for r in runs]
+    groups = shared_heldout_groups(*paths)
     if not groups:
-        raise ReportError(f"no group is held out from both {a} and {b}: nothing to compare them on")
-    cfg = load_config(RunDir(a).config)
-    data = prepare_data(cfg.data, a, progress=progress)
+        raise NoSharedHeldoutError(paths, [len(_splits(p).get("train", [])) for p in paths])
+    cfg = load_config(RunDir(paths[0]).config)
+    data = prepare_data(cfg.data, paths[0], progress=progress)
     held = group_ids(data.rows, cfg.data.group_column).isin(set(groups)).to_numpy()
     rows = data.rows.assign(split=[SHARED_SPLIT if h else "other" for h in held])
     shared = PreparedData(data.catalogue, rows, {SHARED_SPLIT: groups}, data.check)
     out = []
-    for run in (a, b):
+    for run in paths:
         model = load_model(run)
         out.append(
             evaluate_split(
@@ -159,4 +192,4 @@ def shared_heldout_eval(
                 ),
             )
         )
-    return out[0], out[1]
+    return out

@@ -248,6 +248,7 @@ def build_index(
         "dim": int(vectors.shape[1]),
         "metric": "inner_product",
         "attributes": list(items["attributes"]),
+        "text_column": catalogue.text_column,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     _write_atomically(out, manifest, vectors, items)
@@ -367,14 +368,14 @@ def _items(catalogue: Catalogue, progress: bool) -> dict[str, Any]:
     rows = checked.good
     if rows.empty:
         raise SearchIndexError(f"{catalogue.metadata_path}: no rows to index")
-    names = [a for a in catalogue.attributes if a in rows.columns]
+    names = [a for a in catalogue.filters if a in rows.columns]  # `group` too, as suites allow
     by_image = rows.groupby("file_name", sort=False)  # groups in first-appearance order
     ids, paths, captions = [], [], []
     attributes: dict[str, list[AttrValue]] = {a: [] for a in names}
     for file_name, group in by_image:
         ids.append(str(file_name))
         paths.append(str(catalogue.image_path(str(file_name)).resolve()))
-        captions.append([str(t) for t in group["text"]])
+        captions.append([str(t) for t in group[catalogue.text_column]])
         for a in names:
             attributes[a].append(_merge_values(group[a]))
     return {"id": ids, "path": paths, "captions": captions, "attributes": attributes}

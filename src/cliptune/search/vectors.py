@@ -81,7 +81,7 @@ def export_embeddings(
     catalogue: Catalogue,
     out: Path,
     *,
-    text_column: str = "text",
+    text_column: str | None = None,
     texts: bool = False,
     cache_dir: Path | None = None,
     precision: Precision = "auto",
@@ -90,8 +90,7 @@ def export_embeddings(
 ) -> dict[str, Any]:
     """Embed every row of a catalogue and write the rows with their vectors to a Parquet file.
 
-    The catalogue is checked first (``cliptune data check`` rules, plus a non-blank ``text_column``) and
-    any bad row stops the export, named. Each image is embedded once however many rows it has, in the
+    The catalogue is checked first (``cliptune data check`` rules, blank captions included) and any bad row stops the export, named. Each image is embedded once however many rows it has, in the
     order in which images first appear (as an index build does, so the vectors are the same bits), then
     repeated for each of its rows. The file is written atomically: a reader sees the old file or the new.
 
@@ -99,7 +98,8 @@ def export_embeddings(
         model: From :func:`cliptune.models.factory.load_model`.
         catalogue: From :func:`cliptune.data.catalogue.read_catalogue`.
         out: The Parquet file to write (replaced atomically; its folder is created).
-        text_column: The caption column, written as ``caption`` (and embedded with ``texts``).
+        text_column: The caption column, written as ``caption`` (and embedded with ``texts``); default: the
+            catalogue's own (``read_catalogue(..., text_column)``).
         texts: Also embed each row's caption into ``text_embedding``.
         cache_dir: Feature cache folder (default: the shared one).
         precision: ``auto``, ``fp32`` or ``bf16`` for the tower forward.
@@ -111,7 +111,8 @@ def export_embeddings(
 
     Raises:
         EmbedBadRowsError: Bad catalogue rows (an :class:`~cliptune.search.index.IndexBadRowsError`).
-        EmbedError: An unknown ``text_column``, an attribute column named like an output column, an empty
+        CatalogueError: An unknown ``text_column``.
+        EmbedError: An attribute column named like an output column, an empty
             catalogue, or ``out`` is a folder.
 
     Shapes:
@@ -126,7 +127,10 @@ def export_embeddings(
     out = Path(out)
     if out.is_dir():
         raise EmbedError(f"{out} is a folder; the embeddings are written to one Parquet file")
-    rows = _checked_rows(catalogue, text_column, progress)
+    if text_column is not None and text_column != catalogue.text_column:
+        catalogue = catalogue.with_text_column(text_column)
+    text_column = catalogue.text_column
+    rows = _checked_rows(catalogue, progress)
     names = [str(f) for f in rows["file_name"]]
     unique = list(dict.fromkeys(names))  # first-appearance order, as build_index embeds them
     images = embed_images_with(
@@ -193,27 +197,16 @@ def _attributes(rows: pd.DataFrame, catalogue: Catalogue) -> list[str]:
     return [a for a in catalogue.attributes if a in rows.columns]
 
 
-def _checked_rows(catalogue: Catalogue, text_column: str, progress: bool) -> pd.DataFrame:
+def _checked_rows(catalogue: Catalogue, progress: bool) -> pd.DataFrame:
     """The catalogue's rows once every one passed the checks; bad rows, and bad column names, raise."""
-    if text_column not in catalogue.rows.columns:
-        known = ", ".join(str(c) for c in catalogue.rows.columns if c != "row")
-        raise EmbedError(f"{catalogue.metadata_path}: no caption column '{text_column}' (columns: {known})")
     taken = [a for a in _attributes(catalogue.rows, catalogue) if a in (CAPTION, IMAGE, TEXT)]
-    if taken and not (taken == [CAPTION] and text_column == CAPTION):
+    if taken:
         raise EmbedError(
             f"{catalogue.metadata_path}: attribute column(s) {', '.join(taken)} would clash with the "
             f"output columns {CAPTION}, {IMAGE}, {TEXT}; rename them"
         )
-    checked = check_catalogue(catalogue, progress=progress)
+    checked = check_catalogue(catalogue, progress=progress)  # blank captions of the caption column too
     rejected = list(checked.rejected)
-    if text_column != "text":  # the checks cover `text`; another caption column must be filled too
-        caption = checked.good[text_column]
-        blank = checked.good[caption.isna() | (caption.astype(str).str.strip() == "")]
-        rejected += [
-            Rejection(file_name=str(r.file_name), row=int(r.row), reason=f"{text_column} is missing or blank")
-            for r in blank.itertuples()
-        ]
-        rejected.sort(key=lambda r: r.row)
     if rejected:
         raise EmbedBadRowsError(catalogue.root, catalogue.metadata_path, rejected)
     if checked.good.empty:

@@ -30,8 +30,18 @@ def _fmt(metrics: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _case(parent: ET.Element, classname: str, name: str, failures: list[str], kind: str, out: str) -> None:
+def _case(
+    parent: ET.Element,
+    classname: str,
+    name: str,
+    failures: list[str],
+    kind: str,
+    out: str,
+    skipped: str | None = None,
+) -> None:
     case = ET.SubElement(parent, "testcase", classname=classname, name=name, time="0")
+    if skipped is not None:
+        ET.SubElement(case, "skipped", message=skipped)
     if failures:
         failure = ET.SubElement(case, "failure", message="; ".join(failures), type=kind)
         failure.text = "\n".join(failures)
@@ -42,21 +52,25 @@ def junit_xml(result: dict[str, Any]) -> ET.ElementTree:
     """The JUnit tree of a :func:`cliptune.suites.run.run_suite` result (see the module docstring)."""
     suite = result["suite"]
     root = ET.Element("testsuites", name=f"cliptune suite {suite}")
-    total = failed = 0
-    for name, cat in result["categories"].items():
+    total = failed = n_skipped = 0
+    for name in [*result["categories"], *result.get("unmeasured", {})]:
+        cat = result["categories"].get(name)
         queries = [q for q in result["queries"] if q["category"] == name]
-        n_fail = sum(not q["passed"] for q in queries) + (not cat["passed"])
+        lost = [q for q in result.get("skipped", []) if q["category"] == name]
+        n_fail = sum(not q["passed"] for q in queries) + (cat is not None and not cat["passed"])
         node = ET.SubElement(
             root,
             "testsuite",
             name=name,
-            tests=str(len(queries) + 1),
+            tests=str(len(queries) + len(lost) + 1),
             failures=str(n_fail),
             errors="0",
-            skipped="0",
+            skipped=str(len(lost) + (cat is None)),
         )
         props = ET.SubElement(node, "properties")
-        for key, value in (("model", result["model"]), ("catalogue", result["catalogue"]), ("k", cat["k"])):
+        ranked = (("split", result.get("split", "all")), ("n_items", result["n_items"]))
+        k = cat["k"] if cat is not None else result["k"]
+        for key, value in (("model", result["model"]), ("catalogue", result["catalogue"]), *ranked, ("k", k)):
             ET.SubElement(props, "property", name=key, value=str(value))
         for q in queries:
             what = q["text"] if q["text"] is not None else f"image {q['image']}"
@@ -68,11 +82,20 @@ def junit_xml(result: dict[str, Any]) -> ET.ElementTree:
                 "QueryFailed",
                 f"{what}\n{_fmt(q['metrics'])}",
             )
-        _case(node, f"{suite}.{name}", "gate", cat["failures"], "GateFailed", _fmt(cat["metrics"]))
-        total, failed = total + len(queries) + 1, failed + n_fail
+        for q in lost:
+            what = q["text"] if q["text"] is not None else f"image {q['image']}"
+            _case(node, f"{suite}.{name}", q["id"], [], "", what, skipped=q["status"])
+        if cat is None:
+            status = result["unmeasured"][name]
+            _case(node, f"{suite}.{name}", "gate", [], "GateFailed", status, skipped=status)
+        else:
+            _case(node, f"{suite}.{name}", "gate", cat["failures"], "GateFailed", _fmt(cat["metrics"]))
+        total, failed = total + len(queries) + len(lost) + 1, failed + n_fail
+        n_skipped += len(lost) + (cat is None)
     root.set("tests", str(total))
     root.set("failures", str(failed))
     root.set("errors", "0")
+    root.set("skipped", str(n_skipped))
     tree = ET.ElementTree(root)
     ET.indent(tree)
     return tree

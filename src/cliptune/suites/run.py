@@ -1,10 +1,17 @@
 """Run a behavioural suite with a model: embed, rank, score every query, gate every category.
 
-The catalogue's images are embedded once; each query (text or image) is ranked against all of them, its
-metrics computed (:func:`cliptune.suites.scoring.query_metrics`), and checked against its thresholds.
-A category's metrics are the means over its queries with bootstrap intervals; the category passes when
-its means meet the category thresholds, and the suite passes when every category does. The result is the
+The ranked images (a run's held-out split, chosen by :func:`cliptune.suites.heldout.ranked_images`, or the
+whole catalogue) are embedded once; each query (text or image) is ranked against all of them, its metrics
+computed (:func:`cliptune.suites.scoring.query_metrics`), and checked against its thresholds. A category's
+metrics are the means over its queries with bootstrap intervals; the category passes when its means meet
+the category thresholds, and the suite passes when every measured category does. The result is the
 ``suite/<name>.json`` document (format in ``docs/suites.md``).
+
+A query whose relevant images are all outside the ranked split cannot be scored (its MRR is undefined, and
+calling it 0 would fail a model for the split's size, not its ranking): it is listed under ``skipped``
+with its status and left out of every mean and count. A category with no scored query is *unmeasured*
+(listed under ``unmeasured``, neither passed nor failed); a suite with no scored query at all is an
+:class:`EmptySplitError` naming the split.
 """
 
 from __future__ import annotations
@@ -18,14 +25,41 @@ import numpy as np
 import torch
 
 from cliptune.data.catalogue import Catalogue
+from cliptune.errors import CliptuneError
 from cliptune.models.embed import embed_images_with, embed_texts_with
 from cliptune.models.factory import LoadedModel
 from cliptune.ranking.bootstrap import Interval, bootstrap_ci
+from cliptune.suites.heldout import ALL
 from cliptune.suites.resolve import ResolvedQuery, ResolvedSuite, resolve_suite
 from cliptune.suites.schema import Suite, SuiteError
 from cliptune.suites.scoring import METRICS, gate_failures, metric_key, query_metrics
 
-__all__ = ["run_suite", "embed_suite"]
+__all__ = ["EmptySplitError", "embed_suite", "run_suite", "unscored_status"]
+
+
+class EmptySplitError(SuiteError):
+    """No query of the suite has a relevant image among the ranked images: the suite cannot gate them.
+
+    Attributes:
+        split: The ranked split (``all`` or a split name).
+        n_items: How many images were ranked.
+    """
+
+    def __init__(self, suite: str, split: str, n_items: int, n_queries: int) -> None:
+        self.errors = [f"none of its {n_queries} queries has a relevant image {_among(split)}"]
+        self.split, self.n_items = split, n_items
+        CliptuneError.__init__(
+            self, f"suite {suite} on the {n_items} images of split {split}: {self.errors[0]}; nothing to gate"
+        )
+
+
+def _among(split: str) -> str:
+    return "among all images" if split == ALL else f"in split {split}"
+
+
+def unscored_status(split: str) -> str:
+    """The status of a query that lost every relevant image: ``no relevant image in split test``."""
+    return f"no relevant image {_among(split)}"
 
 
 def embed_suite(
@@ -148,12 +182,15 @@ def run_suite(
     suite_file: Path | None = None,
     progress: bool = False,
     items: Sequence[str] | None = None,
+    split: str | None = None,
 ) -> dict[str, Any]:
     """Run every query of a suite with a model and gate every category.
 
     By default every query ranks all the catalogue's images. ``items`` ranks only those (a run's held-out
-    split, so a suite measures what training never saw): each query's relevant, yellow and red sets
-    shrink to them, and a query left with no relevant image is skipped (listed under ``skipped``).
+    split, so a suite measures what training never saw; :func:`cliptune.suites.heldout.ranked_images`
+    picks them): each query's relevant, yellow and red sets shrink to them, and a query left with no
+    relevant image is not scored but listed under ``skipped`` (status ``no relevant image in split
+    test``); a category left with no scored query is listed under ``unmeasured`` and gates nothing.
 
     Args:
         suite: A loaded suite (checked against ``catalogue`` here) or an already resolved one.
@@ -166,15 +203,19 @@ def run_suite(
         suite_file: Recorded in the result.
         progress: Progress bars while embedding.
         items: Image ``file_name`` values to rank (default: every catalogue image).
+        split: The name of ``items`` recorded in the result and in statuses (default ``all`` without
+            ``items``, ``selected`` with them).
 
     Returns:
-        The ``suite/<name>.json`` document: ``suite``, ``passed``, ``thresholds``, ``k``, ``categories``
-        (per-category metrics with intervals, verdict and failures) and ``queries`` (per-query metrics,
-        verdict, failures and the top k with relevant/yellow/red/none flags).
+        The ``suite/<name>.json`` document: ``suite``, ``split`` and ``n_items`` (which images were
+        ranked), ``passed``, ``thresholds``, ``k``, ``categories`` (per-category metrics with intervals,
+        verdict, failures and ``n_skipped``), ``queries`` (per-query metrics, verdict, failures and the
+        top k with relevant/yellow/red/none flags), ``skipped`` (queries not scored, with their status)
+        and ``unmeasured`` (category -> status).
 
     Raises:
-        SuiteError: The suite does not match the catalogue; ``items`` names an image the catalogue lacks, or
-            leaves a category without a query that has a relevant image.
+        SuiteError: The suite does not match the catalogue, or ``items`` names an image the catalogue lacks.
+        EmptySplitError: No query has a relevant image among ``items``.
 
     Example:
         >>> result = run_suite(load_suite("suite.yaml"), load_model("runs/a"), read_catalogue(Path("data/fashion")))  # doctest: +SKIP
@@ -188,20 +229,23 @@ def run_suite(
             raise ValueError("run_suite: give the catalogue to run an unresolved suite on")
         resolved = resolve_suite(suite, catalogue)
     spec = resolved.suite
+    label = split if split is not None else (ALL if items is None else "selected")
     keep = None if items is None else _item_indices(resolved, items)
     ids = resolved.items.ids if keep is None else [resolved.items.ids[i] for i in keep]
     kept = resolved.queries if keep is None else [_restrict(q, keep) for q in resolved.queries]
     skipped = [
-        {"id": q.query.id, "category": q.category, "reason": "no relevant image among the ranked items"}
+        {
+            "id": q.query.id,
+            "category": q.category,
+            "text": q.query.text,
+            "image": q.query.image,
+            "status": unscored_status(label),
+        }
         for q in kept
         if not q.relevant.any()
     ]
-    empty = [c for c in spec.categories if all(not q.relevant.any() for q in kept if q.category == c)]
-    if empty:
-        raise SuiteError(
-            [f"categories.{c}: no query has a relevant image among the ranked items" for c in empty],
-            source=f"for the {len(ids)} ranked images",
-        )
+    if len(skipped) == len(kept):
+        raise EmptySplitError(spec.suite, label, len(ids), len(kept))
     emb, queries = embed_suite(resolved, model, cache_dir=cache_dir, progress=progress, keep=keep)
     if emb.shape[1] != queries.shape[1]:
         raise ValueError(f"run_suite: item embeddings are {emb.shape[1]}-d, queries {queries.shape[1]}-d")
@@ -209,12 +253,15 @@ def run_suite(
     results = [
         _score_query(q, emb @ queries[j], ids, gain) for j, q in enumerate(kept) if q.relevant.any()
     ]  # (N,) scores each
-    categories = {
-        name: _category(
-            resolved, name, [r for r in results if r["category"] == name], bootstrap, confidence, seed
-        )
-        for name in spec.categories
-    }
+    categories, unmeasured = {}, {}
+    for name in spec.categories:
+        scored = [r for r in results if r["category"] == name]
+        n_skipped = sum(s["category"] == name for s in skipped)
+        if scored:
+            categories[name] = _category(resolved, name, scored, bootstrap, confidence, seed)
+            categories[name]["n_skipped"] = n_skipped
+        else:  # nothing left to measure: neither a pass nor a failure
+            unmeasured[name] = f"no query with a relevant image {_among(label)} ({n_skipped} skipped)"
     cat = resolved.items.catalogue
     return {
         "suite": spec.suite,
@@ -222,6 +269,7 @@ def run_suite(
         "model": model.name,
         "source": str(model.source),
         "catalogue": str(Path(cat.root).resolve()),
+        "split": label,
         "n_items": len(ids),
         "passed": all(c["passed"] for c in categories.values()),
         "thresholds": spec.defaults.thresholds.model_dump(),
@@ -231,8 +279,10 @@ def run_suite(
         "confidence": confidence,
         "seed": seed,
         "categories": categories,
+        "unmeasured": unmeasured,
         "queries": results,
-    } | ({} if items is None else {"skipped": skipped})
+        "skipped": skipped,
+    }
 
 
 def _item_indices(resolved: ResolvedSuite, items: Sequence[str]) -> list[int]:

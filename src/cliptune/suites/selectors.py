@@ -198,8 +198,7 @@ class CatalogueItems:
     @property
     def attributes(self) -> list[str]:
         """Columns a filter may name: the catalogue's attributes, plus ``group`` when present."""
-        extra = ["group"] if "group" in self.catalogue.rows.columns else []
-        return [*self.catalogue.attributes, *extra]
+        return self.catalogue.filters
 
     def index(self, image_id: str) -> int | None:
         """Item index of a ``file_name``, or None."""

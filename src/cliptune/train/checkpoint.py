@@ -27,9 +27,10 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cliptune.models.backbone import load_state_strict
 from cliptune.rundir import RunDir, atomic_folder, write_text_atomic
 from cliptune.train.early_stopping import EarlyStopping
-from cliptune.train.errors import NothingToResumeError, TrainingError, WorldSizeMismatchError
+from cliptune.train.errors import NothingToResumeError, WorldSizeMismatchError
 from cliptune.train.optim import Scheduler
 from cliptune.train.state import LoopState, MetricsLog
 from cliptune.train.tasks.bundle import TaskBundle
@@ -47,6 +48,8 @@ __all__ = [
     "rng_state",
     "set_rng_state",
 ]
+
+WEIGHTS_FILE = "model.safetensors"  # a checkpoint's trainable weights and buffers
 
 
 @dataclass
@@ -129,7 +132,8 @@ def restore_loop_checkpoint(
         NothingToResumeError: No complete checkpoint.
         WorldSizeMismatchError: The checkpoint was written by a run with another number of processes (its
             position in the epoch would mean other batches).
-        TrainingError: The checkpoint lacks trainable weights of this model.
+        WeightsMismatchError: The checkpoint's weights are not exactly the trainable weights and buffers of
+            this model (a key missing, unexpected or of another shape; all are named); nothing is loaded.
     """
     path = latest_checkpoint(RunDir(run_dir).checkpoints)
     if path is None:
@@ -138,7 +142,9 @@ def restore_loop_checkpoint(
     saved = trainer.get("processes", 1)
     if saved != accelerator.num_processes:
         raise WorldSizeMismatchError(path, saved, accelerator.num_processes)
-    _load_trainable_state(accelerator.unwrap_model(parts.model), model_state, path)
+    # Strict on exactly the saved keys: a missing, unexpected or reshaped one is an error, never skipped.
+    model = accelerator.unwrap_model(parts.model)
+    load_state_strict(model, model_state, path / WEIGHTS_FILE, keys=_saved_keys(model))
     parts.optimizer.load_state_dict(opt_state["optimizer"])
     parts.scheduler.load_state_dict(opt_state["scheduler"])
     parts.state.load_state_dict(trainer["loop"])
@@ -157,22 +163,17 @@ def save_best_model(bundle: TaskBundle, accelerator: Accelerator, model: nn.Modu
     accelerator.wait_for_everyone()
 
 
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters and all buffers: frozen weights are rebuilt from the config on resume."""
+def _saved_keys(model: nn.Module) -> set[str]:
+    """What a checkpoint stores: trainable parameters and all buffers. Frozen weights are left out on
+    purpose: the resumed run rebuilds them from the config exactly as the first run did."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n for n, _ in model.named_buffers()}
-    return {k: v for k, v in model.state_dict().items() if k in trainable or k in buffers}
+    return {k for k in model.state_dict() if k in trainable or k in buffers}
 
 
-def _load_trainable_state(model: nn.Module, model_state: dict[str, torch.Tensor], path: Path) -> None:
-    params = dict(model.named_parameters())
-    missing = [
-        k
-        for k in model.load_state_dict(model_state, strict=False).missing_keys
-        if k in params and params[k].requires_grad
-    ]
-    if missing:
-        raise TrainingError(f"checkpoint {path} lacks trainable weights: {missing[:5]}")
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    keys = _saved_keys(model)
+    return {k: v for k, v in model.state_dict().items() if k in keys}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def save_checkpoint(
     final = directory / name
     with atomic_folder(final) as tmp:
         weights = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
-        save_file(weights, tmp / "model.safetensors")
+        save_file(weights, tmp / WEIGHTS_FILE)
         torch.save(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
             tmp / "state.pt",
@@ -252,7 +253,7 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Read a checkpoint: ``(model_state, {optimizer, scheduler, rng}, trainer_state)``."""
-    model_state = load_file(path / "model.safetensors")
+    model_state = load_file(path / WEIGHTS_FILE)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     trainer_state = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
     return model_state, state, trainer_state

@@ -9,7 +9,7 @@ from typing import Any
 from cliptune.config import EarlyStoppingConfig
 from cliptune.train.errors import UnknownMetricError
 
-__all__ = ["EarlyStopping", "metric_value"]
+__all__ = ["EarlyStopping", "metric_value", "untrained_best_message"]
 
 
 def metric_value(values: dict[str, Any], name: str) -> float:
@@ -28,7 +28,10 @@ class EarlyStopping:
     """Tracks the best value of one metric and says when to stop.
 
     The same object decides which checkpoint is "best" (it becomes ``model/``), so that the model kept is the
-    one the stopping rule judged best. Its state is plain numbers, stored in the checkpoint.
+    one the stopping rule judged best. The loop gives it the untrained model's value first (epoch 0), so
+    the untrained model is a candidate like any epoch, ``best_epoch`` is a loop epoch (0 = untrained) and
+    patience counts from that baseline: a run that never beats it stops after ``patience`` epochs and keeps
+    the untrained model. Its state is plain numbers, stored in the checkpoint.
 
     Example:
         >>> es = EarlyStopping(metric="val/loss", mode="min", patience=2)
@@ -60,7 +63,7 @@ class EarlyStopping:
         return value > self.best + self.min_delta
 
     def update(self, value: float) -> bool:
-        """Record one validation value; returns True when it is the new best."""
+        """Record the next epoch's validation value (the first is epoch 0); True when it is the new best."""
         epoch = self.epochs_seen
         self.epochs_seen += 1
         if math.isfinite(value) and self._improves(value):
@@ -81,7 +84,7 @@ class EarlyStopping:
             return None
         return (
             f"early stopping: {self.metric} did not improve for {self.bad_epochs} epoch(s) "
-            f"(best {self.best:.6g} at epoch {self.best_epoch + 1})"
+            f"(best {self.best:.6g} at epoch {self.best_epoch})"
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -92,3 +95,12 @@ class EarlyStopping:
         """Restore what :meth:`state_dict` returned."""
         for key, value in state.items():
             setattr(self, key, value)
+
+
+def untrained_best_message(stopper: EarlyStopping | None) -> str:
+    """What the run says when no trained epoch beat the untrained model (epoch 0) it keeps in ``model/``."""
+    by = f" on {stopper.metric} ({stopper.mode}, best {stopper.best:.6g})" if stopper is not None else ""
+    return (
+        f"no trained epoch beat the untrained model (epoch 0){by}: model/ holds the untrained weights; "
+        "training did not help"
+    )

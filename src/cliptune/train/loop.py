@@ -1,6 +1,7 @@
 """The training loop: reads top to bottom, knows only ``outputs["loss"]`` and the task's ``evaluate``.
 
-Per batch: forward -> backward -> clip -> step (and lr) -> zero -> log; per epoch: validate -> schedule ->
+First the untrained model is validated as epoch 0 and saved as the first best-model candidate; then per
+batch: forward -> backward -> clip -> step (and lr) -> zero -> log; per epoch: validate -> schedule ->
 early-stop -> checkpoint. The task comes from a :class:`~cliptune.train.tasks.bundle.TaskBundle`, devices,
 precision and processes from Accelerate, checkpoints and failure guards from their modules.
 """
@@ -19,7 +20,7 @@ from cliptune.config import TrainConfig
 from cliptune.rundir import RunDir
 from cliptune.train import checkpoint
 from cliptune.train.batches import batches_per_epoch, epoch_batches, step_values, to_device
-from cliptune.train.early_stopping import EarlyStopping, metric_value
+from cliptune.train.early_stopping import EarlyStopping, metric_value, untrained_best_message
 from cliptune.train.errors import EmptyEpochError, TrainingInterrupted
 from cliptune.train.failures import count_bad_step, out_of_memory_hint, stop_on_signals
 from cliptune.train.optim import current_lr, make_optimizer, make_scheduler
@@ -99,9 +100,8 @@ def fit(
 
 def _train(run: _Run) -> None:
     cfg, state, model = run.cfg, run.parts.state, run.parts.model
-    if state.step == 0:  # the untrained model's values: the baseline every curve starts from
-        lr = current_lr(run.parts.optimizer)
-        run.log.write({"kind": "epoch", "epoch": 0, "step": 0, "lr": lr, **run.bundle.validate(model)})
+    if state.step == 0:  # the untrained model: where every curve starts and the first best-model candidate
+        _baseline(run)
 
     for epoch in range(state.epoch, cfg.epochs):
         # train: this process's shard of every batch, from state.batch when resuming mid-epoch
@@ -132,6 +132,20 @@ def _train(run: _Run) -> None:
         if state.stop_reason:
             break
     state.stop_reason = state.stop_reason or f"reached train.epochs ({cfg.epochs})"
+    if state.untrained_best:
+        run.progress.warn(untrained_best_message(run.parts.stopper))
+
+
+def _baseline(run: _Run) -> None:
+    """Validate the untrained model as epoch 0; it is the best model (``model/``) until an epoch beats it."""
+    state, stopper = run.parts.state, run.parts.stopper
+    lr = current_lr(run.parts.optimizer)
+    record = {"kind": "epoch", "epoch": 0, "step": 0, "lr": lr, **run.bundle.validate(run.parts.model)}
+    if stopper is not None:  # patience counts from this baseline: trained epochs must beat it
+        stopper.update(metric_value(record, stopper.metric))
+    run.log.write(record)
+    with state.timed("checkpoint"):
+        checkpoint.save_best_model(run.bundle, run.accelerator, run.parts.model, run.run_dir)
 
 
 def _train_step(run: _Run, epoch: int, batch: dict[str, Any]) -> None:

@@ -307,8 +307,9 @@ def _write_summary(
     summary = {
         "name": cfg.name,
         "task": cfg.train.task,
-        "epochs_run": len(epochs),
-        "best_epoch": state.best_epoch,
+        "epochs_trained": state.epoch,  # epoch 0, the untrained baseline, is validated but not trained
+        "best_epoch": state.best_epoch,  # the epoch model/ holds; 0 = the untrained model
+        "best_is_untrained": state.untrained_best,
         "stop_reason": state.stop_reason,
         "bad_steps": state.bad_steps,
         "lr_reductions": count_lr_reductions(state.lrs),

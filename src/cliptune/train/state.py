@@ -34,7 +34,7 @@ class LoopState:
         batch: Completed batches in the current epoch.
         step: Completed batches in the run (skipped non-finite steps count).
         bad_steps: Steps skipped for a non-finite loss.
-        best_epoch, best_step: Where the best model (``model/``) was taken.
+        best_epoch, best_step: Where the best model (``model/``) was taken; epoch 0 is the untrained model.
         lrs: The learning rate at the start, then after each epoch's scheduling.
         epoch_sums, epoch_count: Running sums of the current epoch's finite loss terms, and their count.
         timings: Seconds per phase (``train``, ``val``, ``checkpoint``).
@@ -52,6 +52,11 @@ class LoopState:
     epoch_count: int = 0
     timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     stop_reason: str | None = None
+
+    @property
+    def untrained_best(self) -> bool:
+        """True when epochs were trained and none beat the untrained model, which ``model/`` then holds."""
+        return self.best_epoch == 0 and self.epoch > 0
 
     def add_time(self, phase: str, seconds: float) -> None:
         """Add ``seconds`` to the time spent in ``phase``."""

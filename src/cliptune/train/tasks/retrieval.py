@@ -90,10 +90,8 @@ def loss_init(cfg: Config, similarity_init: Mapping[str, float]) -> tuple[dict[s
             "bias": bias,
             "source": sources,
         }
-    if name in ("triplet", "siamese"):
-        return {"margin": c.margin, "distance": c.distance} | (
-            {"weights": c.weights} if name == "siamese" else {}
-        ), {}
+    if name == "triplet":
+        return {"margin": c.margin, "distance": c.distance}, {}
     if name == "contrastive":
         return {"margin": c.margin}, {}
     return {}, {}

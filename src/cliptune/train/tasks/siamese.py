@@ -22,9 +22,11 @@ from cliptune.config import Config
 from cliptune.data.prepare import PreparedData
 from cliptune.data.triplets import ROLES as _ROLES
 from cliptune.data.triplets import make_triplets
+from cliptune.evaluation.loss import loss_settings
 from cliptune.evaluation.triplets import triplet_accuracies as per_triplet_accuracies
 from cliptune.evaluation.validation import batched_term_means
 from cliptune.losses import SiameseLoss
+from cliptune.losses.similarity_init import DEFAULT_TEMPERATURE
 from cliptune.models.backbone import Backbone
 from cliptune.models.factory import BACKBONE_DIR, HEAD_DIR
 from cliptune.models.siamese import SiameseHead
@@ -66,7 +68,8 @@ def build_siamese(
     """Assemble the Siamese head, triplets of cached features, validation and saving.
 
     Args:
-        cfg: The whole config (``model.head``, ``loss`` weights/margin/distance).
+        cfg: The whole config (``model.head``; ``loss.name`` picks the per-term loss of
+            :class:`~cliptune.losses.SiameseLoss`, with ``loss`` weights, margin, distance, temperature).
         data: Checked, split rows (needs ``train``; without ``val``, validation returns nothing).
         backbone: Frozen towers whose features feed the head.
         accelerator: Device and processes.
@@ -88,8 +91,15 @@ def build_siamese(
     head = SiameseHead(
         images.shape[1], texts.shape[1], width=h.width, depth=h.depth, heads=h.heads, dropout=h.dropout
     )
-    weights = {str(k): v for k, v in cfg.loss.weights.items()}  # Mapping is invariant in its key type
-    loss = SiameseLoss(weights=weights, margin=cfg.loss.margin, distance=cfg.loss.distance)
+    # The settings eval reports its loss with: loss.name picks the per-term loss, temperature 0.07 if unset.
+    s = loss_settings(cfg)
+    loss = SiameseLoss(
+        s.siamese_loss,
+        weights=s.weights,
+        margin=s.margin,
+        distance=s.distance,
+        temperature=s.temperature or DEFAULT_TEMPERATURE,
+    )
     model = SiameseModel(head, loss)
 
     def _items(t: np.ndarray) -> list[dict[str, Tensor]]:
@@ -122,6 +132,7 @@ def build_siamese(
         "triplets": {k: int(len(v)) for k, v in triplets.items()},
         "negatives_redrawn": redrawn,
         "feature_dims": [int(images.shape[1]), int(texts.shape[1])],
+        "loss": {"name": s.siamese_loss, "temperature": s.temperature, "temperature_source": s.source},
     }
     return TaskBundle(
         model=model, train_data=_items(triplets["train"]), evaluate=evaluate, save_model=save_model, info=info
