@@ -135,10 +135,12 @@ def _check_splits(cfg: Config, data: PreparedData, *, announce: bool) -> dict[st
     wanted = [n for n, share in cfg.data.split.ratios.items() if n != "train" and share > 0]
     explicit = data.check.good.get("split")
     named = set(explicit.dropna().astype(str)) if explicit is not None else set()
+    warnings = []
     for h in health:
         if h.warning:
             fixed = h.split if h.split in named and h.split not in carved else None
-            lines.append(f"warning: {h.warning}; {suggest_split(n_groups, wanted, len(data.rows), fixed)}")
+            warnings.append(f"{h.warning}; {suggest_split(n_groups, wanted, len(data.rows), fixed)}")
+    lines += [f"warning: {w}" for w in warnings]
     if announce:
         for line in lines:
             _console.print(line, highlight=False, markup=False)
@@ -148,7 +150,7 @@ def _check_splits(cfg: Config, data: PreparedData, *, announce: bool) -> dict[st
         "validation": validates,
         "fixed": sorted(n for n in named if n in data.splits and n not in carved),
         "health": [h.as_dict() for h in health],
-        "warnings": [line for line in lines if line.startswith("warning: ")],
+        "warnings": warnings,
     }
 
 
