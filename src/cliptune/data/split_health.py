@@ -194,7 +194,8 @@ def suggest_split(n_groups: int, held_out: Sequence[str], n_images: int = 0, fix
         return (
             f"with {n_groups} groups only one held-out split of {MIN_GROUPS} groups fits: data.split.ratios "
             f"{{train: {1 - share:g}, test: {share:g}}} (no validation: train.early_stopping null, "
-            "train.scheduler cosine)"
+            "train.scheduler cosine), or keep the split and set eval.relevant: item so that each image counts "
+            "on its own"
         )
     per_item = f" ({n_images} images)" if n_images else ""
     return (
