@@ -152,6 +152,24 @@ def test_a_trained_epoch_that_beats_the_baseline_is_kept(tmp_path: Path) -> None
     assert not torch.equal(kept["0.weight"], saved[1]["0.weight"])
 
 
+def test_early_stopping_on_a_train_metric_skips_the_untrained_baseline(tmp_path: Path) -> None:
+    # train/loss has no value before the first step: epoch 0 is no candidate (it used to raise
+    # UnknownMetricError at epoch 0) and patience counts from epoch 1.
+    cfg = TrainConfig(
+        epochs=3,
+        batch_size=25,
+        lr=0.01,
+        scheduler="cosine",
+        early_stopping=EarlyStoppingConfig(metric="train/loss", mode="min", patience=5),
+    )
+    state = fit(make_bundle(), cfg, tmp_path, Accelerator(cpu=True), quiet=True)
+    records = _records(tmp_path)
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]
+    losses = [r["train/loss"] for r in records[1:]]
+    assert losses[2] < losses[0]  # the toy loss goes down, so the best is a trained epoch
+    assert state.best_epoch == 1 + losses.index(min(losses)) and not state.untrained_best
+
+
 def _rewrite_checkpoint(run_dir: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
     path = latest_checkpoint(run_dir / "checkpoints")
     assert path is not None

@@ -8,10 +8,11 @@ arguments, builds typed objects, calls the library and prints; library errors be
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import typer
@@ -65,32 +66,57 @@ def _root(
     """Fine-tune, evaluate, gate and compare CLIP-family image-text models."""
 
 
-def silence_libraries() -> None:
+@contextlib.contextmanager
+def silence_libraries() -> Iterator[None]:
     """Quiet the libraries' own output for ``-q``: transformers' and the hub's progress bars and notices.
 
     ``-q`` promises no progress bars, but transformers draws its own ("Loading weights" on every load)
     through its logging module, which no command touches. Before transformers is imported the hub switch
     and the verbosity variable are enough (transformers reads both on import); after, its own switches.
+    Every switch is restored on exit: a command run in-process (a notebook, a test) must not leave the
+    libraries silenced for what runs next.
     """
-    from huggingface_hub.utils import disable_progress_bars  # type: ignore[attr-defined]  # lazily exported
+    from huggingface_hub.utils import (  # type: ignore[attr-defined]  # lazily exported
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
 
+    hub_was_disabled = are_progress_bars_disabled()
+    env_before = os.environ.get("TRANSFORMERS_VERBOSITY")
+    hf_before: tuple[bool, int] | None = None
     disable_progress_bars()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
+        hf_before = (hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity())
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
         hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # likewise
+    try:
+        yield
+    finally:
+        if not hub_was_disabled:
+            enable_progress_bars()
+        if env_before is None:
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)
+        if hf_before is not None:
+            from transformers.utils import logging as hf_logging
+
+            if hf_before[0]:
+                hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+            hf_logging.set_verbosity(hf_before[1])
 
 
 def _quiet_aware(command: Callable[..., Any]) -> Callable[..., Any]:
-    """``command`` that silences the libraries first when called with ``quiet=True`` (its ``-q``)."""
+    """``command`` that silences the libraries while it runs when called with ``quiet=True`` (its ``-q``)."""
 
     @functools.wraps(command)  # keeps the signature typer reads the options from
     def run(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("quiet"):
-            silence_libraries()
-        return command(*args, **kwargs)
+        if not kwargs.get("quiet"):
+            return command(*args, **kwargs)
+        with silence_libraries():
+            return command(*args, **kwargs)
 
     return run
 

@@ -101,9 +101,10 @@ def _parse_where(items: list[str]) -> dict[str, Any]:
 
 def _print_table(hits: list[Any], query: str) -> None:
     table = Table(title=f"{len(hits)} result(s) for {query}", title_justify="left")
-    for column, justify in (("rank", "right"), ("score", "right"), ("id", "left"), ("caption", "left")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    table.add_column("attributes")
+    table.add_column("rank", justify="right")
+    table.add_column("score", justify="right")
+    for column in ("id", "caption", "attributes"):  # folded, never cut: an id with "…" cannot be opened
+        table.add_column(column, overflow="fold")
     for h in hits:
         attrs = ", ".join(f"{a}={v}" for a, v in h.attributes.items())
         table.add_row(str(h.rank), f"{h.score:.4f}", h.id, h.caption, attrs)

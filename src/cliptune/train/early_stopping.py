@@ -72,6 +72,13 @@ class EarlyStopping:
         self.bad_epochs += 1
         return False
 
+    def skip(self) -> None:
+        """Pass epoch 0 without judging it: a ``train/`` metric has no value before any training step.
+
+        The untrained model is then no candidate, and patience counts from the first trained epoch.
+        """
+        self.epochs_seen += 1
+
     @property
     def should_stop(self) -> bool:
         # Keras' convention: stop once `patience` validations in a row failed to improve.

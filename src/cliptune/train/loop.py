@@ -141,7 +141,9 @@ def _baseline(run: _Run) -> None:
     state, stopper = run.parts.state, run.parts.stopper
     lr = current_lr(run.parts.optimizer)
     record = {"kind": "epoch", "epoch": 0, "step": 0, "lr": lr, **run.bundle.validate(run.parts.model)}
-    if stopper is not None:  # patience counts from this baseline: trained epochs must beat it
+    if stopper is not None and stopper.metric.startswith("train/"):  # nothing trained yet: nothing to judge
+        stopper.skip()
+    elif stopper is not None:  # patience counts from this baseline: trained epochs must beat it
         stopper.update(metric_value(record, stopper.metric))
     run.log.write(record)
     with state.timed("checkpoint"):
