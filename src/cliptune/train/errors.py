@@ -136,7 +136,10 @@ def likely_cause(lr: float, grad_clip: float | None, precision: str = "auto") ->
     is what is left. fp16 overflows above 65504, which bf16 and fp32 do not.
     """
     if grad_clip is None:
-        advice = f"likely cause: learning rate too high (train.lr={lr:g}) with unclipped gradients (train.grad_clip: null): lower train.lr or enable train.grad_clip"
+        advice = (
+            f"likely cause: learning rate too high (train.lr={lr:g}) with unclipped gradients "
+            "(train.grad_clip: null): lower train.lr or enable train.grad_clip"
+        )
     else:
         advice = (
             f"likely cause: learning rate too high (train.lr={lr:g}); gradients are already clipped "
@@ -193,13 +196,8 @@ class DivergenceError(TrainingError):
     def __init__(
         self, epoch: int, step: int, problems: list[str], best_epoch: int | None, cause: str
     ) -> None:
-        self.epoch, self.step, self.problems, self.best_epoch, self.cause = (
-            epoch,
-            step,
-            problems,
-            best_epoch,
-            cause,
-        )
+        self.epoch, self.step, self.problems = epoch, step, problems
+        self.best_epoch, self.cause = best_epoch, cause
         kept = (
             "no model was saved"
             if best_epoch is None

@@ -141,9 +141,8 @@ def _baseline(run: _Run) -> None:
     """Validate the untrained model as epoch 0; it is the best model (``model/``) until an epoch beats it."""
     state, stopper = run.parts.state, run.parts.stopper
     lr = current_lr(run.parts.optimizer)
-    val = checked_validation(
-        run.bundle, run.parts.model, run.cfg, state, epoch=0
-    )  # a broken model stops here
+    # an untrained model that fails the health check stops here, before anything is saved
+    val = checked_validation(run.bundle, run.parts.model, run.cfg, state, epoch=0)
     record = {"kind": "epoch", "epoch": 0, "step": 0, "lr": lr, **val}
     if stopper is not None and stopper.metric.startswith("train/"):  # nothing trained yet: nothing to judge
         stopper.skip()
