@@ -96,6 +96,62 @@ def test_negative_lr(tmp_path: Path) -> None:
     assert "greater than 0" in err and "-0.001" in err
 
 
+@pytest.mark.parametrize(
+    ("override", "error"),
+    [
+        # The absurd settings of issue 14: a traceback (lr 1e38) and a "successful" loss of 9.5e28 before.
+        ("train.lr=1e38", "train.lr: Input should be less than or equal to 1 (got '1e38'); allowed: (0, 1]"),
+        (
+            "loss.temperature=1e-30",
+            "loss.temperature: Input should be greater than or equal to 0.01 (got '1e-30'); allowed: [0.01, 1]",
+        ),
+        (
+            "loss.temperature=2",
+            "loss.temperature: Input should be less than or equal to 1 (got 2); allowed: [0.01, 1]",
+        ),
+        (
+            "train.weight_decay=5",
+            "train.weight_decay: Input should be less than or equal to 1 (got 5); allowed: [0, 1]",
+        ),
+        (
+            "loss.siglip_scale=1e5",
+            "loss.siglip_scale: Input should be less than or equal to 1000 (got '1e5'); allowed: (0, 1000]",
+        ),
+        (
+            "loss.siglip_bias=-1e4",
+            "loss.siglip_bias: Input should be greater than or equal to -1000 (got '-1e4'); allowed: [-1000, 1000]",
+        ),
+    ],
+)
+def test_absurd_optimisation_and_loss_settings_fail_naming_field_and_range(override: str, error: str) -> None:
+    # YAML reads 1e38 (no dot) as a string; pydantic converts it and the message quotes what was given
+    siglip = ["loss.name=siglip"] if "siglip" in override else []
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*siglip, override])
+    assert info.value.errors == [error]
+
+
+def test_bounds_admit_the_documented_edges_and_defaults() -> None:
+    cfg = load_config(None, ["train.lr=1", "train.weight_decay=1", "loss.temperature=0.01"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.loss.temperature) == (1.0, 1.0, 0.01)
+    assert load_config(None, ["loss.temperature=1"]).loss.temperature == 1.0
+    siglip = load_config(None, ["loss.name=siglip", "loss.siglip_scale=1000", "loss.siglip_bias=-1000"])
+    assert (siglip.loss.siglip_scale, siglip.loss.siglip_bias) == (1000.0, -1000.0)
+
+
+def test_a_cosine_margin_above_two_can_never_be_met() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["loss.name=triplet", "loss.margin=2.5"])
+    assert info.value.errors == [
+        "loss.margin=2.5 can never be met with loss.distance='cosine' (cosine distances lie in [0, 2]): set "
+        "loss.margin to at most 2"
+    ]
+    assert load_config(None, ["loss.name=triplet", "loss.margin=2"]).loss.margin == 2.0
+    # euclidean distances of raw embeddings have no upper end
+    raw = load_config(None, ["loss.name=triplet", "loss.distance=euclidean", "loss.margin=2.5"])
+    assert raw.loss.margin == 2.5
+
+
 def test_ratios_not_summing_to_one(tmp_path: Path) -> None:
     (err,) = _errors(tmp_path, "data:\n  split:\n    ratios: {train: 0.8, test: 0.3}\n")
     assert err.startswith("data.split.ratios:")

@@ -177,8 +177,11 @@ class LossConfig(_Section):
     )
     temperature: float | None = Field(
         None,
-        gt=0,
-        description="InfoNCE temperature (initial value when learned); null: the backbone's pretrained one "
+        ge=0.01,
+        le=1.0,
+        description="InfoNCE temperature (initial value when learned), in [0.01, 1]: below 0.01 the logit "
+        "scale passes 100, the ceiling CLIP (and a learned temperature here) clamps to; above 1 logits span "
+        "less than the cosine range and the loss cannot separate pairs. Null: the backbone's pretrained one "
         "(CLIP: 1 / exp(logit_scale)), else 0.07. Also the temperature of the InfoNCE that eval reports. "
         "The siamese task's info_nce scores its own head's embeddings: null means 0.07 there.",
     )
@@ -188,13 +191,23 @@ class LossConfig(_Section):
     siglip_scale: float | None = Field(
         None,
         gt=0,
-        description="Initial SigLIP multiplier (not its log); null: the backbone's pretrained "
-        "exp(logit_scale), else 10.",
+        le=1000.0,
+        description="Initial SigLIP multiplier (not its log), in (0, 1000]: ten times CLIP's logit-scale "
+        "ceiling of 100; null: the backbone's pretrained exp(logit_scale), else 10.",
     )
     siglip_bias: float | None = Field(
-        None, description="Initial SigLIP bias; null: the backbone's pretrained logit_bias, else -10."
+        None,
+        ge=-1000.0,
+        le=1000.0,
+        description="Initial SigLIP bias, in [-1000, 1000] (a bias beyond the largest scale fixes every "
+        "pair's sign whatever its cosine); null: the backbone's pretrained logit_bias, else -10.",
     )
-    margin: float = Field(0.2, ge=0, description="Margin of the triplet and contrastive losses.")
+    margin: float = Field(
+        0.2,
+        ge=0,
+        description="Margin of the triplet and contrastive losses; at most 2 with loss.distance 'cosine' "
+        "(cosine distances lie in [0, 2], so a larger margin can never be met).",
+    )
     distance: Literal["cosine", "euclidean"] = Field(
         "cosine",
         description="Distance of the triplet loss and of every Siamese loss (contrastive: d^2 and "
@@ -249,9 +262,20 @@ class TrainConfig(_Section):
     )
     epochs: int = Field(20, gt=0, description="Maximum number of epochs.")
     batch_size: int = Field(32, gt=0, description="Per-process batch size.")
-    lr: float = Field(3e-4, gt=0, description="Peak learning rate of AdamW.")
+    lr: float = Field(
+        3e-4,
+        gt=0,
+        le=1.0,
+        description="Peak learning rate of AdamW, in (0, 1]: AdamW moves each weight by about lr per step, "
+        "so at 1 every step already moves weights by their whole initial scale (fine-tuning uses 1e-6 to "
+        "1e-3).",
+    )
     weight_decay: float = Field(
-        0.01, ge=0, description="AdamW weight decay (never on biases, norms, temperatures)."
+        0.01,
+        ge=0,
+        le=1.0,
+        description="AdamW weight decay (never on biases, norms, temperatures), in [0, 1]: each step "
+        "multiplies weights by 1 - lr * weight_decay, which must stay >= 0.",
     )
     scheduler: Literal["plateau", "cosine"] = Field("plateau", description="LR schedule.")
     plateau: PlateauConfig = Field(default_factory=PlateauConfig, description="ReduceLROnPlateau settings.")
@@ -434,6 +458,11 @@ def cross_field_problems(config: Config) -> list[str]:
             f"model.lora=null, got model.trainable_layers={model.trainable_layers} and "
             f"model.lora={'set' if model.lora is not None else 'null'}"
         )
+    if config.loss.distance == "cosine" and config.loss.margin > 2:
+        problems.append(
+            f"loss.margin={config.loss.margin:g} can never be met with loss.distance='cosine' (cosine "
+            "distances lie in [0, 2]): set loss.margin to at most 2"
+        )
     problems.extend(_no_validation_problems(config))
     if model.image_size is not None and model.backbone not in NAMED_BACKBONES_WITH_IMAGE_SIZE:
         problems.append(
@@ -509,8 +538,30 @@ def _format_errors(exc: ValidationError) -> list[str]:
             msg = f"unknown key; allowed keys: {', '.join(_allowed_keys(loc))}"
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
             msg = f"{msg} (got {err['input']!r})"
+        allowed = _allowed_range(loc) if err["type"] in _BOUND_ERRORS else None
+        if allowed:  # name the whole allowed range, not only the side that failed
+            msg = f"{msg}; allowed: {allowed}"
         lines.append(f"{path}: {msg}")
     return lines
+
+
+_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _allowed_range(loc: tuple[int | str, ...]) -> str | None:
+    """The range of the bounded field at ``loc`` as an interval, e.g. ``(0, 1]``; None if not a field."""
+    model: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        model = _section_type(field.annotation) if field else None
+    field = model.model_fields.get(str(loc[-1])) if model else None
+    metadata = field.metadata if field else []
+    bounds = {k: getattr(m, k) for m in metadata for k in ("gt", "ge", "lt", "le") if hasattr(m, k)}
+    if not bounds:
+        return None
+    low = f"({bounds['gt']:g}" if "gt" in bounds else f"[{bounds['ge']:g}" if "ge" in bounds else "(-inf"
+    high = f"{bounds['lt']:g})" if "lt" in bounds else f"{bounds['le']:g}]" if "le" in bounds else "inf)"
+    return f"{low}, {high}"
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
