@@ -23,6 +23,7 @@ from cliptune.models.factory import BACKBONE_DIR, HEAD_DIR, load_backbone, load_
 from cliptune.models.freeze import LoraSpec
 from cliptune.models.siamese import SiameseHead
 from cliptune.search import SearchIndexError, build_index, load_index, search
+from cliptune.search.index import ModelMismatchError
 from cliptune.train.run import train
 from tests.tiny_models import make_tiny_clip
 
@@ -106,8 +107,13 @@ def test_search_with_another_runs_model_is_refused_naming_both(
     out = build_index(
         r0, read_catalogue(fashion), root / "idx-search", cache_dir=root / "cache", progress=False
     )
-    with pytest.raises(SearchIndexError, match=rf"built with model {r0.name} .*the query model is {r1.name}"):
+    with pytest.raises(
+        ModelMismatchError, match=rf"built with model {r0.name} .*the query model is {r1.name}"
+    ) as exc:
         search(load_index(out), r1, text="ripped blue jeans", cache_dir=root / "cache")
+    assert isinstance(exc.value, SearchIndexError)
+    assert (exc.value.index_model, exc.value.query_model) == (r0.name, r1.name)
+    assert exc.value.query_source == str(runs["r1"] / "model")
     args = ["search", str(out), "ripped blue jeans", "--cache-dir", str(root / "cache")]
     result = CliRunner().invoke(_app(), [*args, "--model", str(runs["r1"])])
     text = " ".join(result.output.split())
