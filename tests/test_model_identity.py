@@ -183,3 +183,19 @@ def test_siamese_heads_on_one_backbone_get_different_identities(clip: Path, tmp_
         names.append(load_model(folder).name)
     assert names[0] != names[1]
     assert all(n.startswith(f"{backbone.model_identity()}+head:") for n in names)
+
+
+def test_batchnorm_statistics_of_an_unfrozen_block_change_both_identities(tmp_path: Path) -> None:
+    """The embedded image tower with its last block unfrozen: one train-mode forward moves only buffers."""
+    backbone = load_backbone("embedded", trainable_layers=1)
+    model0, features0 = backbone.model_identity(), backbone.features_identity()
+    params = {n: p.detach().clone() for n, p in backbone.named_parameters()}
+    backbone.train()
+    with torch.no_grad():
+        backbone.image_features(torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
+    backbone.eval()
+    assert all(torch.equal(p, params[n]) for n, p in backbone.named_parameters())  # only buffers moved
+    assert backbone.features_identity() != features0 and backbone.model_identity() != model0
+    backbone.save(tmp_path / "saved")  # and the moved statistics survive a save and reload, bit for bit
+    saved = json.loads((tmp_path / "saved" / CONFIG_FILE).read_text())
+    assert load_model(tmp_path / "saved").name == saved["model_identity"] == backbone.model_identity()
