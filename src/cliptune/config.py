@@ -237,21 +237,68 @@ class LossConfig(_Section):
         return weights
 
 
-class PlateauConfig(_Section):
-    metric: str = Field("val/loss", description="Logged metric the plateau scheduler watches.")
-    mode: Literal["min", "max"] = Field("min", description="Whether the metric should go down or up.")
+PRIMARY_METRIC: dict[str, str] = {"retrieval": "val/t2i/mrr", "siamese": "val/triplet/accuracy"}
+"""What early stopping and the plateau schedule watch unless told otherwise: the task's headline validation
+metric (compare ranks runs by the same one). Chosen by measurement over ``val/loss``: see docs/training.md,
+"Why these defaults"."""
+
+HEAD_ONLY_LR, TOWER_LR = 1e-3, 1e-5
+"""Default ``train.lr`` when only heads train (measured, docs/training.md) and when tower weights train
+(LoRA or ``model.trainable_layers`` > 0; not measured here, see docs/training.md)."""
+
+
+def direction(metric: str) -> Literal["min", "max"]:
+    """Whether a logged metric should go down (any loss) or up (recall, mrr, accuracy, ...)."""
+    return "min" if "loss" in metric.split("/") else "max"
+
+
+def _fill_default(section: BaseModel, field: str, value: Any) -> None:
+    """Set a default that depends on other fields without marking it as set by the user.
+
+    A later rule (the task's primary metric) may still refine an unmarked default, never a user's value;
+    writing past ``validate_assignment`` keeps the section's own validators from running again.
+    """
+    section.__dict__[field] = value
+
+
+class _WatchedMetric(_Section):
+    """A metric watched over epochs; ``mode`` defaults to the metric's direction (losses down, others up)."""
+
+    metric: str
+    mode: Literal["min", "max"]
+
+    @model_validator(mode="after")
+    def _mode_follows_metric(self) -> _WatchedMetric:
+        if "mode" not in self.model_fields_set:
+            _fill_default(self, "mode", direction(self.metric))
+        return self
+
+
+class PlateauConfig(_WatchedMetric):
+    metric: str = Field(
+        "val/t2i/mrr",
+        description="Logged metric the plateau scheduler watches (default: the task's primary metric, "
+        "val/t2i/mrr for retrieval, val/triplet/accuracy for siamese).",
+    )
+    mode: Literal["min", "max"] = Field(
+        "max", description="Whether the metric should go down or up (default: down for a loss, else up)."
+    )
     factor: float = Field(0.5, gt=0, lt=1, description="LR multiplier on a plateau.")
-    patience: int = Field(1, ge=0, description="Epochs without improvement before the LR is cut.")
+    patience: int = Field(2, ge=0, description="Epochs without improvement before the LR is cut.")
     min_lr: float = Field(1e-6, ge=0, description="Lower bound of the learning rate.")
     cooldown: int = Field(0, ge=0, description="Epochs to wait after a cut before watching again.")
 
 
-class EarlyStoppingConfig(_Section):
+class EarlyStoppingConfig(_WatchedMetric):
     metric: str = Field(
-        "val/loss", description="Logged metric that decides early stopping and the best model."
+        "val/t2i/mrr",
+        description="Logged metric that decides early stopping and the best model (default: the task's "
+        "primary metric, val/t2i/mrr for retrieval, val/triplet/accuracy for siamese).",
     )
-    mode: Literal["min", "max"] = Field("min", description="Whether the metric should go down or up.")
-    patience: int = Field(3, ge=0, description="Epochs without improvement before stopping.")
+    mode: Literal["min", "max"] = Field(
+        "max", description="Whether the metric should go down or up (default: down for a loss, else up)."
+    )
+    patience: int = Field(5, ge=0, description="Epochs without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
 
 
@@ -260,13 +307,14 @@ class TrainConfig(_Section):
         "retrieval",
         description="'retrieval': dual encoder on image-text pairs; 'siamese': fusion head on triplets.",
     )
-    epochs: int = Field(20, gt=0, description="Maximum number of epochs.")
-    batch_size: int = Field(32, gt=0, description="Per-process batch size.")
+    epochs: int = Field(30, gt=0, description="Maximum number of epochs.")
+    batch_size: int = Field(64, gt=0, description="Per-process batch size.")
     lr: float = Field(
-        3e-4,
+        HEAD_ONLY_LR,
         gt=0,
         le=1.0,
-        description="Peak learning rate of AdamW, in (0, 1]: AdamW moves each weight by about lr per step, "
+        description="Peak learning rate of AdamW (default 1e-3 when only heads train, 1e-5 when tower "
+        "weights train), in (0, 1]: AdamW moves each weight by about lr per step, "
         "so at 1 every step already moves weights by their whole initial scale (fine-tuning uses 1e-6 to "
         "1e-3).",
     )
@@ -393,6 +441,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _fields_fit_together(self) -> Config:
+        _task_defaults(self)
         problems = cross_field_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
@@ -410,6 +459,22 @@ negative) triplets (``cliptune.losses.SIAMESE_LOSSES``, kept equal by a test), w
 NAMED_BACKBONES_WITH_IMAGE_SIZE = ("embedded", "composed")
 """Backbone specs built here with an EfficientNet tower, the only ones ``model.image_size`` applies to;
 mirrors ``cliptune.models.factory.NAMED_SPECS`` (kept import-free so loading a config stays cheap)."""
+
+
+def _task_defaults(config: Config) -> None:
+    """Fill the defaults that depend on other sections; a value the user set is never touched.
+
+    The watched metric is the task's primary one (a siamese run has no ``val/t2i/mrr``), and pretrained
+    tower weights get a learning rate a hundred times smaller than fresh heads.
+    """
+    train, model = config.train, config.model
+    for section in (train.early_stopping, train.plateau):
+        if section is not None and "metric" not in section.model_fields_set:
+            _fill_default(section, "metric", PRIMARY_METRIC[train.task])
+            if "mode" not in section.model_fields_set:
+                _fill_default(section, "mode", direction(section.metric))
+    if "lr" not in train.model_fields_set and (model.trainable_layers > 0 or model.lora is not None):
+        _fill_default(train, "lr", TOWER_LR)
 
 
 def cross_field_problems(config: Config) -> list[str]:
