@@ -45,7 +45,9 @@ def write_run(
                 "lr_final": epochs[-1].get("lr"), "final": records[-1], "best": records[best],
                 "timings_seconds": {"train": 1.0}, "info": {}} | summary  # fmt: skip
         (run_dir / "summary.json").write_text(json.dumps(full))
-    cfg = {"name": run_dir.name, "train": {"lr": epochs[0].get("lr", 1e-3), "early_stopping": None}}
+    # these runs watch val/loss (every record has it; the default primary metric is not always there)
+    watched = {"early_stopping": None, "plateau": {"metric": "val/loss"}}
+    cfg = {"name": run_dir.name, "train": {"lr": epochs[0].get("lr", 1e-3), **watched}}
     for key, value in (config or {}).items():
         cfg[key] = {**cfg.get(key, {}), **value}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))

@@ -15,13 +15,13 @@ import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from cliptune.config import TrainConfig, load_config
+from cliptune.config import load_config
 from cliptune.data.synthetic import render_fashion
 from cliptune.train.errors import LauncherMismatchError, TrainingError, WorldSizeMismatchError
 from cliptune.train.loop import fit
 from cliptune.train.run import _check_processes, train
 from tests.tiny_models import make_tiny_clip
-from tests.toy_task import make_bundle
+from tests.toy_task import make_bundle, toy_train_config
 
 
 def _config(tmp_path: Path, catalogue: Path, clip: Path, batch_size: int) -> Path:
@@ -97,7 +97,7 @@ def test_launcher_and_accelerate_must_agree(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_resume_with_another_process_count_is_refused(tmp_path: Path) -> None:
-    cfg = TrainConfig(epochs=1, batch_size=50, early_stopping=None)
+    cfg = toy_train_config(epochs=1, batch_size=50, early_stopping=None)
     fit(make_bundle(), cfg, tmp_path, Accelerator(cpu=True), quiet=True)
     trainer = tmp_path / "checkpoints" / "step-00000004" / "trainer.json"
     state = json.loads(trainer.read_text())

@@ -25,6 +25,7 @@ from cliptune.train.failures import MAX_WEIGHT, weight_problems
 from cliptune.train.loop import fit
 from cliptune.train.tasks.bundle import TaskBundle
 from tests.toy_task import make_bundle as make_toy_bundle
+from tests.toy_task import toy_train_config
 
 N_TRAIN, N_VAL, D_IN, D_OUT = 96, 48, 16, 8  # batch 32: 3 steps per epoch
 
@@ -81,7 +82,7 @@ def _run_dir(path: Path) -> Path:
 
 
 def _cfg(epochs: int = 3, grad_clip: float | None = 1.0) -> TrainConfig:
-    return TrainConfig(epochs=epochs, batch_size=32, lr=1e-2, early_stopping=None, grad_clip=grad_clip)
+    return toy_train_config(epochs=epochs, batch_size=32, lr=1e-2, early_stopping=None, grad_clip=grad_clip)
 
 
 def _epochs(run_dir: Path) -> list[int]:
@@ -183,7 +184,7 @@ def test_nan_in_validation_names_epoch_step_and_a_hint_that_fits_the_config(
 def test_a_non_finite_validation_value_of_any_task_stops_the_run(tmp_path: Path) -> None:
     # The toy regression task has no embeddings: its validation loss itself is checked.
     bundle = make_toy_bundle(0, val_values=[1.0, 0.5, math.nan])
-    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.01, early_stopping=None)
+    cfg = toy_train_config(epochs=3, batch_size=16, lr=0.01, early_stopping=None)
     with pytest.raises(DivergenceError, match=r"at epoch 2 \(step 24\): validation val/loss is nan\. "):
         fit(bundle, cfg, tmp_path, Accelerator(cpu=True), quiet=True)
     assert _epochs(tmp_path) == [0, 1]

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import cliptune.train.run as run_module
 from cliptune.cli.app import app
-from cliptune.config import Config, TrainConfig
+from cliptune.config import Config
 from cliptune.data.synthetic import render_fashion
 from cliptune.train.errors import (
     MissingRunNameError,
@@ -31,7 +31,7 @@ from cliptune.train.loop import fit
 from cliptune.train.run import train
 from cliptune.train.tasks.bundle import TaskBundle
 from tests.tiny_models import make_tiny_clip
-from tests.toy_task import make_bundle
+from tests.toy_task import make_bundle, toy_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ import torch
 from accelerate import Accelerator
 from cliptune.config import TrainConfig
 from cliptune.train.loop import fit
-from tests.toy_task import make_bundle
+from tests.toy_task import make_bundle, toy_train_config
 
 run_dir, pause_at = Path(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(1)
@@ -61,7 +61,7 @@ def paused_forward(batch):
 
 bundle.model.forward = paused_forward
 run_dir.mkdir(parents=True, exist_ok=True)
-cfg = TrainConfig(epochs=3, batch_size=16, lr=0.01, early_stopping=None, keep_last=2, log_every_steps=5)
+cfg = toy_train_config(epochs=3, batch_size=16, lr=0.01, early_stopping=None, keep_last=2, log_every_steps=5)
 try:
     fit(bundle, cfg, run_dir, Accelerator(cpu=True), resume="--resume" in sys.argv, quiet=True)
 except KeyboardInterrupt as exc:
@@ -97,7 +97,7 @@ def _records(run_dir: Path, kind: str | None = None) -> list[dict]:
 
 def test_nan_loss_stops_naming_step_and_last_checkpoint(tmp_path: Path) -> None:
     # 200 items // 16 = 12 batches per epoch: step 15 is epoch 2, batch 3; epoch 1 was checkpointed at 12.
-    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.01, early_stopping=None)
+    cfg = toy_train_config(epochs=3, batch_size=16, lr=0.01, early_stopping=None)
     bundle = _wrap_forward(make_bundle(), {15: "nan"})
     pattern = (
         r"non-finite loss \(nan\) at step 15 \(epoch 2, batch 3\); last good checkpoint: .*step-00000012"
@@ -116,7 +116,7 @@ def test_nan_loss_stops_naming_step_and_last_checkpoint(tmp_path: Path) -> None:
 
 
 def test_nan_loss_without_clipping_advises_enabling_it(tmp_path: Path) -> None:
-    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.01, early_stopping=None, grad_clip=None)
+    cfg = toy_train_config(epochs=1, batch_size=16, lr=0.01, early_stopping=None, grad_clip=None)
     with pytest.raises(NonFiniteLossError) as info:
         fit(_wrap_forward(make_bundle(), {2: "nan"}), cfg, tmp_path, Accelerator(cpu=True), quiet=True)
     assert (
@@ -126,7 +126,7 @@ def test_nan_loss_without_clipping_advises_enabling_it(tmp_path: Path) -> None:
 
 
 def test_nan_steps_are_skipped_up_to_max_bad_steps(tmp_path: Path) -> None:
-    cfg = TrainConfig(
+    cfg = toy_train_config(
         epochs=2, batch_size=16, lr=0.01, early_stopping=None, max_bad_steps=2, log_every_steps=5
     )
     seen: list = []
@@ -149,7 +149,7 @@ def test_nan_steps_are_skipped_up_to_max_bad_steps(tmp_path: Path) -> None:
 
 
 def test_out_of_memory_names_the_settings_to_change(tmp_path: Path) -> None:
-    cfg = TrainConfig(epochs=1, batch_size=16, grad_accum=2, early_stopping=None)
+    cfg = toy_train_config(epochs=1, batch_size=16, grad_accum=2, early_stopping=None)
     with pytest.raises(TrainingError) as info:
         fit(_wrap_forward(make_bundle(), {3: "oom"}), cfg, tmp_path, Accelerator(cpu=True), quiet=True)
     message = str(info.value)

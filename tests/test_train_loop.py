@@ -13,12 +13,12 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from cliptune.config import EarlyStoppingConfig, PlateauConfig, TrainConfig
+from cliptune.config import EarlyStoppingConfig, PlateauConfig
 from cliptune.models.backbone import WeightsMismatchError
 from cliptune.train.checkpoint import latest_checkpoint
 from cliptune.train.errors import EmptyEpochError, NothingToResumeError, TrainingError, UnknownMetricError
 from cliptune.train.loop import fit
-from tests.toy_task import make_bundle, run
+from tests.toy_task import make_bundle, run, toy_train_config
 
 TOY = Path(__file__).with_name("toy_task.py")
 
@@ -29,7 +29,7 @@ def _records(run_dir: Path, kind: str = "epoch") -> list[dict]:
 
 
 def test_loss_goes_down_and_run_dir_is_written(tmp_path: Path) -> None:
-    cfg = TrainConfig(epochs=5, batch_size=16, lr=0.01, early_stopping=None)
+    cfg = toy_train_config(epochs=5, batch_size=16, lr=0.01, early_stopping=None)
     state = run(tmp_path, cfg)
     epochs = _records(tmp_path)
     # Epoch 0 is the untrained baseline (validation only, no train terms).
@@ -48,7 +48,7 @@ def test_plateau_cuts_lr_and_early_stopping_fires(tmp_path: Path) -> None:
     # Crafted val/loss: improves twice, then flat. patience 0 -> the LR is halved at each flat epoch;
     # early stopping with patience 2 stops after the 2nd flat epoch (epoch 4), best epoch 2.
     values = [2.0, 1.0, 0.5, 0.6, 0.7, 0.8, 0.9]  # the first is the epoch-0 baseline
-    cfg = TrainConfig(
+    cfg = toy_train_config(
         epochs=6, batch_size=50, lr=0.1,
         plateau=PlateauConfig(metric="val/loss", patience=0, factor=0.5, min_lr=0.0),
         early_stopping=EarlyStoppingConfig(metric="val/loss", mode="min", patience=2),
@@ -66,7 +66,7 @@ def test_plateau_cuts_lr_and_early_stopping_fires(tmp_path: Path) -> None:
 
 
 def test_unknown_metric_is_named(tmp_path: Path) -> None:
-    cfg = TrainConfig(
+    cfg = toy_train_config(
         epochs=1, batch_size=50, plateau=PlateauConfig(metric="val/recall"), early_stopping=None
     )
     with pytest.raises(TrainingError, match="metric 'val/recall' is not logged; logged: val/loss") as info:
@@ -76,7 +76,7 @@ def test_unknown_metric_is_named(tmp_path: Path) -> None:
 
 
 def test_batch_larger_than_data_is_an_error(tmp_path: Path) -> None:
-    cfg = TrainConfig(epochs=1, batch_size=500)
+    cfg = toy_train_config(epochs=1, batch_size=500)
     with pytest.raises(TrainingError, match="fewer than one global batch") as info:
         fit(make_bundle(), cfg, tmp_path, Accelerator(cpu=True), quiet=True)
     assert isinstance(info.value, EmptyEpochError)
@@ -99,7 +99,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path: Path) -> None:
 
 def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="nothing to resume") as info:
-        run(tmp_path, TrainConfig(epochs=1, batch_size=16), resume=True)
+        run(tmp_path, toy_train_config(epochs=1, batch_size=16), resume=True)
     assert isinstance(info.value, NothingToResumeError)
     assert info.value.checkpoints == tmp_path / "checkpoints"
 
@@ -108,7 +108,7 @@ def test_untrained_model_is_kept_when_no_epoch_beats_it(tmp_path: Path) -> None:
     # Crafted val/loss that only gets worse after the baseline: 1.0 (epoch 0), 1.5, 2.0, ... With patience 2
     # counted from the baseline, epochs 1 and 2 fail to beat it and the run stops after epoch 2, keeping
     # the untrained model (the weights changed: lr 0.01 on a real loss, only the judged metric is crafted).
-    cfg = TrainConfig(
+    cfg = toy_train_config(
         epochs=6,
         batch_size=50,
         lr=0.01,
@@ -129,7 +129,7 @@ def test_untrained_model_is_kept_when_no_epoch_beats_it(tmp_path: Path) -> None:
 
 def test_a_trained_epoch_that_beats_the_baseline_is_kept(tmp_path: Path) -> None:
     # 1.0 (epoch 0), 0.8, 0.9, 0.7, 0.95: epochs 1 and 3 improve; epoch 3 is kept, not the untrained model.
-    cfg = TrainConfig(
+    cfg = toy_train_config(
         epochs=4,
         batch_size=50,
         lr=0.01,
@@ -155,7 +155,7 @@ def test_a_trained_epoch_that_beats_the_baseline_is_kept(tmp_path: Path) -> None
 def test_early_stopping_on_a_train_metric_skips_the_untrained_baseline(tmp_path: Path) -> None:
     # train/loss has no value before the first step: epoch 0 is no candidate (it used to raise
     # UnknownMetricError at epoch 0) and patience counts from epoch 1.
-    cfg = TrainConfig(
+    cfg = toy_train_config(
         epochs=3,
         batch_size=25,
         lr=0.01,
@@ -200,7 +200,7 @@ def test_resume_from_a_checkpoint_that_does_not_fit_names_the_keys(
     unexpected: list,
     mismatched: list,
 ) -> None:
-    cfg = TrainConfig(epochs=1, batch_size=50, early_stopping=None)
+    cfg = toy_train_config(epochs=1, batch_size=50, early_stopping=None)
     run(tmp_path, cfg)
     weights_file = _rewrite_checkpoint(tmp_path, edit)
     with pytest.raises(WeightsMismatchError) as info:

@@ -126,14 +126,15 @@ def test_test_only_catalogue_fails_before_embedding(assets: dict[str, Path], tmp
 def test_no_validation_trains_and_says_so(assets: dict[str, Path], tmp_path: Path) -> None:
     catalogue = _catalogue(assets, tmp_path, "train/test")
     ratios = "data.split.ratios={train: 0.8, test: 0.2}"
-    code, output, _ = _train(assets, tmp_path, catalogue, ratios)
-    assert code == 2  # the config still watches val/loss: rejected before any work, naming the fields
+    # asking to stop or schedule on a validation metric is rejected before any work, naming the fields
+    code, output, _ = _train(assets, tmp_path, catalogue, ratios, "train.early_stopping.metric=val/loss")
+    assert code == 2
     assert "has no 'val' share" in output and "train.early_stopping.metric='val/loss'" in output
-    assert "train.scheduler='plateau'" in output and not (tmp_path / "cache").exists()
+    code, output, _ = _train(assets, tmp_path, catalogue, ratios, "train.scheduler=plateau")
+    assert code == 2 and "train.scheduler='plateau'" in output and not (tmp_path / "cache").exists()
 
-    code, output, run = _train(
-        assets, tmp_path, catalogue, ratios, "train.early_stopping=null", "train.scheduler=cosine"
-    )
+    # left at their defaults, they follow: no early stopping, a cosine schedule
+    code, output, run = _train(assets, tmp_path, catalogue, ratios)
     assert code == 0, output
     assert "no validation: data.split.ratios has no val share" in output
     assert set(json.loads((run / "splits.json").read_text())) == {"train", "test"}
@@ -147,7 +148,9 @@ def test_no_validation_trains_and_says_so(assets: dict[str, Path], tmp_path: Pat
     from cliptune.report.rundata import load_run
 
     (stopping,) = [f for f in diagnose(load_run(run)) if f.rule == "stopping"]
-    assert "No validation (val/loss was never logged): the kept model is epoch 2" in stopping.message
+    assert "No validation (" in stopping.message and "the kept model is epoch 2" in stopping.message
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["train"]["early_stopping"] is None and config["train"]["scheduler"] == "cosine"
     assert stopping.numbers["watched_metric"] is None
 
 

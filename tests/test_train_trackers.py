@@ -52,7 +52,7 @@ def test_flatten_config_gives_flat_scalars() -> None:
     assert flat["train.lr"] == 0.001
     assert flat["train.grad_clip"] == "null"  # TensorBoard hparams reject None
     assert flat["eval.k"] == "[1, 5, 10]"  # lists as JSON
-    assert flat["train.early_stopping.patience"] == 3
+    assert flat["train.early_stopping.patience"] == 5
     assert all(isinstance(v, (str, int, float, bool)) for v in flat.values())
 
 

@@ -10,13 +10,14 @@ import argparse
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch import nn
 
-from cliptune.config import TrainConfig
+from cliptune.config import EarlyStoppingConfig, PlateauConfig, TrainConfig
 from cliptune.train.loop import fit
 from cliptune.train.tasks.bundle import TaskBundle
 
@@ -33,6 +34,17 @@ class ToyModel(nn.Module):
             os.kill(os.getpid(), signal.SIGKILL)
         pred = self.net(batch["x"]).squeeze(-1)  # (B,)
         return {"loss": ((pred - batch["y"]) ** 2).mean()}
+
+
+def toy_train_config(**fields: Any) -> TrainConfig:
+    """A TrainConfig for the toy task, which logs only ``val/loss``: the watched metrics default to it.
+
+    (The library's defaults watch the retrieval task's ``val/t2i/mrr``, which the toy task has not.)
+    """
+    if fields.get("early_stopping", ...) is ...:
+        fields["early_stopping"] = EarlyStoppingConfig(metric="val/loss")
+    fields.setdefault("plateau", PlateauConfig(metric="val/loss"))
+    return TrainConfig(**fields)
 
 
 def make_data(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -77,5 +89,5 @@ if __name__ == "__main__":
     parser.add_argument("--kill-at-step", type=int)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = TrainConfig(epochs=4, batch_size=16, lr=0.01, early_stopping=None, keep_last=2)
+    config = toy_train_config(epochs=4, batch_size=16, lr=0.01, early_stopping=None, keep_last=2)
     run(args.run_dir, config, resume=args.resume, kill_at=args.kill_at_step)

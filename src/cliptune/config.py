@@ -464,8 +464,9 @@ mirrors ``cliptune.models.factory.NAMED_SPECS`` (kept import-free so loading a c
 def _task_defaults(config: Config) -> None:
     """Fill the defaults that depend on other sections; a value the user set is never touched.
 
-    The watched metric is the task's primary one (a siamese run has no ``val/t2i/mrr``), and pretrained
-    tower weights get a learning rate a hundred times smaller than fresh heads.
+    The watched metric is the task's primary one (a siamese run has no ``val/t2i/mrr``); pretrained
+    tower weights get a learning rate a hundred times smaller than fresh heads; without a val share there
+    is no early stopping and the schedule is cosine (a user who sets either is told why it cannot work).
     """
     train, model = config.train, config.model
     for section in (train.early_stopping, train.plateau):
@@ -475,6 +476,11 @@ def _task_defaults(config: Config) -> None:
                 _fill_default(section, "mode", direction(section.metric))
     if "lr" not in train.model_fields_set and (model.trainable_layers > 0 or model.lora is not None):
         _fill_default(train, "lr", TOWER_LR)
+    if "val" not in config.data.split.ratios:  # no validation: nothing to watch, a fixed schedule instead
+        if "early_stopping" not in train.model_fields_set:
+            _fill_default(train, "early_stopping", None)
+        if "scheduler" not in train.model_fields_set:
+            _fill_default(train, "scheduler", "cosine")
 
 
 def cross_field_problems(config: Config) -> list[str]:

@@ -224,6 +224,8 @@ def _read_folder(folder: Path) -> dict[str, dict[str, Any]]:
 
 def _read_config(path: Path) -> dict[str, Any]:
     # The raw YAML over the current defaults: an old run whose config no longer validates still reports.
+    from pydantic import ValidationError
+
     from cliptune.config import Config
 
     merged: dict[str, Any] = Config().model_dump(mode="json")
@@ -235,7 +237,10 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise ReportError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
         raise ReportError(f"{path}: expected a mapping at the top level")
-    return _merge(merged, raw)
+    try:  # validated, the defaults that follow other fields (a watched metric's mode) are filled in right
+        return Config.model_validate(raw).model_dump(mode="json")
+    except ValidationError:
+        return _merge(merged, raw)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
