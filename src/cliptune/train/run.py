@@ -298,7 +298,11 @@ def resume_changes(run_dir: Path, saved: Config, wanted: Config) -> dict[str, tu
             reasons["train.epochs"] = "fewer epochs than planned; the schedule and checkpoints assumed more"
         elif saved.train.scheduler == "cosine":
             reasons["train.epochs"] = "the cosine schedule spans the planned epochs; its curve would jump"
-    refused = {k: v for k, v in changed.items() if k in reasons or k not in RESUMABLE_CHANGES}
+    refused = {
+        k: v
+        for k, v in changed.items()
+        if k in reasons or k not in RESUMABLE_CHANGES or absent in v  # a section turned on or off
+    }
     if refused:
         raise ResumeChangeError(run_dir, refused, reasons)
     return changed
