@@ -137,5 +137,48 @@ def test_clean_stale_temps_removes_only_our_temporary_names(tmp_path: Path) -> N
     removed = clean_stale_temps(tmp_path)
     assert removed == sorted(tmp_path / n for n in ours)
     left = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
-    assert left == set(kept)
+    assert left == {*kept, "index"}  # `index` never came back from its swap: the old one is put back
     assert clean_stale_temps(tmp_path / "missing") == []
+
+
+def test_a_swap_killed_between_its_renames_gets_the_old_folder_back(tmp_path: Path) -> None:
+    hexa = "ab" * 16
+    (tmp_path / f".index.old-{hexa}").mkdir()  # `index` renamed aside, the new one never arrived
+    (tmp_path / f".index.old-{hexa}" / "items.jsonl").write_text("old")
+    (tmp_path / f".index.tmp-{hexa}").mkdir()  # the new one, maybe half-written
+    (tmp_path / f".model.old-{hexa}").mkdir()  # `model` was replaced: this old one is garbage
+    (tmp_path / "model").mkdir()
+    (tmp_path / f".notes.txt.{hexa}.tmp").write_text("x")
+    assert clean_stale_temps(tmp_path, name="index") == [
+        tmp_path / f".index.old-{hexa}",
+        tmp_path / f".index.tmp-{hexa}",
+    ]
+    assert (tmp_path / "index" / "items.jsonl").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["index", "model", f".model.old-{hexa}", f".notes.txt.{hexa}.tmp"]
+    )  # other names are not this call's business
+    clean_stale_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "model"]
+
+
+def test_replacing_a_folder_never_leaves_its_name_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cliptune import rundir
+
+    final = tmp_path / "index"
+    with atomic_folder(final) as tmp:
+        (tmp / "v").write_text("1")
+    seen: list[bool] = []
+    real_exchange = rundir._exchange
+
+    def watch(a: Path, b: Path) -> bool:
+        swapped = real_exchange(a, b)
+        seen.append(swapped and (b / "v").read_text() == "2" and (a / "v").read_text() == "1")
+        return swapped
+
+    monkeypatch.setattr(rundir, "_exchange", watch)
+    with atomic_folder(final) as tmp:
+        (tmp / "v").write_text("2")
+    assert seen == [True]  # one atomic exchange: `index` was the old folder, then the new one
+    assert (final / "v").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["index"]

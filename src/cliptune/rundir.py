@@ -22,6 +22,7 @@ the new one, never half of one: every file and folder cliptune writes goes throu
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -346,42 +347,49 @@ def write_text_atomic(path: Path, text: str, *, fsync: bool = False) -> Path:
 
 # The names the two atomic writers give their temporary files and folders, and the one an old folder
 # takes while it is swapped out; `tmp-` followed by 8 characters is what tempfile.mkdtemp made before.
-_TEMP_NAME = re.compile(r"^\..+\.(?:[0-9a-f]{32}\.tmp|tmp-[0-9a-f]{32}|tmp-[a-z0-9_]{8}|old-[0-9a-f]{32})$")
+_TEMP_NAME = re.compile(r"^\.(.+)\.(?:[0-9a-f]{32}\.tmp|tmp-[0-9a-f]{32}|tmp-[a-z0-9_]{8}|old-[0-9a-f]{32})$")
 
 
-def clean_stale_temps(folder: Path) -> list[Path]:
-    """Delete what interrupted atomic writes left in ``folder`` and below; the paths removed.
+def clean_stale_temps(folder: Path, name: str | None = None) -> list[Path]:
+    """Delete what interrupted atomic writes left in ``folder`` (and below); the paths cleaned.
 
     A process killed inside :func:`write_bytes_atomic` or :func:`atomic_folder` leaves its hidden
     temporary file or folder (``.model.tmp-<hex>``, ``.trainer.json.<hex>.tmp``, ``.index.old-<hex>``),
-    possibly hundreds of MB of weights. Only names these writers make are touched, so a user's own
-    hidden files are safe. Call it when nothing else writes the folder: at the start or resume of a run,
-    before an index build.
+    possibly hundreds of MB of weights. An old folder whose replacement never arrived (a kill between the
+    two renames of a swap, where an atomic exchange is not available) is put back under its name instead.
+    Only names these writers make are touched, so a user's own hidden files are safe. Call it when
+    nothing else writes there: at the start or resume of a run, before an index build.
 
     Args:
-        folder: A run directory, or the folder holding an index; missing is fine.
+        folder: A run directory (walked with its subfolders), or the folder holding an index.
+            Missing is fine.
+        name: Only the temporaries of this one file or folder, directly in ``folder`` (an index beside
+            other files the user owns); the walk does not go below ``folder`` then.
 
     Returns:
-        The removed paths (sorted).
+        The removed (or restored) temporary paths, sorted.
 
     Example:
         >>> _ = (tmp_path / f".summary.json.{'0' * 32}.tmp").write_text("{")
         >>> [p.name for p in clean_stale_temps(tmp_path)]
         ['.summary.json.00000000000000000000000000000000.tmp']
     """
-    removed: list[Path] = []
+    cleaned: list[Path] = []
     for root, dirs, files in os.walk(folder):
-        for name in sorted([*dirs, *files]):
-            if not _TEMP_NAME.match(name):
+        for entry in sorted([*dirs, *files]):
+            match = _TEMP_NAME.match(entry)
+            if not match or (name is not None and match.group(1) != name):
                 continue
-            path = Path(root) / name
-            if path.is_dir() and not path.is_symlink():
+            path, kept = Path(root) / entry, Path(root) / match.group(1)
+            if ".old-" in entry[len(match.group(1)) + 1 :] and not kept.exists():
+                path.rename(kept)  # killed between a swap's two renames: the old folder is the one
+            elif path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-            removed.append(path)
-        dirs[:] = [d for d in dirs if not _TEMP_NAME.match(d)]  # removed: not walked into
-    return sorted(removed)
+            cleaned.append(path)
+        dirs[:] = [] if name is not None else [d for d in dirs if not _TEMP_NAME.match(d)]
+    return sorted(cleaned)
 
 
 @contextmanager
@@ -419,14 +427,36 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
     if not final.exists():
         tmp.rename(final)
         return
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
-    final.rename(old)
-    try:
-        tmp.rename(final)
-    except BaseException:
-        old.rename(final)
-        raise
+    if _exchange(tmp, final):  # one atomic step: `final` is the old folder, then the new, never absent
+        old = tmp
+    else:  # two renames: a kill between them leaves `final` absent; clean_stale_temps puts `old` back
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
+        final.rename(old)
+        try:
+            tmp.rename(final)
+        except BaseException:
+            old.rename(final)
+            raise
     if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
     else:  # a file (or link) that stood where the folder goes: replaced on purpose by the caller
         old.unlink(missing_ok=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is unavailable."""
+    rename = getattr(_LIBC, "renameat2", None) if _LIBC is not None else None
+    if rename is None:
+        return False
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    return int(rename(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange)) == 0
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # no C library to load (not POSIX): two renames it is
+        return None
+
+
+_LIBC = _libc()
