@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cliptune.cli.app import app
-from cliptune.config import Config, load_config
+from cliptune.config import Config, load_config, save_config
 from cliptune.data.splits import load_splits
 from cliptune.data.synthetic import render_fashion
 from cliptune.train.run import ResumeChangeError, resume_changes
@@ -132,3 +132,23 @@ def test_a_start_that_fails_before_training_leaves_no_run_behind(tmp_path: Path,
     (keep / "notes.txt").write_text("mine")
     assert _train(tmp_path, str(cfg), "--name", "z")[0] == 1
     assert [p.name for p in keep.iterdir()] == ["notes.txt"]
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_afresh(tmp_path: Path, fashion: Path) -> None:
+    cfg = [str(_config(tmp_path, fashion, epochs=1)), "--name", "x"]
+    run = tmp_path / "runs" / "x"
+    (run / "model").mkdir(parents=True)  # what a kill during epoch 1 leaves: the baseline, no checkpoint
+    (run / "metrics.jsonl").write_text('{"kind": "epoch", "epoch": 0, "step": 0, "val/loss": 9.0}\n')
+    save_config(load_config(cfg[0], ["name=x"]), run / "config.yaml")
+    code, out = _train(tmp_path, "--resume", str(run))
+    assert code == 1 and f"nothing to resume: no checkpoint in {run / 'checkpoints'}" in out
+    (run / "splits.json").write_text('{"train": ["stale"]}')  # splits a changed config would not make
+    code, out = _train(tmp_path, *cfg)
+    assert code == 0, out
+    assert (
+        f"{run} was stopped before its first checkpoint, so it cannot be resumed; starting it afresh" in out
+    )
+    assert [r["epoch"] for r in _records(run) if r["kind"] == "epoch"] == [0, 1]
+    assert "stale" not in (run / "splits.json").read_text()
+    code, out = _train(tmp_path, *cfg)  # a run with checkpoints is still never overwritten
+    assert code == 1 and f"{run} already holds a run" in out

@@ -375,7 +375,7 @@ def train(
         if not cfg.name:
             raise MissingRunNameError()
         run_dir = runs_root / cfg.name
-        if RunDir(run_dir).metrics.exists():
+        if RunDir(run_dir).metrics.exists() and not _stopped_before_its_first_checkpoint(run_dir):
             raise RunExistsError(run_dir)
     if cfg.train.val_every_steps is not None:  # a setting that silently did nothing would mislead
         raise TrainingError("train.val_every_steps is not supported yet: validation runs after every epoch")
@@ -413,6 +413,22 @@ def train(
     finally:  # trackers flushed and the process group torn down on every exit (else gloo aborts at exit)
         accelerator.end_training()
     return run_dir
+
+
+def _stopped_before_its_first_checkpoint(run_dir: Path) -> bool:
+    """A start killed before its first checkpoint (no ``step-*``, no ``summary.json``) has nothing to
+    resume: it is cleared, with a note, and started afresh instead of being refused as an existing run."""
+    run = RunDir(run_dir)
+    if run.summary.exists() or (run.checkpoints.is_dir() and any(run.checkpoints.glob("step-*"))):
+        return False
+    _console.print(
+        f"[yellow]warning:[/yellow] {run_dir} was stopped before its first checkpoint, so it cannot be "
+        "resumed; starting it afresh",
+        highlight=False,
+    )
+    for path in (run.metrics, run.splits, run.rejected, run.config, run.model, run.checkpoints):
+        _remove_unstarted([path])
+    return True
 
 
 def _made_by_a_fresh_start(run_dir: Path) -> list[Path]:
