@@ -51,7 +51,7 @@ def train_cmd(
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs this command
     from cliptune.rundir import RunDir
     from cliptune.train.errors import TrainingInterrupted
-    from cliptune.train.run import ResumeChangeError, train
+    from cliptune.train.run import ResumeChangeError, UnresumableRunError, train
 
     if config is None and resume is None:
         err_console.print("[red]give a CONFIG.yaml, or --resume RUN[/red]")
@@ -78,6 +78,9 @@ def train_cmd(
                     highlight=False,
                 )
                 raise typer.Exit(2) from None
+            except UnresumableRunError as exc:  # RunExistsError's hint (--resume) would not work here
+                err_console.print(f"[red]{exc}, or pass another --name[/red]", highlight=False)
+                raise typer.Exit(1) from None
     except KeyboardInterrupt as exc:
         if main_process:
             resume_hint = (

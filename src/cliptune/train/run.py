@@ -40,7 +40,14 @@ from cliptune.train.state import LoopState, MetricsLog
 from cliptune.train.tasks.bundle import TaskBundle
 from cliptune.train.trackers import check_trackers, start_trackers, tracker_options
 
-__all__ = ["RESUMABLE_CHANGES", "ResumeChangeError", "resume_changes", "train", "resolve_precision"]
+__all__ = [
+    "RESUMABLE_CHANGES",
+    "ResumeChangeError",
+    "UnresumableRunError",
+    "resume_changes",
+    "train",
+    "resolve_precision",
+]
 
 # What a resume may change, and why each is safe: none of them alters what the checkpointed epochs did,
 # so the resumed run is the run an uninterrupted one with the new values from that point would be.
@@ -253,6 +260,18 @@ class ResumeChangeError(TrainingError):
         )
 
 
+class UnresumableRunError(RunExistsError):
+    """The run directory holds a run stopped before its first checkpoint: nothing to resume, and its
+    metrics are not deleted behind the user's back (a run that failed early may be worth reading)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(run_dir)
+        self.args = (
+            f"{run_dir} already holds a run, stopped before its first checkpoint, so it cannot be resumed; "
+            f"remove {run_dir} to start it again",
+        )
+
+
 def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(values, dict) and values:
         out: dict[str, Any] = {}
@@ -358,7 +377,8 @@ def train(
 
     Raises:
         MissingRunNameError: A new run without ``cfg.name``.
-        RunExistsError: The run directory already holds a run (and no resume was asked).
+        RunExistsError: The run directory already holds a run (and no resume was asked);
+            :class:`UnresumableRunError` when that run has no checkpoint to resume from.
         ResumeChangeError: A resume asked for a change that is not safe (every differing field named).
         LauncherMismatchError: The launcher and Accelerate disagree on the number of processes.
         TrainingError: A tracker's package is missing, an unsupported setting, or training failed (the
@@ -375,8 +395,8 @@ def train(
         if not cfg.name:
             raise MissingRunNameError()
         run_dir = runs_root / cfg.name
-        if RunDir(run_dir).metrics.exists() and not _stopped_before_its_first_checkpoint(run_dir):
-            raise RunExistsError(run_dir)
+        if RunDir(run_dir).metrics.exists():
+            raise RunExistsError(run_dir) if _resumable(run_dir) else UnresumableRunError(run_dir)
     if cfg.train.val_every_steps is not None:  # a setting that silently did nothing would mislead
         raise TrainingError("train.val_every_steps is not supported yet: validation runs after every epoch")
     check_trackers(cfg.track)
@@ -415,20 +435,10 @@ def train(
     return run_dir
 
 
-def _stopped_before_its_first_checkpoint(run_dir: Path) -> bool:
-    """A start killed before its first checkpoint (no ``step-*``, no ``summary.json``) has nothing to
-    resume: it is cleared, with a note, and started afresh instead of being refused as an existing run."""
+def _resumable(run_dir: Path) -> bool:
+    """Whether a run has something to resume or show: a checkpoint or a finished ``summary.json``."""
     run = RunDir(run_dir)
-    if run.summary.exists() or (run.checkpoints.is_dir() and any(run.checkpoints.glob("step-*"))):
-        return False
-    _console.print(
-        f"[yellow]warning:[/yellow] {run_dir} was stopped before its first checkpoint, so it cannot be "
-        "resumed; starting it afresh",
-        highlight=False,
-    )
-    for path in (run.metrics, run.splits, run.rejected, run.config, run.model, run.checkpoints):
-        _remove_unstarted([path])
-    return True
+    return run.summary.exists() or (run.checkpoints.is_dir() and any(run.checkpoints.glob("step-*")))
 
 
 def _made_by_a_fresh_start(run_dir: Path) -> list[Path]:
