@@ -149,3 +149,28 @@ def test_a_run_killed_before_its_first_checkpoint_says_what_to_do(tmp_path: Path
         f"{run} to start it again, or pass another --name"
     )
     assert (run / "metrics.jsonl").exists()  # nothing deleted behind the user's back
+
+
+def test_cli_resume_past_a_damaged_checkpoint_warns_and_names_files(tmp_path: Path, fashion: Path) -> None:
+    assert _train(tmp_path, str(_config(tmp_path, fashion)), "--name", "x")[0] == 0
+    ckpts = tmp_path / "runs" / "x" / "checkpoints"
+    older, newest = sorted(p for p in ckpts.iterdir() if p.is_dir())
+    state = newest / "state.pt"
+    size = state.stat().st_size
+    state.write_bytes(state.read_bytes()[:100])
+    code, out = _train(tmp_path, "--resume", str(ckpts.parent), "--set", "train.epochs=3")
+    assert code == 0, out
+    flat = out.replace("\n", "")
+    assert (
+        f"warning: damaged checkpoint(s) skipped: {state} has 100 bytes, {size} written; resuming from {older}"
+        in flat
+    )
+    epochs = [r["epoch"] for r in _records(ckpts.parent) if r["kind"] == "epoch"]
+    assert epochs == [0, 1, 2, 3]  # epoch 2 trained again from the older checkpoint, then epoch 3
+    for folder in ckpts.iterdir():
+        if folder.is_dir():
+            (folder / "model.safetensors").unlink()
+    code, out = _train(tmp_path, "--resume", str(ckpts.parent), "--set", "train.epochs=4")
+    assert code == 1 and "Traceback" not in out
+    assert out.replace("\n", "").startswith(f"no intact checkpoint in {ckpts} to resume from: ")
+    assert "model.safetensors is missing" in out
