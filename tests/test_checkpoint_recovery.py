@@ -136,7 +136,7 @@ def test_damaged_middle_metrics_line_is_named_by_file_and_line(tmp_path: Path) -
         run(path, CFG, resume=True)
     assert (info.value.path, info.value.line) == (metrics, 2)
     with pytest.raises(DamagedFileError, match=r"metrics.jsonl:2 is damaged"):
-        read_metrics(path)  # report, compare and the summary read it the same way
+        read_metrics(path)  # the summary (and every rundir reader) names it the same way
 
 
 def test_bad_json_file_is_named(tmp_path: Path) -> None:
