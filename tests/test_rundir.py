@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from cliptune.data.splits import load_splits, save_splits
 from cliptune.rundir import (
     RunDir,
     atomic_folder,
+    clean_stale_temps,
     is_run,
     read_json,
     read_metrics,
@@ -19,6 +22,7 @@ from cliptune.rundir import (
     write_eval_json,
     write_suite_json,
     write_summary,
+    write_text_atomic,
 )
 
 
@@ -91,3 +95,90 @@ def test_atomic_folder_replaces_a_folder_or_a_file(tmp_path: Path) -> None:
         (tmp / "c.txt").write_text("half")
         raise RuntimeError("interrupted")
     assert [p.name for p in final.iterdir()] == ["b.txt"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_folder_follows_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        with atomic_folder(tmp_path / "model") as tmp:
+            (tmp / "w.bin").write_bytes(b"x")
+            (tmp / "sub").mkdir()
+        with atomic_folder(tmp_path / "other") as tmp:
+            write_text_atomic(tmp / "t.json", "{}")
+    finally:
+        os.umask(old)
+    mode = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [*tmp_path.rglob("*"), tmp_path / "model"]}
+    # mkdtemp made 0700 folders (and the 0600 files some writers copy its mode to); a run is shared
+    assert mode == {"model": 0o755, "w.bin": 0o644, "sub": 0o755, "other": 0o755, "t.json": 0o644}
+
+
+def test_clean_stale_temps_removes_only_our_temporary_names(tmp_path: Path) -> None:
+    hexa = "0123456789abcdef" * 2
+    ours = [
+        f".model.tmp-{hexa}",  # an atomic_folder killed mid-build (a folder)
+        ".model.tmp-k2_x9abc",  # the same, named by the mkdtemp of earlier versions
+        f".index.old-{hexa}",  # killed between the two renames of a swap
+        f".summary.json.{hexa}.tmp",  # write_bytes_atomic killed mid-write
+        f"checkpoints/.step-00000004.tmp-{hexa}",
+        f"checkpoints/step-00000004/.trainer.json.{hexa}.tmp",
+    ]
+    kept = [
+        ".gitignore", ".model.tmp-short", "model.tmp-" + hexa, f".a.{hexa}.tmp.bak", "notes.tmp",
+        "checkpoints/step-00000004/state.pt", "model/weights.safetensors",
+    ]  # fmt: skip
+    for name in ours + kept:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name in (ours[0], ours[1], ours[4]):
+            path.mkdir()
+            (path / "big.bin").write_bytes(b"0" * 100)
+        else:
+            path.write_text("x")
+    removed = clean_stale_temps(tmp_path)
+    assert removed == sorted(tmp_path / n for n in ours)
+    left = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+    assert left == {*kept, "index"}  # `index` never came back from its swap: the old one is put back
+    assert clean_stale_temps(tmp_path / "missing") == []
+
+
+def test_a_swap_killed_between_its_renames_gets_the_old_folder_back(tmp_path: Path) -> None:
+    hexa = "ab" * 16
+    (tmp_path / f".index.old-{hexa}").mkdir()  # `index` renamed aside, the new one never arrived
+    (tmp_path / f".index.old-{hexa}" / "items.jsonl").write_text("old")
+    (tmp_path / f".index.tmp-{hexa}").mkdir()  # the new one, maybe half-written
+    (tmp_path / f".model.old-{hexa}").mkdir()  # `model` was replaced: this old one is garbage
+    (tmp_path / "model").mkdir()
+    (tmp_path / f".notes.txt.{hexa}.tmp").write_text("x")
+    assert clean_stale_temps(tmp_path, name="index") == [
+        tmp_path / f".index.old-{hexa}",
+        tmp_path / f".index.tmp-{hexa}",
+    ]
+    assert (tmp_path / "index" / "items.jsonl").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["index", "model", f".model.old-{hexa}", f".notes.txt.{hexa}.tmp"]
+    )  # other names are not this call's business
+    clean_stale_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "model"]
+
+
+def test_replacing_a_folder_never_leaves_its_name_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cliptune import rundir
+
+    final = tmp_path / "index"
+    with atomic_folder(final) as tmp:
+        (tmp / "v").write_text("1")
+    seen: list[bool] = []
+    real_exchange = rundir._exchange
+
+    def watch(a: Path, b: Path) -> bool:
+        swapped = real_exchange(a, b)
+        seen.append(swapped and (b / "v").read_text() == "2" and (a / "v").read_text() == "1")
+        return swapped
+
+    monkeypatch.setattr(rundir, "_exchange", watch)
+    with atomic_folder(final) as tmp:
+        (tmp / "v").write_text("2")
+    assert seen == [True]  # one atomic exchange: `index` was the old folder, then the new one
+    assert (final / "v").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["index"]

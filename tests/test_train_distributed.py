@@ -103,6 +103,7 @@ def test_resume_with_another_process_count_is_refused(tmp_path: Path) -> None:
     state = json.loads(trainer.read_text())
     assert state["processes"] == 1
     trainer.write_text(json.dumps({**state, "processes": 2}))  # as if written by a 2-process run
+    (trainer.parent / "manifest.json").unlink()  # whole, not damaged: a checkpoint from before manifests
     with pytest.raises(TrainingError, match=r"run with 2 process\(es\); this resume has 1") as info:
         fit(make_bundle(), cfg.model_copy(update={"epochs": 2}), tmp_path, Accelerator(cpu=True), resume=True)
     assert isinstance(info.value, WorldSizeMismatchError)

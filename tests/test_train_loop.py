@@ -176,6 +176,7 @@ def _rewrite_checkpoint(run_dir: Path, edit: Callable[[dict[str, torch.Tensor]],
     weights = load_file(path / "model.safetensors")
     edit(weights)
     save_file(weights, path / "model.safetensors")
+    (path / "manifest.json").unlink()  # a whole checkpoint of another model, not a damaged one of this
     return path / "model.safetensors"
 
 

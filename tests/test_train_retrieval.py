@@ -171,6 +171,7 @@ def test_resume_loads_exactly_the_saved_keys_of_a_partly_frozen_clip(tmp_path: P
 
     key = sorted(saved)[0]
     save_file({("renamed." + k if k == key else k): v for k, v in saved.items()}, weights)
+    (weights.parent / "manifest.json").unlink()  # a whole checkpoint of another model, not a damaged one
     broken = runner.invoke(app, ["train", "--resume", str(run_dir), "-q"])
     assert broken.exit_code == 1
     assert f"{weights}: weights do not match the architecture" in broken.output

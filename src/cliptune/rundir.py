@@ -22,16 +22,19 @@ the new one, never half of one: every file and folder cliptune writes goes throu
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cliptune.errors import CliptuneError
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -46,10 +49,13 @@ __all__ = [
     "SPLITS_FILE",
     "SUITE_DIR",
     "SUMMARY_FILE",
+    "DamagedFileError",
     "RunDir",
     "atomic_folder",
+    "clean_stale_temps",
     "is_run",
     "read_json",
+    "read_jsonl",
     "read_metrics",
     "read_summary",
     "write_eval_json",
@@ -171,17 +177,97 @@ def is_run(path: Path | str) -> bool:
     return run.config.is_file() and run.model.is_dir()
 
 
+class DamagedFileError(CliptuneError, ValueError):
+    """A run file cliptune wrote cannot be read back (truncated by a kill, edited, or a disk fault).
+
+    A ``ValueError`` too, as the ``json`` error it replaces was, so older callers still catch it.
+
+    Attributes:
+        path: The damaged file.
+        line: Its damaged line (1-based), or None for a whole-file format.
+        reason: What is wrong with it.
+    """
+
+    def __init__(self, path: Path, reason: str, line: int | None = None) -> None:
+        self.path, self.line, self.reason = Path(path), line, reason
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where} is damaged: {reason}")
+
+
 def read_json(path: Path) -> Any:
-    """Parse one JSON file (``summary.json``, ``eval/<split>.json``, ``suite/<name>.json``)."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """Parse one JSON file (``summary.json``, ``eval/<split>.json``, ``suite/<name>.json``).
+
+    Raises:
+        DamagedFileError: The file is not valid JSON (it names the file and the line).
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        line = exc.lineno if isinstance(exc, json.JSONDecodeError) else None
+        raise DamagedFileError(path, _reason(exc), line) from None
+
+
+def read_jsonl(path: Path, *, torn_tail: bool = False) -> tuple[list[dict[str, Any]], int | None]:
+    """Every JSON object of a JSON-lines file, in order (blank lines skipped).
+
+    A process killed mid-append leaves a partial last line; with ``torn_tail`` such a last line is dropped
+    and its number returned, so the caller can warn and rewrite the file. A bad line anywhere else is
+    damage no kill makes, and always an error.
+
+    Args:
+        path: The file (``metrics.jsonl``).
+        torn_tail: Tolerate (drop) an unreadable last line.
+
+    Returns:
+        ``(records, dropped_line)``: ``dropped_line`` is the 1-based number of the dropped last line, or None.
+
+    Raises:
+        DamagedFileError: A line is not a JSON object (the file and line are named).
+
+    Example:
+        >>> _ = (tmp_path / "m.jsonl").write_text('{"step": 1}\\n{"st')
+        >>> read_jsonl(tmp_path / "m.jsonl", torn_tail=True)
+        ([{'step': 1}], 2)
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DamagedFileError(path, _reason(exc)) from None
+    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    records: list[dict[str, Any]] = []
+    for n, line in numbered:
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        except ValueError as exc:
+            if torn_tail and n == numbered[-1][0]:
+                return records, n
+            raise DamagedFileError(path, _reason(exc), n) from None
+        records.append(record)
+    return records, None
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {exc.start})"
+    return f"not a JSON object ({exc})"
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:
-    """Every record of ``metrics.jsonl``, in order (blank lines skipped); ``[]`` when there is none."""
+    """Every record of ``metrics.jsonl``, in order (blank lines skipped); ``[]`` when there is none.
+
+    Raises:
+        DamagedFileError: A line is not a JSON object (named as ``metrics.jsonl:LINE``).
+    """
     path = RunDir(run).metrics
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(path)[0]
 
 
 def read_summary(run: Path) -> dict[str, Any]:
@@ -259,6 +345,53 @@ def write_text_atomic(path: Path, text: str, *, fsync: bool = False) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"), fsync=fsync)
 
 
+# The names the two atomic writers give their temporary files and folders, and the one an old folder
+# takes while it is swapped out; `tmp-` followed by 8 characters is what tempfile.mkdtemp made before.
+_TEMP_NAME = re.compile(r"^\.(.+)\.(?:[0-9a-f]{32}\.tmp|tmp-[0-9a-f]{32}|tmp-[a-z0-9_]{8}|old-[0-9a-f]{32})$")
+
+
+def clean_stale_temps(folder: Path, name: str | None = None) -> list[Path]:
+    """Delete what interrupted atomic writes left in ``folder`` (and below); the paths cleaned.
+
+    A process killed inside :func:`write_bytes_atomic` or :func:`atomic_folder` leaves its hidden
+    temporary file or folder (``.model.tmp-<hex>``, ``.trainer.json.<hex>.tmp``, ``.index.old-<hex>``),
+    possibly hundreds of MB of weights. An old folder whose replacement never arrived (a kill between the
+    two renames of a swap, where an atomic exchange is not available) is put back under its name instead.
+    Only names these writers make are touched, so a user's own hidden files are safe. Call it when
+    nothing else writes there: at the start or resume of a run, before an index build.
+
+    Args:
+        folder: A run directory (walked with its subfolders), or the folder holding an index.
+            Missing is fine.
+        name: Only the temporaries of this one file or folder, directly in ``folder`` (an index beside
+            other files the user owns); the walk does not go below ``folder`` then.
+
+    Returns:
+        The removed (or restored) temporary paths, sorted.
+
+    Example:
+        >>> _ = (tmp_path / f".summary.json.{'0' * 32}.tmp").write_text("{")
+        >>> [p.name for p in clean_stale_temps(tmp_path)]
+        ['.summary.json.00000000000000000000000000000000.tmp']
+    """
+    cleaned: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        for entry in sorted([*dirs, *files]):
+            match = _TEMP_NAME.match(entry)
+            if not match or (name is not None and match.group(1) != name):
+                continue
+            path, kept = Path(root) / entry, Path(root) / match.group(1)
+            if ".old-" in entry[len(match.group(1)) + 1 :] and not kept.exists():
+                path.rename(kept)  # killed between a swap's two renames: the old folder is the one
+            elif path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            cleaned.append(path)
+        dirs[:] = [] if name is not None else [d for d in dirs if not _TEMP_NAME.match(d)]
+    return sorted(cleaned)
+
+
 @contextmanager
 def atomic_folder(final: Path) -> Iterator[Path]:
     """Build a folder under a temporary name beside ``final`` and swap it into place on success.
@@ -266,23 +399,23 @@ def atomic_folder(final: Path) -> Iterator[Path]:
     The body writes into the yielded folder; when it returns, an existing ``final`` is renamed aside, the
     new folder renamed to ``final`` and the old one deleted (between the two renames, microseconds,
     ``final`` is absent; the old folder is restored if the second rename fails). If the body raises, the
-    temporary folder is deleted and ``final`` is untouched.
+    temporary folder is deleted and ``final`` is untouched. A process killed meanwhile leaves the
+    temporary folder behind: :func:`clean_stale_temps` removes it on the next start.
 
     Args:
         final: Where the folder should end up (its parent must exist).
 
     Yields:
-        The temporary folder to fill, with ordinary (umask) permissions.
+        The temporary folder to fill, made with ``os.mkdir`` so it and everything in it follow the umask
+        like every other file cliptune writes (``tempfile.mkdtemp`` would make it private).
 
     Example:
         >>> with atomic_folder(tmp_path / "index") as tmp:
         ...     _ = (tmp / "items.jsonl").write_text("{}")
     """
     final = Path(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private; a run or an index is not
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex}")
+    tmp.mkdir()
     try:
         yield tmp
         _swap_into_place(tmp, final)
@@ -294,14 +427,36 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
     if not final.exists():
         tmp.rename(final)
         return
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
-    final.rename(old)
-    try:
-        tmp.rename(final)
-    except BaseException:
-        old.rename(final)
-        raise
+    if _exchange(tmp, final):  # one atomic step: `final` is the old folder, then the new, never absent
+        old = tmp
+    else:  # two renames: a kill between them leaves `final` absent; clean_stale_temps puts `old` back
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
+        final.rename(old)
+        try:
+            tmp.rename(final)
+        except BaseException:
+            old.rename(final)
+            raise
     if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
     else:  # a file (or link) that stood where the folder goes: replaced on purpose by the caller
         old.unlink(missing_ok=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is unavailable."""
+    rename = getattr(_LIBC, "renameat2", None) if _LIBC is not None else None
+    if rename is None:
+        return False
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    return int(rename(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange)) == 0
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # no C library to load (not POSIX): two renames it is
+        return None
+
+
+_LIBC = _libc()

@@ -39,7 +39,7 @@ from cliptune.errors import CliptuneError
 from cliptune.models.cache import Precision
 from cliptune.models.embed import embed_images_with
 from cliptune.models.factory import LoadedModel
-from cliptune.rundir import atomic_folder, write_text_atomic
+from cliptune.rundir import atomic_folder, clean_stale_temps, write_text_atomic
 
 __all__ = [
     "read_manifest",
@@ -267,6 +267,7 @@ def build_index(
         >>> build_index(load_model("runs/ft"), read_catalogue(Path("data/fashion")), Path("idx"))  # doctest: +SKIP
     """
     out = Path(out)
+    clean_stale_temps(out.parent, name=out.name)  # a killed build's leftovers (or its old index, restored)
     _refuse_foreign(out, model, overwrite)
     items = _items(catalogue, progress)
     paths = [Path(p) for p in items["path"]]

@@ -2,10 +2,16 @@
 
 A checkpoint is a folder ``checkpoints/step-00000123/`` holding the trainable weights (safetensors), the
 optimiser and scheduler state and the RNG states (``state.pt``, loadable with ``weights_only=True``) and
-a ``trainer.json`` with the loop position and early-stopping state. It is built beside its final name and
-swapped into place (:func:`cliptune.rundir.atomic_folder`), so a run killed at any moment leaves either
-the old or the new checkpoint, never a half-written one; ``checkpoints/latest`` names the newest complete
-one. The deployable model in ``model/`` is written the same way.
+a ``trainer.json`` with the loop position and early-stopping state, and last a ``manifest.json`` with the
+size and SHA-256 of each of them. It is built beside its final name and swapped into place
+(:func:`cliptune.rundir.atomic_folder`), so a run killed at any moment leaves either the old or the new
+checkpoint, never a half-written one; ``checkpoints/latest`` names the newest complete one. The deployable
+model in ``model/`` is written the same way.
+
+What a kill cannot do, a disk fault, a full disk or a careless edit can: a resume verifies the newest
+checkpoint against its manifest and, when it is damaged, falls back to the newest intact one with a
+warning that names the damaged files (``train.keep_last`` keeps older ones for this); when none is intact
+it fails with :class:`CheckpointDamagedError`, naming every damaged file.
 
 Example:
     >>> path = save_loop_checkpoint(run_dir, accelerator, resumable, keep_last=2)  # doctest: +SKIP
@@ -14,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -24,18 +31,20 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from rich.console import Console
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cliptune.models.backbone import load_state_strict
-from cliptune.rundir import RunDir, atomic_folder, write_text_atomic
+from cliptune.rundir import RunDir, atomic_folder, clean_stale_temps, write_text_atomic
 from cliptune.train.early_stopping import EarlyStopping
-from cliptune.train.errors import NothingToResumeError, WorldSizeMismatchError
+from cliptune.train.errors import NothingToResumeError, TrainingError, WorldSizeMismatchError
 from cliptune.train.optim import Scheduler
 from cliptune.train.state import LoopState, MetricsLog
 from cliptune.train.tasks.bundle import TaskBundle
 
 __all__ = [
+    "CheckpointDamagedError",
     "Resumable",
     "save_loop_checkpoint",
     "restore_loop_checkpoint",
@@ -44,12 +53,40 @@ __all__ = [
     "load_checkpoint",
     "latest_checkpoint",
     "checkpoint_name",
+    "damaged_files",
+    "newest_intact_checkpoint",
     "prune_checkpoints",
     "rng_state",
     "set_rng_state",
+    "truncate_log",
 ]
 
 WEIGHTS_FILE = "model.safetensors"  # a checkpoint's trainable weights and buffers
+STATE_FILE = "state.pt"  # optimiser, scheduler and RNG states
+TRAINER_FILE = "trainer.json"  # loop position and early stopping
+MANIFEST_FILE = "manifest.json"  # {file: {"bytes", "sha256"}} of the three above, written last
+
+_console = Console(stderr=True, soft_wrap=True)
+
+
+class CheckpointDamagedError(TrainingError):
+    """No checkpoint of the run is intact: each is named with its damaged files and what is wrong.
+
+    Attributes:
+        checkpoints: The run's ``checkpoints/`` folder.
+        damaged: ``{checkpoint folder: {file name: reason}}``, newest first.
+    """
+
+    def __init__(self, checkpoints: Path, damaged: dict[Path, dict[str, str]]) -> None:
+        self.checkpoints, self.damaged = checkpoints, damaged
+        super().__init__(f"no intact checkpoint in {checkpoints} to resume from: {_describe(damaged)}")
+
+
+def _describe(damaged: dict[Path, dict[str, str]]) -> str:
+    return "; ".join(
+        ", ".join(f"{folder / name} {reason}" for name, reason in files.items())
+        for folder, files in damaged.items()
+    )
 
 
 @dataclass
@@ -128,16 +165,31 @@ def restore_loop_checkpoint(
         parts: Filled in place.
         log: The run's metrics log, truncated to the checkpoint's step.
 
+    Stale temporary files of interrupted writes are removed first (:func:`cliptune.rundir.clean_stale_temps`);
+    a damaged newest checkpoint is skipped for the newest intact one with a warning; a torn last line of
+    ``metrics.jsonl`` (a kill mid-append) is dropped with a warning. The early-stopping patience is the
+    configured one, not the checkpoint's, so a resume may raise it.
+
     Raises:
         NothingToResumeError: No complete checkpoint.
+        CheckpointDamagedError: Checkpoints exist but none is intact (every damaged file is named).
+        DamagedFileError: ``metrics.jsonl`` has a damaged line before its last (named as file:line).
         WorldSizeMismatchError: The checkpoint was written by a run with another number of processes (its
             position in the epoch would mean other batches).
         WeightsMismatchError: The checkpoint's weights are not exactly the trainable weights and buffers of
             this model (a key missing, unexpected or of another shape; all are named); nothing is loaded.
     """
-    path = latest_checkpoint(RunDir(run_dir).checkpoints)
-    if path is None:
-        raise NothingToResumeError(RunDir(run_dir).checkpoints)
+    main = accelerator.is_main_process
+    if main:
+        clean_stale_temps(run_dir)
+    accelerator.wait_for_everyone()
+    path, damaged = newest_intact_checkpoint(RunDir(run_dir).checkpoints)
+    if main and damaged:
+        _console.print(
+            f"[yellow]warning:[/yellow] damaged checkpoint(s) skipped: {_describe(damaged)}; "
+            f"resuming from {path}",
+            highlight=False,
+        )
     model_state, opt_state, trainer = load_checkpoint(path)
     saved = trainer.get("processes", 1)
     if saved != accelerator.num_processes:
@@ -149,9 +201,22 @@ def restore_loop_checkpoint(
     parts.scheduler.load_state_dict(opt_state["scheduler"])
     parts.state.load_state_dict(trainer["loop"])
     if parts.stopper is not None and trainer.get("early_stopping"):
+        patience = parts.stopper.patience  # configured now: a resume may change it (cliptune.train.run)
         parts.stopper.load_state_dict(trainer["early_stopping"])
+        parts.stopper.patience = patience
     set_rng_state(opt_state["rng"])
-    log.truncate_after(parts.state.step)
+    truncate_log(log, parts.state.step)
+
+
+def truncate_log(log: MetricsLog, step: int) -> None:
+    """Drop ``metrics.jsonl`` records after ``step``; warn when a torn last line (a kill) was dropped too."""
+    torn = log.truncate_after(step)
+    if torn is not None:
+        _console.print(
+            f"[yellow]warning:[/yellow] {log.path}:{torn} was cut short by an interrupted write; dropped "
+            "(the resumed run logs it again)",
+            highlight=False,
+        )
 
 
 def save_best_model(bundle: TaskBundle, accelerator: Accelerator, model: nn.Module, run_dir: Path) -> None:
@@ -234,28 +299,111 @@ def save_checkpoint(
         save_file(weights, tmp / WEIGHTS_FILE)
         torch.save(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-            tmp / "state.pt",
+            tmp / STATE_FILE,
         )
         trainer_json = json.dumps(trainer_state, indent=2, sort_keys=True)
-        write_text_atomic(tmp / "trainer.json", trainer_json)
+        write_text_atomic(tmp / TRAINER_FILE, trainer_json)
+        manifest = {f: _fingerprint(tmp / f) for f in (WEIGHTS_FILE, STATE_FILE, TRAINER_FILE)}
+        write_text_atomic(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     write_text_atomic(directory / "latest", name)
     return final
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint in ``directory``, or None when there is none."""
+    """The newest complete checkpoint in ``directory`` (the ``latest`` pointer), or None when there is none.
+
+    Complete means written to the end; whether its files are still intact is :func:`damaged_files`'s
+    question.
+    """
     pointer = directory / "latest"
     if not pointer.exists():
         return None
     path = directory / pointer.read_text(encoding="utf-8").strip()
-    return path if (path / "trainer.json").exists() else None
+    return path if (path / TRAINER_FILE).exists() else None
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def damaged_files(path: Path) -> dict[str, str]:
+    """``{file name: what is wrong}`` for one checkpoint folder; empty when it matches its manifest.
+
+    A checkpoint from before manifests (no ``manifest.json`` but a ``trainer.json``) cannot be verified
+    and passes here; :func:`newest_intact_checkpoint` still catches a file that fails to load.
+    """
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return {} if (path / TRAINER_FILE).is_file() else {MANIFEST_FILE: "is missing"}
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        expected = {name: (int(e["bytes"]), str(e["sha256"])) for name, e in manifest.items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        return {MANIFEST_FILE: f"is unreadable ({exc})"}
+    problems: dict[str, str] = {}
+    for name, (size, sha) in expected.items():
+        file = path / name
+        if not file.is_file():
+            problems[name] = "is missing"
+            continue
+        now = file.stat().st_size
+        if now != size:
+            problems[name] = f"has {now} bytes, {size} written"
+        elif _fingerprint(file)["sha256"] != sha:
+            problems[name] = "has other contents than were written (SHA-256 differs)"
+    return problems
+
+
+def newest_intact_checkpoint(directory: Path) -> tuple[Path, dict[Path, dict[str, str]]]:
+    """The newest checkpoint that verifies and loads, and the damaged newer ones (newest first).
+
+    Raises:
+        NothingToResumeError: ``directory`` holds no checkpoint.
+        CheckpointDamagedError: Every checkpoint is damaged.
+    """
+    found = (
+        sorted((p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True)
+        if directory.is_dir()
+        else []
+    )
+    if not found:
+        raise NothingToResumeError(directory)
+    damaged: dict[Path, dict[str, str]] = {}
+    for path in found:
+        problems = damaged_files(path)
+        if not problems and not (path / MANIFEST_FILE).is_file():
+            problems = _load_problems(path)
+        if not problems:
+            return path, damaged
+        damaged[path] = problems
+    raise CheckpointDamagedError(directory, damaged)
+
+
+def _load_problems(path: Path) -> dict[str, str]:
+    """What fails to load in a checkpoint that has no manifest to verify it against."""
+    problems: dict[str, str] = {}
+    loaders: dict[str, Any] = {
+        WEIGHTS_FILE: load_file,
+        STATE_FILE: lambda f: torch.load(f, map_location="cpu", weights_only=True),
+        TRAINER_FILE: lambda f: json.loads(f.read_text(encoding="utf-8")),
+    }
+    for name, loader in loaders.items():
+        try:
+            loader(path / name)
+        except Exception as exc:  # noqa: BLE001 - any failure to read is damage, reported by file
+            problems[name] = f"fails to load ({type(exc).__name__}: {str(exc)[:120]})"
+    return problems
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Read a checkpoint: ``(model_state, {optimizer, scheduler, rng}, trainer_state)``."""
     model_state = load_file(path / WEIGHTS_FILE)
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    trainer_state = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    trainer_state = json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
     return model_state, state, trainer_state
 
 

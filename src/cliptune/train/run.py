@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +26,8 @@ from cliptune.data.splits import carved_groups
 from cliptune.data.triplets import make_triplets
 from cliptune.models.factory import load_backbone
 from cliptune.models.freeze import LoraSpec, count_parameters
-from cliptune.rundir import RunDir, read_metrics, write_summary
+from cliptune.rundir import RunDir, clean_stale_temps, read_metrics, write_summary
+from cliptune.train import checkpoint
 from cliptune.train.errors import (
     LauncherMismatchError,
     MissingRunNameError,
@@ -33,11 +36,32 @@ from cliptune.train.errors import (
 )
 from cliptune.train.loop import fit
 from cliptune.train.optim import count_lr_reductions
-from cliptune.train.state import LoopState
+from cliptune.train.state import LoopState, MetricsLog
 from cliptune.train.tasks.bundle import TaskBundle
 from cliptune.train.trackers import check_trackers, start_trackers, tracker_options
 
-__all__ = ["train", "resolve_precision"]
+__all__ = [
+    "RESUMABLE_CHANGES",
+    "ResumeChangeError",
+    "UnresumableRunError",
+    "resume_changes",
+    "train",
+    "resolve_precision",
+]
+
+# What a resume may change, and why each is safe: none of them alters what the checkpointed epochs did,
+# so the resumed run is the run an uninterrupted one with the new values from that point would be.
+# Everything else (data, model, loss, lr, schedule, seed, eval...) would make a run that is neither the
+# old one nor a new one, and is refused.
+RESUMABLE_CHANGES: dict[str, str] = {
+    "train.epochs": "more epochs (not fewer; not with train.scheduler cosine, whose curve spans the planned epochs)",
+    "train.early_stopping.patience": "how many epochs without improvement end the run",
+    "train.checkpoint_every": "how often a resumable checkpoint is written",
+    "train.keep_last": "how many checkpoints are kept",
+    "train.max_bad_steps": "how many non-finite steps are skipped",
+    "track.trackers": "the experiment trackers (they start a new run on resume)",
+    "track.project": "the trackers' project name",
+}
 
 _console = Console(stderr=True, soft_wrap=True)
 
@@ -216,6 +240,112 @@ class _BadRowGuard:
                 fh.write(line.split("\n", 1)[1])
 
 
+class ResumeChangeError(TrainingError):
+    """A resume asked for config changes a resume cannot make; every differing field is listed.
+
+    Attributes:
+        run_dir: The run being resumed.
+        refused: ``{field: (the run's value, the asked value)}``.
+    """
+
+    def __init__(self, run_dir: Path, refused: dict[str, tuple[Any, Any]], reasons: dict[str, str]) -> None:
+        self.run_dir, self.refused = run_dir, refused
+        fields = "; ".join(
+            f"{k}: {old!r} -> {new!r}" + (f" ({reasons[k]})" if k in reasons else "")
+            for k, (old, new) in refused.items()
+        )
+        super().__init__(
+            f"cannot resume {run_dir} with these changes to its config.yaml: {fields}. A resume may change "
+            f"only {', '.join(RESUMABLE_CHANGES)}"
+        )
+
+
+class UnresumableRunError(RunExistsError):
+    """The run directory holds a run stopped before its first checkpoint: nothing to resume, and its
+    metrics are not deleted behind the user's back (a run that failed early may be worth reading)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(run_dir)
+        self.args = (
+            f"{run_dir} already holds a run, stopped before its first checkpoint, so it cannot be resumed; "
+            f"remove {run_dir} to start it again",
+        )
+
+
+def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(values, dict) and values:
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            out |= _flatten(value, f"{prefix}{key}.")
+        return out
+    return {prefix[:-1]: values}
+
+
+def resume_changes(run_dir: Path, saved: Config, wanted: Config) -> dict[str, tuple[Any, Any]]:
+    """The differences between a run's config and the one asked on resume, when all are safe to make.
+
+    ``name`` is not compared (the run directory is the run). The safe changes are :data:`RESUMABLE_CHANGES`.
+
+    Args:
+        run_dir: The run (named in the error).
+        saved: Its ``config.yaml``.
+        wanted: The config asked for the rest of the run.
+
+    Returns:
+        ``{field: (old, new)}``, empty when nothing changes.
+
+    Raises:
+        ResumeChangeError: Any other difference, or fewer epochs, or other epochs with a cosine schedule.
+
+    Example:
+        >>> old = Config.model_validate({"train": {"epochs": 2}})
+        >>> resume_changes(Path("runs/x"), old, Config.model_validate({"train": {"epochs": 5}}))
+        {'train.epochs': (2, 5)}
+    """
+    before = _flatten(saved.model_dump(mode="json", exclude={"name"}))
+    after = _flatten(wanted.model_dump(mode="json", exclude={"name"}))
+    absent = "(absent)"
+    changed = {
+        k: (before.get(k, absent), after.get(k, absent))
+        for k in sorted(before.keys() | after.keys())
+        if before.get(k, absent) != after.get(k, absent)
+    }
+    reasons: dict[str, str] = {}
+    if "train.epochs" in changed:
+        old, new = changed["train.epochs"]
+        if new < old:
+            reasons["train.epochs"] = "fewer epochs than planned; the schedule and checkpoints assumed more"
+        elif saved.train.scheduler == "cosine":
+            reasons["train.epochs"] = "the cosine schedule spans the planned epochs; its curve would jump"
+    refused = {
+        k: v
+        for k, v in changed.items()
+        if k in reasons or k not in RESUMABLE_CHANGES or absent in v  # a section turned on or off
+    }
+    if refused:
+        raise ResumeChangeError(run_dir, refused, reasons)
+    return changed
+
+
+def _note_resume_changes(run_dir: Path, changed: dict[str, tuple[Any, Any]]) -> None:
+    """Log a ``{"kind": "resume", ...}`` record at the checkpoint's step and say what changes.
+
+    ``metrics.jsonl`` is the record: the note has the checkpoint's step, so it survives later resumes, and
+    :func:`_write_summary` collects every note into ``summary.json``'s ``resume_changes``.
+    """
+    try:
+        path, _ = checkpoint.newest_intact_checkpoint(RunDir(run_dir).checkpoints)
+        loop = json.loads((path / checkpoint.TRAINER_FILE).read_text(encoding="utf-8"))["loop"]
+    except (TrainingError, OSError, ValueError, KeyError):
+        return  # the resume itself reports what is wrong with the checkpoints
+    log = MetricsLog(RunDir(run_dir).metrics)
+    checkpoint.truncate_log(log, loop["step"])
+    changes = {k: [old, new] for k, (old, new) in changed.items()}
+    log.write({"kind": "resume", "epoch": loop["epoch"], "step": loop["step"], "changes": changes})
+    listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+    _console.print(f"resuming {run_dir} from step {loop['step']} with {listed}", highlight=False)
+
+
 def train(
     cfg: Config,
     *,
@@ -232,7 +362,10 @@ def train(
     Args:
         cfg: The validated config; ``cfg.name`` names the run (``runs_root/<name>``).
         runs_root: Parent folder of run directories.
-        resume: A run directory to continue exactly from its latest checkpoint (its own config.yaml is used).
+        resume: A run directory to continue exactly from its newest intact checkpoint; ``cfg`` is then the
+            config wanted for the rest of the run: compared with the run's ``config.yaml``, its safe changes
+            (:data:`RESUMABLE_CHANGES`) are applied, written to ``config.yaml`` and logged, any other is
+            refused.
         quiet: No progress bars.
         on_epoch: Called on every process with each trained epoch's ``metrics.jsonl`` record (epochs 1..,
             not the untrained baseline), after it is logged and the checkpoint written. An exception it
@@ -244,21 +377,26 @@ def train(
 
     Raises:
         MissingRunNameError: A new run without ``cfg.name``.
-        RunExistsError: The run directory already holds a run (and no resume was asked).
+        RunExistsError: The run directory already holds a run (and no resume was asked);
+            :class:`UnresumableRunError` when that run has no checkpoint to resume from.
+        ResumeChangeError: A resume asked for a change that is not safe (every differing field named).
         LauncherMismatchError: The launcher and Accelerate disagree on the number of processes.
         TrainingError: A tracker's package is missing, an unsupported setting, or training failed (the
             subclasses raised by :func:`cliptune.train.loop.fit`).
         TrainingInterrupted: Ctrl-C / SIGTERM during training, after a resumable checkpoint was written.
     """
+    changed: dict[str, tuple[Any, Any]] = {}
     if resume is not None:
         run_dir = Path(resume)
-        cfg = load_config(RunDir(run_dir).config)
+        saved = load_config(RunDir(run_dir).config)
+        changed = resume_changes(run_dir, saved, cfg)
+        cfg = cfg.model_copy(update={"name": saved.name})
     else:
         if not cfg.name:
             raise MissingRunNameError()
         run_dir = runs_root / cfg.name
         if RunDir(run_dir).metrics.exists():
-            raise RunExistsError(run_dir)
+            raise RunExistsError(run_dir) if _resumable(run_dir) else UnresumableRunError(run_dir)
     if cfg.train.val_every_steps is not None:  # a setting that silently did nothing would mislead
         raise TrainingError("train.val_every_steps is not supported yet: validation runs after every epoch")
     check_trackers(cfg.track)
@@ -268,11 +406,15 @@ def train(
         gradient_accumulation_steps=cfg.train.grad_accum,
         **tracker_options(cfg.track, run_dir),
     )
+    made = _made_by_a_fresh_start(run_dir) if resume is None else []
     try:
         _check_processes(accelerator)
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
+            clean_stale_temps(run_dir)  # what killed writes of this run left (a resume cleans its own)
             save_config(cfg, RunDir(run_dir).config)
+            if changed:
+                _note_resume_changes(run_dir, changed)
         accelerator.wait_for_everyone()
         start_trackers(accelerator, cfg, run_dir)
         set_seed(cfg.train.seed)
@@ -284,9 +426,36 @@ def train(
         )
         if accelerator.is_main_process:
             _write_summary(run_dir, cfg, state, bundle.info, setup_seconds, accelerator)
+    except BaseException:
+        if accelerator.is_main_process and made and not RunDir(run_dir).metrics.exists():
+            _remove_unstarted(made)  # failed before its first record: a rerun must start afresh
+        raise
     finally:  # trackers flushed and the process group torn down on every exit (else gloo aborts at exit)
         accelerator.end_training()
     return run_dir
+
+
+def _resumable(run_dir: Path) -> bool:
+    """Whether a run has something to resume or show: a checkpoint or a finished ``summary.json``."""
+    run = RunDir(run_dir)
+    return run.summary.exists() or (run.checkpoints.is_dir() and any(run.checkpoints.glob("step-*")))
+
+
+def _made_by_a_fresh_start(run_dir: Path) -> list[Path]:
+    """What a fresh start creates before training: the run folder itself, or its files in a folder that
+    was already there (the user's, or one a failed start left)."""
+    if not run_dir.exists():
+        return [run_dir]
+    run = RunDir(run_dir)
+    return [p for p in (run.config, run.splits, run.rejected) if not p.exists()]
+
+
+def _remove_unstarted(made: list[Path]) -> None:
+    for path in made:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _has_accelerator() -> bool:
@@ -316,6 +485,11 @@ def _write_summary(
         "bad_steps": state.bad_steps,
         "lr_reductions": count_lr_reductions(state.lrs),
         "lr_final": state.lrs[-1] if state.lrs else None,
+        "resume_changes": [
+            {"epoch": r["epoch"], "step": r["step"], "changes": r["changes"]}
+            for r in records
+            if r.get("kind") == "resume"
+        ],
         "final": {k: v for k, v in (epochs[-1] if epochs else {}).items() if k != "kind"},
         "best": {k: v for k, v in best.items() if k != "kind"},
         "timings_seconds": {"setup": setup, **dict(state.timings)},

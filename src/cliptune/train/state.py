@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cliptune.rundir import write_text_atomic
+from cliptune.rundir import read_jsonl, write_text_atomic
 from cliptune.train.errors import TrainingError
 
 # TrainingError lived here before cliptune.train.errors; the alias keeps old imports working.
@@ -139,10 +139,18 @@ class MetricsLog:
         if self.sink is not None:
             self.sink(record)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records logged after ``step`` (they are replayed by a resumed run)."""
+    def truncate_after(self, step: int) -> int | None:
+        """Drop records logged after ``step`` (they are replayed by a resumed run).
+
+        Returns:
+            The number of a torn last line (a process killed mid-append) that was dropped too, or None.
+
+        Raises:
+            DamagedFileError: A line before the last is not a JSON object (file and line named).
+        """
         if not self.enabled or not self.path.exists():
-            return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
+            return None
+        records, torn = read_jsonl(self.path, torn_tail=True)
+        keep = [r for r in records if r.get("step", 0) <= step]
+        write_text_atomic(self.path, "".join(json.dumps(r, sort_keys=False) + "\n" for r in keep))
+        return torn
