@@ -9,6 +9,7 @@ float32 on CPU.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -21,13 +22,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from cliptune.data.catalogue import Catalogue
-from cliptune.data.images import DEFAULT_MAX_PIXELS, load_image
+from cliptune.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from cliptune.models.backbone import Backbone
 from cliptune.models.cache import FeatureCache, Precision, feature_key
 from cliptune.models.factory import LoadedModel
 from cliptune.models.siamese import SiameseHead, SiameseOutput
 
 __all__ = [
+    "TextsTruncatedWarning",
     "embed_images",
     "embed_texts",
     "resolve_precision",
@@ -38,6 +40,32 @@ __all__ = [
     "siamese_embeddings",
     "tower_features",
 ]
+
+
+class TextsTruncatedWarning(UserWarning):
+    """Texts longer than the tokenizer's limit were cut to it: the words after the limit are not embedded.
+
+    Cutting is what CLIP does (its text tower has a fixed number of positions), so it is no error; but a
+    user with long captions must know. The CLI sums these warnings into one notice per command.
+
+    Attributes:
+        count: How many (distinct) texts were cut.
+        limit: The tokenizer's limit in tokens.
+    """
+
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(
+            f"{count} text(s) longer than the tokenizer's limit of {limit} tokens were cut to it"
+        )
+        self.count, self.limit = count, limit
+
+
+def warn_if_truncated(backbone: Backbone, texts: Sequence[str]) -> None:
+    """Warn (:class:`TextsTruncatedWarning`) when some of ``texts`` exceed the backbone's token limit."""
+    counted = backbone.count_truncated(sorted(set(texts)))
+    if counted is not None and counted[0]:
+        warnings.warn(TextsTruncatedWarning(*counted), stacklevel=2)
+
 
 _HEAD_CHUNK = 1024  # rows per Siamese head forward in siamese_embeddings: bounded memory on large splits
 
@@ -88,6 +116,7 @@ def tower_features(
         device=device,
         progress=progress,
     )
+    warn_if_truncated(backbone, texts)
     text_feats = embed_texts(
         list(texts),
         cache=cache,
@@ -172,6 +201,7 @@ def embed_texts_with(
     frozen = backbone.features_frozen
     cache = FeatureCache(cache_dir or default_cache_dir(), backbone.identity()) if frozen else None
     forward = backbone.text_features if frozen else backbone.encode_text
+    warn_if_truncated(backbone, texts)
     feats = embed_texts(
         list(texts),
         cache=cache,
@@ -424,8 +454,10 @@ class _ImageFiles(Dataset[Image.Image]):
     def __getitem__(self, i: int) -> Image.Image:
         try:
             return self.load(self.paths[i])
+        except ImageLoadError:
+            raise  # already names the file and the reason
         except Exception as e:
-            raise ValueError(f"cannot load image {self.paths[i]}: {e}") from e
+            raise ImageLoadError(self.paths[i], f"cannot load image ({e})") from e
 
 
 def _compute_misses(
@@ -487,6 +519,8 @@ def _file_sha256(path: Path) -> str:
         with open(path, "rb") as f:
             while chunk := f.read(_HASH_CHUNK):
                 digest.update(chunk)
+    except FileNotFoundError as e:
+        raise ImageLoadError(path, "file not found") from e
     except OSError as e:
-        raise FileNotFoundError(f"cannot read image {path}: {e.strerror or e}") from e
+        raise ImageLoadError(path, f"cannot read image ({e.strerror or e})") from e
     return digest.hexdigest()
