@@ -39,6 +39,7 @@ __all__ = [
     "embed_texts_with",
     "siamese_embeddings",
     "tower_features",
+    "warn_if_truncated",
 ]
 
 
