@@ -10,16 +10,20 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from cliptune.cli.app import app, truncation_notice
 from cliptune.config import ConfigError, DataConfig, load_config
 from cliptune.data.catalogue import CatalogueError, read_catalogue
+from cliptune.data.images import ImageLoadError, load_image
 from cliptune.data.prepare import prepare_data
 from cliptune.data.synthetic import render_fashion
-from cliptune.models.embed import TextsTruncatedWarning, embed_texts_with
+from cliptune.models.embed import TextsTruncatedWarning, embed_images, embed_texts_with
 from cliptune.models.factory import load_model
 from tests.tiny_models import MAX_TEXT_LEN, make_tiny_clip
 
@@ -117,6 +121,32 @@ def test_skip_mode_prints_the_count_and_the_rejected_list(
     err = capsys.readouterr().err
     assert f"skipped 2 bad row(s) of {fashion / 'metadata.csv'}" in err
     assert f"they are listed in {rejected}" in err
+
+
+def _pixels(images: list[Image.Image]) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.asarray(im.resize((8, 8)), dtype=np.float32)) for im in images])
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_bad_image_is_named_also_from_a_worker_process(tmp_path: Path, num_workers: int) -> None:
+    # a worker re-raises an exception whose type takes more than a message as a RuntimeError holding a
+    # traceback text; the file and reason must arrive as the typed error
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(good)
+    bad.write_text("not a picture")
+    with pytest.raises(ImageLoadError) as exc:
+        embed_images(
+            [good, bad],
+            cache=None,
+            load=load_image,
+            preprocess=_pixels,
+            forward=lambda x: x.flatten(1),
+            num_workers=num_workers,
+            batch_size=1,
+            progress=False,
+        )
+    assert exc.value.path == bad and exc.value.reason == "not an image (unrecognised format)"
+    assert str(exc.value).startswith(f"{bad}: ")
 
 
 def test_long_texts_are_cut_with_one_notice(tmp_path: Path) -> None:

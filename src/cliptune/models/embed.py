@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from PIL import Image
@@ -380,10 +380,10 @@ def embed_images(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=preprocess,
+        collate_fn=partial(_collate_or_error, preprocess),
         pin_memory=torch.device(device).type == "cuda",
     )
-    batches: Iterable[tuple[dict[str, Any], Tensor | None]] = (({}, pixels) for pixels in loader)
+    batches: Iterable[tuple[dict[str, Any], Tensor | None]] = (({}, _raised(pixels)) for pixels in loader)
     _compute_misses(batches, misses, found, cache, forward, resolved, device, progress, "images")
     return _assemble(keys, found)
 
@@ -445,20 +445,39 @@ def embed_texts(
     return _assemble(keys, found)
 
 
-class _ImageFiles(Dataset[Image.Image]):
+def _collate_or_error(
+    preprocess: Callable[[list[Image.Image]], Tensor], items: list[Image.Image | ImageLoadError]
+) -> Tensor | ImageLoadError:
+    # A worker process re-raises an exception as a RuntimeError holding a traceback text when the type
+    # takes more than a message (ImageLoadError takes path and reason): hand the error over as a value.
+    for item in items:
+        if isinstance(item, ImageLoadError):
+            return item
+    return preprocess(cast(list[Image.Image], items))
+
+
+def _raised(pixels: Tensor | ImageLoadError) -> Tensor:
+    if isinstance(pixels, ImageLoadError):
+        raise pixels
+    return pixels
+
+
+class _ImageFiles(Dataset[Image.Image | ImageLoadError]):
     def __init__(self, paths: list[Path], load: Callable[[Path], Image.Image]) -> None:
         self.paths, self.load = paths, load
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> Image.Image:
+    def __getitem__(self, i: int) -> Image.Image | ImageLoadError:
         try:
             return self.load(self.paths[i])
-        except ImageLoadError:
-            raise  # already names the file and the reason
+        except ImageLoadError as e:
+            return e  # already names the file and the reason; raised in the main process (_raised)
         except Exception as e:
-            raise ImageLoadError(self.paths[i], f"cannot load image ({e})") from e
+            error = ImageLoadError(self.paths[i], f"cannot load image ({e})")
+            error.__cause__ = e  # what `raise ... from e` would record, for --debug
+            return error
 
 
 def _compute_misses(
