@@ -195,3 +195,18 @@ def test_search_with_a_long_query_notes_the_cut(tmp_path: Path) -> None:
     result = runner.invoke(app, ["search", str(tmp_path / "idx"), "blue jeans " * 500, "--cache-dir", cache])
     assert result.exit_code == 0, result.output
     assert result.output.count("note: 1 text(s) were longer than the tokenizer's limit of 16 tokens") == 1
+
+
+def test_open_clip_counts_the_texts_its_tokenizer_cuts() -> None:
+    from types import SimpleNamespace
+
+    from cliptune.models.openclip import OpenClipBackbone, import_open_clip
+
+    tokenizer = import_open_clip().tokenizer.SimpleTokenizer()  # CLIP's BPE, context length 77
+    texts = [" ".join(["cat"] * n) for n in (75, 76, 200)]  # 75 words + start + end = 77 tokens: fits
+    # the oracle: open_clip's own ids; a cut text has no padding left and its words run to the end token
+    ids = tokenizer(texts)
+    assert [int(row[-1]) for row in ids] == [tokenizer.eot_token_id] * 3
+    assert [len(tokenizer.encode(t)) + 2 for t in texts] == [77, 78, 202]
+    backbone = SimpleNamespace(tokenizer=tokenizer)  # count_truncated needs only the tokenizer
+    assert OpenClipBackbone.count_truncated(backbone, texts) == (2, 77)  # type: ignore[arg-type]  # duck-typed self
