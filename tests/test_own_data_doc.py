@@ -15,7 +15,7 @@ What stands in for the user's world, and the only substitutions:
   which the page's suite needs on the held-out photos;
 - the model folder the page tells the user to save from the hub (``models/siglip-base``) is a tiny random
   SigLIP (tests/tiny_models.py);
-- sizes only: the config's ``epochs: 20`` and ``batch_size: 64`` run as 2 and 8 (14 training photos).
+- sizes only: the config's ``epochs: 30`` and ``batch_size: 64`` run as 2 and 8 (14 training photos).
 
 Exit codes: 0 for every command, except that ``cliptune test`` may exit 1: a failed gate is the command's
 answer (a random tiny model fails real thresholds), not an error. Afterwards the files the page promises
@@ -42,7 +42,7 @@ from tests.tiny_models import make_tiny_siglip
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "own-data.md"
 MODEL_PATH = "models/siglip-base"  # where the page tells the user to save the hub model
-SIZES = {"epochs: 20": "epochs: 2", "batch_size: 64": "batch_size: 8"}  # sizes only: 14 train rows
+SIZES = {"epochs: 30": "epochs: 2", "batch_size: 64": "batch_size: 8"}  # sizes only: 14 train rows
 _FENCE = re.compile(r"(?:<!-- doc-test: (?P<marker>[^>]*?) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```", re.S)
 
 

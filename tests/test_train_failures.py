@@ -107,6 +107,22 @@ def test_nan_loss_stops_naming_step_and_last_checkpoint(tmp_path: Path) -> None:
     assert isinstance(info.value, NonFiniteLossError)
     assert (info.value.step, info.value.epoch, info.value.batch, info.value.max_bad_steps) == (15, 2, 3, 0)
     assert info.value.last_checkpoint == tmp_path / "checkpoints" / "step-00000012"
+    # grad_clip is on (1.0, the default): the advice is the lr or the data, not to enable clipping
+    assert str(info.value).endswith(
+        "Likely cause: learning rate too high (train.lr=0.01); gradients are already clipped "
+        "(train.grad_clip=1), so lower train.lr, or check the data for extreme or broken values; or allow "
+        "skipping with train.max_bad_steps (now 0)"
+    )
+
+
+def test_nan_loss_without_clipping_advises_enabling_it(tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.01, early_stopping=None, grad_clip=None)
+    with pytest.raises(NonFiniteLossError) as info:
+        fit(_wrap_forward(make_bundle(), {2: "nan"}), cfg, tmp_path, Accelerator(cpu=True), quiet=True)
+    assert (
+        "with unclipped gradients (train.grad_clip: null): lower train.lr or enable train.grad_clip"
+        in str(info.value)
+    )
 
 
 def test_nan_steps_are_skipped_up_to_max_bad_steps(tmp_path: Path) -> None:

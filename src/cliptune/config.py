@@ -206,8 +206,11 @@ class LossConfig(_Section):
     )
     temperature: float | None = Field(
         None,
-        gt=0,
-        description="InfoNCE temperature (initial value when learned); null: the backbone's pretrained one "
+        ge=0.01,
+        le=1.0,
+        description="InfoNCE temperature (initial value when learned), in [0.01, 1]: below 0.01 the logit "
+        "scale passes 100, the ceiling CLIP (and a learned temperature here) clamps to; above 1 logits span "
+        "less than the cosine range and the loss cannot separate pairs. Null: the backbone's pretrained one "
         "(CLIP: 1 / exp(logit_scale)), else 0.07. Also the temperature of the InfoNCE that eval reports. "
         "The siamese task's info_nce scores its own head's embeddings: null means 0.07 there.",
     )
@@ -217,13 +220,23 @@ class LossConfig(_Section):
     siglip_scale: float | None = Field(
         None,
         gt=0,
-        description="Initial SigLIP multiplier (not its log); null: the backbone's pretrained "
-        "exp(logit_scale), else 10.",
+        le=1000.0,
+        description="Initial SigLIP multiplier (not its log), in (0, 1000]: ten times CLIP's logit-scale "
+        "ceiling of 100; null: the backbone's pretrained exp(logit_scale), else 10.",
     )
     siglip_bias: float | None = Field(
-        None, description="Initial SigLIP bias; null: the backbone's pretrained logit_bias, else -10."
+        None,
+        ge=-1000.0,
+        le=1000.0,
+        description="Initial SigLIP bias, in [-1000, 1000] (a bias beyond the largest scale fixes every "
+        "pair's sign whatever its cosine); null: the backbone's pretrained logit_bias, else -10.",
     )
-    margin: float = Field(0.2, ge=0, description="Margin of the triplet and contrastive losses.")
+    margin: float = Field(
+        0.2,
+        ge=0,
+        description="Margin of the triplet and contrastive losses; at most 2 with loss.distance 'cosine' "
+        "(cosine distances lie in [0, 2], so a larger margin can never be met).",
+    )
     distance: Literal["cosine", "euclidean"] = Field(
         "cosine",
         description="Distance of the triplet loss and of every Siamese loss (contrastive: d^2 and "
@@ -253,21 +266,68 @@ class LossConfig(_Section):
         return weights
 
 
-class PlateauConfig(_Section):
-    metric: str = Field("val/loss", description="Logged metric the plateau scheduler watches.")
-    mode: Literal["min", "max"] = Field("min", description="Whether the metric should go down or up.")
+PRIMARY_METRIC: dict[str, str] = {"retrieval": "val/t2i/mrr", "siamese": "val/triplet/accuracy"}
+"""What early stopping and the plateau schedule watch unless told otherwise: the task's headline validation
+metric (compare ranks runs by the same one). Chosen by measurement over ``val/loss``: see docs/training.md,
+"Why these defaults"."""
+
+HEAD_ONLY_LR, TOWER_LR = 1e-3, 1e-5
+"""Default ``train.lr`` when only heads train (measured, docs/training.md) and when tower weights train
+(LoRA or ``model.trainable_layers`` > 0; not measured here, see docs/training.md)."""
+
+
+def direction(metric: str) -> Literal["min", "max"]:
+    """Whether a logged metric should go down (any loss) or up (recall, mrr, accuracy, ...)."""
+    return "min" if "loss" in metric.split("/") else "max"
+
+
+def _fill_default(section: BaseModel, field: str, value: Any) -> None:
+    """Set a default that depends on other fields without marking it as set by the user.
+
+    A later rule (the task's primary metric) may still refine an unmarked default, never a user's value;
+    writing past ``validate_assignment`` keeps the section's own validators from running again.
+    """
+    section.__dict__[field] = value
+
+
+class _WatchedMetric(_Section):
+    """A metric watched over epochs; ``mode`` defaults to the metric's direction (losses down, others up)."""
+
+    metric: str
+    mode: Literal["min", "max"]
+
+    @model_validator(mode="after")
+    def _mode_follows_metric(self) -> _WatchedMetric:
+        if "mode" not in self.model_fields_set:
+            _fill_default(self, "mode", direction(self.metric))
+        return self
+
+
+class PlateauConfig(_WatchedMetric):
+    metric: str = Field(
+        "val/t2i/mrr",
+        description="Logged metric the plateau scheduler watches (default: the task's primary metric, "
+        "val/t2i/mrr for retrieval, val/triplet/accuracy for siamese).",
+    )
+    mode: Literal["min", "max"] = Field(
+        "max", description="Whether the metric should go down or up (default: down for a loss, else up)."
+    )
     factor: float = Field(0.5, gt=0, lt=1, description="LR multiplier on a plateau.")
-    patience: int = Field(1, ge=0, description="Epochs without improvement before the LR is cut.")
+    patience: int = Field(2, ge=0, description="Epochs without improvement before the LR is cut.")
     min_lr: float = Field(1e-6, ge=0, description="Lower bound of the learning rate.")
     cooldown: int = Field(0, ge=0, description="Epochs to wait after a cut before watching again.")
 
 
-class EarlyStoppingConfig(_Section):
+class EarlyStoppingConfig(_WatchedMetric):
     metric: str = Field(
-        "val/loss", description="Logged metric that decides early stopping and the best model."
+        "val/t2i/mrr",
+        description="Logged metric that decides early stopping and the best model (default: the task's "
+        "primary metric, val/t2i/mrr for retrieval, val/triplet/accuracy for siamese).",
     )
-    mode: Literal["min", "max"] = Field("min", description="Whether the metric should go down or up.")
-    patience: int = Field(3, ge=0, description="Epochs without improvement before stopping.")
+    mode: Literal["min", "max"] = Field(
+        "max", description="Whether the metric should go down or up (default: down for a loss, else up)."
+    )
+    patience: int = Field(5, ge=0, description="Epochs without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
 
 
@@ -276,11 +336,23 @@ class TrainConfig(_Section):
         "retrieval",
         description="'retrieval': dual encoder on image-text pairs; 'siamese': fusion head on triplets.",
     )
-    epochs: int = Field(20, gt=0, description="Maximum number of epochs.")
-    batch_size: int = Field(32, gt=0, description="Per-process batch size.")
-    lr: float = Field(3e-4, gt=0, description="Peak learning rate of AdamW.")
+    epochs: int = Field(30, gt=0, description="Maximum number of epochs.")
+    batch_size: int = Field(64, gt=0, description="Per-process batch size.")
+    lr: float = Field(
+        HEAD_ONLY_LR,
+        gt=0,
+        le=1.0,
+        description="Peak learning rate of AdamW (default 1e-3 when only heads train, 1e-5 when tower "
+        "weights train), in (0, 1]: AdamW moves each weight by about lr per step, "
+        "so at 1 every step already moves weights by their whole initial scale (fine-tuning uses 1e-6 to "
+        "1e-3).",
+    )
     weight_decay: float = Field(
-        0.01, ge=0, description="AdamW weight decay (never on biases, norms, temperatures)."
+        0.01,
+        ge=0,
+        le=1.0,
+        description="AdamW weight decay (never on biases, norms, temperatures), in [0, 1]: each step "
+        "multiplies weights by 1 - lr * weight_decay, which must stay >= 0.",
     )
     scheduler: Literal["plateau", "cosine"] = Field("plateau", description="LR schedule.")
     plateau: PlateauConfig = Field(default_factory=PlateauConfig, description="ReduceLROnPlateau settings.")
@@ -398,6 +470,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _fields_fit_together(self) -> Config:
+        _task_defaults(self)
         problems = cross_field_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
@@ -415,6 +488,22 @@ negative) triplets (``cliptune.losses.SIAMESE_LOSSES``, kept equal by a test), w
 NAMED_BACKBONES_WITH_IMAGE_SIZE = ("embedded", "composed")
 """Backbone specs built here with an EfficientNet tower, the only ones ``model.image_size`` applies to;
 mirrors ``cliptune.models.factory.NAMED_SPECS`` (kept import-free so loading a config stays cheap)."""
+
+
+def _task_defaults(config: Config) -> None:
+    """Fill the defaults that depend on other sections; a value the user set is never touched.
+
+    The watched metric is the task's primary one (a siamese run has no ``val/t2i/mrr``), and pretrained
+    tower weights get a learning rate a hundred times smaller than fresh heads.
+    """
+    train, model = config.train, config.model
+    for section in (train.early_stopping, train.plateau):
+        if section is not None and "metric" not in section.model_fields_set:
+            _fill_default(section, "metric", PRIMARY_METRIC[train.task])
+            if "mode" not in section.model_fields_set:
+                _fill_default(section, "mode", direction(section.metric))
+    if "lr" not in train.model_fields_set and (model.trainable_layers > 0 or model.lora is not None):
+        _fill_default(train, "lr", TOWER_LR)
 
 
 def cross_field_problems(config: Config) -> list[str]:
@@ -462,6 +551,11 @@ def cross_field_problems(config: Config) -> list[str]:
             "train.task='siamese' trains a head on frozen towers: it needs model.trainable_layers=0 and "
             f"model.lora=null, got model.trainable_layers={model.trainable_layers} and "
             f"model.lora={'set' if model.lora is not None else 'null'}"
+        )
+    if config.loss.distance == "cosine" and config.loss.margin > 2:
+        problems.append(
+            f"loss.margin={config.loss.margin:g} can never be met with loss.distance='cosine' (cosine "
+            "distances lie in [0, 2]): set loss.margin to at most 2"
         )
     problems.extend(_no_validation_problems(config))
     if model.image_size is not None and model.backbone not in NAMED_BACKBONES_WITH_IMAGE_SIZE:
@@ -546,6 +640,9 @@ def _format_errors(
             msg = f"unknown key; allowed keys: {', '.join(_allowed_keys(loc))}"
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
             msg = f"{msg} (got {err['input']!r})"
+        allowed = _allowed_range(loc) if err["type"] in _BOUND_ERRORS else None
+        if allowed:  # name the whole allowed range, not only the side that failed
+            msg = f"{msg}; allowed: {allowed}"
         item = _override_of(tuple(str(p) for p in loc), overrides or {})
         if item is not None:
             msg = f"{msg}, set by override {item!r}"
@@ -560,6 +657,25 @@ def _override_of(loc: tuple[str, ...], overrides: Mapping[tuple[str, ...], str])
         if loc[: len(path)] == path:
             return item
     return None
+
+
+_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _allowed_range(loc: tuple[int | str, ...]) -> str | None:
+    """The range of the bounded field at ``loc`` as an interval, e.g. ``(0, 1]``; None if not a field."""
+    model: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        model = _section_type(field.annotation) if field else None
+    field = model.model_fields.get(str(loc[-1])) if model else None
+    metadata = field.metadata if field else []
+    bounds = {k: getattr(m, k) for m in metadata for k in ("gt", "ge", "lt", "le") if hasattr(m, k)}
+    if not bounds:
+        return None
+    low = f"({bounds['gt']:g}" if "gt" in bounds else f"[{bounds['ge']:g}" if "ge" in bounds else "(-inf"
+    high = f"{bounds['lt']:g})" if "lt" in bounds else f"{bounds['le']:g}]" if "le" in bounds else "inf)"
+    return f"{low}, {high}"
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -10,7 +10,8 @@ A backbone is two towers, each split into a *feature* part and a *head*:
     text  -> tokenize   -> text_features  (B, Ft) -> text_head  -> (B, D)
 
 The split is what makes feature caching possible: with ``trainable_layers == 0`` and no LoRA only
-the heads train, so the features can be computed once and cached under ``identity()``. Outputs of
+the heads train, so the features can be computed once and cached under ``features_identity()``.
+``model_identity()`` adds the heads: it names the embedding space an index lives in. Outputs of
 ``encode_*`` are *not* normalised; losses and retrieval normalise. The learned similarity
 parameters of the source model (CLIP ``logit_scale``, SigLIP ``logit_scale``/``logit_bias``) are
 not part of the contract (losses own their temperature); they are exposed as read-only numbers in
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -272,13 +273,14 @@ class Backbone(nn.Module):
         """True when nothing before the heads trains, so cached features stay valid."""
         return not any(p.requires_grad for _, p in self._feature_parameters())
 
-    def identity(self) -> str:
+    def features_identity(self) -> str:
         """A stable hash of everything that determines ``*_features``: the feature-cache key prefix.
 
         It covers the architecture, preprocessing and tokenizer settings and every tensor of the
         feature part (parameters and buffers, heads excluded), so retraining a head keeps the key
         and touching a frozen weight changes it. It does not depend on where the model was loaded
-        from: a saved and reloaded backbone has the same identity.
+        from: a saved and reloaded backbone has the same identity. Two runs that trained only their
+        heads share it (and their cached features); :meth:`model_identity` tells them apart.
 
         Returns:
             A 16-hex-digit SHA-256 prefix.
@@ -286,15 +288,42 @@ class Backbone(nn.Module):
         digest = hashlib.sha256()
         digest.update(json.dumps(self._fingerprint(), sort_keys=True, default=str).encode())
         head_prefixes = self._prefixes(self.heads())
+        _hash_tensors(digest, self._tensors(), lambda name: not name.startswith(head_prefixes))
+        return digest.hexdigest()[:16]
+
+    def identity(self) -> str:
+        """The feature-cache key: the same as :meth:`features_identity` (the name existing callers use)."""
+        return self.features_identity()
+
+    def model_identity(self) -> str:
+        """A stable hash of everything that determines ``encode_*``: which space the embeddings live in.
+
+        It is :meth:`features_identity` (frozen and unfrozen tower weights, LoRA adapters, their
+        buffers, preprocessing) combined with every tensor of the heads (parameters and buffers),
+        so two runs that differ only in their trained projections get different identities. An index
+        records it and refuses queries and rebuilds by a model with another one (``docs/search.md``).
+
+        Returns:
+            A 16-hex-digit SHA-256 prefix, different from :meth:`features_identity`.
+
+        Example:
+            >>> backbone = load_backbone("embedded")  # doctest: +SKIP
+            >>> backbone.model_identity() != backbone.features_identity()  # doctest: +SKIP
+            True
+        """
+        return self._model_identity(self.features_identity())
+
+    def _model_identity(self, features_identity: str) -> str:
+        digest = hashlib.sha256(f"cliptune-model-v1\0{features_identity}".encode())
+        head_prefixes = self._prefixes(self.heads())
+        _hash_tensors(digest, self._tensors(), lambda name: name.startswith(head_prefixes))
+        return digest.hexdigest()[:16]
+
+    def _tensors(self) -> dict[str, Tensor]:
+        """Every parameter and buffer that can change an output, by name (``_unused_parameters`` left out)."""
         skip = {id(p) for p in self._unused_parameters()}
         named = {**dict(self.named_parameters()), **dict(self.named_buffers())}
-        for name in sorted(named):
-            tensor = named[name]
-            if id(tensor) in skip or name.startswith(head_prefixes):
-                continue
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()[:16]
+        return {name: t for name, t in named.items() if id(t) not in skip}
 
     def train(self, mode: bool = True) -> Backbone:
         """Set train mode, but keep every fully frozen sub-module in eval mode.
@@ -320,6 +349,15 @@ class Backbone(nn.Module):
         return tuple(f"{name}." for name, m in self.named_modules() if id(m) in wanted)
 
 
+def _hash_tensors(digest: Any, named: dict[str, Tensor], keep: Callable[[str], bool]) -> None:
+    """Feed the kept tensors to ``digest`` in name order: name, dtype, shape, then their raw bytes."""
+    for name in sorted(named):
+        if keep(name):
+            tensor = named[name]
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def _freeze_mode(module: nn.Module) -> None:
     """Put children whose parameters are all frozen into eval mode, recursing into the rest."""
     for child in module.children():
@@ -332,12 +370,17 @@ def _freeze_mode(module: nn.Module) -> None:
 
 def write_config(directory: Path, backbone: Backbone, extra: dict[str, Any]) -> None:
     """Write ``cliptune_backbone.json`` for ``backbone`` (shared by every ``save``)."""
+    features = backbone.features_identity()  # the tower's hash, once for both identities
     config = {
         "format_version": FORMAT_VERSION,
         "kind": backbone.kind,
         "embed_dim": backbone.embed_dim,
         "trainable_layers": backbone.trainable_layers,
         "lora": None if backbone.lora is None else backbone.lora.to_dict(),
+        # hashed once here, at save time, from the weights being saved: provenance a reader can check
+        # without torch, and what `load_model` must reproduce bit for bit (tests/test_model_identity.py)
+        "features_identity": features,
+        "model_identity": backbone._model_identity(features),
         **extra,
     }
     write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -261,7 +261,9 @@ class LoadedModel:
         backbone: The dual encoder (towers + heads).
         head: The Siamese fusion head for siamese runs, else None.
         source: The folder it was loaded from.
-        name: A short identity used to refuse mixing models in one index (``backbone identity`` + head).
+        name: The model identity an index records to refuse mixing embedding spaces:
+            ``backbone.model_identity()`` (tower and heads), plus the Siamese head's hash for siamese runs.
+            Not the feature-cache key (``backbone.features_identity()``, heads excluded).
     """
 
     backbone: Backbone
@@ -311,12 +313,14 @@ def load_model(path: Path | str) -> LoadedModel:
             raise BackboneError(
                 f"{path}: not a run directory, model folder or backbone spec ({exc})"
             ) from None
-    name = backbone.identity() + (f"+head:{_head_hash(head)}" if head is not None else "")
+    # recomputed from the loaded tensors, never read from the folder's metadata: a name must describe the
+    # weights that will embed (the head tensors are small; the tower hash is the one the feature cache needs)
+    name = backbone.model_identity() + (f"+head:{_head_hash(head)}" if head is not None else "")
     return LoadedModel(backbone=backbone.eval(), head=head, source=folder, name=name)
 
 
 def _head_hash(module: nn.Module) -> str:
-    """Hash of a head's weights: two heads on one backbone must not share an index."""
+    """Hash of a head's weights and buffers: two heads on one backbone must not share an index."""
     digest = hashlib.sha256()
     for key, value in sorted(module.state_dict().items()):
         digest.update(key.encode())

@@ -45,6 +45,7 @@ __all__ = [
     "read_manifest",
     "IndexBadRowsError",
     "IndexExistsError",
+    "ModelMismatchError",
     "SearchIndex",
     "SearchIndexError",
     "build_index",
@@ -80,6 +81,40 @@ class IndexExistsError(SearchIndexError):
 
     def __reduce__(self) -> tuple[type[IndexExistsError], tuple[Path, str]]:
         return type(self), (self.out, self.reason)  # picklable despite the custom __init__
+
+
+class ModelMismatchError(SearchIndexError):
+    """A query model whose model identity is not the index's: its embeddings live in another space.
+
+    Scores between them would be numbers without meaning (even for two heads-only runs on one tower), so
+    nothing is searched. The message names both identities and where each model came from.
+
+    Attributes:
+        index: The index folder.
+        index_model: Model identity recorded by the index (``LoadedModel.name`` of its builder).
+        index_source: The folder or spec that model was loaded from.
+        query_model: Model identity of the model offered for the query.
+        query_source: The folder or spec it was loaded from.
+    """
+
+    def __init__(
+        self, index: Path, index_model: str, index_source: str, query_model: str, query_source: str
+    ) -> None:
+        super().__init__(
+            f"index {index} was built with model {index_model} (from {index_source}); the query model is "
+            f"{query_model} (from {query_source}): query with the index's model or rebuild the index"
+        )
+        self.index, self.index_model, self.index_source = index, index_model, index_source
+        self.query_model, self.query_source = query_model, query_source
+
+    def __reduce__(self) -> tuple[type[ModelMismatchError], tuple[Path, str, str, str, str]]:
+        return type(self), (
+            self.index,
+            self.index_model,
+            self.index_source,
+            self.query_model,
+            self.query_source,
+        )
 
 
 class IndexBadRowsError(SearchIndexError):

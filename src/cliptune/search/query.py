@@ -29,7 +29,7 @@ import torch
 from cliptune.models.embed import embed_images_with, embed_texts_with
 from cliptune.models.factory import LoadedModel
 from cliptune.ranking.topk import TIE_PAD, refine_candidates, topk_of_scores
-from cliptune.search.index import SearchIndex, SearchIndexError
+from cliptune.search.index import ModelMismatchError, SearchIndex, SearchIndexError
 
 __all__ = ["Hit", "search", "search_embeddings", "select"]
 
@@ -72,7 +72,8 @@ def search(
 
     Args:
         index: From :func:`cliptune.search.load_index`.
-        model: The model that built the index (same ``LoadedModel.name``); another one is refused.
+        model: The model that built the index (same model identity, ``LoadedModel.name``); another one
+            is refused.
         text: A text query. Exactly one of ``text`` and ``image``.
         image: An image file as the query.
         k: Results wanted (fewer when fewer items match the filters).
@@ -86,7 +87,8 @@ def search(
         Hits, best first.
 
     Raises:
-        SearchIndexError: model mismatch, not exactly one query, ``k < 1``, or an unknown attribute (the
+        ModelMismatchError: ``model`` is not the model that built the index (a :class:`SearchIndexError`).
+        SearchIndexError: not exactly one query, ``k < 1``, or an unknown attribute (the
             message lists the index's attributes).
 
     Example:
@@ -94,10 +96,7 @@ def search(
         ['images/000007.png', 'images/000031.png']
     """
     if model.name != index.model:
-        raise SearchIndexError(
-            f"index {index.path} was built with model {index.model} (from {index.model_source}); the query "
-            f"model is {model.name} (from {model.source}): query with the index's model or rebuild the index"
-        )
+        raise ModelMismatchError(index.path, index.model, index.model_source, model.name, str(model.source))
     if (text is None) == (image is None):
         raise SearchIndexError("give exactly one query: a text or an image")
     if text is not None and not text.strip():

@@ -25,6 +25,8 @@ __all__ = [
     "EmptyEpochError",
     "UnknownMetricError",
     "NonFiniteLossError",
+    "DivergenceError",
+    "likely_cause",
     "TrainingOutOfMemoryError",
     "TrainingInterrupted",
 ]
@@ -127,6 +129,27 @@ class UnknownMetricError(TrainingError):
         super().__init__(f"metric '{metric}' is not logged; logged: {', '.join(logged)}")
 
 
+def likely_cause(lr: float, grad_clip: float | None, precision: str = "auto") -> str:
+    """The usual cause of a diverging run and what to change, given the settings it ran with.
+
+    With clipping already on, "enable train.grad_clip" would be no advice: the step size (or the data)
+    is what is left. fp16 overflows above 65504, which bf16 and fp32 do not.
+    """
+    if grad_clip is None:
+        advice = (
+            f"likely cause: learning rate too high (train.lr={lr:g}) with unclipped gradients "
+            "(train.grad_clip: null): lower train.lr or enable train.grad_clip"
+        )
+    else:
+        advice = (
+            f"likely cause: learning rate too high (train.lr={lr:g}); gradients are already clipped "
+            f"(train.grad_clip={grad_clip:g}), so lower train.lr, or check the data for extreme or broken values"
+        )
+    if precision == "fp16":
+        advice += "; train.precision=fp16 overflows above 65504: bf16 or fp32 does not"
+    return advice
+
+
 class NonFiniteLossError(TrainingError):
     """More non-finite losses than ``train.max_bad_steps`` allows.
 
@@ -135,17 +158,54 @@ class NonFiniteLossError(TrainingError):
         step: The 1-based step it happened at (``epoch`` and ``batch`` in it, also 1-based).
         last_checkpoint: The newest checkpoint (all its steps had finite losses), or None.
         max_bad_steps: The allowance.
+        cause: The likely cause and what to change (:func:`likely_cause` of the run's settings).
     """
 
     def __init__(
-        self, loss: float, step: int, epoch: int, batch: int, last_checkpoint: Path | None, max_bad_steps: int
+        self,
+        loss: float,
+        step: int,
+        epoch: int,
+        batch: int,
+        last_checkpoint: Path | None,
+        max_bad_steps: int,
+        cause: str,
     ) -> None:
         self.loss, self.step, self.epoch, self.batch = loss, step, epoch, batch
-        self.last_checkpoint, self.max_bad_steps = last_checkpoint, max_bad_steps
+        self.last_checkpoint, self.max_bad_steps, self.cause = last_checkpoint, max_bad_steps, cause
         super().__init__(
-            f"non-finite loss ({loss}) at step {step} (epoch {epoch}, batch {batch}); last good checkpoint: {last_checkpoint or 'none'}. "
-            "Lower train.lr, enable train.grad_clip, or allow skipping with train.max_bad_steps "
-            f"(now {max_bad_steps})"
+            f"non-finite loss ({loss}) at step {step} (epoch {epoch}, batch {batch}); last good checkpoint: "
+            f"{last_checkpoint or 'none'}. {cause[0].upper()}{cause[1:]}; or allow skipping with "
+            f"train.max_bad_steps (now {max_bad_steps})"
+        )
+
+
+class DivergenceError(TrainingError):
+    """Validation found the model diverged: embeddings collapsed or exploded, or weights out of range.
+
+    Raised before the epoch is logged, scored or saved, so it never becomes the best model.
+
+    Attributes:
+        epoch: The epoch validated (0: the untrained model).
+        step: Completed steps.
+        problems: What the health check found, one sentence each (counts, values, thresholds).
+        best_epoch: The epoch ``model/`` holds, the last healthy best (None: nothing was saved).
+        cause: The likely cause and what to change.
+    """
+
+    def __init__(
+        self, epoch: int, step: int, problems: list[str], best_epoch: int | None, cause: str
+    ) -> None:
+        self.epoch, self.step, self.problems = epoch, step, problems
+        self.best_epoch, self.cause = best_epoch, cause
+        kept = (
+            "no model was saved"
+            if best_epoch is None
+            else f"model/ keeps epoch {best_epoch}, the last healthy best"
+        )
+        where = "the untrained model (epoch 0)" if epoch == 0 else f"epoch {epoch} (step {step})"
+        super().__init__(
+            f"training diverged at {where}: {'; '.join(problems)}. {kept}. {cause[0].upper()}{cause[1:]}"
         )
 
 

@@ -7,10 +7,14 @@
 * A non-finite loss is skipped with a warning up to ``train.max_bad_steps`` and then becomes a
   :class:`~cliptune.train.errors.NonFiniteLossError` naming the step and the last good checkpoint
   (:func:`count_bad_step`).
+* A diverged model (collapsed or exploded validation embeddings, non-finite validation values, trainable
+  weights beyond :data:`MAX_WEIGHT`) stops the run with a :class:`~cliptune.train.errors.DivergenceError`
+  before the epoch is logged or saved, so it never becomes the best model (:func:`checked_validation`).
 """
 
 from __future__ import annotations
 
+import math
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,14 +22,29 @@ from pathlib import Path
 from types import FrameType
 
 import torch
+from torch import nn
 
 from cliptune.config import TrainConfig
+from cliptune.evaluation.validation import DegenerateEmbeddingsError
 from cliptune.rundir import RunDir
 from cliptune.train.checkpoint import latest_checkpoint
-from cliptune.train.errors import NonFiniteLossError, TrainingOutOfMemoryError
+from cliptune.train.errors import DivergenceError, NonFiniteLossError, TrainingOutOfMemoryError, likely_cause
 from cliptune.train.state import LoopState
+from cliptune.train.tasks.bundle import TaskBundle
 
-__all__ = ["stop_on_signals", "out_of_memory_hint", "count_bad_step"]
+__all__ = [
+    "MAX_WEIGHT",
+    "checked_validation",
+    "count_bad_step",
+    "out_of_memory_hint",
+    "stop_on_signals",
+    "weight_problems",
+]
+
+MAX_WEIGHT = float(torch.finfo(torch.float16).max)
+"""Largest magnitude a trainable weight may reach: 65504, the largest float16. A weight beyond it is inf
+in a half-precision copy (how models are commonly served), and it is over 10^4 times the scale layers are
+initialised at (PyTorch's defaults draw within 1/sqrt(fan_in) <= 1); only a run that diverged gets there."""
 
 _Handler = Callable[[int, FrameType | None], object] | int | None
 
@@ -82,13 +101,13 @@ def out_of_memory_hint(cfg: TrainConfig, state: LoopState) -> Iterator[None]:
         ) from exc
 
 
-def count_bad_step(state: LoopState, loss: float, max_bad_steps: int, run_dir: Path) -> str:
+def count_bad_step(state: LoopState, loss: float, cfg: TrainConfig, run_dir: Path) -> str:
     """Count a non-finite loss at the coming step; return the warning to show, or raise past the allowance.
 
     Args:
         state: The loop state (its ``bad_steps`` grows; its position is named).
         loss: The non-finite loss.
-        max_bad_steps: ``train.max_bad_steps``.
+        cfg: The ``train`` section (``max_bad_steps``; lr, clipping and precision for the likely cause).
         run_dir: The run directory (its newest checkpoint is named).
 
     Returns:
@@ -99,8 +118,64 @@ def count_bad_step(state: LoopState, loss: float, max_bad_steps: int, run_dir: P
     """
     state.bad_steps += 1
     step, epoch, batch = state.step + 1, state.epoch + 1, state.batch + 1
-    if state.bad_steps > max_bad_steps:
+    if state.bad_steps > cfg.max_bad_steps:
         last = latest_checkpoint(RunDir(run_dir).checkpoints)
-        raise NonFiniteLossError(loss, step, epoch, batch, last, max_bad_steps)
+        cause = likely_cause(cfg.lr, cfg.grad_clip, cfg.precision)
+        raise NonFiniteLossError(loss, step, epoch, batch, last, cfg.max_bad_steps, cause)
     where = f"step {step} (epoch {epoch}, batch {batch})"
-    return f"non-finite loss ({loss}) at {where}: step skipped ({state.bad_steps}/{max_bad_steps} allowed)"
+    return (
+        f"non-finite loss ({loss}) at {where}: step skipped ({state.bad_steps}/{cfg.max_bad_steps} allowed)"
+    )
+
+
+def checked_validation(
+    bundle: TaskBundle, model: nn.Module, cfg: TrainConfig, state: LoopState, epoch: int
+) -> dict[str, float]:
+    """Validate ``model`` and check it is healthy; the validation values, or a divergence error.
+
+    One health check for every task and setting: the task's validation refuses unrankable embeddings
+    (:func:`~cliptune.evaluation.validation.embedding_problems`), every validation value must be finite,
+    and every trainable weight finite and within :data:`MAX_WEIGHT`. It runs before the epoch is logged,
+    scored or saved, so a diverged epoch never becomes the best model.
+
+    Args:
+        bundle: The task (its ``validate``).
+        model: The model being trained (as the loop holds it).
+        cfg: The ``train`` section (lr, clipping and precision name the likely cause).
+        state: The loop state (the step and the best epoch are named).
+        epoch: The epoch validated; 0 is the untrained model.
+
+    Returns:
+        The validation values.
+
+    Raises:
+        DivergenceError: Naming the epoch, the step, what was found and the likely cause.
+    """
+    try:
+        values = bundle.validate(model)
+        problems = [f"validation {k} is {v}" for k, v in values.items() if not math.isfinite(v)]
+    except DegenerateEmbeddingsError as exc:
+        problems = [f"validation {p}" for p in exc.problems]
+    problems += weight_problems(model)
+    if problems:
+        untrained = (
+            "no training step ran, so the model or the validation data is broken, not the training settings"
+        )
+        cause = likely_cause(cfg.lr, cfg.grad_clip, cfg.precision) if epoch > 0 else untrained
+        raise DivergenceError(epoch, state.step, problems, state.best_epoch if epoch > 0 else None, cause)
+    return values
+
+
+def weight_problems(model: nn.Module) -> list[str]:
+    """The trainable weight of largest magnitude, as a sentence, when it is non-finite or beyond :data:`MAX_WEIGHT`."""
+    worst, worst_name = 0.0, ""
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.numel():
+            biggest = float(param.detach().abs().max())
+            if not biggest <= worst:  # NaN is never <=: it wins, and stays
+                worst, worst_name = biggest, name
+                if math.isnan(biggest):
+                    break
+    if worst <= MAX_WEIGHT:
+        return []
+    return [f"trainable weight {worst_name} reaches {worst:.3g} (bound {MAX_WEIGHT:g}, the largest float16)"]

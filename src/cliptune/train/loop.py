@@ -22,7 +22,7 @@ from cliptune.train import checkpoint
 from cliptune.train.batches import batches_per_epoch, epoch_batches, step_values, to_device
 from cliptune.train.early_stopping import EarlyStopping, metric_value, untrained_best_message
 from cliptune.train.errors import EmptyEpochError, TrainingInterrupted
-from cliptune.train.failures import count_bad_step, out_of_memory_hint, stop_on_signals
+from cliptune.train.failures import checked_validation, count_bad_step, out_of_memory_hint, stop_on_signals
 from cliptune.train.optim import current_lr, make_optimizer, make_scheduler
 from cliptune.train.progress import EpochProgress
 from cliptune.train.state import LoopState, MetricsLog
@@ -74,7 +74,8 @@ def fit(
 
     Raises:
         TrainingError: Too little data, an unlogged metric, nothing (or a mismatched run) to resume, a
-            non-finite loss beyond ``train.max_bad_steps``, out of memory (subclasses say which).
+            non-finite loss beyond ``train.max_bad_steps``, a diverged model (collapsed or exploded
+            embeddings or weights, before it is saved), out of memory (subclasses say which).
         TrainingInterrupted: Ctrl-C / SIGTERM, raised after a checkpoint of the current step is written.
     """
     state = LoopState()  # created here so the out-of-memory error can name the step
@@ -140,7 +141,9 @@ def _baseline(run: _Run) -> None:
     """Validate the untrained model as epoch 0; it is the best model (``model/``) until an epoch beats it."""
     state, stopper = run.parts.state, run.parts.stopper
     lr = current_lr(run.parts.optimizer)
-    record = {"kind": "epoch", "epoch": 0, "step": 0, "lr": lr, **run.bundle.validate(run.parts.model)}
+    # an untrained model that fails the health check stops here, before anything is saved
+    val = checked_validation(run.bundle, run.parts.model, run.cfg, state, epoch=0)
+    record = {"kind": "epoch", "epoch": 0, "step": 0, "lr": lr, **val}
     if stopper is not None and stopper.metric.startswith("train/"):  # nothing trained yet: nothing to judge
         stopper.skip()
     elif stopper is not None:  # patience counts from this baseline: trained epochs must beat it
@@ -163,7 +166,7 @@ def _train_step(run: _Run, epoch: int, batch: dict[str, Any]) -> None:
             accelerator.backward(outputs["loss"])
             _clip_and_step(run)
         else:  # a non-finite loss: skipped (no backward, no step) or, past the allowance, an error
-            run.progress.warn(count_bad_step(state, values["loss"], cfg.max_bad_steps, run.run_dir))
+            run.progress.warn(count_bad_step(state, values["loss"], cfg, run.run_dir))
         # zero
         optimizer.zero_grad(set_to_none=True)
 
@@ -191,8 +194,8 @@ def _clip_and_step(run: _Run) -> None:
 def _validate(run: _Run, epoch: int) -> tuple[dict[str, Any], bool]:
     """Validate, step a plateau schedule, update early stopping, log; the record, and if it is the best."""
     cfg, state, optimizer, stopper = run.cfg, run.parts.state, run.parts.optimizer, run.parts.stopper
-    with state.timed("val"):
-        val = run.bundle.validate(run.parts.model)
+    with state.timed("val"):  # a diverged model stops here: never logged, scored or saved as the best
+        val = checked_validation(run.bundle, run.parts.model, cfg, state, epoch=epoch + 1)
     lr = current_lr(optimizer)  # the lr the epoch trained with, before the plateau schedule moves it
     record = {"kind": "epoch", "epoch": epoch + 1, "step": state.step, "lr": lr, **state.train_means(), **val}
     if cfg.scheduler == "plateau":
