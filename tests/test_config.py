@@ -172,7 +172,8 @@ def test_absurd_optimisation_and_loss_settings_fail_naming_field_and_range(overr
     siglip = ["loss.name=siglip"] if "siglip" in override else []
     with pytest.raises(ConfigError) as info:
         load_config(None, [*siglip, override])
-    assert info.value.errors == [error]
+    assert info.value.errors == [f"{error}, set by override {override!r}"]  # blamed on the override
+    assert info.value.overrides == [override]
 
 
 def test_bounds_admit_the_documented_edges_and_defaults() -> None:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from cliptune.data.images import ImageLoadError
 from cliptune.models import embed as embed_mod
 from cliptune.models.cache import CacheStats, FeatureCache, feature_key
 from cliptune.models.embed import embed_images, embed_texts, resolve_precision
@@ -261,11 +262,12 @@ def test_feature_key_golden() -> None:
 
 
 def test_missing_and_unreadable_images_are_named(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.png"):
+    # the typed error of the image loader, naming the file: the CLI prints it as one sentence
+    with pytest.raises(ImageLoadError, match="nope.png: file not found"):
         run_images([tmp_path / "nope.png"], None, CountingTower())
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"<html>not an image</html>")
-    with pytest.raises(ValueError, match="bad.png"):
+    with pytest.raises(ImageLoadError, match="bad.png: cannot load image"):  # a plain PIL loader here
         run_images([bad], None, CountingTower())
 
 

@@ -20,7 +20,15 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from cliptune.errors import CliptuneError
 from cliptune.rundir import write_text_atomic
@@ -32,6 +40,27 @@ class _Section(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are re-validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1: `train.epochs=true` would train one epoch
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _bool_for_number(field.annotation, value):
+            raise ValueError("a number is needed, not a boolean")
+        return value
+
+
+def _bool_for_number(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` holds a bool where ``annotation`` wants an int or float (and no bool)."""
+    if isinstance(value, bool):
+        options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+        return bool({int, float} & set(options)) and bool not in options and Any not in options
+    if isinstance(value, Mapping) and get_origin(annotation) is dict:
+        return any(_bool_for_number(get_args(annotation)[1], v) for v in value.values())
+    if isinstance(value, list) and get_origin(annotation) is list:
+        return any(_bool_for_number(get_args(annotation)[0], v) for v in value)
+    return False
 
 
 class SplitConfig(_Section):
@@ -563,10 +592,15 @@ def _no_validation_problems(config: Config) -> list[str]:
 
 
 class ConfigError(CliptuneError, ValueError):
-    """An invalid configuration: ``errors`` holds one ``"field.path: reason"`` line per problem."""
+    """An invalid configuration: ``errors`` holds one ``"field.path: reason"`` line per problem.
 
-    def __init__(self, errors: list[str], source: str | None = None) -> None:
+    ``source`` is the YAML file when a problem is in it; ``overrides`` are the override items
+    (``"train.epochs=true"``) that set a bad value, so the message blames them and not the file.
+    """
+
+    def __init__(self, errors: list[str], source: str | None = None, overrides: Iterable[str] = ()) -> None:
         self.errors = errors
+        self.overrides = list(overrides)
         head = f"invalid config{f' in {source}' if source else ''}:"
         super().__init__("\n".join([head, *(f"  {e}" for e in errors)]))
 
@@ -596,8 +630,11 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _format_errors(exc: ValidationError) -> list[str]:
-    lines = []
+def _format_errors(
+    exc: ValidationError, overrides: Mapping[tuple[str, ...], str] | None = None
+) -> tuple[list[str], list[str]]:
+    """One line per problem, and the override items that set a bad value (named in their lines)."""
+    lines, blamed = [], []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if p not in ("function-after[_list_shorthand(), TrackConfig]",))
         msg = err["msg"].removeprefix("Value error, ")
@@ -612,8 +649,20 @@ def _format_errors(exc: ValidationError) -> list[str]:
         allowed = _allowed_range(loc) if err["type"] in _BOUND_ERRORS else None
         if allowed:  # name the whole allowed range, not only the side that failed
             msg = f"{msg}; allowed: {allowed}"
+        item = _override_of(tuple(str(p) for p in loc), overrides or {})
+        if item is not None:
+            msg = f"{msg}, set by override {item!r}"
+            blamed.append(item)
         lines.append(f"{path}: {msg}")
-    return lines
+    return lines, list(dict.fromkeys(blamed))
+
+
+def _override_of(loc: tuple[str, ...], overrides: Mapping[tuple[str, ...], str]) -> str | None:
+    """The last override that set ``loc`` or a section holding it (later overrides win, as applied)."""
+    for path, item in reversed(list(overrides.items())):
+        if loc[: len(path)] == path:
+            return item
+    return None
 
 
 _BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
@@ -638,11 +687,14 @@ def _allowed_range(loc: tuple[int | str, ...]) -> str | None:
 def _parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError([f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4"])
+        raise ConfigError([f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4"], overrides=[item])
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"override {item!r}: value is not valid YAML ({exc})"]) from exc
+        problem = " ".join(str(exc).split())
+        raise ConfigError(
+            [f"override {item!r}: value is not valid YAML ({problem})"], overrides=[item]
+        ) from exc
     return key.strip().split("."), value
 
 
@@ -702,11 +754,16 @@ def load_config(path: Path | str | None, overrides: Iterable[str] = ()) -> Confi
             raise ConfigError([f"not valid YAML: {exc}"], source) from exc
         if not isinstance(raw, dict):
             raise ConfigError([f"top level must be a mapping of sections, got {type(raw).__name__}"], source)
+    overrides = list(overrides)
     raw = apply_overrides(raw, overrides)
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc), source) from None
+        by_path = {tuple(_parse_override(item)[0]): item for item in overrides}
+        lines, blamed = _format_errors(exc, by_path)
+        # the file is named only when a problem may be in it, not when every bad value came from overrides
+        in_file = any(", set by override " not in line for line in lines)
+        raise ConfigError(lines, source if in_file else None, blamed) from None
 
 
 def dump_config(config: Config) -> str:

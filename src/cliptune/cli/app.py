@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
@@ -33,6 +34,7 @@ from cliptune.cli import (
     test,
     train,
 )
+from cliptune.cli.errors import err_console, set_debug, user_errors
 
 __all__ = ["app", "main"]
 
@@ -62,8 +64,12 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the Python traceback of an error (for a bug report).")
+    ] = False,
 ) -> None:
     """Fine-tune, evaluate, gate and compare CLIP-family image-text models."""
+    set_debug(debug)
 
 
 @contextlib.contextmanager
@@ -121,18 +127,69 @@ def _quiet_aware(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _wrap_quiet(group: typer.Typer) -> None:
+_TRUNCATED = "cliptune.models.embed.TextsTruncatedWarning"
+
+
+@contextlib.contextmanager
+def truncation_notice() -> Iterator[None]:
+    """Sum the library's "texts cut to the tokenizer's limit" warnings of one command into one notice.
+
+    Captions and queries are embedded in several calls per command (train, val, the queries of a suite);
+    one line at the end with the total count and the limit says what a line per call would, without noise.
+    Other warnings pass through unchanged.
+    """
+    cut: dict[int, int] = {}  # limit -> texts cut
+    with warnings.catch_warnings():
+        # every call's warning, not only the first per code location (the default filter)
+        warnings.filterwarnings("always", message=r"\d+ text\(s\) longer than the tokenizer")
+        shown = warnings.showwarning
+
+        def collect(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if f"{category.__module__}.{category.__qualname__}" == _TRUNCATED:
+                limit, count = getattr(message, "limit", 0), getattr(message, "count", 0)
+                cut[limit] = cut.get(limit, 0) + count
+                return
+            shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = collect
+        try:
+            yield
+        finally:
+            for limit, count in cut.items():
+                err_console.print(
+                    f"note: {count} text(s) were longer than the tokenizer's limit of {limit} tokens "
+                    "and were cut to it (the words after it were not used)",
+                    highlight=False,
+                    markup=False,
+                )
+
+
+def _guarded(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` with one truncation notice and user errors as sentences (see cli.errors.user_errors)."""
+
+    checked = user_errors(command)
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with truncation_notice():
+            return checked(*args, **kwargs)
+
+    return run
+
+
+def _wrap(group: typer.Typer) -> None:
     for info in group.registered_commands:
         if info.callback is not None:
-            info.callback = _quiet_aware(info.callback)
+            info.callback = _guarded(_quiet_aware(info.callback))
     for sub in group.registered_groups:
         if sub.typer_instance is not None:
-            _wrap_quiet(sub.typer_instance)
+            _wrap(sub.typer_instance)
 
 
 for _module in COMMANDS:
     _module.register(app)
-_wrap_quiet(app)  # one place makes every command's -q quiet the libraries too
+# one place gives every command: -q quiets the libraries too, user errors end in a sentence, one notice
+_wrap(app)
 
 
 def main() -> None:

@@ -5,6 +5,12 @@ Library code raises a :class:`~cliptune.errors.CliptuneError` subclass whose mes
 and only here, such an error becomes one line on stderr, plus a *hint* that names the flag or command
 that fixes it, and a ``typer.Exit`` with the command's exit code. A user error never shows a traceback.
 
+Errors a command did not catch itself reach :func:`user_errors`, which every command runs inside
+(``cli/app.py`` wraps them all): a :class:`CliptuneError` and the standard errors a user can cause
+(a missing or unreadable file, a file that is no image, text that is not UTF-8, broken YAML) become one
+or two sentences and exit code 1 (2 for invalid config). ``cliptune --debug COMMAND`` also prints the
+traceback of every such error, for a bug report.
+
 Hints are looked up by the error's class (or a base class) without importing it, so ``cliptune --help``
 stays instant and an error path never imports torch just to find its hint.
 
@@ -19,6 +25,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
@@ -28,7 +37,18 @@ from rich.console import Console
 
 from cliptune.errors import CliptuneError
 
-__all__ = ["HINTS", "Hint", "err_console", "exit_on_error", "fail", "hint_for", "with_hint"]
+__all__ = [
+    "HINTS",
+    "Hint",
+    "err_console",
+    "exit_on_error",
+    "fail",
+    "hint_for",
+    "set_debug",
+    "user_error_message",
+    "user_errors",
+    "with_hint",
+]
 
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -40,9 +60,25 @@ def _index_bad_rows(exc: Any) -> str:
     return f"fix them, or index a clean copy (`cliptune data check {exc.catalogue} --write-clean OUT`)"
 
 
+_debug = False  # set by the root callback from `cliptune --debug`, for each invocation
+
+
+def set_debug(on: bool) -> None:
+    """Show (True) or hide (False) the traceback of user errors; ``cliptune --debug`` turns it on."""
+    global _debug
+    _debug = on
+
+
+def _config_overrides(exc: Any) -> str:
+    if not exc.overrides:
+        return ""
+    return f"the bad value(s) came from --set ({', '.join(exc.overrides)})"
+
+
 # "module.ClassName" of a CliptuneError subclass -> the hint that names the flags fixing it. A subclass
 # without an entry of its own takes its nearest base class's. tests/test_cli.py checks every key imports.
 HINTS: dict[str, Hint] = {
+    "cliptune.config.ConfigError": _config_overrides,
     "cliptune.data.catalogue.MissingCaptionError": (
         "name the caption column: data.text_column in the config, or --text-column on data check, eval, "
         "test, index and embed"
@@ -88,7 +124,7 @@ def hint_for(exc: BaseException) -> str | None:
     for cls in type(exc).__mro__:
         hint = HINTS.get(f"{cls.__module__}.{cls.__qualname__}")
         if hint is not None:
-            return hint if isinstance(hint, str) else hint(exc)
+            return (hint if isinstance(hint, str) else hint(exc)) or None  # "": no hint for this one
     return None
 
 
@@ -119,6 +155,10 @@ def fail(exc: BaseException, code: int, prefix: str = "") -> NoReturn:
     Raises:
         typer.Exit: Always, with ``code``.
     """
+    if _debug:
+        err_console.print(
+            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), markup=False
+        )
     err_console.print(f"[red]{prefix}{with_hint(exc)}[/red]", highlight=False)
     raise typer.Exit(code) from None
 
@@ -141,3 +181,68 @@ def exit_on_error(code: int, *also: type[Exception], prefix: str = "") -> Iterat
         yield
     except caught as exc:
         fail(exc, code, prefix)
+
+
+def user_error_message(exc: BaseException) -> tuple[str, int] | None:
+    """The sentence and exit code for an error a user can cause, or None for a bug (which keeps its traceback).
+
+    Covers :class:`CliptuneError` (with its hint) and the standard errors bad input raises in any library:
+    missing or unreadable files (``OSError``: Pillow's truncated image is one), a file that is no image,
+    text that is not UTF-8, and broken YAML. Exit code 2 for an invalid config or YAML, 1 otherwise.
+    """
+    import yaml
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, CliptuneError):
+        from cliptune.config import ConfigError
+
+        return with_hint(exc), 2 if isinstance(exc, ConfigError) else 1
+    if isinstance(exc, UnidentifiedImageError):  # an OSError: before the generic case
+        return f"not an image: {exc}", 1
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        from pathlib import Path
+
+        parent = Path(str(exc.filename)).parent
+        if not parent.is_dir():  # writing into a folder that is not there (names no temp file)
+            return f"folder not found: {parent}", 1
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}", 1
+    if isinstance(exc, UnicodeDecodeError):
+        return (
+            f"text is not UTF-8 ({exc.reason}: byte 0x{exc.object[exc.start]:02x} at offset {exc.start})",
+            1,
+        )
+    if isinstance(exc, yaml.YAMLError):
+        return f"not valid YAML: {' '.join(str(exc).split())}", 2
+    return None
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` with every user error it lets through printed as a sentence and an exit code.
+
+    The last line of defence behind the commands' own :func:`exit_on_error`: whatever a command does not
+    catch and :func:`user_error_message` recognises ends as one red line, never a traceback (unless
+    ``--debug``). Anything else is a bug and keeps its traceback.
+    """
+
+    @functools.wraps(command)  # keeps the signature typer reads the options from
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            known = user_error_message(exc)
+            if known is None:
+                raise
+            message, code = known
+            if _debug:
+                err_console.print(
+                    "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), markup=False
+                )
+            err_console.print(message, style="red", highlight=False, markup=False)
+            sys.stderr.flush()
+            raise typer.Exit(code) from None
+
+    return run

@@ -224,13 +224,31 @@ def _read_table(path: Path, text_column: str = DEFAULT_TEXT_COLUMN) -> pd.DataFr
             numbers = range(1, len(table) + 1)
     except CatalogueError:
         raise
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:  # its position counts from a read buffer, not the file: locate it
+        raise _not_utf8(path) from exc
+    except (OSError, ValueError) as exc:
         raise CatalogueError(f"{path}: cannot be read ({exc})") from exc
     if "row" in table.columns:
         raise CatalogueError(f"{path}: column 'row' is reserved for the row number; rename it")
     numbered: pd.DataFrame = table.reset_index(drop=True)  # annotated: see _read_jsonl
     numbered.insert(0, "row", pd.Series(list(numbers), dtype="int64"))
     return numbered
+
+
+def _not_utf8(path: Path) -> CatalogueError:
+    """The error for a metadata file that is not UTF-8, naming the line and column of the first bad byte."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = len(data[start : exc.start].decode("utf-8", errors="replace")) + 1  # in characters
+        return CatalogueError(
+            f"{path} line {line}, column {column}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+            "save the file as UTF-8"
+        )
+    return CatalogueError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
 def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[int]]:

@@ -45,6 +45,12 @@ class ImageLoadError(CliptuneError):
         self.path = path
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[ImageLoadError], tuple[Path, str]]:
+        return type(self), (
+            self.path,
+            self.reason,
+        )  # picklable (DataLoader workers) despite the custom __init__
+
 
 def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode an image file into an upright 8-bit RGB picture.

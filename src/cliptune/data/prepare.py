@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from rich.console import Console
 
 from cliptune.config import DataConfig
 from cliptune.data.catalogue import Catalogue, CatalogueError, read_catalogue
@@ -18,6 +19,8 @@ from cliptune.data.splits import assign_rows, load_splits, make_splits, save_spl
 from cliptune.rundir import RunDir, write_text_atomic
 
 __all__ = ["BadRowsError", "PreparedData", "prepare_data"]
+
+_console = Console(stderr=True, soft_wrap=True)
 
 
 class BadRowsError(CatalogueError):
@@ -61,6 +64,8 @@ class PreparedData:
 def prepare_data(cfg: DataConfig, run_dir: Path | None = None, *, progress: bool = False) -> PreparedData:
     """Read, check and split the configured catalogue; save ``splits.json`` (and ``rejected.csv``).
 
+    With ``on_bad_row: skip`` one line on stderr says how many rows were skipped and where they are listed.
+
     Args:
         cfg: The ``data`` section; ``cfg.catalogue`` must be set.
         run_dir: Where ``splits.json`` / ``rejected.csv`` go. An existing ``splits.json`` there is reused,
@@ -84,8 +89,16 @@ def prepare_data(cfg: DataConfig, run_dir: Path | None = None, *, progress: bool
     if result.rejected:
         if cfg.on_bad_row == "error":
             raise BadRowsError(catalogue.metadata_path, list(result.rejected))
-        if run_dir is not None:
-            _write_rejected(result, RunDir(run_dir).rejected)
+        if run_dir is not None:  # None: another process of the same run (a rank > 0) writes and tells
+            rejected = RunDir(run_dir).rejected
+            _write_rejected(result, rejected)
+            # on the console, not only in the file: a user must see that the model trains on fewer rows
+            _console.print(
+                f"skipped {len(result.rejected)} bad row(s) of {catalogue.metadata_path} "
+                f"(data.on_bad_row: skip); they are listed in {rejected}",
+                highlight=False,
+                markup=False,
+            )
     rows = result.good.reset_index(drop=True)
     saved = RunDir(run_dir).splits if run_dir is not None else None
     if saved is not None and saved.exists():

@@ -210,6 +210,14 @@ class Backbone(nn.Module):
         """Tokenise texts into ``input_ids`` and ``attention_mask``, both (B, T) long tensors."""
         raise NotImplementedError
 
+    def count_truncated(self, texts: list[str]) -> tuple[int, int] | None:
+        """``(how many of texts tokenize beyond the limit, the limit)``; None where the tokenizer cannot say.
+
+        :meth:`tokenize` cuts such texts silently (the text tower has a fixed number of positions); this
+        lets the caller tell the user.
+        """
+        return None
+
     def towers(self) -> list[Tower]:
         """The layer map of both towers (image first) used by freezing and LoRA."""
         raise NotImplementedError

@@ -224,6 +224,12 @@ class _TextTower(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-9)  # (B, H)
 
+    def count_truncated(self, texts: list[str]) -> tuple[int, int]:
+        lengths = [
+            len(ids) for ids in self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
+        ]
+        return sum(n > self.max_length for n in lengths), self.max_length
+
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         encoded = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
@@ -308,6 +314,10 @@ class ComposedBackbone(Backbone):
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         """The text tower's tokenizer, padded to the longest text. Returns (B, T) tensors."""
         return self.text_tower.tokenize(texts)
+
+    def count_truncated(self, texts: list[str]) -> tuple[int, int] | None:
+        """How many of ``texts`` the text tower's tokenizer cuts, and its limit."""
+        return self.text_tower.count_truncated(texts)
 
     def towers(self) -> list[Tower]:
         """Image tower blocks first, then text encoder layers."""

@@ -9,10 +9,11 @@ float32 on CPU.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from PIL import Image
@@ -21,13 +22,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from cliptune.data.catalogue import Catalogue
-from cliptune.data.images import DEFAULT_MAX_PIXELS, load_image
+from cliptune.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from cliptune.models.backbone import Backbone
 from cliptune.models.cache import FeatureCache, Precision, feature_key
 from cliptune.models.factory import LoadedModel
 from cliptune.models.siamese import SiameseHead, SiameseOutput
 
 __all__ = [
+    "TextsTruncatedWarning",
     "embed_images",
     "embed_texts",
     "resolve_precision",
@@ -37,7 +39,34 @@ __all__ = [
     "embed_texts_with",
     "siamese_embeddings",
     "tower_features",
+    "warn_if_truncated",
 ]
+
+
+class TextsTruncatedWarning(UserWarning):
+    """Texts longer than the tokenizer's limit were cut to it: the words after the limit are not embedded.
+
+    Cutting is what CLIP does (its text tower has a fixed number of positions), so it is no error; but a
+    user with long captions must know. The CLI sums these warnings into one notice per command.
+
+    Attributes:
+        count: How many (distinct) texts were cut.
+        limit: The tokenizer's limit in tokens.
+    """
+
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(
+            f"{count} text(s) longer than the tokenizer's limit of {limit} tokens were cut to it"
+        )
+        self.count, self.limit = count, limit
+
+
+def warn_if_truncated(backbone: Backbone, texts: Sequence[str]) -> None:
+    """Warn (:class:`TextsTruncatedWarning`) when some of ``texts`` exceed the backbone's token limit."""
+    counted = backbone.count_truncated(sorted(set(texts)))
+    if counted is not None and counted[0]:
+        warnings.warn(TextsTruncatedWarning(*counted), stacklevel=2)
+
 
 _HEAD_CHUNK = 1024  # rows per Siamese head forward in siamese_embeddings: bounded memory on large splits
 
@@ -88,6 +117,7 @@ def tower_features(
         device=device,
         progress=progress,
     )
+    warn_if_truncated(backbone, texts)
     text_feats = embed_texts(
         list(texts),
         cache=cache,
@@ -172,6 +202,7 @@ def embed_texts_with(
     frozen = backbone.features_frozen
     cache = FeatureCache(cache_dir or default_cache_dir(), backbone.identity()) if frozen else None
     forward = backbone.text_features if frozen else backbone.encode_text
+    warn_if_truncated(backbone, texts)
     feats = embed_texts(
         list(texts),
         cache=cache,
@@ -349,10 +380,10 @@ def embed_images(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=preprocess,
+        collate_fn=partial(_collate_or_error, preprocess),
         pin_memory=torch.device(device).type == "cuda",
     )
-    batches: Iterable[tuple[dict[str, Any], Tensor | None]] = (({}, pixels) for pixels in loader)
+    batches: Iterable[tuple[dict[str, Any], Tensor | None]] = (({}, _raised(pixels)) for pixels in loader)
     _compute_misses(batches, misses, found, cache, forward, resolved, device, progress, "images")
     return _assemble(keys, found)
 
@@ -414,18 +445,39 @@ def embed_texts(
     return _assemble(keys, found)
 
 
-class _ImageFiles(Dataset[Image.Image]):
+def _collate_or_error(
+    preprocess: Callable[[list[Image.Image]], Tensor], items: list[Image.Image | ImageLoadError]
+) -> Tensor | ImageLoadError:
+    # A worker process re-raises an exception as a RuntimeError holding a traceback text when the type
+    # takes more than a message (ImageLoadError takes path and reason): hand the error over as a value.
+    for item in items:
+        if isinstance(item, ImageLoadError):
+            return item
+    return preprocess(cast(list[Image.Image], items))
+
+
+def _raised(pixels: Tensor | ImageLoadError) -> Tensor:
+    if isinstance(pixels, ImageLoadError):
+        raise pixels
+    return pixels
+
+
+class _ImageFiles(Dataset[Image.Image | ImageLoadError]):
     def __init__(self, paths: list[Path], load: Callable[[Path], Image.Image]) -> None:
         self.paths, self.load = paths, load
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> Image.Image:
+    def __getitem__(self, i: int) -> Image.Image | ImageLoadError:
         try:
             return self.load(self.paths[i])
+        except ImageLoadError as e:
+            return e  # already names the file and the reason; raised in the main process (_raised)
         except Exception as e:
-            raise ValueError(f"cannot load image {self.paths[i]}: {e}") from e
+            error = ImageLoadError(self.paths[i], f"cannot load image ({e})")
+            error.__cause__ = e  # what `raise ... from e` would record, for --debug
+            return error
 
 
 def _compute_misses(
@@ -487,6 +539,8 @@ def _file_sha256(path: Path) -> str:
         with open(path, "rb") as f:
             while chunk := f.read(_HASH_CHUNK):
                 digest.update(chunk)
+    except FileNotFoundError as e:
+        raise ImageLoadError(path, "file not found") from e
     except OSError as e:
-        raise FileNotFoundError(f"cannot read image {path}: {e.strerror or e}") from e
+        raise ImageLoadError(path, f"cannot read image ({e.strerror or e})") from e
     return digest.hexdigest()

@@ -156,6 +156,14 @@ class HFBackbone(Backbone):
         pixels: Tensor = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
         return pixels
 
+    def count_truncated(self, texts: list[str]) -> tuple[int, int] | None:
+        """How many of ``texts`` :meth:`tokenize` cuts, and its limit (see :class:`Backbone`)."""
+        limit = self._max_length()
+        lengths = [
+            len(ids) for ids in self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
+        ]
+        return sum(n > limit for n in lengths), limit
+
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         """Tokenise with the model's tokenizer; SigLIP pads to ``max_length`` as it was trained."""
         encoded = self.tokenizer(

@@ -224,6 +224,23 @@ class OpenClipBackbone(Backbone):
         """open_clip's eval transform for ``preprocess_cfg``, in PIL. Returns (B, 3, H, W) float32."""
         return torch.stack([preprocess_image(image, self.preprocess_cfg) for image in images])
 
+    def count_truncated(self, texts: list[str]) -> tuple[int, int] | None:
+        """How many of ``texts`` open_clip's tokenizer cuts to its context length (see :class:`Backbone`)."""
+        limit = getattr(self.tokenizer, "context_length", None)
+        hf_tokenizer: Any = getattr(self.tokenizer, "tokenizer", None)
+        encode = getattr(self.tokenizer, "encode", None)
+        if limit is None:
+            return None
+        if hf_tokenizer is not None:
+            lengths = [
+                len(ids) for ids in hf_tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
+            ]
+        elif encode is not None:  # SimpleTokenizer: BPE ids without the start and end tokens
+            lengths = [len(encode(t)) + 2 for t in texts]
+        else:
+            return None
+        return sum(n > int(limit) for n in lengths), int(limit)
+
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         """open_clip's tokenizer: ids padded to the context length; the mask marks the real tokens."""
         ids = self.tokenizer(list(texts)).long()  # (B, context_length)

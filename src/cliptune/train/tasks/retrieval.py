@@ -24,7 +24,7 @@ from cliptune.data.splits import group_ids
 from cliptune.evaluation.validation import retrieval_validation
 from cliptune.losses import InfoNCELoss, initial_siglip, initial_temperature, make_loss
 from cliptune.models.backbone import Backbone
-from cliptune.models.embed import tower_features
+from cliptune.models.embed import tower_features, warn_if_truncated
 from cliptune.train.batches import shard_indices
 from cliptune.train.tasks.bundle import TaskBundle
 
@@ -163,6 +163,8 @@ def build_retrieval(
         info["feature_dims"] = [int(images.shape[1]), int(texts.shape[1])]
     else:
         text_col = cfg.data.text_column
+        if accelerator.is_main_process:  # collate cuts long captions batch by batch: say so once, up front
+            warn_if_truncated(backbone, data.rows[text_col].astype(str).tolist())
         paths = [str(data.catalogue.image_path(f)) for f in data.rows["file_name"]]
         train_items = [{"path": paths[i], "text": str(data.rows[text_col].iloc[i])} for i in train_idx]
         collate = _raw_collate(backbone, cfg.data.max_pixels)
