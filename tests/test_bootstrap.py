@@ -126,3 +126,37 @@ def test_unpaired_bootstrap_golden_values() -> None:
     ia, ib = rng.integers(0, 4, size=(50, 4)), rng.integers(0, 3, size=(50, 3))
     naive = [b[ib[r]].mean() - a[ia[r]].mean() for r in range(50)]
     assert (iv.low, iv.high) == tuple(np.quantile(naive, [0.025, 0.975]))
+
+
+def test_many_blocks_draw_one_stream_like_a_single_draw() -> None:
+    # 8,000 queries: resamples are drawn in blocks of 4,000,000 // 8,000 = 500 rows, so 1,100 resamples
+    # take three blocks (500, 500, 100). One PCG64 stream runs through them: the interval equals the one
+    # from drawing all 1,100 x 8,000 indices at once (a block that reseeded would repeat resamples).
+    n, resamples = 8_000, 1_100
+    values = np.random.Generator(np.random.PCG64(21)).random(n)
+    ci = bootstrap_ci(values, n_resamples=resamples, seed=5)
+    idx = np.random.Generator(np.random.PCG64(5)).integers(0, n, size=(resamples, n))
+    means = values[idx].mean(axis=1)
+    assert ci == Interval(float(values.mean()), *map(float, np.quantile(means, [0.025, 0.975])), n, 0.95)
+    # and the paired delta, which resamples b - a the same way
+    other = values + np.random.Generator(np.random.PCG64(22)).normal(0.0, 0.1, n)
+    delta = paired_bootstrap_delta(values, other, n_resamples=resamples, seed=5)
+    diff_means = (other - values)[idx].mean(axis=1)
+    assert (delta.low, delta.high) == tuple(np.quantile(diff_means, [0.025, 0.975]))
+
+
+def test_unpaired_blocks_continue_one_stream() -> None:
+    # max(4,000, 3,000) = 4,000 queries: blocks of 2,000,000 // 4,000 = 500 resamples, each drawing a's
+    # indices then b's from the same stream; 1,200 resamples take three blocks (500, 500, 200).
+    gen = np.random.Generator(np.random.PCG64(23))
+    a, b = gen.random(4_000), gen.random(3_000) + 0.01
+    iv = unpaired_bootstrap_delta(a, b, n_resamples=1_200, seed=9)
+    rng = np.random.Generator(np.random.PCG64(9))
+    diffs = []
+    for rows in (500, 500, 200):
+        ia = rng.integers(0, a.size, size=(rows, a.size))
+        ib = rng.integers(0, b.size, size=(rows, b.size))
+        diffs.extend(b[ib].mean(axis=1) - a[ia].mean(axis=1))
+    # equal up to summation order (the library's means see other memory layouts)
+    assert (iv.low, iv.high) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])), rel=1e-12, abs=0)
+    assert (iv.mean, iv.n) == (float(b.mean() - a.mean()), 3_000)
