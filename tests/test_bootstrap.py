@@ -10,6 +10,7 @@ from cliptune.ranking.bootstrap import (
     Interval,
     bootstrap_ci,
     bootstrap_metrics,
+    format_interval,
     paired_bootstrap_delta,
     unpaired_bootstrap_delta,
     verdict,
@@ -160,3 +161,81 @@ def test_unpaired_blocks_continue_one_stream() -> None:
     # equal up to summation order (the library's means see other memory layouts)
     assert (iv.low, iv.high) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])), rel=1e-12, abs=0)
     assert (iv.mean, iv.n) == (float(b.mean() - a.mean()), 3_000)
+
+
+def test_errors_name_the_function_the_argument_and_the_index() -> None:
+    nan = float("nan")
+    cases = [
+        (lambda: bootstrap_ci([0.1, 0.2, nan]), "bootstrap_ci: values[2] is not finite"),
+        (lambda: bootstrap_ci([0.1], n_resamples=0), "bootstrap_ci: n_resamples must be >= 1, got 0"),
+        (lambda: paired_bootstrap_delta([nan], [0.1]), "paired_bootstrap_delta: values_a[0] is not finite"),
+        (
+            lambda: paired_bootstrap_delta([0.1], [0.2, nan]),
+            "paired_bootstrap_delta: values_b[1] is not finite",
+        ),
+        (
+            lambda: paired_bootstrap_delta([0.1], [0.2], confidence=0.0),
+            "paired_bootstrap_delta: confidence must",
+        ),
+        (
+            lambda: unpaired_bootstrap_delta([nan], [0.1]),
+            "unpaired_bootstrap_delta: values_a[0] is not finite",
+        ),
+        (
+            lambda: unpaired_bootstrap_delta([0.1], [nan]),
+            "unpaired_bootstrap_delta: values_b[0] is not finite",
+        ),
+        (
+            lambda: unpaired_bootstrap_delta([0.1], [0.2], n_resamples=0),
+            "unpaired_bootstrap_delta: n_resamples",
+        ),
+        (lambda: bootstrap_metrics({"t2i/mrr": [nan]}), "bootstrap_metrics: t2i/mrr[0] is not finite"),
+        (lambda: bootstrap_metrics({"t2i/mrr": [0.1]}, n_resamples=0), "bootstrap_metrics: n_resamples"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value).startswith(message), str(err.value)
+    with pytest.raises(ValueError, match="a paired comparison needs the same queries in the same order"):
+        paired_bootstrap_delta([0.1], [0.2, 0.3])
+
+
+def test_edges_of_the_arguments() -> None:
+    # one resample is allowed; so is a confidence just inside (0, 1)
+    assert bootstrap_ci([0.0, 1.0], n_resamples=1, seed=0).n == 2
+    assert bootstrap_ci([0.0, 1.0], confidence=1e-9).confidence == 1e-9
+    # two queries are not one: 200 resamples of {0, 1} include all-0 and all-1 ones (1 in 4 each)
+    assert bootstrap_ci([0.0, 1.0], n_resamples=200) == Interval(0.5, 0.0, 1.0, 2)
+    # the confidence asked for is reported, also for the point interval and the unpaired delta
+    assert bootstrap_ci([0.5], confidence=0.9) == Interval(0.5, 0.5, 0.5, 1, 0.9)
+    assert unpaired_bootstrap_delta([0.1, 0.3], [0.2], confidence=0.8).confidence == 0.8
+    # per-query values that still carry gradients are read too
+    assert bootstrap_ci(torch.tensor([0.25, 0.75], requires_grad=True), n_resamples=10).mean == 0.5
+
+
+def test_documented_defaults() -> None:
+    # continuous values: with 0/1 ones, other seeds or counts can land on the same quantiles
+    gen = torch.Generator().manual_seed(9)
+    a, b = (
+        torch.rand(30, generator=gen, dtype=torch.float64),
+        torch.rand(30, generator=gen, dtype=torch.float64),
+    )
+    assert paired_bootstrap_delta(a, b) == paired_bootstrap_delta(a, b, n_resamples=1000, seed=0)
+    assert unpaired_bootstrap_delta(a, b) == unpaired_bootstrap_delta(a, b, n_resamples=1000, seed=0)
+    assert bootstrap_metrics({"m": a})["m"] == bootstrap_ci(a, n_resamples=1000, seed=0)
+    assert bootstrap_ci(a) == bootstrap_ci(a, n_resamples=1000, confidence=0.95, seed=0)
+    assert bootstrap_ci(a) != bootstrap_ci(a, n_resamples=1001)  # so the comparisons above can fail
+    assert bootstrap_ci(a) != bootstrap_ci(a, seed=1)
+
+
+def test_verdict_for_lower_is_better_metrics() -> None:
+    assert verdict(Interval(-0.05, -0.09, -0.01, 50), higher_is_better=False) == "better"
+    assert verdict(Interval(0.05, 0.01, 0.09, 50), higher_is_better=False) == "worse"
+    assert verdict(Interval(0.0, -0.01, 0.01, 50), higher_is_better=False) == "not distinguishable"
+
+
+def test_format_interval() -> None:
+    assert format_interval({"mean": 0.8, "low": 0.7, "high": 0.95}) == "0.800 [0.700, 0.950]"
+    assert format_interval({"mean": 0.8, "low": 0.7, "high": 0.95}, digits=1) == "0.8 [0.7, 0.9]"
+    assert format_interval({"mean": 0.8125, "low": None, "high": None}) == "0.812"
+    assert format_interval(Interval(0.5, 0.25, 0.75, 4).to_dict(), 2) == "0.50 [0.25, 0.75]"
