@@ -71,7 +71,7 @@ MUTATION_DIR ?= $(VENV)/mutation
 mutation: $(TEST_STAMP)
 	$(PY) -m pip install --quiet -e ".[mutation]"
 	@set -e; for name in $(MUTATE); do \
-	  entry=$$(printf '%s\n' $(MUTATION_TARGETS) | grep "^$$name:" || true); \
+	  entry=$$(echo '$(MUTATION_TARGETS)' | tr ' ' '\n' | grep "^$$name:" || true); \
 	  [ -n "$$entry" ] || { echo "mutation: no entry '$$name' in MUTATION_TARGETS"; exit 2; }; \
 	  files=$$(echo "$$entry" | cut -d: -f2 | sed 's|[^,]*|"src/cliptune/&"|g'); \
 	  tests=$$(echo "$$entry" | cut -d: -f3 | sed 's|[^,]*|"&"|g'); \
