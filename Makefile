@@ -8,7 +8,7 @@ TEST_STAMP := $(VENV)/.cliptune-test-installed
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test lint docs clean
+.PHONY: install browser demo test lint docs clean mutation
 
 # Two install levels: the package alone (what `make demo` needs) and the test + tracker extras.
 $(STAMP): pyproject.toml
@@ -49,6 +49,45 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/lint-imports --cache-dir $(VENV)/.import_linter_cache
 	$(VENV)/bin/mypy --cache-dir $(VENV)/.mypy_cache
+
+# Mutation testing (docs/reliability.md, "Mutation testing"): run by hand, never by `make test`. Each entry is
+# NAME:FILES:TESTS (FILES under src/cliptune, globs allowed; TESTS the fast test files that cover them). Each
+# name runs mutmut in its own scratch copy under $(MUTATION_DIR)/NAME with only its files mutated and only
+# its tests run, the two lines of [tool.mutmut] in pyproject.toml replaced there. `make mutation
+# MUTATE="bootstrap early_stopping"` picks entries; MUTATION_JOBS sets mutmut's worker processes.
+MUTATION_TARGETS := \
+	early_stopping:train/early_stopping.py:tests/test_early_stopping.py \
+	bootstrap:ranking/bootstrap.py:tests/test_bootstrap.py \
+	metrics:ranking/metrics.py:tests/test_metrics.py \
+	splits:data/splits.py:tests/test_data_splits.py \
+	losses:losses/*:tests/test_losses.py,tests/test_losses_siamese.py,tests/test_similarity_init.py \
+	checkpoint:train/checkpoint.py:tests/test_early_stopping.py,tests/test_optim.py,tests/test_train_loop.py \
+	identity:models/backbone.py,models/factory.py:tests/test_models_hf.py,tests/test_models_composed.py \
+	scoring:suites/scoring.py:tests/test_suites.py
+MUTATE ?= $(foreach t,$(MUTATION_TARGETS),$(firstword $(subst :, ,$(t))))
+MUTATION_JOBS ?= 2
+MUTATION_DIR ?= $(VENV)/mutation
+
+mutation: $(TEST_STAMP)
+	$(PY) -m pip install --quiet -e ".[mutation]"
+	@set -e; for name in $(MUTATE); do \
+	  entry=$$(echo '$(MUTATION_TARGETS)' | tr ' ' '\n' | grep "^$$name:" || true); \
+	  [ -n "$$entry" ] || { echo "mutation: no entry '$$name' in MUTATION_TARGETS"; exit 2; }; \
+	  files=$$(echo "$$entry" | cut -d: -f2 | sed 's|[^,]*|"src/cliptune/&"|g'); \
+	  tests=$$(echo "$$entry" | cut -d: -f3 | sed 's|[^,]*|"&"|g'); \
+	  dir=$(MUTATION_DIR)/$$name; rm -rf "$$dir"; mkdir -p "$$dir"; cp -r src tests pyproject.toml "$$dir"; \
+	  sed -i -e "s|^only_mutate = .*|only_mutate = [$$files]|" \
+	    -e "s|^pytest_add_cli_args_test_selection = .*|pytest_add_cli_args_test_selection = [$$tests]|" \
+	    "$$dir/pyproject.toml"; \
+	  echo "== mutation $$name: [$$files] by [$$tests]"; \
+	  (cd "$$dir" && env -u PYTHONPATH OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 \
+	    $(abspath $(VENV))/bin/mutmut run --max-children $(MUTATION_JOBS) > run.log 2>&1 || { tail -c 4000 run.log; exit 1; }; \
+	    tail -c 200 run.log | tr '\r' '\n' | tail -n 2; \
+	    $(abspath $(VENV))/bin/mutmut results > survivors.txt 2>&1; \
+	    for m in $$(grep -o '^ *[^ :]*__mutmut_[0-9]*' survivors.txt); do $(abspath $(VENV))/bin/mutmut show $$m; done \
+	      > survivors.diff 2>&1; \
+	    echo "survivors: $$(grep -c ': survived' survivors.txt || true) (diffs in $$dir/survivors.diff)"); \
+	done
 
 docs: install
 	$(VENV)/bin/cliptune config docs --out docs/config.md

@@ -126,6 +126,21 @@ def test_stratified_by_group_majority() -> None:
         make_splits(rows, {"train": 1.0}, seed=0, stratify="size")
 
 
+def test_stratum_tie_goes_to_the_smallest_value() -> None:
+    # g00 is red, red; g01 is red, blue: a tie, so g01's stratum is "blue" (the smallest value). Each group
+    # is then alone in its stratum; neither split's target (1 row) takes its 2 rows, so it goes to the
+    # split furthest below target, a tie broken by name: "test". Train, left empty, then takes test's
+    # smallest group (ties: smallest id), g00. Were g01 in "red" beside g00, the seeded shuffle of that
+    # stratum would decide, and some seeds would put g00 in test.
+    rows = _catalogue([2, 2])
+    rows["colour"] = ["red", "red", "red", "blue"]
+    for seed in range(8):
+        splits = make_splits(rows, {"train": 0.5, "test": 0.5}, seed=seed, stratify="colour")
+        assert splits == {"test": ["g01"], "train": ["g00"]}, seed
+    rows["colour"] = ["red", "red", "blue", "red"]  # the order of a group's rows does not matter
+    assert make_splits(rows, {"train": 0.5, "test": 0.5}, seed=0, stratify="colour")["test"] == ["g01"]
+
+
 def test_empty_rows_give_empty_splits() -> None:
     empty = pd.DataFrame({"file_name": [], "text": [], "group": []})
     assert make_splits(empty, {"train": 0.8, "test": 0.2}, seed=0) == {"test": [], "train": []}

@@ -5,11 +5,12 @@ Reading never drops or fixes a row: every data row of the metadata file becomes 
 :func:`cliptune.data.check.check_catalogue`. The format is described in ``docs/catalogues.md``.
 
 Example:
-    >>> cat = read_catalogue(Path("data/fashion"))  # doctest: +SKIP
-    >>> cat.rows[["row", "file_name", "text"]].head(2)  # doctest: +SKIP
-       row      file_name                 text
-    0    1  img/0001.jpg   ripped blue jeans
-    1    2  img/0001.jpg  distressed denim, blue
+    >>> from cliptune.data.synthetic.fashion import render_fashion
+    >>> cat = read_catalogue(render_fashion(Path("data/fashion"), n=4))
+    >>> cat.rows[["row", "file_name", "group"]].head(2)
+       row          file_name group
+    0    1  images/000000.png  p0000
+    1    2  images/000001.png  p0000
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ twice the limit. :func:`load_image` fixes each of these; :func:`probe_image` run
 keeping the pixels, so ``cliptune data check`` can validate a catalogue cheaply.
 
 Example:
-    >>> img = load_image(Path("shirt.jpg"), max_pixels=50_000_000)  # doctest: +SKIP
-    >>> img.mode
-    'RGB'
+    >>> Image.new("L", (8, 6)).save("shirt.jpg")  # a greyscale JPEG
+    >>> img = load_image(Path("shirt.jpg"), max_pixels=50_000_000)
+    >>> img.mode, img.size
+    ('RGB', (8, 6))
 """
 
 from __future__ import annotations

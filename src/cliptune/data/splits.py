@@ -30,8 +30,12 @@ Algorithm (see also ``docs/catalogues.md``):
    lets ranking metrics tell models apart (:mod:`cliptune.data.split_health`).
 
 Example:
-    >>> splits = make_splits(cat.rows, {"train": 0.8, "test": 0.2}, seed=0)  # doctest: +SKIP
-    >>> cat.rows["split"] = assign_rows(cat.rows, splits)  # doctest: +SKIP
+    >>> rows = pd.DataFrame({"file_name": [f"{i}.jpg" for i in range(10)], "group": list("aabbccddee")})
+    >>> splits = make_splits(rows, {"train": 0.8, "test": 0.2}, seed=0)
+    >>> splits
+    {'test': ['c'], 'train': ['a', 'b', 'd', 'e']}
+    >>> assign_rows(rows, splits).tolist()[3:7]
+    ['train', 'test', 'test', 'train']
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ def initial_temperature(
         softmax similarity, one without ``logit_bias`` (``"pretrained"``); else 0.07 (``"default"``).
 
     Example:
-        >>> initial_temperature(None, {"logit_scale": math.log(100.0)})
+        >>> temperature, source = initial_temperature(None, {"logit_scale": math.log(100.0)})
+        >>> round(temperature, 12), source
         (0.01, 'pretrained')
         >>> initial_temperature(0.05, {"logit_scale": math.log(100.0)})
         (0.05, 'config')

@@ -19,10 +19,13 @@ not part of the contract (losses own their temperature); they are exposed as rea
 
 Example:
     >>> from cliptune.models.factory import load_backbone
-    >>> backbone = load_backbone("embedded")            # offline LiT-style default
-    >>> pixels = backbone.preprocess(images)            # (B, 3, 224, 224)
-    >>> image_emb = backbone.encode_image(pixels)       # (B, 256)
+    >>> backbone = load_backbone("embedded")  # offline LiT-style default  # doctest: +SKIP
+    >>> images = [Image.new("RGB", (64, 48), "red"), Image.new("RGB", (30, 30), "blue")]
+    >>> pixels = backbone.preprocess(images)            # (B, 3, 224, 224) for "embedded"
+    >>> image_emb = backbone.encode_image(pixels)       # (B, 256) for "embedded"
     >>> text_emb = backbone.encode_text(**backbone.tokenize(["a cat"]))
+    >>> image_emb.shape[0], text_emb.shape[0], image_emb.shape[1] == text_emb.shape[1]
+    (2, 1, True)
 """
 
 from __future__ import annotations

@@ -361,8 +361,13 @@ def embed_images(
         (N, F) float32 features on CPU, row i for ``paths[i]``; (0, 0) when ``paths`` is empty.
 
     Example:
-        >>> feats = embed_images(paths, cache=FeatureCache(root, backbone.identity()), load=load_image,
-        ...                      preprocess=backbone.preprocess, forward=backbone.image_features)
+        >>> Image.new("RGB", (40, 30), "red").save("red.png")
+        >>> paths = [Path("red.png"), Path("red.png")]  # the same file is embedded once
+        >>> feats = embed_images(paths, cache=FeatureCache("cache", backbone.identity()), load=load_image,
+        ...                      preprocess=backbone.preprocess, forward=backbone.image_features,
+        ...                      progress=False)
+        >>> feats.shape[0], torch.equal(feats[0], feats[1])
+        (2, True)
     """
     resolved = resolve_precision(precision, device)
     identity = cache.identity if cache is not None else ""
@@ -419,8 +424,11 @@ def embed_texts(
         (N, F) float32 features on CPU, row i for ``texts[i]``; (0, 0) when ``texts`` is empty.
 
     Example:
+        >>> cache = FeatureCache("cache", backbone.identity())
         >>> feats = embed_texts(["red dress", "blue jeans"], cache=cache, tokenize=backbone.tokenize,
-        ...                     forward=backbone.text_features)
+        ...                     forward=backbone.text_features, progress=False)
+        >>> feats.shape[0], feats.dtype
+        (2, torch.float32)
     """
     resolved = resolve_precision(precision, device)
     identity = cache.identity if cache is not None else ""

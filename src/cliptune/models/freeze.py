@@ -75,7 +75,8 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
         ``(trainable, total)`` element counts.
 
     Example:
-        >>> trainable, total = count_parameters(load_backbone("embedded"))
+        >>> count_parameters(nn.Linear(3, 2).requires_grad_(False)), count_parameters(nn.Linear(3, 2))
+        ((0, 8), (8, 8))
     """
     params = list(module.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
@@ -133,7 +134,9 @@ def apply_lora(backbone: Backbone, spec: LoraSpec) -> Backbone:
             are matched per tower; a tower with none of them keeps its weights frozen).
 
     Example:
-        >>> apply_lora(backbone, LoraSpec(r=4, alpha=8))
+        >>> backbone = apply_lora(backbone, LoraSpec(r=4, alpha=8))
+        >>> backbone.lora is not None
+        True
     """
     from peft import LoraConfig, inject_adapter_in_model
 

@@ -89,11 +89,15 @@ class SiameseHead(nn.Module):
         image: (B, Fi), text: (B, Ft), has_image / has_text: (B,) bool -> each output (B, D).
 
     Example:
-        >>> head = SiameseHead(image_dim=512, text_dim=512, width=256, depth=2)
-        >>> anchor = head(anchor_img, anchor_txt)        # the same weights ...
-        >>> positive = head(positive_img, positive_txt)  # ... applied to each item
-        >>> negative = head(negative_img, negative_txt)
-        >>> loss = siamese_loss(anchor.as_dict(), positive.as_dict(), negative.as_dict())
+        >>> from cliptune.losses.siamese import siamese_objective
+        >>> head = SiameseHead(image_dim=512, text_dim=384, width=64, depth=2)
+        >>> img, txt = torch.randn(3, 4, 512), torch.randn(3, 4, 384)  # 4 triplets' frozen embeddings
+        >>> anchor = head(img[0], txt[0])      # the same weights ...
+        >>> positive = head(img[1], txt[1])    # ... applied to each item
+        >>> negative = head(img[2], txt[2])
+        >>> loss = siamese_objective(anchor.as_dict(), positive.as_dict(), negative.as_dict())["loss"]
+        >>> anchor.fused.shape, loss.ndim
+        (torch.Size([4, 64]), 0)
     """
 
     def __init__(

@@ -8,7 +8,7 @@ Model-quality rules (modality, direction) read the best epoch (the kept model); 
 
 Example:
     >>> findings = diagnose(load_run("runs/art-siamese"))  # doctest: +SKIP
-    >>> [(f.rule, f.severity) for f in findings][:2]
+    >>> [(f.rule, f.severity) for f in findings][:2]  # doctest: +SKIP
     [('generalisation_gap', 'warning'), ('lr_schedule', 'info')]
 """
 

@@ -112,7 +112,7 @@ def load_run(path: Path | str) -> RunData:
 
     Example:
         >>> run = load_run("runs/fashion-tuned")  # doctest: +SKIP
-        >>> run.epochs[0]["epoch"], sorted(run.evals)
+        >>> run.epochs[0]["epoch"], sorted(run.evals)  # doctest: +SKIP
         (0, ['test'])
     """
     run_dir = Path(path)

@@ -10,7 +10,9 @@ gallery, paired by query, so :func:`cliptune.report.compare.metric_deltas` gives
 
 Example:
     >>> ev_a, ev_b = shared_heldout_eval("runs/split80", "runs/split60")  # doctest: +SKIP
-    >>> deltas, flags = metric_deltas(ev_a, ev_b)  # doctest: +SKIP  (flags == []: paired)
+    >>> deltas, flags = metric_deltas(ev_a, ev_b)  # doctest: +SKIP
+    >>> flags  # doctest: +SKIP
+    []
 """
 
 from __future__ import annotations

@@ -14,9 +14,13 @@ Nothing here needs the network unless the user asks for it:
 A tracker whose package is missing is an error before any work starts (Accelerate would drop it quietly).
 
 Example:
-    >>> check_trackers(TrackConfig(trackers=["tensorboard"]))  # raises TrainingError if not installed
+    >>> cfg, run_dir = Config.model_validate({"track": {"trackers": ["tensorboard"]}}), Path("run")
+    >>> check_trackers(cfg.track)  # raises TrainingError if tensorboard is not installed
     >>> accelerator = Accelerator(**tracker_options(cfg.track, run_dir))
     >>> start_trackers(accelerator, cfg, run_dir)
+    >>> accelerator.end_training()
+    >>> [p.name for p in (run_dir / "tensorboard").iterdir()]
+    ['cliptune']
 """
 
 from __future__ import annotations

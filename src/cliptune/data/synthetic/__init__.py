@@ -36,7 +36,8 @@ def render_catalogue(
         ValueError: `kind` is not a registered catalogue.
 
     Example:
-        >>> render_catalogue("fashion", Path("data/fashion"), n=300, seed=0)
+        >>> render_catalogue("fashion", Path("data/fashion"), n=4, seed=0)
+        PosixPath('data/fashion')
     """
     if kind not in CATALOGUES:
         raise ValueError(f"unknown catalogue '{kind}'; known: {', '.join(sorted(CATALOGUES))}")

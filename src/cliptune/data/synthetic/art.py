@@ -282,7 +282,8 @@ def render_art(
         `out`, the catalogue folder.
 
     Example:
-        >>> render_art(Path("data/art"), n=200, derivatives=3)
+        >>> render_art(Path("data/art"), n=2, derivatives=3, size=32)
+        PosixPath('data/art')
     """
     if n < 2:
         raise ValueError(f"n (originals) must be >= 2 so triplets have negatives, got {n}")

@@ -636,7 +636,8 @@ def render_fashion(out: Path, n: int = 1500, seed: int = 0, size: int = 160, pro
         `out`, the catalogue folder.
 
     Example:
-        >>> render_fashion(Path("data/fashion"), n=1500, seed=0)
+        >>> render_fashion(Path("data/fashion"), n=4, seed=0)
+        PosixPath('data/fashion')
     """
     if n < 2:
         raise ValueError(f"n must be >= 2 (each product has at least 2 photos), got {n}")

@@ -388,7 +388,8 @@ def write_fashion_suite(catalogue_dir: Path) -> Path:
         ValueError: The metadata lacks a fashion attribute column.
 
     Example:
-        >>> write_fashion_suite(render_fashion(Path("data/fashion"), n=1500))  # doctest: +SKIP
+        >>> from cliptune.data.synthetic.fashion import render_fashion
+        >>> write_fashion_suite(render_fashion(Path("data/fashion"), n=4))
         PosixPath('data/fashion/suite.yaml')
     """
     catalogue_dir = Path(catalogue_dir)

@@ -74,8 +74,10 @@ def loss_init(cfg: Config, similarity_init: Mapping[str, float]) -> tuple[dict[s
         starting values and their sources (``config``, ``pretrained``, ``default``), empty for the margin losses.
 
     Example:
-        >>> loss_init(load_config(None), {"logit_scale": math.log(50.0)})[1]  # doctest: +SKIP
-        {'temperature': 0.02, 'source': 'pretrained'}
+        >>> from cliptune.config import load_config
+        >>> start = loss_init(load_config(None), {"logit_scale": math.log(50.0)})[1]
+        >>> round(start["temperature"], 12), start["source"]
+        (0.02, 'pretrained')
     """
     name, c = cfg.loss.name, cfg.loss
     if name == "info_nce":
