@@ -35,8 +35,8 @@ from tests.toy_task import ToyModel, make_bundle
 
 CONFIG = TrainConfig(
     epochs=10, batch_size=16, lr=0.05, keep_last=1, log_every_steps=5,
-    plateau=PlateauConfig(patience=0, factor=0.5, min_lr=0.0),
-    early_stopping=EarlyStoppingConfig(patience=2, min_delta=0.02),
+    plateau=PlateauConfig(metric="val/loss", patience=0, factor=0.5, min_lr=0.0),
+    early_stopping=EarlyStoppingConfig(metric="val/loss", patience=2, min_delta=0.02),
 )  # fmt: skip  # 12 steps an epoch; LR cut after epochs 3 and 5, early stop after epoch 6
 
 

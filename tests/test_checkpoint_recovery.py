@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from cliptune.config import TrainConfig
 from cliptune.rundir import DamagedFileError, read_json, read_jsonl, read_metrics
 from cliptune.train.checkpoint import (
     MANIFEST_FILE,
@@ -15,9 +14,9 @@ from cliptune.train.checkpoint import (
     damaged_files,
     newest_intact_checkpoint,
 )
-from tests.toy_task import run
+from tests.toy_task import run, toy_train_config
 
-CFG = TrainConfig(epochs=3, batch_size=50, lr=0.01, early_stopping=None, keep_last=3)  # 4 steps/epoch
+CFG = toy_train_config(epochs=3, batch_size=50, lr=0.01, early_stopping=None, keep_last=3)  # 4 steps/epoch
 
 
 def _truncate(path: Path, keep: int) -> None:
