@@ -295,6 +295,36 @@ def test_cli_bare_model(world: dict[str, Path], tmp_path: Path) -> None:
     assert bad_k.exit_code == 2
 
 
+def test_cli_eval_of_a_model_with_nan_weights_names_split_model_and_cause(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from cliptune.cli.app import app
+
+    broken = tmp_path / "nan-clip"
+    shutil.copytree(world["clip"], broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["visual_projection.weight"][0, 0] = float("nan")  # one NaN weight: every image embedding NaN
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    args = ["eval", str(broken), "--data", str(world["fashion"]), "--cache-dir", str(tmp_path / "cache")]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "out"), "--bootstrap", "0", "-q"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "query row" not in result.output
+    error, *notes = result.output.strip().splitlines()  # the error, then the usual truncation note
+    first = sorted(p.name for p in (world["fashion"] / "images").iterdir())[0]
+    assert error == (
+        f"cannot evaluate split 'all' with model {load_model(broken).name} ({broken}): 60 of its 60 image "
+        f"embeddings contain NaN or infinite values (the first for 'images/{first}'), most likely because the "
+        "model's weights do (a training run that diverged, or a damaged weights file) or the tower overflows "
+        "at precision 'auto'"
+    )
+    assert all(n.startswith("note: ") for n in notes) and len(notes) <= 1
+    assert not list((tmp_path / "out").glob("*.json"))  # nothing written for a failed evaluation
+
+
 def test_prepare_catalogue_split_column(world: dict[str, Path], tmp_path: Path) -> None:
     import shutil
 

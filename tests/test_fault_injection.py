@@ -5,6 +5,8 @@ chain: mid-step, at random times (inside checkpoint and log writes as often as n
 in the middle of a metrics line; each next start resumes. The chain must end byte-identical to an
 uninterrupted run (metrics.jsonl, model/, the last checkpoint), with no temporary file left.
 ``cliptune index`` is killed while it rebuilds an index: the old index or the new one is there, whole.
+``cliptune sweep`` is killed mid-trial (at a seeded training step, then inside a checkpoint or ``model/``
+swap): running it again ends with the same trial results as an uninterrupted sweep and no temporary left.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
+import yaml
 
 from cliptune.data.catalogue import read_catalogue
 from cliptune.data.synthetic import render_fashion
@@ -177,3 +181,93 @@ def test_killed_index_rebuild_leaves_the_old_or_the_new_index_whole(
     proc = _index_cli(s, out)  # the next build cleans what the killed ones left
     assert proc.wait(timeout=120) == 0, proc.communicate()[1]
     assert [p.name for p in tmp_path.iterdir()] == ["idx"] and _whole(out, old, s["new"]) == "new"
+
+
+# `cliptune sweep` in a process that SIGKILLs itself at the K-th call of one function (FAULT=step: a
+# training step, mid-trial; FAULT=write: an atomic folder swap, the new checkpoint or model/ complete).
+_SWEEP = """import os, signal, sys
+import cliptune.train.loop as loop
+from cliptune import rundir
+owner, name = {"step": (loop, "_train_step"), "write": (rundir, "_swap_into_place")}[os.environ["FAULT"]]
+real, k, calls = getattr(owner, name), int(os.environ["FAULT_AT"]), [0]
+def wrapped(*a, **kw):
+    calls[0] += 1
+    if calls[0] == k:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a, **kw)
+setattr(owner, name, wrapped)
+from cliptune.cli.app import app
+app()
+"""
+_LRS = (0.003, 0.1)  # enqueued, so both sweeps train the same two trials (see below)
+
+
+def _sweep_cli(cfg: Path, runs: Path, fault: tuple[str, int] | None = None) -> subprocess.Popen[str]:
+    env = {**ENV, "HF_HUB_OFFLINE": "1"}
+    if fault is not None:
+        env.update(FAULT=fault[0], FAULT_AT=str(fault[1]))
+    code = _SWEEP if fault is not None else "from cliptune.cli.app import app; app()"
+    cmd = [sys.executable, "-c", code, "sweep", str(cfg), "--runs", str(runs), "-q"]
+    return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+
+
+def _results(runs: Path) -> dict[float, tuple[float | None, float]]:
+    """Each complete trial by its learning rate: its objective value, and summary.json's best value."""
+    study = optuna.load_study(study_name="sw", storage=f"sqlite:///{runs / 'sw' / 'sweep.db'}")
+    out = {}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        summary = json.loads((runs / "sw" / f"trial-{t.number:04d}" / "summary.json").read_text())
+        out[t.params["train.lr"]] = (t.value, summary["best"]["val/t2i/mrr"])
+    return out
+
+
+def test_killed_sweep_resumes_to_the_same_trial_results(tmp_path: Path, index_setup: dict[str, Path]) -> None:
+    s = index_setup
+    fashion = render_fashion(tmp_path / "fashion", n=80, seed=0)
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "sw",
+        "data": {"catalogue": str(fashion), "split": {"ratios": {"train": 0.7, "val": 0.3}}},
+        "model": {"backbone": str(s["clip"]), "trainable_layers": 0, "cache_dir": str(tmp_path / "cache")},
+        "train": {"epochs": 2, "batch_size": 16, "early_stopping": None},  # 4 steps an epoch, 8 a trial, 16 in all
+        "sweep": {"objective": "val/t2i/mrr", "trials": 2, "pruner": "none",
+                  "space": {"train.lr": {"type": "float", "low": 1e-3, "high": 0.2, "log": True}}},
+    }))  # fmt: skip
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    # The sampler is seeded with sweep.seed + the trials already in the study, so a sweep resumed after a
+    # kill samples new points; with the trials enqueued both sweeps train the same two, so their results
+    # can be compared one for one (the sweep's own recovery still fails and re-runs the killed trial).
+    for runs in (full, killed):
+        (runs / "sw").mkdir(parents=True)
+        study = optuna.create_study(study_name="sw", storage=f"sqlite:///{runs / 'sw' / 'sweep.db'}",
+                                    direction="maximize")  # fmt: skip
+        for lr in _LRS:
+            study.enqueue_trial({"train.lr": lr})
+    reference = _sweep_cli(cfg, full)
+    rng = random.Random(14)
+    plan = [("step", rng.randint(2, 15)), ("write", rng.randint(1, 4))]  # 16 steps in all; 2+ swaps a trial
+    codes = []
+    for fault in plan:
+        proc = _sweep_cli(cfg, killed, fault)
+        err = proc.communicate(timeout=300)[1]
+        codes.append(proc.returncode)
+        assert proc.returncode in (-signal.SIGKILL, 0), err[-3000:]
+    assert codes[0] == -signal.SIGKILL  # step N < 16 always lands inside a trial
+    final = _sweep_cli(cfg, killed)
+    err = final.communicate(timeout=300)[1]
+    assert final.returncode == 0, (plan, codes, err[-3000:])
+    assert reference.wait(timeout=300) == 0, reference.communicate()[1][-3000:]
+
+    ours, theirs = _results(killed), _results(full)
+    assert set(theirs) == set(_LRS) and ours == theirs  # the same two trials, the same values
+    for value, best in theirs.values():
+        assert value == best  # the trial's value is its run's best epoch (summary.json)
+    board = json.loads((killed / "sw" / "sweep.json").read_text())
+    failed = [t for t in board["trials"] if t["state"] == "FAIL"]
+    assert len(failed) == sum(c == -signal.SIGKILL for c in codes)  # each kill failed one trial ...
+    for t in failed:  # ... moved aside and re-run with its parameters
+        assert t["error"].startswith("interrupted: process") and "/failed/trial-" in t["run_dir"]
+        assert t["params"]["train.lr"] in ours
+    assert len(list((killed / "sw").glob("trial-*"))) == 2  # what `compare RUNS/sw/trial-*` reads
+    # nothing half-written is left anywhere, the parked failed trials included
+    assert _temps(killed) == [] and not list(killed.rglob(".sweep-config-*"))

@@ -315,9 +315,35 @@ def test_siamese_direction_is_paired_over_triplets(tmp_path: Path) -> None:
 def test_unreadable_runs_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="metrics.jsonl: not found"):
         load_run(tmp_path)
-    (tmp_path / "metrics.jsonl").write_text('{"kind": "epoch", "epoch": 0}\n{oops\n')
-    with pytest.raises(ReportError, match=r"metrics.jsonl:2: not valid JSON"):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"kind": "epoch", "epoch": 0}\n{oops\n{"kind": "epoch", "epoch": 1}\n')
+    with pytest.raises(ReportError) as info:  # rundir's reader: file and line, the parser's reason
         load_run(tmp_path)
+    assert str(info.value) == (
+        f"{metrics}:2 is damaged: not valid JSON (Expecting property name enclosed in double quotes at column 2)"
+    )
+    # A half-written last line is what a kill mid-append leaves (a resume drops it): the report skips it.
+    metrics.write_text('{"kind": "epoch", "epoch": 0}\n{"kind": "epoch", "epoch": 1}\n{"kind": "ep')
+    assert [r["epoch"] for r in load_run(tmp_path).epochs] == [0, 1]
+    metrics.write_text('{"kind": "epoch", "epoch": "one"}\n')
+    with pytest.raises(
+        ReportError, match=r"metrics.jsonl: an epoch record needs an integer 'epoch', got 'one'"
+    ):
+        load_run(tmp_path)
+
+
+def test_cli_report_names_the_damaged_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cliptune.cli.app import app
+
+    run = overfitting_run(tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:-3]  # a damaged line inside the file, not the last one
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{run / 'metrics.jsonl'}:2 is damaged: not valid JSON" in result.output
 
 
 # ---------------------------------------------------------------- the page

@@ -34,7 +34,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from cliptune.config import Config, ConfigError, SweepParam, dump_config, load_config, save_config
 from cliptune.errors import CliptuneError
-from cliptune.rundir import RunDir, read_summary, write_text_atomic
+from cliptune.rundir import RunDir, clean_stale_temps, read_summary, write_text_atomic
 from cliptune.train.errors import TrainingError
 from cliptune.train.run import train
 
@@ -435,10 +435,15 @@ def _retry_once(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def _park_failed(trials: list[FrozenTrial], sweep_dir: Path) -> None:
-    """Failed trials' run directories leave the ``trial-*`` glob (``compare``) for ``failed/``."""
+    """Failed trials' run directories leave the ``trial-*`` glob (``compare``) for ``failed/``.
+
+    A killed trial is never resumed, so nothing else would delete what its interrupted writes left (a
+    whole hidden ``.model.tmp-<hex>`` folder of weights): those go before the folder moves.
+    """
     for t in trials:
         run_dir = sweep_dir / f"trial-{t.number:04d}"
         if t.state == TrialState.FAIL and run_dir.is_dir():
+            clean_stale_temps(run_dir)
             (sweep_dir / "failed").mkdir(exist_ok=True)
             dest = sweep_dir / "failed" / run_dir.name
             if dest.exists():

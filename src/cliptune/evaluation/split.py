@@ -20,7 +20,7 @@ from torch import Tensor
 
 from cliptune.data.prepare import PreparedData
 from cliptune.data.splits import group_ids
-from cliptune.evaluation.errors import EvalError
+from cliptune.evaluation.errors import EvalError, NonFiniteEmbeddingsError
 from cliptune.evaluation.intervals import metric_summaries
 from cliptune.evaluation.loss import LossSettings, info_nce_per_pair
 from cliptune.evaluation.retrieval import Relevant, evaluate_embeddings
@@ -77,6 +77,7 @@ def evaluate_split(
 
     Raises:
         EvalError: Unknown or empty split.
+        NonFiniteEmbeddingsError: The model embeds some of the split's images or captions as NaN / inf.
     """
     if split not in data.splits:
         raise EvalError(f"no split '{split}' in this data; splits: {', '.join(sorted(data.splits))}")
@@ -92,6 +93,8 @@ def evaluate_split(
     embed: dict[str, Any] = {"cache_dir": cache_dir, "precision": precision, "progress": progress}
     image_emb = embed_images_with(model, catalogue_paths(data.catalogue, images), **embed)
     text_emb = embed_texts_with(model, texts, **embed)
+    for tower, emb, names in (("image", image_emb, images), ("text", text_emb, texts)):
+        _check_finite(emb, names, tower, split, model, precision)
     result = evaluate_embeddings(
         text_emb,
         image_emb,
@@ -169,3 +172,16 @@ def evaluate_split(
         "loss": loss_info,
         **result,
     }
+
+
+def _check_finite(
+    emb: Tensor, names: list[str], tower: str, split: str, model: LoadedModel, precision: str
+) -> None:
+    """NaN embeddings would fail deep in ranking with no context: name the split, model and tower here."""
+    bad = (~emb.isfinite()).any(dim=1)  # (N,) one flag per embedding
+    if bool(bad.any()):
+        first = names[int(bad.nonzero()[0])]
+        count, total = int(bad.sum()), len(names)
+        raise NonFiniteEmbeddingsError(
+            split, model.name, str(model.source), tower, count, total, first, precision
+        )

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from cliptune.errors import CliptuneError
-from cliptune.rundir import RunDir
+from cliptune.rundir import DamagedFileError, RunDir, read_jsonl
 
 __all__ = ["ReportError", "RunData", "load_compared", "load_run", "watched_metric"]
 
@@ -122,7 +122,7 @@ def load_run(path: Path | str) -> RunData:
     metrics = run.metrics
     if not metrics.is_file():
         raise ReportError(f"{metrics}: not found; is {run_dir} a run directory written by `cliptune train`?")
-    records = _read_jsonl(metrics)
+    records = _read_metrics(metrics)
     epochs = sorted((r for r in records if r.get("kind") == "epoch"), key=lambda r: int(r["epoch"]))
     if not epochs:
         raise ReportError(f"{metrics}: no epoch record (kind: epoch); training wrote nothing to report on")
@@ -189,20 +189,17 @@ def watched_metric(run: RunData) -> tuple[str, str]:
     return "val/loss", "min"
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ReportError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise ReportError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """``metrics.jsonl`` through rundir's reader; a half-written last line (a killed run) is left out."""
+    try:
+        records, _ = read_jsonl(path, torn_tail=True)
+    except DamagedFileError as exc:
+        raise ReportError(str(exc)) from None
+    for record in records:
         if record.get("kind") == "epoch" and not isinstance(record.get("epoch"), int):
-            raise ReportError(f"{path}:{number}: an epoch record needs an integer 'epoch'")
-        records.append(record)
+            raise ReportError(
+                f"{path}: an epoch record needs an integer 'epoch', got {record.get('epoch')!r}"
+            )
     return records
 
 
