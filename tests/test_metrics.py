@@ -533,3 +533,32 @@ def test_default_keys_and_cut_offs() -> None:
     assert s.keys() == m.keys()
     for key in m:
         assert torch.equal(s[key], m[key]), key
+
+
+def test_tie_rule_holds_for_long_rows() -> None:
+    # torch's default (unstable) sort keeps index order for a dozen items but not for hundreds: the tie
+    # rule (lower item index first) and the item order of ranks_of_relevant must not depend on the length
+    gen = torch.Generator().manual_seed(12)
+    q, n = 3, 300
+    scores = torch.randint(0, 3, (q, n), generator=gen).float()
+    rel = torch.rand(q, n, generator=gen) < 0.5
+    ranks = rank_items(scores)
+    ranks_rel, _ = ranks_of_relevant(scores, rel)
+    for i in range(q):
+        order = sorted(range(n), key=lambda j: (-float(scores[i, j]), j))
+        expected = [order.index(j) + 1 for j in range(n)]
+        assert ranks[i].tolist() == expected
+        relevant = [expected[j] for j in range(n) if rel[i, j]]  # in item index order
+        assert ranks_rel[i, : len(relevant)].tolist() == relevant
+        assert not ranks_rel[i, len(relevant) :].any()
+
+
+def test_single_relevant_item_and_deep_ranks() -> None:
+    # one relevant item (R = 1): recall is 0 or 1, MRR and AP are 1 / rank, even far down the list
+    m = retrieval_metrics_from_ranks(torch.tensor([[1], [2], [200], [0]]), ks=(1, 2), prefix="")
+    _close(m["recall@1"], [1.0, 0.0, 0.0, 0.0])
+    _close(m["recall@2"], [1.0, 1.0, 0.0, 0.0])
+    _close(m["mrr"], [1.0, 0.5, 1 / 200, 0.0])
+    _close(m["mrr@2"], [1.0, 0.5, 0.0, 0.0])
+    _close(m["map"], [1.0, 0.5, 1 / 200, 0.0])
+    _close(m["ndcg@2"], [1.0, 1 / math.log2(3), 0.0, 0.0])
