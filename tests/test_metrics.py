@@ -427,6 +427,8 @@ def test_duplicate_ranks_name_the_first_row_and_padding_may_repeat() -> None:
     )
     with pytest.raises(ValueError, match="query row 0 has two"):
         retrieval_metrics_from_ranks(torch.tensor([[3, 9, 3]]))  # equal neighbours only once sorted
+    with pytest.raises(ValueError, match="query row 1 has two"):
+        retrieval_metrics_from_ranks(torch.tensor([[2, 0], [1, 1]]))  # rank 1 twice is a duplicate too
     # padding zeros repeat freely, and distinct ranks in any order are fine
     m = retrieval_metrics_from_ranks(torch.tensor([[0, 3, 0, 1, 0], [0, 0, 0, 0, 0]]), ks=(1,), prefix="")
     _close(m["recall@1"], [0.5, 0.0])
