@@ -336,3 +336,47 @@ def test_min_groups_property(sizes: list[int], ratios: dict[str, float], seed: i
     plain = make_splits(rows, ratios, seed=seed)
     if len(plain["train"]) >= len(sizes) / 2:  # moving groups never takes train below half of them
         assert len(splits["train"]) >= len(sizes) / 2
+
+
+# --- edges that `make mutation MUTATE=splits` found unstated (docs/reliability.md) -------------------------
+
+
+def test_a_non_default_group_column_is_used_everywhere() -> None:
+    # groups named by "product"; the "group" column, present too, must be ignored by every function
+    rows = pd.DataFrame(
+        {
+            "file_name": [f"{i}.png" for i in range(8)],
+            "product": list("aabbccdd"),
+            "group": list("wxyzwxyz"),
+            "split": ["train", "train", "train", "train", "test", "test", "train", "train"],
+        }
+    )
+    splits = make_splits(rows, {"train": 0.5, "val": 0.25, "test": 0.25}, seed=0, group_column="product")
+    assert sorted(g for gids in splits.values() for g in gids) == ["a", "b", "c", "d"]
+    labels = assign_rows(rows, splits, group_column="product")
+    assert labels.name == "split"
+    assert labels.tolist() == [name for p in rows["product"] for name, gids in splits.items() if p in gids]
+    # every row is fixed to train or test: val is carved from train's groups a, b, d
+    assert splits["test"] == ["c"] and len(splits["val"]) == 1 and splits["val"][0] in "abd"
+    assert carved_groups(rows, splits, group_column="product") == {"val": splits["val"]}
+    assert group_ids(rows, "product").name == group_ids(rows.drop(columns="group")).name == "group_id"
+
+
+def test_missing_stratify_column_names_the_columns() -> None:
+    rows = _catalogue([1, 1, 2])
+    with pytest.raises(ValueError) as info:
+        make_splits(rows, {"train": 0.5, "test": 0.5}, seed=0, stratify="colour")
+    columns = ", ".join(rows.columns)
+    assert str(info.value) == f"stratify column 'colour' not found (columns: {columns})"
+
+
+def test_min_groups_needs_a_train_split_and_leaves_zero_ratio_splits_empty() -> None:
+    rows = _catalogue([1] * 20)
+    # no train split: nothing can be moved, the ratio split stands
+    no_train = {"val": 0.9, "test": 0.1}
+    assert make_splits(rows, no_train, seed=0, min_groups=3) == make_splits(rows, no_train, seed=0)
+    # a held-out split with ratio 0 is not held out: it stays empty, the others reach the minimum
+    ratios = {"train": 0.9, "val": 0.1, "test": 0.0}
+    splits = make_splits(rows, ratios, seed=0, min_groups=4)
+    assert splits["test"] == [] and len(splits["val"]) == 4 and len(splits["train"]) == 16
+    assert len(make_splits(rows, ratios, seed=0)["val"]) == 2  # the default min_groups=0: ratios alone
