@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cliptune.data.splits import (
+    _strata,  # the stratum rule, stated directly (docs/catalogues.md step 3)
     assign_rows,
     carved_groups,
     group_ids,
@@ -380,3 +381,33 @@ def test_min_groups_needs_a_train_split_and_leaves_zero_ratio_splits_empty() -> 
     splits = make_splits(rows, ratios, seed=0, min_groups=4)
     assert splits["test"] == [] and len(splits["val"]) == 4 and len(splits["train"]) == 16
     assert len(make_splits(rows, ratios, seed=0)["val"]) == 2  # the default min_groups=0: ratios alone
+
+
+def test_two_train_groups_are_enough_to_carve() -> None:
+    two = _fixed_catalogue(train=[5, 3], test=[2])
+    splits = make_splits(two, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=0)
+    assert splits["test"] == ["x00"] and len(splits["train"]) == 1 and len(splits["val"]) == 1
+    assert sorted(splits["train"] + splits["val"]) == ["t00", "t01"]
+    assert carved_groups(two, splits) == {"val": splits["val"]}
+
+
+def test_min_groups_moves_the_smallest_group_before_the_smallest_id() -> None:
+    # g00 has 3 rows, every other group 1: raising val/test takes the one-row groups, never g00
+    rows = _catalogue([3] + [1] * 19)
+    raised = make_splits(rows, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=0, min_groups=5)
+    assert [len(raised[n]) for n in ("train", "val", "test")] == [10, 5, 5]
+    assert make_splits(rows, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=0)["train"][0] == "g00"
+    assert raised["train"][0] == "g00"  # in train by ratio, and it stays there
+
+
+def test_a_groups_stratum_is_its_most_frequent_value() -> None:
+    # group a: red twice, blue once -> red; group b: blue twice, red once -> blue; c: a tie -> the smaller y
+    table = pd.DataFrame(
+        {"gid": list("aaabbbcc"), "stratum": ["red", "red", "blue", "blue", "blue", "red", "z", "y"]}
+    )
+    assert _strata(table) == {"blue": ["b"], "red": ["a"], "y": ["c"]}
+
+
+def test_saved_splits_are_one_id_per_line_sorted(tmp_path: Path) -> None:
+    path = save_splits({"val": ["b", "a"], "train": ["c"]}, tmp_path / "s.json")
+    assert path.read_text() == '{\n "train": [\n  "c"\n ],\n "val": [\n  "a",\n  "b"\n ]\n}\n'
