@@ -411,3 +411,15 @@ def test_a_groups_stratum_is_its_most_frequent_value() -> None:
 def test_saved_splits_are_one_id_per_line_sorted(tmp_path: Path) -> None:
     path = save_splits({"val": ["b", "a"], "train": ["c"]}, tmp_path / "s.json")
     assert path.read_text() == '{\n "train": [\n  "c"\n ],\n "val": [\n  "a",\n  "b"\n ]\n}\n'
+
+
+def test_min_groups_after_carving_counts_trains_groups_before_the_carve() -> None:
+    # every row fixed to train (20 groups) or test: val is carved from train with 0.1 / 0.9 of its rows
+    # (2 groups), then step 7 raises it to min(4, 20 // 2) = 4 groups, all from train's former groups
+    rows = _fixed_catalogue(train=[1] * 20, test=[1] * 3)
+    ratios = {"train": 0.8, "val": 0.1, "test": 0.1}
+    assert len(make_splits(rows, ratios, seed=0)["val"]) == 2
+    raised = make_splits(rows, ratios, seed=0, min_groups=4)
+    assert len(raised["val"]) == 4 and len(raised["train"]) == 16 and len(raised["test"]) == 3
+    assert all(g.startswith("t") for g in raised["val"])
+    assert carved_groups(rows, raised) == {"val": raised["val"]}
