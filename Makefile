@@ -53,8 +53,9 @@ lint: $(TEST_STAMP)
 # Mutation testing (docs/reliability.md, "Mutation testing"): run by hand, never by `make test`. Each entry is
 # NAME:FILES:TESTS (FILES under src/cliptune, globs allowed; TESTS the fast test files that cover them). Each
 # name runs mutmut in its own scratch copy under $(MUTATION_DIR)/NAME with only its files mutated and only
-# its tests run, the two lines of [tool.mutmut] in pyproject.toml replaced there. `make mutation
-# MUTATE="bootstrap early_stopping"` picks entries; MUTATION_JOBS sets mutmut's worker processes.
+# its tests run, the two lines of [tool.mutmut] in pyproject.toml replaced there; docs/ is copied along
+# (`also_copy`): some tests read it. `make mutation MUTATE="bootstrap early_stopping"` picks entries;
+# MUTATION_JOBS sets mutmut's worker processes.
 MUTATION_TARGETS := \
 	early_stopping:train/early_stopping.py:tests/test_early_stopping.py \
 	bootstrap:ranking/bootstrap.py:tests/test_bootstrap.py \
@@ -75,8 +76,8 @@ mutation: $(TEST_STAMP)
 	  [ -n "$$entry" ] || { echo "mutation: no entry '$$name' in MUTATION_TARGETS"; exit 2; }; \
 	  files=$$(echo "$$entry" | cut -d: -f2 | sed 's|[^,]*|"src/cliptune/&"|g'); \
 	  tests=$$(echo "$$entry" | cut -d: -f3 | sed 's|[^,]*|"&"|g'); \
-	  dir=$(MUTATION_DIR)/$$name; rm -rf "$$dir"; mkdir -p "$$dir"; cp -r src tests pyproject.toml "$$dir"; \
-	  sed -i -e "s|^only_mutate = .*|only_mutate = [$$files]|" \
+	  dir=$(MUTATION_DIR)/$$name; rm -rf "$$dir"; mkdir -p "$$dir"; cp -r src tests docs pyproject.toml "$$dir"; \
+	  sed -i -e "s|^only_mutate = .*|only_mutate = [$$files]|" -e "s|^source_paths = .*|&\nalso_copy = [\"docs\"]|" \
 	    -e "s|^pytest_add_cli_args_test_selection = .*|pytest_add_cli_args_test_selection = [$$tests]|" \
 	    "$$dir/pyproject.toml"; \
 	  echo "== mutation $$name: [$$files] by [$$tests]"; \

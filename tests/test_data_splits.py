@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cliptune.data.splits import (
+    _strata,  # the stratum rule, stated directly (docs/catalogues.md step 3)
     assign_rows,
     carved_groups,
     group_ids,
@@ -336,3 +337,89 @@ def test_min_groups_property(sizes: list[int], ratios: dict[str, float], seed: i
     plain = make_splits(rows, ratios, seed=seed)
     if len(plain["train"]) >= len(sizes) / 2:  # moving groups never takes train below half of them
         assert len(splits["train"]) >= len(sizes) / 2
+
+
+# --- edges that `make mutation MUTATE=splits` found unstated (docs/reliability.md) -------------------------
+
+
+def test_a_non_default_group_column_is_used_everywhere() -> None:
+    # groups named by "product"; the "group" column, present too, must be ignored by every function
+    rows = pd.DataFrame(
+        {
+            "file_name": [f"{i}.png" for i in range(8)],
+            "product": list("aabbccdd"),
+            "group": list("wxyzwxyz"),
+            "split": ["train", "train", "train", "train", "test", "test", "train", "train"],
+        }
+    )
+    splits = make_splits(rows, {"train": 0.5, "val": 0.25, "test": 0.25}, seed=0, group_column="product")
+    assert sorted(g for gids in splits.values() for g in gids) == ["a", "b", "c", "d"]
+    labels = assign_rows(rows, splits, group_column="product")
+    assert labels.name == "split"
+    assert labels.tolist() == [name for p in rows["product"] for name, gids in splits.items() if p in gids]
+    # every row is fixed to train or test: val is carved from train's groups a, b, d
+    assert splits["test"] == ["c"] and len(splits["val"]) == 1 and splits["val"][0] in "abd"
+    assert carved_groups(rows, splits, group_column="product") == {"val": splits["val"]}
+    assert group_ids(rows, "product").name == group_ids(rows.drop(columns="group")).name == "group_id"
+
+
+def test_missing_stratify_column_names_the_columns() -> None:
+    rows = _catalogue([1, 1, 2])
+    with pytest.raises(ValueError) as info:
+        make_splits(rows, {"train": 0.5, "test": 0.5}, seed=0, stratify="colour")
+    columns = ", ".join(rows.columns)
+    assert str(info.value) == f"stratify column 'colour' not found (columns: {columns})"
+
+
+def test_min_groups_needs_a_train_split_and_leaves_zero_ratio_splits_empty() -> None:
+    rows = _catalogue([1] * 20)
+    # no train split: nothing can be moved, the ratio split stands
+    no_train = {"val": 0.9, "test": 0.1}
+    assert make_splits(rows, no_train, seed=0, min_groups=3) == make_splits(rows, no_train, seed=0)
+    # a held-out split with ratio 0 is not held out: it stays empty, the others reach the minimum
+    ratios = {"train": 0.9, "val": 0.1, "test": 0.0}
+    splits = make_splits(rows, ratios, seed=0, min_groups=4)
+    assert splits["test"] == [] and len(splits["val"]) == 4 and len(splits["train"]) == 16
+    assert len(make_splits(rows, ratios, seed=0)["val"]) == 2  # the default min_groups=0: ratios alone
+
+
+def test_two_train_groups_are_enough_to_carve() -> None:
+    two = _fixed_catalogue(train=[5, 3], test=[2])
+    splits = make_splits(two, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=0)
+    assert splits["test"] == ["x00"] and len(splits["train"]) == 1 and len(splits["val"]) == 1
+    assert sorted(splits["train"] + splits["val"]) == ["t00", "t01"]
+    assert carved_groups(two, splits) == {"val": splits["val"]}
+
+
+def test_min_groups_moves_the_smallest_group_before_the_smallest_id() -> None:
+    # g00 has 3 rows, every other group 1: raising val/test takes the one-row groups, never g00
+    rows = _catalogue([3] + [1] * 19)
+    raised = make_splits(rows, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=0, min_groups=5)
+    assert [len(raised[n]) for n in ("train", "val", "test")] == [10, 5, 5]
+    assert make_splits(rows, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=0)["train"][0] == "g00"
+    assert raised["train"][0] == "g00"  # in train by ratio, and it stays there
+
+
+def test_a_groups_stratum_is_its_most_frequent_value() -> None:
+    # group a: red twice, blue once -> red; group b: blue twice, red once -> blue; c: a tie -> the smaller y
+    table = pd.DataFrame(
+        {"gid": list("aaabbbcc"), "stratum": ["red", "red", "blue", "blue", "blue", "red", "z", "y"]}
+    )
+    assert _strata(table) == {"blue": ["b"], "red": ["a"], "y": ["c"]}
+
+
+def test_saved_splits_are_one_id_per_line_sorted(tmp_path: Path) -> None:
+    path = save_splits({"val": ["b", "a"], "train": ["c"]}, tmp_path / "s.json")
+    assert path.read_text() == '{\n "train": [\n  "c"\n ],\n "val": [\n  "a",\n  "b"\n ]\n}\n'
+
+
+def test_min_groups_after_carving_counts_trains_groups_before_the_carve() -> None:
+    # every row fixed to train (20 groups) or test: val is carved from train with 0.1 / 0.9 of its rows
+    # (2 groups), then step 7 raises it to min(4, 20 // 2) = 4 groups, all from train's former groups
+    rows = _fixed_catalogue(train=[1] * 20, test=[1] * 3)
+    ratios = {"train": 0.8, "val": 0.1, "test": 0.1}
+    assert len(make_splits(rows, ratios, seed=0)["val"]) == 2
+    raised = make_splits(rows, ratios, seed=0, min_groups=4)
+    assert len(raised["val"]) == 4 and len(raised["train"]) == 16 and len(raised["test"]) == 3
+    assert all(g.startswith("t") for g in raised["val"])
+    assert carved_groups(rows, raised) == {"val": raised["val"]}

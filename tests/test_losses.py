@@ -18,6 +18,7 @@ from cliptune.losses import (
     TripletLoss,
     contrastive,
     info_nce,
+    info_nce_triplets,
     make_loss,
     siamese_objective,
     siglip,
@@ -570,3 +571,35 @@ def test_reduction_must_be_mean_or_none() -> None:
     ):
         with pytest.raises(ValueError, match="reduction must be 'mean' or 'none'"):
             call()
+
+
+# --- messages name the function and the facts; zero temperature is rejected (`make mutation MUTATE=losses`) --
+
+
+def test_batch_check_messages_name_the_loss_and_every_input() -> None:
+    a, b = torch.zeros(2, 3), torch.zeros(3, 3)
+    for call, where, names in (
+        (lambda: info_nce(a, b, 0.07), "info_nce", ("image_emb", "text_emb")),
+        (lambda: siglip(a, b, 1.0, 0.0), "siglip", ("image_emb", "text_emb")),
+        (lambda: info_nce_triplets(a, a, b), "info_nce_triplets", ("anchor", "positive", "negative")),
+    ):
+        with pytest.raises(ValueError) as err:
+            call()
+        shapes = dict(zip(names, [(2, 3)] * (len(names) - 1) + [(3, 3)], strict=True))
+        assert str(err.value) == f"{where}: all inputs must share one (B, D) shape, got {shapes}"
+    with pytest.raises(ValueError) as err:
+        info_nce(a, a, 0.07, reduction="sum")
+    assert str(err.value) == "info_nce: reduction must be 'mean' or 'none', got 'sum'"
+    with pytest.raises(ValueError) as err:
+        info_nce_triplets(a, a, a, reduction="sum")
+    assert str(err.value) == "info_nce_triplets: reduction must be 'mean' or 'none', got 'sum'"
+
+
+def test_zero_temperature_is_rejected() -> None:
+    x = torch.eye(2)
+    with pytest.raises(ValueError) as err:
+        info_nce(x, x, 0.0)
+    assert str(err.value) == "info_nce: temperature must be > 0, got 0.0"
+    with pytest.raises(ValueError) as err:
+        info_nce_triplets(x, x, x, temperature=0)
+    assert str(err.value) == "info_nce_triplets: temperature must be > 0, got 0"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torchmetrics.functional.retrieval as tmr
@@ -311,3 +312,255 @@ def test_validation_errors_name_the_problem() -> None:
         retrieval_metrics_from_ranks(torch.tensor([[2.0]]))
     with pytest.raises(ValueError, match="one shape"):
         triplet_accuracy(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks at their edges, and messages that name the function, the argument and the facts
+# (each of these was a surviving mutant of `make mutation MUTATE=metrics`, docs/reliability.md). The dense
+# metrics check their scores and relevance inside `ranks_of_relevant`, whose name their messages carry.
+
+
+def test_scores_must_be_a_non_empty_2d_float_matrix_and_the_message_says_what_came() -> None:
+    rel = torch.tensor([[True]])
+    with pytest.raises(ValueError) as err:
+        recall_at_k(torch.tensor([0.1, 0.2]), torch.tensor([True, False]), 1)  # 1-D
+    assert str(err.value) == "ranks_of_relevant: scores must be a 2-D (Q, N) tensor with N >= 1, got (2,)"
+    with pytest.raises(
+        ValueError,
+        match=r"^ranks_of_relevant: scores must be a 2-D \(Q, N\) tensor with N >= 1, got \(2, 0\)$",
+    ):
+        mrr(torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool))  # 2-D but no item
+    with pytest.raises(ValueError, match=r"^rank_items: scores must be a 2-D .*got \(1, 1, 1\)$"):
+        rank_items(torch.zeros(1, 1, 1))
+    with pytest.raises(ValueError) as err:
+        precision_at_k(torch.tensor([[1, 2]]), torch.tensor([[True, False]]), 1)
+    assert str(err.value) == "ranks_of_relevant: scores must be floating point, got torch.int64"
+    # one item and no query are both fine: N >= 1 is the only size rule
+    _close(accuracy_at_k(torch.tensor([[0.3]]), rel, 1), [1.0])
+    assert average_precision(torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.bool)).shape == (0,)
+
+
+def test_relevance_shape_message_names_both_shapes() -> None:
+    with pytest.raises(ValueError) as err:
+        ndcg_at_k(SCORES, GAINS[:, :3], 2)
+    assert str(err.value) == "ranks_of_relevant: relevance shape (3, 3) must equal scores shape (3, 5)"
+    with pytest.raises(ValueError, match=r"^ranks_of_relevant: relevance shape \(2, 5\) must equal"):
+        average_precision(SCORES, RELEVANT[:2])  # fewer queries, same items
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("inf"), float("nan")])
+def test_relevance_gains_must_be_finite_and_non_negative(bad: float) -> None:
+    gains = GAINS.clone()
+    gains[1, 4] = bad  # one bad entry is enough
+    with pytest.raises(ValueError) as err:
+        ndcg_at_k(SCORES, gains, 3)
+    assert str(err.value) == "ranks_of_relevant: relevance gains must be finite and >= 0"
+
+
+@pytest.mark.parametrize("k", [0, -1, True, 1.0, 2.5, "3", None])
+def test_k_must_be_a_positive_int_and_the_message_repeats_it(k: object) -> None:
+    for fn, name in (
+        (recall_at_k, "recall_at_k"),
+        (precision_at_k, "precision_at_k"),
+        (accuracy_at_k, "accuracy_at_k"),
+        (mrr_at_k, "mrr_at_k"),
+        (ndcg_at_k, "ndcg_at_k"),
+        (red_flag_rate_at_k, "red_flag_rate_at_k"),
+    ):
+        with pytest.raises(ValueError) as err:
+            fn(SCORES, RELEVANT, k)
+        assert str(err.value) == f"{name}: k must be a positive int, got {k!r}"
+
+
+def test_k_accepts_any_integral_type_and_one() -> None:
+    _close(recall_at_k(SCORES, BINARY, np.int64(3)), [0.0, 0.5, 0.0])  # numpy ints are Integral
+    _close(mrr_at_k(SCORES, BINARY, 1), [0.0, 0.0, 0.0])
+    m = retrieval_metrics_from_ranks(torch.tensor([[1]]), ks=(np.int32(1),), prefix="")
+    _close(m["recall@1"], [1.0])
+
+
+def test_every_k_of_ks_is_checked_not_only_the_first() -> None:
+    with pytest.raises(ValueError) as err:
+        retrieval_metrics_from_ranks(torch.tensor([[1, 2]]), ks=(1, 5, 0))
+    assert str(err.value) == "retrieval_metrics_from_ranks: k must be a positive int, got 0"
+    with pytest.raises(ValueError, match=r"^retrieval_metrics_from_ranks: k must be .*got -2$"):
+        retrieval_metrics(SCORES, RELEVANT, ks=(-2, 3))
+
+
+@pytest.mark.parametrize(
+    ("ranks", "shown"),
+    [
+        (torch.tensor([1, 2]), "torch.int64 (2,)"),  # 1-D
+        (torch.tensor([[[1]]]), "torch.int64 (1, 1, 1)"),  # 3-D
+        (torch.tensor([[1.0, 2.0]]), "torch.float32 (1, 2)"),
+        (torch.tensor([[True, False]]), "torch.bool (1, 2)"),
+    ],
+)
+def test_ranks_must_be_a_2d_integer_matrix(ranks: torch.Tensor, shown: str) -> None:
+    with pytest.raises(ValueError) as err:
+        retrieval_metrics_from_ranks(ranks)
+    assert str(err.value) == (
+        f"retrieval_metrics_from_ranks: ranks must be a 2-D integer (Q, R) tensor, got {shown}"
+    )
+
+
+def test_other_integer_rank_dtypes_give_the_same_metrics() -> None:
+    ranks = torch.tensor([[4, 5], [5, 2], [0, 0]])
+    ref = retrieval_metrics_from_ranks(ranks, ks=(3,))
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        got = retrieval_metrics_from_ranks(ranks.to(dtype), ks=(3,))
+        assert all(torch.equal(got[key], ref[key]) for key in ref), dtype
+
+
+def test_negative_ranks_are_rejected_naming_the_smallest() -> None:
+    with pytest.raises(ValueError) as err:
+        retrieval_metrics_from_ranks(torch.tensor([[3, -1], [-4, 0]]))
+    assert str(err.value) == "retrieval_metrics_from_ranks: ranks must be >= 1 (or 0 for padding), got -4"
+
+
+def test_duplicate_ranks_name_the_first_row_and_padding_may_repeat() -> None:
+    # unsorted rows: the duplicate is found after sorting, in the right row, and only among ranks > 0
+    with pytest.raises(ValueError) as err:
+        retrieval_metrics_from_ranks(torch.tensor([[1, 2, 0], [0, 0, 0], [7, 3, 7], [5, 5, 0]]))
+    assert str(err.value) == (
+        "retrieval_metrics_from_ranks: query row 2 has two relevant items at the same rank (duplicate item?)"
+    )
+    with pytest.raises(ValueError, match="query row 0 has two"):
+        retrieval_metrics_from_ranks(torch.tensor([[3, 9, 3]]))  # equal neighbours only once sorted
+    with pytest.raises(ValueError, match="query row 1 has two"):
+        retrieval_metrics_from_ranks(torch.tensor([[2, 0], [1, 1]]))  # rank 1 twice is a duplicate too
+    # padding zeros repeat freely, and distinct ranks in any order are fine
+    m = retrieval_metrics_from_ranks(torch.tensor([[0, 3, 0, 1, 0], [0, 0, 0, 0, 0]]), ks=(1,), prefix="")
+    _close(m["recall@1"], [0.5, 0.0])
+    _close(m["map"], [(1 / 1 + 2 / 3) / 2, 0.0])
+
+
+def test_gains_beside_ranks_are_checked_and_padding_gains_ignored() -> None:
+    ranks = torch.tensor([[2, 0], [1, 3]])
+    with pytest.raises(ValueError) as err:
+        retrieval_metrics_from_ranks(ranks, gains=torch.ones(2, 3))
+    assert str(err.value) == "retrieval_metrics_from_ranks: gains shape (2, 3) must equal ranks shape (2, 2)"
+    with pytest.raises(ValueError) as err:
+        retrieval_metrics_from_ranks(ranks, gains=torch.tensor([[1.0, 0.0], [float("inf"), 1.0]]))
+    assert str(err.value) == "retrieval_metrics_from_ranks: gains must be finite and >= 0"
+    with pytest.raises(ValueError, match="gains must be finite and >= 0"):
+        retrieval_metrics_from_ranks(ranks, gains=torch.tensor([[1.0, -1.0], [1.0, 1.0]]))
+    # a gain at a padding entry (rank 0) counts for nothing; gain 0 at a real rank means "not relevant"
+    m = retrieval_metrics_from_ranks(
+        ranks, ks=(1, 3), prefix="", gains=torch.tensor([[1.0, 9.0], [0.0, 2.0]])
+    )
+    _close(m["recall@1"], [0.0, 0.0])  # q1's rank-1 entry has gain 0
+    _close(m["mrr"], [0.5, 1 / 3])
+    _close(m["map"], [0.5, 1 / 3])  # q1: its one relevant item at rank 3 -> precision 1/3
+    _close(m["ndcg@3"], [1 / math.log2(3), 1 / math.log2(4)])
+    _close(m["precision@3"], [1 / 3, 1 / 3])
+
+
+def test_no_relevant_columns_at_all() -> None:
+    # R = 0: nothing is relevant anywhere; every metric is 0, not an error or NaN
+    m = retrieval_metrics_from_ranks(torch.zeros(2, 0, dtype=torch.long), ks=(1, 2), prefix="")
+    assert all(v.tolist() == [0.0, 0.0] for v in m.values()), m
+    # the dense side keeps one (padding) column so R >= 1, as documented
+    ranks, gains = ranks_of_relevant(SCORES, torch.zeros_like(SCORES))
+    assert ranks.tolist() == [[0], [0], [0]] and gains.tolist() == [[0.0], [0.0], [0.0]]
+    assert gains.dtype == torch.float64 and ranks.dtype == torch.int64
+    r0, g0 = ranks_of_relevant(torch.zeros(0, 3), torch.zeros(0, 3))
+    assert r0.shape == (0, 1) and g0.shape == (0, 1)
+
+
+def test_ranks_of_relevant_keeps_item_order_and_pads_to_the_widest_query() -> None:
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.4, 0.3, 0.2, 0.1]])
+    rel = torch.tensor([[0.0, 0.5, 0.0, 2.0], [1.0, 1.0, 1.0, 0.0]])
+    ranks, gains = ranks_of_relevant(scores, rel)
+    assert ranks.tolist() == [[1, 2, 0], [1, 2, 3]]  # q0: items 1, 3 (in item order) at ranks 1, 2
+    assert gains.tolist() == [[0.5, 2.0, 0.0], [1.0, 1.0, 1.0]]
+
+
+def test_metrics_of_only_red_flags_use_the_red_mask_as_bool() -> None:
+    # a float "red" mask with values other than 0/1 still counts items, not weights
+    red = torch.tensor([[0.0, 3.0, 0.0, 0.5]])
+    _close(red_flag_rate_at_k(torch.tensor([[0.9, 0.8, 0.7, 0.6]]), red, 2), [0.5])
+    _close(red_flag_rate_at_k(torch.tensor([[0.9, 0.8, 0.7, 0.6]]), red, 8), [0.25])  # k > N divides by k
+
+
+def test_graded_gains_bounds_and_messages() -> None:
+    rel = torch.tensor([[True, False, False]])
+    yellow = torch.tensor([[True, True, False]])  # item 0 both: gains 1, not yellow_gain
+    assert graded_gains(rel, yellow, 0.0).tolist() == [[1.0, 0.0, 0.0]]
+    assert graded_gains(rel, yellow, 1.0).tolist() == [[1.0, 1.0, 0.0]]
+    assert graded_gains(rel, yellow, 0.25).tolist() == [[1.0, 0.25, 0.0]]
+    assert graded_gains(rel).tolist() == [[1.0, 0.0, 0.0]] and graded_gains(rel).dtype == torch.float32
+    assert graded_gains(torch.tensor([[2, 0, 1]]), torch.tensor([[0, 5, 0]])).tolist() == [[1.0, 0.5, 1.0]]
+    for bad in (-0.01, 1.01):
+        with pytest.raises(ValueError) as err:
+            graded_gains(rel, yellow, bad)
+        assert str(err.value) == f"graded_gains: yellow_gain must be in [0, 1], got {bad}"
+    with pytest.raises(ValueError) as err:
+        graded_gains(rel, torch.tensor([[True, False]]))
+    assert str(err.value) == "graded_gains: yellow shape (1, 2) != relevant (1, 3)"
+
+
+def test_triplet_accuracy_shapes_and_scale() -> None:
+    for args in (
+        (torch.zeros(3), torch.zeros(3), torch.zeros(3)),  # one shape, but 1-D
+        (torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3)),
+    ):
+        with pytest.raises(ValueError) as err:
+            triplet_accuracy(*args)
+        shapes = {n: tuple(t.shape) for n, t in zip(("anchor", "positive", "negative"), args, strict=True)}
+        assert (
+            str(err.value)
+            == f"triplet_accuracy: expected three 2-D (B, D) tensors of one shape, got {shapes}"
+        )
+    # cosine, not dot product: a long negative does not beat a short aligned positive; integer input works
+    anchor = torch.tensor([[3, 4], [1, 0]])
+    positive = torch.tensor([[3, 4], [1, 1]])
+    negative = torch.tensor([[300, -400], [100, 200]])
+    _close(triplet_accuracy(anchor, positive, negative), [1.0, 1.0])
+    # compare against a direct cosine computation on random triplets
+    gen = torch.Generator().manual_seed(11)
+    a, p, n = (torch.randn(20, 5, generator=gen) * 10 for _ in range(3))
+    cos = torch.nn.functional.cosine_similarity
+    expected = [
+        1.0 if float(cos(a[i], p[i], dim=0)) > float(cos(a[i], n[i], dim=0)) else 0.0 for i in range(20)
+    ]
+    _close(triplet_accuracy(a, p, n), expected)
+
+
+def test_default_keys_and_cut_offs() -> None:
+    m = retrieval_metrics(SCORES, BINARY)
+    names = ("recall", "precision", "accuracy", "mrr", "ndcg")
+    assert set(m) == {f"t2i/{n}@{k}" for n in names for k in (1, 5, 10)} | {"t2i/mrr", "t2i/map"}
+    s = retrieval_metrics_from_ranks(torch.tensor([[4, 5], [5, 2], [0, 0]]))
+    assert s.keys() == m.keys()
+    for key in m:
+        assert torch.equal(s[key], m[key]), key
+
+
+def test_tie_rule_holds_for_long_rows() -> None:
+    # torch's default (unstable) sort keeps index order for a dozen items but not for hundreds: the tie
+    # rule (lower item index first) and the item order of ranks_of_relevant must not depend on the length
+    gen = torch.Generator().manual_seed(12)
+    q, n = 3, 300
+    scores = torch.randint(0, 3, (q, n), generator=gen).float()
+    rel = torch.rand(q, n, generator=gen) < 0.5
+    ranks = rank_items(scores)
+    ranks_rel, _ = ranks_of_relevant(scores, rel)
+    for i in range(q):
+        order = sorted(range(n), key=lambda j: (-float(scores[i, j]), j))
+        expected = [order.index(j) + 1 for j in range(n)]
+        assert ranks[i].tolist() == expected
+        relevant = [expected[j] for j in range(n) if rel[i, j]]  # in item index order
+        assert ranks_rel[i, : len(relevant)].tolist() == relevant
+        assert not ranks_rel[i, len(relevant) :].any()
+
+
+def test_single_relevant_item_and_deep_ranks() -> None:
+    # one relevant item (R = 1): recall is 0 or 1, MRR and AP are 1 / rank, even far down the list
+    m = retrieval_metrics_from_ranks(torch.tensor([[1], [2], [200], [0]]), ks=(1, 2), prefix="")
+    _close(m["recall@1"], [1.0, 0.0, 0.0, 0.0])
+    _close(m["recall@2"], [1.0, 1.0, 0.0, 0.0])
+    _close(m["mrr"], [1.0, 0.5, 1 / 200, 0.0])
+    _close(m["mrr@2"], [1.0, 0.5, 0.0, 0.0])
+    _close(m["map"], [1.0, 0.5, 1 / 200, 0.0])
+    _close(m["ndcg@2"], [1.0, 1 / math.log2(3), 0.0, 0.0])

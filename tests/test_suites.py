@@ -339,6 +339,41 @@ def test_gates() -> None:
     assert gate_failures(worse, Thresholds(mrr=None, precision=None, accuracy=None, recall=None), 5) == []
 
 
+def test_query_metrics_edges_rounding_and_default_yellow_gain() -> None:
+    # no relevant item: nothing to rank against, and the message says so
+    with pytest.raises(ValueError) as err:
+        query_metrics(torch.zeros(6), _mask(""), _mask("a"), _mask("b"), k=2)
+    assert str(err.value) == "query_metrics: the query has no relevant item"
+    # integer scores and 0/1 masks are accepted; ranking d, c, b, a, ... with relevant {a}, yellow {d}
+    scores = torch.tensor([3, 4, 5, 6, 0, 0])
+    masks = [torch.tensor([int(c in s) for c in "abcdef"]) for s in ("a", "d", "c")]
+    m = query_metrics(scores, *masks, k=3)  # default yellow gain 0.5
+    idcg = 1 + 0.5 / math.log2(3)
+    assert m["ndcg@3"] == round(0.5 / idcg, 6)  # d (gain 0.5) at rank 1, a outside the top 3
+    assert m["mrr"] == 0.25 and m["red_flag_rate@3"] == round(1 / 3, 6) == 0.333333  # 6 decimals
+    assert m["precision@3"] == 0.5  # acceptable {a, d}: d in the top 3 -> 1 / min(3, 2)
+    # a (1, N) row is the same query as (N,)
+    assert query_metrics(scores[None], *(x[None] for x in masks), k=3) == m
+
+
+def test_gates_on_ndcg_precision_and_accuracy_edges() -> None:
+    t = Thresholds(mrr=None, precision=0.7, accuracy=1.0, recall=None, red_flag_rate=None, ndcg=0.5)
+    v = {"mrr": 0.0, "precision@3": 0.69, "recall@3": 0.0, "accuracy@3": 1.0, "ndcg@3": 0.4999996,
+         "red_flag_rate@3": 1.0}  # fmt: skip
+    assert gate_failures(v, t, 3) == ["precision@3 0.690 < 0.7", "ndcg@3 0.500 < 0.5"]
+    # rounding to 9 decimals: 4e-10 below the threshold meets it, 2e-9 below does not
+    assert gate_failures({**v, "precision@3": 0.7 - 4e-10, "ndcg@3": 0.5 - 2e-9}, t, 3) == [
+        "ndcg@3 0.500 < 0.5"
+    ]
+    # red-flag rate: at the maximum passes, above fails; MRR above the threshold passes
+    t2 = Thresholds(mrr=0.25, precision=None, accuracy=None, recall=None, red_flag_rate=0.0)
+    assert gate_failures({**v, "mrr": 0.2500001, "red_flag_rate@3": 0.0}, t2, 3) == []
+    assert gate_failures({**v, "mrr": 0.25, "red_flag_rate@3": 0.01}, t2, 3) == [
+        "mrr 0.250 <= 0.25",
+        "red_flag_rate@3 0.010 > 0",
+    ]
+
+
 # --- running a suite -----------------------------------------------------------------------------
 
 GOOD = [0.9, 0.8, 0.1, 0.2, 0.0, 0.3]  # "ripped jeans": a, b first; c (intact jeans) is fifth
