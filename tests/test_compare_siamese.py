@@ -146,3 +146,4 @@ def test_heldout_without_common_groups_is_a_typed_error(tmp_path: Path) -> None:
     register(app)
     result = runner.invoke(app, ["compare", str(a), str(b), "--heldout", "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "no group is held out from every run" in result.output
+    assert "compare without --heldout" in result.output  # the CLI's hint names the way out
