@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 
@@ -24,6 +25,9 @@ from cliptune.losses import (
     siglip,
     triplet_margin,
 )
+from cliptune.losses._checks import check_same_batch
+from cliptune.losses.distances import cosine_distance, euclidean_distance, get_distance
+from cliptune.losses.margin import contrastive_triplet
 
 DTYPES = [torch.float32, torch.float64]
 R = 1 / math.sqrt(2)  # 0.70711: cosine at 45 degrees
@@ -603,3 +607,243 @@ def test_zero_temperature_is_rejected() -> None:
     with pytest.raises(ValueError) as err:
         info_nce_triplets(x, x, x, temperature=0)
     assert str(err.value) == "info_nce_triplets: temperature must be > 0, got 0"
+
+
+# --- edges, defaults, messages and the cross-process path (survivors of `make mutation MUTATE=losses`) -----
+
+
+def test_paired_distances_are_the_documented_values() -> None:
+    x = torch.tensor([[1.0, 0.0], [3.0, 4.0], [2.0, 0.0]], dtype=torch.float64)
+    y = torch.tensor([[0.0, 2.0], [3.0, 4.0], [-1.0, 0.0]], dtype=torch.float64)
+    # cosine: 1 - 0 = 1; 1 - 1 = 0; 1 - (-1) = 2
+    torch.testing.assert_close(cosine_distance(x, y), torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64))
+    # euclidean: sqrt(1 + 4); identical rows count as 1e-6 apart (sqrt of the 1e-12 floor); 3
+    torch.testing.assert_close(
+        euclidean_distance(x, y),
+        torch.tensor([math.sqrt(5.0), 1e-6, 3.0], dtype=torch.float64),
+        rtol=0,
+        atol=1e-12,
+    )
+    assert get_distance("cosine")(x, y).tolist() == cosine_distance(x, y).tolist()
+
+
+@pytest.mark.parametrize("distance", sorted(DISTANCES))
+def test_pairwise_distances_match_the_paired_form_row_by_row(distance: str) -> None:
+    x, y = _rand(3, 4, seed=50, dtype=torch.float64), _rand(5, 4, seed=51, dtype=torch.float64)
+    y[1] = x[0]  # an identical pair hits the floor
+    pairwise = DISTANCES[distance].pairwise(x, y)
+    assert pairwise.shape == (3, 5)
+    for i in range(3):
+        for j in range(5):
+            expected = REF_DIST[distance](x[i].tolist(), y[j].tolist())
+            if distance == "euclidean":
+                expected = max(expected, 1e-6)
+            assert pairwise[i, j].item() == pytest.approx(expected, abs=1e-9), (i, j)
+
+
+def test_identical_euclidean_pair_is_floored_with_zero_gradient() -> None:
+    a = torch.tensor([[1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    d = euclidean_distance(a, a.detach().clone())
+    assert d.item() == pytest.approx(1e-6, rel=1e-9)
+    d.sum().backward()
+    assert a.grad is not None and a.grad.abs().sum().item() == 0.0
+
+
+def test_batch_check_messages_state_shapes_and_dtypes() -> None:
+    with pytest.raises(ValueError) as err:
+        check_same_batch("f", a=torch.zeros(0, 3), b=torch.zeros(0, 3))
+    assert str(err.value) == "f: expected non-empty 2-D (B, D) tensors, got {'a': (0, 3), 'b': (0, 3)}"
+    with pytest.raises(ValueError) as err:
+        check_same_batch("f", a=torch.zeros(2, 3, 1), b=torch.zeros(2, 3))
+    assert str(err.value) == "f: expected non-empty 2-D (B, D) tensors, got {'a': (2, 3, 1), 'b': (2, 3)}"
+    with pytest.raises(ValueError) as err:
+        check_same_batch("f", a=torch.zeros(2, 3), b=torch.zeros(2, 3, dtype=torch.int32))
+    assert str(err.value) == "f: embeddings must be floating point, got {'b': 'torch.int32'}"
+    check_same_batch("f", a=torch.zeros(1, 1), b=torch.zeros(1, 1))  # one row of one dimension is a batch
+
+
+def test_info_nce_module_messages_and_scale_bound_edges() -> None:
+    with pytest.raises(ValueError) as err:
+        InfoNCELoss(temperature=-0.5)
+    assert str(err.value) == "InfoNCELoss: temperature must be > 0, got -0.5"
+    with pytest.raises(ValueError) as err:
+        InfoNCELoss(temperature=0.005, learn_temperature=True, max_logit_scale=150.0)
+    assert str(err.value) == "InfoNCELoss: initial scale 1/temperature = 200 exceeds max_logit_scale = 150"
+    with pytest.raises(ValueError) as err:
+        info_nce(torch.eye(2), torch.eye(2), -1)
+    assert str(err.value) == "info_nce: temperature must be > 0, got -1"
+    # Exactly at the bound is allowed; a fixed temperature is not bounded at all.
+    at_bound = InfoNCELoss(temperature=0.01, learn_temperature=True)
+    assert at_bound.logit_scale.item() == pytest.approx(math.log(100.0))
+    assert InfoNCELoss(temperature=0.001)(torch.eye(2), torch.eye(2))["temperature"].item() == pytest.approx(
+        0.001
+    )
+    assert InfoNCELoss.DEFAULT_MAX_LOGIT_SCALE == 100.0
+    assert InfoNCELoss().gather and SigLIPLoss().gather
+    assert InfoNCELoss().max_logit_scale == 100.0 and not InfoNCELoss().learn_temperature
+
+
+def test_learned_scale_is_clamped_to_its_own_bound_before_forward() -> None:
+    loss_fn = InfoNCELoss(temperature=0.1, learn_temperature=True, max_logit_scale=20.0)
+    loss_fn.logit_scale.data.fill_(math.log(50.0))
+    img, txt = _rand(3, 4, seed=62, dtype=torch.float64), _rand(3, 4, seed=63, dtype=torch.float64)
+    out = loss_fn.double()(img, txt)
+    assert out["temperature"].item() == pytest.approx(1 / 20.0, rel=1e-9)
+    assert out["loss"].item() == pytest.approx(ref_info_nce(img.tolist(), txt.tolist(), 1 / 20.0), rel=1e-9)
+    below = InfoNCELoss(temperature=0.1, learn_temperature=True, max_logit_scale=20.0)
+    assert below(torch.eye(3), torch.eye(3))["temperature"].item() == pytest.approx(0.1, rel=1e-6)
+
+
+# The package re-exports the functions under the modules' names, so reach the modules themselves.
+info_nce_module = importlib.import_module("cliptune.losses.info_nce")
+siglip_module = importlib.import_module("cliptune.losses.siglip")
+
+
+def _fake_two_processes(
+    monkeypatch: pytest.MonkeyPatch, module: object, rank: int, others: list[torch.Tensor]
+) -> None:
+    """Pretend to be process ``rank`` of 2: gathering puts ``x`` at this rank's slot, the other's rows elsewhere."""
+    calls = iter(others)
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        other = next(calls)
+        return torch.cat([x, other] if rank == 0 else [other, x])
+
+    monkeypatch.setattr(module, "rank_and_world_size", lambda: (rank, 2))
+    monkeypatch.setattr(module, "gather_with_grad", gather)
+
+
+def _ref_directional(q: Rows, k: Rows, offset: int, temperature: float) -> float:
+    total = 0.0
+    for i, row in enumerate(q):
+        logits = [_cos(row, key) / temperature for key in k]
+        total += -logits[offset + i] + math.log(sum(math.exp(v) for v in logits))
+    return total / len(q)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_info_nce_gathers_negatives_from_the_other_process(
+    monkeypatch: pytest.MonkeyPatch, rank: int
+) -> None:
+    img, txt = _rand(4, 3, seed=52, dtype=torch.float64), _rand(4, 3, seed=53, dtype=torch.float64)
+    mine, theirs = slice(2 * rank, 2 * rank + 2), slice(2 - 2 * rank, 4 - 2 * rank)
+    unit = torch.nn.functional.normalize
+    _fake_two_processes(
+        monkeypatch, info_nce_module, rank, [unit(img[theirs], dim=-1), unit(txt[theirs], dim=-1)]
+    )
+    out = InfoNCELoss(temperature=0.5)(img[mine], txt[mine])
+    i2t = _ref_directional(img[mine].tolist(), txt.tolist(), 2 * rank, 0.5)
+    t2i = _ref_directional(txt[mine].tolist(), img.tolist(), 2 * rank, 0.5)
+    assert out["i2t"].item() == pytest.approx(i2t, rel=1e-9)
+    assert out["t2i"].item() == pytest.approx(t2i, rel=1e-9)
+    assert out["loss"].item() == pytest.approx((i2t + t2i) / 2, rel=1e-9)
+    local = InfoNCELoss(temperature=0.5, gather=False)(img[mine], txt[mine])  # no gathering: local batch only
+    assert local["loss"].item() == pytest.approx(
+        ref_info_nce(img[mine].tolist(), txt[mine].tolist(), 0.5), rel=1e-9
+    )
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_siglip_gathers_texts_from_the_other_process(monkeypatch: pytest.MonkeyPatch, rank: int) -> None:
+    img, txt = _rand(4, 3, seed=54, dtype=torch.float64), _rand(4, 3, seed=55, dtype=torch.float64)
+    mine, theirs = slice(2 * rank, 2 * rank + 2), slice(2 - 2 * rank, 4 - 2 * rank)
+    _fake_two_processes(
+        monkeypatch, siglip_module, rank, [torch.nn.functional.normalize(txt[theirs], dim=-1)]
+    )
+    loss_fn = SigLIPLoss(init_logit_scale=math.log(3.0), init_logit_bias=-1.5).double()
+    out = loss_fn(img[mine], txt[mine])
+    expected = 0.0
+    for i, row in enumerate(img[mine].tolist()):
+        for j, key in enumerate(txt.tolist()):
+            z = 1.0 if j == 2 * rank + i else -1.0
+            expected += math.log(1 + math.exp(-z * (3.0 * _cos(row, key) - 1.5)))
+    # rel 1e-7: the module holds log 3 as float32 before .double()
+    assert out["loss"].item() == pytest.approx(expected / 2, rel=1e-7)
+    assert out["scale"].item() == pytest.approx(3.0) and out["bias"].item() == pytest.approx(-1.5)
+    loss_fn.gather = False
+    local = loss_fn(img[mine], txt[mine])["loss"].item()
+    assert local == pytest.approx(ref_siglip(img[mine].tolist(), txt[mine].tolist(), 3.0, -1.5), rel=1e-7)
+
+
+def test_siglip_divides_by_rows_not_pairs() -> None:
+    # One pair, cos 1: -log sigmoid(s + b); three pairs of orthogonal rows: 3 * (log sigmoid'(b) + 2 ...) / 3
+    x = torch.eye(3)
+    expected = (3 * math.log(1 + math.exp(-(2.0 + 0.5))) + 6 * math.log(1 + math.exp(0.5))) / 3
+    assert siglip(x, x, 2.0, 0.5).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_margin_losses_defaults_are_the_documented_ones() -> None:
+    a, p, n = (_rand(4, 3, seed=s, dtype=torch.float64) for s in (56, 57, 58))
+    assert triplet_margin(a, p, n).item() == pytest.approx(
+        ref_triplet(a.tolist(), p.tolist(), n.tolist(), 0.2, "cosine")
+    )
+    loss_fn = TripletLoss()
+    assert (loss_fn.margin, loss_fn.distance) == (0.2, "cosine")
+    assert loss_fn(a, p)["loss"].item() == pytest.approx(
+        ref_triplet_in_batch(a.tolist(), p.tolist(), 0.2, "cosine")
+    )
+    assert loss_fn(a, p, n)["loss"].item() == pytest.approx(triplet_margin(a, p, n).item())
+    label = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    assert contrastive(a, p, label).item() == pytest.approx(
+        ref_contrastive(a.tolist(), p.tolist(), label.tolist(), 0.5)
+    )
+    assert ContrastiveLoss().margin == 0.5
+    assert ContrastiveLoss()(a, p)["loss"].item() == pytest.approx(
+        ref_contrastive_all_pairs(a.tolist(), p.tolist(), 0.5)
+    )
+
+
+@pytest.mark.parametrize("distance", sorted(DISTANCES))
+def test_contrastive_triplet_matches_hadsell_by_hand(distance: str) -> None:
+    a, p, n = (_rand(4, 3, seed=s, dtype=torch.float64) for s in (59, 60, 61))
+    d = REF_DIST[distance]
+    terms = [
+        (d(x, y) ** 2 + max(0.0, 0.9 - d(x, z)) ** 2) / 2
+        for x, y, z in zip(a.tolist(), p.tolist(), n.tolist(), strict=True)
+    ]
+    per = contrastive_triplet(a, p, n, margin=0.9, distance=distance, reduction="none")
+    torch.testing.assert_close(per, torch.tensor(terms, dtype=torch.float64))
+    assert contrastive_triplet(a, p, n, 0.9, distance).item() == pytest.approx(sum(terms) / 4)
+    default = [
+        (REF_DIST["cosine"](x, y) ** 2 + max(0.0, 0.2 - REF_DIST["cosine"](x, z)) ** 2) / 2
+        for x, y, z in zip(a.tolist(), p.tolist(), n.tolist(), strict=True)
+    ]
+    assert contrastive_triplet(a, p, n).item() == pytest.approx(sum(default) / 4)
+
+
+def test_margin_losses_edges_and_messages() -> None:
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # Two pairs are enough for in-batch negatives: each anchor has one negative.
+    assert TripletLoss(margin=0.5)(x, x)["loss"].item() == pytest.approx(
+        0.0
+    )  # d(a,p)=0, d(a,n)=1: 0 - 1 + 0.5 < 0
+    assert TripletLoss(margin=1.5)(x, x)["loss"].item() == pytest.approx(0.5)
+    with pytest.raises(ValueError) as err:
+        TripletLoss()(torch.ones(1, 3), torch.ones(1, 3))
+    assert str(err.value) == "TripletLoss: in-batch negatives need a batch of at least 2 pairs"
+    with pytest.raises(ValueError) as err:
+        TripletLoss()(torch.ones(2, 3), torch.ones(3, 3))
+    assert str(err.value).startswith("TripletLoss: all inputs must share one (B, D) shape")
+    with pytest.raises(ValueError) as err:
+        ContrastiveLoss()(torch.ones(2, 3), torch.ones(3, 3))
+    assert str(err.value).startswith("ContrastiveLoss: all inputs must share one (B, D) shape")
+    with pytest.raises(ValueError) as err:
+        contrastive_triplet(x, x, torch.ones(3, 2))
+    assert str(err.value).startswith("contrastive_triplet: all inputs must share one (B, D) shape")
+    with pytest.raises(ValueError) as err:
+        contrastive(x, x, torch.ones(2), reduction="sum")  # type: ignore[arg-type]
+    assert str(err.value) == "contrastive: reduction must be 'mean' or 'none', got 'sum'"
+    with pytest.raises(ValueError) as err:
+        triplet_margin(x, x, x, reduction="sum")  # type: ignore[arg-type]
+    assert str(err.value) == "triplet_margin: reduction must be 'mean' or 'none', got 'sum'"
+    with pytest.raises(ValueError) as err:
+        contrastive_triplet(x, x, x, reduction="sum")  # type: ignore[arg-type]
+    assert str(err.value) == "contrastive_triplet: reduction must be 'mean' or 'none', got 'sum'"
+    # Identical dissimilar pair: distance floored at 1e-6, so the hinge is (margin - 1e-6)^2, gradient finite.
+    y = x.clone().requires_grad_(True)
+    loss = contrastive(x, y, torch.zeros(2), margin=0.5)
+    assert loss.item() == pytest.approx((0.5 - 1e-6) ** 2, rel=1e-6)
+    loss.backward()
+    assert y.grad is not None and torch.isfinite(y.grad).all()
+    # All-pairs form with identical matching rows: only the off-diagonal (distance sqrt 2 > 0.5) pairs, all 0.
+    assert ContrastiveLoss()(x, x)["loss"].item() == pytest.approx(0.0, abs=1e-6)
