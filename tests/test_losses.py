@@ -847,3 +847,12 @@ def test_margin_losses_edges_and_messages() -> None:
     assert y.grad is not None and torch.isfinite(y.grad).all()
     # All-pairs form with identical matching rows: only the off-diagonal (distance sqrt 2 > 0.5) pairs, all 0.
     assert ContrastiveLoss()(x, x)["loss"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_module_batch_checks_name_the_module_and_both_inputs() -> None:
+    a, b = torch.zeros(2, 3), torch.zeros(3, 3)
+    for module, where in ((InfoNCELoss(), "InfoNCELoss"), (SigLIPLoss(), "SigLIPLoss")):
+        with pytest.raises(ValueError) as err:
+            module(a, b)
+        expected = f"{where}: all inputs must share one (B, D) shape, got {{'image_emb': (2, 3), 'text_emb': (3, 3)}}"
+        assert str(err.value) == expected
