@@ -856,3 +856,43 @@ def test_module_batch_checks_name_the_module_and_both_inputs() -> None:
             module(a, b)
         expected = f"{where}: all inputs must share one (B, D) shape, got {{'image_emb': (2, 3), 'text_emb': (3, 3)}}"
         assert str(err.value) == expected
+
+
+def test_modules_pass_their_margin_and_distance_on() -> None:
+    a, p, n = (_rand(4, 3, seed=s, dtype=torch.float64) for s in (64, 65, 66))
+    rows = [a.tolist(), p.tolist(), n.tolist()]
+    out = TripletLoss(margin=0.7, distance="euclidean")(a, p, n)["loss"]
+    assert out.item() == pytest.approx(ref_triplet(*rows, 0.7, "euclidean"))
+    label = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    out = ContrastiveLoss(margin=1.3)(a, p, label)["loss"]
+    assert out.item() == pytest.approx(ref_contrastive(rows[0], rows[1], label.tolist(), 1.3))
+
+
+def test_margin_function_messages_name_the_function_and_every_input() -> None:
+    a, b = torch.zeros(2, 3), torch.zeros(3, 3)
+    three = "{'anchor': (2, 3), 'positive': (2, 3), 'negative': (3, 3)}"
+    for call, expected in (
+        (
+            lambda: triplet_margin(a, a, b),
+            f"triplet_margin: all inputs must share one (B, D) shape, got {three}",
+        ),
+        (
+            lambda: contrastive_triplet(a, a, b),
+            f"contrastive_triplet: all inputs must share one (B, D) shape, got {three}",
+        ),
+        (
+            lambda: TripletLoss()(a, b),
+            "TripletLoss: all inputs must share one (B, D) shape, got {'anchor': (2, 3), 'positive': (3, 3)}",
+        ),
+        (
+            lambda: ContrastiveLoss()(a, b),
+            "ContrastiveLoss: all inputs must share one (B, D) shape, got {'image_emb': (2, 3), 'text_emb': (3, 3)}",
+        ),
+        (
+            lambda: contrastive(a, b, torch.ones(2)),
+            "contrastive: all inputs must share one (B, D) shape, got {'x': (2, 3), 'y': (3, 3)}",
+        ),
+    ):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == expected
