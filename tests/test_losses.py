@@ -896,3 +896,28 @@ def test_margin_function_messages_name_the_function_and_every_input() -> None:
         with pytest.raises(ValueError) as err:
             call()
         assert str(err.value) == expected
+
+
+def test_siglip_fixed_mode_keeps_scale_and_bias_as_named_buffers() -> None:
+    loss_fn = SigLIPLoss(init_logit_scale=math.log(4.0), init_logit_bias=-2.0, learnable=False)
+    assert set(loss_fn.state_dict()) == {"logit_scale", "logit_bias"}
+    img, txt = _rand(3, 4, seed=67, dtype=torch.float32), _rand(3, 4, seed=68, dtype=torch.float32)
+    out = loss_fn(img, txt)
+    assert out["scale"].item() == pytest.approx(4.0) and out["bias"].item() == pytest.approx(-2.0)
+    assert out["loss"].item() == pytest.approx(ref_siglip(img.tolist(), txt.tolist(), 4.0, -2.0), rel=1e-5)
+
+
+def test_siglip_middle_process_of_three_scores_its_own_captions(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rank 1 of 3 with 2 rows each: image i's caption is global text 2 + i (a wrap-around index would
+    # coincide with it for 2 processes, not for 3).
+    img, txt = _rand(6, 3, seed=69, dtype=torch.float64), _rand(6, 3, seed=70, dtype=torch.float64)
+    unit = torch.nn.functional.normalize(txt, dim=-1)
+    monkeypatch.setattr(siglip_module, "rank_and_world_size", lambda: (1, 3))
+    monkeypatch.setattr(siglip_module, "gather_with_grad", lambda x: torch.cat([unit[:2], x, unit[4:]]))
+    out = SigLIPLoss(init_logit_scale=0.0, init_logit_bias=0.0).double()(img[2:4], txt[2:4])
+    expected = 0.0
+    for i, row in enumerate(img[2:4].tolist()):
+        for j, key in enumerate(txt.tolist()):
+            z = 1.0 if j == 2 + i else -1.0
+            expected += math.log(1 + math.exp(-z * _cos(row, key)))
+    assert out["loss"].item() == pytest.approx(expected / 2, rel=1e-9)
