@@ -921,3 +921,11 @@ def test_siglip_middle_process_of_three_scores_its_own_captions(monkeypatch: pyt
             z = 1.0 if j == 2 + i else -1.0
             expected += math.log(1 + math.exp(-z * _cos(row, key)))
     assert out["loss"].item() == pytest.approx(expected / 2, rel=1e-9)
+
+
+def test_cosine_distances_hold_for_tiny_vectors() -> None:
+    # Norms of 1e-9: a normalising floor above that (torch's default 1e-8) would shrink the cosine to 0.01.
+    x = torch.tensor([[1e-9, 0.0], [0.0, 1e-9]], dtype=torch.float64)
+    torch.testing.assert_close(cosine_distance(x, x), torch.zeros(2, dtype=torch.float64))
+    expected = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(DISTANCES["cosine"].pairwise(x, x), expected)
