@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cliptune.cli.errors import err_console, exit_on_error
+from cliptune.cli.errors import exit_on_error
 
 __all__ = ["register", "category_table", "ranked_line"]
 
@@ -70,15 +70,6 @@ def ranked_line(result: dict[str, Any], note: str | None = None) -> str:
     if result["skipped"]:
         text += f"; {len(result['skipped'])} quer{'y' if len(result['skipped']) == 1 else 'ies'} not scored"
     return text
-
-
-def _run_catalogue(path: Path) -> tuple[Path | None, Path | None, str]:
-    """The run's ``data.catalogue``, ``model.cache_dir`` and ``data.text_column`` from its config.yaml."""
-    from cliptune.config import load_config
-    from cliptune.rundir import RunDir
-
-    cfg = load_config(RunDir(path).config)
-    return cfg.data.catalogue, cfg.model.cache_dir, cfg.data.text_column
 
 
 def register(app: typer.Typer) -> None:
@@ -156,6 +147,7 @@ def register(app: typer.Typer) -> None:
             cliptune test embedded --suite data/fashion/suite.yaml --data data/fashion --out suite/base
             cliptune test embedded --suite data/fashion/suite.yaml --splits-from runs/tuned --out evals/base
         """
+        from cliptune.cli.rundata import data_for
         from cliptune.data.catalogue import read_catalogue
         from cliptune.models.factory import load_model
         from cliptune.rundir import RunDir, write_suite_json
@@ -165,23 +157,12 @@ def register(app: typer.Typer) -> None:
 
         path = Path(target)
         is_run = is_run_dir(path)
-        column = "text"  # a bare model's catalogue: its `text` column unless told
         with exit_on_error(2, ValueError):
             spec = load_suite(suite)
-            if is_run or splits_from is not None:
-                run_data, run_cache, column = _run_catalogue(splits_from or path)
-                data, cache_dir = data or run_data, cache_dir or run_cache
-            if data is None:
-                what = (
-                    "its config has no data.catalogue"
-                    if is_run
-                    else "not a run directory (config.yaml + model/)"
-                )
-                err_console.print(
-                    f"[red]{target}: {what}; give the catalogue with --data CATALOGUE[/red]", highlight=False
-                )
-                raise typer.Exit(2)
-            resolved = resolve_suite(spec, read_catalogue(data, text_column or column))
+        # the catalogue, caption column and cache: the flags, else the run's (the --splits-from run's)
+        data, column, cache_dir = data_for(str(splits_from or path), data, text_column, cache_dir)
+        with exit_on_error(2, ValueError):
+            resolved = resolve_suite(spec, read_catalogue(data, column))
             # the run's held-out split unless --split says otherwise; a bare model: every image
             ranked = ranked_images(
                 splits_from or (path if is_run else None),
