@@ -1,0 +1,201 @@
+/* The search page: text, image and "more like this" queries against POST /search, facets from
+   GET /info's attributes, a results grid. Server text only ever lands in textContent (common.js el). */
+"use strict";
+
+(() => {
+  const { el, api, ApiError, fmt } = cliptune;
+  const $ = (id) => document.getElementById(id);
+  const K_CHOICES = [5, 10, 20, 50, 100];
+
+  let current = null; // the last query: {text} | {like} | {image: File}; facets and k re-run it
+  let sequence = 0;   // answers to superseded requests are dropped, so a slow one never overwrites a newer one
+  let previewUrl = null;
+
+  function setStatus(text, kind = "") {
+    const status = $("status");
+    status.textContent = text;
+    status.className = `status ${kind}`;
+  }
+
+  function where() {
+    const filters = {};
+    for (const select of $("facets").querySelectorAll("select[data-attr]")) {
+      if (select.value !== "") filters[select.dataset.attr] = select.value;
+    }
+    return filters;
+  }
+
+  function k() {
+    return Number($("k").value);
+  }
+
+  function request(query) {
+    if (query.image) {
+      const form = new FormData();
+      form.append("image", query.image, query.image.name || "query.png");
+      form.append("k", String(k()));
+      form.append("where", JSON.stringify(where()));
+      return { method: "POST", body: form };
+    }
+    const body = { ...query, k: k(), where: where() };
+    return { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+  }
+
+  function describe(query) {
+    if (query.image) return `image ${query.image.name || ""}`.trim();
+    if (query.like) return `more like ${query.like}`;
+    return `“${query.text}”`;
+  }
+
+  async function run(query) {
+    current = query;
+    const mine = ++sequence;
+    setStatus(`Searching ${describe(query)} …`, "busy");
+    $("results").setAttribute("aria-busy", "true");
+    try {
+      const answer = await api("/search", request(query));
+      if (mine !== sequence) return;
+      render(answer.hits || []);
+      const n = (answer.hits || []).length;
+      setStatus(`${n} result${n === 1 ? "" : "s"} in ${fmt(answer.took_ms, 1)} ms · ${describe(query)}`, "ok");
+    } catch (err) {
+      if (mine !== sequence) return;
+      if (!(err instanceof ApiError)) throw err;
+      setStatus(err.message, "error");
+    } finally {
+      if (mine === sequence) $("results").removeAttribute("aria-busy");
+    }
+  }
+
+  function attributeText(attributes) {
+    return Object.entries(attributes || {}).map(([a, v]) => `${a}: ${v}`).join(" · ");
+  }
+
+  function hitCard(hit) {
+    const attrs = attributeText(hit.attributes);
+    return el("article", { class: "hit", dataset: { id: hit.id, rank: hit.rank }, title: `${hit.id}\n${attrs}` }, [
+      el("div", { class: "thumb" }, [
+        el("img", { src: hit.image_url, alt: hit.caption || hit.id, loading: "lazy", decoding: "async" }),
+        el("span", { class: "rank", text: `#${hit.rank}` }),
+      ]),
+      el("div", { class: "meta" }, [
+        el("p", { class: "caption", text: hit.caption || hit.id }),
+        el("p", { class: "attrs", text: attrs }),
+        el("div", { class: "row" }, [
+          el("span", { class: "score", text: fmt(hit.score, 3), title: "cosine similarity to the query" }),
+          el("button", {
+            class: "like", type: "button", text: "more like this",
+            onclick: () => {
+              clearImage();
+              run({ like: hit.id });
+            },
+          }),
+        ]),
+      ]),
+    ]);
+  }
+
+  function render(hits) {
+    const results = $("results");
+    results.replaceChildren(...hits.map(hitCard));
+    if (!hits.length) results.append(el("p", { class: "empty", text: "Nothing matches: loosen a filter or rephrase." }));
+  }
+
+  function clearImage() {
+    if (previewUrl) URL.revokeObjectURL(previewUrl);
+    previewUrl = null;
+    $("drop-preview").hidden = true;
+    $("drop-preview").removeAttribute("src");
+    $("drop").classList.remove("has-image");
+    $("drop-text").textContent = "Drop an image here, or click to choose one: search by image";
+  }
+
+  function searchImage(file) {
+    if (!file) return;
+    clearImage();
+    previewUrl = URL.createObjectURL(file);
+    const preview = $("drop-preview");
+    preview.src = previewUrl;
+    preview.hidden = false;
+    $("drop").classList.add("has-image");
+    $("drop-text").textContent = file.name || "query image";
+    $("query").value = "";
+    run({ image: file });
+  }
+
+  function facets(attributes) {
+    const box = $("facets");
+    const names = Object.keys(attributes || {});
+    if (!names.length) box.append(el("span", { class: "muted", text: "this index has no attributes" }));
+    for (const name of names) {
+      const select = el("select", { dataset: { attr: name }, "aria-label": `filter by ${name}` }, [
+        el("option", { value: "", text: "any" }),
+        ...attributes[name].map((v) => el("option", { value: String(v), text: String(v) })),
+      ]);
+      select.addEventListener("change", () => {
+        select.classList.toggle("active", select.value !== "");
+        if (current) run(current);
+      });
+      box.append(el("label", { class: "facet" }, [el("span", { text: name }), select]));
+    }
+  }
+
+  function kChoices(maxK) {
+    const select = $("k");
+    const choices = K_CHOICES.filter((n) => !maxK || n <= maxK);
+    for (const n of choices.length ? choices : [maxK]) select.append(el("option", { value: n, text: n }));
+    select.value = choices.includes(10) ? "10" : select.options[0].value;
+    select.addEventListener("change", () => current && run(current));
+  }
+
+  function wire() {
+    $("search-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const text = $("query").value.trim();
+      if (!text) {
+        setStatus("Type a few words to search, or drop an image.", "error");
+        return;
+      }
+      clearImage();
+      $("file").value = "";
+      run({ text });
+    });
+    $("file").addEventListener("change", () => searchImage($("file").files[0]));
+    const drop = $("drop");
+    for (const type of ["dragenter", "dragover"]) {
+      drop.addEventListener(type, (event) => {
+        event.preventDefault();
+        drop.classList.add("over");
+      });
+    }
+    drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+    drop.addEventListener("drop", (event) => {
+      event.preventDefault();
+      drop.classList.remove("over");
+      const files = event.dataTransfer && event.dataTransfer.files;
+      if (files && files.length) searchImage(files[0]);
+    });
+    // keyboard: Enter or Space on the focused drop zone opens the file chooser
+    drop.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" || event.key === " ") {
+        event.preventDefault();
+        $("file").click();
+      }
+    });
+  }
+
+  async function start() {
+    wire();
+    try {
+      const info = await cliptune.header();
+      facets(info.attributes);
+      kChoices(info.limits && info.limits.max_k);
+      if (info.limits && info.limits.max_query_chars) $("query").maxLength = info.limits.max_query_chars;
+      document.body.dataset.ready = "true";
+    } catch (err) {
+      setStatus(err.message, "error");
+    }
+  }
+
+  start();
+})();
