@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -236,3 +237,25 @@ def test_search_and_suite_pages_in_chromium(tmp_path: Path) -> None:
     assert len(problems) == 2 and all("415" in p for p in problems), problems
     _save(shots)
     assert all(shot.stat().st_size > 10_000 for shot in shots)
+
+
+STATIC = Path(__file__).resolve().parents[1] / "src" / "cliptune" / "serve" / "static"
+
+
+def test_static_assets_are_offline_and_never_parse_server_text_as_html() -> None:
+    files = {p.name: p.read_text() for p in STATIC.iterdir()}
+    assert set(files) == {"index.html", "suite.html", "common.js", "app.js", "suite.js", "style.css"}
+    for name, text in files.items():
+        # no URL with a host (http:, https: or protocol-relative), no @import, no font file
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), name
+        assert "@import" not in text and "@font-face" not in text, name
+    for page in ("index.html", "suite.html"):
+        refs = re.findall(r'(?:src|href)="([^"#]+)"', files[page])
+        local = [r for r in refs if r.startswith("/static/")]
+        assert local and all(r.removeprefix("/static/") in files for r in local), refs
+        assert set(refs) - set(local) <= {"/", "/suite", "data:,"}, refs
+    for name in ("common.js", "app.js", "suite.js"):
+        # text from the server lands in textContent or attributes only
+        assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(", files[name]), (
+            name
+        )
