@@ -30,6 +30,7 @@ from cliptune.cli import (
     index,
     report,
     search,
+    serve,
     sweep,
     test,
     train,
@@ -50,7 +51,7 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 
 # --help order: commands in this order, then the groups (typer lists groups after commands)
-COMMANDS = (train, demo, eval, test, report, compare, sweep, index, embed, search, config, data)
+COMMANDS = (train, demo, eval, test, report, compare, sweep, index, embed, search, serve, config, data)
 
 
 def _version(value: bool) -> None:
