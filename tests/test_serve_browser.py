@@ -168,6 +168,11 @@ def _image_filter_like(page: Any, api: Api, served: Served) -> None:
     like = api.search(like=second, k=10, where={"colour": "blue"})  # the filter stays on
     assert _ids(page) == [h["id"] for h in like] and second in _ids(page)
     assert page.text_content("#status").endswith(f"more like {second}")
+    caption = next(h["caption"] for h in blue if h["id"] == second)
+    assert page.text_content("#drop-text") == f"more like: {caption}"  # the liked item is the query shown
+    assert page.get_attribute("#drop-preview", "src") == next(
+        h["image_url"] for h in blue if h["id"] == second
+    )
 
 
 def _suite_page(page: Any, api: Api) -> None:
@@ -188,9 +193,19 @@ def _suite_page(page: Any, api: Api) -> None:
 
 
 def _refused_upload(page: Any, api: Api, tmp_path: Path) -> None:
-    """An HTML file named .jpg: the status line is the server's sentence, not a code."""
+    """An HTML file named .jpg: the status line is the server's sentence, not a code; a file over the
+    server's limit is refused by the page before any upload."""
     page.goto(str(api.client.base_url))
     page.wait_for_selector("body[data-ready='true']")
+    limit = api.client.get("/info").json()["limits"]["max_upload_bytes"]
+    assert limit == 10 * 2**20  # the default: 10,485,760 bytes
+    big = """n => document.getElementById("drop").dispatchEvent(new DragEvent("drop", {bubbles: true, cancelable: true,
+        dataTransfer: (() => { const d = new DataTransfer(); d.items.add(new File([new Uint8Array(n)], "huge.png")); return d; })()}))"""
+    _answered(page, lambda: page.evaluate(big, limit + 1))
+    expected = (
+        "huge.png is too large (10,485,761 bytes); this server takes images up to 10.0 MB (10,485,760 bytes)."
+    )
+    assert page.text_content("#status") == expected
     fake = tmp_path / "page.jpg"
     fake.write_text("<html><body>not an image</body></html>")
     refused = api.client.post("/search", files={"image": ("page.jpg", fake.read_bytes(), "image/jpeg")})

@@ -10,6 +10,7 @@
   let current = null; // the last query: {text} | {like} | {image: File}; facets and k re-run it
   let sequence = 0;   // answers to superseded requests are dropped, so a slow one never overwrites a newer one
   let previewUrl = null;
+  let maxUpload = 0;  // bytes, from /info's limits: a larger file is refused here, before it is uploaded
 
   function setStatus(text, kind = "") {
     const status = $("status");
@@ -86,7 +87,8 @@
           el("button", {
             class: "like", type: "button", text: "more like this",
             onclick: () => {
-              clearImage();
+              showQueryImage(hit.image_url, `more like: ${hit.caption || hit.id}`);
+              $("query").value = "";
               run({ like: hit.id });
             },
           }),
@@ -110,15 +112,33 @@
     $("drop-text").textContent = "Drop an image here, or click to choose one: search by image";
   }
 
-  function searchImage(file) {
-    if (!file) return;
+  /** The drop zone shows the image being searched with: a dropped file or the item of "more like this". */
+  function showQueryImage(src, label) {
     clearImage();
-    previewUrl = URL.createObjectURL(file);
     const preview = $("drop-preview");
-    preview.src = previewUrl;
+    preview.src = src;
     preview.hidden = false;
     $("drop").classList.add("has-image");
-    $("drop-text").textContent = file.name || "query image";
+    $("drop-text").textContent = label;
+  }
+
+  function megabytes(bytes) {
+    return `${(bytes / (1 << 20)).toFixed(1)} MB`;
+  }
+
+  function searchImage(file) {
+    if (!file) return;
+    if (maxUpload && file.size > maxUpload) {
+      sequence++;  // an answer still in flight must not overwrite this message
+      const bytes = (n) => n.toLocaleString("en");
+      setStatus(`${file.name || "The image"} is too large (${bytes(file.size)} bytes); this server takes images up to ${megabytes(maxUpload)} (${bytes(maxUpload)} bytes).`, "error");
+      $("file").value = "";
+      return;
+    }
+    $("file").value = "";  // choosing the same file again searches again
+    const url = URL.createObjectURL(file);
+    showQueryImage(url, file.name || "query image");
+    previewUrl = url;
     $("query").value = "";
     run({ image: file });
   }
@@ -161,6 +181,13 @@
       run({ text });
     });
     $("file").addEventListener("change", () => searchImage($("file").files[0]));
+    document.addEventListener("keydown", (event) => {
+      const typing = event.target instanceof HTMLInputElement || event.target instanceof HTMLSelectElement;
+      if (event.key === "/" && !typing) {
+        event.preventDefault();
+        $("query").focus();
+      }
+    });
     const drop = $("drop");
     for (const type of ["dragenter", "dragover"]) {
       drop.addEventListener(type, (event) => {
@@ -191,6 +218,7 @@
       facets(info.attributes);
       kChoices(info.limits && info.limits.max_k);
       if (info.limits && info.limits.max_query_chars) $("query").maxLength = info.limits.max_query_chars;
+      if (info.limits && info.limits.max_upload_bytes) maxUpload = info.limits.max_upload_bytes;
       document.body.dataset.ready = "true";
     } catch (err) {
       setStatus(err.message, "error");
