@@ -147,8 +147,8 @@ def _text_query(page: Any, api: Api) -> None:
     _all_images_decode(page, "#results")
 
 
-def _image_filter_like(page: Any, api: Api, served: Served) -> None:
-    """Drop a photo, filter by colour, then "more like this": each grid equals the API's answer."""
+def _image_filter_like(page: Any, api: Api, served: Served, shot: Path) -> None:
+    """Drop a photo, filter by colour, "more like this", clear the filter: each grid is the API's answer."""
     page.select_option("#k", "10")
     data = base64.b64encode((served.catalogue / QUERY_IMAGE).read_bytes()).decode()
     _answered(page, lambda: page.evaluate(DROP_FILE, [data, "tee.png"]))
@@ -173,6 +173,25 @@ def _image_filter_like(page: Any, api: Api, served: Served) -> None:
     assert page.get_attribute("#drop-preview", "src") == next(
         h["image_url"] for h in blue if h["id"] == second
     )
+    page.screenshot(path=str(shot), full_page=True)
+
+    # clearing the filters re-runs "more like this" over every item
+    _answered(page, lambda: page.click("#clear-filters"))
+    assert _ids(page) == [h["id"] for h in api.search(like=second, k=10, where={})]
+    assert page.is_hidden("#clear-filters")
+    assert page.eval_on_selector_all("#facets select", "ss => ss.map(s => s.value)") == [""] * 6
+
+
+def _narrow_screen(page: Any, shot: Path) -> None:
+    """On a phone-sized screen the grid reflows to 2 columns and nothing scrolls sideways."""
+    page.set_viewport_size({"width": 390, "height": 844})
+    columns = page.eval_on_selector(
+        "#results", "g => getComputedStyle(g).gridTemplateColumns.split(' ').length"
+    )
+    assert columns == 2
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.screenshot(path=str(shot), full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 900})
 
 
 def _suite_page(page: Any, api: Api) -> None:
@@ -225,7 +244,7 @@ def _save(shots: list[Path]) -> None:
 
 def test_search_and_suite_pages_in_chromium(tmp_path: Path) -> None:
     served = served_index(tmp_path, captions={HOSTILE_ID: HOSTILE})
-    shots = [tmp_path / "search.png", tmp_path / "suite.png"]
+    shots = [tmp_path / "search.png", tmp_path / "suite.png", tmp_path / "search-phone.png"]
     with (
         live_server(create_app(served.index, suite=served.suite)) as base,
         httpx.Client(base_url=base, timeout=30) as client,
@@ -240,8 +259,8 @@ def test_search_and_suite_pages_in_chromium(tmp_path: Path) -> None:
             page.wait_for_selector("body[data-ready='true']")
             _check_header(page, client.get("/info").json())
             _text_query(page, api)
-            _image_filter_like(page, api, served)
-            page.screenshot(path=str(shots[0]), full_page=True)
+            _image_filter_like(page, api, served, shots[0])
+            _narrow_screen(page, shots[2])
             _suite_page(page, api)
             page.screenshot(path=str(shots[1]), full_page=True)
             assert problems == [], problems

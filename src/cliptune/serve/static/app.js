@@ -154,10 +154,22 @@
       ]);
       select.addEventListener("change", () => {
         select.classList.toggle("active", select.value !== "");
+        $("clear-filters").hidden = !Object.keys(where()).length;
         if (current) run(current);
       });
       box.append(el("label", { class: "facet" }, [el("span", { text: name }), select]));
     }
+    box.append(el("button", {
+      id: "clear-filters", type: "button", text: "clear filters", hidden: true,
+      onclick: () => {
+        for (const select of box.querySelectorAll("select[data-attr]")) {
+          select.value = "";
+          select.classList.remove("active");
+        }
+        $("clear-filters").hidden = true;
+        if (current) run(current);
+      },
+    }));
   }
 
   function kChoices(maxK) {
