@@ -87,8 +87,8 @@ def index(built: Path) -> SearchIndex:
 
 
 @pytest.fixture(scope="module")
-def client(built: Path, fashion: Path) -> TestClient:
-    return TestClient(create_app(built, suite=fashion / "suite.yaml"))
+def client(built: Path, fashion: Path, root: Path) -> TestClient:
+    return TestClient(create_app(built, suite=fashion / "suite.yaml", cache_dir=root / "cache"))
 
 
 @pytest.fixture(scope="module")

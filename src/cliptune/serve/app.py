@@ -1,10 +1,11 @@
 """The FastAPI app of ``cliptune serve``: search an index by text, uploaded image or "more like this".
 
 :func:`create_app` loads the index and the model once; every request then embeds its query off the event
-loop (a worker thread, one forward at a time behind a lock: the feature cache the embedding functions
-write to is not safe for concurrent writers) and ranks with :func:`cliptune.search.search_embeddings`,
-the ranking ``cliptune search`` uses. Routes and their JSON are the contract in ``docs/serve.md``; every
-refusal is ``{"detail": "<one sentence>"}`` with its status (:mod:`cliptune.serve.errors`).
+loop (in a worker thread, one forward at a time behind a lock: a Hugging Face fast tokenizer is not safe
+to call from two threads at once, and on CPU one forward already uses every core torch is given) and ranks
+with :func:`cliptune.search.search_embeddings`, the ranking ``cliptune search`` uses. Routes and their
+JSON are the contract in ``docs/serve.md``; every refusal is ``{"detail": "<one sentence>"}`` with its
+status (:mod:`cliptune.serve.errors`).
 
 Example:
     >>> app = create_app(Path("runs/demo/index"))  # doctest: +SKIP
@@ -78,11 +79,6 @@ class _Served:
         self.catalogue = Path(self.index.manifest["catalogue"]).resolve()
 
     @property
-    def cache_dir(self) -> Path:
-        # a private feature cache: uploads must not grow (or poison) the user's shared cache
-        return Path(self.scratch.name) / "cache"
-
-    @property
     def uploads(self) -> Path:
         return Path(self.scratch.name)
 
@@ -93,6 +89,7 @@ def create_app(
     model: str | None = None,
     suite: Path | None = None,
     limits: Limits = Limits(),  # noqa: B008 (frozen dataclass: the shared default cannot change)
+    cache_dir: Path | None = None,
 ) -> FastAPI:
     """The app serving ``index``: model, index, run metrics and suite results loaded once, here.
 
@@ -102,6 +99,8 @@ def create_app(
             the index's model (same identity).
         suite: A behavioural suite file: enables ``/suite`` and ``/suite/results`` (computed here).
         limits: Per-request limits.
+        cache_dir: Feature cache of the suite's queries (default: the shared one). Request queries never
+            touch a cache: each would add an fsync'ed shard, and uploads would grow the user's cache.
 
     Returns:
         The FastAPI app (run it with uvicorn).
@@ -117,7 +116,7 @@ def create_app(
     scratch = tempfile.TemporaryDirectory(prefix="cliptune-serve-")
     served = _Served(idx, loaded, limits, {}, None, scratch)
     if suite is not None:
-        served.suite = suite_results(suite, idx, loaded, cache_dir=served.cache_dir)
+        served.suite = suite_results(suite, idx, loaded, cache_dir=cache_dir)
     served.info = {
         "model": idx.model,
         "model_source": idx.model_source,
@@ -228,13 +227,13 @@ def _image_path(served: _Served, item_id: str) -> Path:
 
 def _search_text(served: _Served, text: str, query: _Query) -> list[Any]:
     with served.lock:
-        vector = embed_texts_with(served.model, [text], cache_dir=served.cache_dir, progress=False)
+        vector = embed_texts_with(served.model, [text], use_cache=False, progress=False)
     return _rank(served, vector.numpy(), query)  # (1, D)
 
 
 def _search_image(served: _Served, path: Path, query: _Query) -> list[Any]:
     with served.lock:
-        vector = embed_images_with(served.model, [path], cache_dir=served.cache_dir, progress=False)
+        vector = embed_images_with(served.model, [path], use_cache=False, progress=False)
     return _rank(served, vector.numpy(), query)  # (1, D)
 
 
