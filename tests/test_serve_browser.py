@@ -149,7 +149,8 @@ def _text_query(page: Any, api: Api) -> None:
 
 def _image_filter_like(page: Any, api: Api, served: Served, shot: Path) -> None:
     """Drop a photo, filter by colour, "more like this", clear the filter: each grid is the API's answer."""
-    page.select_option("#k", "10")
+    _answered(page, lambda: page.select_option("#k", "10"))  # k re-runs the text query: wait for it
+    assert len(_ids(page)) == 10
     data = base64.b64encode((served.catalogue / QUERY_IMAGE).read_bytes()).decode()
     _answered(page, lambda: page.evaluate(DROP_FILE, [data, "tee.png"]))
     by_image = [h["id"] for h in api.search_image(QUERY_IMAGE)]
