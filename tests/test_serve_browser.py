@@ -210,6 +210,12 @@ def _suite_page(page: Any, api: Api) -> None:
     verdicts = page.eval_on_selector_all("#suite .qhead .badge", TEXTS)
     assert verdicts == ["pass" if q["passed"] else "fail" for q in results["queries"]]
     _all_images_decode(page, "#suite")
+    page.check("#only-failed")  # a reviewer's filter: the passing queries hide, the failing stay
+    visible = page.eval_on_selector_all(
+        "#suite .query", "qs => qs.filter(q => q.offsetParent).map(q => q.dataset.id)"
+    )
+    assert visible == [q["id"] for q in results["queries"] if not q["passed"]]
+    page.uncheck("#only-failed")
 
 
 def _refused_upload(page: Any, api: Api, tmp_path: Path) -> None:

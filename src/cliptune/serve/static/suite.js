@@ -50,6 +50,7 @@
   }
 
   async function start() {
+    $("only-failed").addEventListener("change", (event) => $("suite").classList.toggle("hide-passed", event.target.checked));
     try {
       await cliptune.header();
     } catch (err) {
