@@ -212,6 +212,13 @@ def test_suite_results_match_the_gates_own_scoring(
     assert {"relevant", "red"} <= flags
 
 
+def test_unknown_static_files_and_routes_are_404(client: TestClient) -> None:
+    assert client.get("/static/no-such-file.js").status_code == 404
+    assert client.get("/static/../../../etc/passwd").status_code == 404
+    assert _detail(client.get("/no-such-route"), 404) == "Not Found"
+    assert client.get("/openapi.json").json()["paths"].keys() >= {"/search", "/info", "/healthz"}
+
+
 def test_suite_routes_are_404_without_a_suite(small: TestClient) -> None:
     assert "no suite" in _detail(small.get("/suite/results"), 404)
     assert small.get("/info").json()["suite"] is None

@@ -135,7 +135,8 @@ def create_app(
     app.state.served = served
     _add_error_handlers(app)
     _add_routes(app, served)
-    app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
+    if STATIC.is_dir():  # the page's assets (package data); without them /static/* is a plain 404
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
 
