@@ -212,6 +212,16 @@ def test_suite_results_match_the_gates_own_scoring(
     assert {"relevant", "red"} <= flags
 
 
+def test_unknown_static_files_and_routes_are_404(client: TestClient) -> None:
+    assert client.get("/static/no-such-file.js").status_code == 404
+    assert client.get("/static/../../../etc/passwd").status_code == 404
+    assert _detail(client.get("/no-such-route"), 404) == "Not Found"
+    schema = client.get("/openapi.json").json()
+    assert schema["paths"].keys() >= {"/search", "/info", "/healthz"}
+    body = schema["paths"]["/search"]["post"]["requestBody"]["content"]
+    assert body.keys() == {"application/json", "multipart/form-data"}
+
+
 def test_suite_routes_are_404_without_a_suite(small: TestClient) -> None:
     assert "no suite" in _detail(small.get("/suite/results"), 404)
     assert small.get("/info").json()["suite"] is None
@@ -340,6 +350,11 @@ def test_decompression_bomb_is_refused_before_decoding(client: TestClient) -> No
 )
 def test_bad_queries_are_422_with_the_reason(client: TestClient, body: dict[str, Any], reason: str) -> None:
     assert reason in _detail(client.post("/search", json=body), 422)
+
+
+def test_a_body_neither_json_nor_multipart_is_415(client: TestClient) -> None:
+    response = client.post("/search", content=b"text=jeans", headers={"content-type": "text/plain"})
+    assert "takes application/json or multipart/form-data, not text/plain" in _detail(response, 415)
 
 
 def test_unknown_filter_attribute_names_the_valid_ones(client: TestClient, index: SearchIndex) -> None:

@@ -28,7 +28,7 @@ def serve_cmd(
             help="Address to bind; the default serves this machine only (no auth: see docs/serve.md)."
         ),
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.", min=0, max=65535)] = 8000,
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8000,
     model: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Model to embed queries with (default: the one recorded in the index)."),

@@ -36,7 +36,13 @@ from cliptune.models.embed import embed_images_with, embed_texts_with
 from cliptune.models.factory import LoadedModel, load_model
 from cliptune.search.index import ModelMismatchError, SearchIndex, load_index
 from cliptune.search.query import search_embeddings
-from cliptune.serve.errors import BadQueryError, NotFoundError, RequestError, UploadTooLargeError
+from cliptune.serve.errors import (
+    BadQueryError,
+    NotFoundError,
+    RequestError,
+    UnsupportedBodyError,
+    UploadTooLargeError,
+)
 from cliptune.serve.hits import hit_json
 from cliptune.serve.info import run_info
 from cliptune.serve.limits import Limits
@@ -50,6 +56,38 @@ _JSON_BODY_LIMIT = 64 * 1024  # a JSON query is a short text, an id, k and a few
 _FORM_SLACK = 64 * 1024  # multipart boundaries, headers and the k / where fields beside the image
 _JSON_FIELDS = ("text", "like", "k", "where")
 _FORM_FIELDS = ("image", "k", "where")
+
+
+_WHERE = {"type": "object", "description": "attribute -> value or list of values (any of), ANDed"}
+_SEARCH_BODY: dict[str, Any] = {  # /search reads its body itself (JSON or multipart): the schema for /docs
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "text": {"type": "string", "example": "ripped blue jeans"},
+                        "like": {"type": "string", "description": "an item id: more like this item"},
+                        "k": {"type": "integer", "default": 10, "minimum": 1},
+                        "where": _WHERE,
+                    },
+                }
+            },
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "k": {"type": "integer", "default": 10, "minimum": 1},
+                        "where": {"type": "string", "description": "a JSON object, as in the JSON body"},
+                    },
+                }
+            },
+        },
+    }
+}
 
 
 @dataclass(frozen=True)
@@ -135,7 +173,8 @@ def create_app(
     app.state.served = served
     _add_error_handlers(app)
     _add_routes(app, served)
-    app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
+    if STATIC.is_dir():  # the page's assets (package data); without them /static/* is a plain 404
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
 
@@ -174,7 +213,7 @@ def _add_routes(app: FastAPI, served: _Served) -> None:
         """Model identity, index size, filter values, the run's test metrics and suite verdicts, limits."""
         return served.info
 
-    @app.post("/search")
+    @app.post("/search", openapi_extra=_SEARCH_BODY)
     async def search(request: Request) -> dict[str, Any]:
         """Search by ``text`` or ``like`` (JSON) or by an uploaded ``image`` (multipart); see docs/serve.md."""
         started = time.perf_counter()
@@ -182,7 +221,9 @@ def _add_routes(app: FastAPI, served: _Served) -> None:
         if ctype == "multipart/form-data":
             return await _search_upload(request, served, started)
         if ctype not in ("application/json", ""):
-            raise BadQueryError(f"POST /search takes application/json or multipart/form-data, not {ctype}")
+            raise UnsupportedBodyError(
+                f"POST /search takes application/json or multipart/form-data, not {ctype}"
+            )
         body = await read_limited(request.stream(), _JSON_BODY_LIMIT, "the JSON body")
         query = _parse_json(body, served)
         if query.like is not None:

@@ -14,6 +14,7 @@ __all__ = [
     "NotFoundError",
     "RequestError",
     "ServeError",
+    "UnsupportedBodyError",
     "UploadTooLargeError",
 ]
 
@@ -48,5 +49,11 @@ class UploadTooLargeError(RequestError):
 
 class NotAnImageError(RequestError):
     """The upload does not decode as an image (whatever its name or content type says), or is a bomb."""
+
+    status = 415
+
+
+class UnsupportedBodyError(RequestError):
+    """A body that is neither JSON nor a multipart form."""
 
     status = 415

@@ -16,7 +16,12 @@ __all__ = ["hit_json", "image_url"]
 
 
 def image_url(item_id: str) -> str:
-    """``/images/<id>``, percent-encoded: ``images/a b.png`` -> ``/images/images/a%20b.png``."""
+    """``/images/<id>``, percent-encoded except for ``/``.
+
+    Example:
+        >>> image_url("images/a b#1.png")
+        '/images/images/a%20b%231.png'
+    """
     return "/images/" + quote(item_id, safe="/")
 
 
