@@ -16,6 +16,7 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -139,6 +140,7 @@ def _text_query(page: Any, api: Api) -> None:
     assert len(expected) == 24 and _ids(page) == [h["id"] for h in expected]
     assert page.eval_on_selector_all("#results .score", TEXTS) == [f"{h['score']:.3f}" for h in expected]
     assert page.text_content("#status").startswith("24 results in ")
+    assert page.url.endswith("/#q=ripped+blue+jeans&k=50")  # the search is a link
     assert page.text_content(f"#results .hit[data-id='{HOSTILE_ID}'] .caption") == HOSTILE
     assert page.evaluate("window.__xss") is None  # neither the script nor the onerror ran
     assert (
@@ -156,6 +158,7 @@ def _image_filter_like(page: Any, api: Api, served: Served, shot: Path) -> None:
     by_image = [h["id"] for h in api.search_image(QUERY_IMAGE)]
     assert _ids(page) == by_image and by_image[0] == QUERY_IMAGE  # the photo itself is nearest
     assert "tee.png" in page.text_content("#status")
+    assert "#" not in page.url  # an image cannot travel in a link: the text query's link is gone
     assert page.evaluate("document.getElementById('drop-preview').naturalWidth") == 128  # the dropped photo
 
     _answered(page, lambda: page.select_option("#facets select[data-attr='colour']", "blue"))
@@ -169,6 +172,7 @@ def _image_filter_like(page: Any, api: Api, served: Served, shot: Path) -> None:
     like = api.search(like=second, k=10, where={"colour": "blue"})  # the filter stays on
     assert _ids(page) == [h["id"] for h in like] and second in _ids(page)
     assert page.text_content("#status").endswith(f"more like {second}")
+    assert page.url.endswith("#" + urlencode({"like": second, "k": 10, "where.colour": "blue"}))
     caption = next(h["caption"] for h in blue if h["id"] == second)
     assert page.text_content("#drop-text") == f"more like: {caption}"  # the liked item is the query shown
     assert page.get_attribute("#drop-preview", "src") == next(
@@ -216,6 +220,17 @@ def _suite_page(page: Any, api: Api) -> None:
     )
     assert visible == [q["id"] for q in results["queries"] if not q["passed"]]
     page.uncheck("#only-failed")
+
+
+def _linked_search(page: Any, api: Api) -> None:
+    """A link with a query, k and a filter opens the page with them set and their answer shown."""
+    page.goto(f"{api.client.base_url}#q=ripped+jeans&k=5&where.colour=blue")
+    page.wait_for_function("window.__answers > 0")
+    assert _ids(page) == [h["id"] for h in api.search(text="ripped jeans", k=5, where={"colour": "blue"})]
+    assert page.input_value("#query") == "ripped jeans" and page.input_value("#k") == "5"
+    assert page.input_value("#facets select[data-attr='colour']") == "blue" and page.is_visible(
+        "#clear-filters"
+    )
 
 
 def _refused_upload(page: Any, api: Api, tmp_path: Path) -> None:
@@ -270,6 +285,7 @@ def test_search_and_suite_pages_in_chromium(tmp_path: Path) -> None:
             _narrow_screen(page, shots[2])
             _suite_page(page, api)
             page.screenshot(path=str(shots[1]), full_page=True)
+            _linked_search(page, api)
             assert problems == [], problems
             _refused_upload(page, api, tmp_path)
         finally:

@@ -48,8 +48,47 @@
     return `“${query.text}”`;
   }
 
+  /** A text or "more like this" search lives in the address (#q=...&k=...&colour=...): a link re-runs it.
+      An image cannot travel in a link, so an image search clears it. */
+  function remember(query) {
+    const params = new URLSearchParams();
+    if (query.text !== undefined) params.set("q", query.text);
+    else if (query.like !== undefined) params.set("like", query.like);
+    if ([...params].length) {
+      params.set("k", String(k()));
+      for (const [attr, value] of Object.entries(where())) params.set(`where.${attr}`, value);
+    }
+    const hash = [...params].length ? `#${params}` : "";
+    history.replaceState(null, "", `${location.pathname}${location.search}${hash}`);
+  }
+
+  function recall() {
+    const params = new URLSearchParams(location.hash.slice(1));
+    const choose = (select, value) => {
+      if ([...select.options].some((o) => o.value === value)) select.value = value;
+      return select.value === value;
+    };
+    if (params.has("k")) choose($("k"), params.get("k"));
+    for (const [key, value] of params) {
+      const select = key.startsWith("where.") && $("facets").querySelector(`select[data-attr="${CSS.escape(key.slice(6))}"]`);
+      if (select && choose(select, value)) select.classList.add("active");
+    }
+    $("clear-filters").hidden = !Object.keys(where()).length;
+    if (params.get("q")) {
+      $("query").value = params.get("q");
+      return { text: params.get("q") };
+    }
+    if (params.get("like")) {
+      const id = params.get("like");
+      showQueryImage(`/images/${id.split("/").map(encodeURIComponent).join("/")}`, `more like: ${id}`);
+      return { like: id };
+    }
+    return null;
+  }
+
   async function run(query) {
     current = query;
+    remember(query);
     const mine = ++sequence;
     setStatus(`Searching ${describe(query)} …`, "busy");
     $("results").setAttribute("aria-busy", "true");
@@ -232,6 +271,8 @@
       if (info.limits && info.limits.max_query_chars) $("query").maxLength = info.limits.max_query_chars;
       if (info.limits && info.limits.max_upload_bytes) maxUpload = info.limits.max_upload_bytes;
       document.body.dataset.ready = "true";
+      const linked = recall();
+      if (linked) run(linked);
     } catch (err) {
       setStatus(err.message, "error");
     }
