@@ -209,6 +209,9 @@ def _suite_page(page: Any, api: Api) -> None:
     ]
     assert page.eval_on_selector_all("#suite .query", SUITE_HITS) == expected
     assert {"relevant", "red"} <= {h["flag"] for q in results["queries"] for h in q["hits"]}
+    marks = {"relevant": "✓", "yellow": "~", "red": "✗", "none": "·"}  # the cue beside the colour
+    shown = page.eval_on_selector_all("#suite .hit .mark", TEXTS)
+    assert shown == [marks[h["flag"]] for q in results["queries"] for h in q["hits"]]
     sections = page.eval_on_selector_all("#suite .category", "cs => cs.map(c => c.dataset.category)")
     assert sections == results["categories"] == ["garments", "similar"]
     verdicts = page.eval_on_selector_all("#suite .qhead .badge", TEXTS)

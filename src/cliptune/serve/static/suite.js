@@ -6,6 +6,7 @@
   const { el, api, fmt, badge } = cliptune;
   const $ = (id) => document.getElementById(id);
   const FLAG_TEXT = { relevant: "relevant", yellow: "yellow flag", red: "red flag", none: "neither" };
+  const FLAG_MARK = { relevant: "✓", yellow: "~", red: "✗", none: "·" };  // a cue beside the colour
 
   function metricsText(metrics) {
     return Object.entries(metrics || {})
@@ -18,7 +19,11 @@
     const label = `#${hit.rank} ${hit.caption || hit.id} (${FLAG_TEXT[flag]}, score ${fmt(hit.score, 3)})`;
     return el("figure", { class: `hit flag-${flag}`, dataset: { id: hit.id, flag }, title: `${label}\n${hit.id}` }, [
       el("img", { src: hit.image_url, alt: hit.caption || hit.id, loading: "lazy", decoding: "async" }),
-      el("figcaption", {}, [el("span", { class: "rank", text: `#${hit.rank}` }), el("span", { class: "score", text: fmt(hit.score, 3) })]),
+      el("figcaption", {}, [
+        el("span", { class: "rank", text: `#${hit.rank}` }),
+        el("span", { class: "mark", text: FLAG_MARK[flag], "aria-label": FLAG_TEXT[flag] }),
+        el("span", { class: "score", text: fmt(hit.score, 3) }),
+      ]),
     ]);
   }
 
