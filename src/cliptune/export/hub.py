@@ -13,6 +13,7 @@ raised as :class:`PushError` with the repo id and the reason, never as huggingfa
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,9 @@ __all__ = ["ONNX_DIR", "PushError", "StagedFile", "push", "stage"]
 
 ONNX_DIR = "onnx"
 """Where an ONNX export goes in the repository."""
+
+
+OFFLINE = "offline mode is on (HF_HUB_OFFLINE is set), so the hub cannot be reached"
 
 
 class PushError(CliptuneError):
@@ -136,6 +140,9 @@ def push(
 
     files = stage(run, onnx=onnx, license=license)
     if api is None:
+        # huggingface_hub reads HF_HUB_OFFLINE once, at import: the variable set later is honoured here.
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            raise PushError(repo_id, OFFLINE)
         api = HfApi(token=token)
     operations = [
         CommitOperationAdd(
@@ -178,7 +185,7 @@ def hub_failure(exc: BaseException) -> str | None:
     )
 
     if isinstance(exc, OfflineModeIsEnabled):  # before ConnectionError: it is one
-        return "offline mode is on (HF_HUB_OFFLINE is set), so the hub cannot be reached"
+        return OFFLINE
     if isinstance(exc, LocalTokenNotFoundError):
         return "no Hugging Face token was given or saved (HF_TOKEN, or `hf auth login`)"
     if isinstance(exc, RepositoryNotFoundError):
@@ -196,8 +203,13 @@ def hub_failure(exc: BaseException) -> str | None:
 
 
 def _is_transport_error(exc: BaseException) -> bool:
-    # huggingface_hub 1.x talks through httpx, older releases through requests: either's network errors.
-    for module, name in (("httpx", "TransportError"), ("requests.exceptions", "ConnectionError")):
+    # huggingface_hub 2.x talks through httpx2, 1.x through httpx, older releases through requests.
+    pairs = (
+        ("httpx2", "TransportError"),
+        ("httpx", "TransportError"),
+        ("requests.exceptions", "ConnectionError"),
+    )
+    for module, name in pairs:
         try:
             cls = getattr(__import__(module, fromlist=[name]), name)
         except (ImportError, AttributeError):
