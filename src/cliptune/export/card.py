@@ -132,7 +132,14 @@ def write_model_card(run: Path, out_dir: Path, **options: Any) -> Path:
 
 
 def base_model_id(spec: object) -> str | None:
-    """The backbone spec when it is a hub id (``org/name``, not a local folder), else None."""
+    """The backbone spec when it is a hub id (``org/name``, not a local folder), else None.
+
+    The hub links a card's ``base_model`` to that model's page, so only a real hub id may go there.
+
+    Example:
+        >>> base_model_id("openai/clip-vit-base-patch32"), base_model_id("embedded")
+        ('openai/clip-vit-base-patch32', None)
+    """
     text = str(spec or "")
     return text if _HUB_ID.match(text) and not Path(text).exists() else None
 
