@@ -179,7 +179,8 @@ def test_baseline_comparison_reads_both_evaluations(world: dict[str, Path]) -> N
     assert "test split" in section
 
 
-def test_compare_json_beside_the_run_is_found(world: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["runs/compare", "compare"])  # compare's default --out; the demo's
+def test_compare_json_beside_the_run_is_found(world: dict[str, Path], tmp_path: Path, where: str) -> None:
     run = _copy_run(world["run"], tmp_path / "runs" / "tuned")
     delta = {
         "metric": "t2i/mrr",
@@ -191,15 +192,16 @@ def test_compare_json_beside_the_run_is_found(world: dict[str, Path], tmp_path: 
     compared = {
         "baseline": str(tmp_path / "evals" / "base"),
         "runs": [str(tmp_path / "evals" / "base"), str(run)],
-        "deltas": {"tuned": {"test": [delta]}},
+        "deltas": {"tuned": {"test": [delta, {**delta, "metric": "t2i/map", "interval": None}]}},
         "summary": {"tuned": {"sentence": "0 better, 0 worse."}},
     }
-    (tmp_path / "runs" / "compare").mkdir()
-    (tmp_path / "runs" / "compare" / "compare.json").write_text(json.dumps(compared))
+    (tmp_path / where).mkdir()
+    (tmp_path / where / "compare.json").write_text(json.dumps(compared))
     section = _section(model_card(run), "Comparison with the baseline")
     assert "0 better, 0 worse." in section
     # 0.625 - 0.5 = +0.125, the interval as compare wrote it
     assert "| t2i/mrr | 0.5000 | 0.6250 | +0.125 [-0.100, +0.300] | not distinguishable |" in section
+    assert "t2i/map" not in section  # not a headline metric: compare.md has it
 
 
 def test_write_model_card_and_not_a_run(world: dict[str, Path], tmp_path: Path) -> None:

@@ -96,7 +96,7 @@ def test_private_defaults_to_false_and_onnx_goes_under_onnx(run: Path, tmp_path:
     push(run, "me/tuned", onnx=onnx, api=_api(fake))
     assert fake.calls[0][1]["private"] is False
     assert fake.uploaded["onnx/image.onnx"] == b"graph"
-    assert "ONNX export (onnx/: image.onnx)" in fake.uploaded["README.md"].decode()
+    assert "ONNX graphs (image.onnx; under onnx/ in a hub repository" in fake.uploaded["README.md"].decode()
 
 
 def _http(status: int) -> HfHubHTTPError:

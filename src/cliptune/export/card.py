@@ -14,7 +14,6 @@ and its intervals are formatted by the report's :func:`~cliptune.report.build.in
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCardData
 
 from cliptune.errors import CliptuneError
+from cliptune.ranking.bootstrap import Interval
 from cliptune.report.build import interval_text
 from cliptune.report.deltas import metric_deltas
 from cliptune.report.document import Cell, Document, Paragraph, Section, Table
@@ -66,8 +66,9 @@ def model_card(
         run: ``runs/<name>`` (``config.yaml``, ``model/`` and ``metrics.jsonl``).
         baseline: A run directory or a model-evaluation folder (``cliptune eval MODEL --splits-from RUN
             --out FOLDER``, e.g. the zero-shot baseline) to compare with on the shared eval splits. Default:
-            ``compare.json`` in ``<run's parent>/compare`` (``cliptune compare``'s default output) when it
-            lists this run as a candidate; else the card says there is no comparison.
+            ``compare.json`` in ``<run's parent>/compare`` (``cliptune compare``'s default output) or one
+            folder up (the demo's layout) when it lists this run as a candidate; else the card says there
+            is no comparison.
         onnx: A folder ``cliptune export --format onnx`` wrote, named in the usage section.
         license: The licence id for the front matter (the run records none).
 
@@ -107,22 +108,35 @@ def model_card(
     return f"---\n{_card_data(data, backbone, license).to_yaml()}\n---\n\n{render_markdown(doc)}"
 
 
-def write_model_card(run: Path, out_dir: Path, **options: Any) -> Path:
+def write_model_card(
+    run: Path,
+    out_dir: Path,
+    *,
+    baseline: Path | None = None,
+    onnx: Path | None = None,
+    license: str | None = None,  # noqa: A002 (the model-card field's own name)
+) -> Path:
     """Write :func:`model_card` as ``out_dir/README.md`` atomically (``out_dir`` is created).
 
     Args:
         run: The run directory.
-        out_dir: Where the card goes (an export folder, or the staging of a hub push).
-        **options: :func:`model_card`'s keywords (``baseline``, ``onnx``, ``license``).
+        out_dir: Where the card goes (an export folder, or anywhere a user wants the card alone).
+        baseline: See :func:`model_card`.
+        onnx: See :func:`model_card` (``export`` passes its own output folder).
+        license: See :func:`model_card`.
 
     Returns:
         The card's path.
+
+    Raises:
+        CardError: ``run`` is not a finished run directory.
+        ReportError: A run file cannot be read.
 
     Example:
         >>> write_model_card(Path("runs/demo-finetuned"), Path("export/demo"))  # doctest: +SKIP
         PosixPath('export/demo/README.md')
     """
-    text = model_card(run, **options)
+    text = model_card(run, baseline=baseline, onnx=onnx, license=license)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return write_text_atomic(out_dir / CARD_FILE, text)
@@ -392,21 +406,8 @@ def _comparison(data: RunData, baseline: Path | None) -> Section:
         for split in [s for s in ("test", "val") if s in base.evals and s in data.evals]:
             deltas, flags = metric_deltas(base.evals[split], data.evals[split])
             blocks += [Paragraph(f"{f}.", "warn") for f in flags]
-            rows = [
-                [
-                    d.metric,
-                    f"{d.baseline:.4f}",
-                    f"{d.candidate:.4f}",
-                    f"{d.candidate - d.baseline:+.3f}"
-                    + (f" [{d.interval.low:+.3f}, {d.interval.high:+.3f}]" if d.interval else ""),
-                    d.verdict,
-                ]
-                for d in deltas
-                if d.metric in _headline(data.evals[split]) or d.metric == "loss"
-            ]
-            blocks.append(
-                Table(["metric", base.name, data.name, "delta [interval]", "verdict"], rows, f"{split} split")
-            )
+            rows = [_delta_row(d.metric, d.baseline, d.candidate, d.interval, d.verdict) for d in deltas]
+            blocks.append(_delta_table(rows, base.name, data.name, split))
         if not blocks:
             blocks.append(Paragraph(f"{baseline} shares no evaluated split (test, val) with this run."))
         return Section("comparison", f"{title} ({base.name})", blocks)
@@ -418,36 +419,48 @@ def _comparison(data: RunData, baseline: Path | None) -> Section:
     blocks = [Paragraph(f"From {path} (baseline {compared.get('baseline')}): {summary.get('sentence', '')}")]
     for split, deltas in compared.get("deltas", {}).get(data.name, {}).items():
         rows = [
-            [
-                d["metric"],
-                f"{d['baseline']:.4f}",
-                f"{d['candidate']:.4f}",
-                f"{d['candidate'] - d['baseline']:+.3f}"
-                + (
-                    f" [{d['interval']['low']:+.3f}, {d['interval']['high']:+.3f}]"
-                    if d.get("interval")
-                    else ""
-                ),
-                d["verdict"],
-            ]
+            _delta_row(d["metric"], d["baseline"], d["candidate"], d.get("interval"), d["verdict"])
             for d in deltas
         ]
-        blocks.append(
-            Table(["metric", "baseline", data.name, "delta [interval]", "verdict"], rows, f"{split} split")
-        )
+        blocks.append(_delta_table(rows, "baseline", data.name, split))
     return Section("comparison", title, blocks)
 
 
+def _delta_row(
+    metric: str, base: float, cand: float, interval: Interval | dict[str, Any] | None, verdict: str
+) -> list[str]:
+    # interval: the bootstrap's Interval, or compare.json's dict of it (None: no per-query values)
+    bounds = (
+        (interval["low"], interval["high"])
+        if isinstance(interval, dict)
+        else (interval.low, interval.high)
+        if interval is not None
+        else None
+    )
+    text = f"{cand - base:+.3f}" + (f" [{bounds[0]:+.3f}, {bounds[1]:+.3f}]" if bounds else "")
+    return [metric, f"{base:.4f}", f"{cand:.4f}", text, verdict]
+
+
+def _delta_table(rows: list[list[str]], base: str, name: str, split: str) -> Table:
+    # The headline metrics and the loss; compare.md and compare.json hold every metric.
+    shown = [
+        r for r in rows if r[0] == "loss" or r[0].startswith("triplet/") or r[0].partition("/")[2] in HEADLINE
+    ]
+    return Table(["metric", base, name, "delta [interval]", "verdict"], shown, f"{split} split")
+
+
 def _compare_json(data: RunData) -> tuple[Path, dict[str, Any]] | None:
-    path = data.path.parent / "compare" / "compare.json"
-    if not path.is_file():
-        return None
-    compared = json.loads(path.read_text(encoding="utf-8"))
+    # compare's default --out (<runs>/compare), and the demo's (<out>/compare beside <out>/runs)
     me = data.path.resolve()
-    runs = [Path(r).resolve() for r in compared.get("runs", [])]
-    if me not in runs or Path(str(compared.get("baseline"))).resolve() == me:
-        return None
-    return path, compared
+    for folder in (me.parent, me.parent.parent):
+        path = folder / "compare" / "compare.json"
+        if not path.is_file():
+            continue
+        compared = read_json(path)
+        runs = [Path(r).resolve() for r in compared.get("runs", [])]
+        if me in runs and Path(str(compared.get("baseline"))).resolve() != me:
+            return path, compared
+    return None
 
 
 def _usage_section(data: RunData, onnx: Path | None) -> Section:
@@ -472,9 +485,9 @@ def _usage_section(data: RunData, onnx: Path | None) -> Section:
         files = sorted(p.name for p in Path(onnx).glob("*.onnx"))
         blocks.append(
             Paragraph(
-                f"ONNX export (onnx/: {', '.join(files) or 'no .onnx file found'}): run the graphs with "
-                "onnxruntime, no torch needed; the preprocessing and tokenizer config a client needs are "
-                "beside them (docs/export.md)."
+                f"ONNX graphs ({', '.join(files) or 'no .onnx file found'}; under onnx/ in a hub repository, "
+                "beside this card in an export folder): they run in onnxruntime without torch; the "
+                "preprocessing and tokenizer config a client needs ship with them (docs/export.md)."
             )
         )
     else:
