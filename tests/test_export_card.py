@@ -215,3 +215,37 @@ def test_write_model_card_and_not_a_run(world: dict[str, Path], tmp_path: Path) 
 def _copy_run(run: Path, dest: Path) -> Path:
     shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints"))
     return dest
+
+
+def test_limitations_name_the_test_n_and_the_widest_interval(world: dict[str, Path]) -> None:
+    card = model_card(world["run"])
+    metrics = _json(world["run"] / "eval" / "test.json")["metrics"]
+    head = {
+        f"{d}/{m}": metrics[f"{d}/{m}"]
+        for d in ("t2i", "i2t")
+        for m in ("recall@1", "recall@5", "recall@10", "mrr", "ndcg@10")
+    }
+    key = max(head, key=lambda k: head[k]["high"] - head[k]["low"])
+    width = head[key]["high"] - head[key]["low"]
+    assert width > 0.2  # 10 queries: wider than the report's WIDE_INTERVAL
+    expected = (
+        f"the widest headline interval, {key}, spans {width:.3f} ({_interval(head[key])}), wider than 0.2"
+    )
+    assert expected in _section(card, "Limitations")
+    assert (
+        "48 rows in 17 groups in all, 27 of them trained on" in card
+    )  # summary.json info, see the data test
+
+
+def test_the_staged_files_alone_load_as_the_runs_model(world: dict[str, Path], tmp_path: Path) -> None:
+    from cliptune.export.hub import stage
+    from cliptune.models.factory import load_model
+
+    repo = tmp_path / "repo"  # what snapshot_download would give back
+    for f in stage(world["run"]):
+        (repo / f.path_in_repo).parent.mkdir(parents=True, exist_ok=True)
+        (repo / f.path_in_repo).write_bytes(
+            f.source if isinstance(f.source, bytes) else f.source.read_bytes()
+        )
+    assert load_model(repo).name == load_model(world["run"]).name
+    assert (repo / "README.md").read_text() == model_card(world["run"])

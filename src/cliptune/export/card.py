@@ -24,6 +24,7 @@ from cliptune.errors import CliptuneError
 from cliptune.ranking.bootstrap import Interval
 from cliptune.report.build import interval_text
 from cliptune.report.deltas import metric_deltas
+from cliptune.report.diagnostics import WIDE_INTERVAL
 from cliptune.report.document import Cell, Document, Paragraph, Section, Table
 from cliptune.report.markdown import render_markdown
 from cliptune.report.rundata import RunData, load_compared, load_run
@@ -513,9 +514,11 @@ def _limitations_section(data: RunData) -> Section:
         )
         if widest is not None and widest[1].get("low") is not None:
             key, m = widest
+            width = m["high"] - m["low"]
+            wide = f", wider than {WIDE_INTERVAL}: too wide to trust" if width > WIDE_INTERVAL else ""
             items.append(
-                f"The test split has n={m.get('n')} queries: intervals are wide (the widest, {key}, spans "
-                f"{m['high'] - m['low']:.3f}: {interval_text(m)})."
+                f"The test split has n={m.get('n')} queries; the widest headline interval, {key}, spans "
+                f"{width:.3f} ({interval_text(m)}){wide}."
             )
     else:
         items.append("The test split was not evaluated: no metric with an interval backs this model.")
