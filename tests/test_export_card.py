@@ -249,3 +249,19 @@ def test_the_staged_files_alone_load_as_the_runs_model(world: dict[str, Path], t
         )
     assert load_model(repo).name == load_model(world["run"]).name
     assert (repo / "README.md").read_text() == model_card(world["run"])
+
+
+def test_rejected_rows_and_an_untrained_best_are_stated(world: dict[str, Path], tmp_path: Path) -> None:
+    run = _copy_run(world["run"], tmp_path / "untrained")
+    # two rejected records, one of them a caption with a newline inside its quotes
+    (run / "rejected.csv").write_text(
+        'file_name,row,reason\na.png,3,"not an image\nat all"\nb.png,7,missing\n'
+    )
+    summary = _json(run / "summary.json")
+    summary["best_epoch"] = 0
+    (run / "summary.json").write_text(json.dumps(summary))
+    card = model_card(run)
+    assert "rejected.csv lists 2 catalogue row(s) left out of training." in _section(card, "Data")
+    assert "model/ holds the untrained model (epoch 0)" in _section(card, "Status")
+    assert "| best epoch (model/) | 0 |" in _section(card, "Training")
+    assert "Training did not improve on the base model (best epoch 0)." in _section(card, "Limitations")

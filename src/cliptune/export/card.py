@@ -14,6 +14,7 @@ and its intervals are formatted by the report's :func:`~cliptune.report.build.in
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,6 @@ def _tags(data: RunData, backbone: dict[str, Any]) -> list[str]:
 
 
 def _card_data(data: RunData, backbone: dict[str, Any], license: str | None) -> ModelCardData:  # noqa: A002
-
     test = data.evals.get("test", {})
     catalogue = str(test.get("catalogue") or data.catalogue or "unknown")
     results = [
@@ -218,7 +218,7 @@ def _status_section(data: RunData) -> Section:
     if data.untrained_best:
         blocks.append(
             Paragraph(
-                "No trained epoch beat the untrained model on validation: model/ holds the base model's weights.",
+                "No trained epoch beat the untrained model on validation: model/ holds the untrained model (epoch 0).",
                 "warn",
             )
         )
@@ -242,6 +242,10 @@ def _base_section(data: RunData, backbone: dict[str, Any]) -> Section:
     for key in ("kind", "embed_dim", "model_identity", "features_identity", "trainable_layers", "lora"):
         if key in backbone:
             rows.append([key, str(backbone[key])])
+    if (RunDir(data.path).model / "head").is_dir():
+        rows.append(
+            ["Siamese head", "model/head/ fuses image and text; the identities above are the backbone's"]
+        )
     blocks: list[Any] = [Table(["field", "value"], rows, numeric=False)]
     if not backbone:
         blocks.append(Paragraph(f"model/{BACKBONE_FILE} is missing: the saved model's identity is unknown."))
@@ -274,12 +278,13 @@ def _data_section(data: RunData) -> Section:
             Table(
                 ["split", "groups (splits.json)", "rows (summary.json)", "images (eval/<split>.json)"],
                 rows,
-                "Splits: groups never cross splits, so no product is in two of them",
+                "Splits: a group (data.group_column) is never in two splits",
             )
         )
     rejected = RunDir(data.path).rejected
     if rejected.is_file():
-        n = max(len(rejected.read_text(encoding="utf-8").splitlines()) - 1, 0)
+        with rejected.open(newline="", encoding="utf-8") as f:
+            n = max(sum(1 for _ in csv.reader(f)) - 1, 0)  # a caption may hold a newline: count records
         blocks.append(Paragraph(f"rejected.csv lists {n} catalogue row(s) left out of training."))
     if _synthetic(data.catalogue):
         blocks.append(
