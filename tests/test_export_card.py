@@ -265,3 +265,14 @@ def test_rejected_rows_and_an_untrained_best_are_stated(world: dict[str, Path], 
     assert "model/ holds the untrained model (epoch 0)" in _section(card, "Status")
     assert "| best epoch (model/) | 0 |" in _section(card, "Training")
     assert "Training did not improve on the base model (best epoch 0)." in _section(card, "Limitations")
+
+
+def test_push_dry_run_stages_the_card_with_its_baseline(world: dict[str, Path], tmp_path: Path) -> None:
+    args = ["push", str(world["run"]), "me/tuned", "--dry-run", "--baseline"]
+    result = runner.invoke(app, [*args, str(world["base"])])
+    assert result.exit_code == 0, result.output
+    card = model_card(world["run"], baseline=world["base"]).encode()
+    assert result.output.splitlines()[0] == f"README.md  {len(card)} bytes"
+    missing = runner.invoke(app, [*args, str(tmp_path / "nowhere")])
+    assert missing.exit_code == 1 and "Traceback" not in missing.output
+    assert f"push failed: {tmp_path / 'nowhere'}: run directory not found" in " ".join(missing.output.split())

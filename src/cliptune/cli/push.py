@@ -42,6 +42,14 @@ def push_cmd(
             "--onnx", help="An export folder of `cliptune export --format onnx`, uploaded as onnx/."
         ),
     ] = None,
+    baseline: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--baseline",
+            help="Run or evaluation folder (e.g. the zero-shot baseline) the card compares with "
+            "(default: a compare.json listing RUN).",
+        ),
+    ] = None,
     license_id: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option("--license", help="Licence id for the card (e.g. mit, apache-2.0)."),
@@ -67,12 +75,13 @@ def push_cmd(
     Examples:
         cliptune push runs/demo-finetuned me/fashion-clip --private
         cliptune push runs/demo-finetuned me/fashion-clip --onnx export/demo --dry-run
+        cliptune push runs/my-photos me/photos-siglip --baseline evals/siglip-zero-shot
     """
     from cliptune.export.hub import push, stage
 
     with exit_on_error(1, prefix="push failed: "):
         if dry_run:
-            files = stage(run, onnx=onnx, license=license_id)
+            files = stage(run, onnx=onnx, baseline=baseline, license=license_id)
             for f in files:
                 console.print(f"{f.path_in_repo}  {f.size} bytes", highlight=False, markup=False)
             total = sum(f.size for f in files)
@@ -86,6 +95,7 @@ def push_cmd(
             private=private,
             token=token or os.environ.get("HF_TOKEN") or None,
             onnx=onnx,
+            baseline=baseline,
             license=license_id,
             revision=revision,
             commit_message=message,

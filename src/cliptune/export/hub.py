@@ -60,12 +60,19 @@ class StagedFile:
         return len(self.source) if isinstance(self.source, bytes) else self.source.stat().st_size
 
 
-def stage(run: Path, *, onnx: Path | None = None, license: str | None = None) -> list[StagedFile]:  # noqa: A002
+def stage(
+    run: Path,
+    *,
+    onnx: Path | None = None,
+    baseline: Path | None = None,
+    license: str | None = None,  # noqa: A002 (the model-card field's own name)
+) -> list[StagedFile]:
     """The files a push uploads, in repository order: ``README.md``, the model folder, ``onnx/``.
 
     Args:
         run: ``runs/<name>``.
         onnx: A folder ``cliptune export --format onnx`` wrote, uploaded under ``onnx/``.
+        baseline: The card's baseline (a run or model-evaluation folder; see ``model_card``).
         license: The card's licence id.
 
     Returns:
@@ -81,7 +88,7 @@ def stage(run: Path, *, onnx: Path | None = None, license: str | None = None) ->
     run = Path(run)
     if onnx is not None and not Path(onnx).is_dir():
         raise CardError(Path(onnx), "the ONNX export folder does not exist")
-    card = model_card(run, onnx=onnx, license=license).encode("utf-8")
+    card = model_card(run, baseline=baseline, onnx=onnx, license=license).encode("utf-8")
     files = [StagedFile(CARD_FILE, card)]
     files += _folder(RunDir(run).model, "")
     if onnx is not None:
@@ -106,6 +113,7 @@ def push(
     private: bool = False,
     token: str | None = None,
     onnx: Path | None = None,
+    baseline: Path | None = None,
     license: str | None = None,  # noqa: A002
     revision: str | None = None,
     commit_message: str | None = None,
@@ -119,6 +127,7 @@ def push(
         private: Create the repository private (an existing repository keeps its visibility).
         token: A hub token; default huggingface_hub's (``HF_TOKEN``, then the saved login).
         onnx: An ONNX export folder to upload under ``onnx/``.
+        baseline: The card's baseline (a run or model-evaluation folder).
         license: The card's licence id.
         revision: The branch to commit to (default ``main``).
         commit_message: Default ``"cliptune push <run name>"``.
@@ -138,7 +147,7 @@ def push(
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    files = stage(run, onnx=onnx, license=license)
+    files = stage(run, onnx=onnx, baseline=baseline, license=license)
     if api is None:
         # huggingface_hub reads HF_HUB_OFFLINE once, at import: the variable set later is honoured here.
         if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
