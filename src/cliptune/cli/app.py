@@ -31,6 +31,7 @@ from cliptune.cli import (
     push,
     report,
     search,
+    serve,
     sweep,
     test,
     train,
@@ -51,7 +52,7 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 
 # --help order: commands in this order, then the groups (typer lists groups after commands)
-COMMANDS = (train, demo, eval, test, report, compare, sweep, index, embed, search, push, config, data)
+COMMANDS = (train, demo, eval, test, report, compare, sweep, index, embed, search, serve, push, config, data)
 
 
 def _version(value: bool) -> None:
