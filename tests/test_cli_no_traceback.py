@@ -108,6 +108,7 @@ def CASES(f: dict[str, Path]) -> list[list[str]]:  # noqa: N802 (reads as the ta
         ["compare", str(f["idx"]), str(f["missing"])],
         ["test", str(f["clip"]), "--suite", str(r / "broken.yaml")],
         ["sweep", str(r / "ok.yaml")],
+        ["push", str(f["idx"]), "me/model", "--dry-run"],
     ]
 
 
