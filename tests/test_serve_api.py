@@ -208,6 +208,7 @@ def test_suite_results_match_the_gates_own_scoring(
         assert mine["passed"] == theirs["passed"] and mine["k"] == theirs["k"]
         assert mine["metrics"] == pytest.approx(theirs["metrics"], abs=1e-6)
         assert [(h["id"], h["flag"]) for h in mine["hits"]] == [(t["id"], t["flag"]) for t in theirs["top"]]
+    assert got["verdicts"] == {name: c["passed"] for name, c in gate["categories"].items()}
     flags = {h["flag"] for q in got["queries"] for h in q["hits"]}
     assert {"relevant", "red"} <= flags
 

@@ -22,7 +22,7 @@ from cliptune.search.query import hit_at
 from cliptune.serve.errors import ServeError
 from cliptune.serve.hits import hit_json, image_url
 from cliptune.suites.resolve import resolve_suite
-from cliptune.suites.run import embed_queries, score_query
+from cliptune.suites.run import embed_queries, score_category, score_query
 from cliptune.suites.schema import load_suite
 
 __all__ = ["suite_results"]
@@ -33,7 +33,8 @@ def suite_results(
 ) -> dict[str, Any]:
     """Every query of a suite ranked over the index: ``{"name", "categories", "queries": [...]}``.
 
-    Each query has ``id``, ``category``, ``text``, ``image`` (its item id when the query image is a
+    ``verdicts`` maps each category with a scored query to the gate's verdict (``cliptune test``'s rule on
+    these rankings). Each query has ``id``, ``category``, ``text``, ``image`` (its item id when the query image is a
     catalogue item, else None), ``image_url``, ``k``, ``passed``, ``metrics`` and ``hits`` (the fields of
     ``POST /search`` plus ``flag``).
 
@@ -55,9 +56,10 @@ def suite_results(
     items = torch.from_numpy(index.vectors()[[number[i] for i in ids]])  # (N, D) in the suite's item order
     queries = embed_queries(resolved, model, index.dim, cache_dir=cache_dir)  # (Q, D)
     gain = suite.defaults.yellow_gain
-    out = []
+    out, scores = [], []
     for j, q in enumerate(resolved.queries):
         scored = score_query(q, items @ queries[j], ids, gain)  # (N,) scores
+        scores.append(scored)
         image = ids[q.exclude] if q.exclude is not None else None
         hits = [
             {**hit_json(hit_at(index, rank, number[t["id"]], t["score"])), "flag": t["flag"]}
@@ -76,4 +78,11 @@ def suite_results(
                 "hits": hits,
             }
         )
-    return {"name": suite.suite, "categories": list(suite.categories), "queries": out}
+    verdicts = {  # the gate's verdict per category over the whole index (point values: it reads the means)
+        name: score_category(resolved, name, [r for r in scores if r["category"] == name], 0, 0.95, 0)[
+            "passed"
+        ]
+        for name in suite.categories
+        if any(r["category"] == name for r in scores)
+    }
+    return {"name": suite.suite, "categories": list(suite.categories), "verdicts": verdicts, "queries": out}

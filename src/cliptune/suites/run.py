@@ -34,7 +34,15 @@ from cliptune.suites.resolve import ResolvedQuery, ResolvedSuite, resolve_suite
 from cliptune.suites.schema import Suite, SuiteError
 from cliptune.suites.scoring import METRICS, gate_failures, metric_key, query_metrics
 
-__all__ = ["EmptySplitError", "embed_queries", "embed_suite", "run_suite", "score_query", "unscored_status"]
+__all__ = [
+    "EmptySplitError",
+    "embed_queries",
+    "embed_suite",
+    "run_suite",
+    "score_category",
+    "score_query",
+    "unscored_status",
+]
 
 
 class EmptySplitError(SuiteError):
@@ -168,7 +176,7 @@ def _interval(values: list[float], bootstrap: int, confidence: float, seed: int)
     return bootstrap_ci(values, n_resamples=bootstrap, confidence=confidence, seed=seed)
 
 
-def _category(
+def score_category(
     resolved: ResolvedSuite,
     name: str,
     results: list[dict[str, Any]],
@@ -176,6 +184,11 @@ def _category(
     confidence: float,
     seed: int,
 ) -> dict[str, Any]:
+    """A category's gate over its scored queries (:func:`score_query` results): metrics, verdict, failures.
+
+    ``bootstrap=0`` gives point values (mean = low = high), which is all a verdict needs: the gate reads
+    the means.
+    """
     k = resolved.category_k[name]
     thresholds = resolved.category_thresholds[name]
     metrics = {}
@@ -283,7 +296,7 @@ def run_suite(
         scored = [r for r in results if r["category"] == name]
         n_skipped = sum(s["category"] == name for s in skipped)
         if scored:
-            categories[name] = _category(resolved, name, scored, bootstrap, confidence, seed)
+            categories[name] = score_category(resolved, name, scored, bootstrap, confidence, seed)
             categories[name]["n_skipped"] = n_skipped
         else:  # nothing left to measure: neither a pass nor a failure
             unmeasured[name] = f"no query with a relevant image {_among(label)} ({n_skipped} skipped)"
