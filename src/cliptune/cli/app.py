@@ -27,6 +27,7 @@ from cliptune.cli import (
     demo,
     embed,
     eval,  # noqa: A004 (the module of `cliptune eval`)
+    export,
     index,
     report,
     search,
@@ -50,7 +51,7 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 
 # --help order: commands in this order, then the groups (typer lists groups after commands)
-COMMANDS = (train, demo, eval, test, report, compare, sweep, index, embed, search, config, data)
+COMMANDS = (train, demo, eval, test, report, compare, sweep, index, embed, search, export, config, data)
 
 
 def _version(value: bool) -> None:
