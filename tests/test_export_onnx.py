@@ -64,9 +64,8 @@ def _paths(catalogue: Path) -> list[Path]:
 
 
 def _open_clip_folder(folder: Path) -> Path:
-    from tests.test_models_open_clip import _register_tiny_timm_siglip, _save_open_clip
-
     from cliptune.models.openclip import import_open_clip
+    from tests.test_models_open_clip import _register_tiny_timm_siglip, _save_open_clip
 
     module = import_open_clip()
     _register_tiny_timm_siglip()
@@ -88,12 +87,22 @@ def exported(root: Path, catalogue: Path) -> dict[str, tuple[LoadedModel, Path, 
     cache = root / "cache"
     out: dict[str, tuple[LoadedModel, Path, dict[str, Any]]] = {}
     clip_dir = make_tiny_clip(root / "clip")
-    args = ["export", str(clip_dir), str(root / "x-clip"), "--data", str(catalogue), "--cache-dir", str(cache)]
+    args = [
+        "export",
+        str(clip_dir),
+        str(root / "x-clip"),
+        "--data",
+        str(catalogue),
+        "--cache-dir",
+        str(cache),
+    ]
     result = runner.invoke(app, [*args, "-q"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((root / "x-clip" / "export.json").read_text())
     image = manifest["parity"]["graphs"]["image"]
-    assert f"image graph: min cosine {image['min_cosine']:.7f}" in result.output  # the console shows the numbers
+    assert (
+        f"image graph: min cosine {image['min_cosine']:.7f}" in result.output
+    )  # the console shows the numbers
     out["clip"] = (load_model(clip_dir), root / "x-clip", manifest)
     sources = {
         "siglip": make_tiny_siglip(root / "siglip"),
@@ -125,7 +134,9 @@ def test_onnxruntime_equals_pytorch_for_every_backbone_kind(
     tokens = backbone.tokenize(CAPTIONS)
     feeds = {i.name: tokens[i.name].numpy() for i in text_session.get_inputs()}
     got = text_session.run(None, feeds)[0]
-    want = embed_texts_with(model, CAPTIONS, cache_dir=root / "cache", precision="fp32", progress=False).numpy()
+    want = embed_texts_with(
+        model, CAPTIONS, cache_dir=root / "cache", precision="fp32", progress=False
+    ).numpy()
     assert _cos_rows(got, want).min() >= 0.9999
     for name, numbers in manifest["parity"]["graphs"].items():
         assert numbers["n"] == len(SIZES) and numbers["min_cosine"] >= 0.9999, name
@@ -178,9 +189,13 @@ def test_siamese_head_is_a_third_graph_equal_to_the_head(exported: dict[str, Any
 def test_export_json_describes_graphs_inputs_and_preprocessing(exported: dict[str, Any]) -> None:
     model, folder, manifest = exported["clip"]
     assert manifest["model"] == model.name and manifest["format"] == "cliptune-onnx-v1"
-    assert manifest["backbone_kind"] == "clip" and manifest["embed_dim"] == 24 and manifest["normalized"] is True
+    assert (
+        manifest["backbone_kind"] == "clip" and manifest["embed_dim"] == 24 and manifest["normalized"] is True
+    )
     image = manifest["graphs"]["image"]
-    assert image["inputs"] == [{"name": "pixel_values", "shape": ["batch", 3, 32, 32], "type": "tensor(float)"}]
+    assert image["inputs"] == [
+        {"name": "pixel_values", "shape": ["batch", 3, 32, 32], "type": "tensor(float)"}
+    ]
     assert image["outputs"] == [{"name": "image_embeds", "shape": ["batch", 24], "type": "tensor(float)"}]
     text_inputs = manifest["graphs"]["text"]["inputs"]
     assert [i["name"] for i in text_inputs] == ["input_ids", "attention_mask"]
@@ -196,7 +211,12 @@ def test_export_json_describes_graphs_inputs_and_preprocessing(exported: dict[st
     }
     processor = model.backbone.image_processor
     spec = json.loads((folder / "preprocess.json").read_text())
-    assert spec["resize"] == {"mode": "shortest", "size": 32, "long_side": "floor", "interpolation": "bicubic"}
+    assert spec["resize"] == {
+        "mode": "shortest",
+        "size": 32,
+        "long_side": "floor",
+        "interpolation": "bicubic",
+    }
     assert spec["crop"] == {"height": 32, "width": 32, "offset": "floor", "fill": 0}
     assert spec["mean"] == pytest.approx(list(processor.image_mean))
     assert spec["std"] == pytest.approx(list(processor.image_std))
@@ -231,7 +251,11 @@ def test_reference_client_runs_without_torch_and_equals_pytorch(
     work = root / "client-run"
     shutil.copytree(folder, work)
     done = subprocess.run(
-        [sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", script],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr
@@ -298,6 +322,8 @@ def test_safetensors_writes_the_plain_folder_or_refuses(exported: dict[str, Any]
         got = got if isinstance(got, torch.Tensor) else got.pooler_output
         torch.testing.assert_close(got, model.backbone.encode_image(pixels))
     siamese, _, _ = exported["siamese"]
-    result = runner.invoke(app, ["export", str(siamese.source), str(root / "plain-siam"), "--format", "safetensors"])
+    result = runner.invoke(
+        app, ["export", str(siamese.source), str(root / "plain-siam"), "--format", "safetensors"]
+    )
     assert result.exit_code == 1 and "Siamese head" in result.output and "ONNX" in result.output
     assert "Traceback" not in result.output and not (root / "plain-siam").exists()

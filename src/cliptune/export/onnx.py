@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -258,10 +259,8 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], outputs: list[str], pat
         for n, a in zip(names, args, strict=True)
     }
     module = module.eval()
-    quiet = io.StringIO()
     try:
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
-            warnings.simplefilter("ignore")
+        with _quiet():
             torch.onnx.export(
                 module,
                 args,
@@ -281,8 +280,7 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], outputs: list[str], pat
         for n, a in zip(names, args, strict=True)
     }
     try:
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
-            warnings.simplefilter("ignore")
+        with _quiet():
             torch.onnx.export(
                 module,
                 args,
@@ -297,6 +295,20 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], outputs: list[str], pat
             f"{path.stem} graph: neither ONNX exporter could export it ({reason}; then {err})"
         ) from err
     return f"torchscript (dynamo failed: {reason})"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No gradients, and none of the exporters' progress lines, warnings and log records on the console."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _signature(session: Any, file: Path) -> dict[str, Any]:
