@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from cliptune.cli.errors import err_console, exit_on_error
+from cliptune.cli.errors import err_console, exit_on_error, fail
 
 __all__ = ["export_cmd", "register"]
 
@@ -63,11 +63,10 @@ def export_cmd(
     if format not in FORMATS:
         err_console.print(f"[red]--format must be onnx or safetensors, got {format}[/red]", highlight=False)
         raise typer.Exit(2)
-    if out.exists() and not overwrite:
-        err_console.print(
-            f"[red]{out}: already exists; use a new folder or --overwrite[/red]", highlight=False
-        )
-        raise typer.Exit(1)
+    if out.exists() and not overwrite:  # before loading any model: the library would refuse it the same way
+        from cliptune.export.errors import ExportExistsError
+
+        fail(ExportExistsError(str(out)), 1)
     if format == "safetensors":
         from cliptune.export.plain import export_plain
 
