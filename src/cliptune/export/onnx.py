@@ -272,6 +272,7 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], outputs: list[str], pat
                 external_data=big,
                 verbose=False,
             )
+        _name_sequence_axis(path)
         return "dynamo"
     except Exception as err:  # the dynamo exporter raises many types; the fallback says which
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -295,6 +296,27 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], outputs: list[str], pat
             f"{path.stem} graph: neither ONNX exporter could export it ({reason}; then {err})"
         ) from err
     return f"torchscript (dynamo failed: {reason})"
+
+
+def _name_sequence_axis(path: Path) -> None:
+    """Call the text graph's free sequence axis ``sequence`` (torch.export names an automatic axis ``s53``)."""
+    import onnx
+
+    graph_file = onnx.load(str(path), load_external_data=False)
+    graph = graph_file.graph
+    symbols = {
+        dims[1].dim_param
+        for value in graph.input
+        if len(dims := value.type.tensor_type.shape.dim) == 2 and dims[1].dim_param
+    }
+    if len(symbols) != 1 or symbols == {"sequence"}:
+        return
+    (old,) = symbols
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == old:
+                dim.dim_param = "sequence"
+    onnx.save(graph_file, str(path))
 
 
 @contextlib.contextmanager
