@@ -117,6 +117,7 @@ def exported(root: Path, catalogue: Path) -> dict[str, tuple[LoadedModel, Path, 
     return out
 
 
+@pytest.mark.slow  # the module's exports (one per backbone kind) take about a minute
 @pytest.mark.parametrize("kind", ["clip", "siglip", "open_clip", "siamese"])
 def test_onnxruntime_equals_pytorch_for_every_backbone_kind(
     exported: dict[str, Any], catalogue: Path, root: Path, kind: str
@@ -146,6 +147,7 @@ def test_onnxruntime_equals_pytorch_for_every_backbone_kind(
     assert manifest["parity"]["preprocess_max_abs_diff"] < 1e-5
 
 
+@pytest.mark.slow  # the module's exports (one per backbone kind) take about a minute
 def test_dynamic_batch_runs_batches_of_one_and_five(exported: dict[str, Any]) -> None:
     model, folder, _ = exported["clip"]
     backbone = model.backbone
@@ -166,6 +168,7 @@ def test_dynamic_batch_runs_batches_of_one_and_five(exported: dict[str, Any]) ->
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow  # the module's exports (one per backbone kind) take about a minute
 def test_siamese_head_is_a_third_graph_equal_to_the_head(exported: dict[str, Any]) -> None:
     model, folder, manifest = exported["siamese"]
     assert set(manifest["graphs"]) == {"image", "text", "head"} and manifest["siamese"] is True
@@ -186,6 +189,7 @@ def test_siamese_head_is_a_third_graph_equal_to_the_head(exported: dict[str, Any
     assert manifest["embed_dim"] == 12  # the head's space, not the backbone's 24
 
 
+@pytest.mark.slow  # the module's exports (one per backbone kind) take about a minute
 def test_export_json_describes_graphs_inputs_and_preprocessing(exported: dict[str, Any]) -> None:
     model, folder, manifest = exported["clip"]
     assert manifest["model"] == model.name and manifest["format"] == "cliptune-onnx-v1"
@@ -234,6 +238,7 @@ def test_export_json_describes_graphs_inputs_and_preprocessing(exported: dict[st
     assert open_clip_manifest["parity"]["tokens_equal"] is None
 
 
+@pytest.mark.slow  # the module's exports (one per backbone kind) take about a minute
 def test_reference_client_runs_without_torch_and_equals_pytorch(
     exported: dict[str, Any], catalogue: Path, root: Path
 ) -> None:
@@ -266,6 +271,7 @@ def test_reference_client_runs_without_torch_and_equals_pytorch(
     assert _cos_rows(np.load(work / "texts.npy"), want_texts.numpy()).min() >= 0.9999
 
 
+@pytest.mark.slow  # the module's exports (one per backbone kind) take about a minute
 def test_a_wrong_graph_fails_the_parity_check_and_writes_nothing(
     exported: dict[str, Any], catalogue: Path, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -286,6 +292,7 @@ def test_a_wrong_graph_fails_the_parity_check_and_writes_nothing(
     assert not out.exists() and not list(root.glob(".x-wrong*"))  # no folder, no temporary left behind
 
 
+@pytest.mark.slow  # the module's exports (one per backbone kind) take about a minute
 def test_existing_out_is_refused_without_overwrite(exported: dict[str, Any], catalogue: Path) -> None:
     model, folder, _ = exported["clip"]
     before = (folder / "export.json").read_bytes()
@@ -307,6 +314,7 @@ def test_cli_bad_input_exits_without_traceback(root: Path, catalogue: Path) -> N
     assert not any((root / o).exists() for o in ("o1", "o2", "o3"))
 
 
+@pytest.mark.slow  # the module's exports (one per backbone kind) take about a minute
 def test_safetensors_writes_the_plain_folder_or_refuses(exported: dict[str, Any], root: Path) -> None:
     from transformers import CLIPModel
 
@@ -365,6 +373,7 @@ def test_plain_folder_merges_lora_and_is_checked(root: Path) -> None:
     assert caught.value.graph == "plain-image"
 
 
+@pytest.mark.slow  # the module's exports (one per backbone kind) take about a minute
 def test_plain_open_clip_folder_loads_with_open_clip(exported: dict[str, Any], root: Path) -> None:
     from cliptune.export.plain import export_plain
     from cliptune.models.openclip import import_open_clip
