@@ -385,3 +385,60 @@ def test_plain_open_clip_folder_loads_with_open_clip(exported: dict[str, Any], r
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(plain.encode_image(pixels), model.backbone.encode_image(pixels))
+
+
+ODD_SIZES = [(40, 30), (33, 50), (161, 97), (97, 161), (20, 20), (300, 7), (7, 300)]
+
+
+def _odd_images() -> list[Image.Image]:
+    rng = np.random.default_rng(7)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ODD_SIZES]
+
+
+def _replayed(spec: dict[str, Any], images: list[Image.Image]) -> np.ndarray:
+    from cliptune.export.client import preprocess_image
+
+    return np.stack([preprocess_image(image, spec) for image in images])
+
+
+@pytest.mark.parametrize("mode", ["shortest", "longest", "squash"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_open_clip_preprocessing_is_replayed_exactly(mode: str, interpolation: str) -> None:
+    from cliptune.export.inputs import _open_clip
+    from cliptune.models.openclip import preprocess_image
+
+    cfg = {"size": [32, 32], "mean": [0.48, 0.45, 0.4], "std": [0.26, 0.26, 0.27], "resize_mode": mode}
+    cfg |= {"interpolation": interpolation, "fill_color": 7}
+    images = _odd_images()  # thin and tiny images: rounding, padding and cropping all show
+    want = torch.stack([preprocess_image(image, cfg) for image in images]).numpy()
+    np.testing.assert_allclose(_replayed(_open_clip(cfg), images), want, atol=1e-5)
+
+
+def test_hf_and_composed_preprocessing_is_replayed_exactly(root: Path) -> None:
+    from cliptune.export.inputs import describe_preprocess
+    from cliptune.models.composed import _minilm_path
+    from cliptune.models.factory import load_backbone
+
+    images = _odd_images()
+    backbones = [
+        load_backbone(make_tiny_clip(root / "pre-clip")),  # shortest_edge + centre crop
+        load_backbone(make_tiny_siglip(root / "pre-siglip")),  # exact height x width
+        load_backbone("embedded", image_size=48),  # composed EfficientNet: rounded long side
+        load_backbone("composed", image_tower=root / "pre-clip", text_tower=_minilm_path(), embed_dim=8),
+    ]
+    for backbone in backbones:
+        want = backbone.preprocess(images).numpy()
+        np.testing.assert_allclose(_replayed(describe_preprocess(backbone), images), want, atol=1e-5)
+
+
+def test_preprocessing_that_cannot_be_described_is_refused(root: Path) -> None:
+    from cliptune.export.errors import ExportError
+    from cliptune.export.inputs import _open_clip, describe_preprocess
+    from cliptune.models.factory import load_backbone
+
+    with pytest.raises(ExportError, match="resize_mode 'shortest' at 32x48"):
+        _open_clip({"size": [32, 48], "mean": [0.5] * 3, "std": [0.5] * 3, "resize_mode": "shortest"})
+    backbone = load_backbone(make_tiny_clip(root / "pad-clip"))
+    backbone.image_processor.do_pad = True
+    with pytest.raises(ExportError, match="do_pad=True"):
+        describe_preprocess(backbone)
