@@ -442,3 +442,23 @@ def test_preprocessing_that_cannot_be_described_is_refused(root: Path) -> None:
     backbone.image_processor.do_pad = True
     with pytest.raises(ExportError, match="do_pad=True"):
         describe_preprocess(backbone)
+
+
+@pytest.mark.slow  # the module's exports (one per backbone kind) take about a minute
+def test_overwrite_replaces_the_whole_folder(
+    exported: dict[str, Any], catalogue: Path, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, good, _ = exported["clip"]
+
+    def copy_graph(module: Any, args: Any, outputs: Any, path: Path, big: bool) -> str:
+        shutil.copy(good / path.name, path)  # the right graphs, without exporting them again
+        return "dynamo"
+
+    monkeypatch.setattr(export_onnx_module, "_export", copy_graph)
+    out = root / "x-overwrite"
+    shutil.copytree(good, out)
+    (out / "stale.txt").write_text("from an older export")
+    manifest = export_onnx(model, out, _paths(catalogue)[:2], CAPTIONS[:2], overwrite=True)
+    assert not (out / "stale.txt").exists()  # replaced, not merged
+    assert json.loads((out / "export.json").read_text()) == manifest
+    assert manifest["parity"]["graphs"]["image"]["n"] == 2 and manifest["parity"]["graphs"]["text"]["n"] == 2
