@@ -92,6 +92,7 @@ def CASES(f: dict[str, Path]) -> list[list[str]]:  # noqa: N802 (reads as the ta
         ["search", idx, "--image", str(r / "truncated.png")],
         ["search", idx, "jeans", "-k", "0"],
         ["search", idx, "jeans", "--where", "no-equals"],
+        ["serve", idx, "--suite", str(r / "broken.yaml")],
         ["train", str(r / "broken.yaml")],
         ["train", str(r / "ok.yaml"), "--set", "train.epochs=true"],
         ["config", "show", str(r / "broken.yaml")],
@@ -108,6 +109,7 @@ def CASES(f: dict[str, Path]) -> list[list[str]]:  # noqa: N802 (reads as the ta
         ["compare", str(f["idx"]), str(f["missing"])],
         ["test", str(f["clip"]), "--suite", str(r / "broken.yaml")],
         ["sweep", str(r / "ok.yaml")],
+        ["push", str(f["idx"]), "me/model", "--dry-run"],
     ]
 
 

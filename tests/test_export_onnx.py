@@ -84,18 +84,9 @@ def _siamese_folder(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def exported(root: Path, catalogue: Path) -> dict[str, tuple[LoadedModel, Path, dict[str, Any]]]:
     """kind -> (model, export folder, export.json): CLIP through the CLI, the others through the library."""
-    cache = root / "cache"
     out: dict[str, tuple[LoadedModel, Path, dict[str, Any]]] = {}
     clip_dir = make_tiny_clip(root / "clip")
-    args = [
-        "export",
-        str(clip_dir),
-        str(root / "x-clip"),
-        "--data",
-        str(catalogue),
-        "--cache-dir",
-        str(cache),
-    ]
+    args = ["export", str(clip_dir), str(root / "x-clip"), "--data", str(catalogue)]
     result = runner.invoke(app, [*args, "-q"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((root / "x-clip" / "export.json").read_text())
@@ -112,7 +103,7 @@ def exported(root: Path, catalogue: Path) -> dict[str, tuple[LoadedModel, Path, 
     for kind, source in sources.items():
         model = load_model(source)
         folder = root / f"x-{kind}"
-        manifest = export_onnx(model, folder, _paths(catalogue), CAPTIONS, cache_dir=cache)
+        manifest = export_onnx(model, folder, _paths(catalogue), CAPTIONS)
         out[kind] = (model, folder, manifest)
     return out
 
@@ -286,7 +277,7 @@ def test_a_wrong_graph_fails_the_parity_check_and_writes_nothing(
     other = load_model(make_tiny_clip(root / "clip-seed1", seed=1))
     out = root / "x-wrong"
     with pytest.raises(ParityError) as caught:
-        export_onnx(other, out, _paths(catalogue), CAPTIONS, cache_dir=root / "cache")
+        export_onnx(other, out, _paths(catalogue), CAPTIONS)
     assert caught.value.graph == "image" and caught.value.min_cosine < 0.9999 and caught.value.n == len(SIZES)
     assert "nothing was written" in str(caught.value)
     assert not out.exists() and not list(root.glob(".x-wrong*"))  # no folder, no temporary left behind

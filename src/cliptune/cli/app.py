@@ -29,8 +29,10 @@ from cliptune.cli import (
     eval,  # noqa: A004 (the module of `cliptune eval`)
     export,
     index,
+    push,
     report,
     search,
+    serve,
     sweep,
     test,
     train,
@@ -51,7 +53,23 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 
 # --help order: commands in this order, then the groups (typer lists groups after commands)
-COMMANDS = (train, demo, eval, test, report, compare, sweep, index, embed, search, export, config, data)
+COMMANDS = (
+    train,
+    demo,
+    eval,
+    test,
+    report,
+    compare,
+    sweep,
+    index,
+    embed,
+    search,
+    serve,
+    export,
+    push,
+    config,
+    data,
+)
 
 
 def _version(value: bool) -> None:

@@ -44,7 +44,6 @@ def export_cmd(
         int, typer.Option(help="Images (and their captions) the ONNX parity check compares.", min=1)
     ] = 32,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder.")] = None,  # noqa: UP045
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Export a trained model: ONNX graphs that onnxruntime runs without torch, or the plain model folder.
@@ -78,13 +77,13 @@ def export_cmd(
     from cliptune.data.catalogue import read_catalogue
     from cliptune.export.onnx import export_onnx, parity_sample
 
-    catalogue_dir, column, cache_dir = data_for(model, data, text_column, cache_dir)
+    catalogue_dir, column, _ = data_for(model, data, text_column, None)
     with exit_on_error(1):
         loaded = load_model(model)
         paths, texts = parity_sample(read_catalogue(catalogue_dir, column), parity_samples)
         if not quiet:
             err_console.print(f"exporting {loaded.name} and checking it on {len(paths)} images and captions")
-        manifest = export_onnx(loaded, out, paths, texts, overwrite=overwrite, cache_dir=cache_dir)
+        manifest = export_onnx(loaded, out, paths, texts, overwrite=overwrite)
     for name, numbers in manifest["parity"]["graphs"].items():
         console.print(
             f"{name:<5} graph: min cosine {numbers['min_cosine']:.7f}, max abs diff {numbers['max_abs_diff']:.2e} "

@@ -141,6 +141,7 @@ def embed_images_with(
     num_workers: int = 0,
     max_pixels: int | None = None,
     progress: bool = True,
+    use_cache: bool = True,
 ) -> Tensor:
     """Final, L2-normalised image embeddings of image files.
 
@@ -158,6 +159,8 @@ def embed_images_with(
         num_workers: DataLoader workers for decoding.
         max_pixels: Decompression-bomb limit of the loader (default: the loader's).
         progress: Progress bar.
+        use_cache: False computes the tower features without reading or writing the cache: one-off
+            queries (``cliptune serve``) would otherwise add an fsync'ed shard per request.
 
     Returns:
         (N, D) float32.
@@ -167,7 +170,8 @@ def embed_images_with(
     load = partial(load_image) if max_pixels is None else partial(load_image, max_pixels=max_pixels)
 
     frozen = backbone.features_frozen
-    cache = FeatureCache(cache_dir or default_cache_dir(), backbone.identity()) if frozen else None
+    cached = frozen and use_cache
+    cache = FeatureCache(cache_dir or default_cache_dir(), backbone.identity()) if cached else None
     forward = backbone.image_features if frozen else backbone.encode_image
     feats = embed_images(
         list(paths),
@@ -196,11 +200,13 @@ def embed_texts_with(
     precision: Precision = "auto",
     batch_size: int = 256,
     progress: bool = True,
+    use_cache: bool = True,
 ) -> Tensor:
     """Final, L2-normalised text embeddings (see :func:`embed_images_with`). Returns (N, D) float32."""
     backbone = model.backbone
     frozen = backbone.features_frozen
-    cache = FeatureCache(cache_dir or default_cache_dir(), backbone.identity()) if frozen else None
+    cached = frozen and use_cache
+    cache = FeatureCache(cache_dir or default_cache_dir(), backbone.identity()) if cached else None
     forward = backbone.text_features if frozen else backbone.encode_text
     warn_if_truncated(backbone, texts)
     feats = embed_texts(

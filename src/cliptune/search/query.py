@@ -31,7 +31,7 @@ from cliptune.models.factory import LoadedModel
 from cliptune.ranking.topk import TIE_PAD, refine_candidates, topk_of_scores
 from cliptune.search.index import ModelMismatchError, SearchIndex, SearchIndexError
 
-__all__ = ["Hit", "search", "search_embeddings", "select"]
+__all__ = ["Hit", "hit_at", "search", "search_embeddings", "select"]
 
 # filters keeping at most this share of the items are searched by gathering the matching vectors and an
 # exact numpy top-k over them; above it FAISS scans every item with a bitmap selector (see docs/search.md)
@@ -144,7 +144,7 @@ def search_embeddings(
     scores, numbers = _topk(index, queries, k, selected)  # (Q, K), (Q, K)
     return [
         [
-            _hit(index, rank, int(n), float(s))
+            hit_at(index, rank, int(n), float(s))
             for rank, (s, n) in enumerate(zip(srow, nrow, strict=True), start=1)
         ]
         for srow, nrow in zip(scores, numbers, strict=True)
@@ -173,7 +173,8 @@ def select(index: SearchIndex, where: Mapping[str, object] | None) -> np.ndarray
     return np.flatnonzero(mask)
 
 
-def _hit(index: SearchIndex, rank: int, number: int, score: float) -> Hit:
+def hit_at(index: SearchIndex, rank: int, number: int, score: float) -> Hit:
+    """The :class:`Hit` of item ``number`` at ``rank`` with ``score`` (its id, first caption, attributes)."""
     attributes = {a: values[number] for a, values in index.attributes.items()}
     captions = index.captions[number]
     return Hit(rank, index.ids[number], score, captions[0] if captions else "", attributes)

@@ -34,7 +34,7 @@ from cliptune.suites.resolve import ResolvedQuery, ResolvedSuite, resolve_suite
 from cliptune.suites.schema import Suite, SuiteError
 from cliptune.suites.scoring import METRICS, gate_failures, metric_key, query_metrics
 
-__all__ = ["EmptySplitError", "embed_suite", "run_suite", "unscored_status"]
+__all__ = ["EmptySplitError", "embed_queries", "embed_suite", "run_suite", "score_query", "unscored_status"]
 
 
 class EmptySplitError(SuiteError):
@@ -84,25 +84,50 @@ def embed_suite(
     items = embed_images_with(
         model, [cat.image_path(i) for i in ids], cache_dir=cache_dir, progress=progress
     )  # (N, D)
+    return items, embed_queries(resolved, model, items.shape[1], cache_dir=cache_dir, progress=progress)
+
+
+def embed_queries(
+    resolved: ResolvedSuite,
+    model: LoadedModel,
+    dim: int,
+    *,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Embeddings of every query (text or image), L2-normalised: (Q, ``dim``) in ``resolved.queries`` order.
+
+    ``cliptune serve`` ranks them against an index's stored vectors instead of re-embedding the items.
+    """
     texts = [(j, q.query.text) for j, q in enumerate(resolved.queries) if q.query.text is not None]
     images = [(j, q.image_path) for j, q in enumerate(resolved.queries) if q.image_path is not None]
-    queries = torch.zeros(len(resolved.queries), items.shape[1])  # (Q, D)
+    queries = torch.zeros(len(resolved.queries), dim)  # (Q, D)
     if texts:
         emb = embed_texts_with(model, [t for _, t in texts], cache_dir=cache_dir, progress=progress)
         queries[[j for j, _ in texts]] = emb
     if images:
         emb = embed_images_with(model, [p for _, p in images], cache_dir=cache_dir, progress=progress)
         queries[[j for j, _ in images]] = emb
-    return items, queries
+    return queries
 
 
 def _flag(q: ResolvedQuery, i: int) -> str:
     return "relevant" if q.relevant[i] else "yellow" if q.yellow[i] else "red" if q.red[i] else "none"
 
 
-def _score_query(
-    q: ResolvedQuery, scores: torch.Tensor, ids: list[str], yellow_gain: float
-) -> dict[str, Any]:
+def score_query(q: ResolvedQuery, scores: torch.Tensor, ids: list[str], yellow_gain: float) -> dict[str, Any]:
+    """One query's metrics, verdict, failures and top k with relevant/yellow/red/none flags.
+
+    Args:
+        q: The resolved query (masks over ``ids``).
+        scores: (N,) the query's score for every item of ``ids``.
+        ids: Item ids, in the order of ``q``'s masks.
+        yellow_gain: The suite's gain of a yellow item.
+
+    Returns:
+        The query's entry of ``suite/<name>.json``'s ``queries`` (``top``: ranked by score, ties by the
+        lower item number, the query image itself left out).
+    """
     if q.exclude is not None:  # the query image itself: ranked last, in no set
         scores = scores.clone()
         scores[q.exclude] = float("-inf")
@@ -251,7 +276,7 @@ def run_suite(
         raise ValueError(f"run_suite: item embeddings are {emb.shape[1]}-d, queries {queries.shape[1]}-d")
     gain = spec.defaults.yellow_gain
     results = [
-        _score_query(q, emb @ queries[j], ids, gain) for j, q in enumerate(kept) if q.relevant.any()
+        score_query(q, emb @ queries[j], ids, gain) for j, q in enumerate(kept) if q.relevant.any()
     ]  # (N,) scores each
     categories, unmeasured = {}, {}
     for name in spec.categories:
