@@ -134,8 +134,9 @@ def test_onnxruntime_equals_pytorch_for_every_backbone_kind(
         assert numbers["n"] == len(SIZES) and numbers["min_cosine"] >= 0.9999, name
         assert 0 <= numbers["max_abs_diff"] < 1e-4, name
     assert manifest["exporter"]["image"] == "dynamo" and manifest["exporter"]["text"] == "dynamo"
-    # the client's numpy preprocessing reproduces the backbone's (to float rounding)
+    # the client's numpy preprocessing reproduces the backbone's (to float rounding), its tokenizer the ids
     assert manifest["parity"]["preprocess_max_abs_diff"] < 1e-5
+    assert manifest["parity"]["tokens_equal"] is (None if kind == "open_clip" else True)
 
 
 @pytest.mark.slow  # the module's exports (one per backbone kind) take about a minute
