@@ -102,6 +102,7 @@ def CASES(f: dict[str, Path]) -> list[list[str]]:  # noqa: N802 (reads as the ta
         ["data", "check", str(r / "notimage.png")],
         ["data", "synth", "fashion", "/proc/no/such/folder", "-n", "4"],
         ["index", str(f["clip"]), str(r / "idx-new"), "--data", str(f["missing"])],
+        ["export", str(f["clip"]), str(r / "export-new"), "--data", str(f["missing"])],
         ["eval", str(f["clip"]), "--data", str(f["missing"])],
         ["embed", str(f["clip"]), str(r / "emb"), "--data", str(r / "notimage.png")],
         ["report", str(f["idx"])],

@@ -178,7 +178,8 @@ class SiameseHead(nn.Module):
         ones = torch.ones(b, dtype=torch.bool, device=image.device)
         img_ok = ones if has_image is None else has_image.to(image.device, torch.bool)  # (B,)
         txt_ok = ones if has_text is None else has_text.to(image.device, torch.bool)  # (B,)
-        if not bool((img_ok | txt_ok).all()):
+        # torch.export cannot branch on values; the ONNX export (cliptune.export.graphs) builds its own masks
+        if not torch.compiler.is_exporting() and not bool((img_ok | txt_ok).all()):
             bad = torch.nonzero(~(img_ok | txt_ok)).flatten().tolist()
             raise ValueError(f"SiameseHead: items {bad} of the batch have neither an image nor a text")
 
