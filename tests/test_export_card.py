@@ -276,3 +276,23 @@ def test_push_dry_run_stages_the_card_with_its_baseline(world: dict[str, Path], 
     missing = runner.invoke(app, [*args, str(tmp_path / "nowhere")])
     assert missing.exit_code == 1 and "Traceback" not in missing.output
     assert f"push failed: {tmp_path / 'nowhere'}: run directory not found" in " ".join(missing.output.split())
+
+
+def test_export_of_a_run_writes_its_card_beside_the_graphs(world: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "onnx"
+    args = ["export", str(world["run"]), str(out), "--parity-samples", "2", "--baseline", str(world["base"])]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert card == model_card(world["run"], baseline=world["base"], onnx=out)
+    assert "image.onnx" in _section(card, "How to use") and "## Comparison with the baseline (base)" in card
+
+
+def test_export_of_a_bare_model_says_there_is_no_card(world: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "plain"
+    model = world["run"] / "model"
+    result = runner.invoke(
+        app, ["export", str(model), str(out), "--data", str(world["fashion"]), "--parity-samples", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "no model card" in result.output and not (out / "README.md").exists()

@@ -43,6 +43,10 @@ def export_cmd(
     parity_samples: Annotated[
         int, typer.Option(help="Images (and their captions) the ONNX parity check compares.", min=1)
     ] = 32,
+    baseline: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Baseline run or evaluation folder the model card compares against."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
@@ -51,6 +55,8 @@ def export_cmd(
     ONNX writes image.onnx and text.onnx (and head.onnx for a Siamese run), preprocess.json, the tokenizer,
     export.json and a torch-free client (cliptune_onnx.py), after checking on a sample of the catalogue
     that onnxruntime's embeddings equal PyTorch's (cosine >= 0.9999); it writes nothing if they do not.
+    Exporting a run also writes its model card (README.md: test metrics with intervals, suite verdicts),
+    the card `cliptune push` uploads.
 
     Examples:
         cliptune export runs/fashion-finetuned exports/fashion-onnx
@@ -72,6 +78,7 @@ def export_cmd(
         with exit_on_error(1):
             written = export_plain(load_model(model), out, overwrite=overwrite)
         console.print(f"wrote the plain model folder [bold]{out}[/bold] ({', '.join(written)})")
+        _card(model, out, baseline, onnx=False)
         return
     from cliptune.cli.rundata import data_for
     from cliptune.data.catalogue import read_catalogue
@@ -90,3 +97,21 @@ def export_cmd(
             f"on {numbers['n']} samples ({manifest['exporter'][name]})"
         )
     console.print(f"exported {loaded.name} as ONNX into [bold]{out}[/bold]")
+    _card(model, out, baseline, onnx=True)
+
+
+def _card(model: str, out: Path, baseline: Path | None, *, onnx: bool) -> None:
+    """The run's model card beside the export (a bare model or spec has no run to describe: no card)."""
+    from cliptune.export.card import write_model_card
+    from cliptune.rundir import is_run
+
+    run = Path(model)
+    if not is_run(run):
+        if baseline is not None:
+            err_console.print(f"[red]--baseline needs a run to compare; {model} is not a run directory[/red]")
+            raise typer.Exit(2)
+        console.print(f"no model card: {model} is not a run directory (export a run to get one)")
+        return
+    with exit_on_error(1):
+        card = write_model_card(run, out, baseline=baseline, onnx=out if onnx else None)
+    console.print(f"wrote the model card [bold]{card}[/bold]")
