@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from transformers import BertConfig, BertModel
 
 from cliptune.config import GradCacheConfig, TrainConfig, load_config
@@ -209,11 +210,17 @@ def test_config_refuses_grad_cache_outside_contrastive_retrieval() -> None:
     assert load_config(None, on).train.grad_cache.chunk_size == 16
     assert load_config(None, [*on, "loss.name=siglip"]).train.grad_cache is not None
     assert load_config(None).train.grad_cache is None  # off by default
-    with pytest.raises(ValueError, match=r"train.grad_cache applies only to loss.name info_nce or siglip, "
-                       r"got loss.name='triplet'.*train.grad_accum"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"train.grad_cache applies only to loss.name info_nce or siglip, "
+        r"got loss.name='triplet'.*train.grad_accum",
+    ):
         load_config(None, [*on, "loss.name=triplet"])
-    with pytest.raises(ValueError, match=r"train.grad_cache applies only to train.task='retrieval', got "
-                       r"train.task='siamese'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"train.grad_cache applies only to train.task='retrieval', got "
+        r"train.task='siamese'",
+    ):
         load_config(None, [*on, "train.task=siamese", "loss.name=triplet"])
     with pytest.raises(ValueError, match=r"train.grad_cache.chunk_size=64 is not below train.batch_size=64"):
         load_config(None, ["train.grad_cache={chunk_size: 64}"])
@@ -244,8 +251,15 @@ def test_the_loop_trains_with_grad_cache(
             return {"val/loss": float(m(batch)["loss"])}
 
         bundle = TaskBundle(model, items, evaluate, save_model=lambda m, d: None)
-        cfg = TrainConfig(epochs=1, batch_size=BATCH, lr=1e-3, early_stopping=None, scheduler="cosine",
-                          log_every_steps=1, grad_cache=cache)  # fmt: skip
+        cfg = TrainConfig(
+            epochs=1,
+            batch_size=BATCH,
+            lr=1e-3,
+            early_stopping=None,
+            scheduler="cosine",
+            log_every_steps=1,
+            grad_cache=cache,
+        )
         (tmp_path / name).mkdir()
         fit(bundle, cfg, tmp_path / name, Accelerator(cpu=True), quiet=True)
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
@@ -295,6 +309,9 @@ def _env(**values: str) -> Iterator[None]:
 def _worker(rank: int, port: int, towers: dict[str, Path], out_dir: str) -> None:
     torch.set_num_threads(1)
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
+    # a forked worker inherits the parent's single-process Accelerate state (a shared singleton): start afresh
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     with _env(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", **env):
         accelerator = Accelerator(cpu=True)  # gloo, and the model wrapped in DDP by prepare
         results: dict[str, object] = {"distributed": accelerator.distributed_type.value}

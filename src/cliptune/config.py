@@ -333,10 +333,11 @@ class EarlyStoppingConfig(_WatchedMetric):
 
 class GradCacheConfig(_Section):
     chunk_size: int = Field(
-        ...,
+        64,
         gt=0,
         description="Rows embedded at once; peak tower memory is that of one chunk, whatever "
-        "train.batch_size (below it: one chunk of the whole batch would only add a second forward pass).",
+        "train.batch_size (it must be below it: one chunk of the whole batch would only add a second "
+        "forward pass).",
     )
 
 
