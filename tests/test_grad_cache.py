@@ -30,7 +30,7 @@ from transformers import BertConfig, BertModel
 from cliptune.config import GradCacheConfig, TrainConfig, load_config
 from cliptune.losses import InfoNCELoss, SigLIPLoss
 from cliptune.models.factory import load_backbone
-from cliptune.train import grad_cache
+from cliptune.train import grad_cache, loop
 from cliptune.train.grad_cache import GradCache, split_batch
 from cliptune.train.loop import fit
 from cliptune.train.tasks.bundle import TaskBundle
@@ -163,6 +163,39 @@ def test_cached_step_equals_full_batch_step(
     _assert_same_step(got, want, before)
 
 
+@pytest.fixture
+def fresh_accelerate() -> Iterator[None]:
+    """Accelerate keeps one process-wide state whose precision is fixed by the first Accelerator: reset it."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_bf16_autocast_covers_both_passes(towers: dict[str, Path]) -> None:
+    """Under bf16 autocast the cached step matches the plain bf16 step to bf16 round-off."""
+    model = _model(towers, "clip", "info_nce", True)
+    batch = _batch(model, True)
+    before = _trained(model)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    plain = copy.deepcopy(model)
+    optimizer = torch.optim.SGD([p for p in plain.parameters() if p.requires_grad], lr=1.0)
+    prepared, optimizer = accelerator.prepare(plain, optimizer)
+    want_loss = prepared(batch)["loss"]
+    accelerator.backward(want_loss)
+    optimizer.step()
+    want = _trained(accelerator.unwrap_model(prepared))
+    got_loss, got = _cached_step(model, batch, 3, accelerator)
+    assert got_loss == pytest.approx(want_loss.item(), rel=1e-2)
+    for key, value in want.items():  # bf16 keeps 8 bits of mantissa: chunked matmuls round differently
+        torch.testing.assert_close(got[key] - before[key], value - before[key], rtol=0.05, atol=2e-3, msg=key)
+    # ... and autocast really ran: the fp32 step moves the weights differently
+    _, fp32 = _plain_step(_model(towers, "clip", "info_nce", True), batch)
+    assert max((fp32[k] - got[k]).abs().max().item() for k in got) > 1e-4
+
+
 def _with_dropout(model: RetrievalModel, p: float) -> RetrievalModel:
     for module in model.modules():  # CLIP's attention: dropout on the attention weights in train()
         if hasattr(module, "dropout") and isinstance(module.dropout, float):
@@ -228,10 +261,12 @@ def test_config_refuses_grad_cache_outside_contrastive_retrieval() -> None:
         load_config(None, ["train.grad_cache={chunk_size: 0}"])
 
 
+@pytest.mark.usefixtures("fresh_accelerate")
+@pytest.mark.parametrize("accum", [1, 2])
 def test_the_loop_trains_with_grad_cache(
-    towers: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    towers: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accum: int
 ) -> None:
-    """fit with train.grad_cache takes the two passes (with clipping and AdamW) and logs the same losses."""
+    """fit with train.grad_cache takes the two passes (with accumulation, clipping, AdamW) as a plain fit."""
     calls = {"forward": 0, "backward": 0}
     for name in calls:
         original = getattr(GradCache, name)
@@ -241,6 +276,17 @@ def test_the_loop_trains_with_grad_cache(
             return _f(self, *args)
 
         monkeypatch.setattr(GradCache, name, counted)
+    # the gradients each optimiser step gets (AdamW would hide a wrongly scaled one): recorded before clipping
+    stepped: dict[str, list[dict[str, torch.Tensor]]] = {"plain": [], "cached": []}
+    clip_and_step = loop._clip_and_step
+
+    def recording(run: Any) -> None:
+        if run.accelerator.sync_gradients:
+            grads = {n: p.grad.clone() for n, p in run.parts.model.named_parameters() if p.grad is not None}
+            stepped["cached" if run.grad_cache else "plain"].append(grads)
+        clip_and_step(run)
+
+    monkeypatch.setattr(loop, "_clip_and_step", recording)
 
     def run(name: str, cache: GradCacheConfig | None) -> tuple[list[dict], dict[str, torch.Tensor]]:
         model = _model(towers, "clip", "info_nce", True)
@@ -259,9 +305,12 @@ def test_the_loop_trains_with_grad_cache(
             scheduler="cosine",
             log_every_steps=1,
             grad_cache=cache,
+            grad_accum=accum,
         )
         (tmp_path / name).mkdir()
-        fit(bundle, cfg, tmp_path / name, Accelerator(cpu=True), quiet=True)
+        fit(
+            bundle, cfg, tmp_path / name, Accelerator(cpu=True, gradient_accumulation_steps=accum), quiet=True
+        )
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         return [r for r in map(json.loads, lines) if r["kind"] == "step"], _trained(model)
 
@@ -270,6 +319,11 @@ def test_the_loop_trains_with_grad_cache(
     cached_steps, cached = run("cached", GradCacheConfig(chunk_size=3))
     assert calls == {"forward": 2, "backward": 2}
     assert [r["step"] for r in cached_steps] == [1, 2]
+    assert len(stepped["cached"]) == len(stepped["plain"]) == 2 // accum
+    for got_grads, want_grads in zip(stepped["cached"], stepped["plain"], strict=True):
+        assert got_grads.keys() == want_grads.keys()
+        for key, value in want_grads.items():
+            torch.testing.assert_close(got_grads[key], value, **TOL, msg=key)
     for got, want in zip(cached_steps, plain_steps, strict=True):
         assert got["train/loss"] == pytest.approx(want["train/loss"], rel=1e-6)
     # AdamW's first steps are about lr * sign(grad), so round-off on a zero gradient becomes an lr-sized
