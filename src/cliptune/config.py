@@ -331,6 +331,16 @@ class EarlyStoppingConfig(_WatchedMetric):
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
 
 
+class GradCacheConfig(_Section):
+    chunk_size: int = Field(
+        64,
+        gt=0,
+        description="Rows embedded at once; peak tower memory is that of one chunk, whatever "
+        "train.batch_size (it must be below it: one chunk of the whole batch would only add a second "
+        "forward pass).",
+    )
+
+
 class TrainConfig(_Section):
     task: Literal["retrieval", "siamese"] = Field(
         "retrieval",
@@ -375,6 +385,12 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(0, ge=0, description="Non-finite losses skipped before training stops.")
     log_every_steps: int = Field(
         10, ge=1, description="Write a step record (loss, lr) to metrics.jsonl every N steps."
+    )
+    grad_cache: GradCacheConfig | None = Field(
+        None,
+        description="Gradient caching (Gao et al. 2021) for info_nce / siglip on train.task 'retrieval': "
+        "the batch is embedded in chunks, the loss sees all of it, gradients equal a full-batch step's; "
+        "null: off. See docs/training.md, 'Gradient caching'.",
     )
 
 
@@ -564,10 +580,45 @@ def cross_field_problems(config: Config) -> list[str]:
             "distances lie in [0, 2]): set loss.margin to at most 2"
         )
     problems.extend(_no_validation_problems(config))
+    problems.extend(_grad_cache_problems(config))
     if model.image_size is not None and model.backbone not in NAMED_BACKBONES_WITH_IMAGE_SIZE:
         problems.append(
             f"model.image_size applies only to model.backbone {' or '.join(NAMED_BACKBONES_WITH_IMAGE_SIZE)}, "
             f"got model.backbone={model.backbone!r} (its image size is fixed by the model)"
+        )
+    return problems
+
+
+GRAD_CACHE_LOSSES = ("info_nce", "siglip")
+"""Losses gradient caching serves: a softmax (InfoNCE) or a learned scale and bias (SigLIP) couples every pair
+of the batch, so only a whole large batch gives the large-batch gradient. The margin losses (triplet batch-all,
+contrastive) are means of independent pair terms, whose expected value does not depend on the batch size, so
+``train.grad_accum`` already gives their large-batch gradient without a second forward pass."""
+
+
+def _grad_cache_problems(config: Config) -> list[str]:
+    """Gradient caching splits the retrieval task's (image, text) embeddings; it needs a contrastive loss."""
+    cache, train, loss = config.train.grad_cache, config.train, config.loss.name
+    if cache is None:
+        return []
+    problems = []
+    if train.task != "retrieval":
+        problems.append(
+            f"train.grad_cache applies only to train.task='retrieval', got train.task={train.task!r}: the "
+            "siamese task trains a fusion head on cached tower features, with no tower activations to save; "
+            "set train.grad_cache to null"
+        )
+    elif loss not in GRAD_CACHE_LOSSES:
+        problems.append(
+            f"train.grad_cache applies only to loss.name {' or '.join(GRAD_CACHE_LOSSES)}, got "
+            f"loss.name={loss!r}: that loss is a mean of independent pair terms, so train.grad_accum already "
+            "gives its large-batch gradient; set train.grad_cache to null (and raise train.grad_accum)"
+        )
+    if cache.chunk_size >= train.batch_size:
+        problems.append(
+            f"train.grad_cache.chunk_size={cache.chunk_size} is not below train.batch_size="
+            f"{train.batch_size}: one chunk would hold the whole batch and caching would only add a second "
+            "forward pass; lower the chunk size or set train.grad_cache to null"
         )
     return problems
 

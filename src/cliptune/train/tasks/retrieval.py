@@ -26,6 +26,7 @@ from cliptune.losses import InfoNCELoss, initial_siglip, initial_temperature, ma
 from cliptune.models.backbone import Backbone
 from cliptune.models.embed import tower_features, warn_if_truncated
 from cliptune.train.batches import shard_indices
+from cliptune.train.grad_cache import REPLAY_KEY, replay_objective
 from cliptune.train.tasks.bundle import TaskBundle
 
 __all__ = ["RetrievalModel", "build_retrieval", "loss_init", "loss_kwargs"]
@@ -53,6 +54,8 @@ class RetrievalModel(nn.Module):
         return image, text
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if REPLAY_KEY in batch:  # pass 2 of gradient caching (train/grad_cache.py): one chunk's objective
+            return {"loss": replay_objective(self, batch)}
         image, text = self.embed(batch)
         terms: dict[str, Tensor] = self.loss(image, text)  # every loss returns its named terms
         return terms
