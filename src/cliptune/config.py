@@ -331,6 +331,27 @@ class EarlyStoppingConfig(_WatchedMetric):
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
 
 
+class HardNegativesConfig(_Section):
+    file: Path | None = Field(
+        None,
+        description="Required. Mined hard negatives (.parquet or .jsonl) written by `cliptune mine` on this catalogue's "
+        "train split; each training caption's negatives join its batch as extra images (docs/training.md, "
+        "Hard negatives).",
+    )
+    per_caption: int = Field(
+        1,
+        gt=0,
+        description="Mined negatives of each caption added to its batch (the file's first ones, by rank): a "
+        "batch of B captions scores B + B * per_caption images; a caption with fewer mined ones uses those.",
+    )
+
+    @model_validator(mode="after")
+    def _file_given(self) -> HardNegativesConfig:
+        if self.file is None:  # None only so that the generated reference can show the section
+            raise ValueError("give the mined file: file=PATH (written by `cliptune mine`)")
+        return self
+
+
 class TrainConfig(_Section):
     task: Literal["retrieval", "siamese"] = Field(
         "retrieval",
@@ -375,6 +396,11 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(0, ge=0, description="Non-finite losses skipped before training stops.")
     log_every_steps: int = Field(
         10, ge=1, description="Write a step record (loss, lr) to metrics.jsonl every N steps."
+    )
+    hard_negatives: HardNegativesConfig | None = Field(
+        None,
+        description="Train with mined hard negatives as extra in-batch candidates (retrieval task, info_nce "
+        "or siglip, frozen towers); null: in-batch negatives only.",
     )
 
 
@@ -558,6 +584,7 @@ def cross_field_problems(config: Config) -> list[str]:
             f"model.lora=null, got model.trainable_layers={model.trainable_layers} and "
             f"model.lora={'set' if model.lora is not None else 'null'}"
         )
+    problems.extend(_hard_negatives_problems(config))
     if config.loss.distance == "cosine" and config.loss.margin > 2:
         problems.append(
             f"loss.margin={config.loss.margin:g} can never be met with loss.distance='cosine' (cosine "
@@ -568,6 +595,34 @@ def cross_field_problems(config: Config) -> list[str]:
         problems.append(
             f"model.image_size applies only to model.backbone {' or '.join(NAMED_BACKBONES_WITH_IMAGE_SIZE)}, "
             f"got model.backbone={model.backbone!r} (its image size is fixed by the model)"
+        )
+    return problems
+
+
+HARD_NEGATIVE_LOSSES = ("info_nce", "siglip")
+"""Losses that take mined negatives as extra images (``extra_image``): the margin losses have no such input."""
+
+
+def _hard_negatives_problems(config: Config) -> list[str]:
+    """Mined negatives extend the batch of the retrieval task's InfoNCE / SigLIP on cached tower features."""
+    if config.train.hard_negatives is None:
+        return []
+    problems, model = [], config.model
+    if config.train.task != "retrieval":
+        problems.append(
+            f"train.hard_negatives applies to train.task='retrieval', got train.task={config.train.task!r}; "
+            "set train.hard_negatives to null"
+        )
+    elif config.loss.name not in HARD_NEGATIVE_LOSSES:
+        problems.append(
+            f"train.hard_negatives needs loss.name {' or '.join(HARD_NEGATIVE_LOSSES)} (extra images in the "
+            f"batch), got loss.name={config.loss.name!r}"
+        )
+    if model.trainable_layers != 0 or model.lora is not None:
+        problems.append(
+            "train.hard_negatives trains on cached tower features: it needs model.trainable_layers=0 and "
+            f"model.lora=null, got model.trainable_layers={model.trainable_layers} and "
+            f"model.lora={'set' if model.lora is not None else 'null'}"
         )
     return problems
 

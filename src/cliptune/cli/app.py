@@ -28,6 +28,7 @@ from cliptune.cli import (
     embed,
     eval,  # noqa: A004 (the module of `cliptune eval`)
     index,
+    mine,
     push,
     report,
     search,
@@ -52,7 +53,23 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 
 # --help order: commands in this order, then the groups (typer lists groups after commands)
-COMMANDS = (train, demo, eval, test, report, compare, sweep, index, embed, search, serve, push, config, data)
+COMMANDS = (
+    train,
+    demo,
+    eval,
+    test,
+    report,
+    compare,
+    sweep,
+    mine,
+    index,
+    embed,
+    search,
+    serve,
+    push,
+    config,
+    data,
+)
 
 
 def _version(value: bool) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
+import pandas as pd
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
@@ -26,6 +27,7 @@ from cliptune.losses import InfoNCELoss, initial_siglip, initial_temperature, ma
 from cliptune.models.backbone import Backbone
 from cliptune.models.embed import tower_features, warn_if_truncated
 from cliptune.train.batches import shard_indices
+from cliptune.train.mining import negatives_of_rows, read_mined
 from cliptune.train.tasks.bundle import TaskBundle
 
 __all__ = ["RetrievalModel", "build_retrieval", "loss_init", "loss_kwargs"]
@@ -54,8 +56,20 @@ class RetrievalModel(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         image, text = self.embed(batch)
-        terms: dict[str, Tensor] = self.loss(image, text)  # every loss returns its named terms
+        extra = self.hard_negatives(batch) if "negative_features" in batch else ()
+        terms: dict[str, Tensor] = self.loss(image, text, *extra)  # every loss returns its named terms
         return terms
+
+    def hard_negatives(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Mined negatives of the batch as extra images (B*K, D), and which caption may use which (B, B*K).
+
+        Every caption may use every item's mined negatives except padding and images of its own group (one
+        caption's negative can be another caption's positive in the same batch).
+        """
+        extra = self.backbone.image_head(batch["negative_features"].flatten(0, 1))  # (B*K, D)
+        groups = batch["negative_groups"].flatten()[None, :]  # (1, B*K)
+        usable = batch["negative_mask"].flatten()[None, :] & (groups != batch["group"][:, None])  # (B, B*K)
+        return extra, usable
 
 
 def loss_init(cfg: Config, similarity_init: Mapping[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -161,6 +175,8 @@ def build_retrieval(
             backbone, data, cfg, accelerator.device, progress and accelerator.is_main_process
         )
         train_items = [{"image_features": images[i], "text_features": texts[i]} for i in train_idx]
+        if cfg.train.hard_negatives is not None:
+            info["hard_negatives"] = _add_hard_negatives(train_items, train_idx, images, gids, data, cfg)
         val_inputs = {"image_features": images[val_idx], "text_features": texts[val_idx]}
         info["feature_dims"] = [int(images.shape[1]), int(texts.shape[1])]
     else:
@@ -206,6 +222,35 @@ def build_retrieval(
         collate=collate,
         info=info,
     )
+
+
+def _add_hard_negatives(
+    items: list[dict[str, Any]],
+    train_idx: list[int],
+    images: Tensor,
+    gids: Any,
+    data: PreparedData,
+    cfg: Config,
+) -> dict[str, Any]:
+    """Give each training item its mined negatives' cached features, padded to K with a mask; say how many."""
+    hard = cfg.train.hard_negatives
+    assert hard is not None and hard.file is not None  # the caller checked; the config requires a file
+    k = hard.per_caption
+    mined = read_mined(hard.file)
+    negatives = negatives_of_rows(mined, data.rows, train_idx, cfg.data.text_column, hard.file, k)
+    groups = torch.as_tensor(pd.factorize(pd.Series(gids, dtype=str))[0], dtype=torch.long)
+    for item, own, rows in zip(items, train_idx, negatives, strict=True):
+        padded = rows + [own] * (k - len(rows))  # padding: masked out, any image of the right shape
+        item["negative_features"] = images[padded]  # (K, F)
+        item["negative_mask"] = torch.arange(k) < len(rows)  # (K,)
+        item["negative_groups"] = groups[padded]  # (K,)
+        item["group"] = groups[own]
+    return {
+        "file": str(hard.file),
+        "per_caption": k,
+        "captions_with_negatives": sum(1 for rows in negatives if rows),
+        "negatives": sum(len(rows) for rows in negatives),
+    }
 
 
 def _embed_sharded(
