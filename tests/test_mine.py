@@ -292,6 +292,19 @@ def test_mine_a_run_then_train_and_resume_with_the_negatives(setup: dict[str, Pa
     assert result.exit_code == 0, result.output
     assert [r for r in _records(runs / "hn") if r["kind"] != "resume"] == records
     assert load_config(runs / "hn" / "config.yaml").train.hard_negatives is not None
+    # trainable towers: the mined images' pixels go through the image tower with the batch's own
+    tower = {"model": {"backbone": str(s["clip"]), "trainable_layers": 1}}
+    path = _config(s, "tower.yaml", epochs=1, lr=1e-4, **hard)
+    cfg = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**cfg, "model": {**cfg["model"], **tower["model"]}}))
+    _train(s, str(path), "--name", "tower")
+    tower_info = json.loads((runs / "tower" / "summary.json").read_text())["info"]
+    assert tower_info["hard_negatives"]["negatives"] == 2 * len(mined)
+    assert all(
+        math.isfinite(e["train/loss"])
+        for e in _records(runs / "tower")
+        if e["kind"] == "epoch" and e["epoch"]
+    )
     # a missing mined file is one sentence naming it, before any training
     missing = {"hard_negatives": {"file": str(s["root"] / "nope.jsonl")}}
     result = runner.invoke(
@@ -307,8 +320,8 @@ def test_hard_negatives_config_rules_name_the_fields() -> None:
     base = ["train.hard_negatives={file: m.jsonl, per_caption: 2}"]
     with pytest.raises(ConfigError, match="loss.name info_nce or siglip"):
         load_config(None, overrides=[*base, "loss.name=triplet"])
-    with pytest.raises(ConfigError, match="model.trainable_layers=0"):
-        load_config(None, overrides=[*base, "model.trainable_layers=1"])
+    with pytest.raises(ConfigError, match="give the mined file"):
+        load_config(None, overrides=["train.hard_negatives={per_caption: 2}"])
     with pytest.raises(ConfigError, match="train.task='retrieval'"):
         load_config(None, overrides=[*base, "train.task=siamese", "loss.name=triplet"])
     assert load_config(None, overrides=base).train.hard_negatives.per_caption == 2  # type: ignore[union-attr]

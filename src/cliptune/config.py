@@ -400,7 +400,8 @@ class TrainConfig(_Section):
     hard_negatives: HardNegativesConfig | None = Field(
         None,
         description="Train with mined hard negatives as extra in-batch candidates (retrieval task, info_nce "
-        "or siglip, frozen towers); null: in-batch negatives only.",
+        "or siglip; with trainable towers their pixels go through the image tower too); null: in-batch "
+        "negatives only.",
     )
 
 
@@ -604,10 +605,10 @@ HARD_NEGATIVE_LOSSES = ("info_nce", "siglip")
 
 
 def _hard_negatives_problems(config: Config) -> list[str]:
-    """Mined negatives extend the batch of the retrieval task's InfoNCE / SigLIP on cached tower features."""
+    """Mined negatives extend the batch of the retrieval task's InfoNCE / SigLIP (extra images)."""
     if config.train.hard_negatives is None:
         return []
-    problems, model = [], config.model
+    problems = []
     if config.train.task != "retrieval":
         problems.append(
             f"train.hard_negatives applies to train.task='retrieval', got train.task={config.train.task!r}; "
@@ -617,12 +618,6 @@ def _hard_negatives_problems(config: Config) -> list[str]:
         problems.append(
             f"train.hard_negatives needs loss.name {' or '.join(HARD_NEGATIVE_LOSSES)} (extra images in the "
             f"batch), got loss.name={config.loss.name!r}"
-        )
-    if model.trainable_layers != 0 or model.lora is not None:
-        problems.append(
-            "train.hard_negatives trains on cached tower features: it needs model.trainable_layers=0 and "
-            f"model.lora=null, got model.trainable_layers={model.trainable_layers} and "
-            f"model.lora={'set' if model.lora is not None else 'null'}"
         )
     return problems
 

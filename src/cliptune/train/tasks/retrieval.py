@@ -3,7 +3,9 @@
 With frozen towers (``trainable_layers: 0``, no LoRA) every image and caption is embedded once through
 the feature cache and training runs the heads only, on cached features: an epoch takes seconds on a CPU.
 Otherwise batches carry pixels and tokens and the unfrozen blocks train too. Validation embeds the val
-split, ranks both directions and reports the loss, recall@k, precision@k and MRR for t2i and i2t.
+split, ranks both directions and reports the loss, recall@k, precision@k and MRR for t2i and i2t. With
+``train.hard_negatives`` each cached item also carries its mined negatives' features (``cliptune mine``),
+which the loss scores as extra images of every caption in the batch (docs/training.md, "Hard negatives").
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from cliptune.evaluation.validation import retrieval_validation
 from cliptune.losses import InfoNCELoss, initial_siglip, initial_temperature, make_loss
 from cliptune.models.backbone import Backbone
 from cliptune.models.embed import tower_features, warn_if_truncated
-from cliptune.train.batches import shard_indices
+from cliptune.train.batches import collate_dicts, shard_indices
 from cliptune.train.mining import negatives_of_rows, read_mined
 from cliptune.train.tasks.bundle import TaskBundle
 
@@ -56,7 +58,7 @@ class RetrievalModel(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         image, text = self.embed(batch)
-        extra = self.hard_negatives(batch) if "negative_features" in batch else ()
+        extra = self.hard_negatives(batch) if "negative_mask" in batch else ()
         terms: dict[str, Tensor] = self.loss(image, text, *extra)  # every loss returns its named terms
         return terms
 
@@ -66,7 +68,10 @@ class RetrievalModel(nn.Module):
         Every caption may use every item's mined negatives except padding and images of its own group (one
         caption's negative can be another caption's positive in the same batch).
         """
-        extra = self.backbone.image_head(batch["negative_features"].flatten(0, 1))  # (B*K, D)
+        if "negative_features" in batch:  # cached tower features (B, K, F): the head only
+            extra = self.backbone.image_head(batch["negative_features"].flatten(0, 1))  # (B*K, D)
+        else:  # pixels of the B*K images: through the trainable tower too
+            extra = self.backbone.encode_image(batch["negative_pixels"])  # (B*K, D)
         groups = batch["negative_groups"].flatten()[None, :]  # (1, B*K)
         usable = batch["negative_mask"].flatten()[None, :] & (groups != batch["group"][:, None])  # (B, B*K)
         return extra, usable
@@ -139,7 +144,14 @@ def _raw_collate(backbone: Backbone, max_pixels: int) -> Callable[[list[dict[str
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         images = [load_image(Path(item["path"]), max_pixels=max_pixels) for item in items]
         tokens = backbone.tokenize([item["text"] for item in items])
-        return {"pixel_values": backbone.preprocess(images), **tokens}
+        batch = {"pixel_values": backbone.preprocess(images), **tokens}
+        if "negative_paths" in items[0]:  # mined negatives, item by item: (B*K, C, H, W) + their masks
+            paths = [Path(p) for item in items for p in item["negative_paths"]]
+            batch["negative_pixels"] = backbone.preprocess(
+                [load_image(p, max_pixels=max_pixels) for p in paths]
+            )
+            batch.update(collate_dicts([{k: item[k] for k in _NEGATIVE_KEYS} for item in items]))
+        return batch
 
     return collate
 
@@ -176,7 +188,9 @@ def build_retrieval(
         )
         train_items = [{"image_features": images[i], "text_features": texts[i]} for i in train_idx]
         if cfg.train.hard_negatives is not None:
-            info["hard_negatives"] = _add_hard_negatives(train_items, train_idx, images, gids, data, cfg)
+            info["hard_negatives"] = _add_hard_negatives(
+                train_items, train_idx, gids, data, cfg, ("negative_features", lambda rows: images[rows])
+            )
         val_inputs = {"image_features": images[val_idx], "text_features": texts[val_idx]}
         info["feature_dims"] = [int(images.shape[1]), int(texts.shape[1])]
     else:
@@ -185,6 +199,15 @@ def build_retrieval(
             warn_if_truncated(backbone, data.rows[text_col].astype(str).tolist())
         paths = [str(data.catalogue.image_path(f)) for f in data.rows["file_name"]]
         train_items = [{"path": paths[i], "text": str(data.rows[text_col].iloc[i])} for i in train_idx]
+        if cfg.train.hard_negatives is not None:
+            info["hard_negatives"] = _add_hard_negatives(
+                train_items,
+                train_idx,
+                gids,
+                data,
+                cfg,
+                ("negative_paths", lambda rows: [paths[r] for r in rows]),
+            )
         collate = _raw_collate(backbone, cfg.data.max_pixels)
         val_items = [{"path": paths[i], "text": str(data.rows[text_col].iloc[i])} for i in val_idx]
         val_inputs = collate(val_items) if val_items else {}
@@ -224,15 +247,22 @@ def build_retrieval(
     )
 
 
+_NEGATIVE_KEYS = ("negative_mask", "negative_groups", "group")
+
+
 def _add_hard_negatives(
     items: list[dict[str, Any]],
     train_idx: list[int],
-    images: Tensor,
     gids: Any,
     data: PreparedData,
     cfg: Config,
+    images: tuple[str, Callable[[list[int]], Any]],
 ) -> dict[str, Any]:
-    """Give each training item its mined negatives' cached features, padded to K with a mask; say how many."""
+    """Give each training item its mined negatives, padded to K with a mask; say how many.
+
+    ``images`` names the item key and turns row positions into what the batch needs there: cached
+    features (frozen towers) or image paths (the collate loads them for the trainable towers).
+    """
     hard = cfg.train.hard_negatives
     assert hard is not None and hard.file is not None  # the caller checked; the config requires a file
     k = hard.per_caption
@@ -241,7 +271,7 @@ def _add_hard_negatives(
     groups = torch.as_tensor(pd.factorize(pd.Series(gids, dtype=str))[0], dtype=torch.long)
     for item, own, rows in zip(items, train_idx, negatives, strict=True):
         padded = rows + [own] * (k - len(rows))  # padding: masked out, any image of the right shape
-        item["negative_features"] = images[padded]  # (K, F)
+        item[images[0]] = images[1](padded)  # (K, F) features or K paths
         item["negative_mask"] = torch.arange(k) < len(rows)  # (K,)
         item["negative_groups"] = groups[padded]  # (K,)
         item["group"] = groups[own]
