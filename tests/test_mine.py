@@ -81,22 +81,44 @@ def test_an_item_without_attributes_is_excluded_by_its_group_only() -> None:
 @pytest.mark.parametrize(
     ("window", "expected"),
     [
-        # eligible after the exclusions: ranks 4, 5, 6 (images 3, 4, 5), cosines cos30, cos40, cos50
-        (MiningWindow(per_caption=2), [3, 4]),  # the two best-ranked
-        (MiningWindow(per_caption=10, range_min=4), [4, 5]),  # rank 4 skipped (rank <= range_min)
-        (MiningWindow(per_caption=10, range_max=5), [3, 4]),  # rank 6 beyond the window
-        (MiningWindow(per_caption=10, range_min=4, range_max=5), [4]),
+        # not excluded, in rank order: images 3, 4, 5 (cosines cos30 = 0.866, cos40 = 0.766, cos50 = 0.643);
+        # the excluded 0, 1, 2 take no place in the window (sentence-transformers' positives do not either)
+        (MiningWindow(per_caption=2), [3, 4]),  # the two best
+        (MiningWindow(per_caption=10, range_min=1), [4, 5]),  # the best candidate skipped
+        (MiningWindow(per_caption=10, range_max=2), [3, 4]),  # candidates: the first two not excluded
+        (MiningWindow(per_caption=10, range_min=1, range_max=2), [4]),
         # absolute margin 0.2: score <= 1 - 0.2 = 0.8; cos30 = 0.866 out, cos40 = 0.766 and cos50 = 0.643 in
         (MiningWindow(per_caption=10, margin=0.2), [4, 5]),
-        # relative margin 0.3: score <= 1 * 0.7; only cos50 = 0.643 in
+        # relative margin 0.3: score <= 1 - |1| * 0.3 = 0.7; only cos50 = 0.643 in
         (MiningWindow(per_caption=10, relative_margin=0.3), [5]),
-        (MiningWindow(per_caption=1, range_min=4, margin=0.2), [4]),
+        # range_min counts the candidates that pass the margin: 3 fails it, 4 is skipped, 5 kept
+        (MiningWindow(per_caption=1, range_min=1, margin=0.2), [5]),
+        # range_max is taken before the margin: candidates 3, 4; 3 fails the margin
+        (MiningWindow(per_caption=10, range_max=2, margin=0.2), [4]),
     ],
 )
 def test_rank_window_and_margins_keep_exactly_the_hand_computed_set(
     window: MiningWindow, expected: list[int]
 ) -> None:
     assert _mine(window)[0] == expected
+
+
+def test_the_window_counts_candidates_beyond_a_large_excluded_group() -> None:
+    # 40 photos of the caption's own group rank first, then 3 others: range_max counts only the others
+    images = torch.cat([_unit(*[0.1 * i for i in range(40)]), _unit(30, 40, 50)])
+    groups = ["own"] * 40 + ["a", "b", "c"]
+    mined = select_hard_negatives(CAPTION, images, [0], groups, np.full((43, 0), -1), MiningWindow(10, 0, 2))
+    assert mined.negatives == [[40, 41]] and mined.ranks == [[41, 42]]
+
+
+def test_a_negative_positive_score_lowers_the_relative_bar_too() -> None:
+    # positive score -0.5, relative margin 0.2: bar = -0.5 - 0.5 * 0.2 = -0.6 (not -0.5 * 0.8 = -0.4)
+    caption = _unit(0)
+    images = _unit(120, 125, 130)  # cosines -0.5, -0.574, -0.643; image 0 is the positive
+    mined = select_hard_negatives(
+        caption, images, [0], ["p", "x", "y"], np.full((3, 0), -1), MiningWindow(5, relative_margin=0.2)
+    )
+    assert mined.negatives == [[2]]
 
 
 def test_bad_windows_are_named() -> None:

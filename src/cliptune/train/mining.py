@@ -2,11 +2,11 @@
 
 A hard negative is an image the current model scores close to a caption although it does not show the
 caption's item; training against it teaches what the in-batch random negatives rarely do. The selection
-follows sentence-transformers' ``mine_hard_negatives``: rank every candidate image for the caption, keep
-only ranks inside a window (``range_min`` < rank <= ``range_max``, 1-based over the whole ranking, the
-caption's own image and the excluded images included), drop candidates too close to the positive's score
-(``margin``: ``score <= positive - margin``; ``relative_margin``: ``score <= positive * (1 - relative_margin)``)
-and keep the highest-ranked ``per_caption`` of the rest.
+is sentence-transformers' ``mine_hard_negatives`` with ``sampling_strategy="top"``, the false negatives
+below in the role of its positives: rank every image for the caption; the candidates are the first
+``range_max`` images that are not excluded; drop those too close to the positive's score (``margin``:
+``score <= positive - margin``; ``relative_margin``: ``score <= positive - |positive| * relative_margin``);
+skip the ``range_min`` best of the rest and keep the next ``per_caption``.
 
 Mined "negatives" that are really positives poison training, so two kinds of candidates are never kept
 (false negatives): images of the caption's own group (the same product photographed again) and images
@@ -48,7 +48,7 @@ from cliptune.errors import CliptuneError
 from cliptune.models.cache import Precision
 from cliptune.models.embed import catalogue_paths, embed_images_with, embed_texts_with
 from cliptune.models.factory import LoadedModel
-from cliptune.ranking.topk import rank_chunked
+from cliptune.ranking.topk import Ranked, rank_chunked
 from cliptune.rundir import write_bytes_atomic, write_text_atomic
 
 __all__ = [
@@ -79,6 +79,7 @@ MINED_COLUMNS = (
 positive's score and rank, and per negative (best first) its ``file_name``, score and 1-based rank."""
 
 _QUERY_CHUNK = 1024  # captions ranked at a time: bounds the (captions x window) lists held
+_EXCLUSION_PAD = 16  # room for a caption's excluded images (its group's photos) beyond range_max
 
 
 class MiningError(CliptuneError, ValueError):
@@ -91,12 +92,12 @@ class MiningWindow:
 
     Attributes:
         per_caption: Negatives kept per caption, the highest-ranked that pass.
-        range_min: Skip the ``range_min`` best-ranked candidates (rank <= range_min), which are the likeliest
-            unlabelled positives.
-        range_max: Consider only ranks <= ``range_max``; None: the whole ranking.
+        range_min: Skip the ``range_min`` best candidates that pass the margin (the likeliest unlabelled
+            positives).
+        range_max: Candidates are the ``range_max`` best-ranked images that are not excluded; None: all.
         margin: Keep a candidate only if ``score <= positive_score - margin`` (absolute margin).
-        relative_margin: Keep it only if ``score <= positive_score * (1 - relative_margin)``; at most one of
-            the two margins.
+        relative_margin: Keep it only if ``score <= positive_score - |positive_score| * relative_margin``; at
+            most one of the two margins.
     """
 
     per_caption: int = 3
@@ -124,8 +125,8 @@ class MiningWindow:
         """The highest score a negative may have, per caption (+inf without a margin)."""
         if self.margin is not None:
             return positive - self.margin
-        if self.relative_margin is not None:
-            return positive * (1.0 - self.relative_margin)
+        if self.relative_margin is not None:  # |positive|: a negative positive score lowers the bar too
+            return positive - positive.abs() * self.relative_margin
         return torch.full_like(positive, float("inf"))
 
 
@@ -172,6 +173,30 @@ def _false_negatives(cand: Tensor, pos: Tensor, groups: Tensor, codes: Tensor) -
     return same_group | twin
 
 
+def _ranked_beyond_exclusions(
+    queries: Tensor,
+    images: Tensor,
+    pos: Tensor,
+    groups: Tensor,
+    codes: Tensor,
+    range_max: int | None,
+    progress: bool,
+) -> tuple[Ranked, Tensor]:
+    """Top-k lists long enough to hold ``range_max`` non-excluded images per query (all without a window).
+
+    How many images a caption excludes (its group, its attribute twins) is only known once ranked, so the
+    list grows (doubling) until every query has ``range_max`` eligible candidates or holds every image.
+    """
+    n = images.shape[0]
+    k = n if range_max is None else min(n, range_max + _EXCLUSION_PAD)
+    while True:
+        ranked = rank_chunked(queries, images, k, pos[:, None], progress=progress)
+        excluded = _false_negatives(ranked.indices, pos, groups, codes)  # (q, k)
+        if k == n or range_max is None or bool(((~excluded).sum(1) >= range_max).all()):
+            return ranked, excluded
+        k = min(n, 2 * k)
+
+
 @torch.no_grad()
 def select_hard_negatives(
     text_emb: Tensor,
@@ -186,9 +211,10 @@ def select_hard_negatives(
     """Rank every image for every caption and keep the hard negatives the window allows.
 
     Ranking is the exact top-k of :mod:`cliptune.ranking.topk` (inner product, ties by lower image index).
-    A candidate is kept when it is no false negative (not the positive's group, not its attribute twin:
-    see the module docstring), its rank r has ``range_min < r <= range_max`` and its score is at most
-    ``window.max_score(positive_score)``; the first ``per_caption`` kept, in rank order, are returned.
+    In rank order: the images that are no false negative (not the positive's group, not its attribute
+    twin: see the module docstring), the first ``range_max`` of them, those scoring at most
+    ``window.max_score(positive_score)``, minus the first ``range_min`` of those; the next ``per_caption``
+    are returned with their ranks in the caption's full ranking.
 
     Args:
         text_emb: Caption embeddings (normalised for cosine scores).
@@ -215,23 +241,26 @@ def select_hard_negatives(
             f"select_hard_negatives: {text_emb.shape[0]} captions with {len(positives)} positives, "
             f"{n_images} images with {len(image_groups)} groups and {len(image_attributes)} attribute rows"
         )
-    k = n_images if window.range_max is None else min(window.range_max, n_images)
     pos = torch.as_tensor(list(positives), dtype=torch.long)
     groups = torch.as_tensor(pd.factorize(pd.Series(list(image_groups), dtype=str))[0], dtype=torch.long)
     codes = torch.as_tensor(image_attributes, dtype=torch.long)
     out = Mined([], [], [], [], [])
     for q0 in range(0, len(pos), _QUERY_CHUNK):
-        p = pos[q0 : q0 + _QUERY_CHUNK]  # (q,)
-        ranked = rank_chunked(text_emb[q0 : q0 + _QUERY_CHUNK], image_emb, k, p[:, None], progress=progress)
-        rank = torch.arange(1, ranked.indices.shape[1] + 1)[None, :]  # (1, k), 1-based
-        positive = (text_emb[q0 : q0 + _QUERY_CHUNK] * image_emb[p]).sum(-1)  # (q,)
-        keep = ~_false_negatives(ranked.indices, p, groups, codes) & (rank > window.range_min)
-        keep &= ranked.scores <= window.max_score(positive)[:, None]
+        p, queries = pos[q0 : q0 + _QUERY_CHUNK], text_emb[q0 : q0 + _QUERY_CHUNK]  # (q,), (q, D)
+        ranked, excluded = _ranked_beyond_exclusions(
+            queries, image_emb, p, groups, codes, window.range_max, progress
+        )
+        positive = (queries * image_emb[p]).sum(-1)  # (q,)
+        eligible = ~excluded  # (q, k), in rank order
+        if window.range_max is not None:  # the window: the first range_max eligible candidates only
+            eligible &= eligible.cumsum(1) <= window.range_max
+        eligible &= ranked.scores <= window.max_score(positive)[:, None]  # the margin
+        eligible &= eligible.cumsum(1) > window.range_min  # skip the best range_min that pass
         for i in range(len(p)):
-            cols = keep[i].nonzero()[:, 0][: window.per_caption]
+            cols = eligible[i].nonzero()[:, 0][: window.per_caption]
             out.negatives.append(ranked.indices[i, cols].tolist())
             out.scores.append(ranked.scores[i, cols].float().tolist())
-            out.ranks.append(rank[0, cols].tolist())
+            out.ranks.append((cols + 1).tolist())
         out.positive_scores.extend(positive.float().tolist())
         out.positive_ranks.extend(ranked.ranks[:, 0].tolist())
     return out
