@@ -4,8 +4,9 @@ With frozen towers (``trainable_layers: 0``, no LoRA) every image and caption is
 the feature cache and training runs the heads only, on cached features: an epoch takes seconds on a CPU.
 Otherwise batches carry pixels and tokens and the unfrozen blocks train too. Validation embeds the val
 split, ranks both directions and reports the loss, recall@k, precision@k and MRR for t2i and i2t. With
-``train.hard_negatives`` each cached item also carries its mined negatives' features (``cliptune mine``),
-which the loss scores as extra images of every caption in the batch (docs/training.md, "Hard negatives").
+``train.hard_negatives`` each item also carries its mined negatives (``cliptune mine``): cached features,
+or paths whose pixels the collate loads; the loss scores them as extra images of every caption in the
+batch (docs/training.md, "Hard negatives").
 """
 
 from __future__ import annotations
