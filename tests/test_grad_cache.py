@@ -259,6 +259,9 @@ def test_config_refuses_grad_cache_outside_contrastive_retrieval() -> None:
         load_config(None, ["train.grad_cache={chunk_size: 64}"])
     with pytest.raises(ValueError, match=r"chunk_size"):
         load_config(None, ["train.grad_cache={chunk_size: 0}"])
+    # the cache embeds (image, text) pairs only: mined negatives would be dropped without a word
+    with pytest.raises(ValueError, match=r"train.grad_cache and train.hard_negatives cannot be combined yet"):
+        load_config(None, [*on, "train.hard_negatives={file: mined.parquet}"])
 
 
 @pytest.mark.usefixtures("fresh_accelerate")

@@ -341,6 +341,27 @@ class GradCacheConfig(_Section):
     )
 
 
+class HardNegativesConfig(_Section):
+    file: Path | None = Field(
+        None,
+        description="Required. Mined hard negatives (.parquet or .jsonl) written by `cliptune mine` on this catalogue's "
+        "train split; each training caption's negatives join its batch as extra images (docs/training.md, "
+        "Hard negatives).",
+    )
+    per_caption: int = Field(
+        1,
+        gt=0,
+        description="Mined negatives of each caption added to its batch (the file's first ones, by rank): a "
+        "batch of B captions scores B + B * per_caption images; a caption with fewer mined ones uses those.",
+    )
+
+    @model_validator(mode="after")
+    def _file_given(self) -> HardNegativesConfig:
+        if self.file is None:  # None only so that the generated reference can show the section
+            raise ValueError("give the mined file: file=PATH (written by `cliptune mine`)")
+        return self
+
+
 class TrainConfig(_Section):
     task: Literal["retrieval", "siamese"] = Field(
         "retrieval",
@@ -391,6 +412,12 @@ class TrainConfig(_Section):
         description="Gradient caching (Gao et al. 2021) for info_nce / siglip on train.task 'retrieval': "
         "the batch is embedded in chunks, the loss sees all of it, gradients equal a full-batch step's; "
         "null: off. See docs/training.md, 'Gradient caching'.",
+    )
+    hard_negatives: HardNegativesConfig | None = Field(
+        None,
+        description="Train with mined hard negatives as extra in-batch candidates (retrieval task, info_nce "
+        "or siglip; with trainable towers their pixels go through the image tower too); null: in-batch "
+        "negatives only.",
     )
 
 
@@ -574,6 +601,7 @@ def cross_field_problems(config: Config) -> list[str]:
             f"model.lora=null, got model.trainable_layers={model.trainable_layers} and "
             f"model.lora={'set' if model.lora is not None else 'null'}"
         )
+    problems.extend(_hard_negatives_problems(config))
     if config.loss.distance == "cosine" and config.loss.margin > 2:
         problems.append(
             f"loss.margin={config.loss.margin:g} can never be met with loss.distance='cosine' (cosine "
@@ -619,6 +647,34 @@ def _grad_cache_problems(config: Config) -> list[str]:
             f"train.grad_cache.chunk_size={cache.chunk_size} is not below train.batch_size="
             f"{train.batch_size}: one chunk would hold the whole batch and caching would only add a second "
             "forward pass; lower the chunk size or set train.grad_cache to null"
+        )
+    if config.train.hard_negatives is not None:
+        problems.append(
+            "train.grad_cache and train.hard_negatives cannot be combined yet: the gradient cache embeds the "
+            "batch's (image, text) pairs only, so the mined negatives would silently be left out; set one of "
+            "them to null"
+        )
+    return problems
+
+
+HARD_NEGATIVE_LOSSES = ("info_nce", "siglip")
+"""Losses that take mined negatives as extra images (``extra_image``): the margin losses have no such input."""
+
+
+def _hard_negatives_problems(config: Config) -> list[str]:
+    """Mined negatives extend the batch of the retrieval task's InfoNCE / SigLIP (extra images)."""
+    if config.train.hard_negatives is None:
+        return []
+    problems = []
+    if config.train.task != "retrieval":
+        problems.append(
+            f"train.hard_negatives applies to train.task='retrieval', got train.task={config.train.task!r}; "
+            "set train.hard_negatives to null"
+        )
+    elif config.loss.name not in HARD_NEGATIVE_LOSSES:
+        problems.append(
+            f"train.hard_negatives needs loss.name {' or '.join(HARD_NEGATIVE_LOSSES)} (extra images in the "
+            f"batch), got loss.name={config.loss.name!r}"
         )
     return problems
 
