@@ -64,7 +64,7 @@ MUTATION_TARGETS := \
 	metrics:ranking/metrics.py:tests/test_metrics.py \
 	splits:data/splits.py:tests/test_data_splits.py \
 	losses:losses/*:tests/test_losses.py,tests/test_losses_siamese.py,tests/test_similarity_init.py,tests/test_losses_gather.py \
-	checkpoint:train/checkpoint.py:tests/test_checkpoint_recovery.py,tests/test_early_stopping.py,tests/test_optim.py \
+	checkpoint:train/checkpoint.py:tests/test_checkpoint_files.py,tests/test_checkpoint_recovery.py,tests/test_early_stopping.py,tests/test_optim.py \
 	identity:models/backbone.py,models/factory.py:tests/test_model_identity.py:*backbone.x*identity__mutmut_*,*backbone.x*_tensors__mutmut_*,*backbone.x*_prefixes__mutmut_*,*backbone.x_write_config__mutmut_*,*factory.x_load_model__mutmut_*,*factory.x__head_hash__mutmut_* \
 	scoring:suites/scoring.py:tests/test_suites.py
 MUTATE ?= $(foreach t,$(MUTATION_TARGETS),$(firstword $(subst :, ,$(t))))
