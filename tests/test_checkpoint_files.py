@@ -92,6 +92,8 @@ def test_a_checkpoint_stores_trainable_weights_buffers_and_the_process_count(
     assert trainer["early_stopping"] == parts.stopper.state_dict()  # type: ignore[union-attr]
     # sorted and indented, so two checkpoints' files diff line by line
     assert (path / TRAINER_FILE).read_text() == json.dumps(trainer, indent=2, sort_keys=True)
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    assert (path / MANIFEST_FILE).read_text() == json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     assert (path / "../latest").resolve().read_text() == "step-00000007"
 
 
