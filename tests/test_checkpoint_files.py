@@ -23,6 +23,7 @@ from cliptune.train.checkpoint import (
     CheckpointDamagedError,
     Resumable,
     damaged_files,
+    latest_checkpoint,
     newest_intact_checkpoint,
     restore_loop_checkpoint,
     save_checkpoint,
@@ -235,3 +236,15 @@ def test_a_torn_metrics_line_is_named_with_a_warning(
     assert capsys.readouterr().err == (
         f"warning: {log.path}:3 was cut short by an interrupted write; dropped (the resumed run logs it again)\n"
     )
+
+
+def test_latest_names_the_newest_complete_checkpoint(tmp_path: Path) -> None:
+    ckpts = tmp_path / "checkpoints"
+    assert latest_checkpoint(ckpts) is None  # nothing written yet
+    _save(ckpts, "step-00000001", {"loop": {}})
+    newest = _save(ckpts, "step-00000002", {"loop": {}})
+    assert latest_checkpoint(ckpts) == newest
+    (ckpts / "latest").write_text("step-00000002\n")  # an edited pointer: the name, stripped
+    assert latest_checkpoint(ckpts) == newest
+    (newest / TRAINER_FILE).unlink()  # not complete
+    assert latest_checkpoint(ckpts) is None
