@@ -88,7 +88,7 @@ mutation: $(TEST_STAMP)
 	    $(abspath $(VENV))/bin/mutmut run --max-children $(MUTATION_JOBS) $$mutants > run.log 2>&1 || { tail -c 4000 run.log; exit 1; }; \
 	    tail -c 200 run.log | tr '\r' '\n' | tail -n 2; \
 	    $(abspath $(VENV))/bin/mutmut results > survivors.txt 2>&1; \
-	    for m in $$(grep -o '^ *[^ :]*__mutmut_[0-9]*' survivors.txt); do $(abspath $(VENV))/bin/mutmut show $$m; done \
+	    for m in $$(grep -v ': not checked$$' survivors.txt | grep -o '^ *[^ :]*__mutmut_[0-9]*'); do $(abspath $(VENV))/bin/mutmut show $$m; done \
 	      > survivors.diff 2>&1; \
 	    echo "survivors: $$(grep -c ': survived' survivors.txt || true) (diffs in $$dir/survivors.diff)"); \
 	done

@@ -244,3 +244,26 @@ def test_nothing_loadable_is_named_with_what_was_tried(tmp_path: Path) -> None:
     assert str(info.value).startswith(
         f"{missing}: not a run directory, model folder or backbone spec (backbone '{missing}': "
     )
+
+
+def test_identities_are_16_hex_digits_of_what_changes_embeddings_only(
+    clip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backbone = load_backbone(clip)
+    model0, features0 = backbone.model_identity(), backbone.features_identity()
+    assert re.fullmatch(r"[0-9a-f]{16}", features0) and re.fullmatch(r"[0-9a-f]{16}", model0)
+    with torch.no_grad():  # CLIP's logit scale: no encode_* uses it, so neither identity sees it
+        backbone.model.logit_scale.add_(1.0)  # type: ignore[attr-defined]  # the HF backbone's model
+    assert (backbone.model_identity(), backbone.features_identity()) == (model0, features0)
+    # the settings hash does not depend on key order (a library upgrade may reorder a config dict), and
+    # values JSON cannot hold (paths, dtypes) are hashed by their text
+    fingerprint = backbone._fingerprint()
+    monkeypatch.setattr(backbone, "_fingerprint", lambda: dict(reversed(fingerprint.items())))
+    assert backbone.features_identity() == features0
+    monkeypatch.setattr(backbone, "_fingerprint", lambda: {**fingerprint, "dtype": torch.float32})
+    assert backbone.features_identity() != features0
+
+
+def test_a_spec_that_is_no_folder_loads_by_name() -> None:
+    loaded = load_model("embedded")
+    assert loaded.source == Path("embedded") and loaded.name == load_backbone("embedded").model_identity()
