@@ -248,3 +248,11 @@ def test_latest_names_the_newest_complete_checkpoint(tmp_path: Path) -> None:
     assert latest_checkpoint(ckpts) == newest
     (newest / TRAINER_FILE).unlink()  # not complete
     assert latest_checkpoint(ckpts) is None
+
+
+def test_every_damaged_file_of_a_checkpoint_is_named(tmp_path: Path) -> None:
+    path = _save(tmp_path / "checkpoints", "step-00000001", {"loop": {}})
+    (path / WEIGHTS_FILE).unlink()  # the first file the manifest lists
+    (path / TRAINER_FILE).write_text("{}")
+    size = len(json.dumps({"loop": {}}, indent=2, sort_keys=True))
+    assert damaged_files(path) == {WEIGHTS_FILE: "is missing", TRAINER_FILE: f"has 2 bytes, {size} written"}
