@@ -331,6 +331,21 @@ class EarlyStoppingConfig(_WatchedMetric):
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
 
 
+class ForgettingConfig(_Section):
+    catalogue: Path = Field(
+        description="A general image-text catalogue (not the training domain) ranked zero-shot, all its rows, "
+        "before training (epoch 0) and at every validation, logged as general/t2i/... and general/i2t/...: "
+        "how much of what the pretrained model knew fine-tuning destroys."
+    )
+    text_column: str = Field("text", description="Caption column of the general catalogue.")
+    group_column: str = Field("group", description="Group column of the general catalogue (relevant: group).")
+    relevant: Literal["group", "item"] = Field(
+        "item",
+        description="A caption's relevant images in the general catalogue: its own image ('item', the "
+        "zero-shot retrieval of the WiSE-FT paper) or its group's.",
+    )
+
+
 class TrainConfig(_Section):
     task: Literal["retrieval", "siamese"] = Field(
         "retrieval",
@@ -375,6 +390,11 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(0, ge=0, description="Non-finite losses skipped before training stops.")
     log_every_steps: int = Field(
         10, ge=1, description="Write a step record (loss, lr) to metrics.jsonl every N steps."
+    )
+    forgetting: ForgettingConfig | None = Field(
+        None,
+        description="The forgetting guard: a general catalogue evaluated with every validation (general/...); "
+        "null: none.",
     )
 
 
@@ -557,6 +577,11 @@ def cross_field_problems(config: Config) -> list[str]:
             "train.task='siamese' trains a head on frozen towers: it needs model.trainable_layers=0 and "
             f"model.lora=null, got model.trainable_layers={model.trainable_layers} and "
             f"model.lora={'set' if model.lora is not None else 'null'}"
+        )
+    if task == "siamese" and config.train.forgetting is not None:
+        problems.append(
+            "train.forgetting ranks a general catalogue with the dual encoder, which train.task='siamese' "
+            "does not train (its towers are frozen); set train.forgetting to null"
         )
     if config.loss.distance == "cosine" and config.loss.margin > 2:
         problems.append(
@@ -784,6 +809,9 @@ def _field_rows(model: type[BaseModel], prefix: str) -> list[str]:
         sub = _section_type(field.annotation)
         if sub is not None:
             rows.extend(_field_rows(sub, f"{key}."))
+            continue
+        if field.is_required():  # a field of an optional section (train.forgetting.catalogue): no default
+            rows.append(f"| `{key}` | required | {field.description or ''} |")
             continue
         default = field.get_default(call_default_factory=True)
         default_text = (

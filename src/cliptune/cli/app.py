@@ -35,6 +35,7 @@ from cliptune.cli import (
     sweep,
     test,
     train,
+    wise,
 )
 from cliptune.cli.errors import err_console, set_debug, user_errors
 
@@ -52,7 +53,23 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 
 # --help order: commands in this order, then the groups (typer lists groups after commands)
-COMMANDS = (train, demo, eval, test, report, compare, sweep, index, embed, search, serve, push, config, data)
+COMMANDS = (
+    train,
+    demo,
+    eval,
+    test,
+    report,
+    compare,
+    wise,
+    sweep,
+    index,
+    embed,
+    search,
+    serve,
+    push,
+    config,
+    data,
+)
 
 
 def _version(value: bool) -> None:

@@ -88,6 +88,7 @@ HINTS: dict[str, Hint] = {
         "data.on_bad_row=skip to train without them (they are then listed in rejected.csv)."
     ),
     "cliptune.search.index.IndexExistsError": "use a new folder or --overwrite",
+    "cliptune.report.wise.NoGeneralCatalogueError": "give one with --general CATALOGUE",
     "cliptune.export.hub.PushError": lambda e: "pass --token or set HF_TOKEN" if "token" in e.reason else "",
     "cliptune.report.splits_analysis.NoSharedHeldoutError": (
         "compare without --heldout (the verdicts are then unpaired, on each run's own queries), or train "
