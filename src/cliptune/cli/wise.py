@@ -110,11 +110,11 @@ def wise(
         )
         json_path, png_path = write_wise(result, out or run / "wise")
     console = Console(soft_wrap=True)
-    console.print(f"{'alpha':>6}  domain {metric:<14} general {metric}", highlight=False)
+    console.print(f"{'alpha':>6}  {'domain ' + metric:<26} general {metric}", highlight=False)
     for p in result["points"]:
         d, g = p["domain"], p["general"]
         console.print(
-            f"{p['alpha']:>6g}  {_interval(d):<21} {_interval(g)}",
+            f"{p['alpha']:>6g}  {_interval(d):<26} {_interval(g)}",
             highlight=False,
         )
     chosen = result["recommended"]["alpha"]
