@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 from typer.testing import CliRunner
 
@@ -18,6 +19,7 @@ from cliptune.evaluation.catalogue import prepare_catalogue
 from cliptune.evaluation.run import evaluate_model_on_run, evaluate_run
 from cliptune.evaluation.split import evaluate_split
 from cliptune.models.factory import load_backbone, load_model
+from cliptune.models.freeze import LoraSpec
 from cliptune.models.interpolate import InterpolationError, interpolate_state, interpolated_backbone
 from cliptune.report.wise import WiseError, recommend_alpha, run_wise
 from tests.tiny_models import MAX_TEXT_LEN, make_tiny_clip, make_tiny_tokenizer
@@ -232,6 +234,47 @@ def test_head_only_run_interpolates_from_its_random_epoch_0_head(
     for alpha, expected in ((0.0, pretrained), (1.0, fine)):
         assert points[alpha]["domain"] == {k: expected["t2i/mrr"][k] for k in ("mean", "low", "high", "n")}
     assert pretrained["t2i/mrr"]["mean"] != fine["t2i/mrr"]["mean"]
+
+
+def test_lora_run_alpha_0_is_the_pretrained_model_and_alpha_1_the_tuned_one(
+    tmp_path: Path, world: dict[str, Path]
+) -> None:
+    # LoRA: B starts at 0, so epoch 0 is the pretrained CLIP with inert adapters; alpha scales B (alpha * B A)
+    model = {"backbone": str(world["clip"]), "lora": {"r": 2, "alpha": 4.0}}
+    cfg = {
+        "data": {
+            "catalogue": str(world["fashion"]),
+            "split": {"ratios": {"train": 0.6, "val": 0.2, "test": 0.2}},
+        },
+        "model": {**model, "cache_dir": str(tmp_path / "c")},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 1e-2, "early_stopping": None},
+        "eval": {"bootstrap": 20},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    trained = runner.invoke(
+        app, ["train", str(tmp_path / "run.yaml"), "--name", "l", "--runs", str(tmp_path), "-q"]
+    )
+    assert trained.exit_code == 0, trained.output
+    run = tmp_path / "l"
+    # alpha 0's weights: the pretrained CLIP's (base layers, heads) and every B zero
+    init = {k.removeprefix("backbone."): v for k, v in load_file(run / "model_init.safetensors").items()}
+    start = interpolated_backbone(load_model(run).backbone, init, 0.0).state_dict()
+    bare = load_backbone(world["clip"]).state_dict()
+    for key, value in start.items():
+        if "lora_B" in key:
+            assert not value.any(), key
+        elif "lora_A" not in key:
+            assert torch.equal(value, bare[key.replace(".base_layer", "")]), key
+    # and its metrics: the epoch-0 model as training built it (CLIP + inert adapters, the same forward path;
+    # the bare CLIP embeds through cached features, which round differently on this near-tied tiny model)
+    load_backbone(world["clip"], lora=LoraSpec(r=2, alpha=4.0)).save(tmp_path / "epoch0")
+    result = run_wise(run, [0.0, 1.0], general=world["art"])
+    points = {p["alpha"]: p for p in result["points"]}
+    pretrained = evaluate_model_on_run(tmp_path / "epoch0", run, ["test"], progress=False)["test"]["metrics"]
+    fine = evaluate_run(run, ["test"], progress=False)["test"]["metrics"]
+    for alpha, expected in ((0.0, pretrained), (1.0, fine)):
+        assert points[alpha]["domain"] == {k: expected["t2i/mrr"][k] for k in ("mean", "low", "high", "n")}
+    assert _retrieval(pretrained) != _retrieval(fine)
 
 
 # --- the command ------------------------------------------------------------------------------------------
