@@ -111,6 +111,7 @@ def CASES(f: dict[str, Path]) -> list[list[str]]:  # noqa: N802 (reads as the ta
         ["test", str(f["clip"]), "--suite", str(r / "broken.yaml")],
         ["sweep", str(r / "ok.yaml")],
         ["push", str(f["idx"]), "me/model", "--dry-run"],
+        ["wise", str(f["idx"]), "--alphas", "0,1"],
     ]
 
 

@@ -362,6 +362,21 @@ class HardNegativesConfig(_Section):
         return self
 
 
+class ForgettingConfig(_Section):
+    catalogue: Path = Field(
+        description="A general image-text catalogue (not the training domain) ranked zero-shot, all its rows, "
+        "before training (epoch 0) and at every validation, logged as general/t2i/... and general/i2t/...: "
+        "how much of what the pretrained model knew fine-tuning destroys."
+    )
+    text_column: str = Field("text", description="Caption column of the general catalogue.")
+    group_column: str = Field("group", description="Group column of the general catalogue (relevant: group).")
+    relevant: Literal["group", "item"] = Field(
+        "item",
+        description="A caption's relevant images in the general catalogue: its own image ('item', the "
+        "zero-shot retrieval of the WiSE-FT paper) or its group's.",
+    )
+
+
 class TrainConfig(_Section):
     task: Literal["retrieval", "siamese"] = Field(
         "retrieval",
@@ -418,6 +433,11 @@ class TrainConfig(_Section):
         description="Train with mined hard negatives as extra in-batch candidates (retrieval task, info_nce "
         "or siglip; with trainable towers their pixels go through the image tower too); null: in-batch "
         "negatives only.",
+    )
+    forgetting: ForgettingConfig | None = Field(
+        None,
+        description="The forgetting guard: a general catalogue evaluated with every validation (general/...); "
+        "null: none.",
     )
 
 
@@ -602,6 +622,11 @@ def cross_field_problems(config: Config) -> list[str]:
             f"model.lora={'set' if model.lora is not None else 'null'}"
         )
     problems.extend(_hard_negatives_problems(config))
+    if task == "siamese" and config.train.forgetting is not None:
+        problems.append(
+            "train.forgetting ranks a general catalogue with the dual encoder, which train.task='siamese' "
+            "does not train (its towers are frozen); set train.forgetting to null"
+        )
     if config.loss.distance == "cosine" and config.loss.margin > 2:
         problems.append(
             f"loss.margin={config.loss.margin:g} can never be met with loss.distance='cosine' (cosine "
@@ -891,6 +916,9 @@ def _field_rows(model: type[BaseModel], prefix: str) -> list[str]:
         sub = _section_type(field.annotation)
         if sub is not None:
             rows.extend(_field_rows(sub, f"{key}."))
+            continue
+        if field.is_required():  # a field of an optional section (train.forgetting.catalogue): no default
+            rows.append(f"| `{key}` | required | {field.description or ''} |")
             continue
         default = field.get_default(call_default_factory=True)
         default_text = (

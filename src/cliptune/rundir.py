@@ -43,6 +43,7 @@ __all__ = [
     "EVAL_DIR",
     "METRICS_FILE",
     "MODEL_DIR",
+    "MODEL_INIT_FILE",
     "REJECTED_FILE",
     "REPORT_HTML",
     "REPORT_MD",
@@ -72,6 +73,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
+MODEL_INIT_FILE = "model_init.safetensors"
 EVAL_DIR = "eval"
 SUITE_DIR = "suite"
 REPORT_HTML = "report.html"
@@ -132,6 +134,12 @@ class RunDir:
     def model(self) -> Path:
         """``model/``: the trained model folder."""
         return self.path / MODEL_DIR
+
+    @property
+    def model_init(self) -> Path:
+        """``model_init.safetensors``: the trainable state (and buffers) of the untrained epoch-0 model,
+        the "pretrained" end of a WiSE-FT interpolation (a new head has no pretrained weights elsewhere)."""
+        return self.path / MODEL_INIT_FILE
 
     @property
     def evaluation(self) -> Path:

@@ -37,6 +37,7 @@ from cliptune.cli import (
     sweep,
     test,
     train,
+    wise,
 )
 from cliptune.cli.errors import err_console, set_debug, user_errors
 
@@ -61,6 +62,7 @@ COMMANDS = (
     test,
     report,
     compare,
+    wise,
     sweep,
     mine,
     index,

@@ -90,6 +90,7 @@ HINTS: dict[str, Hint] = {
     "cliptune.search.index.IndexExistsError": "use a new folder or --overwrite",
     "cliptune.export.errors.ExportExistsError": "use a new folder or --overwrite",
     "cliptune.export.errors.PlainFormatError": "export it with --format onnx",
+    "cliptune.report.wise.NoGeneralCatalogueError": "give one with --general CATALOGUE",
     "cliptune.export.hub.PushError": lambda e: "pass --token or set HF_TOKEN" if "token" in e.reason else "",
     "cliptune.report.splits_analysis.NoSharedHeldoutError": (
         "compare without --heldout (the verdicts are then unpaired, on each run's own queries), or train "

@@ -27,6 +27,7 @@ __all__ = [
     "DegenerateEmbeddingsError",
     "batched_term_means",
     "embedding_problems",
+    "general_validation",
     "retrieval_validation",
 ]
 
@@ -163,14 +164,70 @@ def retrieval_validation(
             n_batches += 1
     out = {f"val/{k}": v / max(1, n_batches) for k, v in sums.items()}
 
-    img = nn.functional.normalize(image[distinct], dim=-1)  # (M, D) one row per image file
+    return out | _ranking_means(image, text, first_row, groups, files, ks, relevant, "val")
+
+
+def general_validation(
+    image: Tensor,
+    text: Tensor,
+    *,
+    groups: Sequence[str],
+    files: Sequence[str],
+    ks: Sequence[int],
+    relevant: str,
+) -> dict[str, float]:
+    """The forgetting guard's values: t2i / i2t ranking means over a general catalogue, as ``general/...``.
+
+    The same ranking as :func:`retrieval_validation` (and ``cliptune eval``) on a catalogue the model is not
+    fine-tuned on; no loss (the general catalogue is not a training objective). Rows are paired as there.
+
+    Args:
+        image: Image embeddings per row.
+        text: Text embeddings per row.
+        groups: Group id per row.
+        files: Image file per row.
+        ks: Cut-offs for the @k metrics.
+        relevant: ``"group"`` or ``"item"``.
+
+    Returns:
+        ``general/t2i/...`` and ``general/i2t/...`` means.
+
+    Raises:
+        DegenerateEmbeddingsError: The embeddings cannot be ranked.
+
+    Shapes:
+        image, text: (N, D)
+    """
+    first_row: dict[str, int] = {}
+    for i, f in enumerate(files):
+        first_row.setdefault(f, i)
+    problems = embedding_problems(image[list(first_row.values())], "general image") + embedding_problems(
+        text, "general text"
+    )
+    if problems:
+        raise DegenerateEmbeddingsError(problems)
+    return _ranking_means(image, text, first_row, groups, files, ks, relevant, "general")
+
+
+def _ranking_means(
+    image: Tensor,
+    text: Tensor,
+    first_row: dict[str, int],
+    groups: Sequence[str],
+    files: Sequence[str],
+    ks: Sequence[int],
+    relevant: str,
+    prefix: str,
+) -> dict[str, float]:
+    img = nn.functional.normalize(image[list(first_row.values())], dim=-1)  # (M, D) one row per image file
     txt = nn.functional.normalize(text, dim=-1)  # (N, D)
     keys = list(groups) if relevant == "group" else list(files)
     ranked = rank_directions(txt, img, files=files, keys=keys, images=list(first_row), ks=ks)
-    for name in DIRECTIONS:
-        for key, values in ranked[name].values.items():
-            out[f"val/{name}/{key}"] = float(values.float().mean())
-    return out
+    return {
+        f"{prefix}/{name}/{key}": float(values.float().mean())
+        for name in DIRECTIONS
+        for key, values in ranked[name].values.items()
+    }
 
 
 def batched_term_means(

@@ -51,6 +51,7 @@ __all__ = [
     "save_loop_checkpoint",
     "restore_loop_checkpoint",
     "save_best_model",
+    "save_initial_state",
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
@@ -227,6 +228,21 @@ def save_best_model(bundle: TaskBundle, accelerator: Accelerator, model: nn.Modu
     if accelerator.is_main_process:
         with atomic_folder(RunDir(run_dir).model) as tmp:
             bundle.save_model(accelerator.unwrap_model(model), tmp)
+    accelerator.wait_for_everyone()
+
+
+def save_initial_state(accelerator: Accelerator, model: nn.Module, run_dir: Path) -> None:
+    """Write the untrained model's trainable state and buffers to ``run_dir/model_init.safetensors``.
+
+    ``model/`` is overwritten by the best epoch, so without this file the epoch-0 weights (a new head's
+    random initialisation) are lost; WiSE-FT (``cliptune wise``) interpolates from them. Frozen weights are
+    left out: training never changes them, so the trained model holds them.
+    """
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trainable = _trainable_state(accelerator.unwrap_model(model))
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in trainable.items()}
+        write_bytes_atomic(RunDir(run_dir).model_init, safetensors_bytes(state))
     accelerator.wait_for_everyone()
 
 

@@ -154,6 +154,7 @@ def _baseline(run: _Run) -> None:
     run.log.write(record)
     with state.timed("checkpoint"):
         checkpoint.save_best_model(run.bundle, run.accelerator, run.parts.model, run.run_dir)
+        checkpoint.save_initial_state(run.accelerator, run.parts.model, run.run_dir)  # WiSE-FT's start
 
 
 def _train_step(run: _Run, epoch: int, batch: dict[str, Any]) -> None:

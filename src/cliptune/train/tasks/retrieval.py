@@ -6,13 +6,15 @@ Otherwise batches carry pixels and tokens and the unfrozen blocks train too. Val
 split, ranks both directions and reports the loss, recall@k, precision@k and MRR for t2i and i2t. With
 ``train.hard_negatives`` each item also carries its mined negatives (``cliptune mine``): cached features,
 or paths whose pixels the collate loads; the loss scores them as extra images of every caption in the
-batch (docs/training.md, "Hard negatives").
+batch (docs/training.md, "Hard negatives"). With
+``train.forgetting`` it also ranks every row of a general catalogue (``general/...``, the forgetting guard).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,7 +27,8 @@ from cliptune.config import Config
 from cliptune.data.images import load_image
 from cliptune.data.prepare import PreparedData
 from cliptune.data.splits import group_ids
-from cliptune.evaluation.validation import retrieval_validation
+from cliptune.evaluation.catalogue import prepare_catalogue
+from cliptune.evaluation.validation import general_validation, retrieval_validation
 from cliptune.losses import InfoNCELoss, initial_siglip, initial_temperature, make_loss
 from cliptune.models.backbone import Backbone
 from cliptune.models.embed import tower_features, warn_if_truncated
@@ -218,21 +221,34 @@ def build_retrieval(
     val_groups = [str(gids[i]) for i in val_idx]
     val_files = [str(data.rows["file_name"].iloc[i]) for i in val_idx]
 
+    general = _general_set(cfg, backbone, accelerator, progress) if cfg.train.forgetting else None
+
     def evaluate(m: nn.Module) -> dict[str, float]:
-        if not val_idx:  # no validation asked for (data.split.ratios without val): nothing to log
-            return {}
         inner = accelerator.unwrap_model(m)
-        image, text = _embed_sharded(inner, val_inputs, cfg.train.batch_size, accelerator)
-        return retrieval_validation(
-            image,
-            text,
-            groups=val_groups,
-            files=val_files,
-            ks=cfg.eval.k,
-            relevant=cfg.eval.relevant,
-            loss_fn=inner.loss,
-            batch_size=cfg.train.batch_size * accelerator.num_processes,
-        )
+        out: dict[str, float] = {}
+        if val_idx:  # no val split (data.split.ratios without val): no val/... values to log
+            image, text = _embed_sharded(inner, val_inputs, cfg.train.batch_size, accelerator)
+            out = retrieval_validation(
+                image,
+                text,
+                groups=val_groups,
+                files=val_files,
+                ks=cfg.eval.k,
+                relevant=cfg.eval.relevant,
+                loss_fn=inner.loss,
+                batch_size=cfg.train.batch_size * accelerator.num_processes,
+            )
+        if general is not None and cfg.train.forgetting is not None:  # the forgetting guard: general/...
+            image, text = _embed_sharded(inner, general.inputs, cfg.train.batch_size, accelerator)
+            out |= general_validation(
+                image,
+                text,
+                groups=general.groups,
+                files=general.files,
+                ks=cfg.eval.k,
+                relevant=cfg.train.forgetting.relevant,
+            )
+        return out
 
     def save_model(m: nn.Module, directory: Path) -> None:
         inner = cast(RetrievalModel, m)  # the loop passes back the unwrapped model of this bundle
@@ -285,6 +301,49 @@ def _add_hard_negatives(
         "captions_with_negatives": sum(1 for rows in negatives if rows),
         "negatives": sum(len(rows) for rows in negatives),
     }
+
+
+@dataclass(frozen=True)
+class _GeneralSet:
+    """The forgetting guard's catalogue, ready to embed like the val split: inputs, group and file per row."""
+
+    inputs: dict[str, Tensor]
+    groups: list[str]
+    files: list[str]
+
+
+def _general_set(cfg: Config, backbone: Backbone, accelerator: Accelerator, progress: bool) -> _GeneralSet:
+    """Every row of ``train.forgetting.catalogue``: cached tower features (frozen towers) or pixels and tokens."""
+    forgetting = cfg.train.forgetting
+    assert forgetting is not None  # only called when the guard is configured
+    data = prepare_catalogue(
+        forgetting.catalogue,
+        group_column=forgetting.group_column,
+        text_column=forgetting.text_column,
+        max_pixels=cfg.data.max_pixels,
+    )
+    files = data.rows["file_name"].astype(str).tolist()
+    texts = data.rows[forgetting.text_column].astype(str).tolist()
+    paths = [data.catalogue.image_path(f) for f in files]
+    inputs: dict[str, Tensor]
+    if backbone.features_frozen:
+        images, captions = tower_features(
+            backbone,
+            paths,
+            texts,
+            cache_dir=cfg.model.cache_dir,
+            precision=cfg.model.embed_precision,
+            max_pixels=cfg.data.max_pixels,
+            num_workers=cfg.data.num_workers,
+            device=accelerator.device,
+            progress=progress and accelerator.is_main_process,
+        )
+        inputs = {"image_features": images, "text_features": captions}
+    else:
+        items = [{"path": str(p), "text": t} for p, t in zip(paths, texts, strict=True)]
+        inputs = _raw_collate(backbone, cfg.data.max_pixels)(items)
+    groups = group_ids(data.rows, forgetting.group_column).astype(str).tolist()
+    return _GeneralSet(inputs=inputs, groups=groups, files=files)
 
 
 def _embed_sharded(
