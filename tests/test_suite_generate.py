@@ -6,6 +6,7 @@ lists; a phrases file words the queries; bad input ends in one sentence."""
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -264,3 +265,13 @@ def test_cli_errors_are_one_sentence(fashion: Path, tmp_path: Path) -> None:
     assert "no attribute columns" in msg
     msg = _no_traceback(["suite", "generate", str(fashion), "--out", out, "--split", "test"])
     assert "no split column" in msg
+
+
+def test_the_phrases_example_in_the_docs_loads(fashion: Path, tmp_path: Path) -> None:
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "suites.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", docs, re.S) if b.startswith("order:")]
+    assert len(blocks) == 1
+    (tmp_path / "phrases.yaml").write_text(blocks[0])
+    values = {a: sorted({r[a] for r in _rows(fashion)}) for a in ATTRS}
+    phrases = load_phrases(tmp_path / "phrases.yaml", values)
+    assert phrases.text({"garment": "jeans", "rips": "ripped"}, ["garment", "rips"]) == "ripped jeans"

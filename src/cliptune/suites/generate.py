@@ -286,10 +286,10 @@ def _category(
         return name, None, dropped
     others = ", ".join(attrs[1:])
     description = (
-        f"{attrs[0]}: relevant = the {attrs[0]} asked for; red = another {attrs[0]}; no yellow (one attribute)."
+        f"{attrs[0]}: relevant = the value asked for; red = another value; no yellow (one attribute)."
         if len(attrs) == 1
         else f"{name}, tested attribute {attrs[0]}: relevant = all match; yellow = {attrs[0]} matches and "
-        f"exactly one of {others} differs; red = another {attrs[0]}."
+        f"exactly one of {others} differs; red = another value of {attrs[0]}."
     )
     return name, {"description": description, "queries": queries}, dropped
 
