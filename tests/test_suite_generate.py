@@ -18,8 +18,11 @@ import yaml
 from typer.testing import CliRunner
 
 from cliptune.cli.app import app
+from cliptune.config import load_config, save_config
 from cliptune.data.catalogue import read_catalogue
+from cliptune.data.splits import save_splits
 from cliptune.data.synthetic import render_fashion
+from cliptune.rundir import RunDir
 from cliptune.suites import load_suite, parse_suite, resolve_suite
 from cliptune.suites.generate import counted_items, generate_suite
 from cliptune.suites.phrases import PhraseError, load_phrases
@@ -275,3 +278,41 @@ def test_the_phrases_example_in_the_docs_loads(fashion: Path, tmp_path: Path) ->
     values = {a: sorted({r[a] for r in _rows(fashion)}) for a in ATTRS}
     phrases = load_phrases(tmp_path / "phrases.yaml", values)
     assert phrases.text({"garment": "jeans", "rips": "ripped"}, ["garment", "rips"]) == "ripped jeans"
+
+
+def test_splits_from_a_run_counts_its_held_out_images(fashion: Path, tmp_path: Path) -> None:
+    rows = _rows(fashion)
+    groups = sorted({r["group"] for r in rows})
+    run = tmp_path / "run"
+    save_config(load_config(None, ["name=run", f"data.catalogue={fashion}"]), RunDir(run).config)
+    save_splits({"train": groups[4:], "val": groups[2:4], "test": groups[:2]}, RunDir(run).splits)
+    test_images = {r["file_name"] for r in rows if r["group"] in groups[:2]}
+    words, files = counted_items(read_catalogue(fashion), None, run)  # the default: the run's test split
+    assert set(files or []) == test_images and words == f"split test of {run}"
+    out = tmp_path / "s.yaml"
+    result = runner.invoke(
+        app,
+        ["suite", "generate", str(fashion), "--out", str(out), "--splits-from", str(run), "--split", "val"],
+    )
+    assert result.exit_code == 0, result.output
+    val_images = {r["file_name"] for r in rows if r["group"] in groups[2:4]}
+    assert f"split val of {run} ({len(val_images)} images)" in result.output
+
+
+def test_an_image_with_contradicting_rows_drops_its_queries(fashion: Path, tmp_path: Path) -> None:
+    # one image photographed under two colours would be both relevant and red: its queries are dropped
+    copy = tmp_path / "cat"
+    shutil.copytree(fashion, copy)
+    rows = _rows(fashion)
+    first = rows[0]
+    other = next(c for c in sorted({r["colour"] for r in rows}) if c != first["colour"])
+    rows.append({**first, "colour": other})
+    with (copy / "metadata.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    cat = read_catalogue(copy)
+    gen = generate_suite(cat, attributes=["colour"], combinations=1, max_queries=50, min_relevant=1)
+    conflicts = {d.text for d in gen.dropped if "both sides" in d.reason}
+    assert conflicts == {first["colour"], other}
+    resolve_suite(parse_suite(yaml.safe_load(gen.yaml)), cat)  # what is left resolves
