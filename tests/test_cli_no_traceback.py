@@ -101,6 +101,7 @@ def CASES(f: dict[str, Path]) -> list[list[str]]:  # noqa: N802 (reads as the ta
         ["demo", "--out", "/proc/no/such/folder"],
         ["data", "check", str(r / "notimage.png")],
         ["data", "synth", "fashion", "/proc/no/such/folder", "-n", "4"],
+        ["suite", "generate", str(f["fashion"]), "--out", str(r / "gen.yaml"), "--attributes", "nope"],
         ["index", str(f["clip"]), str(r / "idx-new"), "--data", str(f["missing"])],
         ["export", str(f["clip"]), str(r / "export-new"), "--data", str(f["missing"])],
         ["eval", str(f["clip"]), "--data", str(f["missing"])],
@@ -143,7 +144,7 @@ def test_every_command_with_broken_arguments_ends_in_a_sentence(
 
 def test_every_command_has_a_specific_broken_case(files: dict[str, Path]) -> None:
     cases = CASES(files)
-    covered = {tuple(c[:2]) if c[0] in ("data", "config") else (c[0],) for c in cases}
+    covered = {tuple(c[:2]) if c[0] in ("data", "config", "suite") else (c[0],) for c in cases}
     assert set(COMMANDS) - {("config", "schema")} <= covered  # schema takes no input to break
     for args in cases:
         _assert_user_error(args)

@@ -1,6 +1,6 @@
 """The ``cliptune`` command line: builds the app and registers one module per command, in --help order.
 
-Each command lives in ``cliptune.cli.<command>`` (``data`` and ``config`` are groups) and parses its
+Each command lives in ``cliptune.cli.<command>`` (``data``, ``config`` and ``suite`` are groups) and parses its
 arguments, builds typed objects, calls the library and prints; library errors become exit codes in
 :mod:`cliptune.cli.errors` only. Heavy imports (torch, transformers) happen inside commands so that
 ``cliptune --help`` stays instant.
@@ -34,6 +34,7 @@ from cliptune.cli import (
     report,
     search,
     serve,
+    suite,
     sweep,
     test,
     train,
@@ -73,6 +74,7 @@ COMMANDS = (
     push,
     config,
     data,
+    suite,
 )
 
 
