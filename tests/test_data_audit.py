@@ -230,9 +230,18 @@ def test_merge_is_union_find_over_leaking_pairs_and_majority_split() -> None:
 def test_audit_table_says_what_each_pair_means() -> None:
     rows = pd.DataFrame({"file_name": ["a", "a", "b", "c", "d"], "group": ["g1", "g1", "g2", "g2", "g3"]})
     split_of = pd.Series(["train", "train", "train", "train", "test"])
-    pairs = [Pair(0, 1, "near", 3.0), Pair(1, 2, "exact", 0.0), Pair(0, 3, "embedding", 0.97)]
+    pairs = [
+        Pair(0, 1, "near", 3.0),
+        Pair(1, 2, "exact", 0.0),
+        Pair(0, 3, "embedding", 0.91),
+        Pair(1, 3, "embedding", 0.97),
+        Pair(2, 3, "near", 12.0),
+    ]
     table = audit_table(pairs, ["a", "b", "c", "d"], rows, split_of)
+    # a, b, c are train, d test; b and c share group g2. Leaks: the near pair first, then cosine descending
     assert table[["file_a", "file_b", "finding"]].values.tolist() == [
+        ["c", "d", "leak"],
+        ["b", "d", "leak"],
         ["a", "d", "leak"],
         ["a", "b", "same_split"],
         ["b", "c", "same_group"],

@@ -236,7 +236,8 @@ def audit_table(
     Returns:
         Columns ``file_a, file_b, kind, score, mirrored, split_a, split_b, group_a, group_b, finding``
         where ``finding`` is ``leak`` (different splits), ``same_split`` (two groups of one split: the
-        picture weighs double) or ``same_group`` (declared, harmless). Leaks come first.
+        picture weighs double) or ``same_group`` (declared, harmless). Leaks come first; within a
+        finding, exact pairs, then near ones by distance, then embedding ones by cosine, highest first.
     """
     first = ~rows["file_name"].duplicated()
     names = rows.loc[first, "file_name"].astype(str).tolist()
@@ -250,10 +251,16 @@ def audit_table(
         records.append((fa, fb, p.kind, p.score, p.mirrored, sa, sb, ga, gb, finding))
     columns = ["file_a", "file_b", "kind", "score", "mirrored", "split_a", "split_b", "group_a", "group_b"]
     table = pd.DataFrame(records, columns=[*columns, "finding"])
-    order = table["finding"].map({"leak": 0, "same_split": 1, "same_group": 2})
-    sorted_table: pd.DataFrame = table.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(
-        drop=True
+    # most certain first within each finding: exact, near by bits, then embedding by cosine descending
+    keys = pd.DataFrame(
+        {
+            "finding": table["finding"].map({"leak": 0, "same_split": 1, "same_group": 2}),
+            "kind": table["kind"].map({"exact": 0, "near": 1, "embedding": 2}),
+            "doubt": np.where(table["kind"] == "embedding", -table["score"], table["score"]),
+        }
     )
+    order = keys.sort_values(["finding", "kind", "doubt"], kind="stable").index
+    sorted_table: pd.DataFrame = table.loc[order].reset_index(drop=True)
     return sorted_table
 
 
