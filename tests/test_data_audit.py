@@ -281,7 +281,7 @@ def test_cli_defaults_are_the_documented_constants() -> None:
 @pytest.mark.slow
 def test_crops_need_the_embedding_pass_and_find_no_false_pair(tmp_path: Path) -> None:
     root = tmp_path / "cat"
-    plants = _catalogue(root, 40, ("cropped",))
+    plants = _catalogue(root, 200, ("cropped",))
     out = tmp_path / "o"
     no_model = runner.invoke(app, ["data", "audit", str(root), "--out", str(out), "-q"])
     assert no_model.exit_code == 0, no_model.output  # hashes do not see a 10% crop
