@@ -100,6 +100,8 @@ def CASES(f: dict[str, Path]) -> list[list[str]]:  # noqa: N802 (reads as the ta
         ["config", "docs", "--out", "/proc/no/such/folder/config.md"],
         ["demo", "--out", "/proc/no/such/folder"],
         ["data", "check", str(r / "notimage.png")],
+        ["data", "audit", str(f["fashion"]), "--out", str(r / "audit"), "--splits-from", str(f["missing"])],
+        ["data", "audit", str(f["fashion"]), "--out", str(r / "audit"), "--model", str(f["missing"])],
         ["data", "synth", "fashion", "/proc/no/such/folder", "-n", "4"],
         ["suite", "generate", str(f["fashion"]), "--out", str(r / "gen.yaml"), "--attributes", "nope"],
         ["index", str(f["clip"]), str(r / "idx-new"), "--data", str(f["missing"])],

@@ -109,3 +109,133 @@ def data_check(
         return  # the clean copy is the catalogue to use: nothing is left to fail on
     if n_bad:
         raise typer.Exit(1)
+
+
+@data_app.command("audit")
+def data_audit(
+    catalogue: Annotated[Path, typer.Argument(help="Catalogue folder (images + metadata file).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for audit.csv and audit.html.")] = Path("audit"),
+    model: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--model", help="Run directory, model folder or backbone spec: also find re-shoots and crops."
+        ),
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option(help="Smallest embedding cosine reported with --model (see docs/catalogues.md).")
+    ] = 0.90,
+    max_bits: Annotated[
+        int, typer.Option(help="Largest pHash Hamming distance (of 256 bits) of a near copy.", min=0, max=255)
+    ] = 24,
+    splits_from: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--splits-from", help="Run directory whose splits.json says each image's split."),
+    ] = None,
+    fix: Annotated[
+        bool,
+        typer.Option("--fix", help="Write metadata.fixed.csv: each leaking pair's groups merged into one."),
+    ] = False,
+    fix_out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--fix-out", help="Where --fix writes (default CATALOGUE/metadata.fixed.csv)."),
+    ] = None,
+    text_column: Annotated[
+        str, typer.Option(help="Caption column (your config's data.text_column).")
+    ] = "text",
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder (--model).")] = None,  # noqa: UP045
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Find copies of one picture under several names, and the ones that cross splits (leaks).
+
+    Exact copies (same pixels) and near copies (resized, re-encoded, mirrored: perceptual hash) need no
+    model; --model adds re-shoots and crops by embedding cosine. Each image's split comes from
+    --splits-from RUN, else from the split the default config would make (which honours a `split`
+    column). Writes OUT/audit.csv and OUT/audit.html; exit 1 when a pair crosses splits, unless --fix
+    wrote the metadata that keeps every such pair in one group (the next split is then leak-free).
+
+    Examples:
+        cliptune data audit data/fashion
+        cliptune data audit my_catalogue --model runs/ft --splits-from runs/ft --out audit-ft
+        cliptune data audit my_catalogue --fix
+    """
+    from cliptune.config import DataConfig
+    from cliptune.data.audit import audit_table, hash_images, hash_pairs, merge_leaking_groups
+    from cliptune.data.catalogue import read_catalogue
+    from cliptune.data.splits import assign_rows, load_splits, make_splits
+    from cliptune.report.audit import FINDINGS, audit_html
+    from cliptune.rundir import RunDir, write_text_atomic
+    from cliptune.search.duplicates import embedding_pairs
+
+    if not -1.0 < threshold <= 1.0:
+        err_console.print(f"[red]--threshold must be in (-1, 1], got {threshold}[/red]", highlight=False)
+        raise typer.Exit(2)
+    defaults = DataConfig()
+    with exit_on_error(2, ValueError):
+        cat = read_catalogue(catalogue, text_column)
+        names = list(dict.fromkeys(cat.rows["file_name"].astype(str)))
+        hashes = hash_images(
+            [cat.image_path(n) for n in names], names, defaults.max_pixels, progress=not quiet
+        )
+        bad = {name for name, _ in hashes.bad}
+        rows = cat.rows[~cat.rows["file_name"].astype(str).isin(bad)].reset_index(drop=True)
+        if splits_from is not None:
+            splits = load_splits(RunDir(splits_from).splits)
+            where = f"{RunDir(splits_from).splits}"
+        else:
+            split = defaults.split
+            splits = make_splits(rows, split.ratios, split.seed, min_groups=split.min_groups)
+            where = "the default config's grouped split (data.split, honouring a split column)"
+        split_of = assign_rows(rows, splits)
+    pairs = {(p.a, p.b): p for p in hash_pairs(hashes, max_bits)}
+    if model is not None:
+        from cliptune.models.embed import embed_images_with
+        from cliptune.models.factory import load_model
+
+        with exit_on_error(1):
+            loaded = load_model(model)
+            paths = [cat.image_path(n) for n in hashes.file_names]
+            vectors = embed_images_with(loaded, paths, cache_dir=cache_dir, progress=not quiet)
+        for p in embedding_pairs(vectors, threshold):
+            pairs.setdefault((p.a, p.b), p)  # a pixel copy keeps its hash kind
+    table = audit_table(sorted(pairs.values(), key=lambda p: (p.a, p.b)), hashes.file_names, rows, split_of)
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "audit.csv", table.to_csv(index=False))
+    notes = [
+        f"{len(hashes.file_names)} image(s) audited; splits from {where}.",
+        f"exact: same pixels; near: pHash within {max_bits} of 256 bits (either orientation)"
+        + (
+            f"; embedding: cosine >= {threshold} with {model}."
+            if model
+            else "; no --model: no embedding pass."
+        ),
+    ]
+    page = audit_html(table, cat.image_path, f"Near-duplicate audit of {catalogue}", notes)
+    write_text_atomic(out / "audit.html", page)
+
+    for name, reason in hashes.bad:
+        err_console.print(f"[yellow]skipped {name}: {reason}[/yellow]", highlight=False)
+    summary = Table(title=f"{len(table)} pair(s) among {len(hashes.file_names)} image(s)")
+    summary.add_column("finding")
+    for kind in ("exact", "near", "embedding"):
+        summary.add_column(kind, justify="right")
+    for finding in FINDINGS:
+        part = table[table["finding"] == finding]
+        summary.add_row(
+            finding, *(str(int((part["kind"] == k).sum())) for k in ("exact", "near", "embedding"))
+        )
+    console.print(summary)
+    console.print(f"wrote {out / 'audit.csv'} and {out / 'audit.html'}")
+    n_leaks = int((table["finding"] == "leak").sum())
+    if fix:
+        target = fix_out or cat.root / "metadata.fixed.csv"
+        fixed, moved = merge_leaking_groups(cat.rows, table)
+        write_text_atomic(target, fixed.to_csv(index=False))
+        moved_note = f"; {moved} row(s) moved to their merged group's split" if moved else ""
+        console.print(
+            f"wrote {target}: the groups of {n_leaks} leaking pair(s) merged{moved_note}; "
+            "use it as the catalogue's metadata file so the next split keeps each copy on one side"
+        )
+        return
+    if n_leaks:
+        raise typer.Exit(1)
