@@ -162,8 +162,8 @@ class EpochViews:
 class _FreshViews:
     """Training rows as paths and captions, each epoch a fresh augmentation (towers that train)."""
 
-    def __init__(self, items: list[dict[str, Any]], seed: int) -> None:
-        self.items, self.seed = items, seed
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
 
     def __len__(self) -> int:
         return len(self.items)
@@ -280,7 +280,7 @@ def build_retrieval(
         if augment.enabled:
             keeps = _keep(data, train_idx)
             train_items = _FreshViews(
-                [{**item, "keep": k} for item, k in zip(train_items, keeps, strict=True)], cfg.train.seed
+                [{**item, "keep": k} for item, k in zip(train_items, keeps, strict=True)]
             )
         collate = _raw_collate(backbone, cfg.data.max_pixels, augment)
         val_items = [{"path": paths[i], "text": str(data.rows[text_col].iloc[i])} for i in val_idx]
