@@ -367,3 +367,32 @@ def test_an_augmented_run_trains_and_resumes_to_the_uninterrupted_run(
     plain_epochs = [r for r in _records(tmp_path / "runs" / "plain") if r["kind"] == "epoch"]
     assert plain_epochs[0] == epochs[0]  # the same untrained model, validated on plain features
     assert [e["train/loss"] for e in plain_epochs[1:]] != [e["train/loss"] for e in epochs[1:]]
+
+
+def test_training_refuses_colour_jitter_when_the_suite_tests_colour(
+    tmp_path: Path, fashion: Path, clip: Path
+) -> None:
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        yaml.safe_dump({"categories": {"c": {"queries": [{"text": "red", "relevant": {"colour": "red"}}]}}})
+    )
+    cfg = {
+        "data": {
+            "catalogue": str(fashion),
+            "split": {"ratios": {"train": 0.7, "val": 0.3}, "min_groups": 2},
+            "augment": {"image": {"colour_jitter": 0.2}, "suite": str(suite)},
+        },
+        "model": {"backbone": str(clip), "cache_dir": str(tmp_path / "cache")},
+        "train": {"epochs": 1, "batch_size": 8},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = runner.invoke(app, ["train", str(path), "--name", "x", "--runs", str(tmp_path / "runs"), "-q"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert "would change the colour-like attribute(s) colour protected by the suite" in " ".join(
+        result.output.split()
+    )
+    assert not (tmp_path / "cache").exists() or not any(
+        (tmp_path / "cache").rglob("*.safetensors")
+    )  # nothing embedded
