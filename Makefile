@@ -51,7 +51,9 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/mypy --cache-dir $(VENV)/.mypy_cache
 
 # Mutation testing (docs/reliability.md, "Mutation testing"): run by hand, never by `make test`. Each entry is
-# NAME:FILES:TESTS (FILES under src/cliptune, globs allowed; TESTS the fast test files that cover them). Each
+# NAME:FILES:TESTS[:MUTANTS] (FILES under src/cliptune, globs allowed; TESTS the fast test files that cover
+# them; MUTANTS, optional, mutmut's names of the functions to mutate, fnmatch patterns: FILES mutated but only
+# those functions' mutants run, as `identity` does for the identity functions of two larger modules). Each
 # name runs mutmut in its own scratch copy under $(MUTATION_DIR)/NAME with only its files mutated and only
 # its tests run, the two lines of [tool.mutmut] in pyproject.toml replaced there; docs/ is copied along
 # (`also_copy`): some tests read it. `make mutation MUTATE="bootstrap early_stopping"` picks entries;
@@ -61,9 +63,9 @@ MUTATION_TARGETS := \
 	bootstrap:ranking/bootstrap.py:tests/test_bootstrap.py \
 	metrics:ranking/metrics.py:tests/test_metrics.py \
 	splits:data/splits.py:tests/test_data_splits.py \
-	losses:losses/*:tests/test_losses.py,tests/test_losses_siamese.py,tests/test_similarity_init.py \
-	checkpoint:train/checkpoint.py:tests/test_early_stopping.py,tests/test_optim.py,tests/test_train_loop.py \
-	identity:models/backbone.py,models/factory.py:tests/test_models_hf.py,tests/test_models_composed.py \
+	losses:losses/*:tests/test_losses.py,tests/test_losses_siamese.py,tests/test_similarity_init.py,tests/test_losses_gather.py \
+	checkpoint:train/checkpoint.py:tests/test_checkpoint_files.py,tests/test_checkpoint_recovery.py,tests/test_early_stopping.py,tests/test_optim.py \
+	identity:models/backbone.py,models/factory.py:tests/test_model_identity.py:*backbone.x*identity__mutmut_*,*backbone.x*_tensors__mutmut_*,*backbone.x*_prefixes__mutmut_*,*backbone.x_write_config__mutmut_*,*factory.x_load_model__mutmut_*,*factory.x__head_hash__mutmut_* \
 	scoring:suites/scoring.py:tests/test_suites.py
 MUTATE ?= $(foreach t,$(MUTATION_TARGETS),$(firstword $(subst :, ,$(t))))
 MUTATION_JOBS ?= 2
@@ -76,16 +78,17 @@ mutation: $(TEST_STAMP)
 	  [ -n "$$entry" ] || { echo "mutation: no entry '$$name' in MUTATION_TARGETS"; exit 2; }; \
 	  files=$$(echo "$$entry" | cut -d: -f2 | sed 's|[^,]*|"src/cliptune/&"|g'); \
 	  tests=$$(echo "$$entry" | cut -d: -f3 | sed 's|[^,]*|"&"|g'); \
+	  mutants=$$(echo "$$entry" | cut -d: -f4 | tr ',' ' '); \
 	  dir=$(MUTATION_DIR)/$$name; rm -rf "$$dir"; mkdir -p "$$dir"; cp -r src tests docs pyproject.toml "$$dir"; \
 	  sed -i -e "s|^only_mutate = .*|only_mutate = [$$files]|" -e "s|^source_paths = .*|&\nalso_copy = [\"docs\"]|" \
 	    -e "s|^pytest_add_cli_args_test_selection = .*|pytest_add_cli_args_test_selection = [$$tests]|" \
 	    "$$dir/pyproject.toml"; \
-	  echo "== mutation $$name: [$$files] by [$$tests]"; \
-	  (cd "$$dir" && env -u PYTHONPATH OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 \
-	    $(abspath $(VENV))/bin/mutmut run --max-children $(MUTATION_JOBS) > run.log 2>&1 || { tail -c 4000 run.log; exit 1; }; \
+	  echo "== mutation $$name: [$$files] by [$$tests] $$mutants"; \
+	  (set -f; cd "$$dir" && env -u PYTHONPATH OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 \
+	    $(abspath $(VENV))/bin/mutmut run --max-children $(MUTATION_JOBS) $$mutants > run.log 2>&1 || { tail -c 4000 run.log; exit 1; }; \
 	    tail -c 200 run.log | tr '\r' '\n' | tail -n 2; \
 	    $(abspath $(VENV))/bin/mutmut results > survivors.txt 2>&1; \
-	    for m in $$(grep -o '^ *[^ :]*__mutmut_[0-9]*' survivors.txt); do $(abspath $(VENV))/bin/mutmut show $$m; done \
+	    for m in $$(grep -v ': not checked$$' survivors.txt | grep -o '^ *[^ :]*__mutmut_[0-9]*'); do $(abspath $(VENV))/bin/mutmut show $$m; done \
 	      > survivors.diff 2>&1; \
 	    echo "survivors: $$(grep -c ': survived' survivors.txt || true) (diffs in $$dir/survivors.diff)"); \
 	done

@@ -396,3 +396,20 @@ def test_training_refuses_colour_jitter_when_the_suite_tests_colour(
     assert not (tmp_path / "cache").exists() or not any(
         (tmp_path / "cache").rglob("*.safetensors")
     )  # nothing embedded
+
+
+def test_what_else_an_item_holds_rides_along_with_every_view() -> None:
+    # mined negatives (train.hard_negatives) stay with their row whichever view the epoch shows
+    images = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)  # (views, rows, features)
+    texts = -torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(2, 3, 5)
+    extras = [
+        {"negative_mask": torch.tensor([True, i > 0]), "image_features": torch.zeros(4)} for i in range(3)
+    ]
+    views = EpochViews(images, texts, seed=5, extras=extras)
+    for epoch in range(4):
+        items = views.for_epoch(epoch)
+        pick, text_pick = epoch_views(5, epoch, 3, 2), epoch_views(6, epoch, 3, 2)
+        for i, item in enumerate(items):
+            assert torch.equal(item["negative_mask"], extras[i]["negative_mask"])
+            assert torch.equal(item["image_features"], images[pick[i], i])  # the view, not the plain feature
+            assert torch.equal(item["text_features"], texts[text_pick[i], i])

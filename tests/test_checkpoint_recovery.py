@@ -6,13 +6,18 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import torch
 
+from cliptune import rundir as rundir_module
 from cliptune.rundir import DamagedFileError, read_json, read_jsonl, read_metrics
+from cliptune.train import checkpoint as checkpoint_module
 from cliptune.train.checkpoint import (
     MANIFEST_FILE,
     CheckpointDamagedError,
     damaged_files,
+    load_checkpoint,
     newest_intact_checkpoint,
+    save_checkpoint,
 )
 from tests.toy_task import run, toy_train_config
 
@@ -151,3 +156,42 @@ def test_bad_json_file_is_named(tmp_path: Path) -> None:
         read_jsonl(tmp_path / "m.jsonl", torn_tail=True)  # a bad line that is not the last is never torn
     (tmp_path / "m.jsonl").write_text('{"a": 1}\n\n{"b": 2}\n{"c"')
     assert read_jsonl(tmp_path / "m.jsonl", torn_tail=True) == ([{"a": 1}, {"b": 2}], 4)
+
+
+def test_checkpoint_files_are_fsynced_before_they_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Older checkpoints are pruned right after a new one is written: the new one must be on disk, not only
+    # in the page cache, or a power cut could leave no intact checkpoint at all.
+    written: list[tuple[str, bool]] = []
+    real = checkpoint_module.write_bytes_atomic
+
+    def recording(path: Path, data: bytes, *, fsync: bool = False) -> Path:
+        written.append((path.name if path.parent.name == "checkpoints" else f"ckpt/{path.name}", fsync))
+        return real(path, data, fsync=fsync)
+
+    monkeypatch.setattr(checkpoint_module, "write_bytes_atomic", recording)
+    monkeypatch.setattr(rundir_module, "write_bytes_atomic", recording)  # write_text_atomic's writer
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    path = save_checkpoint(
+        tmp_path / "checkpoints",
+        "step-00000003",
+        model_state=model.state_dict(),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        trainer_state={"loop": {"step": 3}},
+    )
+    assert sorted(written) == [
+        ("ckpt/manifest.json", True),
+        ("ckpt/model.safetensors", True),
+        ("ckpt/state.pt", True),
+        ("ckpt/trainer.json", True),
+        ("latest", True),
+    ]
+    assert damaged_files(path) == {}
+    weights, state, trainer = load_checkpoint(path)  # the bytes written are the loadable formats
+    assert weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert state["optimizer"] == optimizer.state_dict() and trainer == {"loop": {"step": 3}}

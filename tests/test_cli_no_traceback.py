@@ -105,6 +105,7 @@ def CASES(f: dict[str, Path]) -> list[list[str]]:  # noqa: N802 (reads as the ta
         ["export", str(f["clip"]), str(r / "export-new"), "--data", str(f["missing"])],
         ["eval", str(f["clip"]), "--data", str(f["missing"])],
         ["embed", str(f["clip"]), str(r / "emb"), "--data", str(r / "notimage.png")],
+        ["mine", str(f["clip"]), str(r / "mined.parquet"), "--data", str(f["missing"])],
         ["report", str(f["idx"])],
         ["compare", str(f["idx"]), str(f["missing"])],
         ["test", str(f["clip"]), "--suite", str(r / "broken.yaml")],

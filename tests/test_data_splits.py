@@ -423,3 +423,54 @@ def test_min_groups_after_carving_counts_trains_groups_before_the_carve() -> Non
     assert len(raised["val"]) == 4 and len(raised["train"]) == 16 and len(raised["test"]) == 3
     assert all(g.startswith("t") for g in raised["val"])
     assert carved_groups(rows, raised) == {"val": raised["val"]}
+
+
+def test_a_fixed_group_may_carry_several_stratify_values() -> None:
+    # Fixing a group to a split is about the split column alone: g00's rows are red and blue (and g01's
+    # first row names test, its others nothing), which is no conflict of explicit splits.
+    rows = _catalogue([2, 2, 2, 2], explicit={0: "test", 1: "test"})
+    rows.loc[rows["group"] == "g00", "split"] = "test"  # every row of g00 names it
+    rows["colour"] = ["red", "blue", "red", None, "red", "red", "blue", "blue"]
+    splits = make_splits(rows, {"train": 0.5, "test": 0.5}, seed=0, stratify="colour")
+    assert splits["test"][:2] == ["g00", "g01"] and sorted(sum(splits.values(), [])) == [
+        "g00",
+        "g01",
+        "g02",
+        "g03",
+    ]
+
+
+def test_rows_without_a_stratify_value_form_the_first_stratum() -> None:
+    # Rows without a value are a stratum of their own, named "" and so drawn before every value: the
+    # splits are those of the same rows with the missing values written as "!" (which sorts before "A").
+    # Which stratum is drawn first matters: the seeded generator shuffles the strata one after another.
+    rows = _catalogue([1] * 24)
+    values = ["A", None, "Z"] * 8
+    rows["colour"] = values
+    named = rows.assign(colour=["!" if v is None else v for v in values])
+    ratios = {"train": 0.5, "val": 0.25, "test": 0.25}
+    differ = 0
+    for seed in range(6):
+        got = make_splits(rows, ratios, seed=seed, stratify="colour")
+        assert got == make_splits(named, ratios, seed=seed, stratify="colour"), seed
+        # drawn after "A" (as a stratum named "XXXX" would be), the same seed splits otherwise
+        late = rows.assign(colour=["X" if v is None else v for v in values])
+        differ += got != make_splits(late, ratios, seed=seed, stratify="colour")
+        # each stratum of 8 groups still gets 4/2/2: the missing values were split, not dropped
+        missing = {f"g{i:02d}" for i, v in enumerate(values) if v is None}
+        assert [len(missing & set(got[n])) for n in ("train", "val", "test")] == [4, 2, 2], seed
+    assert differ > 0
+    # a tie between no value and a value goes to no value (it sorts first): g00 is (None, "A")
+    rows = _catalogue([2, 2])
+    rows["colour"] = [None, "A", "A", "A"]
+    assert _strata(pd.DataFrame({"gid": rows["group"], "stratum": rows["colour"].fillna("")})) == {
+        "": ["g00"],
+        "A": ["g01"],
+    }
+
+
+def test_assign_rows_names_the_index_when_rows_have_no_row_column() -> None:
+    rows = _catalogue([2, 1, 3]).drop(columns="row")
+    rows.index = [10, 11, 12, 13, 14, 15]
+    with pytest.raises(ValueError, match=r"^index 12: group 'g01' is in no split; were the splits made"):
+        assign_rows(rows, {"train": ["g00", "g02"]})

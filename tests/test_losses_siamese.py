@@ -198,3 +198,29 @@ def test_eval_recomputes_batch_dependent_info_nce_over_training_sized_batches() 
         ]
         expected += [i + t + f + (x + y) / 2 for i, t, f, x, y in zip(*parts, strict=True)]
     assert values.tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_check_messages_name_the_function_the_role_and_the_choices() -> None:
+    item = {k: A for k in ("image", "text", "fused")}
+    known_losses = r"\['contrastive', 'info_nce', 'triplet'\]"
+    known_weights = r"\['cross', 'fused', 'image', 'text'\]"
+    for where, call in (
+        ("siamese_objective", lambda **kw: siamese_objective(item, item, item, **kw)),
+        ("SiameseLoss", lambda **kw: SiameseLoss(**kw)),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"^{where}: unknown Siamese loss 'hinge'; known: {known_losses}$"
+        ):
+            call(loss="hinge")
+        with pytest.raises(
+            ValueError, match=rf"^{where}: unknown weight key\(s\) \['audio'\]; known: {known_weights}$"
+        ):
+            call(weights={"audio": 1.0})
+    for role in ("anchor", "positive", "negative"):
+        items = {"anchor": item, "positive": item, "negative": item, role: {"image": A}}
+        with pytest.raises(
+            ValueError,
+            match=rf"^siamese_objective: {role} lacks key\(s\) \['text', 'fused'\]; it needs "
+            r"\['image', 'text', 'fused'\]$",
+        ):
+            siamese_objective(items["anchor"], items["positive"], items["negative"])

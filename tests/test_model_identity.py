@@ -6,6 +6,7 @@ survives a save and reload bit for bit."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from cliptune.cli import search as search_cli
 from cliptune.config import Config
 from cliptune.data.catalogue import read_catalogue
 from cliptune.data.synthetic import render_fashion
-from cliptune.models.backbone import CONFIG_FILE, Backbone
+from cliptune.models.backbone import CONFIG_FILE, Backbone, BackboneError
 from cliptune.models.factory import BACKBONE_DIR, HEAD_DIR, load_backbone, load_model
 from cliptune.models.freeze import LoraSpec
 from cliptune.models.siamese import SiameseHead
@@ -199,3 +200,70 @@ def test_batchnorm_statistics_of_an_unfrozen_block_change_both_identities(tmp_pa
     backbone.save(tmp_path / "saved")  # and the moved statistics survive a save and reload, bit for bit
     saved = json.loads((tmp_path / "saved" / CONFIG_FILE).read_text())
     assert load_model(tmp_path / "saved").name == saved["model_identity"] == backbone.model_identity()
+
+
+def test_preprocessing_counts_in_the_identity(clip: Path) -> None:
+    # same weights, other image normalisation: other features, so another cache key and another space
+    backbone = load_backbone(clip)
+    model0, features0 = backbone.model_identity(), backbone.features_identity()
+    backbone.image_processor.image_mean = [0.1, 0.2, 0.3]  # type: ignore[attr-defined]  # the HF backbone's
+    assert backbone.features_identity() != features0 and backbone.model_identity() != model0
+
+
+def test_a_lora_backbone_saved_and_reloaded_keeps_its_adapters_and_identity(
+    clip: Path, tmp_path: Path
+) -> None:
+    backbone = load_backbone(clip, lora=LoraSpec(r=2))
+    with torch.no_grad():
+        next(p for n, p in backbone.named_parameters() if "lora" in n.lower()).add_(0.5)
+    backbone.save(tmp_path / "lora")
+    text = (tmp_path / "lora" / CONFIG_FILE).read_text()
+    saved = json.loads(text)
+    assert backbone.lora is not None and saved["lora"] == backbone.lora.to_dict()
+    assert saved["trainable_layers"] == backbone.trainable_layers == 0
+    assert text == json.dumps(saved, indent=2, sort_keys=True) + "\n"  # sorted and indented: diffable
+    loaded = load_model(tmp_path / "lora")
+    assert loaded.backbone.lora == backbone.lora
+    assert loaded.name == saved["model_identity"] == backbone.model_identity()
+
+
+def test_loaded_siamese_model_keeps_its_head_and_names_both_hashes(clip: Path, tmp_path: Path) -> None:
+    backbone = load_backbone(clip)
+    backbone.save(tmp_path / "s" / BACKBONE_DIR)
+    torch.manual_seed(0)
+    SiameseHead(image_dim=24, text_dim=24, width=16, depth=1, heads=2).save(tmp_path / "s" / HEAD_DIR)
+    loaded = load_model(tmp_path / "s")
+    assert isinstance(loaded.head, SiameseHead) and not loaded.head.training
+    assert re.fullmatch(r"[0-9a-f]{16}\+head:[0-9a-f]{16}", loaded.name)
+
+
+def test_nothing_loadable_is_named_with_what_was_tried(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(BackboneError) as info:
+        load_model(missing)
+    assert str(info.value).startswith(
+        f"{missing}: not a run directory, model folder or backbone spec (backbone '{missing}': "
+    )
+
+
+def test_identities_are_16_hex_digits_of_what_changes_embeddings_only(
+    clip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backbone = load_backbone(clip)
+    model0, features0 = backbone.model_identity(), backbone.features_identity()
+    assert re.fullmatch(r"[0-9a-f]{16}", features0) and re.fullmatch(r"[0-9a-f]{16}", model0)
+    with torch.no_grad():  # CLIP's logit scale: no encode_* uses it, so neither identity sees it
+        backbone.model.logit_scale.add_(1.0)  # type: ignore[attr-defined]  # the HF backbone's model
+    assert (backbone.model_identity(), backbone.features_identity()) == (model0, features0)
+    # the settings hash does not depend on key order (a library upgrade may reorder a config dict), and
+    # values JSON cannot hold (paths, dtypes) are hashed by their text
+    fingerprint = backbone._fingerprint()
+    monkeypatch.setattr(backbone, "_fingerprint", lambda: dict(reversed(fingerprint.items())))
+    assert backbone.features_identity() == features0
+    monkeypatch.setattr(backbone, "_fingerprint", lambda: {**fingerprint, "dtype": torch.float32})
+    assert backbone.features_identity() != features0
+
+
+def test_a_spec_that_is_no_folder_loads_by_name() -> None:
+    loaded = load_model("embedded")
+    assert loaded.source == Path("embedded") and loaded.name == load_backbone("embedded").model_identity()

@@ -443,6 +443,37 @@ class EarlyStoppingConfig(_WatchedMetric):
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
 
 
+class GradCacheConfig(_Section):
+    chunk_size: int = Field(
+        64,
+        gt=0,
+        description="Rows embedded at once; peak tower memory is that of one chunk, whatever "
+        "train.batch_size (it must be below it: one chunk of the whole batch would only add a second "
+        "forward pass).",
+    )
+
+
+class HardNegativesConfig(_Section):
+    file: Path | None = Field(
+        None,
+        description="Required. Mined hard negatives (.parquet or .jsonl) written by `cliptune mine` on this catalogue's "
+        "train split; each training caption's negatives join its batch as extra images (docs/training.md, "
+        "Hard negatives).",
+    )
+    per_caption: int = Field(
+        1,
+        gt=0,
+        description="Mined negatives of each caption added to its batch (the file's first ones, by rank): a "
+        "batch of B captions scores B + B * per_caption images; a caption with fewer mined ones uses those.",
+    )
+
+    @model_validator(mode="after")
+    def _file_given(self) -> HardNegativesConfig:
+        if self.file is None:  # None only so that the generated reference can show the section
+            raise ValueError("give the mined file: file=PATH (written by `cliptune mine`)")
+        return self
+
+
 class TrainConfig(_Section):
     task: Literal["retrieval", "siamese"] = Field(
         "retrieval",
@@ -487,6 +518,18 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(0, ge=0, description="Non-finite losses skipped before training stops.")
     log_every_steps: int = Field(
         10, ge=1, description="Write a step record (loss, lr) to metrics.jsonl every N steps."
+    )
+    grad_cache: GradCacheConfig | None = Field(
+        None,
+        description="Gradient caching (Gao et al. 2021) for info_nce / siglip on train.task 'retrieval': "
+        "the batch is embedded in chunks, the loss sees all of it, gradients equal a full-batch step's; "
+        "null: off. See docs/training.md, 'Gradient caching'.",
+    )
+    hard_negatives: HardNegativesConfig | None = Field(
+        None,
+        description="Train with mined hard negatives as extra in-batch candidates (retrieval task, info_nce "
+        "or siglip; with trainable towers their pixels go through the image tower too); null: in-batch "
+        "negatives only.",
     )
 
 
@@ -670,12 +713,14 @@ def cross_field_problems(config: Config) -> list[str]:
             f"model.lora=null, got model.trainable_layers={model.trainable_layers} and "
             f"model.lora={'set' if model.lora is not None else 'null'}"
         )
+    problems.extend(_hard_negatives_problems(config))
     if config.loss.distance == "cosine" and config.loss.margin > 2:
         problems.append(
             f"loss.margin={config.loss.margin:g} can never be met with loss.distance='cosine' (cosine "
             "distances lie in [0, 2]): set loss.margin to at most 2"
         )
     problems.extend(_no_validation_problems(config))
+    problems.extend(_grad_cache_problems(config))
     problems.extend(
         augment_protect_problems(config.data.augment, config.data.augment.protect, "data.augment.protect")
     )
@@ -719,6 +764,68 @@ def augment_protect_problems(augment: AugmentConfig, attributes: Iterable[str], 
         problems.append(
             f"data.augment.image.flip=true would mirror the orientation-like attribute(s) {', '.join(turned)} "
             f"protected by {source}; set data.augment.image.flip to false"
+        )
+    return problems
+
+
+GRAD_CACHE_LOSSES = ("info_nce", "siglip")
+"""Losses gradient caching serves: a softmax (InfoNCE) or a learned scale and bias (SigLIP) couples every pair
+of the batch, so only a whole large batch gives the large-batch gradient. The margin losses (triplet batch-all,
+contrastive) are means of independent pair terms, whose expected value does not depend on the batch size, so
+``train.grad_accum`` already gives their large-batch gradient without a second forward pass."""
+
+
+def _grad_cache_problems(config: Config) -> list[str]:
+    """Gradient caching splits the retrieval task's (image, text) embeddings; it needs a contrastive loss."""
+    cache, train, loss = config.train.grad_cache, config.train, config.loss.name
+    if cache is None:
+        return []
+    problems = []
+    if train.task != "retrieval":
+        problems.append(
+            f"train.grad_cache applies only to train.task='retrieval', got train.task={train.task!r}: the "
+            "siamese task trains a fusion head on cached tower features, with no tower activations to save; "
+            "set train.grad_cache to null"
+        )
+    elif loss not in GRAD_CACHE_LOSSES:
+        problems.append(
+            f"train.grad_cache applies only to loss.name {' or '.join(GRAD_CACHE_LOSSES)}, got "
+            f"loss.name={loss!r}: that loss is a mean of independent pair terms, so train.grad_accum already "
+            "gives its large-batch gradient; set train.grad_cache to null (and raise train.grad_accum)"
+        )
+    if cache.chunk_size >= train.batch_size:
+        problems.append(
+            f"train.grad_cache.chunk_size={cache.chunk_size} is not below train.batch_size="
+            f"{train.batch_size}: one chunk would hold the whole batch and caching would only add a second "
+            "forward pass; lower the chunk size or set train.grad_cache to null"
+        )
+    if config.train.hard_negatives is not None:
+        problems.append(
+            "train.grad_cache and train.hard_negatives cannot be combined yet: the gradient cache embeds the "
+            "batch's (image, text) pairs only, so the mined negatives would silently be left out; set one of "
+            "them to null"
+        )
+    return problems
+
+
+HARD_NEGATIVE_LOSSES = ("info_nce", "siglip")
+"""Losses that take mined negatives as extra images (``extra_image``): the margin losses have no such input."""
+
+
+def _hard_negatives_problems(config: Config) -> list[str]:
+    """Mined negatives extend the batch of the retrieval task's InfoNCE / SigLIP (extra images)."""
+    if config.train.hard_negatives is None:
+        return []
+    problems = []
+    if config.train.task != "retrieval":
+        problems.append(
+            f"train.hard_negatives applies to train.task='retrieval', got train.task={config.train.task!r}; "
+            "set train.hard_negatives to null"
+        )
+    elif config.loss.name not in HARD_NEGATIVE_LOSSES:
+        problems.append(
+            f"train.hard_negatives needs loss.name {' or '.join(HARD_NEGATIVE_LOSSES)} (extra images in the "
+            f"batch), got loss.name={config.loss.name!r}"
         )
     return problems
 

@@ -29,6 +29,7 @@ from cliptune.cli import (
     eval,  # noqa: A004 (the module of `cliptune eval`)
     export,
     index,
+    mine,
     push,
     report,
     search,
@@ -61,6 +62,7 @@ COMMANDS = (
     report,
     compare,
     sweep,
+    mine,
     index,
     embed,
     search,

@@ -119,6 +119,13 @@ HINTS: dict[str, Hint] = {
     "cliptune.suites.run.EmptySplitError": (
         "rank more images with --split (e.g. --split all), or add queries whose relevant images are in it"
     ),
+    "cliptune.evaluation.errors.NonFiniteEmbeddingsError": lambda e: (
+        "if the model is a training run, find the step where its loss became NaN or grew in its "
+        "metrics.jsonl and train it again with a lower train.lr, train.grad_clip on (e.g. "
+        "--set train.grad_clip=1.0) or more train.warmup_steps; if its weights file may be damaged, restore "
+        "or retrain it"
+        + ("" if e.precision == "fp32" else "; to rule out overflow, embed at fp32 (model.embed_precision)")
+    ),
     "cliptune.sweep.MissingSweepNameError": "or pass --name",
     "cliptune.sweep.TrialRunExistsError": "or use another --name",
     "cliptune.sweep.StudyDirectionMismatchError": "use another --name",

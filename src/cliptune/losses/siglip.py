@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.losses._checks import check_same_batch
+from cliptune.losses._checks import ExtraImages, check_same_batch, extra_negatives
 from cliptune.losses.distributed import gather_with_grad, rank_and_world_size
 from cliptune.losses.similarity_init import DEFAULT_SIGLIP_BIAS, DEFAULT_SIGLIP_SCALE
 
@@ -21,14 +21,24 @@ def _sigmoid_rows(
     logit_scale: torch.Tensor | float,
     logit_bias: torch.Tensor | float,
     offset: int,
+    extra: tuple[torch.Tensor, ExtraImages] | None = None,
 ) -> torch.Tensor:
-    """Sum of -log sigmoid over local image rows vs all texts, divided by the local row count."""
+    """Sum of -log sigmoid over local image rows vs all texts, divided by the local row count.
+
+    ``extra`` (local texts, (normalised extra images, (b, M) mask)) adds one negative pair per usable
+    (caption, extra image), still divided by the b rows: hard negatives add terms, not rows.
+    """
     rows = img_q.shape[0]
     logits = logit_scale * img_q @ txt_k.T + logit_bias  # (b, N)
     signs = -torch.ones_like(logits)  # (b, N): -1 for every negative pair ...
     idx = torch.arange(rows, device=logits.device)
     signs[idx, idx + offset] = 1.0  # ... +1 where text offset + i is image i's caption
-    return -F.logsigmoid(signs * logits).sum() / rows
+    total = -F.logsigmoid(signs * logits).sum()
+    if extra is not None:
+        txt_q, (images, mask) = extra
+        extra_logits = logit_scale * txt_q @ images.T + logit_bias  # (b, M), all negatives
+        total = total - torch.where(mask, F.logsigmoid(-extra_logits), 0.0).sum()
+    return total / rows
 
 
 def siglip(
@@ -36,6 +46,8 @@ def siglip(
     text_emb: torch.Tensor,
     logit_scale: torch.Tensor | float,
     logit_bias: torch.Tensor | float,
+    extra_image: torch.Tensor | None = None,
+    extra_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SigLIP sigmoid loss: every (image, text) pair of the batch is an independent binary decision.
 
@@ -53,12 +65,15 @@ def siglip(
         text_emb: text embeddings.
         logit_scale: positive multiplier of the cosine similarities (not its log).
         logit_bias: additive bias of the logits.
+        extra_image: hard negatives (mined images): each adds a "no match" pair with every caption that
+            may use it, summed with the others and still divided by B.
+        extra_mask: which caption may use which extra image; None: all.
 
     Returns:
         The loss, a 0-d tensor.
 
     Shapes:
-        image_emb, text_emb: (B, D) -> ()
+        image_emb, text_emb: (B, D), extra_image (M, D), extra_mask (B, M) -> ()
 
     Example:
         >>> x = torch.eye(2)
@@ -68,7 +83,8 @@ def siglip(
     check_same_batch("siglip", image_emb=image_emb, text_emb=text_emb)
     img = F.normalize(image_emb, dim=-1)  # (B, D)
     txt = F.normalize(text_emb, dim=-1)  # (B, D)
-    return _sigmoid_rows(img, txt, logit_scale, logit_bias, 0)
+    extra = extra_negatives(extra_image, extra_mask, img.shape[0], img.shape[1], "siglip")
+    return _sigmoid_rows(img, txt, logit_scale, logit_bias, 0, None if extra is None else (txt, extra))
 
 
 class SigLIPLoss(nn.Module):
@@ -79,8 +95,9 @@ class SigLIPLoss(nn.Module):
     images against the texts of the whole global batch, dividing by its local row count, so the mean of
     the losses over processes is the full-batch loss (see :mod:`cliptune.losses.distributed`).
 
-    Call: ``forward(image_emb, text_emb)`` with (B, D) tensors, row i of each a positive pair.
-    Returns ``{"loss", "scale", "bias"}``: ``scale`` and ``bias`` are the values used, detached,
+    Call: ``forward(image_emb, text_emb, extra_image=None, extra_mask=None)`` with (B, D) tensors, row i of
+    each a positive pair; ``extra_image`` (M, D) are hard negatives of every local caption (see
+    :func:`siglip`), this process's own. Returns ``{"loss", "scale", "bias"}``: ``scale`` and ``bias`` are the values used, detached,
     for logging.
 
     Args:
@@ -112,26 +129,37 @@ class SigLIPLoss(nn.Module):
             self.register_buffer("logit_scale", scale)
             self.register_buffer("logit_bias", bias)
 
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        extra_image: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Compute the named terms; see the class docstring.
 
         Args:
             image_emb: local image embeddings.
             text_emb: local text embeddings, row i paired with ``image_emb[i]``.
+            extra_image: extra negative images of every local caption (hard negatives), or None.
+            extra_mask: which local caption may use which extra image; None: all.
 
         Returns:
             ``{"loss", "scale", "bias"}``, 0-d tensors.
 
         Shapes:
-            image_emb, text_emb: (b, D) local rows.
+            image_emb, text_emb: (b, D) local rows; extra_image (M, D); extra_mask (b, M).
         """
         check_same_batch("SigLIPLoss", image_emb=image_emb, text_emb=text_emb)
         scale = self.logit_scale.exp()
         img = F.normalize(image_emb, dim=-1)  # (b, D)
         txt = F.normalize(text_emb, dim=-1)  # (b, D)
+        found = extra_negatives(extra_image, extra_mask, img.shape[0], img.shape[1], "SigLIPLoss")
+        extra = None if found is None else (txt, found)
         rank, world = rank_and_world_size()
         if self.gather and world > 1:
-            loss = _sigmoid_rows(img, gather_with_grad(txt), scale, self.logit_bias, rank * img.shape[0])
+            txt_k = gather_with_grad(txt)
+            loss = _sigmoid_rows(img, txt_k, scale, self.logit_bias, rank * img.shape[0], extra)
         else:
-            loss = _sigmoid_rows(img, txt, scale, self.logit_bias, 0)
+            loss = _sigmoid_rows(img, txt, scale, self.logit_bias, 0, extra)
         return {"loss": loss, "scale": scale.detach(), "bias": self.logit_bias.detach()}

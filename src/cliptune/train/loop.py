@@ -23,6 +23,7 @@ from cliptune.train.batches import batches_per_epoch, epoch_batches, step_values
 from cliptune.train.early_stopping import EarlyStopping, metric_value, untrained_best_message
 from cliptune.train.errors import EmptyEpochError, TrainingInterrupted
 from cliptune.train.failures import checked_validation, count_bad_step, out_of_memory_hint, stop_on_signals
+from cliptune.train.grad_cache import GradCache
 from cliptune.train.optim import current_lr, make_optimizer, make_scheduler
 from cliptune.train.progress import EpochProgress
 from cliptune.train.state import LoopState, MetricsLog
@@ -45,6 +46,7 @@ class _Run:
     progress: EpochProgress
     stop_requested: Callable[[], bool]
     on_epoch: Callable[[dict[str, Any]], None]
+    grad_cache: GradCache | None  # train.grad_cache: the step's forward and backward in two passes
 
 
 def fit(
@@ -95,7 +97,8 @@ def fit(
             checkpoint.restore_loop_checkpoint(run_dir, accelerator, parts, log)
         progress = EpochProgress(n_batches, enabled=main and not quiet, summaries=main)
         report = on_epoch or (lambda record: None)  # a sweep reports to Optuna; a plain run to no one
-        _train(_Run(bundle, cfg, run_dir, accelerator, parts, log, progress, stop_requested, report))
+        cache = GradCache(cfg.grad_cache.chunk_size, accelerator) if cfg.grad_cache else None
+        _train(_Run(bundle, cfg, run_dir, accelerator, parts, log, progress, stop_requested, report, cache))
     return state
 
 
@@ -158,12 +161,16 @@ def _train_step(run: _Run, epoch: int, batch: dict[str, Any]) -> None:
     cfg, accelerator, state, optimizer = run.cfg, run.accelerator, run.parts.state, run.parts.optimizer
     with accelerator.accumulate(run.parts.model):
         # forward, then one all-reduce of the loss terms and the stop flag: every process branches alike
-        outputs = run.parts.model(to_device(batch, accelerator.device))
+        model, cache, batch = run.parts.model, run.grad_cache, to_device(batch, accelerator.device)
+        outputs = cache.forward(model, batch) if cache else model(batch)
         values, stop = step_values(accelerator, outputs, run.stop_requested())
         finite = math.isfinite(values["loss"])
         if finite:
             # backward -> clip -> step (-> lr); while gradients accumulate the optimiser skips the step
-            accelerator.backward(outputs["loss"])
+            if cache:  # pass 2 of gradient caching: the cached embedding gradients into the towers
+                cache.backward(model)
+            else:
+                accelerator.backward(outputs["loss"])
             _clip_and_step(run)
         else:  # a non-finite loss: skipped (no backward, no step) or, past the allowance, an error
             run.progress.warn(count_bad_step(state, values["loss"], cfg, run.run_dir))

@@ -3,7 +3,10 @@
 With frozen towers (``trainable_layers: 0``, no LoRA) every image and caption is embedded once through
 the feature cache and training runs the heads only, on cached features: an epoch takes seconds on a CPU.
 Otherwise batches carry pixels and tokens and the unfrozen blocks train too. Validation embeds the val
-split, ranks both directions and reports the loss, recall@k, precision@k and MRR for t2i and i2t.
+split, ranks both directions and reports the loss, recall@k, precision@k and MRR for t2i and i2t. With
+``train.hard_negatives`` each item also carries its mined negatives (``cliptune mine``): cached features,
+or paths whose pixels the collate loads; the loss scores them as extra images of every caption in the
+batch (docs/training.md, "Hard negatives").
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import pandas as pd
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
@@ -34,7 +38,9 @@ from cliptune.evaluation.validation import retrieval_validation
 from cliptune.losses import InfoNCELoss, initial_siglip, initial_temperature, make_loss
 from cliptune.models.backbone import Backbone
 from cliptune.models.embed import augmented_tower_features, tower_features, warn_if_truncated
-from cliptune.train.batches import shard_indices
+from cliptune.train.batches import collate_dicts, shard_indices
+from cliptune.train.grad_cache import REPLAY_KEY, replay_objective
+from cliptune.train.mining import negatives_of_rows, read_mined
 from cliptune.train.tasks.bundle import TaskBundle
 
 __all__ = ["EpochViews", "RetrievalModel", "build_retrieval", "loss_init", "loss_kwargs"]
@@ -62,9 +68,26 @@ class RetrievalModel(nn.Module):
         return image, text
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if REPLAY_KEY in batch:  # pass 2 of gradient caching (train/grad_cache.py): one chunk's objective
+            return {"loss": replay_objective(self, batch)}
         image, text = self.embed(batch)
-        terms: dict[str, Tensor] = self.loss(image, text)  # every loss returns its named terms
+        extra = self.hard_negatives(batch) if "negative_mask" in batch else ()
+        terms: dict[str, Tensor] = self.loss(image, text, *extra)  # every loss returns its named terms
         return terms
+
+    def hard_negatives(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Mined negatives of the batch as extra images (B*K, D), and which caption may use which (B, B*K).
+
+        Every caption may use every item's mined negatives except padding and images of its own group (one
+        caption's negative can be another caption's positive in the same batch).
+        """
+        if "negative_features" in batch:  # cached tower features (B, K, F): the head only
+            extra = self.backbone.image_head(batch["negative_features"].flatten(0, 1))  # (B*K, D)
+        else:  # pixels of the B*K images: through the trainable tower too
+            extra = self.backbone.encode_image(batch["negative_pixels"])  # (B*K, D)
+        groups = batch["negative_groups"].flatten()[None, :]  # (1, B*K)
+        usable = batch["negative_mask"].flatten()[None, :] & (groups != batch["group"][:, None])  # (B, B*K)
+        return extra, usable
 
 
 def loss_init(cfg: Config, similarity_init: Mapping[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -140,21 +163,29 @@ class EpochViews:
         images: (Vi, N, Fi) image-tower features of the views.
         texts: (Vt, N, Ft) text-tower features of the views.
         seed: ``train.seed``.
+        extras: Per row, what else its item holds (mined negatives), kept as it is in every epoch.
     """
 
-    def __init__(self, images: Tensor, texts: Tensor, seed: int) -> None:
+    def __init__(
+        self, images: Tensor, texts: Tensor, seed: int, extras: Sequence[dict[str, Any]] | None = None
+    ) -> None:
         self.images, self.texts, self.seed = images, texts, seed
+        self.extras = extras if extras is not None else [{} for _ in range(int(images.shape[1]))]
 
     def __len__(self) -> int:
         return int(self.images.shape[1])
 
-    def for_epoch(self, epoch: int) -> list[dict[str, Tensor]]:
+    def for_epoch(self, epoch: int) -> list[dict[str, Any]]:
         """Epoch ``epoch``'s items: row i with its image view and caption view of that epoch."""
         n = len(self)
         image_view = epoch_views(self.seed, epoch, n, int(self.images.shape[0]))
         text_view = epoch_views(self.seed + 1, epoch, n, int(self.texts.shape[0]))
         return [
-            {"image_features": self.images[image_view[i], i], "text_features": self.texts[text_view[i], i]}
+            {
+                **self.extras[i],
+                "image_features": self.images[image_view[i], i],
+                "text_features": self.texts[text_view[i], i],
+            }
             for i in range(n)
         ]
 
@@ -186,8 +217,10 @@ def _augmented_train_items(
     train_idx: list[int],
     device: torch.device,
     progress: bool,
+    *,
+    extras: Sequence[dict[str, Any]],
 ) -> EpochViews:
-    """``data.augment.views`` cached views of the training rows (frozen towers)."""
+    """``data.augment.views`` cached views of the training rows (frozen towers); ``extras`` ride along."""
     images, texts = augmented_tower_features(
         backbone,
         [data.catalogue.image_path(data.rows["file_name"].iloc[i]) for i in train_idx],
@@ -201,7 +234,7 @@ def _augmented_train_items(
         device=device,
         progress=progress,
     )
-    return EpochViews(images, texts, cfg.train.seed)
+    return EpochViews(images, texts, cfg.train.seed, extras)
 
 
 def _augment_raw(item: dict[str, Any], augment: AugmentConfig, max_pixels: int) -> tuple[Any, str]:
@@ -225,7 +258,14 @@ def _raw_collate(
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         images, texts = zip(*(_augment_raw(item, augment, max_pixels) for item in items), strict=True)
         tokens = backbone.tokenize(list(texts))
-        return {"pixel_values": backbone.preprocess(list(images)), **tokens}
+        batch = {"pixel_values": backbone.preprocess(list(images)), **tokens}
+        if "negative_paths" in items[0]:  # mined negatives, item by item: (B*K, C, H, W) + their masks
+            paths = [Path(p) for item in items for p in item["negative_paths"]]
+            batch["negative_pixels"] = backbone.preprocess(
+                [load_image(p, max_pixels=max_pixels) for p in paths]
+            )
+            batch.update(collate_dicts([{k: item[k] for k in _NEGATIVE_KEYS} for item in items]))
+        return batch
 
     return collate
 
@@ -267,8 +307,14 @@ def build_retrieval(
         show = progress and accelerator.is_main_process
         images, texts = cached_features(backbone, data, cfg, accelerator.device, show)
         train_items = [{"image_features": images[i], "text_features": texts[i]} for i in train_idx]
+        if cfg.train.hard_negatives is not None:
+            info["hard_negatives"] = _add_hard_negatives(
+                train_items, train_idx, gids, data, cfg, ("negative_features", lambda rows: images[rows])
+            )
         if augment.enabled:  # validation keeps the plain features; training picks a cached view per epoch
-            train_items = _augmented_train_items(backbone, data, cfg, train_idx, accelerator.device, show)
+            train_items = _augmented_train_items(
+                backbone, data, cfg, train_idx, accelerator.device, show, extras=train_items
+            )
         val_inputs = {"image_features": images[val_idx], "text_features": texts[val_idx]}
         info["feature_dims"] = [int(images.shape[1]), int(texts.shape[1])]
     else:
@@ -277,6 +323,15 @@ def build_retrieval(
             warn_if_truncated(backbone, data.rows[text_col].astype(str).tolist())
         paths = [str(data.catalogue.image_path(f)) for f in data.rows["file_name"]]
         train_items = [{"path": paths[i], "text": str(data.rows[text_col].iloc[i])} for i in train_idx]
+        if cfg.train.hard_negatives is not None:
+            info["hard_negatives"] = _add_hard_negatives(
+                train_items,
+                train_idx,
+                gids,
+                data,
+                cfg,
+                ("negative_paths", lambda rows: [paths[r] for r in rows]),
+            )
         if augment.enabled:
             keeps = _keep(data, train_idx)
             train_items = _FreshViews(
@@ -319,6 +374,42 @@ def build_retrieval(
         collate=collate,
         info=info,
     )
+
+
+_NEGATIVE_KEYS = ("negative_mask", "negative_groups", "group")
+
+
+def _add_hard_negatives(
+    items: list[dict[str, Any]],
+    train_idx: list[int],
+    gids: Any,
+    data: PreparedData,
+    cfg: Config,
+    images: tuple[str, Callable[[list[int]], Any]],
+) -> dict[str, Any]:
+    """Give each training item its mined negatives, padded to K with a mask; say how many.
+
+    ``images`` names the item key and turns row positions into what the batch needs there: cached
+    features (frozen towers) or image paths (the collate loads them for the trainable towers).
+    """
+    hard = cfg.train.hard_negatives
+    assert hard is not None and hard.file is not None  # the caller checked; the config requires a file
+    k = hard.per_caption
+    mined = read_mined(hard.file)
+    negatives = negatives_of_rows(mined, data.rows, train_idx, cfg.data.text_column, hard.file, k)
+    groups = torch.as_tensor(pd.factorize(pd.Series(gids, dtype=str))[0], dtype=torch.long)
+    for item, own, rows in zip(items, train_idx, negatives, strict=True):
+        padded = rows + [own] * (k - len(rows))  # padding: masked out, any image of the right shape
+        item[images[0]] = images[1](padded)  # (K, F) features or K paths
+        item["negative_mask"] = torch.arange(k) < len(rows)  # (K,)
+        item["negative_groups"] = groups[padded]  # (K,)
+        item["group"] = groups[own]
+    return {
+        "file": str(hard.file),
+        "per_caption": k,
+        "captions_with_negatives": sum(1 for rows in negatives if rows),
+        "negatives": sum(len(rows) for rows in negatives),
+    }
 
 
 def _embed_sharded(
