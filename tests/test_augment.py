@@ -315,11 +315,16 @@ def _records(run: Path) -> list[dict]:
 
 
 @pytest.mark.filterwarnings("ignore::cliptune.models.embed.TextsTruncatedWarning")
-@pytest.mark.parametrize("trainable_layers", [0, 1], ids=["cached-views", "fresh-views"])
+@pytest.mark.parametrize(
+    ("trainable_layers", "grad_cache"),
+    [(0, None), (1, None), (1, {"chunk_size": 4})],
+    ids=["cached-views", "fresh-views", "fresh-views-grad-cache"],
+)
 def test_an_augmented_run_trains_and_resumes_to_the_uninterrupted_run(
-    tmp_path: Path, fashion: Path, clip: Path, trainable_layers: int
+    tmp_path: Path, fashion: Path, clip: Path, trainable_layers: int, grad_cache: dict[str, int] | None
 ) -> None:
-    # frozen towers train on cached views (2 per item); a trained last layer sees a fresh view each epoch
+    # frozen towers train on cached views (2 per item); a trained last layer sees a fresh view each epoch,
+    # also when gradient caching splits each batch into chunks
     augment = {
         "views": 2,
         "image": {"crop": 0.2, "flip": True, "blur": 1.0},
@@ -337,12 +342,20 @@ def test_an_augmented_run_trains_and_resumes_to_the_uninterrupted_run(
             "cache_dir": str(tmp_path / "cache"),
             "trainable_layers": trainable_layers,
         },
-        "train": {"epochs": 2, "batch_size": 8, "lr": 5e-3, "early_stopping": None, "log_every_steps": 1},
+        "train": {
+            "epochs": 2,
+            "batch_size": 8,
+            "lr": 5e-3,
+            "early_stopping": None,
+            "log_every_steps": 1,
+            "grad_cache": grad_cache,
+        },
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     runs = ["--runs", str(tmp_path / "runs"), "-q"]
-    assert runner.invoke(app, ["train", str(path), "--name", "x", *runs]).exit_code == 0
+    first = runner.invoke(app, ["train", str(path), "--name", "x", *runs])
+    assert first.exit_code == 0, first.output
     straight = runner.invoke(
         app, ["train", str(path), "--name", "straight", "--set", "train.epochs=3", *runs]
     )
