@@ -179,6 +179,7 @@ class EpochViews:
         """Epoch ``epoch``'s items: row i with its image view and caption view of that epoch."""
         n = len(self)
         image_view = epoch_views(self.seed, epoch, n, int(self.images.shape[0]))
+        # seed + 1: a row's caption view is drawn apart from its image view, not tied to the same number
         text_view = epoch_views(self.seed + 1, epoch, n, int(self.texts.shape[0]))
         return [
             {
