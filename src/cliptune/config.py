@@ -100,6 +100,114 @@ class SplitConfig(_Section):
         return ratios
 
 
+COLOUR_WORDS = frozenset({"colour", "colours", "color", "colors", "hue", "hues", "tint", "shade"})
+"""Words that make an attribute name colour-like (``colour``, ``main_color``, ``hue``): colour jitter
+would change what such an attribute says about an image."""
+
+ORIENTATION_WORDS = frozenset({"orientation", "direction", "facing", "side", "handedness", "handed"})
+"""Words that make an attribute name orientation-like (``orientation``, ``facing``): a horizontal flip
+would turn a left-facing item into a right-facing one."""
+
+
+def _name_words(attribute: str) -> set[str]:
+    return {w for w in "".join(c if c.isalpha() else " " for c in attribute.lower()).split() if w}
+
+
+def colour_like(attribute: str) -> bool:
+    """Whether an attribute name speaks of colour (``colour``, ``main_color``, ``hue``), word by word."""
+    return bool(_name_words(attribute) & COLOUR_WORDS)
+
+
+def orientation_like(attribute: str) -> bool:
+    """Whether an attribute name speaks of orientation (``orientation``, ``facing``), word by word."""
+    return bool(_name_words(attribute) & ORIENTATION_WORDS)
+
+
+class ImageAugmentConfig(_Section):
+    crop: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Random crop: each side keeps a random share in [1 - crop, 1] of its length and the crop "
+        "is resized back to the image's size (0 = off).",
+    )
+    flip: bool = Field(False, description="Mirror left-right with probability 1/2.")
+    blur: float = Field(
+        0.0, ge=0, le=5, description="Gaussian blur with a radius drawn from [0, blur] pixels (0 = off)."
+    )
+    rotate: float = Field(
+        0.0,
+        ge=0,
+        le=30,
+        description="Small rotation by an angle drawn from [-rotate, rotate] degrees, corners filled with the "
+        "image's border colour (0 = off).",
+    )
+    colour_jitter: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="Brightness, contrast and saturation factors drawn from [1 - j, 1 + j] and a hue shift "
+        "from [-j / 2, j / 2] turns (0 = off); refused when a colour-like attribute is protected.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any image augmentation is on."""
+        return bool(self.crop or self.flip or self.blur or self.rotate or self.colour_jitter)
+
+
+class TextAugmentConfig(_Section):
+    templates: bool = Field(
+        False, description="Wrap captions in a random template ('a photo of {}', 'product photo: {}', ...)."
+    )
+    synonyms: bool = Field(
+        False,
+        description="Replace words by a synonym ('jumper' -> 'pullover'); a word that spells one of the row's "
+        "attribute values is never replaced.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any caption augmentation is on."""
+        return self.templates or self.synonyms
+
+
+class AugmentConfig(_Section):
+    image: ImageAugmentConfig = Field(
+        default_factory=ImageAugmentConfig, description="Image augmentations (each off by default)."
+    )
+    text: TextAugmentConfig = Field(
+        default_factory=TextAugmentConfig, description="Caption augmentations (each off by default)."
+    )
+    views: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="With frozen towers: augmented views per training image and caption, computed once "
+        "through the feature cache; each epoch picks one view per item (seeded by train.seed and the epoch).",
+    )
+    seed: int = Field(
+        0,
+        description="Seed of the views themselves (part of their cache key), apart from train.seed so runs "
+        "with other seeds reuse the cached views.",
+    )
+    protect: list[str] = Field(
+        default_factory=list,
+        description="Attributes augmentation must not change: a colour-like one (colour, color, hue) refuses "
+        "image.colour_jitter, an orientation-like one (orientation, facing, side) refuses image.flip.",
+    )
+    suite: Path | None = Field(
+        None,
+        description="A behavioural suite YAML whose tested attributes (its selectors' keys) are protected "
+        "too; checked when training starts.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any augmentation is on."""
+        return self.image.enabled or self.text.enabled
+
+
 class DataConfig(_Section):
     catalogue: Path | None = Field(
         None, description="Catalogue folder (images + metadata.csv/.jsonl/.parquet, imagefolder convention)."
@@ -124,6 +232,10 @@ class DataConfig(_Section):
     )
     num_workers: int = Field(
         0, ge=0, description="DataLoader worker processes for image decoding (0 = in process)."
+    )
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig,
+        description="Training-time augmentation of images and captions (retrieval task; off by default).",
     )
 
 
@@ -634,10 +746,49 @@ def cross_field_problems(config: Config) -> list[str]:
         )
     problems.extend(_no_validation_problems(config))
     problems.extend(_grad_cache_problems(config))
+    problems.extend(
+        augment_protect_problems(config.data.augment, config.data.augment.protect, "data.augment.protect")
+    )
+    if config.data.augment.enabled and task != "retrieval":
+        problems.append(
+            f"data.augment applies to train.task='retrieval' only, got train.task={task!r}; switch its "
+            "image and text augmentations off"
+        )
     if model.image_size is not None and model.backbone not in NAMED_BACKBONES_WITH_IMAGE_SIZE:
         problems.append(
             f"model.image_size applies only to model.backbone {' or '.join(NAMED_BACKBONES_WITH_IMAGE_SIZE)}, "
             f"got model.backbone={model.backbone!r} (its image size is fixed by the model)"
+        )
+    return problems
+
+
+def augment_protect_problems(augment: AugmentConfig, attributes: Iterable[str], source: str) -> list[str]:
+    """Augmentations that would change a protected attribute, each naming the fields and the attribute.
+
+    Refused rather than switched off: ``config.yaml`` then says exactly what training did, and a user who
+    asked for colour jitter on a catalogue whose colours are tested learns why it cannot be.
+
+    Args:
+        augment: The ``data.augment`` section.
+        attributes: Protected attribute names.
+        source: Where the names come from (``data.augment.protect``, or a suite file), for the message.
+
+    Returns:
+        One message per refused augmentation (empty when none is).
+    """
+    names = list(dict.fromkeys(attributes))
+    problems = []
+    colours = [a for a in names if colour_like(a)]
+    if augment.image.colour_jitter and colours:
+        problems.append(
+            f"data.augment.image.colour_jitter={augment.image.colour_jitter:g} would change the colour-like "
+            f"attribute(s) {', '.join(colours)} protected by {source}; set data.augment.image.colour_jitter to 0"
+        )
+    turned = [a for a in names if orientation_like(a)]
+    if augment.image.flip and turned:
+        problems.append(
+            f"data.augment.image.flip=true would mirror the orientation-like attribute(s) {', '.join(turned)} "
+            f"protected by {source}; set data.augment.image.flip to false"
         )
     return problems
 

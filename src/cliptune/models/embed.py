@@ -21,6 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from cliptune.config import AugmentConfig
+from cliptune.data.augment import AugmentedLoader, caption_view, image_view_id
 from cliptune.data.catalogue import Catalogue
 from cliptune.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from cliptune.models.backbone import Backbone
@@ -30,6 +32,7 @@ from cliptune.models.siamese import SiameseHead, SiameseOutput
 
 __all__ = [
     "TextsTruncatedWarning",
+    "augmented_tower_features",
     "embed_images",
     "embed_texts",
     "resolve_precision",
@@ -128,6 +131,86 @@ def tower_features(
         progress=progress,
     )
     return images, text_feats
+
+
+def augmented_tower_features(
+    backbone: Backbone,
+    paths: Sequence[Path],
+    texts: Sequence[str],
+    keep: Sequence[Iterable[str]],
+    augment: AugmentConfig,
+    *,
+    cache_dir: Path | None = None,
+    precision: Precision = "auto",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """``data.augment.views`` augmented views of every image and caption, through the feature cache.
+
+    Each view is computed once and cached like any feature: an image view's key adds the augmentation
+    settings, ``data.augment.seed`` and the view number (:func:`cliptune.data.augment.image_view_id`) to the
+    file's sha256, a caption view is keyed by its own text. So frozen-tower training keeps its speed: the
+    towers run ``views`` times per item once, then every epoch only picks a view. A modality whose
+    augmentations are all off has one view, the plain feature.
+
+    Args:
+        backbone: Frozen towers.
+        paths: Image files, one row each.
+        texts: Captions, one row each.
+        keep: Per row, the words caption synonyms must keep (the row's attribute values).
+        augment: ``data.augment``.
+        cache_dir: Feature cache folder (default :func:`default_cache_dir`).
+        precision: Tower precision.
+        max_pixels: Decompression-bomb limit of the image loader.
+        num_workers: DataLoader workers for decoding.
+        device: Where the towers run.
+        progress: Progress bars.
+
+    Returns:
+        ``(images (Vi, N, Fi), texts (Vt, N, Ft))`` float32 on CPU; ``Vi`` is ``augment.views`` when an
+        image augmentation is on, else 1 (``Vt`` likewise for captions).
+    """
+    cache = FeatureCache(cache_dir or default_cache_dir(), backbone.identity())
+    backbone.to(device)
+    image_views = augment.views if augment.image.enabled else 1
+    text_views = augment.views if augment.text.enabled else 1
+    images = [
+        embed_images(
+            list(paths),
+            cache=cache,
+            load=AugmentedLoader(augment.image, augment.seed, v, max_pixels)
+            if augment.image.enabled
+            else partial(load_image, max_pixels=max_pixels),
+            preprocess=backbone.preprocess,
+            forward=backbone.image_features,
+            precision=precision,
+            num_workers=num_workers,
+            device=device,
+            preprocess_id=image_view_id(augment.image, augment.seed, v) if augment.image.enabled else "",
+            progress=progress,
+        )
+        for v in range(image_views)
+    ]
+    captions = [
+        [caption_view(t, augment.text, augment.seed, v, k) for t, k in zip(texts, keep, strict=True)]
+        for v in range(text_views)
+    ]
+    warn_if_truncated(backbone, [c for view in captions for c in view])
+    text_feats = [
+        embed_texts(
+            view,
+            cache=cache,
+            tokenize=backbone.tokenize,
+            forward=backbone.text_features,
+            precision=precision,
+            device=device,
+            progress=progress,
+        )
+        for view in captions
+    ]
+    return torch.stack(images), torch.stack(text_feats)
 
 
 @torch.inference_mode()

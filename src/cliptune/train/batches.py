@@ -11,12 +11,32 @@ agrees on.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from accelerate import Accelerator
 
-__all__ = ["epoch_batches", "batches_per_epoch", "collate_dicts", "shard_indices", "to_device", "step_values"]
+__all__ = [
+    "EpochData",
+    "epoch_batches",
+    "batches_per_epoch",
+    "collate_dicts",
+    "shard_indices",
+    "to_device",
+    "step_values",
+]
+
+
+@runtime_checkable
+class EpochData(Protocol):
+    """Training items that change with the epoch (augmented views): ``for_epoch(e)`` gives epoch e's items.
+
+    ``for_epoch`` must be a pure function of the epoch, so a resumed run replays the same items.
+    """
+
+    def __len__(self) -> int: ...
+
+    def for_epoch(self, epoch: int) -> Sequence[dict[str, Any]]: ...
 
 
 def batches_per_epoch(n_items: int, batch_size: int, world_size: int) -> int:
@@ -25,7 +45,7 @@ def batches_per_epoch(n_items: int, batch_size: int, world_size: int) -> int:
 
 
 def epoch_batches(
-    dataset: Sequence[dict[str, Any]],
+    dataset: Sequence[dict[str, Any]] | EpochData,
     *,
     batch_size: int,
     seed: int,
@@ -38,7 +58,8 @@ def epoch_batches(
     """Yield this process's batches of one epoch, starting at ``start_batch``.
 
     Args:
-        dataset: Indexable items (dicts of tensors / values).
+        dataset: Indexable items (dicts of tensors / values), or :class:`EpochData` whose epoch's items are
+            batched.
         batch_size: Per-process batch size.
         seed: Run seed; with ``epoch`` it fixes the order.
         epoch: Epoch number (0-based).
@@ -51,13 +72,15 @@ def epoch_batches(
         Batches as dicts.
     """
     collate = collate or collate_dicts
+    # augmented views: this epoch's pick, a pure function of the epoch
+    items = dataset.for_epoch(epoch) if isinstance(dataset, EpochData) else dataset
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(dataset), generator=generator).tolist()
-    n_batches = batches_per_epoch(len(dataset), batch_size, world_size)
+    order = torch.randperm(len(items), generator=generator).tolist()
+    n_batches = batches_per_epoch(len(items), batch_size, world_size)
     global_batch = batch_size * world_size
     for b in range(start_batch, n_batches):
         chunk = order[b * global_batch : (b + 1) * global_batch]
-        yield collate([dataset[i] for i in chunk[rank::world_size]])
+        yield collate([items[i] for i in chunk[rank::world_size]])
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> list[int]:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cliptune.train.batches import EpochData
+
 __all__ = ["TaskBundle"]
 
 
@@ -25,7 +27,8 @@ class TaskBundle:
 
     Attributes:
         model: ``forward(batch) -> dict[str, Tensor]`` with the total under ``"loss"``.
-        train_data: Indexable training items (dicts).
+        train_data: Indexable training items (dicts), or :class:`EpochData` whose items change each epoch
+            (augmented views).
         evaluate: ``evaluate(model) -> dict[str, float]`` with namespaced keys (``val/loss``,
             ``val/t2i/recall@5``); called on every process, which must all take part (it may gather).
         save_model: ``save_model(model, directory)`` writes the deployable model (``model/``).
@@ -34,7 +37,7 @@ class TaskBundle:
     """
 
     model: nn.Module
-    train_data: Sequence[dict[str, Any]]
+    train_data: Sequence[dict[str, Any]] | EpochData
     evaluate: Callable[[nn.Module], dict[str, float]]
     save_model: Callable[[nn.Module, Path], None]
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None

@@ -12,8 +12,9 @@ batch (docs/training.md, "Hard negatives"). With
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -23,7 +24,15 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from cliptune.config import Config
+from cliptune.config import AugmentConfig, Config
+from cliptune.data.augment import (
+    augment_caption,
+    augment_image,
+    check_suite_protection,
+    epoch_views,
+    keep_words,
+    view_rng,
+)
 from cliptune.data.images import load_image
 from cliptune.data.prepare import PreparedData
 from cliptune.data.splits import group_ids
@@ -31,13 +40,13 @@ from cliptune.evaluation.catalogue import prepare_catalogue
 from cliptune.evaluation.validation import general_validation, retrieval_validation
 from cliptune.losses import InfoNCELoss, initial_siglip, initial_temperature, make_loss
 from cliptune.models.backbone import Backbone
-from cliptune.models.embed import tower_features, warn_if_truncated
+from cliptune.models.embed import augmented_tower_features, tower_features, warn_if_truncated
 from cliptune.train.batches import collate_dicts, shard_indices
 from cliptune.train.grad_cache import REPLAY_KEY, replay_objective
 from cliptune.train.mining import negatives_of_rows, read_mined
 from cliptune.train.tasks.bundle import TaskBundle
 
-__all__ = ["RetrievalModel", "build_retrieval", "loss_init", "loss_kwargs"]
+__all__ = ["EpochViews", "RetrievalModel", "build_retrieval", "loss_init", "loss_kwargs"]
 
 
 class RetrievalModel(nn.Module):
@@ -147,11 +156,113 @@ def cached_features(
     )
 
 
-def _raw_collate(backbone: Backbone, max_pixels: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+class EpochViews:
+    """Cached augmented views of the training rows; each epoch shows one image and one caption view per row.
+
+    The pick is :func:`cliptune.data.augment.epoch_views` of ``(train.seed, epoch)``, so a resumed run
+    trains on exactly the views an uninterrupted one did (``train.batches.EpochData``).
+
+    Args:
+        images: (Vi, N, Fi) image-tower features of the views.
+        texts: (Vt, N, Ft) text-tower features of the views.
+        seed: ``train.seed``.
+        extras: Per row, what else its item holds (mined negatives), kept as it is in every epoch.
+    """
+
+    def __init__(
+        self, images: Tensor, texts: Tensor, seed: int, extras: Sequence[dict[str, Any]] | None = None
+    ) -> None:
+        self.images, self.texts, self.seed = images, texts, seed
+        self.extras = extras if extras is not None else [{} for _ in range(int(images.shape[1]))]
+
+    def __len__(self) -> int:
+        return int(self.images.shape[1])
+
+    def for_epoch(self, epoch: int) -> list[dict[str, Any]]:
+        """Epoch ``epoch``'s items: row i with its image view and caption view of that epoch."""
+        n = len(self)
+        image_view = epoch_views(self.seed, epoch, n, int(self.images.shape[0]))
+        # seed + 1: a row's caption view is drawn apart from its image view, not tied to the same number
+        text_view = epoch_views(self.seed + 1, epoch, n, int(self.texts.shape[0]))
+        return [
+            {
+                **self.extras[i],
+                "image_features": self.images[image_view[i], i],
+                "text_features": self.texts[text_view[i], i],
+            }
+            for i in range(n)
+        ]
+
+
+class _FreshViews:
+    """Training rows as paths and captions, each epoch a fresh augmentation (towers that train)."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def for_epoch(self, epoch: int) -> list[dict[str, Any]]:
+        return [{**item, "epoch": epoch} for item in self.items]
+
+
+def _keep(data: PreparedData, rows: Sequence[int]) -> list[frozenset[str]]:
+    """Per training row, the words caption synonyms keep: its attribute values."""
+    attributes = [a for a in data.catalogue.attributes if a in data.rows.columns]
+    records = data.rows.iloc[list(rows)][attributes].to_dict("records")
+    return [keep_words(r, attributes) for r in records]
+
+
+def _augmented_train_items(
+    backbone: Backbone,
+    data: PreparedData,
+    cfg: Config,
+    train_idx: list[int],
+    device: torch.device,
+    progress: bool,
+    *,
+    extras: Sequence[dict[str, Any]],
+) -> EpochViews:
+    """``data.augment.views`` cached views of the training rows (frozen towers); ``extras`` ride along."""
+    images, texts = augmented_tower_features(
+        backbone,
+        [data.catalogue.image_path(data.rows["file_name"].iloc[i]) for i in train_idx],
+        [str(data.rows[cfg.data.text_column].iloc[i]) for i in train_idx],
+        _keep(data, train_idx),
+        cfg.data.augment,
+        cache_dir=cfg.model.cache_dir,
+        precision=cfg.model.embed_precision,
+        max_pixels=cfg.data.max_pixels,
+        num_workers=cfg.data.num_workers,
+        device=device,
+        progress=progress,
+    )
+    return EpochViews(images, texts, cfg.train.seed, extras)
+
+
+def _augment_raw(item: dict[str, Any], augment: AugmentConfig, max_pixels: int) -> tuple[Any, str]:
+    """An item's image and caption as this epoch shows them (fresh views seeded by item and epoch)."""
+    path, text, epoch = Path(item["path"]), str(item["text"]), item.get("epoch")
+    image = load_image(path, max_pixels=max_pixels)
+    if epoch is None:  # validation: the plain picture and caption
+        return image, text
+    if augment.image.enabled:
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        image = augment_image(image, augment.image, view_rng(augment.seed, sha, 0, epoch))
+    if augment.text.enabled:
+        keep = item["keep"]
+        text = augment_caption(text, augment.text, view_rng(augment.seed, text, 0, epoch), keep)
+    return image, text
+
+
+def _raw_collate(
+    backbone: Backbone, max_pixels: int, augment: AugmentConfig
+) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-        images = [load_image(Path(item["path"]), max_pixels=max_pixels) for item in items]
-        tokens = backbone.tokenize([item["text"] for item in items])
-        batch = {"pixel_values": backbone.preprocess(images), **tokens}
+        images, texts = zip(*(_augment_raw(item, augment, max_pixels) for item in items), strict=True)
+        tokens = backbone.tokenize(list(texts))
+        batch = {"pixel_values": backbone.preprocess(list(images)), **tokens}
         if "negative_paths" in items[0]:  # mined negatives, item by item: (B*K, C, H, W) + their masks
             paths = [Path(p) for item in items for p in item["negative_paths"]]
             batch["negative_pixels"] = backbone.preprocess(
@@ -188,15 +299,25 @@ def build_retrieval(
     train_idx = [i for i in range(len(split)) if split[i] == "train"]
     val_idx = [i for i in range(len(split)) if split[i] == "val"]
     collate = None
-    train_items: list[dict[str, Any]]  # cached feature tensors, or image paths and captions
+    augment = cfg.data.augment
+    if augment.enabled:  # refused before any embedding when the suite tests what augmentation changes
+        tested = check_suite_protection(augment)
+        info["augment"] = {
+            "views": augment.views if backbone.features_frozen else "fresh each epoch",
+            "protected": sorted({*augment.protect, *tested}),
+        }
+    train_items: list[dict[str, Any]] | EpochViews | _FreshViews  # features, their views, or paths
     if backbone.features_frozen:
-        images, texts = cached_features(
-            backbone, data, cfg, accelerator.device, progress and accelerator.is_main_process
-        )
+        show = progress and accelerator.is_main_process
+        images, texts = cached_features(backbone, data, cfg, accelerator.device, show)
         train_items = [{"image_features": images[i], "text_features": texts[i]} for i in train_idx]
         if cfg.train.hard_negatives is not None:
             info["hard_negatives"] = _add_hard_negatives(
                 train_items, train_idx, gids, data, cfg, ("negative_features", lambda rows: images[rows])
+            )
+        if augment.enabled:  # validation keeps the plain features; training picks a cached view per epoch
+            train_items = _augmented_train_items(
+                backbone, data, cfg, train_idx, accelerator.device, show, extras=train_items
             )
         val_inputs = {"image_features": images[val_idx], "text_features": texts[val_idx]}
         info["feature_dims"] = [int(images.shape[1]), int(texts.shape[1])]
@@ -215,7 +336,12 @@ def build_retrieval(
                 cfg,
                 ("negative_paths", lambda rows: [paths[r] for r in rows]),
             )
-        collate = _raw_collate(backbone, cfg.data.max_pixels)
+        if augment.enabled:
+            keeps = _keep(data, train_idx)
+            train_items = _FreshViews(
+                [{**item, "keep": k} for item, k in zip(train_items, keeps, strict=True)]
+            )
+        collate = _raw_collate(backbone, cfg.data.max_pixels, augment)
         val_items = [{"path": paths[i], "text": str(data.rows[text_col].iloc[i])} for i in val_idx]
         val_inputs = collate(val_items) if val_items else {}
     val_groups = [str(gids[i]) for i in val_idx]
