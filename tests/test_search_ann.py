@@ -255,3 +255,18 @@ def test_bad_kinds_and_parameters_are_refused(root: Path, fashion: Path, model: 
         resolve_params("ivfpq", 1000, 24, {"pq_m": 5})
     assert resolve_params("ivfpq", 1000, 24, {}) == {"nlist": 25, "pq_m": 6, "nprobe": 1}
     assert not (root / "bad").exists()
+
+
+def test_served_info_shows_kind_and_recall(hnsw: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from cliptune.serve.app import create_app
+
+    info = TestClient(create_app(hnsw)).get("/info").json()
+    stored = json.loads((hnsw / "index.json").read_text())
+    assert info["index"]["kind"] == "hnsw" and info["index"]["params"] == GENEROUS
+    assert (
+        info["index"]["recall_at_10"] == stored["recall_at_10"]
+        and info["index"]["recall"] == stored["recall"]
+    )
+    assert info["index"]["n"] == 40 and info["index"]["dim"] == 24
