@@ -1,7 +1,10 @@
 """ANN index kinds side by side: build time, memory, single-query latency and recall@10 per kind.
 
 N x D vectors from a mixture of gaussians (``--clusters`` centres, unit-normalised after noise), so nearest
-neighbours have structure an ANN index can exploit (uniform random vectors in 256-d have none). Queries are
+neighbours have structure an ANN index can exploit (uniform random vectors in 256-d have none). With
+``--intrinsic-dim r`` the noise lives in a random r-dimensional subspace (real embeddings have a low
+intrinsic dimension); the default, isotropic noise in all D dimensions, makes the neighbours within a
+cluster near-random: the hardest case. Queries are
 held out: drawn from the same mixture, not in the index. Per kind (flat, hnsw, ivfpq, each with cliptune's
 default parameters for N and D, see ``cliptune.search.ann``):
 
@@ -19,6 +22,7 @@ are FAISS's guidelines, not tuned here.
 
 Usage:
     python benchmarks/bench_ann.py                      # N = 100k, D = 256
+    python benchmarks/bench_ann.py --intrinsic-dim 16         # low intrinsic dimension
     python benchmarks/bench_ann.py --n 1000000 --threads 16
 """
 
@@ -35,14 +39,16 @@ from cliptune.search import SearchIndex, search_embeddings
 from cliptune.search.ann import build_faiss, measure_recall, resolve_params
 
 
-def _mixture(n: int, d: int, clusters: int, noise: float, rng: np.random.Generator) -> np.ndarray:
-    centres = rng.standard_normal((clusters, d), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+def _mixture(
+    n: int, centres: np.ndarray, basis: np.ndarray, noise: float, rng: np.random.Generator
+) -> np.ndarray:
+    """n unit vectors: a random centre plus gaussian noise of norm ~``noise`` in the span of ``basis``."""
+    r, d = basis.shape
     out = np.empty((n, d), dtype=np.float32)
     for s in range(0, n, 100_000):  # blocks: 1M x 256 noise at once would double the peak memory
         e = min(n, s + 100_000)
-        block = centres[rng.integers(0, clusters, e - s)]
-        block += noise * rng.standard_normal((e - s, d), dtype=np.float32) / np.sqrt(d)
+        block = centres[rng.integers(0, len(centres), e - s)]
+        block += noise * (rng.standard_normal((e - s, r), dtype=np.float32) @ basis) / np.sqrt(r)
         out[s:e] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out
 
@@ -71,6 +77,13 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=256, help="embedding dimension")
     parser.add_argument("--clusters", type=int, default=1000, help="gaussian centres of the mixture")
     parser.add_argument("--noise", type=float, default=1.0, help="noise norm relative to the unit centres")
+    parser.add_argument(
+        "--intrinsic-dim",
+        type=int,
+        default=0,
+        help="noise in a random subspace of this dimension (0: all D, isotropic; neighbours within a "
+        "cluster are then near-random, the hardest case for an ANN index)",
+    )
     parser.add_argument("--queries", type=int, default=500, help="single queries timed per kind")
     parser.add_argument("--recall-queries", type=int, default=1000, help="held-out queries for recall@10")
     parser.add_argument(
@@ -82,10 +95,18 @@ def main() -> None:
 
     faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
-    vectors = _mixture(args.n, args.d, args.clusters, args.noise, rng)  # (N, D)
-    queries = _mixture(max(args.queries, args.recall_queries), args.d, args.clusters, args.noise, rng)
+    centres = rng.standard_normal((args.clusters, args.d), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    r = args.intrinsic_dim or args.d
+    basis = (
+        np.eye(args.d, dtype=np.float32)
+        if r == args.d
+        else np.linalg.qr(rng.standard_normal((args.d, r), dtype=np.float32))[0].T.astype(np.float32)
+    )  # (r, D) orthonormal rows
+    vectors = _mixture(args.n, centres, basis, args.noise, rng)  # (N, D)
+    queries = _mixture(max(args.queries, args.recall_queries), centres, basis, args.noise, rng)
     print(
-        f"N={args.n} D={args.d}, {args.clusters}-centre gaussian mixture (noise {args.noise}), "
+        f"N={args.n} D={args.d}, {args.clusters}-centre gaussian mixture (noise {args.noise} in {r} dims), "
         f"{args.threads} FAISS threads, {args.queries} single queries, {args.recall_queries} recall queries"
     )
     print(
