@@ -315,12 +315,14 @@ def test_cli_eval_of_a_model_with_nan_weights_names_split_model_and_cause(
     assert "Traceback" not in result.output and "query row" not in result.output
     error, *notes = result.output.strip().splitlines()  # the error, then the usual truncation note
     first = sorted(p.name for p in (world["fashion"] / "images").iterdir())[0]
-    assert error == (
+    assert error.startswith(
         f"cannot evaluate split 'all' with model {load_model(broken).name} ({broken}): 60 of its 60 image "
         f"embeddings contain NaN or infinite values (the first for 'images/{first}'), most likely because the "
         "model's weights do (a training run that diverged, or a damaged weights file) or the tower overflows "
         "at precision 'auto'"
     )
+    # then the CLI's hint (cli/errors.HINTS): where to look and what to change, fp32 advice below fp32
+    assert "metrics.jsonl" in error and "train.lr" in error and "model.embed_precision" in error
     assert all(n.startswith("note: ") for n in notes) and len(notes) <= 1
     assert not list((tmp_path / "out").glob("*.json"))  # nothing written for a failed evaluation
 

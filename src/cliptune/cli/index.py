@@ -41,16 +41,45 @@ def index_cmd(
     precision: Annotated[str, typer.Option(help="Tower precision: auto, fp32 or bf16.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward.", min=1)] = 64,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    kind: Annotated[
+        str, typer.Option(help="flat (exact, default), hnsw or ivfpq (approximate; recall@10 is measured).")
+    ] = "flat",
+    hnsw_m: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--hnsw-m", help="hnsw: graph neighbours per node (default 32).", min=1),
+    ] = None,
+    ef_construction: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="hnsw: candidate list while building (default 40).", min=1),
+    ] = None,
+    ef_search: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="hnsw: candidate list per query (default 64; at least k + 16 is used).", min=1),
+    ] = None,
+    nlist: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="ivfpq: k-means cells (default 4 sqrt(N), >= 39 items per cell).", min=1),
+    ] = None,
+    pq_m: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--pq-m", help="ivfpq: bytes per vector, must divide D (default: D / 4).", min=1),
+    ] = None,
+    nprobe: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="ivfpq: cells visited per query (default nlist / 16, at least 1).", min=1),
+    ] = None,
 ) -> None:
     """Embed a catalogue's images with a trained model into a FAISS index with their metadata.
 
     A run indexes its own catalogue with its own caption column unless --data / --text-column say
-    otherwise; a bare model (folder, hub id, 'embedded') needs --data.
+    otherwise; a bare model (folder, hub id, 'embedded') needs --data. --kind hnsw or ivfpq builds an
+    approximate index for large catalogues and stores its recall@10 against exact search (docs/search.md).
 
     Examples:
         cliptune index runs/fashion-finetuned indexes/fashion
         cliptune index runs/fashion-finetuned indexes/fashion --data data/fashion-2 --overwrite -q
         cliptune index embedded indexes/base --data data/fashion --text-column text_generic
+        cliptune index runs/fashion-finetuned indexes/fashion-hnsw --kind hnsw --ef-search 128
     """
     from cliptune.cli.rundata import data_for
     from cliptune.data.catalogue import read_catalogue
@@ -76,9 +105,25 @@ def index_cmd(
             batch_size=batch_size,
             overwrite=overwrite,
             progress=not quiet,
+            kind=kind,
+            params={
+                "hnsw_m": hnsw_m,
+                "ef_construction": ef_construction,
+                "ef_search": ef_search,
+                "nlist": nlist,
+                "pq_m": pq_m,
+                "nprobe": nprobe,
+            },
         )
     manifest = read_manifest(path)
     assert manifest is not None  # build_index has just written it
     console.print(
         f"indexed {manifest['n_items']} images (dim {manifest['dim']}) with {loaded.name} into [bold]{path}[/bold]"
     )
+    if manifest["kind"] != "flat":
+        recall = manifest["recall"]
+        console.print(
+            f"{manifest['kind']} index {manifest['params']}: recall@10 {recall['recall_at_10']:.4f} against "
+            f"exact search ({recall['image_queries']} image and {recall['text_queries']} caption queries)",
+            highlight=False,
+        )

@@ -39,6 +39,12 @@ def search_cmd(
     ] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder.")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="Print the hits as JSON.")] = False,
+    info: Annotated[
+        bool,
+        typer.Option(
+            "--info", help="Print the index's facts (model, kind, parameters, recall@10); no query."
+        ),
+    ] = False,
 ) -> None:
     """Search an index by text or image, optionally filtered by attributes; print the ranked hits.
 
@@ -46,10 +52,18 @@ def search_cmd(
         cliptune search indexes/fashion "ripped blue jeans"
         cliptune search indexes/fashion "summer dress" -k 5 --where colour=red --where colour=pink
         cliptune search indexes/fashion --image query.png --where rips=true --json
+        cliptune search indexes/fashion --info
     """
     from cliptune.models.factory import load_model
     from cliptune.search import load_index, search
 
+    if info:
+        if text is not None or image is not None:
+            err_console.print("[red]--info takes no query[/red]")
+            raise typer.Exit(2)
+        with exit_on_error(1):
+            _print_info(load_index(index), as_json)
+        return
     if (text is None) == (image is None):
         err_console.print("[red]give exactly one query: a TEXT argument or --image FILE[/red]")
         raise typer.Exit(2)
@@ -81,6 +95,36 @@ def search_cmd(
         _print_table(hits, text if text is not None else f"image {image}")
     if not hits:
         _explain_empty(idx, filters)
+
+
+def _print_info(idx: Any, as_json: bool) -> None:
+    from cliptune.search.index import index_facts
+
+    facts = index_facts(idx)
+    if as_json:
+        print(json.dumps(facts, ensure_ascii=False))
+        return
+    recall = facts["recall"]
+    if recall.get("exact"):
+        measured = "1.0 (exact search)"
+    else:
+        measured = (
+            f"{recall['recall_at_10']:.4f} against exact search on {recall['image_queries']} image and "
+            f"{recall['text_queries']} caption queries (images {recall['at_10_images']}, captions "
+            f"{recall['at_10_texts']}; seed {recall['seed']})"
+        )
+    params = ", ".join(f"{p}={v}" for p, v in facts["params"].items()) or "none"
+    lines = [
+        f"index      {facts['path']}",
+        f"items      {facts['n']} (dim {facts['dim']})",
+        f"model      {facts['model']} (from {facts['model_source']})",
+        f"catalogue  {facts['catalogue']}",
+        f"created    {facts['created']}",
+        f"kind       {facts['kind']}",
+        f"params     {params}",
+        f"recall@10  {measured}",
+    ]
+    console.print("\n".join(lines), highlight=False)
 
 
 def _parse_where(items: list[str]) -> dict[str, Any]:

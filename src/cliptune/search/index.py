@@ -5,7 +5,9 @@ An index folder holds everything a search needs besides the model:
 ```
 OUT/
   index.json    manifest: format version, model identity (LoadedModel.name) and source, catalogue, n, dim
-  index.faiss   FAISS IndexFlatIP: exact inner product on L2-normalised image embeddings (= cosine)
+  index.faiss   FAISS index of the manifest's kind over the L2-normalised image embeddings (inner product
+                = cosine): IndexFlatIP (flat, exact), IndexHNSWFlat (hnsw) or IndexIVFPQ (ivfpq)
+  vectors.npy   (ivfpq only) the (N, D) float32 embeddings, which the PQ codes do not keep, for exact scores
   items.jsonl   one line per indexed image, in index order: id (file name), path, captions, attributes
 ```
 
@@ -35,13 +37,23 @@ import pandas as pd
 
 from cliptune.data.catalogue import Catalogue
 from cliptune.data.check import Rejection, check_catalogue
-from cliptune.errors import CliptuneError
 from cliptune.models.cache import Precision
-from cliptune.models.embed import embed_images_with
+from cliptune.models.embed import embed_images_with, embed_texts_with
 from cliptune.models.factory import LoadedModel
 from cliptune.rundir import atomic_folder, clean_stale_temps, write_text_atomic
+from cliptune.search.ann import (
+    RECALL_K,
+    build_faiss,
+    check_params,
+    flat_vectors,
+    measure_recall,
+    resolve_params,
+    set_search_params,
+)
+from cliptune.search.errors import SearchIndexError
 
 __all__ = [
+    "index_facts",
     "read_manifest",
     "IndexBadRowsError",
     "IndexExistsError",
@@ -54,13 +66,10 @@ __all__ = [
 
 FORMAT = "cliptune-index"
 VERSION = 1
-MANIFEST, FAISS_FILE, ITEMS_FILE = "index.json", "index.faiss", "items.jsonl"
+MANIFEST, FAISS_FILE, ITEMS_FILE, VECTORS_FILE = "index.json", "index.faiss", "items.jsonl", "vectors.npy"
+RECALL_IMAGE_QUERIES, RECALL_TEXT_QUERIES, RECALL_SEED = 1000, 200, 0
 # attribute value of one image: a scalar, or the distinct values of its rows when they disagree
 AttrValue = str | int | float | bool | None | list[Any]
-
-
-class SearchIndexError(CliptuneError, ValueError):
-    """A problem building, loading or querying an index; the message names the folder and the reason."""
 
 
 class IndexExistsError(SearchIndexError):
@@ -151,7 +160,8 @@ class SearchIndex:
 
     Attributes:
         path: The index folder.
-        faiss_index: The ``faiss.IndexFlatIP`` (``ntotal`` = number of items).
+        faiss_index: The FAISS index searched (``ntotal`` = number of items): ``IndexFlatIP`` for
+            kind ``flat``, else the ANN index (see :mod:`cliptune.search.ann`).
         ids: Item ids (the catalogue's ``file_name`` values), in index order.
         paths: Absolute image paths at build time.
         captions: Every caption of each image, in catalogue row order.
@@ -160,6 +170,10 @@ class SearchIndex:
         model: ``LoadedModel.name`` of the model that embedded the images.
         model_source: The folder that model was loaded from.
         manifest: The whole ``index.json``.
+        kind: ``flat`` (exact), ``hnsw`` or ``ivfpq``.
+        params: The kind's parameters (``hnsw_m``, ``ef_construction``, ``ef_search`` / ``nlist``,
+            ``pq_m``, ``nprobe``); empty for flat.
+        stored_vectors: The float vectors when the FAISS index does not hold them (ivfpq), else None.
     """
 
     path: Path
@@ -171,6 +185,9 @@ class SearchIndex:
     model: str
     model_source: str
     manifest: dict[str, Any]
+    kind: str = "flat"
+    params: dict[str, int] = field(default_factory=dict)
+    stored_vectors: np.ndarray | None = field(default=None, repr=False)
     _lookup: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -182,13 +199,14 @@ class SearchIndex:
         return int(self.faiss_index.d)
 
     def vectors(self) -> np.ndarray:
-        """(N, D) float32 view of the stored embeddings (no copy; valid while the index lives)."""
-        import faiss
+        """(N, D) float32 view of the stored embeddings (no copy; valid while the index lives).
 
-        n, d = self.faiss_index.ntotal, self.faiss_index.d
-        if n == 0:
-            return np.zeros((0, d), dtype=np.float32)
-        return faiss.rev_swig_ptr(self.faiss_index.get_xb(), n * d).reshape(n, d)
+        Every kind keeps the float vectors (flat and HNSW inside the FAISS index, IVF-PQ beside it), so
+        scores are exact cosines whatever proposed the candidates.
+        """
+        if self.stored_vectors is not None:
+            return self.stored_vectors
+        return flat_vectors(self.faiss_index)
 
     def positions(self, attribute: str, value: object) -> np.ndarray:
         """Sorted item numbers whose ``attribute`` equals ``value`` under the filter rules (see ``search``).
@@ -217,6 +235,29 @@ class SearchIndex:
         return self._lookup[attribute]
 
 
+def index_facts(index: SearchIndex) -> dict[str, Any]:
+    """What an index is: folder, size, model, kind, parameters and stored recall@10 (for ``--info``, /info).
+
+    ``recall`` is the build-time measurement (:func:`build_index`): ``{"recall_at_10", "exact", "k",
+    "seed", "image_queries", "text_queries", "at_10_images", "at_10_texts"}``; a flat index is exact
+    (``recall_at_10`` 1.0, ``exact`` true). Indexes from before ANN kinds are flat and report the same.
+    """
+    recall = index.manifest.get("recall") or {"recall_at_10": 1.0, "exact": True}
+    return {
+        "path": str(Path(index.path).resolve()),
+        "n": len(index),
+        "dim": index.dim,
+        "model": index.model,
+        "model_source": index.model_source,
+        "catalogue": index.manifest.get("catalogue"),
+        "created": index.manifest.get("created"),
+        "kind": index.kind,
+        "params": dict(index.params),
+        "recall_at_10": recall.get("recall_at_10"),
+        "recall": recall,
+    }
+
+
 def normalise_value(value: object) -> str:
     """How attribute and filter values compare: as lower-case strings; ``True`` is ``"true"``, ``2.0`` is ``"2"``."""
     if isinstance(value, bool | np.bool_):
@@ -236,6 +277,8 @@ def build_index(
     batch_size: int = 64,
     overwrite: bool = False,
     progress: bool = True,
+    kind: str = "flat",
+    params: dict[str, int | None] | None = None,
 ) -> Path:
     """Embed a catalogue's images and save them, with their metadata, as a search index in ``out``.
 
@@ -254,6 +297,10 @@ def build_index(
         batch_size: Images per forward.
         overwrite: Replace an existing index even if another model built it, or a non-index folder.
         progress: Progress bars.
+        kind: ``flat`` (exact, the default), ``hnsw`` or ``ivfpq`` (approximate; see
+            :mod:`cliptune.search.ann` for what each trades and the defaults of its parameters).
+        params: The kind's parameters; None values and missing ones take the defaults. An ANN kind's
+            recall@10 against exact search is measured at build time (:func:`_recall`) and stored.
 
     Returns:
         ``out``.
@@ -261,12 +308,13 @@ def build_index(
     Raises:
         IndexBadRowsError: Bad catalogue rows (a :class:`SearchIndexError`).
         IndexExistsError: ``out`` holds another model's index or something else, without ``overwrite``.
-        SearchIndexError: An empty catalogue.
+        SearchIndexError: An empty catalogue, an unknown kind or a parameter that does not fit it.
 
     Example:
         >>> build_index(load_model("runs/ft"), read_catalogue(Path("data/fashion")), Path("idx"))  # doctest: +SKIP
     """
     out = Path(out)
+    check_params(kind, dict(params or {}))  # a bad kind or parameter fails before any embedding
     clean_stale_temps(out.parent, name=out.name)  # a killed build's leftovers (or its old index, restored)
     _refuse_foreign(out, model, overwrite)
     items = _items(catalogue, progress)
@@ -274,6 +322,9 @@ def build_index(
     vectors = embed_images_with(
         model, paths, cache_dir=cache_dir, precision=precision, batch_size=batch_size, progress=progress
     ).numpy()  # (N, D) float32, L2-normalised
+    resolved = resolve_params(kind, len(vectors), int(vectors.shape[1]), dict(params or {}))
+    faiss_index = build_faiss(kind, vectors, resolved, seed=RECALL_SEED)
+    recall = _recall(model, faiss_index, kind, resolved, vectors, items["captions"], cache_dir, progress)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -283,12 +334,61 @@ def build_index(
         "n_items": len(paths),
         "dim": int(vectors.shape[1]),
         "metric": "inner_product",
+        "kind": kind,
+        "params": resolved,
+        "recall_at_10": recall["recall_at_10"],
+        "recall": recall,
         "attributes": list(items["attributes"]),
         "text_column": catalogue.text_column,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_atomically(out, manifest, vectors, items)
+    _write_atomically(out, manifest, faiss_index, vectors if kind == "ivfpq" else None, items)
     return out
+
+
+def _recall(
+    model: LoadedModel,
+    faiss_index: Any,
+    kind: str,
+    params: dict[str, int],
+    vectors: np.ndarray,
+    captions: list[list[str]],
+    cache_dir: Path | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """recall@10 of an ANN index against exact search, on a seeded sample of the catalogue's own queries.
+
+    Queries: up to ``RECALL_IMAGE_QUERIES`` of the indexed images (image-to-image search, as a "more like
+    this" query) and the first captions of up to ``RECALL_TEXT_QUERIES`` images (text-to-image), drawn
+    without replacement with seed ``RECALL_SEED``. ``recall_at_10`` pools both. A flat index is exact:
+    1.0 by construction, nothing measured.
+    """
+    if kind == "flat":
+        return {"recall_at_10": 1.0, "exact": True}
+    rng = np.random.default_rng(RECALL_SEED)
+    n = len(vectors)
+    image_rows = np.sort(rng.choice(n, min(n, RECALL_IMAGE_QUERIES), replace=False))
+    text_rows = np.sort(rng.choice(n, min(n, RECALL_TEXT_QUERIES), replace=False))
+    texts = [captions[i][0] for i in text_rows if captions[i]]
+    text_queries = embed_texts_with(model, texts, cache_dir=cache_dir, progress=progress).numpy()
+    image_queries = np.ascontiguousarray(vectors[image_rows])
+    at_images = measure_recall(faiss_index, kind, params, vectors, image_queries)
+    at_texts = measure_recall(faiss_index, kind, params, vectors, text_queries) if texts else None
+    pooled = (
+        at_images
+        if at_texts is None
+        else (at_images * len(image_rows) + at_texts * len(texts)) / (len(image_rows) + len(texts))
+    )
+    return {
+        "recall_at_10": round(pooled, 4),
+        "exact": False,
+        "k": RECALL_K,
+        "seed": RECALL_SEED,
+        "image_queries": len(image_rows),
+        "text_queries": len(texts),
+        "at_10_images": round(at_images, 4),
+        "at_10_texts": None if at_texts is None else round(at_texts, 4),
+    }
 
 
 def load_index(path: Path | str) -> SearchIndex:
@@ -321,13 +421,23 @@ def load_index(path: Path | str) -> SearchIndex:
             f"{path / MANIFEST}: format {manifest.get('format')} v{manifest.get('version')} is not "
             f"{FORMAT} v{VERSION}; rebuild the index with this cliptune"
         )
-    for name in (FAISS_FILE, ITEMS_FILE):
+    kind = str(manifest.get("kind", "flat"))  # indexes from before ANN kinds are flat
+    params = {str(p): int(v) for p, v in (manifest.get("params") or {}).items()}
+    for name in (FAISS_FILE, ITEMS_FILE, *([VECTORS_FILE] if kind == "ivfpq" else [])):
         if not (path / name).is_file():
             raise SearchIndexError(f"{path}: {name} is missing; rebuild the index")
     try:
         flat = faiss.read_index(str(path / FAISS_FILE))
     except RuntimeError as exc:
         raise SearchIndexError(f"{path / FAISS_FILE}: unreadable FAISS index ({exc})") from None
+    set_search_params(flat, kind, params)
+    stored = None
+    if kind == "ivfpq":
+        stored = np.load(path / VECTORS_FILE, mmap_mode="r")  # (N, D) float32, paged in on demand
+        if stored.shape != (flat.ntotal, flat.d):
+            raise SearchIndexError(
+                f"{path / VECTORS_FILE}: shape {stored.shape} is not ({flat.ntotal}, {flat.d}); rebuild the index"
+            )
     records = _read_items(path / ITEMS_FILE)
     names = list(manifest["attributes"])
     if flat.ntotal != len(records) or flat.d != manifest["dim"]:
@@ -345,6 +455,9 @@ def load_index(path: Path | str) -> SearchIndex:
         model=manifest["model"],
         model_source=manifest["model_source"],
         manifest=manifest,
+        kind=kind,
+        params=params,
+        stored_vectors=stored,
     )
 
 
@@ -437,15 +550,20 @@ def _plain(value: Any) -> Any:
 
 
 def _write_atomically(
-    out: Path, manifest: dict[str, Any], vectors: np.ndarray, items: dict[str, Any]
+    out: Path,
+    manifest: dict[str, Any],
+    faiss_index: Any,
+    vectors: np.ndarray | None,
+    items: dict[str, Any],
 ) -> None:
+    """Write the folder; ``vectors`` (saved as ``vectors.npy``) only where the FAISS index lacks them."""
     import faiss
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out) as tmp:
-        flat = faiss.IndexFlatIP(vectors.shape[1])
-        flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
-        faiss.write_index(flat, str(tmp / FAISS_FILE))
+        faiss.write_index(faiss_index, str(tmp / FAISS_FILE))
+        if vectors is not None:
+            np.save(tmp / VECTORS_FILE, np.ascontiguousarray(vectors, dtype=np.float32))
         with open(tmp / ITEMS_FILE, "w", encoding="utf-8") as f:
             for i, item_id in enumerate(items["id"]):
                 record = {

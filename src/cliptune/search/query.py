@@ -10,6 +10,11 @@ item number. FAISS orders tied scores arbitrarily: its candidates go through
 a query whose k-th score still ties its last candidate recomputed exactly on the selected vectors), and
 the exact path selects with :func:`cliptune.ranking.topk.topk_of_scores`: one ranking rule, one home.
 
+An approximate index (kind ``hnsw`` or ``ivfpq``, :mod:`cliptune.search.ann`) proposes candidates,
+restricted by the same ``IDSelectorBitmap`` (HNSW and IVF both honour it in FAISS), which are re-scored
+exactly against the stored float vectors and ranked by the same rule; a filter keeping at most 5% of the
+items still takes the exact gather path, so selective filters are exact whatever the kind.
+
 Example:
     >>> index, model = load_index("indexes/fashion"), load_model("runs/ft")  # doctest: +SKIP
     >>> search(index, model, text="ripped blue jeans", k=5, where={"garment": "jeans"})[0].id  # doctest: +SKIP
@@ -29,6 +34,7 @@ import torch
 from cliptune.models.embed import embed_images_with, embed_texts_with
 from cliptune.models.factory import LoadedModel
 from cliptune.ranking.topk import TIE_PAD, refine_candidates, topk_of_scores
+from cliptune.search.ann import ann_topk
 from cliptune.search.index import ModelMismatchError, SearchIndex, SearchIndexError
 
 __all__ = ["Hit", "hit_at", "search", "search_embeddings", "select"]
@@ -115,7 +121,10 @@ def search_embeddings(
     k: int = 10,
     where: Mapping[str, object] | None = None,
 ) -> list[list[Hit]]:
-    """Exact filtered top-k for query embeddings already computed (no model involved).
+    """Filtered top-k for query embeddings already computed (no model involved).
+
+    Exact for a flat index; for an ANN index the candidates it proposes, re-scored exactly (scores are
+    exact cosines; an item the index never proposed is missed, as its stored recall@10 measures).
 
     Args:
         index: The index.
@@ -145,8 +154,8 @@ def search_embeddings(
     return [
         [
             hit_at(index, rank, int(n), float(s))
-            for rank, (s, n) in enumerate(zip(srow, nrow, strict=True), start=1)
-        ]
+            for rank, (s, n) in enumerate(zip(srow[nrow >= 0], nrow[nrow >= 0], strict=True), start=1)
+        ]  # number -1: an ANN search proposed fewer than k items for this query
         for srow, nrow in zip(scores, numbers, strict=True)
     ]
 
@@ -183,7 +192,7 @@ def hit_at(index: SearchIndex, rank: int, number: int, score: float) -> Hit:
 def _topk(
     index: SearchIndex, queries: np.ndarray, k: int, selected: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k over the selected items under the tie rule; (Q, K) scores and item numbers."""
+    """Top-k over the selected items under the tie rule; (Q, K) scores and item numbers (-1: none)."""
     import faiss
 
     n_items = len(index)
@@ -193,6 +202,8 @@ def _topk(
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
     if selected is not None and n_sel <= _SUBSET_SHARE * n_items:
         return _exact(index, queries, k, selected)  # few candidates: gathering them beats scanning all N
+    if index.kind != "flat":
+        return ann_topk(index.faiss_index, index.kind, index.params, index.vectors(), queries, k, selected)
     params: faiss.SearchParameters | None = None
     if selected is not None and n_sel < n_items:
         bitmap = np.zeros(n_items, dtype=bool)

@@ -34,7 +34,7 @@ from starlette.types import Message
 
 from cliptune.models.embed import embed_images_with, embed_texts_with
 from cliptune.models.factory import LoadedModel, load_model
-from cliptune.search.index import ModelMismatchError, SearchIndex, load_index
+from cliptune.search.index import ModelMismatchError, SearchIndex, index_facts, load_index
 from cliptune.search.query import search_embeddings
 from cliptune.serve.errors import (
     BadQueryError,
@@ -158,7 +158,7 @@ def create_app(
     served.info = {
         "model": idx.model,
         "model_source": idx.model_source,
-        "index": {"path": str(Path(idx.path).resolve()), "n": len(idx), "dim": idx.dim},
+        "index": {k: v for k, v in index_facts(idx).items() if k not in ("model", "model_source")},
         "attributes": {a: idx.values(a) for a in idx.attributes},
         "run": run_info(idx),
         "suite": None

@@ -467,7 +467,8 @@ def _general_set(cfg: Config, backbone: Backbone, accelerator: Accelerator, prog
         inputs = {"image_features": images, "text_features": captions}
     else:
         items = [{"path": str(p), "text": t} for p, t in zip(paths, texts, strict=True)]
-        inputs = _raw_collate(backbone, cfg.data.max_pixels)(items)
+        # no "epoch" in these items: the collate shows the plain pictures and captions, as for validation
+        inputs = _raw_collate(backbone, cfg.data.max_pixels, cfg.data.augment)(items)
     groups = group_ids(data.rows, forgetting.group_column).astype(str).tolist()
     return _GeneralSet(inputs=inputs, groups=groups, files=files)
 
