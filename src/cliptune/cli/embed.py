@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.console import Console
 
-from cliptune.cli.errors import err_console, exit_on_error
+from cliptune.cli.errors import err_console
+from cliptune.cli.index import main_process_speaks
 
 if TYPE_CHECKING:
     from cliptune.models.cache import Precision
@@ -48,11 +49,13 @@ def embed_cmd(
     """Embed every row of a catalogue with a model into a Parquet file: metadata + image (and text) vectors.
 
     A run embeds its own catalogue with its own caption column unless --data / --text-column say
-    otherwise; a bare model (folder, hub id, 'embedded') needs --data.
+    otherwise; a bare model (folder, hub id, 'embedded') needs --data. Under torchrun / accelerate
+    launch each process embeds a shard of the images and the main process writes the file.
 
     Examples:
         cliptune embed runs/fashion-finetuned --data data/fashion fashion.parquet
         cliptune embed runs/ft ft.parquet --texts --text-column text_generic -q
+        torchrun --standalone --nproc_per_node 2 -m cliptune embed runs/ft ft.parquet
     """
     from cliptune.cli.rundata import data_for
     from cliptune.data.catalogue import read_catalogue
@@ -66,7 +69,7 @@ def embed_cmd(
         )
         raise typer.Exit(2)
     data, column, cache_dir = data_for(model, data, text_column, cache_dir)
-    with exit_on_error(1):
+    with main_process_speaks() as processes:
         catalogue = read_catalogue(data, column)
         loaded = load_model(model)
         info = export_embeddings(
@@ -78,7 +81,10 @@ def embed_cmd(
             precision=precisions[precision],
             batch_size=batch_size,
             progress=not quiet,
+            processes=processes,
         )
+    if not processes.main:
+        return
     what = "image and text" if texts else "image"
     console.print(
         f"embedded {info['n_rows']} rows ({info['n_images']} images, {what} vectors of dim {info['dim']}) "

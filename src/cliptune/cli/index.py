@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -12,8 +14,9 @@ from cliptune.cli.errors import err_console, exit_on_error
 
 if TYPE_CHECKING:
     from cliptune.models.cache import Precision
+    from cliptune.search.sharded import Processes
 
-__all__ = ["index_cmd", "register"]
+__all__ = ["index_cmd", "main_process_speaks", "register"]
 
 console = Console(soft_wrap=True)
 
@@ -21,6 +24,25 @@ console = Console(soft_wrap=True)
 def register(app: typer.Typer) -> None:
     """Add ``cliptune index`` to ``app``."""
     app.command("index")(index_cmd)
+
+
+@contextmanager
+def main_process_speaks() -> Iterator[Processes]:
+    """The launched processes (one without a launcher); errors are printed by the main process only.
+
+    Every error of a multi-process ``index`` / ``embed`` reaches the main process (the steps are the same
+    on every process, and embedding failures are relayed to it), so the others exit 1 without repeating it.
+    """
+    from cliptune.errors import CliptuneError
+    from cliptune.search.sharded import launched_processes
+
+    with exit_on_error(1), launched_processes() as processes:
+        try:
+            yield processes
+        except CliptuneError:
+            if processes.main:
+                raise
+            raise typer.Exit(1) from None
 
 
 def index_cmd(
@@ -74,12 +96,15 @@ def index_cmd(
     A run indexes its own catalogue with its own caption column unless --data / --text-column say
     otherwise; a bare model (folder, hub id, 'embedded') needs --data. --kind hnsw or ivfpq builds an
     approximate index for large catalogues and stores its recall@10 against exact search (docs/search.md).
+    Under torchrun / accelerate launch each process embeds a shard of the images and the main process
+    builds and writes the index, identical to one process's.
 
     Examples:
         cliptune index runs/fashion-finetuned indexes/fashion
         cliptune index runs/fashion-finetuned indexes/fashion --data data/fashion-2 --overwrite -q
         cliptune index embedded indexes/base --data data/fashion --text-column text_generic
         cliptune index runs/fashion-finetuned indexes/fashion-hnsw --kind hnsw --ef-search 128
+        torchrun --standalone --nproc_per_node 2 -m cliptune index runs/fashion-finetuned indexes/fashion
     """
     from cliptune.cli.rundata import data_for
     from cliptune.data.catalogue import read_catalogue
@@ -93,7 +118,7 @@ def index_cmd(
         )
         raise typer.Exit(2)
     data, column, cache_dir = data_for(model, data, text_column, cache_dir)
-    with exit_on_error(1):
+    with main_process_speaks() as processes:
         catalogue = read_catalogue(data, column)
         loaded = load_model(model)
         path = build_index(
@@ -114,7 +139,10 @@ def index_cmd(
                 "pq_m": pq_m,
                 "nprobe": nprobe,
             },
+            processes=processes,
         )
+    if not processes.main:
+        return
     manifest = read_manifest(path)
     assert manifest is not None  # build_index has just written it
     console.print(

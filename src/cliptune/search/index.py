@@ -51,6 +51,7 @@ from cliptune.search.ann import (
     set_search_params,
 )
 from cliptune.search.errors import SearchIndexError
+from cliptune.search.sharded import SINGLE, Processes, gather_rows, on_every, on_main, shard_rows
 
 __all__ = [
     "index_facts",
@@ -279,6 +280,7 @@ def build_index(
     progress: bool = True,
     kind: str = "flat",
     params: dict[str, int | None] | None = None,
+    processes: Processes = SINGLE,
 ) -> Path:
     """Embed a catalogue's images and save them, with their metadata, as a search index in ``out``.
 
@@ -301,6 +303,10 @@ def build_index(
             :mod:`cliptune.search.ann` for what each trades and the defaults of its parameters).
         params: The kind's parameters; None values and missing ones take the defaults. An ANN kind's
             recall@10 against exact search is measured at build time (:func:`_recall`) and stored.
+        processes: This process among several launched together
+            (:func:`cliptune.search.sharded.launched_processes`): each embeds a contiguous shard of the
+            images, the main process gathers them in catalogue order, builds and writes the index (the
+            1-process result, bit for bit); the others return ``out`` once it is written.
 
     Returns:
         ``out``.
@@ -309,19 +315,68 @@ def build_index(
         IndexBadRowsError: Bad catalogue rows (a :class:`SearchIndexError`).
         IndexExistsError: ``out`` holds another model's index or something else, without ``overwrite``.
         SearchIndexError: An empty catalogue, an unknown kind or a parameter that does not fit it.
+        OtherProcessFailedError: (several processes, not the main one) another process failed; the main
+            process raises that failure itself.
 
     Example:
         >>> build_index(load_model("runs/ft"), read_catalogue(Path("data/fashion")), Path("idx"))  # doctest: +SKIP
     """
     out = Path(out)
     check_params(kind, dict(params or {}))  # a bad kind or parameter fails before any embedding
-    clean_stale_temps(out.parent, name=out.name)  # a killed build's leftovers (or its old index, restored)
-    _refuse_foreign(out, model, overwrite)
-    items = _items(catalogue, progress)
+    progress = progress and processes.main  # one set of bars, the main process's
+    # a killed build's leftovers (or its old index, restored): by the one process that writes
+    on_main(processes, lambda: clean_stale_temps(out.parent, name=out.name))
+    items = on_every(processes, lambda: _checked_items(out, model, overwrite, catalogue, progress))
     paths = [Path(p) for p in items["path"]]
-    vectors = embed_images_with(
+    rows = shard_rows(len(paths), batch_size, processes) if processes.world > 1 else range(len(paths))
+    part = on_every(
+        processes,
+        lambda: _embed_rows(model, [paths[r] for r in rows], cache_dir, precision, batch_size, progress),
+    )
+    vectors = gather_rows(processes, part)  # (N, D) float32, L2-normalised, on the main process only
+
+    def write() -> Path:  # runs on the main process only, where the rows were gathered
+        assert vectors is not None
+        return _build_and_write(model, catalogue, out, items, vectors, kind, params, cache_dir, progress)
+
+    return on_main(processes, write)  # the other processes wait for its outcome
+
+
+def _checked_items(
+    out: Path, model: LoadedModel, overwrite: bool, catalogue: Catalogue, progress: bool
+) -> dict[str, Any]:
+    _refuse_foreign(out, model, overwrite)
+    return _items(catalogue, progress)
+
+
+def _embed_rows(
+    model: LoadedModel,
+    paths: list[Path],
+    cache_dir: Path | None,
+    precision: Precision,
+    batch_size: int,
+    progress: bool,
+) -> np.ndarray:
+    """(n, D) float32 L2-normalised embeddings of ``paths``; (0, 0) for a process given no rows."""
+    if not paths:
+        return np.zeros((0, 0), dtype=np.float32)
+    return embed_images_with(
         model, paths, cache_dir=cache_dir, precision=precision, batch_size=batch_size, progress=progress
-    ).numpy()  # (N, D) float32, L2-normalised
+    ).numpy()
+
+
+def _build_and_write(
+    model: LoadedModel,
+    catalogue: Catalogue,
+    out: Path,
+    items: dict[str, Any],
+    vectors: np.ndarray,
+    kind: str,
+    params: dict[str, int | None] | None,
+    cache_dir: Path | None,
+    progress: bool,
+) -> Path:
+    """The FAISS index, recall and manifest of the embedded items, written atomically to ``out``."""
     resolved = resolve_params(kind, len(vectors), int(vectors.shape[1]), dict(params or {}))
     faiss_index = build_faiss(kind, vectors, resolved, seed=RECALL_SEED)
     recall = _recall(model, faiss_index, kind, resolved, vectors, items["captions"], cache_dir, progress)
@@ -331,7 +386,7 @@ def build_index(
         "model": model.name,
         "model_source": _source(Path(model.source)),
         "catalogue": str(Path(catalogue.root).resolve()),
-        "n_items": len(paths),
+        "n_items": len(vectors),
         "dim": int(vectors.shape[1]),
         "metric": "inner_product",
         "kind": kind,

@@ -38,10 +38,11 @@ import pyarrow.parquet as pq
 from cliptune.data.catalogue import Catalogue
 from cliptune.data.check import Rejection, check_catalogue
 from cliptune.models.cache import Precision
-from cliptune.models.embed import catalogue_paths, embed_images_with, embed_texts_with
+from cliptune.models.embed import catalogue_paths, embed_texts_with
 from cliptune.models.factory import LoadedModel
 from cliptune.rundir import write_bytes_atomic
-from cliptune.search.index import IndexBadRowsError, SearchIndexError, _source
+from cliptune.search.index import IndexBadRowsError, SearchIndexError, _embed_rows, _source
+from cliptune.search.sharded import SINGLE, Processes, gather_rows, on_every, on_main, shard_rows
 
 __all__ = [
     "EmbedBadRowsError",
@@ -87,6 +88,7 @@ def export_embeddings(
     precision: Precision = "auto",
     batch_size: int = 64,
     progress: bool = True,
+    processes: Processes = SINGLE,
 ) -> dict[str, Any]:
     """Embed every row of a catalogue and write the rows with their vectors to a Parquet file.
 
@@ -105,6 +107,10 @@ def export_embeddings(
         precision: ``auto``, ``fp32`` or ``bf16`` for the tower forward.
         batch_size: Images per forward.
         progress: Progress bars.
+        processes: This process among several launched together
+            (:func:`cliptune.search.sharded.launched_processes`): each embeds a contiguous shard of the
+            images, the main process gathers them in catalogue order and writes the file (the 1-process
+            file; captions' ``text_embedding`` is computed there); every process returns its description.
 
     Returns:
         The description written into the file's metadata (see :func:`read_embeddings_metadata`).
@@ -130,17 +136,42 @@ def export_embeddings(
     if text_column is not None and text_column != catalogue.text_column:
         catalogue = catalogue.with_text_column(text_column)
     text_column = catalogue.text_column
-    rows = _checked_rows(catalogue, progress)
+    progress = progress and processes.main  # one set of bars, the main process's
+    rows = on_every(processes, lambda: _checked_rows(catalogue, progress))
     names = [str(f) for f in rows["file_name"]]
     unique = list(dict.fromkeys(names))  # first-appearance order, as build_index embeds them
-    images = embed_images_with(
-        model,
-        catalogue_paths(catalogue, unique),
-        cache_dir=cache_dir,
-        precision=precision,
-        batch_size=batch_size,
-        progress=progress,
-    ).numpy()  # (U, D) float32, L2-normalised
+    paths = catalogue_paths(catalogue, unique)
+    mine = shard_rows(len(paths), batch_size, processes) if processes.world > 1 else range(len(paths))
+    part = on_every(
+        processes,
+        lambda: _embed_rows(model, [paths[r] for r in mine], cache_dir, precision, batch_size, progress),
+    )
+    images = gather_rows(processes, part)  # (U, D) float32, L2-normalised, on the main process only
+
+    def write() -> dict[str, Any]:  # runs on the main process only, where the rows were gathered
+        assert images is not None
+        return _write(
+            model, catalogue, out, rows, names, unique, images, texts, cache_dir, precision, progress
+        )
+
+    return on_main(processes, write)  # the other processes wait for its outcome and get its description
+
+
+def _write(
+    model: LoadedModel,
+    catalogue: Catalogue,
+    out: Path,
+    rows: pd.DataFrame,
+    names: list[str],
+    unique: list[str],
+    images: np.ndarray,
+    texts: bool,
+    cache_dir: Path | None,
+    precision: Precision,
+    progress: bool,
+) -> dict[str, Any]:
+    """Repeat each image's vector for its rows, embed the captions if asked, and write the Parquet file."""
+    text_column = catalogue.text_column
     position = {name: i for i, name in enumerate(unique)}
     vectors = {IMAGE: images[[position[n] for n in names]]}  # (N, D): each image repeated for its rows
     captions = [str(t) for t in rows[text_column]]
