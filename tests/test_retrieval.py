@@ -317,3 +317,47 @@ def test_topk_bf16_pass_breaks_ties_by_lower_index() -> None:
     queries, items = _tied(7, 400, 3, seed=2)  # small integers: exact in bf16, ~60 items per score
     _, idx = topk_chunked(queries, items, k=9, chunk_size=50, bf16_pass=True)
     assert idx.tolist() == _naive_topk(queries, items, 9)
+
+
+def _pair_rank(queries: torch.Tensor, items: torch.Tensor, ids: torch.Tensor) -> list[list[int]]:
+    """Ranks by the row-wise product-and-sum scores of the bf16 path, by the tie rule, one pair at a time."""
+    scores = (queries[:, None, :] * items[None, :, :]).sum(2).tolist()  # (Q, N): the same per-pair sum
+    return [
+        [
+            0 if i < 0 else 1 + sum(1 for j, s in enumerate(row) if s > row[i] or (s == row[i] and j < i))
+            for i in rel
+        ]
+        for row, rel in zip(scores, ids.tolist(), strict=True)
+    ]
+
+
+@pytest.mark.parametrize("cap", [1024, 3])
+def test_rank_bf16_pass_exact_with_duplicates_near_ties_and_overflow(
+    cap: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cliptune.ranking.topk as topk_module
+
+    monkeypatch.setattr(topk_module, "_BF16_NEAR_CAP", cap)  # 3: query 1's 30 near-ties overflow it
+    redone: list[list[int]] = []
+    exact_pass = topk_module.rank_chunked
+    monkeypatch.setattr(
+        topk_module,
+        "rank_chunked",
+        lambda q, x, k, ids, **kw: redone.append(ids.tolist()) or exact_pass(q, x, k, ids, **kw),
+    )
+    queries, items = _random(6, 700, 32, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    close = torch.randperm(700, generator=gen)[:30]  # 30 items within bf16's resolution of query 1's
+    items[close] = queries[1] + 3e-3 * torch.randn(30, 32, generator=gen) / 32**0.5
+    items[5], items[600] = items[int(close[0])], items[int(close[0])]  # exact duplicates far apart
+    ids = torch.tensor(
+        [[5, 600, -1], [int(close[3]), 5, 600], [int(close[7]), -1, -1], [0, 1, 2], [5, -1, -1], [-1, -1, -1]]
+    )
+    got = rank_chunked(
+        queries, items, k=10, relevant_ids=ids, chunk_size=128, query_chunk_size=4, bf16_pass=True
+    )
+    assert got.ranks.tolist() == _pair_rank(queries, items, ids)
+    assert got.indices.tolist() == _naive_topk(queries, items, 10)
+    assert got.ranks[1, 2] == got.ranks[1, 1] + 1  # the duplicates 5 and 600 rank next to each other
+    # with the cap of 1024 query 1's near-ties and duplicates are resolved by re-scoring, with 3 in fp32
+    assert (ids[1].tolist() in [row for call in redone for row in call]) == (cap == 3)

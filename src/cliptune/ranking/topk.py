@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -33,6 +34,8 @@ TIE_PAD = 16
 # benchmark's seed 0) at 100k x 1k x 512-d: rows whose candidates miss the margin are redone exactly
 _BF16_EXTRA = 64
 _BF16_MIN_ITEMS = 50_000
+# near items re-scored per (query, relevant item) by the bf16 rank pass; a query with more is done in fp32
+_BF16_NEAR_CAP = 1024
 
 
 class Ranked(NamedTuple):
@@ -304,6 +307,7 @@ def rank_chunked(
     chunk_size: int = _ITEM_CHUNK,
     query_chunk_size: int = _QUERY_CHUNK,
     progress: bool = False,
+    bf16_pass: bool | None = None,
 ) -> Ranked:
     """One pass over the items giving both the top-k lists and the exact ranks of relevant items.
 
@@ -323,7 +327,9 @@ def rank_chunked(
         relevant_ids: per query, the indices of its relevant items, -1 for padding; None skips ranks.
         chunk_size: items per block.
         query_chunk_size: queries per block.
-        progress: show a rich progress bar over blocks.
+        progress: show a rich progress bar over blocks (not shown by the bf16 pass).
+        bf16_pass: with ``relevant_ids``, score in bf16 and re-score the items near each relevant item
+            (:func:`_rank_bf16`; float32 on CPU only); None: where it pays (as :func:`topk_chunked`).
 
     Returns:
         :class:`Ranked` ``(scores, indices, ranks)``; lists sorted by (score desc, index asc); ranks 1-based,
@@ -346,6 +352,13 @@ def rank_chunked(
     if relevant_ids is not None:
         _check_ids("rank_chunked", relevant_ids, n_q, n_items)
     k = min(k, n_items)
+    if bf16_pass is None:
+        bf16_pass = _bf16_pays(items, n_items, k)
+    usable = queries.device.type == "cpu" and queries.dtype == torch.float32 and n_items > k + _BF16_EXTRA
+    if relevant_ids is not None and bf16_pass and usable and n_q > 0:
+        ranked = _rank_bf16(queries, items, k, relevant_ids, chunk_size, query_chunk_size)
+        if ranked is not None:
+            return ranked
     all_vals, all_idx, all_ranks = [], [], []
     n_blocks = -(-n_q // query_chunk_size) * -(-n_items // chunk_size)
     with _progress(progress, n_blocks, "ranking") as bar:
@@ -428,6 +441,141 @@ def _keep_best(
     return top_v, all_i.gather(1, top)
 
 
+def _pair_scores(queries: torch.Tensor, items: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Score of each query with the items ``cols[row]``, fp32, one computation for every pair.
+
+    The scores of the bf16 paths (:func:`_dot32`): the same product-and-sum code for every pair, so
+    identical items score identically (what the tie rule needs), within ``gamma_D sum|q_i x_i|`` of exact.
+
+    Shapes:
+        queries (q, D), items (N, D), cols (q, m) -> (q, m) float32
+    """
+    rows = torch.arange(cols.shape[0])[:, None].expand(cols.shape).reshape(-1)  # (q m,)
+    return _dot32(queries, items, rows, cols.reshape(-1)).reshape(cols.shape)
+
+
+def _dot32(
+    queries: torch.Tensor, items: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """``queries[rows[p]] . items[cols[p]]`` for every pair p: a row-wise product and sum; 16k pairs at a time."""
+    out = torch.empty(rows.shape, dtype=queries.dtype)
+    for p0 in range(0, rows.numel(), 16384):
+        q = queries[rows[p0 : p0 + 16384]]  # (p, D)
+        out[p0 : p0 + 16384] = (q * items[cols[p0 : p0 + 16384]]).sum(1)
+    return out
+
+
+def _bf16_keys(block: torch.Tensor) -> np.ndarray:
+    """int16 keys ordered like the bf16 values (-0 just below +0): the sign-magnitude bits, negatives flipped."""
+    bits = block.contiguous().view(torch.int16).numpy()
+    return bits ^ ((bits >> 15) & np.int16(0x7FFF))  # type: ignore[no-any-return]  # numpy's int16 ops
+
+
+def _bf16_key_bounds(lo: torch.Tensor, hi: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Keys of bf16 values with ``key_lo <= key(lo)`` and ``key_hi >= key(hi)``: the interval only widens.
+
+    float64 bounds go to float32 rounded outwards, then to bf16 and one key step outwards where rounding
+    went inwards. A strict ``> key_hi`` never admits +0 against -0, and ``>= key_lo`` never drops -0
+    against +0 (keys order -0 below +0, floats call them equal).
+    """
+    out = []
+    for x, down in ((lo, True), (hi, False)):
+        x32 = _round_out(x, torch.float32, down=down)
+        xb = x32.bfloat16()
+        key = torch.from_numpy(_bf16_keys(xb).astype(np.int32))
+        inward = xb.float() > x32 if down else xb.float() < x32
+        key = key + torch.where(inward, -1 if down else 1, 0)
+        key = torch.where(key == (0 if down else -1), -1 if down else 0, key)  # the signed zeros
+        out.append(key.clamp(-32768, 32767).to(torch.int16).numpy())
+    return out[0], out[1]
+
+
+def _rank_bf16(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    k: int,
+    relevant_ids: torch.Tensor,
+    chunk_size: int,
+    query_chunk_size: int,
+) -> Ranked | None:
+    """:func:`rank_chunked` through bf16 GEMMs; the lists as in :func:`_topk_bf16`, the ranks exact.
+
+    The score of a relevant item is :func:`_pair_scores`' (s); a block item whose bf16 score ``a`` is
+    above ``s + bound`` is surely ahead, below ``s - bound`` surely not (the bound of
+    :func:`_topk_bf16`: ``|a - f| <= c |q| |x|`` for the re-scored f). The items in between are re-scored
+    and compared with s by the tie rule, so the ranks are those of the re-scored fp32 scores exactly.
+    A query with more than ``_BF16_NEAR_CAP`` items in between for one relevant item (a relevant item
+    deep in the ranking, or mass ties) is recomputed in fp32.
+    """
+    n_q, n_items, d = queries.shape[0], items.shape[0], queries.shape[1]
+    ids = relevant_ids.long()
+    n_rel = ids.shape[1]
+    x_norm = float(items.norm(dim=1).max()) * (1 + 1e-5)
+    if not (math.isfinite(x_norm) and bool(torch.isfinite(queries.norm(dim=1)).all())):
+        return None  # a NaN or inf anywhere: no bound; the fp32 path ranks it as it always did
+    bound = _bf16_error_factor(d) * queries.norm(dim=1).double() * x_norm * (1 + 1e-5) + 4 * d * 2.0**-126
+    s_rel = _pair_scores(queries, items, ids.clamp(min=0))  # (Q, R)
+    pad = ids < 0
+    lo = torch.where(pad, float("inf"), s_rel.double() - bound[:, None])
+    hi = torch.where(pad, float("inf"), s_rel.double() + bound[:, None])
+    key_lo, key_hi = _bf16_key_bounds(lo, hi)  # (Q, R) each
+    sure = np.zeros((n_q, n_rel), dtype=np.int64)
+    near_n = np.zeros((n_q, n_rel), dtype=np.int64)
+    kept: list[tuple[torch.Tensor, int, torch.Tensor]] = []  # rows, r, cols
+    width = k + _BF16_EXTRA
+    vals = torch.full((n_q, width), -float("inf"))
+    idx = torch.zeros((n_q, width), dtype=torch.long)
+    qb = queries.bfloat16()
+    for n0 in range(0, n_items, chunk_size):
+        xb = items[n0 : n0 + chunk_size].bfloat16()  # (n, D)
+        for q0 in range(0, n_q, query_chunk_size):
+            sl = slice(q0, q0 + query_chunk_size)
+            block = qb[sl] @ xb.T  # (q, n) bf16
+            if k > 0:
+                vals[sl], idx[sl] = _keep_best(block, n0, vals[sl], idx[sl])
+            keys = _bf16_keys(block)  # (q, n)
+            for r in range(n_rel):
+                lo_r, hi_r = key_lo[sl, r, None], key_hi[sl, r, None]  # (q, 1)
+                above = np.count_nonzero(keys > hi_r, axis=1)
+                near = np.count_nonzero(keys >= lo_r, axis=1) - above
+                sure[sl, r] += above
+                near_n[sl, r] += near
+                hit = np.flatnonzero((near > 0) & (near_n[sl, r] <= _BF16_NEAR_CAP))
+                if hit.size:
+                    sub = keys[hit]
+                    rr, cc = np.nonzero((sub >= lo_r[hit]) & (sub <= hi_r[hit]))
+                    kept.append((torch.from_numpy(hit[rr] + q0), r, torch.from_numpy(cc + n0)))
+    ahead = torch.from_numpy(sure)
+    for rows, r, cols in kept:
+        f = _dot32(queries, items, rows, cols)  # (m,)
+        s, i = s_rel[rows, r], ids[rows, r]
+        first = (cols != i) & ((f > s) | ((f == s) & (cols < i)))  # the item itself never counts
+        ahead[:, r].index_add_(0, rows, first.long())
+    ranks = torch.where(pad, 0, ahead + 1)
+    out_v, out_i = torch.zeros(n_q, k), torch.zeros(n_q, k, dtype=torch.long)
+    redo = torch.from_numpy((near_n > _BF16_NEAR_CAP).any(1))  # (Q,)
+    if k > 0:
+        cand = idx
+        exact = _pair_scores(queries, items, cand)
+        ev, ei = _sort_pairs(exact, cand)
+        out_v, out_i = ev[:, :k].contiguous(), ei[:, :k].contiguous()
+        b32 = bound.float()
+        redo |= ~(vals[:, -1] + b32 < out_v[:, k - 1])  # lists not proven exact (also NaN / inf)
+    rows = redo.nonzero().squeeze(1)
+    if rows.numel():
+        r32 = rank_chunked(
+            queries[rows],
+            items,
+            k,
+            relevant_ids[rows],
+            chunk_size=chunk_size,
+            query_chunk_size=query_chunk_size,
+            bf16_pass=False,
+        )
+        out_v[rows], out_i[rows], ranks[rows] = r32.scores, r32.indices, r32.ranks
+    return Ranked(out_v, out_i, ranks)
+
+
 def _topk_bf16(
     queries: torch.Tensor, items: torch.Tensor, k: int, chunk_size: int, query_chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,8 +583,8 @@ def _topk_bf16(
 
     Pass 1 scores every item in bf16 (inputs rounded to bf16, products summed in fp32, the result
     rounded to bf16) and keeps the K = k + ``_BF16_EXTRA`` best approximate scores ``a`` per query.
-    Pass 2 re-scores those K in fp32 and orders them by the tie rule. The bound: for any item,
-    ``|a - f| <= c * |q| * |x|`` with f its fp32 score, ``c = 3 u + 4 u^2 + 3 gamma_D`` (u = 2^-8 the bf16
+    Pass 2 re-scores those K (:func:`_pair_scores`) and orders them by the tie rule. The bound: for any item,
+    ``|a - f| <= c * |q| * |x|`` with f its re-scored fp32 score, ``c = 3 u + 4 u^2 + 3 gamma_D`` (u = 2^-8 the bf16
     unit roundoff: 2u for rounding q and x, u for rounding the result; gamma_D = D 2^-24 / (1 - D 2^-24)
     for the fp32 sums of both passes; Cauchy-Schwarz gives sum |q_i x_i| <= |q| |x|) plus an absolute
     ``4 D * 2^-126`` for flushed subnormals. Every item left out has ``a <= a_K`` (the K-th kept), so
@@ -460,7 +608,7 @@ def _topk_bf16(
     out_i = torch.empty((n_q, k), dtype=torch.long)
     for q0 in range(0, n_q, query_chunk_size):
         qv, cand = queries[q0 : q0 + query_chunk_size], idx[q0 : q0 + query_chunk_size]  # (q, D), (q, K)
-        exact = torch.bmm(items[cand], qv[:, :, None]).squeeze(2)  # (q, K) fp32 re-scores
+        exact = _pair_scores(qv, items, cand)  # (q, K) fp32 re-scores
         ev, ei = _sort_pairs(exact, cand)
         out_v[q0 : q0 + qv.shape[0]], out_i[q0 : q0 + qv.shape[0]] = ev[:, :k], ei[:, :k]
     bound = c * queries.norm(dim=1) * x_norm * (1 + 1e-5) + 4 * d * 2.0**-126  # (Q,)
