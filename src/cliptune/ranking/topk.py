@@ -13,9 +13,11 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -414,8 +416,21 @@ def _bf16_pays(items: torch.Tensor, n_items: int, k: int) -> bool:
         and items.dtype == torch.float32
         and n_items >= _BF16_MIN_ITEMS
         and n_items > k + _BF16_EXTRA
-        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        and _native_bf16()
     )
+
+
+@functools.cache
+def _native_bf16() -> bool:
+    """A CPU with bf16 dot-product instructions (AVX-512 bf16 or AMX); oneDNN emulates bf16 on plain
+    AVX-512, where the bf16 pass would be slower than fp32. Read from /proc/cpuinfo (Linux); else False."""
+    if not bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _bf16_error_factor(d: int) -> float:
