@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from cliptune.ranking.metrics import retrieval_metrics_from_ranks
-from cliptune.ranking.topk import TIE_PAD, rank_chunked, refine_candidates, topk_chunked
+from cliptune.ranking.topk import TIE_PAD, bf16_pays, rank_chunked, refine_candidates, topk_chunked
 
 _RELEVANT_POOL = 50  # the relevant item of a query is drawn from its exact top-50 (so MAP@100 == MAP)
 _ST_MAP_K = 100  # ST's default MAP cut-off
@@ -81,9 +81,11 @@ def _ks(k: int) -> list[int]:
 
 
 def _ours_metrics(
-    queries: torch.Tensor, items: torch.Tensor, relevant: torch.Tensor, k: int, chunk: int
+    queries: torch.Tensor, items: torch.Tensor, relevant: torch.Tensor, k: int, chunk: int, bf16: bool = False
 ) -> dict[str, float]:
-    ranked = rank_chunked(queries, items, k, relevant_ids=relevant, chunk_size=chunk)  # ranks (Q, 1)
+    ranked = rank_chunked(
+        queries, items, k, relevant_ids=relevant, chunk_size=chunk, bf16_pass=bf16
+    )  # (Q, 1)
     per_query = retrieval_metrics_from_ranks(ranked.ranks, ks=_ks(k), prefix="")  # each (Q,)
     return {name: float(v.mean()) for name, v in per_query.items()}
 
@@ -199,6 +201,11 @@ def main() -> None:
         "torch matmul+topk": lambda: _plain_topk(queries, items, args.k),
         "topk_chunked": lambda: topk_chunked(queries, items, args.k, chunk_size=args.chunk_size),
     }
+    bf16 = bf16_pays(items, args.n, args.k)  # the opt-in bf16 pass, timed beside the default where it pays
+    if bf16:
+        topk_backends["topk_chunked bf16"] = lambda: topk_chunked(
+            queries, items, args.k, chunk_size=args.chunk_size, bf16_pass=True
+        )
     if faiss is not None:
         topk_backends["faiss IndexFlatIP"] = lambda: _faiss_topk(queries, items, args.k)
     rows: list[tuple[str, float, str]] = []  # (backend, median s, agreement)
@@ -229,6 +236,12 @@ def main() -> None:
             st_s, st = _median_time(lambda: _st_metrics(evaluator, model, items), args.repeats)
             rows.append(("ST IR evaluator", st_s, f"{_metric_gap(st, ours, args.k):.1e} max|d|"))
     rows.append((ours_name, ours_s, "reference" if st_s is not None else "-"))
+    if bf16:
+        bf_s, bf = _median_time(
+            lambda: _ours_metrics(queries, items, relevant, args.k, args.chunk_size, bf16=True), args.repeats
+        )
+        gap = max(abs(bf[m] - ours[m]) for m in ours)  # last-bit rank swaps only, if any
+        rows.append((ours_name + " bf16", bf_s, f"{gap:.1e} max|d| ours"))
 
     faiss_s = next((s for name, s, _ in rows if name == "faiss IndexFlatIP"), float("nan"))
     print(f"N={args.n:,} Q={args.q:,} D={args.d} k={args.k} float32 CPU, threads={torch.get_num_threads()}")

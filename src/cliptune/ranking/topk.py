@@ -24,7 +24,15 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-__all__ = ["TIE_PAD", "Ranked", "rank_chunked", "refine_candidates", "topk_chunked", "topk_of_scores"]
+__all__ = [
+    "TIE_PAD",
+    "Ranked",
+    "bf16_pays",
+    "rank_chunked",
+    "refine_candidates",
+    "topk_chunked",
+    "topk_of_scores",
+]
 
 # block of 1024 x 16384 float32 scores = 64 MiB: large enough for an efficient GEMM, small enough for a laptop
 _ITEM_CHUNK = 16384
@@ -310,7 +318,7 @@ def rank_chunked(
     chunk_size: int = _ITEM_CHUNK,
     query_chunk_size: int = _QUERY_CHUNK,
     progress: bool = False,
-    bf16_pass: bool | None = None,
+    bf16_pass: bool = False,
 ) -> Ranked:
     """One pass over the items giving both the top-k lists and the exact ranks of relevant items.
 
@@ -332,7 +340,10 @@ def rank_chunked(
         query_chunk_size: queries per block.
         progress: show a rich progress bar over blocks (not shown by the bf16 pass).
         bf16_pass: with ``relevant_ids``, score in bf16 and re-score the items near each relevant item
-            (:func:`_rank_bf16`; float32 on CPU only); None: where it pays (as :func:`topk_chunked`).
+            (:func:`_rank_bf16`; float32 on CPU only). Opt-in, as in :func:`topk_chunked`: ranks of items
+            whose scores differ only in the last bit can swap against the fp32 pass, so by default every
+            machine gives the same ranks, with or without native bf16; :func:`bf16_pays` says where it is
+            faster.
 
     Returns:
         :class:`Ranked` ``(scores, indices, ranks)``; lists sorted by (score desc, index asc); ranks 1-based,
@@ -355,8 +366,6 @@ def rank_chunked(
     if relevant_ids is not None:
         _check_ids("rank_chunked", relevant_ids, n_q, n_items)
     k = min(k, n_items)
-    if bf16_pass is None:
-        bf16_pass = _bf16_pays(items, n_items, k)
     usable = queries.device.type == "cpu" and queries.dtype == torch.float32 and n_items > k + _BF16_EXTRA
     if relevant_ids is not None and bf16_pass and usable and n_q > 0:
         ranked = _rank_bf16(queries, items, k, relevant_ids, chunk_size, query_chunk_size)
@@ -409,8 +418,9 @@ def rank_chunked(
     )
 
 
-def _bf16_pays(items: torch.Tensor, n_items: int, k: int) -> bool:
-    """The bf16 candidate pass runs where bf16 GEMMs are fast: a CPU with native bf16 (AVX-512 bf16, AMX)."""
+def bf16_pays(items: torch.Tensor, n_items: int, k: int) -> bool:
+    """Where the opt-in bf16 candidate pass is faster: a CPU with native bf16 (AVX-512 bf16, AMX), fp32 items,
+    at least ``_BF16_MIN_ITEMS`` of them."""
     return (
         items.device.type == "cpu"
         and items.dtype == torch.float32
@@ -644,12 +654,14 @@ def topk_chunked(
     chunk_size: int = _ITEM_CHUNK,
     query_chunk_size: int = _QUERY_CHUNK,
     progress: bool = False,
-    bf16_pass: bool | None = None,
+    bf16_pass: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k by inner product in bounded memory, ties broken by lower item index.
 
-    On a CPU with native bf16 GEMMs a bf16 candidate pass with exact fp32 re-scoring of every item within
-    a proven error bound of the k-th score gives the same lists, about twice as fast (``_topk_bf16``).
+    On a CPU with native bf16 GEMMs an opt-in bf16 candidate pass (``bf16_pass=True``) with exact fp32
+    re-scoring of every item within a proven error bound of the k-th score gives the lists faster
+    (``_topk_bf16``); its re-scored scores may differ from a block matmul's in the last bit, so it is off by
+    default: one answer on every machine.
 
     Args:
         queries: query embeddings.
@@ -658,8 +670,8 @@ def topk_chunked(
         chunk_size: items per block; memory is about ``query_chunk_size * chunk_size`` scores.
         query_chunk_size: queries per block.
         progress: show a rich progress bar (not shown by the bf16 pass).
-        bf16_pass: use the bf16 candidate pass (float32 on CPU only); None: where it pays (a CPU with
-            native bf16, at least ``_BF16_MIN_ITEMS`` items).
+        bf16_pass: use the bf16 candidate pass (float32 on CPU only); :func:`bf16_pays` says where it is
+            faster (a CPU with native bf16, at least ``_BF16_MIN_ITEMS`` items).
 
     Returns:
         ``(scores, indices)``, each row sorted by (score desc, index asc); scores are fp32 inner products
@@ -674,8 +686,6 @@ def topk_chunked(
     """
     if k < 1:
         raise ValueError(f"topk_chunked: k must be >= 1, got {k}")
-    if bf16_pass is None:
-        bf16_pass = _bf16_pays(items, items.shape[0], k)
     _check_inputs("topk_chunked", queries, items)
     usable = (
         queries.device.type == "cpu" and queries.dtype == torch.float32 and items.shape[0] > k + _BF16_EXTRA
