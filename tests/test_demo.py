@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+import yaml
 
 from cliptune.cli.app import app
 from cliptune.cli.demo import SHIPPED_TO_GENERATED, _run_step, _summary, suite_comparison
-from cliptune.cli.demo_steps import demo_steps, write_demo_configs
+from cliptune.cli.demo_steps import PHRASES, demo_steps, write_demo_configs
 from cliptune.config import load_config
 from cliptune.data.synthetic import render_fashion
 from cliptune.suites import load_suite
@@ -147,3 +149,10 @@ def test_the_generated_suite_and_audit_steps_run_and_the_summary_compares(
     assert (
         str(generated_file) in printed and "(not written)" not in printed.split(str(generated_file))[1][:20]
     )
+
+
+def test_the_demo_phrases_are_the_ones_docs_suites_md_measured_with() -> None:
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "suites.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", docs, re.S) if b.startswith("order:")]
+    assert len(blocks) == 1
+    assert yaml.safe_load(blocks[0]) == PHRASES  # the demo's summary and the doc's table use one wording

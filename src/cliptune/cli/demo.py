@@ -192,8 +192,8 @@ def _summary(out: Path) -> list[str]:
     audit = _audit_line(out / "audit" / "audit.csv")
     if audit:
         lines.append(audit)
-    for line in lines:
-        console.print(f"  - {line}", highlight=False)
+    for line in lines:  # an indented line belongs to the line above it
+        console.print(f"      {line.strip()}" if line.startswith("  ") else f"  - {line}", highlight=False)
     console.print("\nOpen:")
     for path in (
         RunDir(runs / "fashion-finetuned").report,

@@ -131,8 +131,8 @@ def _config_overrides(exc: Any) -> str:
 HINTS: dict[str, Hint] = {
     "cliptune.config.ConfigError": _config_overrides,
     "cliptune.data.catalogue.MissingCaptionError": (
-        "name the caption column: data.text_column in the config, or --text-column on data check, eval, "
-        "test, index and embed"
+        "name the caption column: data.text_column in the config, or --text-column on data check, data "
+        "audit, suite generate, eval, test, index, embed and mine"
     ),
     "cliptune.data.prepare.BadRowsError": (
         "Fix them, clean the catalogue with `cliptune data check --write-clean`, or set "
