@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from cliptune.cli.errors import hint_for, with_hint
+from cliptune.cli.app import app
+from cliptune.cli.errors import HINTS, hint_for, with_hint
 from cliptune.config import AugmentConfig, augment_protect_problems
 from cliptune.data.augment import AugmentError, suite_attributes
 from cliptune.data.catalogue import Catalogue, read_catalogue
@@ -164,3 +165,19 @@ def test_wise_hints_name_the_wise_flags(tmp_path: Path) -> None:
     )
     # the subclass keeps its own hint
     assert hint_for(NoGeneralCatalogueError("no general catalogue")) == "give one with --general CATALOGUE"
+
+
+def test_the_caption_column_hint_names_only_commands_that_take_text_column() -> None:
+    import typer.main
+
+    hint = HINTS["cliptune.data.catalogue.MissingCaptionError"]
+    assert isinstance(hint, str)
+    named = hint.partition("--text-column on ")[2].replace(" and ", ", ").split(", ")
+    assert named == ["data check", "data audit", "suite generate", "eval", "test", "index", "embed", "mine"]
+    root = typer.main.get_command(app)
+    for words in named:
+        command = root
+        for word in words.split():
+            command = command.commands[word]  # type: ignore[attr-defined]  # click groups hold .commands
+        options = {o for p in command.params for o in getattr(p, "opts", [])}
+        assert "--text-column" in options, words
