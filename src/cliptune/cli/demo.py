@@ -43,11 +43,106 @@ def _fmt(m: dict[str, Any] | None) -> str:
     return "-" if m is None else format_interval(m)
 
 
+# The shipped suite's categories -> the generated suite's (demo_steps.GENERATED_ATTRIBUTES); "+" stands
+# for every combination category the generator wrote (rips+style, ...), the counterpart of "combinations".
+SHIPPED_TO_GENERATED = {
+    "rips": "rips",
+    "styles": "style",
+    "garments": "garment",
+    "colours": "colour",
+    "patterns": "pattern",
+    "combinations": "+",
+}
+
+
+def _suite_result(run: Path, suite_file: Path) -> dict[str, Any] | None:
+    """``RUN/suite/<name>.json`` of the suite in ``suite_file`` (None when either is missing)."""
+    from cliptune.rundir import RunDir
+    from cliptune.suites import load_suite
+
+    if not suite_file.exists():
+        return None
+    return _load(RunDir(run).suite_dir / f"{load_suite(suite_file).suite}.json")
+
+
+def _verdict(result: dict[str, Any], names: list[str]) -> tuple[bool | None, str]:
+    """(passed, words) of the categories ``names`` in a suite result; passed is None when none was measured."""
+    cats = [result["categories"][n] for n in names if n in result.get("categories", {})]
+    if not cats:
+        unmeasured = [n for n in names if n in result.get("unmeasured", {})]
+        return None, "not measured" if unmeasured else "not in the suite"
+    failed = [n for n in names if n in result["categories"] and not result["categories"][n]["passed"]]
+    if len(names) > 1:
+        if not failed:
+            return True, f"PASS (all {len(cats)} categories)"
+        return False, f"FAIL ({len(failed)} of {len(cats)} categories: {', '.join(failed)})"
+    if not failed:
+        return True, "PASS"
+    return False, f"FAIL ({'; '.join(cats[0].get('failures', []))})"
+
+
+def _mean_yellow(result: dict[str, Any], names: list[str]) -> float:
+    """Mean number of yellow (acceptable) images per scored query of the categories ``names``."""
+    counts = [q.get("n_yellow", 0) for q in result.get("queries", []) if q["category"] in names]
+    return sum(counts) / len(counts) if counts else 0.0
+
+
+def suite_comparison(
+    shipped: dict[str, Any], generated: dict[str, Any], descriptions: dict[str, str]
+) -> list[str]:
+    """One line per shipped category: its verdict next to the generated suite's, and why they differ.
+
+    Nothing is typed in: the verdicts, failures and yellow counts come from the two result files, the
+    rule from the shipped category's own description.
+    """
+    lines = []
+    generated_names = list(generated.get("categories", {})) + list(generated.get("unmeasured", {}))
+    for cat in [*shipped.get("categories", {}), *shipped.get("unmeasured", {})]:
+        target = SHIPPED_TO_GENERATED.get(cat)
+        if target == "+":
+            names = [n for n in generated_names if "+" in n]
+            label = f"{len(names)} combination categories"
+        else:
+            names = [target] if target is not None else []
+            label = target or "-"
+        ok_s, words_s = _verdict(shipped, [cat])
+        ok_g, words_g = _verdict(generated, names) if names else (None, "no counterpart")
+        line = f"{cat}: shipped {words_s}; generated ({label}) {words_g}"
+        if ok_s is not None and ok_g is not None and ok_s != ok_g:
+            line += (
+                f". They DIFFER: the shipped rule is '{descriptions.get(cat, '')}' "
+                f"({_mean_yellow(shipped, [cat]):.0f} yellow images per query); the generated suite knows "
+                f"no neighbouring values ({_mean_yellow(generated, names):.0f} yellow per query)"
+            )
+        elif ok_s is not None and ok_s == ok_g:
+            line += " (same verdict)"
+        lines.append(line)
+    return lines
+
+
+def _audit_line(audit_csv: Path) -> str | None:
+    """The audit's finding counts from its CSV (None when the audit wrote none)."""
+    import pandas as pd
+
+    if not audit_csv.exists():
+        return None
+    table = pd.read_csv(audit_csv)
+    counts = table["finding"].value_counts().to_dict() if len(table) else {}
+    leaks = int(counts.get("leak", 0))
+    others = ", ".join(f"{int(n)} {k}" for k, n in sorted(counts.items()) if k != "leak")
+    return (
+        f"data audit: {leaks} leak(s) across the fine-tuned run's splits among {len(table)} near-duplicate "
+        f"pair(s){f' ({others})' if others else ''}"
+    )
+
+
 def _summary(out: Path) -> list[str]:
     """The demo's conclusions, computed from the files it wrote (no number is typed in here)."""
     from cliptune.rundir import RunDir
 
     runs = out / "runs"
+    shipped_file = out / "data" / "fashion" / "suite.yaml"
+    generated_file = out / "data" / "fashion" / "generated-suite.yaml"
     lines: list[str] = []
     # no vertical borders and short headers: the table fits 80 columns without wrapping an interval
     table = Table(
@@ -61,8 +156,7 @@ def _summary(out: Path) -> list[str]:
     for name in ("fashion-base", "fashion-finetuned"):
         run = RunDir(runs / name)
         ev = _load(run.eval("test"))
-        suites = sorted(run.suite_dir.glob("*.json")) if run.suite_dir.exists() else []
-        suite = _load(suites[0]) if suites else None
+        suite = _suite_result(runs / name, shipped_file)
         evals[name] = ev
         rips = (suite or {}).get("categories", {}).get("rips", {})
         table.add_row(
@@ -87,14 +181,27 @@ def _summary(out: Path) -> list[str]:
                 )
             else:
                 lines.append(f"fine-tuned does NOT beat base on {key} ({_fmt(t)} vs {_fmt(b)})")
-    for line in lines:
-        console.print(f"  - {line}")
+    shipped = _suite_result(runs / "fashion-finetuned", shipped_file)
+    generated = _suite_result(runs / "fashion-finetuned", generated_file)
+    if shipped and generated:
+        from cliptune.suites import load_suite
+
+        descriptions = {n: c.description or "" for n, c in load_suite(shipped_file).categories.items()}
+        lines.append("fine-tuned run, shipped suite vs the suite generated from the catalogue:")
+        lines += [f"  {line}" for line in suite_comparison(shipped, generated, descriptions)]
+    audit = _audit_line(out / "audit" / "audit.csv")
+    if audit:
+        lines.append(audit)
+    for line in lines:  # an indented line belongs to the line above it
+        console.print(f"      {line.strip()}" if line.startswith("  ") else f"  - {line}", highlight=False)
     console.print("\nOpen:")
     for path in (
         RunDir(runs / "fashion-finetuned").report,
         out / "compare" / "compare.html",
         RunDir(runs / "art-siamese").report,
         out / "data" / "fashion" / "contact_sheet.png",
+        generated_file,
+        out / "audit" / "audit.html",
     ):
         console.print(f"  {path}{'' if path.exists() else '  (not written)'}")
     return lines

@@ -4,7 +4,10 @@
 2. fashion: train a *base* model on generic captions (garment + colour) and a *fine-tuned* one on
    attribute-rich captions (rips, pattern, style), both on cached features of the embedded backbone;
    evaluate both on the same held-out test queries (the rich captions), run the shipped behavioural suite
-   on both, compare them;
+   on both; generate a suite from the catalogue's attribute columns (wording from a small phrases file the
+   demo writes, as a user would) and run it on the fine-tuned model, to see whether the story holds without
+   the hand-written suite; audit the catalogue for near-duplicate images that cross the run's splits;
+   compare the two runs;
 3. art: train the Siamese head on originals and their derivatives and report the seed-000 figures;
 4. index the fine-tuned model and run two searches.
 
@@ -21,7 +24,31 @@ import yaml
 
 from cliptune.rundir import write_text_atomic
 
-__all__ = ["DemoStep", "demo_steps", "write_demo_configs"]
+__all__ = [
+    "GENERATED_ATTRIBUTES",
+    "PHRASES",
+    "DemoStep",
+    "demo_steps",
+    "write_demo_configs",
+]
+
+# The generated suite's attributes, in the order of the shipped suite's categories (rips, styles, garments,
+# colours, patterns): a combination's first attribute is the one it tests (docs/suites.md).
+GENERATED_ATTRIBUTES = ("rips", "style", "garment", "colour", "pattern")
+
+# The user's wording of the catalogue's values, written once from the fashion vocabulary (what a shopper
+# types: "ripped", "slim-fit", "plaid"), never from a result: the generator's default for a true/false
+# column ("with rips") is not how anyone asks for ripped jeans.
+PHRASES: dict[str, Any] = {
+    "order": ["rips", "style", "colour", "pattern", "garment"],
+    "template": "{}",
+    "phrases": {
+        "rips": {True: "ripped", False: "intact"},
+        "style": {"slim": "slim-fit", "oversized": "oversized", "regular": "regular-fit"},
+        "pattern": {"checked": "plaid", "dotted": "polka-dot", "plain": "plain"},
+        "colour": {"grey": ["grey", "gray"]},
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -84,7 +111,11 @@ def _art_config(out: Path, epochs: int) -> dict[str, Any]:
 
 
 def write_demo_configs(out: Path, fast: bool = False) -> dict[str, Path]:
-    """Write the demo's run configs into ``out/configs`` so every training step can be re-run by hand."""
+    """Write the demo's run configs and the generated suite's phrases file into ``out/configs``.
+
+    Every training step can then be re-run by hand, and ``suite generate`` reads the phrases as a user's
+    own file (key ``phrases``).
+    """
     folder = out / "configs"
     folder.mkdir(parents=True, exist_ok=True)
     epochs = 6 if fast else 15
@@ -98,6 +129,9 @@ def write_demo_configs(out: Path, fast: bool = False) -> dict[str, Path]:
         path = folder / f"{cfg['name']}.yaml"
         write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
         paths[key] = path
+    phrases = folder / "fashion-phrases.yaml"
+    write_text_atomic(phrases, yaml.safe_dump(PHRASES, sort_keys=False))
+    paths["phrases"] = phrases
     return paths
 
 
@@ -107,6 +141,7 @@ def demo_steps(out: Path, fast: bool = False) -> list[DemoStep]:
     fashion, art = str(data / "fashion"), str(data / "art")
     base, tuned, siam = str(runs / "fashion-base"), str(runs / "fashion-finetuned"), str(runs / "art-siamese")
     suite = str(data / "fashion" / "suite.yaml")
+    generated = str(data / "fashion" / "generated-suite.yaml")
     index = str(out / "index")
     n_fashion, n_art = ("600", "80") if fast else ("1500", "200")
     q = ["--quiet"]
@@ -139,6 +174,32 @@ def demo_steps(out: Path, fast: bool = False) -> list[DemoStep]:
         DemoStep(
             "Behavioural suite on the fine-tuned model (the same test images)",
             ["test", tuned, "--suite", suite],
+            may_fail=True,
+        ),
+        DemoStep(
+            "Generate a suite from the catalogue's attributes instead (the run's held-out images)",
+            [
+                "suite",
+                "generate",
+                fashion,
+                "--out",
+                generated,
+                "--splits-from",
+                tuned,
+                "--attributes",
+                ",".join(GENERATED_ATTRIBUTES),
+                "--phrases",
+                str(cfg / "fashion-phrases.yaml"),
+            ],
+        ),
+        DemoStep(
+            "The generated suite on the fine-tuned model (does the story hold?)",
+            ["test", tuned, "--suite", generated],
+            may_fail=True,
+        ),
+        DemoStep(
+            "Audit the catalogue for copies that cross the fine-tuned run's splits (leaks)",
+            ["data", "audit", fashion, "--splits-from", tuned, "--out", str(out / "audit"), *q],
             may_fail=True,
         ),
         DemoStep(

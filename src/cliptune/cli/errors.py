@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -60,6 +61,56 @@ def _index_bad_rows(exc: Any) -> str:
     return f"fix them, or index a clean copy (`cliptune data check {exc.catalogue} --write-clean OUT`)"
 
 
+def _by_message(*rules: tuple[str, str], default: str = "") -> Callable[[Any], str]:
+    """A hint chosen by the first ``(words, hint)`` rule whose words are in the error's message.
+
+    For one error class with several causes, each fixed by another flag; no rule matches: ``default``
+    ("": no hint).
+    """
+
+    def hint(exc: Any) -> str:
+        text = str(exc)
+        return next((h for words, h in rules if words in text), default)
+
+    return hint
+
+
+def _augment(exc: Any) -> str:
+    """``set data.augment.X to V`` in a problem becomes ``--set data.augment.X=V``; a bad suite file, its field."""
+    fixes = [
+        f"--set {field}={value}"
+        for field, value in re.findall(r"set (data\.augment\.[\w.]+) to (\S+)", str(exc))
+    ]
+    if fixes:
+        return "change the data.augment section of the config, or override it for one run with " + " ".join(
+            fixes
+        )
+    if "data.augment.suite" in str(exc):
+        return "point data.augment.suite at an existing suite YAML file, or set it to null"
+    return ""
+
+
+_INDEX_PARAMS = r"\b(hnsw_m|ef_construction|ef_search|nlist|pq_m|nprobe)\b"
+
+
+def _index_parameter(exc: Any) -> str:
+    """The ``cliptune index`` options behind an index parameter error (``pq_m`` -> ``--pq-m``)."""
+    text = str(exc)
+    flags = list(dict.fromkeys(f"--{n.replace('_', '-')}" for n in re.findall(_INDEX_PARAMS, text)))
+    if text.startswith("index kind must"):
+        return "choose --kind flat, hnsw or ivfpq"
+    if "do not apply to index kind" in text:
+        return (
+            f"leave out {', '.join(flags)}, or choose the --kind they belong to (hnsw: --hnsw-m, "
+            "--ef-construction, --ef-search; ivfpq: --nlist, --pq-m, --nprobe)"
+        )
+    if "needs at least" in text:
+        return "build it with --kind hnsw (or --kind flat, exact)"
+    if flags:
+        return f"change {flags[0]} on `cliptune index`, or leave it out for its default"
+    return ""
+
+
 _debug = False  # set by the root callback from `cliptune --debug`, for each invocation
 
 
@@ -80,8 +131,8 @@ def _config_overrides(exc: Any) -> str:
 HINTS: dict[str, Hint] = {
     "cliptune.config.ConfigError": _config_overrides,
     "cliptune.data.catalogue.MissingCaptionError": (
-        "name the caption column: data.text_column in the config, or --text-column on data check, eval, "
-        "test, index and embed"
+        "name the caption column: data.text_column in the config, or --text-column on data check, data "
+        "audit, suite generate, eval, test, index, embed and mine"
     ),
     "cliptune.data.prepare.BadRowsError": (
         "Fix them, clean the catalogue with `cliptune data check --write-clean`, or set "
@@ -131,6 +182,38 @@ HINTS: dict[str, Hint] = {
     "cliptune.sweep.TrialRunExistsError": "or use another --name",
     "cliptune.sweep.StudyDirectionMismatchError": "use another --name",
     "cliptune.sweep.StudyConfigMismatchError": "or use another --name",
+    "cliptune.data.augment.AugmentError": _augment,
+    "cliptune.suites.generate.SuiteGenerateError": _by_message(
+        ("unknown attribute(s)", "choose --attributes among them"),
+        ("fewer than 2 distinct values", "leave them out of --attributes"),
+        ("no attribute column has", "name the attributes to query with --attributes a,b,..."),
+        ("no query has", "lower --min-relevant, or count more images (--split all, or another --split)"),
+        ("no split column", "give the run whose splits to use with --splits-from RUN, or leave out --split"),
+        ("no row has split", "choose --split among the splits in the column"),
+    ),
+    "cliptune.suites.phrases.PhraseError": (
+        "edit the file given with --phrases (keys order, template, phrases; attributes and values as the "
+        "catalogue spells them; docs/suites.md)"
+    ),
+    "cliptune.search.ann.IndexParameterError": _index_parameter,
+    "cliptune.train.mining.MiningError": _by_message(
+        ("to mine; the data has", "choose one with --split (cliptune mine)"),
+        ("nothing to mine negatives from", "mine a larger split with --split (e.g. --split all)"),
+        ("mining window:", "change --per-caption, --range-min, --range-max, --margin or --relative-margin"),
+        ("select_hard_negatives:", ""),  # arrays of different lengths: a bug, no flag fixes it
+        # the rest are the mined file train.hard_negatives.file names: missing, unreadable, another run's
+        default=(
+            "mine it again with `cliptune mine` on this run's catalogue and caption column (--split train) "
+            "and set train.hard_negatives.file to the new file"
+        ),
+    ),
+    "cliptune.report.wise.WiseError": _by_message(
+        ("alpha 0", "add 0 to --alphas (e.g. --alphas 0,0.25,0.5,0.75,1)"),
+        ("no alphas", "give them with --alphas (e.g. --alphas 0,0.25,0.5,0.75,1)"),
+        ("no metric", "choose one with --metric"),
+        ("tolerance must", "give --tolerance >= 0"),
+        ("not a run directory", "give a training run's folder (runs/<name>)"),
+    ),
 }
 
 

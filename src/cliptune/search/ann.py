@@ -33,6 +33,7 @@ from cliptune.search.errors import SearchIndexError
 __all__ = [
     "KINDS",
     "IndexKind",
+    "IndexParameterError",
     "ann_topk",
     "build_faiss",
     "check_params",
@@ -56,11 +57,17 @@ _IVFPQ_CANDIDATES = 4  # IVF-PQ proposes 4k (at least k + TIE_PAD) candidates fo
 RECALL_K = 10
 
 
+class IndexParameterError(SearchIndexError):
+    """An index kind or parameter that cannot build this index (unknown kind, a parameter of another kind,
+    a value < 1, ``pq_m`` not dividing the dimension, too few items for IVF-PQ); typed so that the CLI can
+    name the ``cliptune index`` options that fix it."""
+
+
 def resolve_params(kind: str, n: int, dim: int, given: dict[str, int | None]) -> dict[str, int]:
     """The kind's parameters: those given, the defaults (module docstring) for the rest.
 
     Raises:
-        SearchIndexError: an unknown kind, a parameter of another kind, a value < 1, ``pq_m`` not dividing
+        IndexParameterError: an unknown kind, a parameter of another kind, a value < 1, ``pq_m`` not dividing
             the dimension, or too few items to train an IVF-PQ index.
     """
     check_params(kind, given)
@@ -72,16 +79,16 @@ def resolve_params(kind: str, n: int, dim: int, given: dict[str, int | None]) ->
         }
     if kind == "ivfpq":
         if n < 2**_PQ_BITS:
-            raise SearchIndexError(
+            raise IndexParameterError(
                 f"an ivfpq index trains {2**_PQ_BITS} centroids per sub-quantizer and needs at least "
                 f"{2**_PQ_BITS} items; this catalogue has {n}: use kind hnsw or flat"
             )
         nlist = given.get("nlist") or max(1, min(int(4 * math.sqrt(n)), n // _MIN_PER_CELL))
         if nlist > n:
-            raise SearchIndexError(f"nlist {nlist} exceeds the {n} items to cluster")
+            raise IndexParameterError(f"nlist {nlist} exceeds the {n} items to cluster")
         pq_m = given.get("pq_m") or max(m for m in range(1, max(1, dim // 4) + 1) if dim % m == 0)
         if dim % pq_m:
-            raise SearchIndexError(f"pq_m {pq_m} must divide the embedding dimension {dim}")
+            raise IndexParameterError(f"pq_m {pq_m} must divide the embedding dimension {dim}")
         nprobe = given.get("nprobe") or max(1, nlist // 16)
         return {"nlist": nlist, "pq_m": pq_m, "nprobe": min(nprobe, nlist)}
     return {}
@@ -91,16 +98,16 @@ def check_params(kind: str, given: dict[str, int | None]) -> None:
     """Refuse an unknown kind, a parameter of another kind, or a value < 1 (before anything is embedded).
 
     Raises:
-        SearchIndexError: naming the kind or the parameter.
+        IndexParameterError: naming the kind or the parameter.
     """
     if kind not in KINDS:
-        raise SearchIndexError(f"index kind must be one of {', '.join(KINDS)}, got '{kind}'")
+        raise IndexParameterError(f"index kind must be one of {', '.join(KINDS)}, got '{kind}'")
     stray = sorted(p for p, v in given.items() if v is not None and p not in _PARAMS[kind])
     if stray:
-        raise SearchIndexError(f"parameter(s) {', '.join(stray)} do not apply to index kind {kind}")
+        raise IndexParameterError(f"parameter(s) {', '.join(stray)} do not apply to index kind {kind}")
     for name, value in given.items():
         if value is not None and value < 1:
-            raise SearchIndexError(f"index parameter {name} must be >= 1, got {value}")
+            raise IndexParameterError(f"index parameter {name} must be >= 1, got {value}")
 
 
 def build_faiss(kind: str, vectors: np.ndarray, params: dict[str, int], *, seed: int = 0) -> Any:
