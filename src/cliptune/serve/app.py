@@ -47,7 +47,7 @@ from cliptune.serve.hits import hit_json
 from cliptune.serve.info import run_info
 from cliptune.serve.limits import Limits
 from cliptune.serve.suite_view import suite_results
-from cliptune.serve.uploads import checked_upload, read_limited
+from cliptune.serve.uploads import read_limited, uploaded_image
 
 __all__ = ["STATIC", "create_app"]
 
@@ -274,7 +274,9 @@ def _search_text(served: _Served, text: str, query: _Query) -> list[Any]:
 
 def _search_image(served: _Served, path: Path, query: _Query) -> list[Any]:
     with served.lock:
-        vector = embed_images_with(served.model, [path], use_cache=False, progress=False)
+        vector = embed_images_with(
+            served.model, [path], use_cache=False, progress=False, max_pixels=served.limits.max_image_pixels
+        )
     return _rank(served, vector.numpy(), query)  # (1, D)
 
 
@@ -332,7 +334,7 @@ async def _search_upload(request: Request, served: _Served, started: float) -> d
         name = upload.filename or "upload"
     finally:
         await form.close()
-    with checked_upload(data, name, served.uploads, served.limits.max_image_pixels) as path:
+    with uploaded_image(data, name, served.uploads) as path:  # decoded once, in the worker thread
         hits = await run_in_threadpool(_search_image, served, path, query)
     return _answer(query, hits, started, image=name)
 

@@ -5,9 +5,10 @@ being spooled to disk first. Whether it is an image is decided by decoding it wi
 (:func:`cliptune.data.images.load_image`: header pixel limit before decoding, truncation, EXIF), never by
 its file name or content type: an HTML page named ``photo.jpg`` is refused with 415.
 
-The embedding functions read image files (their feature cache keys a file by its bytes), so a checked
-upload is written to a private temporary file with a random name (never the client's file name) that
-:func:`checked_upload` deletes when its block ends.
+The embedding functions read image files, so an upload is written to a private temporary file with a
+random name (never the client's file name) that :func:`uploaded_image` deletes when its block ends. The
+bytes are decoded once, by the embedding's own loader in the worker thread (the server passes its pixel
+limit), not first by a separate check on the event loop; its :class:`ImageLoadError` becomes the 415 here.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cliptune.data.images import ImageLoadError, load_image
+from cliptune.data.images import ImageLoadError
 from cliptune.serve.errors import NotAnImageError, UploadTooLargeError
 
-__all__ = ["checked_upload", "read_limited"]
+__all__ = ["read_limited", "uploaded_image"]
 
 
 async def read_limited(chunks: AsyncIterator[bytes], limit: int, what: str) -> bytes:
@@ -40,17 +41,20 @@ async def read_limited(chunks: AsyncIterator[bytes], limit: int, what: str) -> b
 
 
 @contextmanager
-def checked_upload(data: bytes, name: str, folder: Path, max_pixels: int) -> Iterator[Path]:
-    """A temporary file holding ``data`` once it decodes as an image; deleted when the block ends.
+def uploaded_image(data: bytes, name: str, folder: Path) -> Iterator[Path]:
+    """A temporary file holding ``data`` for the block to embed; deleted when the block ends.
+
+    The block loads the file with :func:`cliptune.data.images.load_image` (through the embedding), and an
+    :class:`ImageLoadError` it raises is turned into the 415 answer naming the client's file.
 
     Args:
         data: The uploaded bytes.
         name: The client's file name, used in messages only.
         folder: Where the temporary file goes (the server's private folder).
-        max_pixels: Largest ``width * height`` accepted, checked from the header before decoding.
 
     Raises:
-        NotAnImageError: empty, not an image, truncated, or too many pixels (415), naming the reason.
+        NotAnImageError: empty, or (raised by the block's loading) not an image, truncated, or too many
+            pixels (415), naming the reason.
     """
     if not data:
         raise NotAnImageError(f"the uploaded file {name!r} is empty")
@@ -60,9 +64,8 @@ def checked_upload(data: bytes, name: str, folder: Path, max_pixels: int) -> Ite
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         try:
-            load_image(path, max_pixels=max_pixels)
+            yield path
         except ImageLoadError as exc:
             raise NotAnImageError(f"the uploaded file {name!r} is not a usable image: {exc.reason}") from None
-        yield path
     finally:
         path.unlink(missing_ok=True)
