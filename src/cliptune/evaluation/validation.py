@@ -146,13 +146,7 @@ def retrieval_validation(
     Shapes:
         image, text: (N, D)
     """
-    first_row: dict[str, int] = {}
-    for i, f in enumerate(files):
-        first_row.setdefault(f, i)
-    distinct = list(first_row.values())  # one row per image file: captions of one image share its row
-    problems = embedding_problems(image[distinct], "image") + embedding_problems(text, "text")
-    if problems:
-        raise DegenerateEmbeddingsError(problems)
+    first_row = _rankable_rows(image, text, files, "")
 
     sums: dict[str, float] = {}
     n_batches = 0
@@ -198,15 +192,25 @@ def general_validation(
     Shapes:
         image, text: (N, D)
     """
+    first_row = _rankable_rows(image, text, files, "general ")
+    return _ranking_means(image, text, first_row, groups, files, ks, relevant, "general")
+
+
+def _rankable_rows(image: Tensor, text: Tensor, files: Sequence[str], label: str) -> dict[str, int]:
+    """Each image file's first row, after checking the distinct images and every text can be ranked.
+
+    One row per image file: the captions of one image share its row. ``label`` prefixes the modality in
+    the problems (``"general "`` for the forgetting guard's catalogue).
+    """
     first_row: dict[str, int] = {}
     for i, f in enumerate(files):
         first_row.setdefault(f, i)
-    problems = embedding_problems(image[list(first_row.values())], "general image") + embedding_problems(
-        text, "general text"
+    problems = embedding_problems(image[list(first_row.values())], f"{label}image") + embedding_problems(
+        text, f"{label}text"
     )
     if problems:
         raise DegenerateEmbeddingsError(problems)
-    return _ranking_means(image, text, first_row, groups, files, ks, relevant, "general")
+    return first_row
 
 
 def _ranking_means(
