@@ -33,7 +33,7 @@ import yaml
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from cliptune.config import AugmentConfig, ImageAugmentConfig, TextAugmentConfig, augment_protect_problems
-from cliptune.data.images import DEFAULT_MAX_PIXELS, load_image
+from cliptune.data.images import DEFAULT_MAX_PIXELS, load_image, read_image_bytes
 from cliptune.errors import CliptuneError
 
 __all__ = [
@@ -180,7 +180,7 @@ class AugmentedLoader:
 
     def __call__(self, path: Path) -> Image.Image:
         image = load_image(path, max_pixels=self.max_pixels)
-        item = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        item = hashlib.sha256(read_image_bytes(Path(path))).hexdigest()
         return augment_image(image, self.params, view_rng(self.seed, item, self.view))
 
 

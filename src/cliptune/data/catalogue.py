@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,8 @@ class Catalogue:
         triplets_path: The triplets file, or None.
         text_column: The caption column (``data.text_column``): required, checked for blank captions,
             embedded by the text tower, shown as the caption by search; never an attribute.
+        problems: Row number -> a fault the reader found in the row's source that no column shows (a
+            WebDataset sample whose JSON member is missing or broken); the check rejects those rows.
     """
 
     root: Path
@@ -101,6 +103,7 @@ class Catalogue:
     triplets: pd.DataFrame | None = None
     triplets_path: Path | None = None
     text_column: str = DEFAULT_TEXT_COLUMN
+    problems: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.image_root is None:
@@ -118,7 +121,7 @@ class Catalogue:
             CatalogueError: the metadata has no such column.
         """
         _require_caption(self.rows, text_column, self.metadata_path)
-        return replace(self, text_column=text_column, attributes=_attributes(self.rows, text_column))
+        return replace(self, text_column=text_column, attributes=attribute_columns(self.rows, text_column))
 
     def image_path(self, file_name: str) -> Path:
         """The image file a ``file_name`` value names (no existence or escape check: see ``check``)."""
@@ -135,7 +138,8 @@ def read_catalogue(root: Path, text_column: str = DEFAULT_TEXT_COLUMN) -> Catalo
 
     Args:
         root: Folder holding the images and exactly one of ``metadata.csv``, ``metadata.jsonl``,
-            ``metadata.parquet``. CSV cells are missing only when empty; ``file_name``, the caption column,
+            ``metadata.parquet``; or a pattern of WebDataset shards (``shards/{00000..00099}.tar``, local
+            or an fsspec URL), read by :func:`cliptune.data.shards.read_shards`. CSV cells are missing only when empty; ``file_name``, the caption column,
             ``text``, ``group`` and ``split`` are read as text.
         text_column: The caption column (``data.text_column``; default ``text``).
 
@@ -147,6 +151,10 @@ def read_catalogue(root: Path, text_column: str = DEFAULT_TEXT_COLUMN) -> Catalo
             cannot be parsed (the message names the line), a required column (``file_name``, the caption
             column) is absent, or a column is named ``row`` (reserved for the row number).
     """
+    from cliptune.data import shards  # imports this module: imported here
+
+    if shards.is_shard_spec(root):
+        return shards.read_shards(root, text_column)
     root = Path(root)
     if not root.is_dir():
         raise CatalogueError(f"{root}: catalogue folder not found")
@@ -155,7 +163,7 @@ def read_catalogue(root: Path, text_column: str = DEFAULT_TEXT_COLUMN) -> Catalo
     rows = _read_table(metadata_path, text_column)
     require_columns(rows, ("file_name",), metadata_path)
     _require_caption(rows, text_column, metadata_path)
-    attributes = _attributes(rows, text_column)
+    attributes = attribute_columns(rows, text_column)
     triplets_path = _find_one(root, TRIPLET_NAMES, required=False)
     triplets = None
     if triplets_path is not None:
@@ -193,7 +201,8 @@ def _require_caption(rows: pd.DataFrame, text_column: str, path: Path) -> None:
         raise MissingCaptionError(path, text_column, [str(c) for c in rows.columns if c != "row"])
 
 
-def _attributes(rows: pd.DataFrame, text_column: str) -> list[str]:
+def attribute_columns(rows: pd.DataFrame, text_column: str) -> list[str]:
+    """The attribute columns of catalogue rows: all but the reserved ones, the caption and ``text_*``."""
     # `text_<variant>` columns are alternative captions (e.g. `text_generic`), selectable as
     # data.text_column; they are free text, not attributes to filter on. Nor is the caption column.
     free_text = {*RESERVED_COLUMNS, text_column}
@@ -282,6 +291,10 @@ def image_root(root: Path) -> Path:
     Raises:
         CatalogueError: an unreadable ``catalogue.json``.
     """
+    from cliptune.data import shards  # imports this module: imported here
+
+    if shards.is_shard_spec(root):  # file_name values are <shard>/<member>, relative to the shards' folder
+        return Path(shards.expand_pattern(root)[0].rpartition("/")[0] or ".")
     pointer = root / CATALOGUE_JSON
     if not pointer.is_file():
         return root

@@ -121,6 +121,9 @@ def check_catalogue(
             reasons[i].append(problem)
         else:
             usable[i] = name
+    for i, number in enumerate(numbers):
+        if number in catalogue.problems:  # a fault of the row's source no column shows (a shard's JSON)
+            reasons[i].append(catalogue.problems[number])
     for i, text in enumerate(texts):
         problem = _text_problem(text, caption)
         if problem:

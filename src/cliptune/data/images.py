@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from pathlib import Path
@@ -24,7 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cliptune.errors import CliptuneError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "load_image", "probe_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "load_image", "probe_image", "read_image_bytes"]
 
 DEFAULT_MAX_PIXELS = 89_478_485
 """Pillow's own ``MAX_IMAGE_PIXELS`` (a 3-channel 8-bit image of ~256 MB), used as our default limit."""
@@ -110,20 +111,53 @@ def probe_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, 
     return size
 
 
-def _open_checked(path: Path, max_pixels: int) -> Image.Image:
-    # Pillow's own guard must never pre-empt ours: only ever raise its limit, never lower it.
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
-        Image.MAX_IMAGE_PIXELS = max_pixels
+def read_image_bytes(path: Path) -> bytes:
+    """The stored bytes of an image: a file's, or a WebDataset shard member's (``<dir>/00003.tar/000123.jpg``).
+
+    The one reader of image bytes: decoding, the content hashes of the feature and augmentation caches,
+    the shard converter and serve all read through it, so a catalogue read from shards
+    (:mod:`cliptune.data.shards`) is used exactly like a folder.
+
+    Raises:
+        ImageLoadError: missing, not a regular file, unreadable, or a shard sample without that member.
+    """
+    from cliptune.data import shards  # imports the catalogue reader, which does not need images
+
+    found = shards.shard_member(path)
+    if found is not None:
+        try:
+            return shards.read_member(*found)
+        except shards.ShardMemberError as exc:
+            raise ImageLoadError(path, exc.reason) from exc
+    _check_file(path)
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageLoadError(path, f"cannot read image ({exc.strerror or exc})") from exc
+
+
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise ImageLoadError(path, "file not found")
     if not path.is_file():
         raise ImageLoadError(path, "not a regular file")
-    if path.stat().st_size == 0:
+
+
+def _open_checked(path: Path, max_pixels: int) -> Image.Image:
+    # Pillow's own guard must never pre-empt ours: only ever raise its limit, never lower it.
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    source: Path | io.BytesIO = path
+    if ".tar" in str(path):  # maybe a shard member: its bytes come from the tar (read_image_bytes)
+        source = io.BytesIO(read_image_bytes(path))
+    else:
+        _check_file(path)
+    if (source.getbuffer().nbytes if isinstance(source, io.BytesIO) else path.stat().st_size) == 0:
         raise ImageLoadError(path, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(source)
     except Image.DecompressionBombError as exc:
         found = re.search(r"\((\d+) pixels\)", str(exc))
         pixels = f"{int(found.group(1)):,}" if found else "more"

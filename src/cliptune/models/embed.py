@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from cliptune.config import AugmentConfig
 from cliptune.data.augment import AugmentedLoader, caption_view, image_view_id
 from cliptune.data.catalogue import Catalogue
-from cliptune.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from cliptune.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, read_image_bytes
 from cliptune.models.backbone import Backbone
 from cliptune.models.cache import FeatureCache, Precision, feature_key
 from cliptune.models.factory import LoadedModel
@@ -376,7 +376,6 @@ def catalogue_paths(catalogue: Catalogue, file_names: Sequence[str]) -> list[Pat
 # Batched tower forwards through the feature cache: what every function above ends up calling.
 
 _FLUSH_ROWS = 4096  # rows buffered before a shard is written: bounds the work lost to a crash
-_HASH_CHUNK = 1 << 20  # bytes read at a time when hashing an image file
 
 
 def resolve_precision(precision: Precision, device: torch.device | str = "cpu") -> Literal["fp32", "bf16"]:
@@ -631,13 +630,5 @@ def _assemble(keys: list[str], found: dict[str, Tensor]) -> Tensor:
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
-    except FileNotFoundError as e:
-        raise ImageLoadError(path, "file not found") from e
-    except OSError as e:
-        raise ImageLoadError(path, f"cannot read image ({e.strerror or e})") from e
-    return digest.hexdigest()
+    # read_image_bytes: the one reader of image bytes (a file, or a WebDataset shard member)
+    return hashlib.sha256(read_image_bytes(path)).hexdigest()

@@ -33,7 +33,7 @@ from cliptune.data.augment import (
     keep_words,
     view_rng,
 )
-from cliptune.data.images import load_image
+from cliptune.data.images import load_image, read_image_bytes
 from cliptune.data.prepare import PreparedData
 from cliptune.data.splits import group_ids
 from cliptune.evaluation.catalogue import prepare_catalogue
@@ -248,7 +248,7 @@ def _augment_raw(item: dict[str, Any], augment: AugmentConfig, max_pixels: int) 
     if epoch is None:  # validation: the plain picture and caption
         return image, text
     if augment.image.enabled:
-        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        sha = hashlib.sha256(read_image_bytes(path)).hexdigest()
         image = augment_image(image, augment.image, view_rng(augment.seed, sha, 0, epoch))
     if augment.text.enabled:
         keep = item["keep"]

@@ -1,0 +1,484 @@
+"""WebDataset shards as a catalogue: tar files of samples, each an image member plus a ``.json`` member.
+
+The layout is the one open_clip and img2dataset read and write at scale: a sample is every member sharing a
+*key* (the member name up to the first dot of its base name), e.g. ``000123.jpg`` + ``000123.json``. A
+catalogue spec naming tar files (``shards/{00000..00099}.tar``, a local path or an fsspec URL such as
+``s3://bucket/shards/{0..9}.tar``) is read by :func:`read_shards` into a normal
+:class:`~cliptune.data.catalogue.Catalogue`:
+
+- one sequential pass over each shard reads only the headers and the JSON members; image members are
+  skipped by seeking and remembered as ``(offset, size)`` in a per-process member index, so no shard is
+  ever extracted;
+- each row's ``file_name`` is ``<shard file name>/<member name>`` (``00003.tar/000123.jpg``) and
+  :meth:`Catalogue.image_path` turns it into ``<shard folder>/00003.tar/000123.jpg``: a path *through* the
+  tar file. :func:`cliptune.data.images.read_image_bytes`, the one reader of image bytes, sends such paths
+  to :func:`read_member`, which seeks to the member and reads its bytes (random access, so training
+  shuffles over shards without extracting them). A worker process that never saw the pass rebuilds a
+  shard's member index on first use, from the headers alone.
+
+Samples that cannot become a good row stay rows (reading never drops one) and are named by their
+``file_name``, i.e. by shard and key: a sample without an image member gets ``<shard>/<key>`` and the
+image check says so; a JSON member that is missing, unparseable or not an object becomes a row without a
+caption whose problem :func:`~cliptune.data.check.check_catalogue` reports (``Catalogue.problems``). A tar
+that is cut short or corrupt raises :class:`~cliptune.data.catalogue.CatalogueError` naming the shard and
+the byte offset.
+
+:func:`write_shards` converts a folder catalogue (``cliptune data shard``).
+
+Example:
+    >>> pattern = write_shards(read_catalogue(Path("data/fashion")), Path("data/fashion-shards"), 500)
+    >>> pattern  # doctest: +SKIP
+    'data/fashion-shards/{00000..00002}.tar'
+    >>> read_catalogue(Path(pattern)).rows["file_name"].iloc[0]  # doctest: +SKIP
+    '00000.tar/000000.png'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+import numpy as np
+import pandas as pd
+
+from cliptune.data.catalogue import Catalogue, CatalogueError, attribute_columns, require_columns
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ShardMemberError",
+    "expand_pattern",
+    "is_shard_spec",
+    "read_member",
+    "read_shards",
+    "shard_member",
+    "write_shards",
+]
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+"""Member extensions read as a sample's image (WebDataset's names; other members such as ``.txt`` are ignored)."""
+
+_BLOCK = 512  # a tar header block
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):/+(.*)$")
+
+
+class ShardMemberError(CatalogueError):
+    """A shard member that cannot be read: the shard is gone, or the sample has no such member.
+
+    Attributes:
+        shard: The shard (path or URL).
+        member: The member name inside it.
+        reason: Why, e.g. ``"sample has no image member (.jpg, .jpeg, .png, .webp)"``.
+    """
+
+    def __init__(self, shard: str, member: str, reason: str) -> None:
+        super().__init__(f"{shard}: {member}: {reason}")
+        self.shard, self.member, self.reason = shard, member, reason
+
+    def __reduce__(self) -> tuple[type[ShardMemberError], tuple[str, str, str]]:
+        return type(self), (self.shard, self.member, self.reason)  # picklable (DataLoader workers)
+
+
+def expand_pattern(spec: str | Path) -> list[str]:
+    """The shards a spec names: brace patterns expanded (``{00000..00002}`` gives three), in order.
+
+    A local spec stays a path; an fsspec URL (``memory://``, ``s3://``, ...) stays a URL, even after a
+    ``Path`` folded its ``//`` into ``/`` (config fields are paths); ``file://`` URLs become plain paths.
+
+    Example:
+        >>> expand_pattern("shards/{00000..00002}.tar")
+        ['shards/00000.tar', 'shards/00001.tar', 'shards/00002.tar']
+    """
+    from braceexpand import braceexpand
+
+    return [_location(s) for s in braceexpand(str(spec))]
+
+
+def is_shard_spec(spec: str | Path) -> bool:
+    """Whether a catalogue spec names WebDataset shards (every name it expands to ends with ``.tar``)."""
+    text = str(spec)
+    if ".tar" not in text:
+        return False
+    try:
+        names = expand_pattern(text)
+    except Exception:  # braceexpand's UnbalancedBracesError and friends: not a pattern we understand
+        return False
+    return bool(names) and all(n.endswith(".tar") for n in names)
+
+
+def shard_member(path: str | Path) -> tuple[str, str] | None:
+    """``(shard, member)`` when a path points through a tar file (``<dir>/00003.tar/000123.jpg``), else None.
+
+    Cheap for ordinary paths (a string test), so every image read may ask.
+    """
+    parts = PurePosixPath(str(path)).parts
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i].endswith(".tar"):
+            shard = _location(_join(parts[: i + 1]))
+            if _is_url(shard) or os.path.isfile(shard):
+                return shard, "/".join(parts[i + 1 :])
+    return None
+
+
+def read_member(shard: str, member: str) -> bytes:
+    """The bytes of one member of a shard, by seeking to it (the shard's member index is built once).
+
+    Raises:
+        ShardMemberError: the shard cannot be opened, or has no such member (the reason says which).
+        CatalogueError: the shard is truncated or corrupt (naming the byte offset).
+    """
+    index = _member_index(shard)
+    found = index.get(member)
+    if found is None:
+        key = _key(member)
+        if member == key or "." not in PurePosixPath(member).name:
+            reason = f"sample has no image member ({', '.join('.' + e for e in IMAGE_EXTENSIONS)})"
+        else:
+            reason = "no such member in the shard"
+        raise ShardMemberError(shard, member, reason)
+    offset, size = found
+    with _open(shard) as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise CatalogueError(f"{shard}: truncated at offset {offset + len(data)} (member {member})")
+    return bytes(data)
+
+
+@dataclass(frozen=True)
+class _Sample:
+    shard: str
+    key: str
+    image: str | None  # member name
+    meta: bytes | None  # the JSON member's bytes
+
+
+def read_shards(spec: str | Path, text_column: str = "text") -> Catalogue:
+    """Read a catalogue from WebDataset shards: one pass per shard over headers and JSON members.
+
+    Each sample becomes one row per metadata object: a JSON member holding an object is one row, one holding
+    a list of objects (an image with several captions, as :func:`write_shards` writes it) one row per
+    object. Rows are numbered 1.. in shard and member order. A broken sample is a row too (see the module
+    docstring), never dropped.
+
+    Args:
+        spec: Shard pattern, e.g. ``shards/{00000..00099}.tar`` or ``memory://cat/{0..2}.tar``.
+        text_column: The caption column.
+
+    Returns:
+        A :class:`Catalogue` whose ``root`` and ``metadata_path`` are the spec, ``image_root`` the folder of
+        the shards (``file_name`` values are ``<shard file name>/<member>``), and ``problems`` the samples'
+        own faults by row number.
+
+    Raises:
+        CatalogueError: a shard is missing, truncated or corrupt (naming shard and offset), the shards lie
+            in several folders, or the rows lack the caption column.
+    """
+    shards = expand_pattern(spec)
+    folders = {_parent(s) for s in shards}
+    if len(folders) != 1:
+        raise CatalogueError(f"{spec}: shards must lie in one folder, found {', '.join(sorted(folders))}")
+    records: list[dict[str, Any]] = []
+    problems: dict[int, str] = {}
+    for shard in shards:
+        for sample in _samples(shard):
+            name = _base(shard) + "/" + (sample.image or sample.key)
+            metas, problem = _metadata(sample.meta)
+            for meta in metas:
+                records.append({**meta, "file_name": name})
+                if problem:
+                    problems[len(records)] = problem
+    rows: pd.DataFrame = pd.DataFrame.from_records(records) if records else pd.DataFrame({"file_name": []})
+    rows = rows[["file_name", *[c for c in rows.columns if c != "file_name"]]]
+    rows = rows.where(rows.notna(), np.nan)  # JSON null is a missing value, as an empty CSV cell
+    rows.insert(0, "row", pd.Series(np.arange(1, len(rows) + 1), dtype="int64"))
+    spec_path = Path(str(spec))
+    if text_column not in rows.columns:
+        rows[text_column] = np.nan  # every sample lacks it: each row is then rejected, naming its sample
+    require_columns(rows, ("file_name",), spec_path)
+    return Catalogue(
+        root=spec_path,
+        metadata_path=spec_path,
+        rows=rows,
+        attributes=attribute_columns(rows, text_column),
+        image_root=Path(next(iter(folders))),
+        text_column=text_column,
+        problems=problems,
+    )
+
+
+def write_shards(
+    catalogue: Catalogue,
+    out: Path,
+    shard_size: int,
+    group_column: str = "group",
+    progress: Callable[[Iterator[Any], int], Iterator[Any]] | None = None,
+) -> str:
+    """Convert a folder catalogue into WebDataset shards, ``out/00000.tar`` onwards.
+
+    One sample per image (in the order of each image's first row), key ``000000``, ``000001``, ...: the
+    image member keeps the file's bytes and its extension (``.jpg``, ``.png``, ...), the JSON member holds
+    the image's row (all columns but ``row`` and ``file_name``), or the list of its rows when the image has
+    several captions. Empty cells are JSON nulls. A row without a group gets its original ``file_name`` as
+    group, which is the group it had (:func:`~cliptune.data.splits.group_ids`), so the shards split like
+    the folder. An image that cannot be read is written as a sample without an image member: the check
+    then names it by shard and key.
+
+    Args:
+        catalogue: The folder catalogue (every row is converted; run the check first to drop bad rows).
+        out: Folder for the shards (created).
+        shard_size: Samples (images) per shard, >= 1.
+        group_column: The column whose missing values get the original ``file_name``.
+        progress: Wraps the iteration over images (``(items, total) -> items``), e.g. a progress bar.
+
+    Returns:
+        The pattern naming the shards, e.g. ``out/{00000..00002}.tar``, to put in ``data.catalogue``.
+
+    Raises:
+        ValueError: ``shard_size`` < 1.
+        CatalogueError: an image's extension is not one of :data:`IMAGE_EXTENSIONS`.
+    """
+    from webdataset import TarWriter  # imported here: it pulls in torch's data utilities
+
+    from cliptune.data.images import ImageLoadError, read_image_bytes
+
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    rows = catalogue.rows
+    by_image: dict[str, list[dict[str, Any]]] = {}
+    for record in rows.drop(columns="row").to_dict("records"):
+        name = record.pop("file_name")
+        meta = {str(k): _plain(v) for k, v in record.items()}
+        if meta.get(group_column) is None:
+            meta[group_column] = str(name)
+        by_image.setdefault(str(name), []).append(meta)
+    names = list(by_image)
+    for name in names:
+        if PurePosixPath(name).suffix.lower().lstrip(".") not in IMAGE_EXTENSIONS:
+            raise CatalogueError(
+                f"{catalogue.metadata_path}: {name}: a shard sample's image must be "
+                f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)}"
+            )
+    n_shards = max(1, math.ceil(len(names) / shard_size))
+    width = max(6, len(str(len(names) - 1)))
+    shard_width = max(5, len(str(n_shards - 1)))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    items: Iterator[tuple[int, str]] = iter(enumerate(names))
+    if progress is not None:
+        items = progress(items, len(names))
+    writer: Any = None
+    try:
+        for i, name in items:
+            if i % shard_size == 0:
+                if writer is not None:
+                    writer.close()
+                writer = TarWriter(
+                    str(out / f"{i // shard_size:0{shard_width}d}.tar"), encoder=False, mtime=0
+                )
+            metas = by_image[name]
+            sample: dict[str, Any] = {"__key__": f"{i:0{width}d}"}
+            sample["json"] = json.dumps(metas[0] if len(metas) == 1 else metas, ensure_ascii=False).encode()
+            try:
+                sample[PurePosixPath(name).suffix.lower().lstrip(".")] = read_image_bytes(
+                    catalogue.image_path(name)
+                )
+            except ImageLoadError:
+                pass  # a sample without an image: the check names it by shard and key
+            writer.write(sample)
+    finally:
+        if writer is not None:
+            writer.close()
+    if not names:  # an empty catalogue is one empty shard, so the pattern still names a file
+        TarWriter(str(out / f"{0:0{shard_width}d}.tar"), encoder=False, mtime=0).close()
+    last = f"{n_shards - 1:0{shard_width}d}"
+    first = f"{0:0{shard_width}d}"
+    return str(out / (f"{first}.tar" if n_shards == 1 else f"{{{first}..{last}}}.tar"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _samples(shard: str) -> Iterator[_Sample]:
+    """The samples of one shard in member order; records every member's data offset in the index."""
+    index: dict[str, tuple[int, int]] = {}
+    grouped: dict[str, dict[str, Any]] = {}
+    with _open(shard) as f:
+        for info in _members(shard, f):
+            name = info.name
+            index[name] = (info.offset_data, info.size)
+            key, ext = _key(name), _ext(name)
+            entry = grouped.setdefault(key, {"image": None, "meta": None})
+            if ext == "json":
+                f.seek(info.offset_data)
+                entry["meta"] = f.read(info.size)
+            elif ext in IMAGE_EXTENSIONS and entry["image"] is None:
+                entry["image"] = name
+    _INDEX[_cache_key(shard)] = index
+    for key, entry in grouped.items():
+        yield _Sample(shard, key, entry["image"], entry["meta"])
+
+
+def _members(shard: str, f: IO[bytes]) -> Iterator[tarfile.TarInfo]:
+    """The file members of a tar, headers only (data is skipped by seeking); refuses a cut or corrupt one."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    try:
+        tar = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 (closed below; the file is the caller's)
+    except tarfile.ReadError as exc:
+        raise CatalogueError(f"{shard}: not a tar file, or corrupt at offset 0 ({exc})") from exc
+    try:
+        while True:
+            try:
+                info = tar.next()
+            except (tarfile.TarError, EOFError, OSError) as exc:
+                raise CatalogueError(f"{shard}: corrupt tar at offset {tar.offset} ({exc})") from exc
+            if info is None:
+                break
+            if info.offset_data + info.size > size:
+                raise CatalogueError(
+                    f"{shard}: truncated at offset {size}: member {info.name} needs bytes "
+                    f"{info.offset_data}..{info.offset_data + info.size}"
+                )
+            if info.isfile():
+                yield info
+        # tarfile stops quietly at a header it cannot read, or at the end of a file cut between members:
+        # a whole tar ends with two zero blocks (the end-of-archive marker), and only zeros follow them.
+        end = tar.offset
+        f.seek(end)
+        rest = f.read(min(size - end, 64 * _BLOCK))
+        if size - end < 2 * _BLOCK or rest.strip(b"\0"):
+            raise CatalogueError(f"{shard}: corrupt or truncated tar header at offset {end}")
+    finally:
+        tar.close()
+
+
+def _metadata(raw: bytes | None) -> tuple[list[dict[str, Any]], str | None]:
+    """A sample's metadata objects, or one empty object and the problem that left it empty."""
+    if raw is None:
+        return [{}], "sample has no .json metadata member"
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return [{}], f"invalid JSON metadata ({exc})"
+    if isinstance(value, dict):
+        return [_without_reserved(value)], None
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return [_without_reserved(v) for v in value], None
+    return [{}], f"JSON metadata is not an object ({type(value).__name__})"
+
+
+def _without_reserved(meta: dict[str, Any]) -> dict[str, Any]:
+    # `row` is the reader's number and `file_name` names the member: a sample cannot set them.
+    return {k: v for k, v in meta.items() if k not in ("row", "file_name")}
+
+
+_INDEX: dict[tuple[str, int, int], dict[str, tuple[int, int]]] = {}
+"""Per-process member index: (shard, size, mtime) -> {member name: (data offset, size)}."""
+
+
+def _member_index(shard: str) -> dict[str, tuple[int, int]]:
+    key = _cache_key(shard)
+    if key not in _INDEX:
+        for _ in _samples(shard):  # headers and JSON only; records the index as it goes
+            pass
+    return _INDEX[key]
+
+
+def _cache_key(shard: str) -> tuple[str, int, int]:
+    """Identifies a shard's current content, so a rewritten shard is indexed afresh."""
+    try:
+        if _is_url(shard):
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(shard)
+            info = fs.info(path)
+            return shard, int(info.get("size") or 0), hash(str(info.get("mtime") or info.get("created")))
+        st = os.stat(shard)
+    except (OSError, FileNotFoundError) as exc:
+        raise ShardMemberError(shard, "", f"cannot open shard ({exc})") from exc
+    return shard, st.st_size, st.st_mtime_ns
+
+
+@contextmanager
+def _open(shard: str) -> Iterator[IO[bytes]]:
+    try:
+        if _is_url(shard):
+            import fsspec
+
+            with fsspec.open(shard, "rb") as f:
+                yield f
+        else:
+            with open(shard, "rb") as f:
+                yield f
+    except FileNotFoundError as exc:
+        raise CatalogueError(f"{shard}: shard not found") from exc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# names
+
+
+def _key(name: str) -> str:
+    """WebDataset's sample key: the member's folders plus its base name up to the first dot."""
+    folder, _, base = name.rpartition("/")
+    stem = base.split(".", 1)[0]
+    return f"{folder}/{stem}" if folder else stem
+
+
+def _ext(name: str) -> str:
+    base = name.rpartition("/")[2]
+    return base.split(".", 1)[1].lower() if "." in base else ""
+
+
+def _is_url(location: str) -> bool:
+    return "://" in location
+
+
+def _location(text: str) -> str:
+    """A shard location: a URL (``memory://x/0.tar``, also when a Path folded it to ``memory:/x``) or a path.
+
+    ``file://`` URLs become plain paths; a path made absolute around a folded URL (``/cwd/memory:/x``) is
+    a URL again.
+    """
+    parts = PurePosixPath(text).parts
+    for i, part in enumerate(parts):
+        if part.endswith(":") and len(part) > 2:  # a scheme (not a Windows drive letter)
+            text = part + "//" + "/".join(parts[i + 1 :]) if i else text
+            break
+    found = _URL.match(text)
+    if not found:
+        return text
+    scheme, rest = found.group(1).lower(), found.group(2)
+    if scheme == "file":
+        return "/" + rest
+    return f"{scheme}://{rest}"
+
+
+def _join(parts: tuple[str, ...]) -> str:
+    return str(PurePosixPath(*parts))
+
+
+def _parent(location: str) -> str:
+    return location.rpartition("/")[0] or "."
+
+
+def _base(location: str) -> str:
+    return location.rpartition("/")[2]
+
+
+def _plain(value: Any) -> Any:
+    """A cell as a JSON value: numpy scalars unwrapped, missing values (NaN, None, NA) as null."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value

@@ -1,0 +1,236 @@
+"""WebDataset shards as a catalogue: round trip, equal training and evaluation, bad samples, fsspec, splits."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import fsspec
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cliptune.config import DataConfig, load_config
+from cliptune.data.catalogue import CatalogueError, read_catalogue
+from cliptune.data.check import check_catalogue
+from cliptune.data.images import load_image, read_image_bytes
+from cliptune.data.prepare import BadRowsError, prepare_data
+from cliptune.data.shards import expand_pattern, is_shard_spec, write_shards
+from cliptune.data.synthetic import render_fashion
+from cliptune.evaluation.run import evaluate_run
+from cliptune.train.run import train
+from tests.tiny_models import make_tiny_clip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("shards")
+    fashion = render_fashion(root / "fashion", n=40, seed=0, size=128)
+    pattern = write_shards(read_catalogue(fashion), root / "shards", shard_size=15)
+    return {"root": root, "fashion": fashion, "pattern": Path(pattern)}
+
+
+def _png(colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_pattern_expansion_and_spec_detection(world: dict[str, Path]) -> None:
+    # 40 images at 15 per shard: 15 + 15 + 10 samples in three shards
+    assert str(world["pattern"]) == str(world["root"] / "shards" / "{00000..00002}.tar")
+    assert expand_pattern("s/{00000..00002}.tar") == ["s/00000.tar", "s/00001.tar", "s/00002.tar"]
+    assert expand_pattern(Path("memory://bucket/{0..1}.tar")) == [
+        "memory://bucket/0.tar",
+        "memory://bucket/1.tar",
+    ]
+    assert expand_pattern("file:///data/{a,b}.tar") == ["/data/a.tar", "/data/b.tar"]
+    assert is_shard_spec("s/{0..3}.tar") and is_shard_spec("s/one.tar")
+    assert not is_shard_spec("data/fashion") and not is_shard_spec("data/tarot")
+    names = sorted(p.name for p in (world["root"] / "shards").iterdir())
+    assert names == ["00000.tar", "00001.tar", "00002.tar"]
+    with tarfile.open(world["root"] / "shards" / "00001.tar") as tar:
+        members = tar.getnames()
+    # WebDataset layout: key.json + key.png per sample, keys numbered across shards
+    assert members[:4] == ["000015.json", "000015.png", "000016.json", "000016.png"]
+    assert len(members) == 30
+
+
+def test_round_trip_rows_captions_attributes_and_bytes(world: dict[str, Path]) -> None:
+    folder = read_catalogue(world["fashion"])
+    shards = read_catalogue(world["pattern"])
+    assert shards.attributes == folder.attributes == ["garment", "colour", "pattern", "rips", "style"]
+    assert list(shards.rows.columns) == list(folder.rows.columns)
+    pd.testing.assert_frame_equal(
+        shards.rows.drop(columns="file_name"), folder.rows.drop(columns="file_name"), check_dtype=True
+    )
+    expected = [f"{i // 15:05d}.tar/{i:06d}.png" for i in range(40)]
+    assert shards.rows["file_name"].tolist() == expected
+    for src, dst in zip(folder.rows["file_name"], shards.rows["file_name"], strict=True):
+        path = shards.image_path(dst)
+        assert path == world["root"] / "shards" / dst
+        assert read_image_bytes(path) == (world["fashion"] / src).read_bytes()
+    assert check_catalogue(shards).ok
+
+
+def test_several_captions_of_one_image_are_one_sample(tmp_path: Path) -> None:
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "a.png").write_bytes(_png((255, 0, 0)))
+    (tmp_path / "cat" / "b.png").write_bytes(_png((0, 0, 255)))
+    pd.DataFrame(
+        {
+            "file_name": ["a.png", "a.png", "b.png"],
+            "text": ["red", "a red square", "blue"],
+            "group": ["g", "g", ""],
+        }
+    ).to_csv(tmp_path / "cat" / "metadata.csv", index=False)
+    pattern = write_shards(read_catalogue(tmp_path / "cat"), tmp_path / "out", shard_size=5)
+    assert pattern == str(tmp_path / "out" / "00000.tar")  # one shard: a plain file name, no braces
+    with tarfile.open(pattern) as tar:
+        meta = json.loads(tar.extractfile("000000.json").read())  # type: ignore[union-attr]
+        b_meta = json.loads(tar.extractfile("000001.json").read())  # type: ignore[union-attr]
+    assert meta == [{"text": "red", "group": "g"}, {"text": "a red square", "group": "g"}]
+    assert b_meta == {"text": "blue", "group": "b.png"}  # no group: its own file_name, the group it had
+    rows = read_catalogue(Path(pattern)).rows
+    assert rows["text"].tolist() == ["red", "a red square", "blue"]
+    assert rows["file_name"].tolist() == ["00000.tar/000000.png"] * 2 + ["00000.tar/000001.png"]
+    assert rows["row"].tolist() == [1, 2, 3]
+
+
+def _bad_shards(folder: Path) -> Path:
+    folder.mkdir()
+    good = json.dumps({"text": "a red square", "group": "g1"}).encode()
+    _tar(folder / "00000.tar", [("000000.json", good), ("000000.png", _png((255, 0, 0))),
+                               ("000001.json", b'{"text": "no image"}'),
+                               ("000002.json", b'{"text": "broken'), ("000002.png", _png((0, 255, 0)))])  # fmt: skip
+    _tar(folder / "00001.tar", [("000003.json", b'{"text": "   "}'), ("000003.png", _png((0, 0, 255))),
+                               ("000004.json", b'{"text": "not a picture"}'), ("000004.jpg", b"<html>"),
+                               ("000005.png", _png((9, 9, 9))),
+                               ("000006.json", json.dumps({"text": "fine", "group": "g2"}).encode()),
+                               ("000006.png", _png((1, 2, 3)))])  # fmt: skip
+    return folder / "{00000..00001}.tar"
+
+
+def test_bad_samples_are_rows_named_by_shard_and_key(tmp_path: Path) -> None:
+    cat = read_catalogue(_bad_shards(tmp_path / "bad"))
+    result = check_catalogue(cat)
+    assert result.good["file_name"].tolist() == ["00000.tar/000000.png", "00001.tar/000006.png"]
+    assert [(r.file_name, r.row) for r in result.rejected] == [
+        ("00000.tar/000001", 2), ("00000.tar/000002.png", 3), ("00001.tar/000003.png", 4),
+        ("00001.tar/000004.jpg", 5), ("00001.tar/000005.png", 6),
+    ]  # fmt: skip
+    reasons = [r.reason for r in result.rejected]
+    assert reasons[0] == "sample has no image member (.jpg, .jpeg, .png, .webp)"
+    assert reasons[1].startswith("invalid JSON metadata (Unterminated string") and reasons[1].endswith(
+        "; missing text"
+    )
+    assert reasons[2] == "empty text (only whitespace)"
+    assert reasons[3] == "not an image (unrecognised format)"
+    assert reasons[4] == "sample has no .json metadata member; missing text"
+    assert {r.source for r in result.rejected} == {"{00000..00001}.tar"}
+
+
+def test_bad_samples_follow_on_bad_row(tmp_path: Path) -> None:
+    pattern = _bad_shards(tmp_path / "bad")
+    with pytest.raises(BadRowsError, match=r"row 2 \(00000.tar/000001\): sample has no image member"):
+        prepare_data(DataConfig(catalogue=pattern, on_bad_row="error"))
+    run = tmp_path / "run"
+    data = prepare_data(
+        DataConfig(
+            catalogue=pattern,
+            on_bad_row="skip",
+            split={"ratios": {"train": 0.5, "test": 0.5}, "min_groups": 0},
+        ),
+        run,
+    )
+    assert data.rows["file_name"].tolist() == ["00000.tar/000000.png", "00001.tar/000006.png"]
+    rejected = pd.read_csv(run / "rejected.csv")
+    assert rejected["file_name"].tolist()[:2] == ["00000.tar/000001", "00000.tar/000002.png"]
+    assert load_image(cat_path := data.catalogue.image_path("00001.tar/000006.png")).getpixel((0, 0)) == (
+        1,
+        2,
+        3,
+    )
+    assert cat_path.name == "000006.png"
+
+
+def test_truncated_and_corrupt_shards_name_the_shard_and_offset(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    whole = (world["root"] / "shards" / "00002.tar").read_bytes()
+    # cut inside the data of the first member (000030.json: header 0..512, data from 512)
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "00000.tar").write_bytes(whole[:600])
+    with pytest.raises(CatalogueError, match=r"00000\.tar: truncated at offset 600: member 000030\.json"):
+        read_catalogue(tmp_path / "cut" / "00000.tar")
+    # cut exactly after a member: no end-of-archive marker, so samples may be missing
+    with tarfile.open(world["root"] / "shards" / "00002.tar") as tar:
+        second = tar.getmember("000031.json").offset
+    (tmp_path / "cut" / "00001.tar").write_bytes(whole[:second])
+    with pytest.raises(
+        CatalogueError, match=rf"00001\.tar: corrupt or truncated tar header at offset {second}"
+    ):
+        read_catalogue(tmp_path / "cut" / "00001.tar")
+    # garbage in place of a header
+    broken = whole[:second] + b"x" * 512 + whole[second + 512 :]
+    (tmp_path / "cut" / "00002.tar").write_bytes(broken)
+    with pytest.raises(
+        CatalogueError, match=rf"00002\.tar: corrupt or truncated tar header at offset {second}"
+    ):
+        read_catalogue(tmp_path / "cut" / "00002.tar")
+    (tmp_path / "gone").mkdir()
+    shutil.copy(world["root"] / "shards" / "00000.tar", tmp_path / "gone" / "00000.tar")
+    with pytest.raises(CatalogueError, match=r"gone/00001\.tar: shard not found"):
+        read_catalogue(tmp_path / "gone" / "{00000..00001}.tar")
+
+
+def test_fsspec_memory_url(world: dict[str, Path]) -> None:
+    fs = fsspec.filesystem("memory")
+    for shard in expand_pattern(world["pattern"]):
+        fs.pipe(f"/fashion-shards/{Path(shard).name}", Path(shard).read_bytes())
+    try:
+        cat = read_catalogue(Path("memory://fashion-shards/{00000..00002}.tar"))  # config fields are Paths
+        local = read_catalogue(world["pattern"])
+        pd.testing.assert_frame_equal(cat.rows, local.rows)
+        assert check_catalogue(cat).ok
+        for name in ("00000.tar/000000.png", "00002.tar/000039.png"):
+            assert read_image_bytes(cat.image_path(name)) == read_image_bytes(local.image_path(name))
+    finally:
+        fs.rm("/fashion-shards", recursive=True)
+
+
+def _train_and_eval(catalogue: Path, root: Path, name: str, clip: Path) -> tuple[dict, dict, dict]:
+    cfg = load_config(None, [
+        f"name={name}", f"data.catalogue={catalogue}", "data.split.ratios={train: 0.6, val: 0.2, test: 0.2}",
+        f"model.backbone={clip}", f"model.cache_dir={root / ('cache-' + name)}", "train.early_stopping=null",
+        "train.epochs=1", "train.batch_size=8", "train.lr=2e-3", "train.seed=3",
+    ])  # fmt: skip
+    run = train(cfg, runs_root=root / "runs", quiet=True)
+    summary = json.loads((run / "summary.json").read_text())
+    test = evaluate_run(run, ["test"], progress=False, bootstrap=20)["test"]
+    return summary, test, json.loads((run / "splits.json").read_text())
+
+
+def test_shards_train_and_evaluate_to_the_folders_metrics(world: dict[str, Path]) -> None:
+    root = world["root"]
+    clip = make_tiny_clip(root / "clip")
+    f_summary, f_test, f_splits = _train_and_eval(world["fashion"], root, "folder", clip)
+    s_summary, s_test, s_splits = _train_and_eval(world["pattern"], root, "shards", clip)
+    assert s_splits == f_splits  # the same groups in each split
+    assert s_summary["best"] == f_summary["best"]
+    assert s_test["metrics"] == f_test["metrics"]
+    assert s_test["per_query"]["t2i"]["values"] == f_test["per_query"]["t2i"]["values"]
+    assert s_test["n_rows"] == f_test["n_rows"] > 0
+    assert f_summary["best"]["val/t2i/mrr"] > 0  # a real number was compared, not two empty dicts
