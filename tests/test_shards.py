@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import math
 import shutil
 import tarfile
 from pathlib import Path
@@ -12,17 +14,22 @@ import fsspec
 import pandas as pd
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
-from cliptune.config import DataConfig, load_config
+from cliptune.cli.app import app
+from cliptune.config import DataConfig, SplitConfig, load_config
 from cliptune.data.catalogue import CatalogueError, read_catalogue
 from cliptune.data.check import check_catalogue
 from cliptune.data.images import load_image, read_image_bytes
 from cliptune.data.prepare import BadRowsError, prepare_data
 from cliptune.data.shards import expand_pattern, is_shard_spec, write_shards
+from cliptune.data.splits import hash_split, make_splits
 from cliptune.data.synthetic import render_fashion
 from cliptune.evaluation.run import evaluate_run
 from cliptune.train.run import train
 from tests.tiny_models import make_tiny_clip
+
+runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +241,78 @@ def test_shards_train_and_evaluate_to_the_folders_metrics(world: dict[str, Path]
     assert s_test["per_query"]["t2i"]["values"] == f_test["per_query"]["t2i"]["values"]
     assert s_test["n_rows"] == f_test["n_rows"] > 0
     assert f_summary["best"]["val/t2i/mrr"] > 0  # a real number was compared, not two empty dicts
+
+
+# ----------------------------------------------------------------------------------------------
+# the hash split
+
+
+def test_hash_split_is_stable_whatever_the_other_rows() -> None:
+    ratios = {"train": 0.8, "val": 0.1, "test": 0.1}
+    rows = pd.DataFrame(
+        {"file_name": [f"{i}.jpg" for i in range(300)], "group": [f"g{i % 100}" for i in range(300)]}
+    )
+    whole = make_splits(rows, ratios, seed=7, method="hash")
+    split_of = {g: n for n, gids in whole.items() for g in gids}
+    # a third of the rows, shuffled, plus rows of new groups: every shared group keeps its split
+    part = pd.concat(
+        [rows.sample(frac=0.3, random_state=1), pd.DataFrame({"file_name": ["x.jpg"], "group": ["new"]})]
+    )
+    for name, gids in make_splits(part, ratios, seed=7, method="hash").items():
+        assert all(split_of.get(g, name) == name for g in gids)
+    # the rule itself, recomputed independently: sha256 of "cliptune-split\0seed\0id", 64 bits, cumulative
+    # ratios in name order (test 0.1 | train 0.8 | val 0.1)
+    for gid in ("g0", "g1", "g42"):
+        u = int(hashlib.sha256(f"cliptune-split\0{7}\0{gid}".encode()).hexdigest()[:16], 16) / 2**64
+        assert split_of[gid] == ("test" if u < 0.1 else "train" if u < 0.9 else "val")
+        assert hash_split(gid, ratios, 7) == split_of[gid]
+    assert make_splits(rows, ratios, seed=8, method="hash") != whole  # another seed, another split
+    # fixed rows keep their split
+    fixed = rows.assign(split=["test" if g == "g1" else "" for g in rows["group"]])
+    assert "g1" in make_splits(fixed, ratios, seed=7, method="hash")["test"]
+
+
+def test_hash_split_meets_ratios_within_binomial_tolerance() -> None:
+    ratios = {"train": 0.7, "val": 0.2, "test": 0.1}
+    counts = {n: 0 for n in ratios}
+    for i in range(10_000):
+        counts[hash_split(f"group-{i}", ratios, seed=0)] += 1
+    for name, share in ratios.items():  # within 4 standard deviations of n * p
+        sd = math.sqrt(10_000 * share * (1 - share))
+        assert abs(counts[name] - 10_000 * share) < 4 * sd, (name, counts)
+
+
+def test_hash_split_config_refuses_what_it_cannot_honour() -> None:
+    assert SplitConfig(method="hash").method == "hash"  # min_groups left at its default: not applied
+    with pytest.raises(ValueError, match="data.split.min_groups does not apply to data.split.method: hash"):
+        SplitConfig(method="hash", min_groups=3)
+    with pytest.raises(ValueError, match="data.split.stratify does not apply"):
+        SplitConfig(method="hash", stratify="colour")
+
+
+# ----------------------------------------------------------------------------------------------
+# the CLI
+
+
+def test_cli_shard_then_check(world: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["data", "shard", str(world["fashion"]), str(out), "--shard-size", "25", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    pattern = str(out / "{00000..00001}.tar")
+    assert pattern in result.output and "40 row(s)" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00001.tar"]
+    check = runner.invoke(app, ["data", "check", pattern, "-q"])
+    assert check.exit_code == 0, check.output
+    assert "40 good row(s), 0 bad row(s)" in check.output
+    again = runner.invoke(app, ["data", "shard", str(world["fashion"]), str(out)])
+    assert again.exit_code == 2 and "already holds .tar files" in again.output
+    assert "empty OUT folder" in again.output and "Traceback" not in again.output
+
+
+def test_cli_check_of_a_truncated_shard_is_a_typed_error(world: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "00000.tar").write_bytes((world["root"] / "shards" / "00000.tar").read_bytes()[:700])
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "00000.tar"), "-q"])
+    assert result.exit_code == 2 and "truncated at offset 700" in result.output
+    assert "cliptune data shard" in result.output and "Traceback" not in result.output

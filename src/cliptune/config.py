@@ -83,6 +83,27 @@ class SplitConfig(_Section):
         description="Each held-out split (val, test) gets at least this many groups while train keeps half "
         "of them, so small catalogues get metrics that can tell models apart; 0 follows the ratios alone.",
     )
+    method: Literal["balanced", "hash"] = Field(
+        "balanced",
+        description="'balanced': groups shuffled with the seed and filled to the ratios of rows (exact up to "
+        "a group; carving and min_groups apply). 'hash': each group's split from a SHA-256 of the seed and "
+        "its id alone, so it never moves when other rows change and a streamed catalogue (shards) needs no "
+        "global pass; ratios hold in expectation, on groups; stratify and min_groups do not apply.",
+    )
+
+    @model_validator(mode="after")
+    def _hash_takes_no_minimum(self) -> SplitConfig:
+        if self.method == "hash" and "min_groups" in self.model_fields_set and self.min_groups > 0:
+            raise ValueError(
+                "data.split.min_groups does not apply to data.split.method: hash (a group's split depends on "
+                "its id alone); set data.split.min_groups: 0 or data.split.method: balanced"
+            )
+        if self.method == "hash" and self.stratify is not None:
+            raise ValueError(
+                "data.split.stratify does not apply to data.split.method: hash (a group's split depends on "
+                "its id alone); set data.split.stratify: null or data.split.method: balanced"
+            )
+        return self
 
     @field_validator("ratios")
     @classmethod

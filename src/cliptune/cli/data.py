@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -55,7 +55,12 @@ def data_synth(
 
 @data_app.command("check")
 def data_check(
-    catalogue: Annotated[Path, typer.Argument(help="Catalogue folder (images + metadata file).")],
+    catalogue: Annotated[
+        Path,
+        typer.Argument(
+            help="Catalogue folder (images + metadata file), or a shard pattern (OUT/{00000..00009}.tar)."
+        ),
+    ],
     write_clean: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
@@ -82,6 +87,7 @@ def data_check(
         cliptune data check data/fashion
         cliptune data check my_photos --text-column title
         cliptune data check my_catalogue --write-clean my_catalogue_clean
+        cliptune data check 'data/fashion-shards/{00000..00002}.tar'
     """
     from cliptune.data.catalogue import read_catalogue
     from cliptune.data.check import check_catalogue
@@ -109,6 +115,42 @@ def data_check(
         return  # the clean copy is the catalogue to use: nothing is left to fail on
     if n_bad:
         raise typer.Exit(1)
+
+
+@data_app.command("shard")
+def data_shard(
+    catalogue: Annotated[Path, typer.Argument(help="Catalogue folder (images + metadata file) to convert.")],
+    out: Annotated[Path, typer.Argument(help="Empty folder for the shards (OUT/00000.tar, ...).")],
+    shard_size: Annotated[
+        int, typer.Option("--shard-size", help="Images (samples) per shard.", min=1)
+    ] = 10_000,
+    text_column: Annotated[
+        str, typer.Option(help="Caption column (your config's data.text_column).")
+    ] = "text",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Convert a catalogue folder into WebDataset shards (tar files of image + JSON samples).
+
+    Every row is converted (one sample per image, its rows in the JSON); check and clean the catalogue
+    first to leave bad rows out. Prints the pattern to put in data.catalogue: the shards then train,
+    evaluate, index and embed like the folder, with the same split.
+
+    Examples:
+        cliptune data shard data/fashion data/fashion-shards --shard-size 500
+    """
+    from rich.progress import track
+
+    from cliptune.data.catalogue import read_catalogue
+    from cliptune.data.shards import write_shards
+
+    def bar(items: Any, total: int) -> Any:
+        return track(items, total=total, description="Writing shards", disable=quiet, console=err_console)
+
+    with exit_on_error(2):
+        cat = read_catalogue(catalogue, text_column)
+        pattern = write_shards(cat, out, shard_size, progress=bar)
+    console.print(f"wrote {len(cat.rows)} row(s) as shards; put this in data.catalogue:")
+    console.print(pattern, highlight=False, markup=False)
 
 
 @data_app.command("audit")
@@ -183,7 +225,9 @@ def data_audit(
             where = f"{RunDir(splits_from).splits}"
         else:
             split = defaults.split
-            splits = make_splits(rows, split.ratios, split.seed, min_groups=split.min_groups)
+            splits = make_splits(
+                rows, split.ratios, split.seed, min_groups=split.min_groups, method=split.method
+            )
             where = "the default config's grouped split (data.split, honouring a split column)"
         split_of = assign_rows(rows, splits)
     pairs = {(p.a, p.b): p for p in hash_pairs(hashes, max_bits)}

@@ -138,6 +138,13 @@ HINTS: dict[str, Hint] = {
         "Fix them, clean the catalogue with `cliptune data check --write-clean`, or set "
         "data.on_bad_row=skip to train without them (they are then listed in rejected.csv)."
     ),
+    "cliptune.data.shards.CorruptShardError": (
+        "copy the shard again, or write the shards afresh with `cliptune data shard CATALOGUE OUT`"
+    ),
+    "cliptune.data.shards.ShardWriteError": (
+        "give `cliptune data shard` an empty OUT folder; images must be .jpg, .jpeg, .png or .webp (convert "
+        "others, or leave their rows out with `cliptune data check --write-clean`)"
+    ),
     "cliptune.search.index.IndexExistsError": "use a new folder or --overwrite",
     "cliptune.export.errors.ExportExistsError": "use a new folder or --overwrite",
     "cliptune.export.errors.PlainFormatError": "export it with --format onnx",

@@ -111,6 +111,7 @@ def prepare_data(cfg: DataConfig, run_dir: Path | None = None, *, progress: bool
             cfg.group_column,
             cfg.split.stratify,
             min_groups=cfg.split.min_groups,
+            method=cfg.split.method,
         )
         if saved is not None:
             save_splits(splits, saved)

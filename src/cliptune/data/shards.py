@@ -20,17 +20,19 @@ Samples that cannot become a good row stay rows (reading never drops one) and ar
 ``file_name``, i.e. by shard and key: a sample without an image member gets ``<shard>/<key>`` and the
 image check says so; a JSON member that is missing, unparseable or not an object becomes a row without a
 caption whose problem :func:`~cliptune.data.check.check_catalogue` reports (``Catalogue.problems``). A tar
-that is cut short or corrupt raises :class:`~cliptune.data.catalogue.CatalogueError` naming the shard and
+that is cut short or corrupt raises :class:`CorruptShardError` naming the shard and
 the byte offset.
 
 :func:`write_shards` converts a folder catalogue (``cliptune data shard``).
 
 Example:
-    >>> pattern = write_shards(read_catalogue(Path("data/fashion")), Path("data/fashion-shards"), 500)
-    >>> pattern  # doctest: +SKIP
-    'data/fashion-shards/{00000..00002}.tar'
-    >>> read_catalogue(Path(pattern)).rows["file_name"].iloc[0]  # doctest: +SKIP
-    '00000.tar/000000.png'
+    >>> from cliptune.data.catalogue import read_catalogue
+    >>> from cliptune.data.synthetic.fashion import render_fashion
+    >>> folder = read_catalogue(render_fashion(Path("data/fashion"), n=4))
+    >>> write_shards(folder, Path("data/fashion-shards"), shard_size=3)
+    'data/fashion-shards/{00000..00001}.tar'
+    >>> read_catalogue(Path("data/fashion-shards/{00000..00001}.tar")).rows["file_name"].tolist()
+    ['00000.tar/000000.png', '00000.tar/000001.png', '00000.tar/000002.png', '00001.tar/000003.png']
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from cliptune.data.catalogue import Catalogue, CatalogueError, attribute_columns
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "CorruptShardError",
+    "ShardWriteError",
     "ShardMemberError",
     "expand_pattern",
     "is_shard_spec",
@@ -67,6 +71,27 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 _BLOCK = 512  # a tar header block
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):/+(.*)$")
+
+
+class CorruptShardError(CatalogueError):
+    """A shard that is cut short or damaged: what was read of it cannot be trusted to hold every sample.
+
+    Attributes:
+        shard: The shard (path or URL).
+        offset: The byte offset where reading failed.
+    """
+
+    def __init__(self, shard: str, offset: int, detail: str) -> None:
+        super().__init__(f"{shard}: {detail}")
+        self.shard, self.offset, self.detail = shard, offset, detail
+
+    def __reduce__(self) -> tuple[type[CorruptShardError], tuple[str, int, str]]:
+        return type(self), (self.shard, self.offset, self.detail)
+
+
+class ShardWriteError(CatalogueError):
+    """A folder catalogue that cannot be written as shards (an image format WebDataset does not name, an
+    output folder that already holds shards)."""
 
 
 class ShardMemberError(CatalogueError):
@@ -132,7 +157,7 @@ def read_member(shard: str, member: str) -> bytes:
 
     Raises:
         ShardMemberError: the shard cannot be opened, or has no such member (the reason says which).
-        CatalogueError: the shard is truncated or corrupt (naming the byte offset).
+        CorruptShardError: the shard is truncated or corrupt (naming the byte offset).
     """
     index = _member_index(shard)
     found = index.get(member)
@@ -148,7 +173,9 @@ def read_member(shard: str, member: str) -> bytes:
         f.seek(offset)
         data = f.read(size)
     if len(data) != size:
-        raise CatalogueError(f"{shard}: truncated at offset {offset + len(data)} (member {member})")
+        raise CorruptShardError(
+            shard, offset + len(data), f"truncated at offset {offset + len(data)} (member {member})"
+        )
     return bytes(data)
 
 
@@ -178,8 +205,8 @@ def read_shards(spec: str | Path, text_column: str = "text") -> Catalogue:
         own faults by row number.
 
     Raises:
-        CatalogueError: a shard is missing, truncated or corrupt (naming shard and offset), the shards lie
-            in several folders, or the rows lack the caption column.
+        CorruptShardError: a shard is truncated or corrupt (naming shard and offset).
+        CatalogueError: a shard is missing, or the shards lie in several folders.
     """
     shards = expand_pattern(spec)
     folders = {_parent(s) for s in shards}
@@ -243,7 +270,8 @@ def write_shards(
 
     Raises:
         ValueError: ``shard_size`` < 1.
-        CatalogueError: an image's extension is not one of :data:`IMAGE_EXTENSIONS`.
+        ShardWriteError: an image's extension is not one of :data:`IMAGE_EXTENSIONS`, or ``out`` already
+            holds ``.tar`` files.
     """
     from webdataset import TarWriter  # imported here: it pulls in torch's data utilities
 
@@ -262,7 +290,7 @@ def write_shards(
     names = list(by_image)
     for name in names:
         if PurePosixPath(name).suffix.lower().lstrip(".") not in IMAGE_EXTENSIONS:
-            raise CatalogueError(
+            raise ShardWriteError(
                 f"{catalogue.metadata_path}: {name}: a shard sample's image must be "
                 f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)}"
             )
@@ -270,6 +298,8 @@ def write_shards(
     width = max(6, len(str(len(names) - 1)))
     shard_width = max(5, len(str(n_shards - 1)))
     out = Path(out)
+    if out.is_dir() and any(out.glob("*.tar")):
+        raise ShardWriteError(f"{out}: already holds .tar files; write the shards to an empty folder")
     out.mkdir(parents=True, exist_ok=True)
     items: Iterator[tuple[int, str]] = iter(enumerate(names))
     if progress is not None:
@@ -334,19 +364,23 @@ def _members(shard: str, f: IO[bytes]) -> Iterator[tarfile.TarInfo]:
     try:
         tar = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 (closed below; the file is the caller's)
     except tarfile.ReadError as exc:
-        raise CatalogueError(f"{shard}: not a tar file, or corrupt at offset 0 ({exc})") from exc
+        raise CorruptShardError(shard, 0, f"not a tar file, or corrupt at offset 0 ({exc})") from exc
     try:
         while True:
             try:
                 info = tar.next()
             except (tarfile.TarError, EOFError, OSError) as exc:
-                raise CatalogueError(f"{shard}: corrupt tar at offset {tar.offset} ({exc})") from exc
+                raise CorruptShardError(
+                    shard, tar.offset, f"corrupt tar at offset {tar.offset} ({exc})"
+                ) from exc
             if info is None:
                 break
             if info.offset_data + info.size > size:
-                raise CatalogueError(
-                    f"{shard}: truncated at offset {size}: member {info.name} needs bytes "
-                    f"{info.offset_data}..{info.offset_data + info.size}"
+                raise CorruptShardError(
+                    shard,
+                    size,
+                    f"truncated at offset {size}: member {info.name} needs bytes "
+                    f"{info.offset_data}..{info.offset_data + info.size}",
                 )
             if info.isfile():
                 yield info
@@ -356,7 +390,7 @@ def _members(shard: str, f: IO[bytes]) -> Iterator[tarfile.TarInfo]:
         f.seek(end)
         rest = f.read(min(size - end, 64 * _BLOCK))
         if size - end < 2 * _BLOCK or rest.strip(b"\0"):
-            raise CatalogueError(f"{shard}: corrupt or truncated tar header at offset {end}")
+            raise CorruptShardError(shard, end, f"corrupt or truncated tar header at offset {end}")
     finally:
         tar.close()
 

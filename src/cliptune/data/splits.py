@@ -40,17 +40,31 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
 from cliptune.rundir import write_text_atomic
 
-__all__ = ["TRAIN", "assign_rows", "carved_groups", "group_ids", "load_splits", "make_splits", "save_splits"]
+__all__ = [
+    "TRAIN",
+    "SplitMethod",
+    "assign_rows",
+    "carved_groups",
+    "group_ids",
+    "hash_split",
+    "load_splits",
+    "make_splits",
+    "save_splits",
+]
+
+SplitMethod = Literal["balanced", "hash"]
 
 _EPS = 1e-6  # row counts are integers: absorbs float error in ratio * rows
 TRAIN = "train"
@@ -86,6 +100,7 @@ def make_splits(
     stratify: str | None = None,
     split_column: str = "split",
     min_groups: int = 0,
+    method: SplitMethod = "balanced",
 ) -> dict[str, list[str]]:
     """Split a catalogue's groups into named splits by ratio of rows.
 
@@ -102,6 +117,11 @@ def make_splits(
             split left empty because every group was fixed is carved from ``train`` (step 6).
         min_groups: Each held-out split of the ratio split gets at least this many groups while ``train``
             keeps half of them (step 7); 0 (the default here) keeps the ratios alone.
+        method: ``"balanced"`` (steps 3-7 above) or ``"hash"``: each free group goes where
+            :func:`hash_split` sends it, by its id and the seed alone, so a reader streaming shards can
+            assign a row without a global pass and a group never moves when other rows come or go.
+            Ratios then hold in expectation (on groups, not rows); ``stratify``, carving, the non-empty
+            rule and ``min_groups`` need every group at once and do not apply.
 
     Returns:
         Split name -> sorted group ids, for every name in ``ratios`` (possibly empty) and every explicit
@@ -135,6 +155,10 @@ def make_splits(
         splits.setdefault(name, []).append(gid)
     fixed_gids = set(fixed["gid"])
 
+    if method == "hash":
+        for gid in sorted(set(table["gid"]) - fixed_gids):
+            splits[hash_split(gid, ratios, seed)].append(gid)
+        return {name: sorted(gids) for name, gids in sorted(splits.items())}
     strata = _strata(table[~table["gid"].isin(fixed_gids)])
     rng = np.random.default_rng(seed)  # PCG64
     for stratum in sorted(strata):
@@ -150,6 +174,37 @@ def make_splits(
     if min_groups > 0 and TRAIN in splits and held_out:
         _raise_to_minimum(splits, sizes, held_out, pool, min_groups)
     return {name: sorted(gids) for name, gids in sorted(splits.items())}
+
+
+def hash_split(group_id: str, ratios: Mapping[str, float], seed: int) -> str:
+    """The split of a group by a stable hash: the same id, ratios and seed give the same split anywhere.
+
+    ``u = sha256("cliptune-split", seed, group id)`` read as a number in [0, 1) is compared with the
+    cumulative ratios of the split names in sorted order (``test`` 0.1, ``train`` 0.8, ``val`` 0.1:
+    ``u < 0.1`` is test, ``u < 0.9`` train, else val). SHA-256 rather than Python's ``hash()``, which is
+    salted per process.
+
+    Args:
+        group_id: The group's id (:func:`group_ids`).
+        ratios: Split name -> share, summing to 1.
+        seed: Changes every group's ``u``: another seed is another split.
+
+    Returns:
+        The split name.
+
+    Example:
+        >>> hash_split("p0007", {"train": 0.8, "val": 0.1, "test": 0.1}, seed=0) in ("train", "val", "test")
+        True
+    """
+    digest = hashlib.sha256(f"cliptune-split\0{seed}\0{group_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64  # 64 bits: uniform on [0, 1)
+    cumulative = 0.0
+    names = [n for n in sorted(ratios) if ratios[n] > 0]
+    for name in names:
+        cumulative += ratios[name]
+        if u < cumulative:
+            return name
+    return names[-1]  # u within float error of 1
 
 
 def carved_groups(
