@@ -13,6 +13,7 @@ from pathlib import Path
 import fsspec
 import pandas as pd
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -26,6 +27,9 @@ from cliptune.data.shards import expand_pattern, is_shard_spec, write_shards
 from cliptune.data.splits import hash_split, make_splits
 from cliptune.data.synthetic import render_fashion
 from cliptune.evaluation.run import evaluate_run
+from cliptune.models.factory import load_model
+from cliptune.search import build_index, load_index
+from cliptune.serve.app import create_app
 from cliptune.train.run import train
 from tests.tiny_models import make_tiny_clip
 
@@ -316,3 +320,26 @@ def test_cli_check_of_a_truncated_shard_is_a_typed_error(world: dict[str, Path],
     result = runner.invoke(app, ["data", "check", str(tmp_path / "00000.tar"), "-q"])
     assert result.exit_code == 2 and "truncated at offset 700" in result.output
     assert "cliptune data shard" in result.output and "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------------------------
+# index and serve
+
+
+def test_index_of_shards_equals_the_folders_and_serve_reads_the_members(world: dict[str, Path]) -> None:
+    root = world["root"] / "serve"
+    make_tiny_clip(root / "model", seed=0)
+    model = load_model(root / "model")
+    folder = load_index(
+        build_index(model, read_catalogue(world["fashion"]), root / "idx-folder", progress=False)
+    )
+    built = build_index(model, read_catalogue(world["pattern"]), root / "idx-shards", progress=False)
+    shards = load_index(built)
+    assert (shards.vectors() == folder.vectors()).all()  # same bytes, same order, same vectors
+    assert shards.ids[:2] == ["00000.tar/000000.png", "00000.tar/000001.png"]
+    client = TestClient(create_app(built))
+    for n, item in ((0, shards.ids[0]), (39, shards.ids[39])):
+        response = client.get(f"/images/{item}")
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+        assert response.content == (world["fashion"] / f"images/{n:06d}.png").read_bytes()
+    assert client.get("/images/00000.tar/999999.png").status_code == 404

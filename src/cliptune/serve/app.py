@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import json
+import mimetypes
 import tempfile
 import threading
 import time
@@ -26,12 +27,15 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.types import Message
 
+from cliptune.data.catalogue import image_root
+from cliptune.data.images import ImageLoadError, read_image_bytes
+from cliptune.data.shards import is_shard_spec, shard_member
 from cliptune.models.embed import embed_images_with, embed_texts_with
 from cliptune.models.factory import LoadedModel, load_model
 from cliptune.search.index import ModelMismatchError, SearchIndex, index_facts, load_index
@@ -114,7 +118,9 @@ class _Served:
 
     def __post_init__(self) -> None:
         self.number = {item_id: n for n, item_id in enumerate(self.index.ids)}
-        self.catalogue = Path(self.index.manifest["catalogue"]).resolve()
+        root = Path(self.index.manifest["catalogue"])
+        # WebDataset shards: the images lie in (the tars in) the shards' folder, not under the pattern
+        self.catalogue = (image_root(root) if is_shard_spec(root) else root).resolve()
 
     @property
     def uploads(self) -> Path:
@@ -235,9 +241,17 @@ def _add_routes(app: FastAPI, served: _Served) -> None:
         return _answer(query, hits, started, text=query.text, like=query.like)
 
     @app.get("/images/{item_id:path}")
-    def image(item_id: str) -> FileResponse:
+    def image(item_id: str) -> Response:
         """The catalogue image of an item id of the index (never a path taken from the URL)."""
-        return FileResponse(_image_path(served, item_id), headers={"X-Content-Type-Options": "nosniff"})
+        path, headers = _image_path(served, item_id), {"X-Content-Type-Options": "nosniff"}
+        if shard_member(path) is None:
+            return FileResponse(path, headers=headers)
+        try:  # a WebDataset shard member: its bytes come from the tar
+            data = read_image_bytes(path)
+        except ImageLoadError as exc:
+            raise NotFoundError(f"the image of item {item_id!r} is missing from the catalogue") from exc
+        media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return Response(data, media_type=media, headers=headers)
 
     @app.get("/suite/results")
     def suite_data() -> dict[str, Any]:
@@ -261,7 +275,7 @@ def _image_path(served: _Served, item_id: str) -> Path:
     path = Path(served.index.paths[number]).resolve()  # follows symlinks: where the bytes really are
     if not path.is_relative_to(served.catalogue):
         raise NotFoundError(f"the image of item {item_id!r} lies outside the catalogue folder: not served")
-    if not path.is_file():
+    if shard_member(path) is None and not path.is_file():
         raise NotFoundError(f"the image of item {item_id!r} is missing from the catalogue")
     return path
 
