@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 from cliptune.cli.app import app
 from cliptune.config import DataConfig, SplitConfig, load_config
 from cliptune.data.catalogue import CatalogueError, read_catalogue
-from cliptune.data.check import check_catalogue
+from cliptune.data.check import check_catalogue, write_clean
 from cliptune.data.images import load_image, read_image_bytes
 from cliptune.data.prepare import BadRowsError, prepare_data
-from cliptune.data.shards import expand_pattern, is_shard_spec, write_shards
+from cliptune.data.shards import _INDEX, expand_pattern, is_shard_spec, write_shards
 from cliptune.data.splits import hash_split, make_splits
 from cliptune.data.synthetic import render_fashion
 from cliptune.evaluation.run import evaluate_run
@@ -94,6 +94,11 @@ def test_round_trip_rows_captions_attributes_and_bytes(world: dict[str, Path]) -
         assert path == world["root"] / "shards" / dst
         assert read_image_bytes(path) == (world["fashion"] / src).read_bytes()
     assert check_catalogue(shards).ok
+    _INDEX.clear()  # a fresh DataLoader worker: the member index is rebuilt from the headers on first use
+    assert (
+        read_image_bytes(shards.image_path("00001.tar/000020.png"))
+        == (world["fashion"] / "images/000020.png").read_bytes()
+    )
 
 
 def test_several_captions_of_one_image_are_one_sample(tmp_path: Path) -> None:
@@ -151,6 +156,12 @@ def test_bad_samples_are_rows_named_by_shard_and_key(tmp_path: Path) -> None:
     assert reasons[3] == "not an image (unrecognised format)"
     assert reasons[4] == "sample has no .json metadata member; missing text"
     assert {r.source for r in result.rejected} == {"{00000..00001}.tar"}
+    # the clean copy is a folder catalogue whose image paths still run through the shards
+    write_clean(result, cat, tmp_path / "clean")
+    clean = read_catalogue(tmp_path / "clean")
+    assert clean.rows["file_name"].tolist() == ["00000.tar/000000.png", "00001.tar/000006.png"]
+    assert check_catalogue(clean).ok
+    assert load_image(clean.image_path("00001.tar/000006.png")).getpixel((0, 0)) == (1, 2, 3)
 
 
 def test_bad_samples_follow_on_bad_row(tmp_path: Path) -> None:

@@ -272,7 +272,7 @@ def data_audit(
     console.print(f"wrote {out / 'audit.csv'} and {out / 'audit.html'}")
     n_leaks = int((table["finding"] == "leak").sum())
     if fix:
-        target = fix_out or cat.root / "metadata.fixed.csv"
+        target = fix_out or cat.metadata_path.parent / "metadata.fixed.csv"  # shards: beside them
         fixed, moved = merge_leaking_groups(cat.rows, table)
         write_text_atomic(target, fixed.to_csv(index=False))
         moved_note = f"; {moved} row(s) moved to their merged group's split" if moved else ""

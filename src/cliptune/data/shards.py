@@ -162,8 +162,7 @@ def read_member(shard: str, member: str) -> bytes:
     index = _member_index(shard)
     found = index.get(member)
     if found is None:
-        key = _key(member)
-        if member == key or "." not in PurePosixPath(member).name:
+        if "." not in PurePosixPath(member).name:  # the key alone: the reader found no image member
             reason = f"sample has no image member ({', '.join('.' + e for e in IMAGE_EXTENSIONS)})"
         else:
             reason = "no such member in the shard"
@@ -362,7 +361,7 @@ def _members(shard: str, f: IO[bytes]) -> Iterator[tarfile.TarInfo]:
     size = f.seek(0, os.SEEK_END)
     f.seek(0)
     try:
-        tar = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 (closed below; the file is the caller's)
+        tar = tarfile.open(fileobj=f, mode="r:")  # closed below; the file is the caller's
     except tarfile.ReadError as exc:
         raise CorruptShardError(shard, 0, f"not a tar file, or corrupt at offset 0 ({exc})") from exc
     try:
@@ -415,7 +414,7 @@ def _without_reserved(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if k not in ("row", "file_name")}
 
 
-_INDEX: dict[tuple[str, int, int], dict[str, tuple[int, int]]] = {}
+_INDEX: dict[tuple[str, int, str], dict[str, tuple[int, int]]] = {}
 """Per-process member index: (shard, size, mtime) -> {member name: (data offset, size)}."""
 
 
@@ -427,7 +426,7 @@ def _member_index(shard: str) -> dict[str, tuple[int, int]]:
     return _INDEX[key]
 
 
-def _cache_key(shard: str) -> tuple[str, int, int]:
+def _cache_key(shard: str) -> tuple[str, int, str]:
     """Identifies a shard's current content, so a rewritten shard is indexed afresh."""
     try:
         if _is_url(shard):
@@ -435,11 +434,11 @@ def _cache_key(shard: str) -> tuple[str, int, int]:
 
             fs, path = fsspec.core.url_to_fs(shard)
             info = fs.info(path)
-            return shard, int(info.get("size") or 0), hash(str(info.get("mtime") or info.get("created")))
+            return shard, int(info.get("size") or 0), str(info.get("mtime") or info.get("created"))
         st = os.stat(shard)
-    except (OSError, FileNotFoundError) as exc:
+    except OSError as exc:
         raise ShardMemberError(shard, "", f"cannot open shard ({exc})") from exc
-    return shard, st.st_size, st.st_mtime_ns
+    return shard, st.st_size, str(st.st_mtime_ns)
 
 
 @contextmanager
