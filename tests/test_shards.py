@@ -354,3 +354,11 @@ def test_index_of_shards_equals_the_folders_and_serve_reads_the_members(world: d
         assert response.status_code == 200 and response.headers["content-type"] == "image/png"
         assert response.content == (world["fashion"] / f"images/{n:06d}.png").read_bytes()
     assert client.get("/images/00000.tar/999999.png").status_code == 404
+
+
+def test_a_folder_named_like_a_scheme_stays_a_folder(world: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "backup:" / "shards"
+    folder.mkdir(parents=True)
+    shutil.copy(world["root"] / "shards" / "00000.tar", folder / "00000.tar")
+    cat = read_catalogue(folder / "00000.tar")
+    assert len(cat.rows) == 15 and check_catalogue(cat).ok

@@ -482,18 +482,26 @@ def _location(text: str) -> str:
     ``file://`` URLs become plain paths; a path made absolute around a folded URL (``/cwd/memory:/x``) is
     a URL again.
     """
+    if ":" not in text:
+        return text
     parts = PurePosixPath(text).parts
     for i, part in enumerate(parts):
-        if part.endswith(":") and len(part) > 2:  # a scheme (not a Windows drive letter)
+        if part.endswith(":") and _is_protocol(part[:-1]):
             text = part + "//" + "/".join(parts[i + 1 :]) if i else text
             break
     found = _URL.match(text)
-    if not found:
+    if not found or not _is_protocol(found.group(1)):  # a folder named "backup:" stays a folder
         return text
     scheme, rest = found.group(1).lower(), found.group(2)
     if scheme == "file":
         return "/" + rest
     return f"{scheme}://{rest}"
+
+
+def _is_protocol(scheme: str) -> bool:
+    import fsspec
+
+    return scheme.lower() in fsspec.available_protocols()
 
 
 def _join(parts: tuple[str, ...]) -> str:
