@@ -233,11 +233,13 @@ def test_fsspec_memory_url(world: dict[str, Path]) -> None:
         fs.rm("/fashion-shards", recursive=True)
 
 
-def _train_and_eval(catalogue: Path, root: Path, name: str, clip: Path) -> tuple[dict, dict, dict]:
+def _train_and_eval(
+    catalogue: Path, root: Path, name: str, clip: Path, extra: list[str]
+) -> tuple[dict, dict, dict]:
     cfg = load_config(None, [
         f"name={name}", f"data.catalogue={catalogue}", "data.split.ratios={train: 0.6, val: 0.2, test: 0.2}",
         f"model.backbone={clip}", f"model.cache_dir={root / ('cache-' + name)}", "train.early_stopping=null",
-        "train.epochs=1", "train.batch_size=8", "train.lr=2e-3", "train.seed=3",
+        "train.epochs=1", "train.batch_size=8", "train.lr=2e-3", "train.seed=3", *extra,
     ])  # fmt: skip
     run = train(cfg, runs_root=root / "runs", quiet=True)
     summary = json.loads((run / "summary.json").read_text())
@@ -245,11 +247,20 @@ def _train_and_eval(catalogue: Path, root: Path, name: str, clip: Path) -> tuple
     return summary, test, json.loads((run / "splits.json").read_text())
 
 
-def test_shards_train_and_evaluate_to_the_folders_metrics(world: dict[str, Path]) -> None:
-    root = world["root"]
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],  # frozen towers: features cached by the images' bytes
+        # a trained last layer on augmented views: each view seeded by the sha256 of the image's bytes
+        ["model.trainable_layers=1", "data.augment={image: {crop: 0.2, flip: true}}"],
+    ],
+    ids=["frozen", "unfrozen-augmented"],
+)
+def test_shards_train_and_evaluate_to_the_folders_metrics(world: dict[str, Path], extra: list[str]) -> None:
+    root = world["root"] / f"equal-{len(extra)}"
     clip = make_tiny_clip(root / "clip")
-    f_summary, f_test, f_splits = _train_and_eval(world["fashion"], root, "folder", clip)
-    s_summary, s_test, s_splits = _train_and_eval(world["pattern"], root, "shards", clip)
+    f_summary, f_test, f_splits = _train_and_eval(world["fashion"], root, "folder", clip, extra)
+    s_summary, s_test, s_splits = _train_and_eval(world["pattern"], root, "shards", clip, extra)
     assert s_splits == f_splits  # the same groups in each split
     assert s_summary["best"] == f_summary["best"]
     assert s_test["metrics"] == f_test["metrics"]
