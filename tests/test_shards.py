@@ -335,6 +335,21 @@ def test_cli_shard_then_check(world: dict[str, Path], tmp_path: Path) -> None:
     again = runner.invoke(app, ["data", "shard", str(world["fashion"]), str(out)])
     assert again.exit_code == 2 and "already holds .tar files" in again.output
     assert "empty OUT folder" in again.output and "Traceback" not in again.output
+    gif = tmp_path / "gif"
+    gif.mkdir()
+    pd.DataFrame({"file_name": ["a.png", "b.gif", ""], "text": ["a", "b", "c"]}).to_csv(
+        gif / "metadata.csv", index=False
+    )
+    refused = runner.invoke(app, ["data", "shard", str(gif), str(tmp_path / "gif-out")])
+    assert refused.exit_code == 2 and "row 3 has no file_name" in refused.output
+    pd.DataFrame({"file_name": ["a.png", "b.gif"], "text": ["a", "b"]}).to_csv(
+        gif / "metadata.csv", index=False
+    )
+    refused = runner.invoke(app, ["data", "shard", str(gif), str(tmp_path / "gif-out")])
+    assert (
+        refused.exit_code == 2
+        and "b.gif: a shard sample's image must be .jpg, .jpeg, .png, .webp" in refused.output
+    )
 
 
 def test_cli_check_of_a_truncated_shard_is_a_typed_error(world: dict[str, Path], tmp_path: Path) -> None:

@@ -269,8 +269,8 @@ def write_shards(
 
     Raises:
         ValueError: ``shard_size`` < 1.
-        ShardWriteError: an image's extension is not one of :data:`IMAGE_EXTENSIONS`, or ``out`` already
-            holds ``.tar`` files.
+        ShardWriteError: a row without a ``file_name``, an image whose extension is not one of
+            :data:`IMAGE_EXTENSIONS`, or an ``out`` that already holds ``.tar`` files.
     """
     from webdataset import TarWriter  # imported here: it pulls in torch's data utilities
 
@@ -280,8 +280,10 @@ def write_shards(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     rows = catalogue.rows
     by_image: dict[str, list[dict[str, Any]]] = {}
-    for record in rows.drop(columns="row").to_dict("records"):
-        name = record.pop("file_name")
+    for record in rows.to_dict("records"):
+        number, name = record.pop("row"), record.pop("file_name")
+        if not isinstance(name, str) or not name.strip():
+            raise ShardWriteError(f"{catalogue.metadata_path}: row {number} has no file_name")
         meta = {str(k): _plain(v) for k, v in record.items()}
         if meta.get(group_column) is None:
             meta[group_column] = str(name)
