@@ -474,3 +474,17 @@ def test_assign_rows_names_the_index_when_rows_have_no_row_column() -> None:
     rows.index = [10, 11, 12, 13, 14, 15]
     with pytest.raises(ValueError, match=r"^index 12: group 'g01' is in no split; were the splits made"):
         assign_rows(rows, {"train": ["g00", "g02"]})
+
+
+def test_min_groups_takes_from_a_surplus_held_out_split_before_train_drops_below_half() -> None:
+    # Found by test_min_groups_property: 8 single-row groups at 0.5/0.125/0.375 give train 4, val 1, test 3;
+    # val's second group must come from test's surplus, since a train group would leave train 3 of 8.
+    rows = _catalogue([1] * 8)
+    ratios = {"train": 0.5, "val": 0.125, "test": 0.375}
+    plain = make_splits(rows, ratios, seed=0)
+    assert [len(plain[n]) for n in ("train", "val", "test")] == [4, 1, 3]
+    splits = make_splits(rows, ratios, seed=0, min_groups=2)
+    assert [len(splits[n]) for n in ("train", "val", "test")] == [4, 2, 2]
+    assert sorted(splits["train"]) == sorted(plain["train"])
+    moved = set(splits["val"]) - set(plain["val"])
+    assert len(moved) == 1 and moved <= set(plain["test"])

@@ -25,9 +25,11 @@ Algorithm (see also ``docs/catalogues.md``):
    fixed: val gets 0.1 / 0.9 of the train rows). :func:`carved_groups` says afterwards which groups moved.
 7. Minimum groups (``min_groups`` > 0): each held-out split of the ratio split (steps 3-6) with fewer than
    ``m = min(min_groups, pool // (2 * h))`` groups takes ``train``'s smallest movable groups (ties:
-   smallest id) until it has ``m``; ``pool`` is the number of groups split by ratio and ``h`` the number of
-   held-out splits, so ``train`` keeps at least half of them. A split with a handful of groups is what
-   lets ranking metrics tell models apart (:mod:`cliptune.data.split_health`).
+   smallest id) until it has ``m``, while ``train`` keeps at least half of the pool; after that the
+   smallest movable group of the held-out split with the most groups above ``m`` moves instead. ``pool``
+   is the number of groups split by ratio and ``h`` the number of held-out splits, so ``m`` never needs
+   more than half of them and ``train`` keeps at least half whenever it had half. A split with a handful
+   of groups is what lets ranking metrics tell models apart (:mod:`cliptune.data.split_health`).
 
 Example:
     >>> rows = pd.DataFrame({"file_name": [f"{i}.jpg" for i in range(10)], "group": list("aabbccddee")})
@@ -368,16 +370,37 @@ def _carve_from_train(
 def _raise_to_minimum(
     splits: dict[str, list[str]], sizes: dict[str, int], held_out: list[str], pool: set[str], min_groups: int
 ) -> None:
-    # Step 7: each held-out split gets m groups from train's movable ones; train keeps half the pool.
+    # Step 7: each held-out split gets m groups from train's movable ones while train keeps half the pool,
+    # then from the held-out split with the most groups above m (e.g. 8 groups at 0.5/0.125/0.375 with
+    # m = 2: val takes one of test's three, not one of train's four). m <= pool // (2h), so the held-out
+    # splits never need more than half of the pool and a donor always exists.
     m = min(min_groups, len(pool) // (2 * len(held_out)))
     for name in sorted(held_out):
         while len(splits[name]) < m:
-            movable = [g for g in splits[TRAIN] if g in pool]
-            if not movable:
+            donor = _donor(splits, name, held_out, pool, m)
+            if donor is None:
                 return
+            movable = [g for g in splits[donor] if g in pool]
             gid = min(movable, key=lambda g: (sizes[g], g))
-            splits[TRAIN].remove(gid)
+            splits[donor].remove(gid)
             splits[name].append(gid)
+
+
+def _donor(
+    splits: dict[str, list[str]], name: str, held_out: list[str], pool: set[str], m: int
+) -> str | None:
+    """The split that gives ``name`` a group: train while it keeps half the pool, else the fullest surplus."""
+    train_movable = sum(g in pool for g in splits[TRAIN])
+    if train_movable and 2 * (train_movable - 1) >= len(pool):
+        return TRAIN
+    surplus = [
+        (sum(g in pool for g in splits[other]), other)
+        for other in sorted(held_out)
+        if other != name and sum(g in pool for g in splits[other]) > m
+    ]
+    if surplus:
+        return max(surplus, key=lambda t: t[0])[1]  # the first of equals in name order
+    return TRAIN if train_movable else None
 
 
 def _ensure_nonempty(
