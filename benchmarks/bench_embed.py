@@ -78,15 +78,14 @@ def _images(kind: str, n: int, folder: Path) -> list[Path]:
 
     photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()]
     paths = []
-    for i in range(n):  # distinct files: the pipeline embeds identical bytes once
+    for i in range(n):  # distinct files (the pipeline embeds identical bytes once)
         path = folder / f"{i:05d}.jpg"
         image = (
             Image.fromarray(photos[i % len(photos)])
             .convert("RGB")
             .resize((2048, 1536), Image.Resampling.BICUBIC)
         )
-        image.putpixel((0, 0), (i % 256, i // 256 % 256, 0))  # unique content, invisible to the model
-        image.save(path, quality=85 + i % 10)
+        image.save(path, quality=85 + i % 10, comment=f"copy {i}")  # distinct bytes, same pixels
         paths.append(path)
     return paths
 
