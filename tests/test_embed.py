@@ -233,3 +233,46 @@ def test_read_metadata_of_a_foreign_file(tmp_path: Path) -> None:
     (tmp_path / "y.parquet").write_text("not parquet")
     with pytest.raises(EmbedError, match="not a readable Parquet file"):
         read_embeddings_metadata(tmp_path / "y.parquet")
+
+
+def test_large_jpegs_embed_reduced_with_the_same_embeddings(root: Path, model: LoadedModel) -> None:
+    import torch
+    from PIL import Image
+    from skimage.data import astronaut, coffee
+
+    from cliptune.data.images import load_image
+    from cliptune.models.embed import DRAFT_OVERSAMPLE, image_loader, model_input_side
+
+    backbone = model.backbone
+    side = model_input_side(backbone.preprocess)
+    assert side == max(backbone.preprocess([Image.new("RGB", (300, 200))]).shape[-2:])
+    load, key = image_loader(backbone.preprocess, 1_000_000)
+    assert key == f"jpeg-min-side={DRAFT_OVERSAMPLE * side}"
+    folder = root / "photos"
+    folder.mkdir()
+    paths = []
+    for name, photo in (("astronaut", astronaut()), ("coffee", coffee())):
+        paths.append(folder / f"{name}.jpg")
+        Image.fromarray(photo).resize((1024, 768), Image.Resampling.LANCZOS).save(paths[-1], quality=92)
+    assert load(paths[0]).size[1] < 768  # decoded reduced
+    got = embed_images_with(model, paths, cache_dir=root / "photo-cache", progress=False)
+    with torch.inference_mode():
+        pixels = backbone.preprocess([load_image(p) for p in paths])  # full decode, as before
+        want = torch.nn.functional.normalize(backbone.image_head(backbone.image_features(pixels)), dim=-1)
+    cos = (got * want).sum(dim=-1)
+    assert cos.min().item() >= 0.999, cos
+
+
+def test_model_input_side_is_none_for_a_size_preserving_preprocess() -> None:
+    import torch
+    from PIL import Image
+
+    from cliptune.models.embed import image_loader, model_input_side
+
+    def as_is(images: list[Image.Image]) -> torch.Tensor:
+        return torch.stack(
+            [torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im in images]
+        )
+
+    assert model_input_side(as_is) is None
+    assert image_loader(as_is)[1] == ""  # full decode, the plain cache key

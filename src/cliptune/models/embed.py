@@ -40,6 +40,8 @@ __all__ = [
     "default_cache_dir",
     "embed_images_with",
     "embed_texts_with",
+    "image_loader",
+    "model_input_side",
     "siamese_embeddings",
     "tower_features",
     "warn_if_truncated",
@@ -109,15 +111,17 @@ def tower_features(
     """
     cache = FeatureCache(cache_dir or default_cache_dir(), backbone.identity())
     backbone.to(device)
+    load, load_id = image_loader(backbone.preprocess, max_pixels)
     images = embed_images(
         list(paths),
         cache=cache,
-        load=partial(load_image, max_pixels=max_pixels),
+        load=load,
         preprocess=backbone.preprocess,
         forward=backbone.image_features,
         precision=precision,
         num_workers=num_workers,
         device=device,
+        preprocess_id=load_id,
         progress=progress,
     )
     warn_if_truncated(backbone, texts)
@@ -176,19 +180,22 @@ def augmented_tower_features(
     backbone.to(device)
     image_views = augment.views if augment.image.enabled else 1
     text_views = augment.views if augment.text.enabled else 1
+    plain_load, plain_id = image_loader(backbone.preprocess, max_pixels)  # = tower_features' entries
     images = [
         embed_images(
             list(paths),
             cache=cache,
             load=AugmentedLoader(augment.image, augment.seed, v, max_pixels)
             if augment.image.enabled
-            else partial(load_image, max_pixels=max_pixels),
+            else plain_load,
             preprocess=backbone.preprocess,
             forward=backbone.image_features,
             precision=precision,
             num_workers=num_workers,
             device=device,
-            preprocess_id=image_view_id(augment.image, augment.seed, v) if augment.image.enabled else "",
+            preprocess_id=image_view_id(augment.image, augment.seed, v)
+            if augment.image.enabled
+            else plain_id,
             progress=progress,
         )
         for v in range(image_views)
@@ -249,8 +256,9 @@ def embed_images_with(
         (N, D) float32.
     """
     backbone = model.backbone
-    # a partial, not a closure: DataLoader workers started with "spawn" (macOS, Windows) pickle it
-    load = partial(load_image) if max_pixels is None else partial(load_image, max_pixels=max_pixels)
+    load, load_id = image_loader(
+        backbone.preprocess, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    )
 
     frozen = backbone.features_frozen
     cached = frozen and use_cache
@@ -265,6 +273,7 @@ def embed_images_with(
         batch_size=batch_size,
         precision=precision,
         num_workers=num_workers,
+        preprocess_id=load_id,
         progress=progress,
     )
     if model.head is not None:
@@ -366,6 +375,51 @@ def _siamese(head: SiameseHead, *, image: Tensor | None, text: Tensor | None) ->
     has_text = torch.full((n,), text is not None)
     out: SiameseOutput = head(img, txt, has_image=has_image, has_text=has_text)
     return out.image if image is not None else out.text
+
+
+# Decoding for the model: JPEGs are decoded at a reduced DCT scale when far larger than the model's input.
+
+DRAFT_OVERSAMPLE = 2
+"""JPEGs decode to at least this many times the model's input side. At 1x the model's resize sees
+visibly different pixels on fine detail (a star field: max diff 39/255); at 2x they match within a few
+levels (docs/benchmarks.md), and a 12-megapixel photo still decodes at 1/4 scale."""
+
+
+def model_input_side(preprocess: Callable[[list[Image.Image]], Tensor]) -> int | None:
+    """The longer side of the fixed-size pixels ``preprocess`` makes, or None when its size follows the input's.
+
+    Probed with two small blank pictures of different shapes: a preprocess that resizes to the model's
+    input size gives both the same (B, 3, H, W) shape. This needs nothing from the backbone besides its
+    preprocess, so every backbone family (and any future one) gets the fast decode without declaring it.
+    """
+    try:
+        a = preprocess([Image.new("RGB", (37, 29))])
+        b = preprocess([Image.new("RGB", (29, 53))])
+    except Exception:  # a preprocess that cannot take tiny pictures: decode at full size, always correct
+        return None
+    if a.ndim != 4 or a.shape != b.shape:
+        return None
+    return int(max(a.shape[-2:]))
+
+
+def image_loader(
+    preprocess: Callable[[list[Image.Image]], Tensor], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[Callable[[Path], Image.Image], str]:
+    """The loader of plain (un-augmented) images for ``preprocess``, and its part of the feature-cache key.
+
+    JPEGs decode at the largest exact DCT reduction keeping the shorter side at least
+    :data:`DRAFT_OVERSAMPLE` x the model's input side (:func:`cliptune.data.images.load_image`'s
+    ``min_side``); the key part records that bound, so features of fully decoded images are never mixed in.
+
+    Returns:
+        ``(load, preprocess_id)``: ``load`` is a picklable partial (DataLoader workers started with
+        "spawn", on macOS and Windows, pickle it).
+    """
+    side = model_input_side(preprocess)
+    if side is None:
+        return partial(load_image, max_pixels=max_pixels), ""
+    min_side = DRAFT_OVERSAMPLE * side
+    return partial(load_image, max_pixels=max_pixels, min_side=min_side), f"jpeg-min-side={min_side}"
 
 
 def catalogue_paths(catalogue: Catalogue, file_names: Sequence[str]) -> list[Path]:
