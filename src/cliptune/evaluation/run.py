@@ -149,6 +149,7 @@ def evaluate_model_on_run(
         raise EvalError(f"{run_dir}: no {SPLITS_FILE}: this run has no splits to borrow")
     cfg, data, splits = _open_run(run_dir, catalogue, splits, progress)
     loaded = load_model(model)
+    loaded.backbone.fast_decode = cfg.data.fast_decode  # decoded as the run's own model was
     # A Siamese run's loss is the objective of its head: a model without one has no comparable loss.
     siamese_only = cfg.train.task == "siamese" and loaded.head is None
     # The run's loss section, and (no temperature set) the baseline's pretrained one: for the zero-shot

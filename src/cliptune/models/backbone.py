@@ -156,6 +156,9 @@ class Backbone(nn.Module):
         trainable_layers: The value last applied by ``apply_trainable_layers``.
         lora: The LoRA spec applied by ``apply_lora``, or None.
         similarity_init: Pretrained similarity parameters of the source model (may be empty).
+        fast_decode: Decode JPEGs at a reduced DCT scale before ``preprocess`` (``data.fast_decode``).
+            Set by training from its config and saved with the model, so every later command that embeds
+            with this model (eval, index, embed, serve, export) decodes as training did.
     """
 
     kind: str = ""
@@ -166,6 +169,7 @@ class Backbone(nn.Module):
         self.trainable_layers = 0
         self.lora: LoraSpec | None = None
         self.similarity_init: dict[str, float] = {}
+        self.fast_decode = False
 
     # --- implemented by subclasses -------------------------------------------------------
     def image_features(self, pixel_values: Tensor) -> Tensor:
@@ -384,6 +388,7 @@ def write_config(directory: Path, backbone: Backbone, extra: dict[str, Any]) -> 
         # without torch, and what `load_model` must reproduce bit for bit (tests/test_model_identity.py)
         "features_identity": features,
         "model_identity": backbone._model_identity(features),
+        "fast_decode": backbone.fast_decode,
         **extra,
     }
     write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -111,7 +111,7 @@ def tower_features(
     """
     cache = FeatureCache(cache_dir or default_cache_dir(), backbone.identity())
     backbone.to(device)
-    load, load_id = image_loader(backbone.preprocess, max_pixels)
+    load, load_id = image_loader(backbone.preprocess, max_pixels, fast_decode=backbone.fast_decode)
     images = embed_images(
         list(paths),
         cache=cache,
@@ -180,7 +180,8 @@ def augmented_tower_features(
     backbone.to(device)
     image_views = augment.views if augment.image.enabled else 1
     text_views = augment.views if augment.text.enabled else 1
-    plain_load, plain_id = image_loader(backbone.preprocess, max_pixels)  # = tower_features' entries
+    # = tower_features' entries
+    plain_load, plain_id = image_loader(backbone.preprocess, max_pixels, fast_decode=backbone.fast_decode)
     images = [
         embed_images(
             list(paths),
@@ -257,7 +258,9 @@ def embed_images_with(
     """
     backbone = model.backbone
     load, load_id = image_loader(
-        backbone.preprocess, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+        backbone.preprocess,
+        DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
+        fast_decode=backbone.fast_decode,
     )
 
     frozen = backbone.features_frozen
@@ -377,12 +380,16 @@ def _siamese(head: SiameseHead, *, image: Tensor | None, text: Tensor | None) ->
     return out.image if image is not None else out.text
 
 
-# Decoding for the model: JPEGs are decoded at a reduced DCT scale when far larger than the model's input.
+# Decoding for the model: with ``data.fast_decode``, JPEGs are decoded at a reduced DCT scale when far
+# larger than the model's input. Opt-in, because it changes features slightly (docs/benchmarks.md).
 
 DRAFT_OVERSAMPLE = 2
-"""JPEGs decode to at least this many times the model's input side. At 1x the model's resize sees
-visibly different pixels on fine detail (a star field: max diff 39/255); at 2x they match within a few
-levels (docs/benchmarks.md), and a 12-megapixel photo still decodes at 1/4 scale."""
+"""Fast-decoded JPEGs decode to at least this many times the model's input side. At 1x the model's resize
+sees visibly different pixels on fine detail (a star field: max diff 39/255); at 2x they match within a
+few levels (docs/benchmarks.md), and a 12-megapixel photo still decodes at 1/4 scale."""
+
+FULL_DECODE_ID = ""
+"""The ``preprocess_id`` of full decoding: the empty string older caches were written with."""
 
 
 def model_input_side(preprocess: Callable[[list[Image.Image]], Tensor]) -> int | None:
@@ -403,21 +410,28 @@ def model_input_side(preprocess: Callable[[list[Image.Image]], Tensor]) -> int |
 
 
 def image_loader(
-    preprocess: Callable[[list[Image.Image]], Tensor], max_pixels: int = DEFAULT_MAX_PIXELS
+    preprocess: Callable[[list[Image.Image]], Tensor],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    fast_decode: bool = False,
 ) -> tuple[Callable[[Path], Image.Image], str]:
     """The loader of plain (un-augmented) images for ``preprocess``, and its part of the feature-cache key.
 
-    JPEGs decode at the largest exact DCT reduction keeping the shorter side at least
-    :data:`DRAFT_OVERSAMPLE` x the model's input side (:func:`cliptune.data.images.load_image`'s
-    ``min_side``); the key part records that bound, so features of fully decoded images are never mixed in.
+    Full decoding (the default) has the key part :data:`FULL_DECODE_ID`. With ``fast_decode``
+    (``data.fast_decode``, carried by ``Backbone.fast_decode`` so every command embedding with the
+    model decodes alike), JPEGs decode at the largest exact DCT reduction keeping the shorter side at
+    least :data:`DRAFT_OVERSAMPLE` x the model's input side (:func:`cliptune.data.images.load_image`'s
+    ``min_side``), and the key part records that bound, so features of fast-decoded images are never
+    served to a full-decode run, nor the other way round. A preprocess without a fixed input size
+    always decodes fully.
 
     Returns:
         ``(load, preprocess_id)``: ``load`` is a picklable partial (DataLoader workers started with
         "spawn", on macOS and Windows, pickle it).
     """
-    side = model_input_side(preprocess)
+    side = model_input_side(preprocess) if fast_decode else None
     if side is None:
-        return partial(load_image, max_pixels=max_pixels), ""
+        return partial(load_image, max_pixels=max_pixels), FULL_DECODE_ID
     min_side = DRAFT_OVERSAMPLE * side
     return partial(load_image, max_pixels=max_pixels, min_side=min_side), f"jpeg-min-side={min_side}"
 
