@@ -241,6 +241,15 @@ class DataConfig(_Section):
         "Saved with the trained model so eval, index, embed, serve and export decode alike; part of the "
         "feature-cache key.",
     )
+    pixel_cache: bool = Field(
+        False,
+        description="Keep every image decoded and resized to the model's input size as uint8 in a "
+        "memory-mapped cache beside the feature cache (FEATURE_CACHE/pixels), so later runs skip decoding: "
+        "150 KB of disk per image at 224 px (150 GB per million images). Off by default: frozen towers "
+        "already reuse cached features; it pays off when features cannot be reused (fine-tuned towers, "
+        "comparing models on one catalogue). Refused for backbones whose preprocess is not uint8 "
+        "resize/crop then normalise (transformers image processors).",
+    )
     augment: AugmentConfig = Field(
         default_factory=AugmentConfig,
         description="Training-time augmentation of images and captions (retrieval task; off by default).",
