@@ -165,22 +165,24 @@ def main() -> None:
     device = torch.device(args.device)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        paths = _images(args.n, tmp)
-        results = {name: bench_tower(name, paths, args, tmp) for name in args.towers.split(",")}
     print(
         f"device {device} ({where}), torch threads {torch.get_num_threads()}, {os.cpu_count()} cpus, "
         f"n={args.n} JPEGs 2048x1536, batch {args.batch}, workers {args.workers}, {args.precision}, "
-        f"median of {args.repeats} interleaved, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
+        f"median of {args.repeats} interleaved, load average at start {load_before:.1f}",
+        flush=True,
     )
-    print("tower | run | img/s | pipeline/bare | >= 0.8x")
-    for name, rows in results.items():
-        bare_rate = rows[0][1]
-        for row, rate in rows:
-            ratio = rate / bare_rate
-            verdict = "" if row == "bare" else ("met" if ratio >= 0.8 else "NOT met")
-            print(f"{name:12} | {row:20} | {rate:8.2f} | {ratio:5.2f} | {verdict}")
+    print("tower | run | img/s | pipeline/bare | >= 0.8x", flush=True)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        paths = _images(args.n, tmp)
+        for name in args.towers.split(","):
+            rows = bench_tower(name, paths, args, tmp)
+            bare_rate = rows[0][1]
+            for row, rate in rows:
+                ratio = rate / bare_rate
+                verdict = "" if row == "bare" else ("met" if ratio >= 0.8 else "NOT met")
+                print(f"{name:12} | {row:20} | {rate:8.2f} | {ratio:5.2f} | {verdict}", flush=True)
+            print(f"load average after {name}: {os.getloadavg()[0]:.1f}", flush=True)
 
 
 if __name__ == "__main__":
