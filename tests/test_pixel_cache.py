@@ -172,3 +172,21 @@ def test_recipe_is_picklable_for_spawned_workers(tower) -> None:
     recipe = pickle.loads(pickle.dumps(tower.pixel_recipe()))
     assert isinstance(recipe, PixelRecipe) and isinstance(recipe.to_uint8, partial)
     assert recipe.to_uint8(Image.new("RGB", (50, 40), (1, 2, 3)))[0, 0].tolist() == [1, 2, 3]
+
+
+def test_embedded_model_with_the_pixel_cache_embeds_exactly_as_without(tmp_path: Path) -> None:
+    from cliptune.models.embed import tower_features
+    from cliptune.models.factory import LoadedModel, load_backbone
+
+    backbone = load_backbone("embedded", image_size=SIZE)  # EfficientNet-Lite0: it has a uint8 recipe
+    model = LoadedModel(backbone, None, Path("embedded"), backbone.model_identity())
+    paths = _photos(tmp_path / "img", n=2)
+    plain = embed_images_with(model, paths, use_cache=False, precision="fp32", progress=False)
+    backbone.pixel_cache = True
+    cached = embed_images_with(model, paths, cache_dir=tmp_path / "c", precision="fp32", progress=False)
+    assert _shards(tmp_path / "c" / "pixels")  # the pixels went to FEATURE_CACHE/pixels
+    feats, _ = tower_features(backbone, paths, ["a", "b"], cache_dir=tmp_path / "c2", progress=False)
+    backbone.pixel_cache = False
+    assert torch.allclose(cached, plain, atol=1e-6)
+    want, _ = tower_features(backbone, paths, ["a", "b"], cache_dir=tmp_path / "c3", progress=False)
+    assert torch.allclose(feats, want, atol=1e-6) and _shards(tmp_path / "c2" / "pixels")
