@@ -1,90 +1,188 @@
-"""Embedding throughput of the embedded image tower: the full pipeline vs the bare tower forward.
+"""Embedding throughput: the full pipeline vs the bare tower forward, at the same precision, per tower.
 
-The pipeline (``cliptune.models.embed.embed_images``: read PNGs, decode, resize, normalise, batch,
-forward, no cache) should reach >= 0.8x the bare forward's images/s at the same precision, i.e.
-preprocessing and loading are not the bottleneck. Also bf16 vs fp32 speed and the largest difference
-between their features.
+The pipeline (``cliptune.models.embed.embed_images``: hash and read the files, decode, resize, batch,
+forward; no feature cache) should reach >= 0.8x the bare forward's images/s. Rows, side by side and
+interleaved per repeat so a shared machine's load hits them alike:
+
+- ``bare``: the tower on already-preprocessed float pixels;
+- ``full decode, float``: full JPEG decode, the float preprocess in the loader (cliptune before issue 17);
+- ``full decode, uint8``: full decode, uint8 batches normalised on the forward's device (the default now,
+  for backbones with a ``PixelRecipe``);
+- ``fast decode, uint8``: ``data.fast_decode`` (JPEGs decoded at a reduced DCT scale, >= 2x the input side);
+- ``pixel cache, cold``: ``data.pixel_cache`` on an empty cache (decode, write, read back);
+- ``pixel cache, warm``: ``data.pixel_cache`` with every image cached (no decoding).
+
+Towers: ``efficientnet`` (the embedded EfficientNet-Lite0, pretrained) and ``vit-b16`` (open_clip's
+``ViT-B-16`` CLIP config, random weights, its own preprocess: short side -> 224 bicubic, centre crop).
+Images: real photos from skimage resized to 2048 x 1536 and saved as JPEG (distinct bytes per file).
 
 Usage:
-    python benchmarks/bench_embed.py --n 512 --batch 64 --workers 2 --device cpu
-    python benchmarks/bench_embed.py --n 4096 --batch 256 --workers 12 --device cuda
+    python benchmarks/bench_embed.py --threads 2 --towers efficientnet,vit-b16 --repeats 3
+    python benchmarks/bench_embed.py --device cuda --n 2048 --batch 256 --workers 12 --precision bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import tempfile
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
+from torch import Tensor
 
 from cliptune.data.images import load_image
-from cliptune.data.synthetic import render_fashion
-from cliptune.models.composed import _EfficientNetLite0
-from cliptune.models.embed import embed_images
+from cliptune.models.backbone import PixelRecipe
+from cliptune.models.embed import embed_images, image_loader
 
 
-def _time(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        tic = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - tic)
-    return times
+def _tower(
+    name: str,
+) -> tuple[Callable[[Tensor], Tensor], Callable[[list[Image.Image]], Tensor], PixelRecipe]:
+    """(forward, float preprocess, uint8 recipe) of a tower."""
+    if name == "efficientnet":
+        from cliptune.models.composed import _EfficientNetLite0
+
+        eff = _EfficientNetLite0().eval()
+        return eff, eff.preprocess, eff.pixel_recipe()
+    from cliptune.models.openclip import OpenClipBackbone, import_open_clip
+
+    open_clip = import_open_clip()  # with cliptune's torchvision stand-in where torchvision is absent
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-16", pretrained=None)
+    preprocess_cfg = dict(model.visual.preprocess_cfg)
+    preprocess_cfg["size"] = [224, 224]
+    preprocess_cfg["mean"], preprocess_cfg["std"] = list(preprocess_cfg["mean"]), list(preprocess_cfg["std"])
+    backbone = OpenClipBackbone(
+        model.float(),
+        open_clip.get_tokenizer("ViT-B-16"),
+        open_clip.get_model_config("ViT-B-16"),
+        preprocess_cfg,
+    ).eval()
+    return backbone.image_features, backbone.preprocess, backbone.pixel_recipe()
+
+
+def _images(n: int, folder: Path) -> list[Path]:
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()]
+    paths = []
+    for i in range(n):  # distinct files (the pipeline embeds identical bytes once)
+        path = folder / f"{i:05d}.jpg"
+        image = (
+            Image.fromarray(photos[i % len(photos)])
+            .convert("RGB")
+            .resize((2048, 1536), Image.Resampling.BICUBIC)
+        )
+        image.save(path, quality=85 + i % 10, comment=f"copy {i}")
+        paths.append(path)
+    return paths
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - tic
+
+
+def bench_tower(name: str, paths: list[Path], args: argparse.Namespace, tmp: Path) -> list[tuple[str, float]]:
+    device = torch.device(args.device)
+    forward, preprocess, recipe = _tower(name)
+    if isinstance(forward, torch.nn.Module):
+        forward = forward.to(device)
+    else:
+        forward.__self__.to(device)  # type: ignore[attr-defined]  # a bound method of the backbone
+    fast_load, fast_id = image_loader(preprocess, fast_decode=True)
+    pixels = preprocess([load_image(p) for p in paths[: args.batch]]).to(device)
+    bf16 = args.precision == "bf16"
+    warm_root = tmp / f"warm-{name}"
+
+    def bare() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            for start in range(0, len(paths), args.batch):
+                forward(pixels[: min(args.batch, len(paths) - start)])
+
+    def pipeline(load: Callable[[Path], Image.Image], load_id: str, **kw: Any) -> None:
+        embed_images(
+            paths,
+            cache=None,
+            load=load,
+            preprocess=preprocess,
+            forward=forward,
+            batch_size=args.batch,
+            precision=args.precision,
+            num_workers=args.workers,
+            device=device,
+            preprocess_id=load_id,
+            progress=False,
+            **kw,
+        )
+
+    runs: dict[str, Callable[[], None]] = {
+        "bare": bare,
+        "full decode, float": lambda: pipeline(load_image, ""),
+        "full decode, uint8": lambda: pipeline(load_image, "", recipe=recipe),
+        "fast decode, uint8": lambda: pipeline(fast_load, fast_id, recipe=recipe),
+        "pixel cache, cold": lambda: pipeline(
+            load_image, "", recipe=recipe, pixel_cache_dir=tmp / f"cold-{uuid.uuid4().hex}"
+        ),
+        "pixel cache, warm": lambda: pipeline(load_image, "", recipe=recipe, pixel_cache_dir=warm_root),
+    }
+    bare()  # warm-up
+    pipeline(load_image, "", recipe=recipe, pixel_cache_dir=warm_root)  # fills the warm cache
+    times: dict[str, list[float]] = {row: [] for row in runs}
+    for _ in range(args.repeats):  # interleaved: a load spike on the shared machine hits every row
+        for row, fn in runs.items():
+            times[row].append(_timed(fn))
+    return [(row, len(paths) / statistics.median(times[row])) for row in runs]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--towers", default="efficientnet,vit-b16")
+    parser.add_argument("--n", type=int, default=16, help="images per tower")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    tower = _EfficientNetLite0().eval().to(device)
-    with tempfile.TemporaryDirectory() as tmp:
-        cat = render_fashion(Path(tmp) / "f", n=args.n, seed=0)
-        paths = sorted((cat / "images").glob("*.png"))[: args.n]
-        pixels = tower.preprocess([load_image(p) for p in paths[: args.batch]]).to(device)
-        rows = []
-        feats = {}
-        for precision in ("fp32", "bf16"):
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-
-            def bare(precision: str = precision, dtype: torch.dtype = dtype) -> None:
-                with (
-                    torch.inference_mode(),
-                    torch.autocast(device.type, dtype=dtype, enabled=precision == "bf16"),
-                ):
-                    for _ in range(0, len(paths), args.batch):
-                        tower(pixels)
-
-            def pipeline(precision: str = precision) -> None:
-                feats[precision] = embed_images(
-                    paths, cache=None, load=load_image, preprocess=tower.preprocess, forward=tower,
-                    batch_size=args.batch, precision=precision, num_workers=args.workers, device=device,
-                    progress=False,
-                )  # fmt: skip
-
-            bare()  # warm-up
-            b = statistics.median(_time(bare, args.repeats))
-            p = statistics.median(_time(pipeline, args.repeats))
-            rows.append((precision, len(paths) / b, len(paths) / p, b / p))
-        print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), n={len(paths)}, "
-              f"batch={args.batch}, workers={args.workers}, median of {args.repeats}")  # fmt: skip
-        print("precision | bare img/s | pipeline img/s | pipeline/bare")
-        for precision, bare_rate, pipe_rate, ratio in rows:
-            print(f"{precision:9} | {bare_rate:10.1f} | {pipe_rate:14.1f} | {ratio:.2f}")
-        diff = (feats["fp32"] - feats["bf16"]).abs().max().item()
-        cos = torch.nn.functional.cosine_similarity(feats["fp32"], feats["bf16"]).min().item()
-        print(f"bf16 vs fp32 features: max abs diff {diff:.4f}, min cosine {cos:.5f}")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
+    load_before = os.getloadavg()[0]
+    print(
+        f"device {device} ({where}), torch threads {torch.get_num_threads()}, {os.cpu_count()} cpus, "
+        f"n={args.n} JPEGs 2048x1536, batch {args.batch}, workers {args.workers}, {args.precision}, "
+        f"median of {args.repeats} interleaved, load average at start {load_before:.1f}",
+        flush=True,
+    )
+    print("tower | run | img/s | pipeline/bare | >= 0.8x", flush=True)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        paths = _images(args.n, tmp)
+        for name in args.towers.split(","):
+            rows = bench_tower(name, paths, args, tmp)
+            bare_rate = rows[0][1]
+            for row, rate in rows:
+                ratio = rate / bare_rate
+                verdict = "" if row == "bare" else ("met" if ratio >= 0.8 else "NOT met")
+                print(f"{name:12} | {row:20} | {rate:8.2f} | {ratio:5.2f} | {verdict}", flush=True)
+            print(f"load average after {name}: {os.getloadavg()[0]:.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -169,3 +169,79 @@ def test_loaded_image_is_independent_of_the_file(tmp_path: Path) -> None:
     img = load_image(path)
     path.unlink()
     assert img.size == (3, 2) and img.getpixel((2, 1)) == (10, 20, 30)
+
+
+# --- the fast JPEG path (min_side: DCT-domain downscaling through Pillow's draft) ---------------------
+
+
+def _photo_jpeg(path: Path, size: tuple[int, int]) -> Path:
+    """A real photo (skimage's astronaut) resized to ``size`` and saved as a quality-92 JPEG."""
+    from skimage.data import astronaut
+
+    Image.fromarray(astronaut()).resize(size, Image.Resampling.LANCZOS).save(path, quality=92)
+    return path
+
+
+def _model_view(img: Image.Image, side: int = 224) -> np.ndarray:
+    """What a 224 px model sees: short side -> 224 (bicubic, antialiased), centre crop; float 0-255."""
+    w, h = img.size
+    scale = side / min(w, h)
+    new = (max(side, round(w * scale)), max(side, round(h * scale)))
+    small = img.resize(new, Image.Resampling.BICUBIC)
+    left, top = (new[0] - side) // 2, (new[1] - side) // 2
+    return np.asarray(small.crop((left, top, left + side, top + side)), dtype=np.float64)
+
+
+def test_min_side_decodes_large_jpeg_reduced_with_the_same_pixels(tmp_path: Path) -> None:
+    path = _photo_jpeg(tmp_path / "photo.jpg", (2048, 1536))
+    full, fast = load_image(path), load_image(path, min_side=448)
+    # 1536 // 4 = 384 < 448, so the largest exact reduction is 1/2
+    assert full.size == (2048, 1536) and fast.size == (1024, 768) and fast.mode == "RGB"
+    diff = np.abs(_model_view(full) - _model_view(fast))
+    assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())  # measured 0.18 / 3
+    # a smaller bound allows 1/8: 1536 // 8 = 192 >= 150
+    assert load_image(path, min_side=150).size == (256, 192)
+
+
+def test_min_side_keeps_full_size_when_no_exact_reduction_fits(tmp_path: Path) -> None:
+    odd = _photo_jpeg(tmp_path / "odd.jpg", (2047, 1533))  # no 1/2, 1/4, 1/8 divides both sides
+    assert load_image(odd, min_side=224).size == (2047, 1533)
+    small = _photo_jpeg(tmp_path / "small.jpg", (512, 400))  # 400 // 2 = 200 < 224: already small enough
+    assert load_image(small, min_side=224).size == (512, 400)
+    _red_left_blue_right(64, 32).save(tmp_path / "x.png")  # not a JPEG: never reduced
+    assert load_image(tmp_path / "x.png", min_side=4).size == (64, 32)
+
+
+def test_min_side_applies_exif_orientation(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view: the left (red) half becomes the top half
+    path = tmp_path / "rot.jpg"
+    _red_left_blue_right(64, 32).save(path, exif=exif, quality=100)
+    img = load_image(path, min_side=8)
+    assert img.size == (8, 16)  # stored 64 x 32 decoded at 1/4 = 16 x 8, then rotated
+    arr = np.asarray(img).astype(int)
+    assert np.abs(arr[:7] - [255, 0, 0]).max() <= 3 and np.abs(arr[9:] - [0, 0, 255]).max() <= 3
+
+
+def test_min_side_keeps_every_guard(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 255, (64, 64, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "ok.jpg")
+    data = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "page.jpg").write_text("<html><body>404</body></html>")
+    cases = {
+        "missing.jpg": "file not found",
+        "empty.jpg": "empty file (0 bytes)",
+        "page.jpg": "not an image (unrecognised format)",
+        "cut.jpg": "truncated image",  # still read to the end at 1/8 scale
+    }
+    for name, reason in cases.items():
+        with pytest.raises(ImageLoadError) as info:
+            load_image(tmp_path / name, min_side=8)
+        assert info.value.reason.startswith(reason), (name, info.value.reason)
+    # the pixel limit is checked on the stored size, not the reduced one
+    with pytest.raises(ImageLoadError) as info:
+        load_image(tmp_path / "ok.jpg", max_pixels=4_095, min_side=8)
+    assert info.value.reason == "image too large: 64 x 64 = 4,096 pixels > limit 4,095"
+    assert load_image(tmp_path / "ok.jpg", max_pixels=4_096, min_side=8).size == (8, 8)

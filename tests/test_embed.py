@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -233,3 +234,104 @@ def test_read_metadata_of_a_foreign_file(tmp_path: Path) -> None:
     (tmp_path / "y.parquet").write_text("not parquet")
     with pytest.raises(EmbedError, match="not a readable Parquet file"):
         read_embeddings_metadata(tmp_path / "y.parquet")
+
+
+def _photos(folder: Path) -> list[Path]:
+    """Two real photos (skimage) as 1024 x 768 quality-92 JPEGs."""
+    from PIL import Image
+    from skimage.data import astronaut, coffee
+
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for name, photo in (("astronaut", astronaut()), ("coffee", coffee())):
+        paths.append(folder / f"{name}.jpg")
+        Image.fromarray(photo).resize((1024, 768), Image.Resampling.LANCZOS).save(paths[-1], quality=92)
+    return paths
+
+
+def _full_decode_embeddings(model: LoadedModel, paths: list[Path]) -> torch.Tensor:
+    """The reference: every file decoded at full size, the backbone's preprocess, towers and head."""
+    from cliptune.data.images import load_image
+
+    backbone = model.backbone
+    with torch.inference_mode():
+        pixels = backbone.preprocess([load_image(p) for p in paths])
+        feats = backbone.image_head(backbone.image_features(pixels))
+    return torch.nn.functional.normalize(feats, dim=-1)
+
+
+def test_large_jpegs_embed_reduced_with_the_same_embeddings_when_fast_decode_is_on(
+    root: Path, model: LoadedModel
+) -> None:
+    from PIL import Image
+
+    from cliptune.models.embed import DRAFT_OVERSAMPLE, image_loader, model_input_side
+
+    backbone = model.backbone
+    side = model_input_side(backbone.preprocess)
+    assert side == max(backbone.preprocess([Image.new("RGB", (300, 200))]).shape[-2:])
+    load, key = image_loader(backbone.preprocess, 1_000_000, fast_decode=True)
+    assert key == f"jpeg-min-side={DRAFT_OVERSAMPLE * side}"
+    paths = _photos(root / "photos")
+    assert load(paths[0]).size[1] < 768  # decoded reduced
+    backbone.fast_decode = True
+    try:
+        got = embed_images_with(model, paths, cache_dir=root / "photo-cache", progress=False)
+    finally:
+        backbone.fast_decode = False
+    cos = (got * _full_decode_embeddings(model, paths)).sum(dim=-1)
+    assert cos.min().item() >= 0.999, cos
+
+
+def test_full_decode_is_the_default_and_never_gets_fast_decoded_features(
+    root: Path, model: LoadedModel
+) -> None:
+    from cliptune.models.embed import FULL_DECODE_ID, image_loader
+
+    backbone = model.backbone
+    assert backbone.fast_decode is False
+    load, key = image_loader(backbone.preprocess)
+    paths = _photos(root / "photos-cache")
+    assert key == FULL_DECODE_ID and load(paths[0]).size == (1024, 768)
+    cache_dir = root / "fast-then-full"
+    backbone.fast_decode = True
+    try:
+        fast = embed_images_with(model, paths, cache_dir=cache_dir, precision="fp32", progress=False)
+    finally:
+        backbone.fast_decode = False
+    assert any(p.is_file() for p in cache_dir.rglob("*"))  # the fast features were cached
+    full = embed_images_with(model, paths, cache_dir=cache_dir, precision="fp32", progress=False)
+    want = _full_decode_embeddings(model, paths)
+    # the full-decode run recomputed (a cached fast feature would differ from the reference)
+    assert torch.allclose(full, want, atol=1e-5) and not torch.allclose(fast, want, atol=1e-4)
+    # and it left its own entries: a second full run reads them back bit for bit
+    again = embed_images_with(model, paths, cache_dir=cache_dir, precision="fp32", progress=False)
+    assert torch.equal(again, full)
+
+
+def test_fast_decode_is_saved_with_the_model_and_restored(root: Path) -> None:
+    from cliptune.models.factory import load_backbone
+
+    backbone = load_backbone(make_tiny_clip(root / "clip-fd", seed=0))
+    assert backbone.fast_decode is False
+    backbone.fast_decode = True
+    backbone.save(root / "saved-fd")
+    assert json.loads((root / "saved-fd" / "cliptune_backbone.json").read_text())["fast_decode"] is True
+    assert load_model(root / "saved-fd").backbone.fast_decode is True
+    backbone.fast_decode = False
+    backbone.save(root / "saved-full")
+    assert load_model(root / "saved-full").backbone.fast_decode is False
+
+
+def test_model_input_side_is_none_for_a_size_preserving_preprocess() -> None:
+    from PIL import Image
+
+    from cliptune.models.embed import image_loader, model_input_side
+
+    def as_is(images: list[Image.Image]) -> torch.Tensor:
+        return torch.stack(
+            [torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im in images]
+        )
+
+    assert model_input_side(as_is) is None
+    assert image_loader(as_is, fast_decode=True)[1] == ""  # full decode, the plain cache key

@@ -31,12 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from cliptune.data.catalogue import Catalogue
-from cliptune.data.images import load_image
 from cliptune.export import client
 from cliptune.export.errors import ExportError, ExportExistsError, ParityError
 from cliptune.export.graphs import HeadGraph, ImageGraph, TextGraph
 from cliptune.export.inputs import describe_preprocess, write_tokenizer
-from cliptune.models.embed import embed_images_with, embed_texts_with
+from cliptune.models.embed import embed_images_with, embed_texts_with, image_loader
 from cliptune.models.factory import LoadedModel
 from cliptune.rundir import atomic_folder
 
@@ -80,7 +79,9 @@ def export_onnx(
     if not paths or not texts:
         raise ExportError(f"{model.source}: the parity check needs at least one image and one text")
     backbone, head = model.backbone.eval(), model.head
-    images = [load_image(p) for p in paths]
+    # decoded as embed_images_with decodes them for this model (its fast_decode), so parity compares like
+    load, _ = image_loader(backbone.preprocess, fast_decode=backbone.fast_decode)
+    images = [load(p) for p in paths]
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out) as tmp:
         spec = describe_preprocess(backbone)

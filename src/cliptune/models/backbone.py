@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -53,9 +54,12 @@ __all__ = [
     "STATE_FILE",
     "Backbone",
     "BackboneError",
+    "NoPixelRecipeError",
+    "PixelRecipe",
     "Tower",
     "WeightsMismatchError",
     "load_state_strict",
+    "normalise_uint8",
     "read_state",
     "save_state",
     "write_config",
@@ -141,6 +145,48 @@ class Tower:
     lora_targets: tuple[str, ...] = ()
 
 
+class NoPixelRecipeError(BackboneError):
+    """A backbone's preprocess is not "resize/crop to uint8, then (x / 255 - mean) / std" as far as cliptune
+    knows, so decoded uint8 pixels cannot be cached or normalised on the device for it (the message says why)."""
+
+
+@dataclass(frozen=True)
+class PixelRecipe:
+    """A preprocess split at its uint8 step: ``preprocess(images)`` equals
+    ``normalise_uint8(stack(to_uint8(image) for image in images), mean, std)``, exactly.
+
+    The split lets the slow part (decode, resize, crop: ``to_uint8``) run once into the pixel cache
+    (``models/pixel_cache.py``) and lets batches travel as uint8, a quarter of float32's bytes, with the
+    normalisation on the forward's device.
+
+    Attributes:
+        to_uint8: RGB PIL image -> (H, W, 3) uint8 at the model's input size; picklable (DataLoader workers).
+        mean: Per-channel mean on the 0-1 scale.
+        std: Per-channel standard deviation on the 0-1 scale.
+        identity: Everything ``to_uint8`` depends on (size, resize and crop mode, filter), as a stable
+            string: part of the pixel cache's key. The mean and std are not (they apply after the cache).
+    """
+
+    to_uint8: Callable[[Image.Image], np.ndarray]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    identity: str
+
+
+def normalise_uint8(pixels: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) as ``(x / 255 - mean) / std``, on ``pixels``' device.
+
+    The same float32 operations in the same order as the backbones' CPU preprocess (divide by 255, subtract,
+    divide) and the same memory layout, so the result and the features of a tower on it are bit-identical
+    to the CPU preprocess's (``tests/test_pixel_cache.py``).
+    """
+    # contiguous NCHW like the CPU preprocess: a channels-last layout would change a tower's reduction order
+    x = pixels.permute(0, 3, 1, 2).contiguous().float().div(255)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
 class Backbone(nn.Module):
     """Base class of every backbone: an image tower and a text tower, each features -> head.
 
@@ -156,6 +202,11 @@ class Backbone(nn.Module):
         trainable_layers: The value last applied by ``apply_trainable_layers``.
         lora: The LoRA spec applied by ``apply_lora``, or None.
         similarity_init: Pretrained similarity parameters of the source model (may be empty).
+        fast_decode: Decode JPEGs at a reduced DCT scale before ``preprocess`` (``data.fast_decode``).
+            Set by training from its config and saved with the model, so every later command that embeds
+            with this model (eval, index, embed, serve, export) decodes as training did.
+        pixel_cache: Keep decoded, resized uint8 pixels in the pixel cache (``data.pixel_cache``). A speed
+            setting only (cached pixels are the pixels): set from the config by train and eval, never saved.
     """
 
     kind: str = ""
@@ -166,6 +217,8 @@ class Backbone(nn.Module):
         self.trainable_layers = 0
         self.lora: LoraSpec | None = None
         self.similarity_init: dict[str, float] = {}
+        self.fast_decode = False
+        self.pixel_cache = False
 
     # --- implemented by subclasses -------------------------------------------------------
     def image_features(self, pixel_values: Tensor) -> Tensor:
@@ -212,6 +265,18 @@ class Backbone(nn.Module):
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         """Tokenise texts into ``input_ids`` and ``attention_mask``, both (B, T) long tensors."""
         raise NotImplementedError
+
+    def pixel_recipe(self) -> PixelRecipe:
+        """:meth:`preprocess` split at its uint8 step (see :class:`PixelRecipe`).
+
+        Raises:
+            NoPixelRecipeError: This backbone's preprocess is not of that form (or not known to be); the
+                message says why. The default: only backbones that state their recipe have one.
+        """
+        raise NoPixelRecipeError(
+            f"{type(self).__name__} ({self.kind}): its preprocess is not exposed as uint8 resize/crop + "
+            "normalisation"
+        )
 
     def count_truncated(self, texts: list[str]) -> tuple[int, int] | None:
         """``(how many of texts tokenize beyond the limit, the limit)``; None where the tokenizer cannot say.
@@ -384,6 +449,7 @@ def write_config(directory: Path, backbone: Backbone, extra: dict[str, Any]) -> 
         # without torch, and what `load_model` must reproduce bit for bit (tests/test_model_identity.py)
         "features_identity": features,
         "model_identity": backbone._model_identity(features),
+        "fast_decode": backbone.fast_decode,
         **extra,
     }
     write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import pickle
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,8 @@ from torch import Tensor, nn
 from cliptune.models.backbone import (
     Backbone,
     BackboneError,
+    NoPixelRecipeError,
+    PixelRecipe,
     Tower,
     load_state_strict,
     save_state,
@@ -55,6 +58,10 @@ class _ImageTower(nn.Module):
     def preprocess(self, images: list[Image.Image]) -> Tensor:
         """PIL images -> the (B, 3, H, W) pixel tensor ``forward`` takes."""
         raise NotImplementedError
+
+    def pixel_recipe(self) -> PixelRecipe:
+        """``preprocess`` split at its uint8 step; raises NoPixelRecipeError where it is not of that form."""
+        raise NoPixelRecipeError(f"image tower {type(self).__name__}: no uint8 recipe")
 
     def tower(self) -> Tower:
         """The tower's layer map for freezing and LoRA."""
@@ -99,6 +106,14 @@ class _EfficientNetLite0(_ImageTower):
 
     def preprocess(self, images: list[Image.Image]) -> Tensor:
         return torch.stack([_imagenet_tensor(im, self.size) for im in images])  # (B, 3, 224, 224)
+
+    def pixel_recipe(self) -> PixelRecipe:
+        return PixelRecipe(
+            to_uint8=partial(_imagenet_uint8, size=self.size),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            identity=f"imagenet-bicubic-short-side-centre-crop:{self.size}",
+        )
 
     def tower(self) -> Tower:
         net = self.net
@@ -160,6 +175,12 @@ class _HFVisionTower(_ImageTower):
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
         pixels: Tensor = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
         return pixels
+
+    def pixel_recipe(self) -> PixelRecipe:
+        raise NoPixelRecipeError(
+            f"image tower {type(self.image_processor).__name__}: a transformers image processor resizes, "
+            "rescales and normalises in its own code, which cliptune does not reproduce bit for bit"
+        )
 
     def tower(self) -> Tower:
         v = self.vision
@@ -310,6 +331,10 @@ class ComposedBackbone(Backbone):
     def preprocess(self, images: list[Image.Image]) -> Tensor:
         """The image tower's preprocessing. Returns (B, 3, H, W)."""
         return self.image_tower.preprocess(images)
+
+    def pixel_recipe(self) -> PixelRecipe:
+        """The image tower's uint8 recipe (EfficientNet-Lite0 has one; a transformers vision tower has not)."""
+        return self.image_tower.pixel_recipe()
 
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         """The text tower's tokenizer, padded to the longest text. Returns (B, T) tensors."""
@@ -508,6 +533,13 @@ def _linear(dim: int, out_dim: int, generator: torch.Generator) -> nn.Linear:
 
 def _imagenet_tensor(image: Image.Image, size: int) -> Tensor:
     """Resize the shorter side to ``size`` (bicubic), centre-crop ``size`` x ``size``, normalise."""
+    scaled = _imagenet_uint8(image, size).astype(np.float32) / 255.0  # (H, W, 3)
+    normed = (scaled - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
+    return torch.from_numpy(normed.transpose(2, 0, 1).copy())  # (3, H, W)
+
+
+def _imagenet_uint8(image: Image.Image, size: int) -> np.ndarray:
+    """The uint8 half of :func:`_imagenet_tensor`: short side -> ``size`` (bicubic), centre crop. (H, W, 3)."""
     image = image if image.mode == "RGB" else image.convert("RGB")
     width, height = image.size
     scale = size / min(width, height)
@@ -515,6 +547,4 @@ def _imagenet_tensor(image: Image.Image, size: int) -> Tensor:
     image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     image = image.crop((left, top, left + size, top + size))
-    scaled = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    normed = (scaled - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
-    return torch.from_numpy(normed.transpose(2, 0, 1).copy())  # (3, H, W)
+    return np.asarray(image, dtype=np.uint8)  # (H, W, 3)

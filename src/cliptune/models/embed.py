@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal, cast
 
+import numpy as np
 import torch
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -25,9 +26,10 @@ from cliptune.config import AugmentConfig
 from cliptune.data.augment import AugmentedLoader, caption_view, image_view_id
 from cliptune.data.catalogue import Catalogue
 from cliptune.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, read_image_bytes
-from cliptune.models.backbone import Backbone
+from cliptune.models.backbone import Backbone, NoPixelRecipeError, PixelRecipe, normalise_uint8
 from cliptune.models.cache import FeatureCache, Precision, feature_key
 from cliptune.models.factory import LoadedModel
+from cliptune.models.pixel_cache import PixelCache, pixel_key
 from cliptune.models.siamese import SiameseHead, SiameseOutput
 
 __all__ = [
@@ -40,6 +42,9 @@ __all__ = [
     "default_cache_dir",
     "embed_images_with",
     "embed_texts_with",
+    "image_loader",
+    "model_input_side",
+    "pixel_recipe_for",
     "siamese_embeddings",
     "tower_features",
     "warn_if_truncated",
@@ -109,16 +114,20 @@ def tower_features(
     """
     cache = FeatureCache(cache_dir or default_cache_dir(), backbone.identity())
     backbone.to(device)
+    load, load_id = image_loader(backbone.preprocess, max_pixels, fast_decode=backbone.fast_decode)
     images = embed_images(
         list(paths),
         cache=cache,
-        load=partial(load_image, max_pixels=max_pixels),
+        load=load,
         preprocess=backbone.preprocess,
         forward=backbone.image_features,
         precision=precision,
         num_workers=num_workers,
         device=device,
+        preprocess_id=load_id,
         progress=progress,
+        recipe=pixel_recipe_for(backbone),
+        pixel_cache_dir=_pixel_dir(backbone, cache.root),
     )
     warn_if_truncated(backbone, texts)
     text_feats = embed_texts(
@@ -175,21 +184,28 @@ def augmented_tower_features(
     cache = FeatureCache(cache_dir or default_cache_dir(), backbone.identity())
     backbone.to(device)
     image_views = augment.views if augment.image.enabled else 1
+    recipe = pixel_recipe_for(backbone)
     text_views = augment.views if augment.text.enabled else 1
+    # = tower_features' entries
+    plain_load, plain_id = image_loader(backbone.preprocess, max_pixels, fast_decode=backbone.fast_decode)
     images = [
         embed_images(
             list(paths),
             cache=cache,
             load=AugmentedLoader(augment.image, augment.seed, v, max_pixels)
             if augment.image.enabled
-            else partial(load_image, max_pixels=max_pixels),
+            else plain_load,
             preprocess=backbone.preprocess,
             forward=backbone.image_features,
             precision=precision,
             num_workers=num_workers,
             device=device,
-            preprocess_id=image_view_id(augment.image, augment.seed, v) if augment.image.enabled else "",
+            preprocess_id=image_view_id(augment.image, augment.seed, v)
+            if augment.image.enabled
+            else plain_id,
             progress=progress,
+            recipe=recipe,
+            pixel_cache_dir=None if augment.image.enabled else _pixel_dir(backbone, cache.root),
         )
         for v in range(image_views)
     ]
@@ -249,8 +265,11 @@ def embed_images_with(
         (N, D) float32.
     """
     backbone = model.backbone
-    # a partial, not a closure: DataLoader workers started with "spawn" (macOS, Windows) pickle it
-    load = partial(load_image) if max_pixels is None else partial(load_image, max_pixels=max_pixels)
+    load, load_id = image_loader(
+        backbone.preprocess,
+        DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
+        fast_decode=backbone.fast_decode,
+    )
 
     frozen = backbone.features_frozen
     cached = frozen and use_cache
@@ -265,7 +284,10 @@ def embed_images_with(
         batch_size=batch_size,
         precision=precision,
         num_workers=num_workers,
+        preprocess_id=load_id,
         progress=progress,
+        recipe=pixel_recipe_for(backbone),
+        pixel_cache_dir=_pixel_dir(backbone, cache_dir or default_cache_dir()) if use_cache else None,
     )
     if model.head is not None:
         out = _siamese(model.head, image=feats, text=None)
@@ -368,6 +390,86 @@ def _siamese(head: SiameseHead, *, image: Tensor | None, text: Tensor | None) ->
     return out.image if image is not None else out.text
 
 
+# Decoding for the model: with ``data.fast_decode``, JPEGs are decoded at a reduced DCT scale when far
+# larger than the model's input. Opt-in, because it changes features slightly (docs/benchmarks.md).
+
+DRAFT_OVERSAMPLE = 2
+"""Fast-decoded JPEGs decode to at least this many times the model's input side. At 1x the model's resize
+sees visibly different pixels on fine detail (a star field: max diff 39/255); at 2x they match within a
+few levels (docs/benchmarks.md), and a 12-megapixel photo still decodes at 1/4 scale."""
+
+FULL_DECODE_ID = ""
+"""The ``preprocess_id`` of full decoding: the empty string older caches were written with."""
+
+
+def model_input_side(preprocess: Callable[[list[Image.Image]], Tensor]) -> int | None:
+    """The longer side of the fixed-size pixels ``preprocess`` makes, or None when its size follows the input's.
+
+    Probed with two small blank pictures of different shapes: a preprocess that resizes to the model's
+    input size gives both the same (B, 3, H, W) shape. This needs nothing from the backbone besides its
+    preprocess, so every backbone family (and any future one) gets the fast decode without declaring it.
+    """
+    try:
+        a = preprocess([Image.new("RGB", (37, 29))])
+        b = preprocess([Image.new("RGB", (29, 53))])
+    except Exception:  # a preprocess that cannot take tiny pictures: decode at full size, always correct
+        return None
+    if a.ndim != 4 or a.shape != b.shape:
+        return None
+    return int(max(a.shape[-2:]))
+
+
+def image_loader(
+    preprocess: Callable[[list[Image.Image]], Tensor],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    fast_decode: bool = False,
+) -> tuple[Callable[[Path], Image.Image], str]:
+    """The loader of plain (un-augmented) images for ``preprocess``, and its part of the feature-cache key.
+
+    Full decoding (the default) has the key part :data:`FULL_DECODE_ID`. With ``fast_decode``
+    (``data.fast_decode``, carried by ``Backbone.fast_decode`` so every command embedding with the
+    model decodes alike), JPEGs decode at the largest exact DCT reduction keeping the shorter side at
+    least :data:`DRAFT_OVERSAMPLE` x the model's input side (:func:`cliptune.data.images.load_image`'s
+    ``min_side``), and the key part records that bound, so features of fast-decoded images are never
+    served to a full-decode run, nor the other way round. A preprocess without a fixed input size
+    always decodes fully.
+
+    Returns:
+        ``(load, preprocess_id)``: ``load`` is a picklable partial (DataLoader workers started with
+        "spawn", on macOS and Windows, pickle it).
+    """
+    side = model_input_side(preprocess) if fast_decode else None
+    if side is None:
+        return partial(load_image, max_pixels=max_pixels), FULL_DECODE_ID
+    min_side = DRAFT_OVERSAMPLE * side
+    return partial(load_image, max_pixels=max_pixels, min_side=min_side), f"jpeg-min-side={min_side}"
+
+
+def pixel_recipe_for(backbone: Backbone) -> PixelRecipe | None:
+    """The backbone's uint8 recipe (uint8 batches, normalised on the forward's device), or None.
+
+    None means the float preprocess runs in the loader, as always; that is fine, except where the pixel
+    cache was asked for (``backbone.pixel_cache``, from ``data.pixel_cache``): a cache that cannot promise
+    the same pixels is refused, never silently skipped.
+
+    Raises:
+        NoPixelRecipeError: ``backbone.pixel_cache`` is on and the backbone has no uint8 recipe (says why).
+    """
+    try:
+        return backbone.pixel_recipe()
+    except NoPixelRecipeError as e:
+        if backbone.pixel_cache:
+            raise NoPixelRecipeError(f"data.pixel_cache is on, but it cannot be used here: {e}") from e
+        return None
+
+
+def _pixel_dir(backbone: Backbone, feature_cache_dir: Path) -> Path | None:
+    """``<feature cache>/pixels`` when ``data.pixel_cache`` is on (the feature cache's own shards sit in
+    16-hex-digit folders beside it), else None."""
+    return Path(feature_cache_dir) / "pixels" if backbone.pixel_cache else None
+
+
 def catalogue_paths(catalogue: Catalogue, file_names: Sequence[str]) -> list[Path]:
     """Image files of ``file_name`` values."""
     return [catalogue.image_path(f) for f in file_names]
@@ -376,6 +478,7 @@ def catalogue_paths(catalogue: Catalogue, file_names: Sequence[str]) -> list[Pat
 # Batched tower forwards through the feature cache: what every function above ends up calling.
 
 _FLUSH_ROWS = 4096  # rows buffered before a shard is written: bounds the work lost to a crash
+_PIXEL_FLUSH_ROWS = 512  # decoded images per pixel-cache shard: 77 MB at 224 px, bounds a crash's loss
 
 
 def resolve_precision(precision: Precision, device: torch.device | str = "cpu") -> Literal["fp32", "bf16"]:
@@ -421,6 +524,8 @@ def embed_images(
     device: torch.device | str = "cpu",
     preprocess_id: str = "",
     progress: bool = True,
+    recipe: PixelRecipe | None = None,
+    pixel_cache_dir: Path | None = None,
 ) -> Tensor:
     """Embed image files with a frozen tower, computing only what the cache lacks.
 
@@ -442,8 +547,14 @@ def embed_images(
             float32 either way.
         num_workers: DataLoader worker processes for decoding (0 = in this process).
         device: where the forward runs; batches are moved there.
-        preprocess_id: preprocessing settings not already part of ``cache.identity``.
+        preprocess_id: preprocessing settings not already part of ``cache.identity`` (and part of the
+            pixel cache's identity: the decode bound, an augmented view).
         progress: show a rich progress bar over the items to compute.
+        recipe: ``preprocess`` split at its uint8 step (``backbone.pixel_recipe()``): batches then travel
+            as uint8 (pinned, non-blocking copies on CUDA) and are normalised on ``device``, with features
+            equal to ``preprocess``'s; None runs ``preprocess`` in the loader.
+        pixel_cache_dir: with ``recipe``, a :class:`PixelCache` root: decoded uint8 pixels are read from
+            it and the missing ones decoded once and added (before their forward); None decodes every miss.
 
     Returns:
         (N, F) float32 features on CPU, row i for ``paths[i]``; (0, 0) when ``paths`` is empty.
@@ -459,26 +570,107 @@ def embed_images(
     """
     resolved = resolve_precision(precision, device)
     identity = cache.identity if cache is not None else ""
+    shas = [_file_sha256(Path(p)) for p in paths]
     keys = [
-        feature_key(identity, "image", _file_sha256(Path(p)), preprocess_id=preprocess_id, precision=resolved)
-        for p in paths
+        feature_key(identity, "image", sha, preprocess_id=preprocess_id, precision=resolved) for sha in shas
     ]
-    first_path: dict[str, Path] = {}
-    for k, p in zip(keys, paths, strict=True):
-        first_path.setdefault(k, Path(p))
-    found = cache.get_many(first_path) if cache is not None else {}
-    misses = [k for k in first_path if k not in found]
+    first: dict[str, tuple[Path, str]] = {}
+    for k, p, sha in zip(keys, paths, shas, strict=True):
+        first.setdefault(k, (Path(p), sha))
+    found = cache.get_many(first) if cache is not None else {}
+    misses = [k for k in first if k not in found]
+    todo = [first[k] for k in misses]
+    cuda = torch.device(device).type == "cuda"
+    batches: Iterable[tuple[dict[str, Any], Tensor | None]]
+    if recipe is None:
+        batches = (
+            ({}, p) for p in _loaded([p for p, _ in todo], load, preprocess, batch_size, num_workers, cuda)
+        )
+    else:
+        forward = partial(_normalised_forward, forward, recipe.mean, recipe.std)
+        if pixel_cache_dir is None:
+            batches = (
+                ({}, p) for p in _loaded([p for p, _ in todo], load, recipe, batch_size, num_workers, cuda)
+            )
+        else:
+            pixel_id = f"{recipe.identity}\0{preprocess_id}"
+            batches = (
+                ({}, p)
+                for p in _cached_uint8(
+                    todo, load, recipe, pixel_id, pixel_cache_dir, batch_size, num_workers, cuda
+                )
+            )
+    _compute_misses(batches, misses, found, cache, forward, resolved, device, progress, "images")
+    return _assemble(keys, found)
+
+
+def _loaded(
+    paths: list[Path],
+    load: Callable[[Path], Image.Image],
+    prepare: Callable[[list[Image.Image]], Tensor] | PixelRecipe,
+    batch_size: int,
+    num_workers: int,
+    pin: bool,
+) -> Iterable[Tensor]:
+    """Decoded batches in ``paths`` order: ``prepare`` float pixels, or a recipe's uint8 (B, H, W, 3)."""
+    collate = prepare if not isinstance(prepare, PixelRecipe) else partial(_stack_uint8, prepare.to_uint8)
     loader = DataLoader(
-        _ImageFiles([first_path[k] for k in misses], load),
+        _ImageFiles(paths, load),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=partial(_collate_or_error, preprocess),
-        pin_memory=torch.device(device).type == "cuda",
+        collate_fn=partial(_collate_or_error, collate),
+        pin_memory=pin,  # page-locked host batches: the copy to the GPU can be non-blocking
     )
-    batches: Iterable[tuple[dict[str, Any], Tensor | None]] = (({}, _raised(pixels)) for pixels in loader)
-    _compute_misses(batches, misses, found, cache, forward, resolved, device, progress, "images")
-    return _assemble(keys, found)
+    return (_raised(pixels) for pixels in loader)
+
+
+def _cached_uint8(
+    todo: list[tuple[Path, str]],
+    load: Callable[[Path], Image.Image],
+    recipe: PixelRecipe,
+    pixel_id: str,
+    root: Path,
+    batch_size: int,
+    num_workers: int,
+    pin: bool,
+) -> Iterable[Tensor]:
+    """uint8 batches of ``todo`` (path, sha256) through the pixel cache: the missing images are decoded and
+    stored first (flushed every ``_PIXEL_FLUSH_ROWS``), then every batch is read from the memory maps."""
+    if not todo:
+        return
+    probe = recipe.to_uint8(Image.new("RGB", (37, 29)))
+    pixels = PixelCache(root, pixel_id, (probe.shape[0], probe.shape[1], probe.shape[2]))
+    keys = [pixel_key(pixel_id, sha) for _, sha in todo]
+    have = pixels.get_many(keys)
+    missing = list(dict.fromkeys(k for k in keys if k not in have))
+    path_of = dict(zip(keys, (p for p, _ in todo), strict=True))
+    pending: dict[str, np.ndarray] = {}
+    done = 0
+    for batch in _loaded([path_of[k] for k in missing], load, recipe, batch_size, num_workers, False):
+        rows = batch.numpy()
+        pending.update(zip(missing[done : done + len(rows)], rows, strict=True))
+        done += len(rows)
+        if len(pending) >= _PIXEL_FLUSH_ROWS:
+            pixels.put_many(pending)
+            pending = {}
+    pixels.put_many(pending)
+    have = pixels.get_many(keys)
+    for start in range(0, len(keys), batch_size):
+        batch_u8 = torch.from_numpy(np.stack([have[k] for k in keys[start : start + batch_size]]))
+        yield batch_u8.pin_memory() if pin else batch_u8
+
+
+def _stack_uint8(to_uint8: Callable[[Image.Image], np.ndarray], images: list[Image.Image]) -> Tensor:
+    """A recipe's collate: each image to (H, W, 3) uint8, stacked to (B, H, W, 3)."""
+    return torch.from_numpy(np.stack([to_uint8(im) for im in images]))
+
+
+def _normalised_forward(
+    forward: Callable[[Tensor], Tensor], mean: tuple[float, ...], std: tuple[float, ...], pixels: Tensor
+) -> Tensor:
+    """``forward`` of uint8 (B, H, W, 3) pixels, normalised where they are (the forward's device)."""
+    return forward(normalise_uint8(pixels, mean, std))
 
 
 def embed_texts(

@@ -232,6 +232,7 @@ def _load_saved(path: Path, saved: dict[str, Any]) -> tuple[Backbone, LoraSpec |
     if kind not in SAVED_KINDS:
         raise BackboneError(f"{path / CONFIG_FILE}: unknown kind {kind!r}")
     backbone = SAVED_KINDS[kind](path, saved)
+    backbone.fast_decode = bool(saved.get("fast_decode", False))  # how it was trained to see images
     lora = LoraSpec(**saved["lora"]) if saved.get("lora") else None
     if lora is not None:  # the adapters must exist before their weights can be loaded
         apply_lora(backbone, lora)

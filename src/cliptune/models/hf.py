@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from cliptune.models.backbone import (
     Backbone,
     BackboneError,
+    NoPixelRecipeError,
+    PixelRecipe,
     Tower,
     WeightsMismatchError,
     save_state,
@@ -155,6 +157,19 @@ class HFBackbone(Backbone):
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
         pixels: Tensor = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
         return pixels
+
+    def pixel_recipe(self) -> PixelRecipe:
+        """None known: the transformers image processor is the preprocess (see :class:`Backbone`).
+
+        Raises:
+            NoPixelRecipeError: Always: its resize, rescale and normalise run in transformers' own code
+                (per version and backend), which cliptune does not reproduce bit for bit, so cached uint8
+                pixels could not be promised to give the same features.
+        """
+        raise NoPixelRecipeError(
+            f"{self.kind} backbone ({type(self.image_processor).__name__}): a transformers image processor "
+            "resizes, rescales and normalises in its own code, which cliptune does not reproduce bit for bit"
+        )
 
     def count_truncated(self, texts: list[str]) -> tuple[int, int] | None:
         """How many of ``texts`` :meth:`tokenize` cuts, and its limit (see :class:`Backbone`)."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,14 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from cliptune.models.backbone import Backbone, BackboneError, Tower, save_state, write_config
+from cliptune.models.backbone import (
+    Backbone,
+    BackboneError,
+    PixelRecipe,
+    Tower,
+    save_state,
+    write_config,
+)
 
 __all__ = ["OPEN_CLIP_CONFIG", "OPEN_CLIP_WEIGHTS", "OpenClipBackbone", "import_open_clip", "load_open_clip"]
 
@@ -224,6 +232,20 @@ class OpenClipBackbone(Backbone):
         """open_clip's eval transform for ``preprocess_cfg``, in PIL. Returns (B, 3, H, W) float32."""
         return torch.stack([preprocess_image(image, self.preprocess_cfg) for image in images])
 
+    def pixel_recipe(self) -> PixelRecipe:
+        """``preprocess`` split at its uint8 step: :func:`uint8_image`, then ``preprocess_cfg``'s mean/std."""
+        cfg = self.preprocess_cfg
+        mean, std = tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+        if len(mean) != 3 or len(std) != 3:
+            raise BackboneError(f"open_clip preprocess_cfg: mean {mean} / std {std} are not 3 channels")
+        pixel_cfg = {k: v for k, v in cfg.items() if k not in ("mean", "std")}
+        return PixelRecipe(
+            to_uint8=partial(uint8_image, cfg=pixel_cfg),
+            mean=(mean[0], mean[1], mean[2]),
+            std=(std[0], std[1], std[2]),
+            identity="open_clip:" + json.dumps(pixel_cfg, sort_keys=True, default=str),
+        )
+
     def count_truncated(self, texts: list[str]) -> tuple[int, int] | None:
         """How many of ``texts`` open_clip's tokenizer cuts to its context length (see :class:`Backbone`)."""
         limit = getattr(self.tokenizer, "context_length", None)
@@ -402,10 +424,7 @@ def load_open_clip(spec: str) -> OpenClipBackbone:
 def preprocess_image(image: Image.Image, cfg: dict[str, Any]) -> Tensor:
     """open_clip's eval transform (``image_transform(is_train=False)``) with PIL and torch only.
 
-    ``resize_mode`` ``shortest``: resize the short side to the target (``Resize`` semantics: the long
-    side is truncated) and centre-crop; ``longest``: fit the long side, then centre-pad with
-    ``fill_color``; ``squash``: resize to the exact size. Then ``/ 255`` and ``(x - mean) / std``.
-    The image is converted to RGB first (open_clip converts after resizing; identical for RGB/L).
+    :func:`uint8_image`, then ``/ 255`` and ``(x - mean) / std`` (``cfg["mean"]``, ``cfg["std"]``).
 
     Args:
         image: Any PIL image.
@@ -413,6 +432,27 @@ def preprocess_image(image: Image.Image, cfg: dict[str, Any]) -> Tensor:
 
     Returns:
         (3, H, W) float32.
+    """
+    pixels = torch.from_numpy(uint8_image(image, cfg).copy()).permute(2, 0, 1).float().div(255)
+    mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(cfg["std"], dtype=torch.float32).view(3, 1, 1)
+    return (pixels - mean) / std  # (3, H, W)
+
+
+def uint8_image(image: Image.Image, cfg: dict[str, Any]) -> np.ndarray:
+    """The uint8 half of open_clip's eval transform: resize and crop/pad to ``cfg["size"]``, as (H, W, 3).
+
+    ``resize_mode`` ``shortest``: resize the short side to the target (``Resize`` semantics: the long
+    side is truncated) and centre-crop; ``longest``: fit the long side, then centre-pad with
+    ``fill_color``; ``squash``: resize to the exact size.
+    The image is converted to RGB first (open_clip converts after resizing; identical for RGB/L).
+
+    Args:
+        image: Any PIL image.
+        cfg: open_clip's ``preprocess_cfg``.
+
+    Returns:
+        (H, W, 3) uint8.
     """
     height, width = _pair(cfg["size"])
     mode = cfg.get("resize_mode", "shortest")
@@ -438,10 +478,7 @@ def preprocess_image(image: Image.Image, cfg: dict[str, Any]) -> Tensor:
         rgb = _center_crop_or_pad(rgb, height, width, 0)
     else:
         raise BackboneError(f"open_clip preprocess_cfg: unknown resize_mode {mode!r}")
-    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
-    mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(cfg["std"], dtype=torch.float32).view(3, 1, 1)
-    return (pixels - mean) / std  # (3, H, W)
+    return np.asarray(rgb, dtype=np.uint8)  # (H, W, 3)
 
 
 def _center_crop_or_pad(image: Image.Image, height: int, width: int, fill: int) -> Image.Image:

@@ -94,6 +94,8 @@ def _build_task(cfg: Config, run_dir: Path, accelerator: Accelerator, quiet: boo
     backbone = load_backbone(
         m.backbone, trainable_layers=m.trainable_layers, lora=lora, embed_dim=m.embed_dim, **extra
     )
+    backbone.fast_decode = cfg.data.fast_decode  # saved with the model: later commands decode alike
+    backbone.pixel_cache = cfg.data.pixel_cache  # a speed setting for this run only, never saved
     if cfg.train.gradient_checkpointing:
         for tower in backbone.towers():
             enable = getattr(getattr(tower, "body", None), "gradient_checkpointing_enable", None)

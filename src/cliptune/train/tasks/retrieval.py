@@ -33,14 +33,19 @@ from cliptune.data.augment import (
     keep_words,
     view_rng,
 )
-from cliptune.data.images import load_image, read_image_bytes
+from cliptune.data.images import read_image_bytes
 from cliptune.data.prepare import PreparedData
 from cliptune.data.splits import group_ids
 from cliptune.evaluation.catalogue import prepare_catalogue
 from cliptune.evaluation.validation import general_validation, retrieval_validation
 from cliptune.losses import InfoNCELoss, initial_siglip, initial_temperature, make_loss
 from cliptune.models.backbone import Backbone
-from cliptune.models.embed import augmented_tower_features, tower_features, warn_if_truncated
+from cliptune.models.embed import (
+    augmented_tower_features,
+    image_loader,
+    tower_features,
+    warn_if_truncated,
+)
 from cliptune.train.batches import collate_dicts, shard_indices
 from cliptune.train.grad_cache import REPLAY_KEY, replay_objective
 from cliptune.train.mining import negatives_of_rows, read_mined
@@ -241,10 +246,12 @@ def _augmented_train_items(
     return EpochViews(images, texts, cfg.train.seed, extras)
 
 
-def _augment_raw(item: dict[str, Any], augment: AugmentConfig, max_pixels: int) -> tuple[Any, str]:
+def _augment_raw(
+    item: dict[str, Any], augment: AugmentConfig, load: Callable[[Path], Any]
+) -> tuple[Any, str]:
     """An item's image and caption as this epoch shows them (fresh views seeded by item and epoch)."""
     path, text, epoch = Path(item["path"]), str(item["text"]), item.get("epoch")
-    image = load_image(path, max_pixels=max_pixels)
+    image = load(path)
     if epoch is None:  # validation: the plain picture and caption
         return image, text
     if augment.image.enabled:
@@ -259,15 +266,16 @@ def _augment_raw(item: dict[str, Any], augment: AugmentConfig, max_pixels: int) 
 def _raw_collate(
     backbone: Backbone, max_pixels: int, augment: AugmentConfig
 ) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    # the embedding's loader: data.fast_decode (backbone.fast_decode) decodes training images as eval does
+    load, _ = image_loader(backbone.preprocess, max_pixels, fast_decode=backbone.fast_decode)
+
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-        images, texts = zip(*(_augment_raw(item, augment, max_pixels) for item in items), strict=True)
+        images, texts = zip(*(_augment_raw(item, augment, load) for item in items), strict=True)
         tokens = backbone.tokenize(list(texts))
         batch = {"pixel_values": backbone.preprocess(list(images)), **tokens}
         if "negative_paths" in items[0]:  # mined negatives, item by item: (B*K, C, H, W) + their masks
             paths = [Path(p) for item in items for p in item["negative_paths"]]
-            batch["negative_pixels"] = backbone.preprocess(
-                [load_image(p, max_pixels=max_pixels) for p in paths]
-            )
+            batch["negative_pixels"] = backbone.preprocess([load(p) for p in paths])
             batch.update(collate_dicts([{k: item[k] for k in _NEGATIVE_KEYS} for item in items]))
         return batch
 

@@ -1,0 +1,192 @@
+"""The decoded-uint8 pixel cache and uint8 batches normalised on the device: the same features as the float
+preprocess, a changed file or another preprocessing is a miss, a killed write leaves a usable cache, and a
+backbone without a uint8 recipe is refused rather than silently cached."""
+
+from __future__ import annotations
+
+import warnings
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cliptune.data.images import load_image
+from cliptune.models.backbone import NoPixelRecipeError, PixelRecipe, normalise_uint8
+from cliptune.models.composed import _EfficientNetLite0
+from cliptune.models.embed import embed_images, embed_images_with
+from cliptune.models.factory import load_model
+from cliptune.models.openclip import preprocess_image, uint8_image
+from cliptune.models.pixel_cache import MAGIC, PixelCache
+from tests.tiny_models import make_tiny_clip
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def tower() -> _EfficientNetLite0:
+    return _EfficientNetLite0(pretrained=False, size=SIZE)
+
+
+def _forward(pixels: torch.Tensor) -> torch.Tensor:
+    """A tiny fixed 'tower': per-channel means and a few pixels, so any pixel change shows."""
+    return torch.cat([pixels.mean(dim=(2, 3)), pixels[:, :, ::7, ::5].flatten(1)], dim=1)
+
+
+def _photos(folder: Path, n: int = 3) -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (48 + 8 * i, 64, 3), dtype=np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def _embed(paths: list[Path], tower: _EfficientNetLite0, **kw: object) -> torch.Tensor:
+    return embed_images(
+        paths,
+        cache=None,
+        load=load_image,
+        preprocess=tower.preprocess,
+        forward=_forward,
+        batch_size=2,
+        precision="fp32",
+        progress=False,
+        **kw,  # type: ignore[arg-type]  # recipe / pixel_cache_dir / preprocess_id, typed at the call
+    )
+
+
+def _shards(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.pixels"))
+
+
+def test_uint8_normalised_on_the_device_is_bit_identical_to_the_float_preprocess(tower) -> None:
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)), Image.new("L", (33, 90), 7)]
+    recipe = tower.pixel_recipe()
+    u8 = torch.from_numpy(np.stack([recipe.to_uint8(im) for im in images]))
+    assert u8.dtype == torch.uint8 and tuple(u8.shape) == (2, SIZE, SIZE, 3)
+    assert torch.equal(normalise_uint8(u8, recipe.mean, recipe.std), tower.preprocess(images))
+    # open_clip's preprocess, every resize mode: the same split, the same bits
+    for mode in ("shortest", "longest", "squash"):
+        cfg = {"size": [24, 24], "mean": [0.48, 0.45, 0.40], "std": [0.26, 0.26, 0.27], "resize_mode": mode}
+        cfg |= {"interpolation": "bicubic", "fill_color": 0}
+        want = torch.stack([preprocess_image(im, cfg) for im in images])
+        got = normalise_uint8(
+            torch.from_numpy(np.stack([uint8_image(im, cfg) for im in images])), cfg["mean"], cfg["std"]
+        )
+        assert torch.equal(got, want), mode
+
+
+def test_cached_and_uncached_paths_give_the_same_features(tower, tmp_path: Path) -> None:
+    paths = _photos(tmp_path / "img")
+    want = _embed(paths, tower)  # float preprocess in the loader: the reference
+    recipe = tower.pixel_recipe()
+    assert torch.equal(_embed(paths, tower, recipe=recipe), want)  # uint8 batches, normalised after
+    root = tmp_path / "pixels"
+    cold = _embed(paths, tower, recipe=recipe, pixel_cache_dir=root)
+    assert len(_shards(root)) == 1
+    warm = _embed(paths, tower, recipe=recipe, pixel_cache_dir=root)
+    assert len(_shards(root)) == 1  # all hits: nothing written
+    assert torch.equal(cold, want) and torch.equal(warm, want)
+    cache = PixelCache(_shards(root)[0].parent.parent, recipe.identity + "\0", (SIZE, SIZE, 3))
+    assert len(cache) == 3 and cache.get_many([]) == {}
+    # the stored rows are exactly the recipe's pixels (150 KB per image at 224 px: H * W * 3 bytes)
+    assert _shards(root)[0].stat().st_size >= 3 * SIZE * SIZE * 3
+
+
+def test_a_changed_file_and_another_preprocessing_are_misses(tower, tmp_path: Path) -> None:
+    paths = _photos(tmp_path / "img", n=2)
+    recipe, root = tower.pixel_recipe(), tmp_path / "pixels"
+    _embed(paths, tower, recipe=recipe, pixel_cache_dir=root)
+    Image.new("RGB", (64, 64), (200, 30, 10)).save(paths[0], quality=90)  # same name, new bytes
+    got = _embed(paths, tower, recipe=recipe, pixel_cache_dir=root)
+    assert torch.equal(got, _embed(paths, tower))  # the new picture, not the cached old one
+    assert len(_shards(root)) == 2  # the changed file was decoded and stored (a miss)
+    # another input size: another pixel identity, its own folder
+    other = _EfficientNetLite0(pretrained=False, size=40)
+    embed_images(
+        paths,
+        cache=None,
+        load=load_image,
+        preprocess=other.preprocess,
+        forward=_forward,
+        precision="fp32",
+        progress=False,
+        recipe=other.pixel_recipe(),
+        pixel_cache_dir=root,
+    )
+    assert len({p.parent for p in _shards(root)}) == 2
+    # the fast JPEG decode (another preprocess_id) is another identity too
+    _embed(paths, tower, recipe=recipe, pixel_cache_dir=root, preprocess_id="jpeg-min-side=64")
+    assert len({p.parent for p in _shards(root)}) == 3
+
+
+def test_a_killed_write_leaves_a_usable_cache(tower, tmp_path: Path) -> None:
+    paths = _photos(tmp_path / "img")
+    recipe, root = tower.pixel_recipe(), tmp_path / "pixels"
+    want = _embed(paths[:1], tower, recipe=recipe, pixel_cache_dir=root)
+    folder = _shards(root)[0].parent
+    good = _shards(root)[0].read_bytes()
+    (folder / ".abandoned.pixels.tmp").write_bytes(good[:100])  # killed before the rename
+    (folder / "cut.pixels").write_bytes(good[: len(good) - 10])  # a damaged shard (copied by hand)
+    (folder / "junk.pixels").write_bytes(b"not a shard")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _embed(paths, tower, recipe=recipe, pixel_cache_dir=root)
+    assert torch.equal(got, _embed(paths, tower))
+    assert torch.equal(got[:1], want)
+    messages = [str(w.message) for w in caught]
+    assert any("cut.pixels" in m and "truncated" in m for m in messages), messages
+    assert any("junk.pixels" in m for m in messages), messages
+    assert good.startswith(MAGIC)
+
+
+def test_put_refuses_the_wrong_shape_naming_the_key(tmp_path: Path) -> None:
+    cache = PixelCache(tmp_path, "r", (2, 2, 3))
+    with pytest.raises(ValueError, match="image for key k1 is float32 \\(2, 2, 3\\)"):
+        cache.put_many({"k1": np.zeros((2, 2, 3), np.float32)})
+
+
+def test_a_backbone_without_a_uint8_recipe_is_refused_not_silently_cached(tmp_path: Path) -> None:
+    model = load_model(make_tiny_clip(tmp_path / "clip", seed=0))  # a transformers image processor
+    paths = _photos(tmp_path / "img", n=1)
+    plain = embed_images_with(model, paths, cache_dir=tmp_path / "c", precision="fp32", progress=False)
+    model.backbone.pixel_cache = True
+    with pytest.raises(
+        NoPixelRecipeError, match="data.pixel_cache is on, but it cannot be used here"
+    ) as info:
+        embed_images_with(model, paths, cache_dir=tmp_path / "c2", precision="fp32", progress=False)
+    assert "transformers image processor" in str(info.value)
+    assert not (tmp_path / "c2" / "pixels").exists()
+    assert plain.shape[0] == 1
+
+
+def test_recipe_is_picklable_for_spawned_workers(tower) -> None:
+    import pickle
+
+    recipe = pickle.loads(pickle.dumps(tower.pixel_recipe()))
+    assert isinstance(recipe, PixelRecipe) and isinstance(recipe.to_uint8, partial)
+    assert recipe.to_uint8(Image.new("RGB", (50, 40), (1, 2, 3)))[0, 0].tolist() == [1, 2, 3]
+
+
+def test_embedded_model_with_the_pixel_cache_embeds_exactly_as_without(tmp_path: Path) -> None:
+    from cliptune.models.embed import tower_features
+    from cliptune.models.factory import LoadedModel, load_backbone
+
+    backbone = load_backbone("embedded", image_size=SIZE)  # EfficientNet-Lite0: it has a uint8 recipe
+    model = LoadedModel(backbone, None, Path("embedded"), backbone.model_identity())
+    paths = _photos(tmp_path / "img", n=2)
+    plain = embed_images_with(model, paths, use_cache=False, precision="fp32", progress=False)
+    backbone.pixel_cache = True
+    cached = embed_images_with(model, paths, cache_dir=tmp_path / "c", precision="fp32", progress=False)
+    assert _shards(tmp_path / "c" / "pixels")  # the pixels went to FEATURE_CACHE/pixels
+    feats, _ = tower_features(backbone, paths, ["a", "b"], cache_dir=tmp_path / "c2", progress=False)
+    backbone.pixel_cache = False
+    assert torch.allclose(cached, plain, atol=1e-6)
+    want, _ = tower_features(backbone, paths, ["a", "b"], cache_dir=tmp_path / "c3", progress=False)
+    assert torch.allclose(feats, want, atol=1e-6) and _shards(tmp_path / "c2" / "pixels")
