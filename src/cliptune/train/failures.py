@@ -56,7 +56,9 @@ _Handler = Callable[[int, FrameType | None], object] | int | None
 def stop_on_signals() -> Iterator[Callable[[], bool]]:
     """Within the block, Ctrl-C (SIGINT) and SIGTERM only set a flag; yields the function that reads it.
 
-    The loop checks the flag between batches, so the checkpoint is taken at a clean point. SIGTERM is
+    The loop checks the flag between batches, so the checkpoint is taken at a clean point: every batch
+    with one process (a free host read), at its loss reads (every ``train.log_every_steps``) with several,
+    where the processes agree on it in one all-reduce. SIGTERM is
     what a pre-empted machine, a cluster scheduler or a launcher stopping its workers sends. A second
     signal acts as usual (a stuck run can still be killed); the previous handlers come back on exit.
     Outside the main thread signals cannot be caught and the flag stays False.
