@@ -283,11 +283,11 @@ def test_the_loop_trains_with_grad_cache(
     stepped: dict[str, list[dict[str, torch.Tensor]]] = {"plain": [], "cached": []}
     clip_and_step = loop._clip_and_step
 
-    def recording(run: Any) -> None:
+    def recording(run: Any, loss: torch.Tensor) -> torch.Tensor:
         if run.accelerator.sync_gradients:
             grads = {n: p.grad.clone() for n, p in run.parts.model.named_parameters() if p.grad is not None}
             stepped["cached" if run.grad_cache else "plain"].append(grads)
-        clip_and_step(run)
+        return clip_and_step(run, loss)
 
     monkeypatch.setattr(loop, "_clip_and_step", recording)
 

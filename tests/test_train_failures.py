@@ -97,15 +97,20 @@ def _records(run_dir: Path, kind: str | None = None) -> list[dict]:
 
 def test_nan_loss_stops_naming_step_and_last_checkpoint(tmp_path: Path) -> None:
     # 200 items // 16 = 12 batches per epoch: step 15 is epoch 2, batch 3; epoch 1 was checkpointed at 12.
+    # The losses are read every log_every_steps (10): step 15's is read at step 20, the skipped step's
+    # weights untouched in between.
     cfg = toy_train_config(epochs=3, batch_size=16, lr=0.01, early_stopping=None)
     bundle = _wrap_forward(make_bundle(), {15: "nan"})
     pattern = (
-        r"non-finite loss \(nan\) at step 15 \(epoch 2, batch 3\); last good checkpoint: .*step-00000012"
+        r"non-finite loss \(nan\) at step 15 \(epoch 2, batch 3\); read at step 20: 1 non-finite step "
+        r"skipped, the first at step 15; last good checkpoint: .*step-00000012"
     )
     with pytest.raises(TrainingError, match=pattern) as info:
         fit(bundle, cfg, tmp_path, Accelerator(cpu=True), quiet=True)
     assert isinstance(info.value, NonFiniteLossError)
     assert (info.value.step, info.value.epoch, info.value.batch, info.value.max_bad_steps) == (15, 2, 3, 0)
+    assert (info.value.first_bad_step, info.value.bad_steps, info.value.found_at) == (15, 1, 20)
+    assert all(torch.isfinite(p).all() for p in bundle.model.parameters())  # the bad step was skipped
     assert info.value.last_checkpoint == tmp_path / "checkpoints" / "step-00000012"
     # grad_clip is on (1.0, the default): the advice is the lr or the data, not to enable clipping
     assert str(info.value).endswith(

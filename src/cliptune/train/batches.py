@@ -4,8 +4,8 @@ The order of epoch ``e`` is a permutation drawn from ``seed + e`` alone, so a re
 the same batches; a resume in the middle of an epoch skips the batches already seen. With several
 processes each takes every ``world``-th index of the same permutation (equal counts, the tail that does
 not fill a global batch is dropped, as contrastive training wants full batches). :func:`to_device` moves a
-batch to the accelerator and :func:`step_values` turns a step's loss terms into the numbers every process
-agrees on.
+batch to the accelerator and :func:`step_terms` turns a step's loss terms into the vector every process
+agrees on, left on the device (the loop reads it every ``train.log_every_steps``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ __all__ = [
     "collate_dicts",
     "shard_indices",
     "to_device",
-    "step_values",
+    "step_terms",
+    "any_process",
 ]
 
 
@@ -106,27 +107,28 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
-def step_values(
-    accelerator: Accelerator, outputs: dict[str, torch.Tensor], stop: bool
-) -> tuple[dict[str, float], bool]:
-    """One step's loss terms averaged over processes, and whether any process was asked to stop.
+def step_terms(accelerator: Accelerator, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One step's loss terms averaged over processes, as one float32 vector that stays on the device.
 
-    Both travel in one all-reduce, so every process sees the same numbers and takes the same branch
-    (skip a non-finite step, checkpoint and stop).
+    With several processes the terms travel in one all-reduce (asynchronous on GPUs), so every process
+    sees the same numbers and makes the same skip decision for a non-finite loss without a host read.
 
     Args:
         accelerator: Its processes take part.
-        outputs: This process's loss terms (scalar tensors), the total under ``"loss"``.
-        stop: Whether this process was asked to stop (Ctrl-C / SIGTERM).
+        outputs: This process's loss terms (scalar tensors), the total under ``"loss"`` (first).
 
     Returns:
-        The mean of each term as a float, and True when any process was asked to stop.
+        The mean of each term in ``outputs``' order. Shape ``(len(outputs),)``.
     """
-    names, device = list(outputs), outputs["loss"].device
-    flag = torch.tensor(float(stop), device=device)
-    local = torch.stack([outputs[n].detach().float().reshape(()) for n in names] + [flag])
+    local = torch.stack([outputs[n].detach().float().reshape(()) for n in outputs])
     if accelerator.num_processes > 1:
-        local = accelerator.reduce(local, reduction="sum")
-        local[:-1] /= accelerator.num_processes
-    *terms, stops = local.tolist()
-    return dict(zip(names, terms, strict=True)), stops > 0
+        local = accelerator.reduce(local, reduction="sum") / accelerator.num_processes
+    return local
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True when ``flag`` is True on any process (one small all-reduce; a host read)."""
+    if accelerator.num_processes == 1:
+        return flag
+    total = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum")
+    return bool(total > 0)

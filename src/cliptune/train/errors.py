@@ -11,6 +11,7 @@ program as usual) that also says where the resumable checkpoint is.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from cliptune.errors import CliptuneError
@@ -151,14 +152,21 @@ def likely_cause(lr: float, grad_clip: float | None, precision: str = "auto") ->
 
 
 class NonFiniteLossError(TrainingError):
-    """More non-finite losses than ``train.max_bad_steps`` allows.
+    """More non-finite losses (or gradient norms) than ``train.max_bad_steps`` allows.
+
+    The loop reads losses every ``train.log_every_steps`` (not every step, which would wait for the
+    device), so the error comes at that read; every non-finite step up to it was skipped on the device,
+    and the weights are those of the last good step.
 
     Attributes:
-        loss: The loss value (nan or inf).
-        step: The 1-based step it happened at (``epoch`` and ``batch`` in it, also 1-based).
-        last_checkpoint: The newest checkpoint (all its steps had finite losses), or None.
+        loss: The loss value at ``step`` (nan or inf; finite when the gradient norm was not).
+        step: The 1-based step beyond the allowance (``epoch`` and ``batch`` in it, also 1-based).
+        last_checkpoint: The newest checkpoint, or None.
         max_bad_steps: The allowance.
         cause: The likely cause and what to change (:func:`likely_cause` of the run's settings).
+        bad_steps: Non-finite steps skipped by the read, ``step`` included.
+        first_bad_step: The first of them (1-based global step).
+        found_at: The step at which the losses were read.
     """
 
     def __init__(
@@ -170,13 +178,23 @@ class NonFiniteLossError(TrainingError):
         last_checkpoint: Path | None,
         max_bad_steps: int,
         cause: str,
+        *,
+        bad_steps: int = 1,
+        first_bad_step: int | None = None,
+        found_at: int | None = None,
     ) -> None:
         self.loss, self.step, self.epoch, self.batch = loss, step, epoch, batch
         self.last_checkpoint, self.max_bad_steps, self.cause = last_checkpoint, max_bad_steps, cause
+        self.bad_steps = bad_steps
+        self.first_bad_step = first_bad_step if first_bad_step is not None else step
+        self.found_at = found_at if found_at is not None else step
+        what = f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm (loss {loss})"
+        plural = "s" if bad_steps != 1 else ""
         super().__init__(
-            f"non-finite loss ({loss}) at step {step} (epoch {epoch}, batch {batch}); last good checkpoint: "
-            f"{last_checkpoint or 'none'}. {cause[0].upper()}{cause[1:]}; or allow skipping with "
-            f"train.max_bad_steps (now {max_bad_steps})"
+            f"non-finite {what} at step {step} (epoch {epoch}, batch {batch}); read at step "
+            f"{self.found_at}: {bad_steps} non-finite step{plural} skipped, the first at step "
+            f"{self.first_bad_step}; last good checkpoint: {last_checkpoint or 'none'}. "
+            f"{cause[0].upper()}{cause[1:]}; or allow skipping with train.max_bad_steps (now {max_bad_steps})"
         )
 
 

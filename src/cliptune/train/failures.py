@@ -4,9 +4,10 @@
   and raises :class:`~cliptune.train.errors.TrainingInterrupted`.
 * Running out of accelerator memory becomes a :class:`~cliptune.train.errors.TrainingOutOfMemoryError`
   naming the step and the settings that lower memory (:func:`out_of_memory_hint`).
-* A non-finite loss is skipped with a warning up to ``train.max_bad_steps`` and then becomes a
-  :class:`~cliptune.train.errors.NonFiniteLossError` naming the step and the last good checkpoint
-  (:func:`count_bad_step`).
+* A non-finite loss (or gradient norm) is skipped on the device; when the loop reads its losses (every
+  ``train.log_every_steps``) each skipped step is counted and warned about up to ``train.max_bad_steps``,
+  beyond which a :class:`~cliptune.train.errors.NonFiniteLossError` names the step, the first skipped
+  step, how many were skipped and the last good checkpoint (:func:`count_bad_steps`).
 * A diverged model (collapsed or exploded validation embeddings, non-finite validation values, trainable
   weights beyond :data:`MAX_WEIGHT`) stops the run with a :class:`~cliptune.train.errors.DivergenceError`
   before the epoch is logged or saved, so it never becomes the best model (:func:`checked_validation`).
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import math
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -35,7 +37,8 @@ from cliptune.train.tasks.bundle import TaskBundle
 __all__ = [
     "MAX_WEIGHT",
     "checked_validation",
-    "count_bad_step",
+    "BadStep",
+    "count_bad_steps",
     "out_of_memory_hint",
     "stop_on_signals",
     "weight_problems",
@@ -53,7 +56,9 @@ _Handler = Callable[[int, FrameType | None], object] | int | None
 def stop_on_signals() -> Iterator[Callable[[], bool]]:
     """Within the block, Ctrl-C (SIGINT) and SIGTERM only set a flag; yields the function that reads it.
 
-    The loop checks the flag between batches, so the checkpoint is taken at a clean point. SIGTERM is
+    The loop checks the flag between batches, so the checkpoint is taken at a clean point: every batch
+    with one process (a free host read), at its loss reads (every ``train.log_every_steps``) with several,
+    where the processes agree on it in one all-reduce. SIGTERM is
     what a pre-empted machine, a cluster scheduler or a launcher stopping its workers sends. A second
     signal acts as usual (a stuck run can still be killed); the previous handlers come back on exit.
     Outside the main thread signals cannot be caught and the flag stays False.
@@ -101,31 +106,61 @@ def out_of_memory_hint(cfg: TrainConfig, state: LoopState) -> Iterator[None]:
         ) from exc
 
 
-def count_bad_step(state: LoopState, loss: float, cfg: TrainConfig, run_dir: Path) -> str:
-    """Count a non-finite loss at the coming step; return the warning to show, or raise past the allowance.
+@dataclass(frozen=True)
+class BadStep:
+    """A step skipped for a non-finite loss or gradient norm, as found when the losses were read."""
+
+    loss: float  # the step's loss (finite when only the gradient norm was not)
+    step: int  # 1-based global step
+    epoch: int  # 1-based
+    batch: int  # 1-based, within the epoch
+
+
+def count_bad_steps(
+    state: LoopState, bad: Sequence[BadStep], cfg: TrainConfig, run_dir: Path, warn: Callable[[str], None]
+) -> None:
+    """Count the skipped steps found at a read; warn about each, or raise once past the allowance.
+
+    The steps were already skipped on the device (weights and optimiser state untouched), so counting
+    them late changes nothing but when the run stops: at the read after the step beyond the allowance.
 
     Args:
-        state: The loop state (its ``bad_steps`` grows; its position is named).
-        loss: The non-finite loss.
+        state: The loop state (its ``bad_steps`` and ``first_bad_step`` grow; ``step`` is the read's step).
+        bad: The skipped steps since the previous read, oldest first.
         cfg: The ``train`` section (``max_bad_steps``; lr, clipping and precision for the likely cause).
         run_dir: The run directory (its newest checkpoint is named).
-
-    Returns:
-        A one-line warning for the skipped step.
+        warn: Shows one line per skipped step within the allowance.
 
     Raises:
-        NonFiniteLossError: More than ``max_bad_steps`` bad steps.
+        NonFiniteLossError: More than ``max_bad_steps`` bad steps; it names the first step beyond the
+            allowance, the run's first bad step and how many were skipped.
     """
-    state.bad_steps += 1
-    step, epoch, batch = state.step + 1, state.epoch + 1, state.batch + 1
-    if state.bad_steps > cfg.max_bad_steps:
+    over: BadStep | None = None
+    for b in bad:
+        state.count_bad_step(b.step)
+        if state.bad_steps > cfg.max_bad_steps:
+            over = over or b
+            continue
+        what = f"loss ({b.loss})" if not math.isfinite(b.loss) else f"gradient norm (loss {b.loss})"
+        allowed = f"{state.bad_steps}/{cfg.max_bad_steps} allowed"
+        warn(
+            f"non-finite {what} at step {b.step} (epoch {b.epoch}, batch {b.batch}): step skipped ({allowed})"
+        )
+    if over is not None:
         last = latest_checkpoint(RunDir(run_dir).checkpoints)
         cause = likely_cause(cfg.lr, cfg.grad_clip, cfg.precision)
-        raise NonFiniteLossError(loss, step, epoch, batch, last, cfg.max_bad_steps, cause)
-    where = f"step {step} (epoch {epoch}, batch {batch})"
-    return (
-        f"non-finite loss ({loss}) at {where}: step skipped ({state.bad_steps}/{cfg.max_bad_steps} allowed)"
-    )
+        raise NonFiniteLossError(
+            over.loss,
+            over.step,
+            over.epoch,
+            over.batch,
+            last,
+            cfg.max_bad_steps,
+            cause,
+            bad_steps=state.bad_steps,
+            first_bad_step=state.first_bad_step,
+            found_at=state.step,
+        )
 
 
 def checked_validation(

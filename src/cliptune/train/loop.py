@@ -2,31 +2,39 @@
 
 First the untrained model is validated as epoch 0 and saved as the first best-model candidate; then per
 batch: forward -> backward -> clip -> step (and lr) -> zero -> log; per epoch: validate -> schedule ->
-early-stop -> checkpoint. The task comes from a :class:`~cliptune.train.tasks.bundle.TaskBundle`, devices,
+early-stop -> checkpoint. Nothing in a step waits for the device: a non-finite loss or gradient norm
+skips the optimiser step on the device, and the loss terms are read (one host sync) every
+``train.log_every_steps``, at the end of an epoch and before stopping. The task comes from a :class:`~cliptune.train.tasks.bundle.TaskBundle`, devices,
 precision and processes from Accelerate, checkpoints and failure guards from their modules.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 from cliptune.config import TrainConfig
 from cliptune.rundir import RunDir
 from cliptune.train import checkpoint
-from cliptune.train.batches import batches_per_epoch, epoch_batches, step_values, to_device
+from cliptune.train.batches import any_process, batches_per_epoch, epoch_batches, step_terms, to_device
 from cliptune.train.early_stopping import EarlyStopping, metric_value, untrained_best_message
 from cliptune.train.errors import EmptyEpochError, TrainingInterrupted
-from cliptune.train.failures import checked_validation, count_bad_step, out_of_memory_hint, stop_on_signals
+from cliptune.train.failures import (
+    BadStep,
+    checked_validation,
+    count_bad_steps,
+    out_of_memory_hint,
+    stop_on_signals,
+)
 from cliptune.train.grad_cache import GradCache
-from cliptune.train.optim import current_lr, make_optimizer, make_scheduler
+from cliptune.train.optim import SkippingAdamW, current_lr, make_optimizer, make_scheduler
 from cliptune.train.progress import EpochProgress
-from cliptune.train.state import LoopState, MetricsLog
+from cliptune.train.state import LoopState, MetricsLog, UnreadSteps
 from cliptune.train.tasks.bundle import TaskBundle
 from cliptune.train.trackers import tracker_sink
 
@@ -47,6 +55,7 @@ class _Run:
     stop_requested: Callable[[], bool]
     on_epoch: Callable[[dict[str, Any]], None]
     grad_cache: GradCache | None  # train.grad_cache: the step's forward and backward in two passes
+    unread: UnreadSteps  # the loss terms of steps not read yet, on the device
 
 
 def fit(
@@ -85,7 +94,7 @@ def fit(
         n_batches = batches_per_epoch(len(bundle.train_data), cfg.batch_size, accelerator.num_processes)
         if n_batches == 0:
             raise EmptyEpochError(len(bundle.train_data), cfg.batch_size, accelerator.num_processes)
-        optimizer = make_optimizer(bundle.model, cfg)
+        optimizer = make_optimizer(bundle.model, cfg, accelerator.device)
         scheduler = make_scheduler(optimizer, cfg, total_steps=cfg.epochs * n_batches // cfg.grad_accum)
         model, optimizer = accelerator.prepare(bundle.model, optimizer)
         stopper = EarlyStopping.from_config(cfg.early_stopping) if cfg.early_stopping else None
@@ -98,7 +107,20 @@ def fit(
         progress = EpochProgress(n_batches, enabled=main and not quiet, summaries=main)
         report = on_epoch or (lambda record: None)  # a sweep reports to Optuna; a plain run to no one
         cache = GradCache(cfg.grad_cache.chunk_size, accelerator) if cfg.grad_cache else None
-        _train(_Run(bundle, cfg, run_dir, accelerator, parts, log, progress, stop_requested, report, cache))
+        run = _Run(
+            bundle,
+            cfg,
+            run_dir,
+            accelerator,
+            parts,
+            log,
+            progress,
+            stop_requested,
+            report,
+            cache,
+            UnreadSteps(),
+        )
+        _train(run)
     return state
 
 
@@ -122,6 +144,7 @@ def _train(run: _Run) -> None:
                 collate=run.bundle.collate,
             ):
                 _train_step(run, epoch, batch)
+            _read(run)  # the epoch's last losses: its means, and its skipped steps counted
 
         # validate -> schedule (plateau) -> early stopping -> log
         record, improved = _validate(run, epoch)
@@ -161,42 +184,86 @@ def _train_step(run: _Run, epoch: int, batch: dict[str, Any]) -> None:
     """One batch: forward -> backward -> clip -> step -> zero -> log; on Ctrl-C/SIGTERM checkpoint, stop."""
     cfg, accelerator, state, optimizer = run.cfg, run.accelerator, run.parts.state, run.parts.optimizer
     with accelerator.accumulate(run.parts.model):
-        # forward, then one all-reduce of the loss terms and the stop flag: every process branches alike
+        # forward; the loss terms stay on the device (all-reduced over processes, so all skip alike)
         model, cache, batch = run.parts.model, run.grad_cache, to_device(batch, accelerator.device)
         outputs = cache.forward(model, batch) if cache else model(batch)
-        values, stop = step_values(accelerator, outputs, run.stop_requested())
-        finite = math.isfinite(values["loss"])
-        if finite:
-            # backward -> clip -> step (-> lr); while gradients accumulate the optimiser skips the step
-            if cache:  # pass 2 of gradient caching: the cached embedding gradients into the towers
-                cache.backward(model)
-            else:
-                accelerator.backward(outputs["loss"])
-            _clip_and_step(run)
-        else:  # a non-finite loss: skipped (no backward, no step) or, past the allowance, an error
-            run.progress.warn(count_bad_step(state, values["loss"], cfg, run.run_dir))
+        terms = step_terms(accelerator, outputs)
+        # backward -> clip -> step (-> lr); a non-finite loss or gradient norm makes the step a no-op
+        if cache:  # pass 2 of gradient caching: the cached embedding gradients into the towers
+            cache.backward(model)
+        else:
+            accelerator.backward(outputs["loss"])
+        skipped = _clip_and_step(run, terms[list(outputs).index("loss")])
         # zero
         optimizer.zero_grad(set_to_none=True)
 
-    # log: a skipped step counts as a step (exact resume) but not in the epoch means
-    state.finish_step(values if finite else None)
-    lr = current_lr(optimizer)
-    if state.step % cfg.log_every_steps == 0:
-        loss = values["loss"] if finite else None
-        run.log.write({"kind": "step", "epoch": epoch + 1, "step": state.step, "train/loss": loss, "lr": lr})
-    run.progress.advance(loss=values["loss"], lr=lr)
+    # log: a skipped step counts as a step (exact resume) but not in the epoch means (counted when read)
+    state.finish_step()
+    run.unread.add(list(outputs), terms, skipped)
+    run.progress.advance(lr=current_lr(optimizer))
+    # one process reads its own stop flag every step (free); several agree on it at the reads
+    stop = accelerator.num_processes == 1 and run.stop_requested()
+    if stop or state.step % cfg.log_every_steps == 0:
+        loss = _read(run)
+        if state.step % cfg.log_every_steps == 0:
+            record = {"kind": "step", "epoch": epoch + 1, "step": state.step, "train/loss": loss}
+            run.log.write({**record, "lr": current_lr(optimizer)})
+        stop = any_process(accelerator, run.stop_requested())
     if stop:  # checked after the batch, so the checkpoint is taken at a clean point
         path = checkpoint.save_loop_checkpoint(run.run_dir, accelerator, run.parts, cfg.keep_last)
         raise TrainingInterrupted(state.step, run.run_dir, path)
 
 
-def _clip_and_step(run: _Run) -> None:
-    """Clip and step; the cosine lr follows optimiser steps (clip and lr only when gradients sync)."""
-    if run.accelerator.sync_gradients and run.cfg.grad_clip is not None:
-        run.accelerator.clip_grad_norm_(run.parts.model.parameters(), run.cfg.grad_clip)
-    run.parts.optimizer.step()
-    if run.accelerator.sync_gradients and run.cfg.scheduler == "cosine":
+def _read(run: _Run) -> float | None:
+    """Read the unread steps (one host sync): epoch sums, skipped steps counted; the last step's loss.
+
+    Raises:
+        NonFiniteLossError: More skipped steps than ``train.max_bad_steps`` (see ``count_bad_steps``).
+    """
+    state, rows = run.parts.state, run.unread.read()
+    bad: list[BadStep] = []
+    for i, (values, skipped) in enumerate(rows, start=1):
+        if skipped:  # the skipped steps' batches: the last len(rows) of this epoch
+            back = len(rows) - i
+            bad.append(BadStep(values["loss"], state.step - back, state.epoch + 1, state.batch - back))
+        else:
+            state.add_terms(values)
+    count_bad_steps(state, bad, run.cfg, run.run_dir, run.progress.warn)
+    loss = None if not rows or rows[-1][1] else rows[-1][0]["loss"]
+    run.progress.show_loss(loss)
+    return loss
+
+
+def _clip_and_step(run: _Run, loss: torch.Tensor) -> torch.Tensor:
+    """Clip and step, skipped on the device when ``loss`` or the gradient norm is non-finite; the flag.
+
+    The cosine lr follows optimiser steps (clip and lr only when gradients sync); a skipped step still
+    moves the schedule on, as the host cannot know it was skipped without waiting for the device.
+    """
+    accelerator, optimizer = run.accelerator, run.parts.optimizer
+    skipping = _skipping(optimizer)
+    earlier = skipping.pending  # this accumulation window's earlier batches skipped (or None: none yet)
+    finite = torch.isfinite(loss)
+    if accelerator.sync_gradients and run.cfg.grad_clip is not None:
+        norm = accelerator.clip_grad_norm_(run.parts.model.parameters(), run.cfg.grad_clip)
+        if isinstance(norm, torch.Tensor):  # DeepSpeed clips inside its own step and returns None
+            # a norm made non-finite by an earlier skipped batch of the window is not a new bad step
+            finite_norm = torch.isfinite(norm) if earlier is None else torch.isfinite(norm) | (earlier > 0)
+            finite = finite & finite_norm
+    skipped = finite.logical_not().float()
+    skipping.skip_if(skipped)  # combined over an accumulation window until the real step
+    optimizer.step()
+    if accelerator.sync_gradients and run.cfg.scheduler == "cosine":
         run.parts.scheduler.step()  # type: ignore[call-arg]
+    return skipped
+
+
+def _skipping(optimizer: torch.optim.Optimizer) -> SkippingAdamW:
+    """The :class:`SkippingAdamW` inside Accelerate's wrapper."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(inner, SkippingAdamW):
+        raise TypeError(f"fit needs make_optimizer's SkippingAdamW, not {type(inner).__name__}")
+    return inner
 
 
 def _validate(run: _Run, epoch: int) -> tuple[dict[str, Any], bool]:

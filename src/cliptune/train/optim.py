@@ -1,4 +1,9 @@
-"""Optimiser and learning-rate schedules: AdamW with decay only where it makes sense."""
+"""Optimiser and learning-rate schedules: AdamW with decay only where it makes sense.
+
+The loop never reads a step's loss on the host to decide whether to step: it hands the optimiser a
+device flag (:meth:`SkippingAdamW.skip_if`) and the fused AdamW kernels leave parameters and optimiser
+state untouched when it is set, the way they honour a ``GradScaler``'s ``found_inf``.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from cliptune.config import TrainConfig
 
 __all__ = [
     "Scheduler",
+    "SkippingAdamW",
     "param_groups",
     "make_optimizer",
     "make_scheduler",
@@ -63,14 +69,81 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` at ``cfg.lr``; fails clearly when nothing is trainable."""
+# Devices with fused AdamW kernels (torch.utils._foreach_utils lists them; a public name does not exist).
+_FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu")
+
+
+class SkippingAdamW(torch.optim.AdamW):
+    """AdamW whose next step can be skipped by a flag that stays on the device (no host read).
+
+    :meth:`skip_if` takes a 0-dim float tensor (1.0: skip); flags given between two real steps (gradient
+    accumulation's micro-batches) are combined, so one bad micro-batch skips its whole window. The fused
+    kernels honour the flag as ``found_inf`` (parameters, ``exp_avg``, ``exp_avg_sq`` and the step count
+    stay as they were, exactly as if ``step()`` had not been called); a ``GradScaler``'s own ``found_inf``
+    (fp16) is combined with it. Without fused kernels (``fused=False``, a device without them) the flag
+    is read on the host instead: the same skip, with one sync per step.
+
+    Args:
+        params: Parameters or param groups, as for :class:`torch.optim.AdamW`.
+        lr: Learning rate.
+        fused: Use the fused kernels (required for the skip without a sync).
+    """
+
+    def __init__(self, params: Any, lr: float, fused: bool) -> None:
+        super().__init__(params, lr=lr, fused=fused)
+        self._fused = fused
+        self._skip: torch.Tensor | None = None
+
+    def skip_if(self, flag: torch.Tensor) -> None:
+        """Skip the next real :meth:`step` when ``flag`` (0-dim float, 0.0 or 1.0) is 1.0."""
+        self._skip = flag if self._skip is None else torch.maximum(self._skip, flag)
+
+    @property
+    def pending(self) -> torch.Tensor | None:
+        """The combined flag for the next real step (None: no flag given since the last one)."""
+        return self._skip
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # noqa: D102 - torch.optim.AdamW.step
+        skip, self._skip = self._skip, None
+        scaler_inf = getattr(self, "found_inf", None)  # a GradScaler sets it around this call (fp16)
+        if skip is None:
+            return super().step(closure)
+        if not self._fused:  # no kernel to hand the flag to: read it (a sync, only on this path)
+            return None if bool(skip) else super().step(closure)
+        self.found_inf = skip if scaler_inf is None else torch.maximum(skip, scaler_inf.to(skip))
+        try:
+            return super().step(closure)
+        finally:
+            if scaler_inf is None:
+                del self.found_inf
+            else:  # the GradScaler deletes its own attribute after the step
+                self.found_inf = scaler_inf
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint, keeping this optimiser's kernel choice (older checkpoints were not fused)."""
+        groups = [{**group, "fused": self._fused} for group in state_dict["param_groups"]]
+        super().load_state_dict({**state_dict, "param_groups": groups})
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device | None = None) -> SkippingAdamW:
+    """AdamW over :func:`param_groups` at ``cfg.lr``; fails clearly when nothing is trainable.
+
+    Args:
+        model: The model (its trainable parameters).
+        cfg: The ``train`` section (lr, weight decay).
+        device: Where the parameters will train (default: where they are); fused kernels when it has them.
+
+    Returns:
+        A :class:`SkippingAdamW`.
+    """
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters: check model.trainable_layers / model.lora")
     for group in groups:
         group.pop("names")
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    device = device or groups[0]["params"][0].device
+    return SkippingAdamW(groups, lr=cfg.lr, fused=device.type in _FUSED_DEVICES)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Scheduler:

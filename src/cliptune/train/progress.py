@@ -1,4 +1,8 @@
-"""A rich progress bar per epoch (step, loss, lr, ETA) and one summary line per epoch."""
+"""A rich progress bar per epoch (step, loss, lr, ETA) and one summary line per epoch.
+
+The bar advances every step but its loss changes only when the loop reads the losses (every
+``train.log_every_steps``): reading a loss every step would make the host wait for the device.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ class EpochProgress:
         self.total, self.enabled, self.summaries = total, enabled, summaries
         self._progress: Progress | None = None
         self._task: TaskID | None = None
+        self._loss = "loss -"
 
     @contextmanager
     def epoch(self, epoch: int, epochs: int, start: int = 0) -> Iterator[None]:
@@ -41,9 +46,14 @@ class EpochProgress:
             yield
         self._progress = None
 
-    def advance(self, *, loss: float, lr: float) -> None:
+    def advance(self, *, lr: float) -> None:
+        """One step done, trained at ``lr``; the loss shown is the last one read."""
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, advance=1, info=f"loss {loss:.4f} lr {lr:.2e}")
+            self._progress.update(self._task, advance=1, info=f"{self._loss} lr {lr:.2e}")
+
+    def show_loss(self, loss: float | None) -> None:
+        """The loss of the last step read (None: that step was skipped), shown from the next advance."""
+        self._loss = f"loss {loss:.4f}" if loss is not None else "loss skipped"
 
     def warn(self, message: str) -> None:
         """A warning line (skipped steps, dropped rows), shown even in quiet runs: nothing is silent."""

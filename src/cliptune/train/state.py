@@ -1,4 +1,5 @@
-"""Where the loop is (:class:`LoopState`) and what it has logged (:class:`MetricsLog`).
+"""Where the loop is (:class:`LoopState`), the steps it has not read yet (:class:`UnreadSteps`) and what
+it has logged (:class:`MetricsLog`).
 
 Both are plain data with no knowledge of files beyond ``metrics.jsonl``: checkpoints save and restore the
 state (:mod:`cliptune.train.checkpoint`), and the guards that turn failures into errors live in
@@ -16,13 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cliptune.rundir import read_jsonl, write_text_atomic
 from cliptune.train.errors import TrainingError
 
 # TrainingError lived here before cliptune.train.errors; the alias keeps old imports working.
-__all__ = ["LoopState", "MetricsLog", "TrainingError"]
+__all__ = ["LoopState", "MetricsLog", "TrainingError", "UnreadSteps"]
 
 _SAVED_NUMBERS = ("epoch", "batch", "step", "bad_steps", "best_epoch", "best_step", "lrs", "epoch_count")
+_SAVED_SINCE_NOSYNC = {"first_bad_step": None}  # added later: older checkpoints lack it
 
 
 @dataclass
@@ -33,7 +37,8 @@ class LoopState:
         epoch: Completed epochs.
         batch: Completed batches in the current epoch.
         step: Completed batches in the run (skipped non-finite steps count).
-        bad_steps: Steps skipped for a non-finite loss.
+        bad_steps: Steps skipped for a non-finite loss (or gradient norm), counted when read.
+        first_bad_step: The first of them (1-based global step), or None.
         best_epoch, best_step: Where the best model (``model/``) was taken; epoch 0 is the untrained model.
         lrs: The learning rate at the start, then after each epoch's scheduling.
         epoch_sums, epoch_count: Running sums of the current epoch's finite loss terms, and their count.
@@ -45,6 +50,7 @@ class LoopState:
     batch: int = 0
     step: int = 0
     bad_steps: int = 0
+    first_bad_step: int | None = None
     best_epoch: int = 0
     best_step: int = 0
     lrs: list[float] = field(default_factory=list)
@@ -75,14 +81,17 @@ class LoopState:
             self.epoch_sums[name] += value
         self.epoch_count += 1
 
-    def finish_step(self, values: dict[str, float] | None) -> None:
-        """Count one step; its loss terms join the epoch means unless it was skipped (``None``).
+    def finish_step(self) -> None:
+        """Count one step; its loss terms join the epoch means when read (:meth:`add_terms`).
 
         A skipped step still counts as a step and a batch, so a resume lands on the same batch.
         """
         self.batch, self.step = self.batch + 1, self.step + 1
-        if values is not None:
-            self.add_terms(values)
+
+    def count_bad_step(self, step: int) -> None:
+        """Count a skipped step (1-based global ``step``); the first one is remembered."""
+        self.bad_steps += 1
+        self.first_bad_step = self.first_bad_step or step
 
     def finish_epoch(self) -> None:
         """Move to the start of the next epoch, with empty running sums."""
@@ -99,7 +108,7 @@ class LoopState:
 
     def state_dict(self) -> dict[str, Any]:
         """The JSON-serialisable state stored in a checkpoint's ``trainer.json``."""
-        saved: dict[str, Any] = {key: getattr(self, key) for key in _SAVED_NUMBERS}
+        saved: dict[str, Any] = {key: getattr(self, key) for key in (*_SAVED_NUMBERS, *_SAVED_SINCE_NOSYNC)}
         return {
             **saved,
             "lrs": list(self.lrs),
@@ -111,8 +120,44 @@ class LoopState:
         """Restore what :meth:`state_dict` returned."""
         for key in _SAVED_NUMBERS:
             setattr(self, key, state[key])
+        for key, default in _SAVED_SINCE_NOSYNC.items():
+            setattr(self, key, state.get(key, default))
         self.epoch_sums = defaultdict(float, state["epoch_sums"])
         self.timings = defaultdict(float, state["timings"])
+
+
+class UnreadSteps:
+    """The steps trained since the last read: loss terms and skip flags still on the device.
+
+    Reading a tensor on the host waits for the device (a sync); the loop instead keeps each step's terms
+    here and reads them all at once every ``train.log_every_steps``, at the end of an epoch and before it
+    stops. Keeping the per-step values (not only running sums) lets the read replay the steps in order,
+    so epoch means, step records and skipped-step warnings are the numbers a per-step read gave.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._terms: list[torch.Tensor] = []
+        self._skipped: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self._terms)
+
+    def add(self, names: list[str], terms: torch.Tensor, skipped: torch.Tensor) -> None:
+        """Keep one step's loss terms (``(len(names),)``) and its skip flag (0-dim, 1.0: skipped)."""
+        self.names = names
+        self._terms.append(terms)
+        self._skipped.append(skipped)
+
+    def read(self) -> list[tuple[dict[str, float], bool]]:
+        """Each unread step's terms by name and whether it was skipped, oldest first; then none are unread."""
+        if not self._terms:
+            return []
+        terms, skipped = torch.stack(self._terms).tolist(), torch.stack(self._skipped).tolist()
+        self._terms, self._skipped = [], []
+        return [
+            (dict(zip(self.names, row, strict=True)), bool(s)) for row, s in zip(terms, skipped, strict=True)
+        ]
 
 
 class MetricsLog:
