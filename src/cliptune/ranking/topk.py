@@ -475,7 +475,12 @@ def _run(
     out_v = torch.zeros((n_q, k), dtype=torch.float64, device=queries.device)
     out_i = torch.zeros((n_q, k), dtype=torch.long, device=queries.device)
     if k > 0:
-        f = exact_scores(queries, items, _row_ids(scan.idx), scan.idx.reshape(-1)).view(scan.idx.shape)
+        # only candidates within 2 err of the k-th approximate score can be in the top k: the k best
+        # approximate ones all score >= that - err exactly, anything below it - 2 err scores less
+        need = scan.vals >= scan.vals[:, k - 1 : k] - 2 * kern.err[:, None]  # (Q, K)
+        rows, cols = need.nonzero(as_tuple=True)
+        f = torch.full(scan.idx.shape, -float("inf"), dtype=torch.float64, device=queries.device)
+        f[rows, cols] = exact_scores(queries, items, rows, scan.idx[rows, cols])
         ev, ei = _sort_pairs(f, scan.idx)
         out_v, out_i = ev[:, :k].contiguous(), ei[:, :k].contiguous()
         if width < n_items:  # an item left out has approximate score <= the width-th kept one
