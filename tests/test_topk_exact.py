@@ -73,6 +73,9 @@ def test_exact_scores_are_the_documented_sum_and_within_float64_of_exact() -> No
     rows, cols = torch.arange(6).repeat_interleave(700), torch.arange(700).repeat(6)
     got = exact_scores(queries, items, rows, cols).view(6, 700).numpy()
     assert np.array_equal(got, _ref_scores(queries, items))  # bit for bit
+    # the torch code (what GPUs run) gives the same bits as the numpy one CPUs run
+    torch_path = topk_module._exact_scores_torch(queries, items, rows, cols, 32).view(6, 700).numpy()
+    assert np.array_equal(torch_path, got)
     q64, x64 = queries.double().tolist(), items.double().tolist()
     for i, j in ((0, 20), (0, 21), (2, 650), (1, 5)):
         fsum = math.fsum(a * b for a, b in zip(q64[i], x64[j], strict=True))  # correctly rounded
@@ -133,6 +136,16 @@ def test_unproven_lists_take_the_second_pass(monkeypatch: pytest.MonkeyPatch) ->
     _, idx = topk_chunked(queries, items, k=10, chunk_size=128, bf16_pass=True)
     assert idx.tolist() == _ref_lists_and_ranks(queries, items, 10, torch.zeros(3, 0, dtype=torch.long))[0]
     assert calls == [1]  # query 1 alone could not be proven from its bf16 candidates
+
+
+def test_bf16_and_fp16_inputs_rank_by_the_same_exact_scores() -> None:
+    queries, items, ids = _adversarial(5)
+    for dtype in (torch.bfloat16, torch.float16):  # exact in float32: the same definition, float64 blocks
+        q, x = queries.to(dtype), items.to(dtype)
+        got = rank_chunked(q, x, k=8, relevant_ids=ids, chunk_size=100)
+        lists, ranks = _ref_lists_and_ranks(q.float(), x.float(), 8, ids)
+        assert got.indices.tolist() == lists
+        assert got.ranks.tolist() == ranks
 
 
 def test_non_finite_embeddings_are_refused() -> None:

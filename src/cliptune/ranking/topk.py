@@ -211,9 +211,16 @@ def exact_scores(
     d = queries.shape[1]
     width = 1 << max(0, (d - 1).bit_length())
     if queries.device.type == "cpu":  # numpy: ~20x faster than torch's gathers and small ops here
-        return torch.from_numpy(
-            _exact_scores_np(queries.numpy(), items.numpy(), rows.numpy(), cols.numpy(), width)
-        )
+        q, x = (t.detach().float() if t.dtype == torch.bfloat16 else t.detach() for t in (queries, items))
+        return torch.from_numpy(_exact_scores_np(q.numpy(), x.numpy(), rows.numpy(), cols.numpy(), width))
+    return _exact_scores_torch(queries, items, rows, cols, width)
+
+
+def _exact_scores_torch(
+    queries: torch.Tensor, items: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, width: int
+) -> torch.Tensor:
+    """:func:`exact_scores` in torch (GPUs): the same products and the same order of additions."""
+    d = queries.shape[1]
     out = torch.empty(rows.shape, dtype=torch.float64, device=queries.device)
     for p0 in range(0, rows.numel(), _PAIR_CHUNK):
         r, c = rows[p0 : p0 + _PAIR_CHUNK], cols[p0 : p0 + _PAIR_CHUNK]
