@@ -1,9 +1,11 @@
 """Exact top-k retrieval and exact ranks in bounded memory: chunked torch, or FAISS ``IndexFlatIP``.
 
-Scores are inner products ``queries @ items.T`` (normalise the embeddings first for cosine). The
-ranking rule is the one of :mod:`cliptune.ranking.metrics`: score descending, ties by LOWER item index first,
-so every path here returns the same lists as ``rank_items`` on the full matrix, just without ever
-holding the (Q, N) matrix: scores are computed one (query chunk x item chunk) block at a time.
+Scores are inner products (normalise the embeddings first for cosine), defined exactly by
+:func:`exact_scores`: float64 products of the inputs summed in one fixed order, the same bits on every
+machine. The ranking rule is the one of :mod:`cliptune.ranking.metrics`: score descending, ties by LOWER
+item index first. Fast block GEMMs (bf16, fp32) only propose candidates, with proven error bounds; every
+item they leave undecided is re-scored exactly, so the answer never depends on the kernel or the CPU, and
+the (Q, N) matrix is never held.
 
 Example:
     >>> q, x = torch.eye(2), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
@@ -18,7 +20,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -28,6 +30,7 @@ __all__ = [
     "TIE_PAD",
     "Ranked",
     "bf16_pays",
+    "exact_scores",
     "rank_chunked",
     "refine_candidates",
     "topk_chunked",
@@ -39,14 +42,18 @@ _ITEM_CHUNK = 16384
 _QUERY_CHUNK = 1024
 # extra candidates asked of FAISS so that ties at the k-th score are usually seen and ordered exactly
 TIE_PAD = 16
-# the bf16 candidate pass of topk_chunked keeps k + this many candidates per query, and runs from this many
-# items (below it the fp32 pass is fast anyway). Chosen on synthetic unit vectors (seed 1, not the
-# benchmark's seed 0) at 100k x 1k x 512-d, k = 10: queries whose candidates miss the margin (redone in
-# fp32) were 64% with 16 extra, 3% with 32, none with 64; 128 was slower again (a busy 2-core box)
+# the bf16 candidate pass keeps k + this many candidates per query, and runs from this many items (below it
+# the fp32 pass is fast anyway). Chosen on synthetic unit vectors (seed 1, not the benchmark's seed 0) at
+# 100k x 1k x 512-d, k = 10: queries whose candidates miss the margin (a second pass) were 64% with 16 extra,
+# 3% with 32, none with 64; 128 was slower again (a busy 2-core box)
 _BF16_EXTRA = 64
 _BF16_MIN_ITEMS = 50_000
-# near items re-scored per (query, relevant item) by the bf16 rank pass; a query with more is done in fp32
+# the fp32 pass's bound is ~400x tighter (gamma_512 = 3e-5 against bf16's 1.2e-2 for unit vectors)
+_FP_EXTRA = 16
+# near items re-scored per (query, relevant item) by the bf16 pass; a query with more is redone in fp32
 _BF16_NEAR_CAP = 1024
+# pairs re-scored exactly at a time: 1024 x 512 float64 products = 4 MiB, in cache
+_PAIR_CHUNK = 1024
 
 
 class Ranked(NamedTuple):
@@ -126,7 +133,7 @@ def _merge(
 
 def _compare(block: torch.Tensor, thr: torch.Tensor, *, strict: bool) -> torch.Tensor:
     """``block > thr`` (strict) or ``block >= thr``, (q, n) vs (q, 1); numpy's compare on CPU (~5x torch's)."""
-    if block.device.type == "cpu" and block.dtype in (torch.float32, torch.float64):
+    if block.device.type == "cpu" and block.dtype in (torch.float32, torch.float64, torch.int16):
         b, t = block.numpy(), thr.numpy()
         return torch.from_numpy(np.greater(b, t) if strict else np.greater_equal(b, t))
     return block > thr if strict else block >= thr
@@ -158,136 +165,11 @@ def _padded(
     return vals, idx
 
 
-def _merge_block(
-    run: tuple[torch.Tensor, torch.Tensor] | None, block: torch.Tensor, n0: int, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The running exact top-k with a new block (items from ``n0``, after every item in ``run``).
-
-    Once ``run`` holds k items only block entries strictly above its k-th score can enter: an equal
-    score has a higher index, so the tie rule puts it after. Those few are gathered instead of a top-k
-    of the whole block.
-    """
-    if run is None or run[0].shape[1] < k:
-        bv, bi = _block_topk(block, min(k, block.shape[1]))
-        return _merge(run, (bv, bi + n0), k)
-    rows, cols = _above(block, run[0][:, k - 1 : k])
-    if rows.numel() == 0:
-        return run
-    new_v, new_i = _padded(rows, cols + n0, block[rows, cols], block.shape[0])
-    return _merge(run, (new_v, new_i), k)
-
-
 def _row_count(mask: torch.Tensor) -> torch.Tensor:
     """True entries per row; numpy's count_nonzero is ~6x faster than torch's bool sum on CPU."""
     if mask.device.type == "cpu":
         return torch.from_numpy(np.count_nonzero(mask.numpy(), axis=1).astype(np.int64))
     return mask.sum(1)
-
-
-def _count_ahead(block: torch.Tensor, n0: int, s_rel: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Items of the block ranked ahead of each relevant item: higher score, or equal and lower index."""
-    count = torch.zeros(ids.shape, dtype=torch.long, device=block.device)  # (q, R)
-    n = block.shape[1]
-    rows = torch.arange(ids.shape[0], device=block.device)  # (q,)
-    for r in range(ids.shape[1]):  # R is small (a few relevant items); two passes over the block each
-        s, i = s_rel[:, r], ids[:, r]  # (q,), (q,)
-        here = (i >= n0) & (i < n0 + n)  # (q,) the relevant item lies in this block
-        self_score = block[rows, (i - n0).clamp(0, n - 1)]  # (q,)
-        # the item itself never counts, even if its block score and s_rel differ in the last bit
-        count[:, r] = _row_count(block > s[:, None]) - (here & (self_score > s)).long()
-        # exact ties with other items are rare on float data: find the rows that have any, then
-        # count only those tied items with a lower index (the tie rule puts them first)
-        others_tied = _row_count(block == s[:, None]) - (here & (self_score == s)).long()  # (q,)
-        tied_rows = (others_tied > 0).nonzero().squeeze(1)
-        if tied_rows.numel():
-            cols = torch.arange(n0, n0 + n, device=block.device)[None, :]  # (1, n)
-            sub, s_sub, i_sub = (
-                block[tied_rows],
-                s[tied_rows, None],
-                i[tied_rows, None],
-            )  # (t, n), (t, 1), (t, 1)
-            count[tied_rows, r] += _row_count((sub == s_sub) & (cols < i_sub))
-    return count
-
-
-class _NearTies:
-    """Counts for one query chunk the items ranked ahead of each relevant item in ONE pass over the blocks.
-
-    The block score ``s`` of a relevant item (the value its own block's matmul gives, which every
-    comparison must use) is only known once that block is reached. Any float summation order of a
-    D-term inner product is within ``gamma_D * sum_i |q_i x_i|`` of the exact value (Higham, Accuracy
-    and Stability, Thm 3.1; ``gamma_D = D u / (1 - D u)``, u the unit roundoff; fused multiply-adds
-    only tighten it), so a float64 estimate ``e`` gives ``lo <= s <= hi`` with
-    ``lo, hi = e -/+ (gamma_D + D 2^-52) sum|q_i x_i| -/+ D * tiny`` (the float64 error and underflow),
-    rounded outwards to the block dtype. A block item scoring above ``hi`` is surely ahead, one below
-    ``lo`` surely not; the few in ``[lo, hi]`` (the item itself, exact ties, last-bit near-ties) are kept
-    with their block score and compared with ``s`` by the tie rule at the end: the ranks are the same,
-    bit for bit, as comparing every block score with ``s``.
-    """
-
-    def __init__(self, lo: torch.Tensor, hi: torch.Tensor, cap: int) -> None:
-        self.lo, self.hi, self.cap = lo, hi, cap  # (q, R) each, block dtype; +inf for padding
-        self.sure = torch.zeros(lo.shape, dtype=torch.long, device=lo.device)  # (q, R) surely ahead
-        self.kept: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []  # rows, r, cols, scores
-        self.n_kept = 0
-
-    @classmethod
-    def start(cls, qv: torch.Tensor, items: torch.Tensor, ids: torch.Tensor) -> _NearTies | None:
-        """The bounds for these queries' relevant items; None where no bound holds (then two passes)."""
-        dtype, d = qv.dtype, qv.shape[1]
-        unit = torch.finfo(dtype).eps / 2 if dtype in (torch.float32, torch.float64) else 1.0
-        # a reduced-precision float32 matmul (TF32, bf16 "fast math") breaks the bound: not used then
-        exact_mm = torch.get_float32_matmul_precision() == "highest" and qv.device.type in ("cpu", "cuda")
-        if qv.device.type == "cuda":
-            exact_mm = exact_mm and not torch.backends.cuda.matmul.allow_tf32
-        if not exact_mm or d * unit >= 0.01:
-            return None
-        gamma = d * unit / (1 - d * unit) + d * 2.0**-52
-        tiny = d * torch.finfo(dtype).tiny * 4
-        q64 = qv.double()  # (q, D)
-        lo, hi = torch.empty(ids.shape, dtype=dtype), torch.empty(ids.shape, dtype=dtype)
-        for r in range(ids.shape[1]):
-            x64 = items[ids[:, r].clamp(min=0)].double()  # (q, D)
-            est = (q64 * x64).sum(1)  # (q,)
-            err = gamma * (q64.abs() * x64.abs()).sum(1) + tiny  # (q,)
-            if not bool(torch.isfinite(est).all() and torch.isfinite(err).all()):
-                return None
-            lo[:, r], hi[:, r] = (
-                _round_out(est - err, dtype, down=True),
-                _round_out(est + err, dtype, down=False),
-            )
-        pad = ids < 0
-        lo = lo.to(qv.device).masked_fill(pad, float("inf"))  # never >= a finite score: padding keeps nothing
-        hi = hi.to(qv.device).masked_fill(pad, float("inf"))
-        return cls(lo, hi, cap=64 * ids.numel() + 4096)
-
-    def scan(self, block: torch.Tensor, n0: int) -> _NearTies | None:
-        """Count the block's items surely ahead, keep those near; None when too many are near (ties)."""
-        for r in range(self.lo.shape[1]):
-            above = _row_count(_compare(block, self.hi[:, r, None], strict=True))  # (q,)
-            near = _row_count(_compare(block, self.lo[:, r, None], strict=False)) - above  # (q,)
-            self.sure[:, r] += above
-            rows = (near > 0).nonzero().squeeze(1)  # (t,)
-            if rows.numel():
-                self.n_kept += int(near.sum())
-                if self.n_kept > self.cap:  # e.g. many duplicate items: the two-pass count is cheaper
-                    return None
-                sub = block[rows]  # (t, n)
-                hit = (sub >= self.lo[rows, r, None]) & (sub <= self.hi[rows, r, None])
-                rr, cc = hit.nonzero(as_tuple=True)
-                self.kept.append((rows[rr], r, cc + n0, sub[rr, cc]))
-        return self
-
-    def resolve(self, s_rel: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Items ahead of each relevant item (q, R): the sure ones plus the kept ones the tie rule puts first."""
-        ahead = self.sure.clone()
-        for rows, r, cols, scores in self.kept:
-            s, i = s_rel[rows, r], ids[rows, r]  # (m,), (m,)
-            first = (cols != i) & (
-                (scores > s) | ((scores == s) & (cols < i))
-            )  # the item itself never counts
-            ahead[:, r].index_add_(0, rows, first.long())
-        return ahead
 
 
 def _round_out(x: torch.Tensor, dtype: torch.dtype, *, down: bool) -> torch.Tensor:
@@ -308,6 +190,329 @@ def _progress(enabled: bool, total: int, what: str) -> Iterator[Progress | None]
         yield bar
 
 
+def exact_scores(
+    queries: torch.Tensor, items: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """THE score of each pair ``(queries[rows[p]], items[cols[p]])``: the one every ranking here follows.
+
+    The products are taken in float64 (exact for float32, bf16 and fp16 inputs: 24 + 24 bits fit in 53)
+    and summed in one fixed pairwise order (D zero-padded to a power of two; elementwise IEEE adds, no BLAS),
+    so the value is the same bit for bit on every machine and device, whatever GEMM found the candidates.
+    It is within ``gamma_L sum|q_i x_i|`` of the real inner product (L = ceil(log2 D), float64 u).
+
+    Shapes:
+        queries (Q, D), items (N, D), rows, cols (P,) -> (P,) float64
+
+    Example:
+        >>> q, x = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1.0, 1.0, 1.0], [0.5, 0.0, 0.0]])
+        >>> exact_scores(q, x, torch.tensor([0, 0]), torch.tensor([0, 1])).tolist()
+        [6.0, 0.5]
+    """
+    d = queries.shape[1]
+    width = 1 << max(0, (d - 1).bit_length())
+    if queries.device.type == "cpu":  # numpy: ~20x faster than torch's gathers and small ops here
+        q, x = (t.detach().float() if t.dtype == torch.bfloat16 else t.detach() for t in (queries, items))
+        return torch.from_numpy(_exact_scores_np(q.numpy(), x.numpy(), rows.numpy(), cols.numpy(), width))
+    return _exact_scores_torch(queries, items, rows, cols, width)
+
+
+def _exact_scores_torch(
+    queries: torch.Tensor, items: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, width: int
+) -> torch.Tensor:
+    """:func:`exact_scores` in torch (GPUs): the same products and the same order of additions."""
+    d = queries.shape[1]
+    out = torch.empty(rows.shape, dtype=torch.float64, device=queries.device)
+    for p0 in range(0, rows.numel(), _PAIR_CHUNK):
+        r, c = rows[p0 : p0 + _PAIR_CHUNK], cols[p0 : p0 + _PAIR_CHUNK]
+        prod = torch.zeros((r.numel(), width), dtype=torch.float64, device=queries.device)
+        prod[:, :d] = queries[r]
+        prod[:, :d] *= items[c]  # float64 products
+        w = width
+        while w > 1:  # the fixed order: element j plus element j + w/2, halving
+            w //= 2
+            prod = prod[:, :w] + prod[:, w : 2 * w]
+        out[p0 : p0 + r.numel()] = prod[:, 0]
+    return out
+
+
+def _exact_scores_np(
+    q: np.ndarray, x: np.ndarray, rows: np.ndarray, cols: np.ndarray, width: int
+) -> np.ndarray:
+    """:func:`exact_scores` in numpy: the same products and the same order of additions."""
+    d = q.shape[1]
+    out = np.empty(rows.shape, dtype=np.float64)
+    for p0 in range(0, rows.size, _PAIR_CHUNK):
+        r, c = rows[p0 : p0 + _PAIR_CHUNK], cols[p0 : p0 + _PAIR_CHUNK]
+        prod = np.zeros((r.size, width), dtype=np.float64)
+        prod[:, :d] = q[r]
+        prod[:, :d] *= x[c]
+        w = width
+        while w > 1:
+            w //= 2
+            prod = prod[:, :w] + prod[:, w : 2 * w]
+        out[p0 : p0 + r.size] = prod[:, 0]
+    return out
+
+
+def _gamma(n: int, u: float) -> float:
+    return n * u / (1 - n * u)
+
+
+class _Kernel(NamedTuple):
+    """The candidate GEMM of a pass and the bound ``err`` (Q,) float64 on ``|its score - exact_scores|``."""
+
+    dtype: torch.dtype  # bfloat16, float32 or float64 blocks
+    err: torch.Tensor
+
+
+def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool) -> _Kernel:
+    """The fastest block GEMM with a proven error bound for these inputs.
+
+    For any summation order ``|fl(q.x) - q.x| <= gamma_D sum|q_i x_i| <= gamma_D |q| |x|`` (Higham, Accuracy
+    and Stability, Thm 3.1; fused multiply-adds only tighten it; Cauchy-Schwarz for the last step); the bf16
+    GEMM adds the rounding of q, x and the result (:func:`_bf16_error_factor`); flushed subnormals add at most
+    ``4 D tiny``; :func:`exact_scores` adds ``gamma_L`` in float64. fp32 blocks need a float32 matmul at full
+    precision (no TF32 / reduced-precision "fast math") and scores far from overflow; else float64 blocks.
+    """
+    d = queries.shape[1]
+    q_norm, x_norm = _norm(queries).double(), float(_norm(items).max())  # (Q,), max |x|
+    if not (math.isfinite(x_norm) and bool(torch.isfinite(q_norm).all())):
+        raise ValueError("ranking: queries or items hold NaN or inf (or overflow float64): they have no rank")
+    # (Q,) >= |q| |x| for every item: a float norm is within gamma_(D+1) of exact (sum of squares, sqrt)
+    scale = q_norm * x_norm * (1 + 2 * _gamma(d + 2, 2.0**-24) + 1e-6)
+    full_fp32 = torch.get_float32_matmul_precision() == "highest" and queries.device.type in ("cpu", "cuda")
+    if queries.device.type == "cuda":
+        full_fp32 = full_fp32 and not torch.backends.cuda.matmul.allow_tf32
+    scale_max = float(scale.max()) if scale.numel() else 0.0
+    # no block score near float32's overflow (|score| <= |q| |x| up to rounding)
+    fp32_ok = queries.dtype == torch.float32 and full_fp32 and d * 2.0**-24 < 0.01 and scale_max < 1e36
+    levels = max(1, (d - 1).bit_length())
+    f64_err = _gamma(levels, 2.0**-53)
+    if bf16 and fp32_ok and queries.device.type == "cpu":
+        return _Kernel(torch.bfloat16, (_bf16_error_factor(d) + f64_err) * scale + 4 * d * 2.0**-126)
+    if fp32_ok:
+        return _Kernel(torch.float32, (_gamma(d, 2.0**-24) + f64_err) * scale + 4 * d * 2.0**-126)
+    return _Kernel(torch.float64, (_gamma(d, 2.0**-53) + f64_err) * scale + 4 * d * 2.0**-1022)
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """Row norms (N,), in the input dtype, float64 where that overflows; by item blocks, no float64 copy."""
+    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for n0 in range(0, x.shape[0], _ITEM_CHUNK):
+        part = x[n0 : n0 + _ITEM_CHUNK]
+        nrm = torch.linalg.vector_norm(part, dim=1)
+        if not bool(torch.isfinite(nrm).all()):
+            nrm = torch.linalg.vector_norm(part, dim=1, dtype=torch.float64)
+        out[n0 : n0 + part.shape[0]] = nrm
+    return out
+
+
+def _keys(block: torch.Tensor) -> torch.Tensor:
+    """Values to compare thresholds with: bf16 blocks as int16 keys (numpy compares those ~5x faster)."""
+    if block.dtype == torch.bfloat16 and block.device.type == "cpu":
+        return torch.from_numpy(_bf16_keys(block))
+    return block
+
+
+def _key_bounds(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 bounds as keys of the block dtype, rounded outwards: ``[lo, hi]`` only widens."""
+    if dtype == torch.bfloat16 and lo.device.type == "cpu":
+        k_lo, k_hi = _bf16_key_bounds(lo, hi)
+        return torch.from_numpy(k_lo), torch.from_numpy(k_hi)
+    return _round_out(lo, dtype, down=True), _round_out(hi, dtype, down=False)
+
+
+def _between(sub: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of the entries of a (t, n) block within ``[lo, hi]`` (t, 1); numpy on CPU (~5x torch)."""
+    if sub.device.type == "cpu":
+        s = sub.numpy()
+        rr, cc = np.nonzero((s >= lo.numpy()) & (s <= hi.numpy()))
+        return torch.from_numpy(rr), torch.from_numpy(cc)
+    return ((sub >= lo) & (sub <= hi)).nonzero(as_tuple=True)  # type: ignore[return-value]  # a 2-tuple for 2-d
+
+
+def _tie_rule_ahead(f: torch.Tensor, cols: torch.Tensor, s: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """Item ``cols`` with exact score f ranks ahead of item i with exact score s; an item is never ahead of itself."""
+    return (cols != i) & ((f > s) | ((f == s) & (cols < i)))
+
+
+class _Scan(NamedTuple):
+    vals: torch.Tensor  # (Q, K) float64 the K best approximate scores (a superset of the top-k)
+    idx: torch.Tensor  # (Q, K) their items
+    ahead: torch.Tensor  # (Q, R) items ranked ahead of each relevant item
+    overflow: torch.Tensor  # (Q,) bool: more near items than the cap; ranks not counted
+
+
+def _scan(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    kern: _Kernel,
+    width: int,
+    ids: torch.Tensor | None,
+    s_rel: torch.Tensor | None,
+    cap: int | None,
+    chunk_size: int,
+    query_chunk_size: int,
+    bar: Progress | None,
+) -> _Scan:
+    """One pass of candidate GEMMs: the ``width`` best approximate scores per query and the exact counts.
+
+    An item whose approximate score is above ``s + err`` (s the relevant item's exact score) is surely ahead
+    of it, below ``s - err`` surely not; the few in between are re-scored exactly (:func:`exact_scores`) in
+    the same block and compared with s by the tie rule. So the counts are exact whatever the kernel.
+    """
+    n_q, n_items = queries.shape[0], items.shape[0]
+    dev = queries.device
+    vals = torch.full((n_q, width), -float("inf"), dtype=torch.float64, device=dev)
+    idx = torch.zeros((n_q, width), dtype=torch.long, device=dev)
+    n_rel = 0 if ids is None else ids.shape[1]
+    ahead = torch.zeros((n_q, n_rel), dtype=torch.long, device=dev)
+    near_n = torch.zeros((n_q, n_rel), dtype=torch.long, device=dev)
+    if ids is not None and s_rel is not None:
+        pad = ids < 0
+        err = kern.err[:, None]
+        lo, hi = (s_rel - err).masked_fill(pad, float("inf")), (s_rel + err).masked_fill(pad, float("inf"))
+        k_lo, k_hi = _key_bounds(lo, hi, kern.dtype)  # (Q, R) each
+    qk = queries.to(kern.dtype)  # (Q, D)
+    for n0 in range(0, n_items, chunk_size):  # items outside: each block is converted once
+        xk = items[n0 : n0 + chunk_size].to(kern.dtype)  # (n, D)
+        for q0 in range(0, n_q, query_chunk_size):
+            sl = slice(q0, q0 + query_chunk_size)
+            block = qk[sl] @ xk.T  # (q, n)
+            if width > 0:
+                vals[sl], idx[sl] = _keep_best(block, n0, vals[sl], idx[sl])
+            if ids is not None and s_rel is not None:
+                _count_block(queries, items, _keys(block), n0, q0, ids, s_rel, k_lo, k_hi, ahead, near_n, cap)
+            if bar is not None:
+                bar.advance(bar.task_ids[0])
+    overflow = (near_n > cap).any(1) if cap is not None else torch.zeros(n_q, dtype=torch.bool, device=dev)
+    return _Scan(vals, idx, ahead, overflow)
+
+
+def _count_block(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    keys: torch.Tensor,
+    n0: int,
+    q0: int,
+    ids: torch.Tensor,
+    s_rel: torch.Tensor,
+    k_lo: torch.Tensor,
+    k_hi: torch.Tensor,
+    ahead: torch.Tensor,
+    near_n: torch.Tensor,
+    cap: int | None,
+) -> None:
+    """Add the block's items ahead of each relevant item of queries ``q0...`` to ``ahead`` (in place)."""
+    q = keys.shape[0]
+    found_r, found_c, found_j = [], [], []
+    for r in range(ids.shape[1]):  # R is small (a few relevant items per query)
+        lo_r, hi_r = k_lo[q0 : q0 + q, r, None], k_hi[q0 : q0 + q, r, None]  # (q, 1)
+        above = _row_count(_compare(keys, hi_r, strict=True))  # (q,)
+        near = _row_count(_compare(keys, lo_r, strict=False)) - above  # (q,)
+        ahead[q0 : q0 + q, r] += above
+        near_n[q0 : q0 + q, r] += near
+        ok = near > 0
+        if cap is not None:
+            ok &= near_n[q0 : q0 + q, r] <= cap  # past the cap the query is redone with another kernel
+        hit = ok.nonzero().squeeze(1)  # (t,)
+        if hit.numel():
+            rr, cc = _between(keys[hit], lo_r[hit], hi_r[hit])
+            found_r.append(hit[rr] + q0)
+            found_c.append(cc + n0)
+            found_j.append(torch.full_like(rr, r))
+    if found_r:
+        rows, cols, rel = torch.cat(found_r), torch.cat(found_c), torch.cat(found_j)
+        f = exact_scores(queries, items, rows, cols)  # (m,)
+        first = _tie_rule_ahead(f, cols, s_rel[rows, rel], ids[rows, rel])
+        ahead.view(-1).index_add_(0, rows * ids.shape[1] + rel, first.long())
+
+
+def _collect_topk(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    kern: _Kernel,
+    floor: torch.Tensor,
+    k: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of these queries from every item whose approximate score reaches ``floor - err``.
+
+    ``floor`` (Q,) float64 must be at most each query's true k-th exact score; an item of the true top-k
+    has exact score >= floor, so approximate score >= floor - err: none is missed. Used for the rare
+    queries whose candidates could not prove their lists (near-ties across the margin, mass duplicates).
+    """
+    thr = _key_bounds(floor - kern.err, floor - kern.err, kern.dtype)[0][:, None]  # (q, 1)
+    qk = queries.to(kern.dtype)
+    run: tuple[torch.Tensor, torch.Tensor] | None = None
+    for n0 in range(0, items.shape[0], chunk_size):
+        keys = _keys(qk @ items[n0 : n0 + chunk_size].to(kern.dtype).T)  # (q, n)
+        rows, cols = _compare(keys, thr, strict=False).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            continue
+        f = exact_scores(queries, items, rows, cols + n0)
+        new = _padded(rows, cols + n0, f, queries.shape[0])
+        run = _merge(run, new, k)
+    assert run is not None  # every query's own k-th item passes its floor
+    return run
+
+
+def _run(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    k: int,
+    ids: torch.Tensor | None,
+    bf16: bool,
+    chunk_size: int,
+    query_chunk_size: int,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lists (exact scores float64, items) and ranks by :func:`exact_scores`; any kernel, one answer."""
+    n_q, n_items = queries.shape[0], items.shape[0]
+    kern = _kernel(queries, items, bf16)
+    extra = _BF16_EXTRA if kern.dtype == torch.bfloat16 else _FP_EXTRA
+    width = 0 if k == 0 else min(n_items, k + extra)
+    s_rel = None
+    if ids is not None:
+        s_rel = exact_scores(queries, items, _row_ids(ids), ids.clamp(min=0).reshape(-1)).view(ids.shape)
+    cap = _BF16_NEAR_CAP if kern.dtype == torch.bfloat16 else None
+    n_blocks = -(-n_q // query_chunk_size) * -(-n_items // chunk_size)
+    with _progress(progress, n_blocks, "ranking") as bar:
+        scan = _scan(queries, items, kern, width, ids, s_rel, cap, chunk_size, query_chunk_size, bar)
+    out_v = torch.zeros((n_q, k), dtype=torch.float64, device=queries.device)
+    out_i = torch.zeros((n_q, k), dtype=torch.long, device=queries.device)
+    if k > 0:
+        # only candidates within 2 err of the k-th approximate score can be in the top k: the k best
+        # approximate ones all score >= that - err exactly, anything below it - 2 err scores less
+        need = scan.vals >= scan.vals[:, k - 1 : k] - 2 * kern.err[:, None]  # (Q, K)
+        rows, cols = need.nonzero(as_tuple=True)
+        f = torch.full(scan.idx.shape, -float("inf"), dtype=torch.float64, device=queries.device)
+        f[rows, cols] = exact_scores(queries, items, rows, scan.idx[rows, cols])
+        ev, ei = _sort_pairs(f, scan.idx)
+        out_v, out_i = ev[:, :k].contiguous(), ei[:, :k].contiguous()
+        if width < n_items:  # an item left out has approximate score <= the width-th kept one
+            unproven = ~(scan.vals[:, -1] + kern.err < out_v[:, k - 1])
+            rows = unproven.nonzero().squeeze(1)
+            for r0 in range(0, rows.numel(), query_chunk_size):
+                rr = rows[r0 : r0 + query_chunk_size]
+                sub = _Kernel(kern.dtype, kern.err[rr])
+                out_v[rr], out_i[rr] = _collect_topk(queries[rr], items, sub, out_v[rr, k - 1], k, chunk_size)
+    ranks = torch.zeros((n_q, 0), dtype=torch.long, device=queries.device)
+    if ids is not None:
+        ranks = torch.where(ids >= 0, scan.ahead + 1, torch.zeros_like(scan.ahead))
+        redo = scan.overflow.nonzero().squeeze(1)
+        if redo.numel():  # too many items near a relevant one for bf16's bound: the tighter fp32 bound
+            ranks[redo] = _run(
+                queries[redo], items, 0, ids[redo], False, chunk_size, query_chunk_size, False
+            )[2]
+    return out_v, out_i, ranks
+
+
+def _row_ids(cols: torch.Tensor) -> torch.Tensor:
+    """The row of each entry of a (Q, m) matrix, flattened row-major."""
+    return torch.arange(cols.shape[0], device=cols.device).repeat_interleave(cols.shape[1])
+
+
 @torch.no_grad()
 def rank_chunked(
     queries: torch.Tensor,
@@ -318,36 +523,32 @@ def rank_chunked(
     chunk_size: int = _ITEM_CHUNK,
     query_chunk_size: int = _QUERY_CHUNK,
     progress: bool = False,
-    bf16_pass: bool = False,
+    bf16_pass: bool | Literal["auto"] = "auto",
 ) -> Ranked:
     """One pass over the items giving both the top-k lists and the exact ranks of relevant items.
 
-    Each (query chunk x item chunk) block of scores is computed, its exact top-k merged into a running
-    top-k, and, for every relevant item, the block items ranked ahead of it counted: the rank is
-    ``1 + count``, exact over the FULL ranking (what MRR and MAP need), in O(block) memory. Every block
-    is computed once: a relevant item's score from its own block is not known before that block, so the
-    items ahead are counted against a float64 estimate of it with a proven error bound
-    (:class:`_NearTies`), and the few items within the bound are compared with the block score at the
-    end. The ranks are bit-identical to comparing every block score with the block score of the relevant
-    item (no bound for the dtype or device, or too many near-ties: the blocks are computed twice).
+    The ranking follows :func:`exact_scores` (float64 products summed in a fixed order), ties by lower
+    item index. Block GEMMs (bf16 where the CPU has native bf16, else fp32, else float64) only find
+    candidates: each has a proven error bound, and every item whose place the bound leaves undecided is
+    re-scored exactly. So the lists and ranks are the same on every machine, whichever kernel ran, in
+    O(block) memory and one pass over the items (the rare queries the candidates cannot prove get a
+    second, targeted pass). The rank is ``1 + the items ahead``, exact over the FULL ranking (MRR, MAP).
 
     Args:
         queries: query embeddings; score = inner product.
-        items: item embeddings, same dtype and D.
+        items: item embeddings, same dtype and D. NaN / inf anywhere is refused (no rank).
         k: list length (clamped to N); 0 skips the lists.
         relevant_ids: per query, the indices of its relevant items, -1 for padding; None skips ranks.
         chunk_size: items per block.
         query_chunk_size: queries per block.
-        progress: show a rich progress bar over blocks (not shown by the bf16 pass).
-        bf16_pass: with ``relevant_ids``, score in bf16 and re-score the items near each relevant item
-            (:func:`_rank_bf16`; float32 on CPU only). Opt-in, as in :func:`topk_chunked`: ranks of items
-            whose scores differ only in the last bit can swap against the fp32 pass, so by default every
-            machine gives the same ranks, with or without native bf16; :func:`bf16_pays` says where it is
-            faster.
+        progress: show a rich progress bar over blocks.
+        bf16_pass: find candidates with bf16 GEMMs (float32 on CPU only); ``"auto"``: for the lists alone
+            (no ``relevant_ids``) where :func:`bf16_pays`. It changes the speed, never the answer.
 
     Returns:
-        :class:`Ranked` ``(scores, indices, ranks)``; lists sorted by (score desc, index asc); ranks 1-based,
-        0 where ``relevant_ids`` is -1. Skipped parts are empty tensors.
+        :class:`Ranked` ``(scores, indices, ranks)``; lists sorted by (score desc, index asc), scores the exact
+        scores rounded to the input dtype; ranks 1-based, 0 where ``relevant_ids`` is -1. Skipped parts are
+        empty tensors.
 
     Shapes:
         queries (Q, D), items (N, D), relevant_ids (Q, R) -> scores, indices (Q, min(k, N)), ranks (Q, R)
@@ -366,61 +567,26 @@ def rank_chunked(
     if relevant_ids is not None:
         _check_ids("rank_chunked", relevant_ids, n_q, n_items)
     k = min(k, n_items)
-    usable = queries.device.type == "cpu" and queries.dtype == torch.float32 and n_items > k + _BF16_EXTRA
-    if relevant_ids is not None and bf16_pass and usable and n_q > 0:
-        ranked = _rank_bf16(queries, items, k, relevant_ids, chunk_size, query_chunk_size)
-        if ranked is not None:
-            return ranked
-    all_vals, all_idx, all_ranks = [], [], []
-    n_blocks = -(-n_q // query_chunk_size) * -(-n_items // chunk_size)
-    with _progress(progress, n_blocks, "ranking") as bar:
-        for q0 in range(0, n_q, query_chunk_size):
-            qv = queries[q0 : q0 + query_chunk_size]  # (q, D)
-            run: tuple[torch.Tensor, torch.Tensor] | None = None
-            if relevant_ids is not None:
-                ids = relevant_ids[q0 : q0 + query_chunk_size].long()  # (q, R)
-                s_rel = torch.zeros(ids.shape, dtype=queries.dtype, device=queries.device)  # (q, R)
-                near = _NearTies.start(qv, items, ids)  # None: no error bound, so two passes
-                ahead = torch.zeros(ids.shape, dtype=torch.long, device=queries.device)  # (q, R)
-            # One pass: top-k, each relevant item's score taken from the very block that ranks it (an
-            # elementwise q.x can differ from the matmul's value in the last bit, which would let two
-            # identical relevant items, duplicate captions, both count the other as ahead), and the items
-            # surely ahead of it (above an error bound of its score) counted; the few items within the
-            # bound are kept and compared with the block score once it is known.
-            for n0 in range(0, n_items, chunk_size):
-                block = qv @ items[n0 : n0 + chunk_size].T  # (q, n)
-                if k > 0:
-                    run = _merge_block(run, block, n0, k)
-                if relevant_ids is not None:
-                    inside = (ids >= n0) & (ids < n0 + block.shape[1])  # (q, R)
-                    local = (ids - n0).clamp(0, block.shape[1] - 1)
-                    s_rel = torch.where(inside, block.gather(1, local), s_rel)
-                    if near is not None:
-                        near = near.scan(block, n0)
-                if bar is not None:
-                    bar.advance(bar.task_ids[0])
-            if relevant_ids is not None and near is not None:
-                ahead = near.resolve(s_rel, ids)
-            elif relevant_ids is not None:  # no usable bound (or too many near-ties): count in a 2nd pass
-                for n0 in range(0, n_items, chunk_size):
-                    ahead += _count_ahead(qv @ items[n0 : n0 + chunk_size].T, n0, s_rel, ids)
-            if run is not None:
-                all_vals.append(run[0])
-                all_idx.append(run[1])
-            if relevant_ids is not None:
-                all_ranks.append(torch.where(ids >= 0, ahead + 1, torch.zeros_like(ahead)))
     n_rel = 0 if relevant_ids is None else relevant_ids.shape[1]
     dev = queries.device
-    return Ranked(  # empty parts (k = 0, no relevant_ids, or Q = 0) keep their documented shapes
-        torch.cat(all_vals) if all_vals else torch.zeros(n_q, k, dtype=queries.dtype, device=dev),
-        torch.cat(all_idx) if all_idx else torch.zeros(n_q, k, dtype=torch.long, device=dev),
-        torch.cat(all_ranks) if all_ranks else torch.zeros(n_q, n_rel, dtype=torch.long, device=dev),
-    )
+    if n_q == 0 or (k == 0 and relevant_ids is None):
+        return Ranked(
+            torch.zeros(n_q, k, dtype=queries.dtype, device=dev),
+            torch.zeros(n_q, k, dtype=torch.long, device=dev),
+            torch.zeros(n_q, n_rel, dtype=torch.long, device=dev),
+        )
+    # "auto": bf16 for the lists alone. For ranks its bound (about 1.2e-2 for unit vectors, 400x fp32's)
+    # leaves a band of near items to re-score that grows with N (past the cap at 1M: a second, fp32 pass)
+    auto = bf16_pays(items, n_items, k) and relevant_ids is None
+    bf16 = auto if bf16_pass == "auto" else bool(bf16_pass)
+    ids = None if relevant_ids is None else relevant_ids.long()
+    vals, idx, ranks = _run(queries, items, k, ids, bf16, chunk_size, query_chunk_size, progress)
+    return Ranked(vals.to(queries.dtype), idx, ranks)
 
 
 def bf16_pays(items: torch.Tensor, n_items: int, k: int) -> bool:
-    """Where the opt-in bf16 candidate pass is faster: a CPU with native bf16 (AVX-512 bf16, AMX), fp32 items,
-    at least ``_BF16_MIN_ITEMS`` of them."""
+    """Where the bf16 candidate pass is faster: a CPU with native bf16 (AVX-512 bf16, AMX), fp32 items,
+    at least ``_BF16_MIN_ITEMS`` of them. What ``bf16_pass="auto"`` uses."""
     return (
         items.device.type == "cpu"
         and items.dtype == torch.float32
@@ -456,39 +622,15 @@ def _keep_best(
     width = vals.shape[1]
     if bool(torch.isinf(vals[:, -1]).all()):  # the first block: its own top-K
         bv, bi = torch.topk(block, min(width, block.shape[1]), dim=1)
-        new_v, new_i = bv.float(), bi + n0
+        new_v, new_i = bv.double(), bi + n0
     else:  # later blocks: few entries beat the K-th so far; gather them into a (q, m) padded matrix
         rows, cols = _above(block, vals[:, -1:].to(block.dtype))  # the K-th values are bf16 values: exact
         if rows.numel() == 0:
             return vals, idx
-        new_v, new_i = _padded(rows, cols + n0, block[rows, cols].float(), block.shape[0])
+        new_v, new_i = _padded(rows, cols + n0, block[rows, cols].double(), block.shape[0])
     all_v, all_i = torch.cat([vals, new_v], 1), torch.cat([idx, new_i], 1)
     top_v, top = torch.topk(all_v, width, dim=1)
     return top_v, all_i.gather(1, top)
-
-
-def _pair_scores(queries: torch.Tensor, items: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Score of each query with the items ``cols[row]``, fp32, one computation for every pair.
-
-    The scores of the bf16 paths (:func:`_dot32`): the same product-and-sum code for every pair, so
-    identical items score identically (what the tie rule needs), within ``gamma_D sum|q_i x_i|`` of exact.
-
-    Shapes:
-        queries (q, D), items (N, D), cols (q, m) -> (q, m) float32
-    """
-    rows = torch.arange(cols.shape[0])[:, None].expand(cols.shape).reshape(-1)  # (q m,)
-    return _dot32(queries, items, rows, cols.reshape(-1)).reshape(cols.shape)
-
-
-def _dot32(
-    queries: torch.Tensor, items: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
-) -> torch.Tensor:
-    """``queries[rows[p]] . items[cols[p]]`` for every pair p: a row-wise product and sum; 16k pairs at a time."""
-    out = torch.empty(rows.shape, dtype=queries.dtype)
-    for p0 in range(0, rows.numel(), 16384):
-        q = queries[rows[p0 : p0 + 16384]]  # (p, D)
-        out[p0 : p0 + 16384] = (q * items[cols[p0 : p0 + 16384]]).sum(1)
-    return out
 
 
 def _bf16_keys(block: torch.Tensor) -> np.ndarray:
@@ -516,136 +658,6 @@ def _bf16_key_bounds(lo: torch.Tensor, hi: torch.Tensor) -> tuple[np.ndarray, np
     return out[0], out[1]
 
 
-def _rank_bf16(
-    queries: torch.Tensor,
-    items: torch.Tensor,
-    k: int,
-    relevant_ids: torch.Tensor,
-    chunk_size: int,
-    query_chunk_size: int,
-) -> Ranked | None:
-    """:func:`rank_chunked` through bf16 GEMMs; the lists as in :func:`_topk_bf16`, the ranks exact.
-
-    The score of a relevant item is :func:`_pair_scores`' (s); a block item whose bf16 score ``a`` is
-    above ``s + bound`` is surely ahead, below ``s - bound`` surely not (the bound of
-    :func:`_topk_bf16`: ``|a - f| <= c |q| |x|`` for the re-scored f). The items in between are re-scored
-    and compared with s by the tie rule, so the ranks are those of the re-scored fp32 scores exactly.
-    A query with more than ``_BF16_NEAR_CAP`` items in between for one relevant item (a relevant item
-    deep in the ranking, or mass ties) is recomputed in fp32.
-    """
-    n_q, n_items, d = queries.shape[0], items.shape[0], queries.shape[1]
-    ids = relevant_ids.long()
-    n_rel = ids.shape[1]
-    x_norm = float(items.norm(dim=1).max()) * (1 + 1e-5)
-    if not (math.isfinite(x_norm) and bool(torch.isfinite(queries.norm(dim=1)).all())):
-        return None  # a NaN or inf anywhere: no bound; the fp32 path ranks it as it always did
-    bound = _bf16_error_factor(d) * queries.norm(dim=1).double() * x_norm * (1 + 1e-5) + 4 * d * 2.0**-126
-    s_rel = _pair_scores(queries, items, ids.clamp(min=0))  # (Q, R)
-    pad = ids < 0
-    lo = torch.where(pad, float("inf"), s_rel.double() - bound[:, None])
-    hi = torch.where(pad, float("inf"), s_rel.double() + bound[:, None])
-    key_lo, key_hi = _bf16_key_bounds(lo, hi)  # (Q, R) each
-    sure = np.zeros((n_q, n_rel), dtype=np.int64)
-    near_n = np.zeros((n_q, n_rel), dtype=np.int64)
-    kept: list[tuple[torch.Tensor, int, torch.Tensor]] = []  # rows, r, cols
-    width = k + _BF16_EXTRA
-    vals = torch.full((n_q, width), -float("inf"))
-    idx = torch.zeros((n_q, width), dtype=torch.long)
-    qb = queries.bfloat16()
-    for n0 in range(0, n_items, chunk_size):
-        xb = items[n0 : n0 + chunk_size].bfloat16()  # (n, D)
-        for q0 in range(0, n_q, query_chunk_size):
-            sl = slice(q0, q0 + query_chunk_size)
-            block = qb[sl] @ xb.T  # (q, n) bf16
-            if k > 0:
-                vals[sl], idx[sl] = _keep_best(block, n0, vals[sl], idx[sl])
-            keys = _bf16_keys(block)  # (q, n)
-            for r in range(n_rel):
-                lo_r, hi_r = key_lo[sl, r, None], key_hi[sl, r, None]  # (q, 1)
-                above = np.count_nonzero(keys > hi_r, axis=1)
-                near = np.count_nonzero(keys >= lo_r, axis=1) - above
-                sure[sl, r] += above
-                near_n[sl, r] += near
-                hit = np.flatnonzero((near > 0) & (near_n[sl, r] <= _BF16_NEAR_CAP))
-                if hit.size:
-                    sub = keys[hit]
-                    rr, cc = np.nonzero((sub >= lo_r[hit]) & (sub <= hi_r[hit]))
-                    kept.append((torch.from_numpy(hit[rr] + q0), r, torch.from_numpy(cc + n0)))
-    ahead = torch.from_numpy(sure)
-    for rows, r, cols in kept:
-        f = _dot32(queries, items, rows, cols)  # (m,)
-        s, i = s_rel[rows, r], ids[rows, r]
-        first = (cols != i) & ((f > s) | ((f == s) & (cols < i)))  # the item itself never counts
-        ahead[:, r].index_add_(0, rows, first.long())
-    ranks = torch.where(pad, 0, ahead + 1)
-    out_v, out_i = torch.zeros(n_q, k), torch.zeros(n_q, k, dtype=torch.long)
-    redo = torch.from_numpy((near_n > _BF16_NEAR_CAP).any(1))  # (Q,)
-    if k > 0:
-        cand = idx
-        exact = _pair_scores(queries, items, cand)
-        ev, ei = _sort_pairs(exact, cand)
-        out_v, out_i = ev[:, :k].contiguous(), ei[:, :k].contiguous()
-        b32 = bound.float()
-        redo |= ~(vals[:, -1] + b32 < out_v[:, k - 1])  # lists not proven exact (also NaN / inf)
-    rows = redo.nonzero().squeeze(1)
-    if rows.numel():
-        r32 = rank_chunked(
-            queries[rows],
-            items,
-            k,
-            relevant_ids[rows],
-            chunk_size=chunk_size,
-            query_chunk_size=query_chunk_size,
-            bf16_pass=False,
-        )
-        out_v[rows], out_i[rows], ranks[rows] = r32.scores, r32.indices, r32.ranks
-    return Ranked(out_v, out_i, ranks)
-
-
-def _topk_bf16(
-    queries: torch.Tensor, items: torch.Tensor, k: int, chunk_size: int, query_chunk_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k (fp32, tie rule) through a bf16 candidate pass, about 2.4x faster GEMMs on a bf16 CPU.
-
-    Pass 1 scores every item in bf16 (inputs rounded to bf16, products summed in fp32, the result
-    rounded to bf16) and keeps the K = k + ``_BF16_EXTRA`` best approximate scores ``a`` per query.
-    Pass 2 re-scores those K (:func:`_pair_scores`) and orders them by the tie rule. The bound: for any item,
-    ``|a - f| <= c * |q| * |x|`` with f its re-scored fp32 score, ``c = 3 u + 4 u^2 + 3 gamma_D`` (u = 2^-8 the bf16
-    unit roundoff: 2u for rounding q and x, u for rounding the result; gamma_D = D 2^-24 / (1 - D 2^-24)
-    for the fp32 sums of both passes; Cauchy-Schwarz gives sum |q_i x_i| <= |q| |x|) plus an absolute
-    ``4 D * 2^-126`` for flushed subnormals. Every item left out has ``a <= a_K`` (the K-th kept), so
-    its fp32 score is below ``a_K + bound``; where that is below the k-th re-scored score, no item left
-    out can enter or tie the top k, and the lists are exact. Other rows are recomputed in fp32.
-    """
-    n_q, n_items = queries.shape[0], items.shape[0]
-    width = k + _BF16_EXTRA
-    vals = torch.full((n_q, width), -float("inf"))
-    idx = torch.zeros((n_q, width), dtype=torch.long)
-    qb = queries.bfloat16()  # (Q, D)
-    for n0 in range(0, n_items, chunk_size):  # items outside: each block is converted to bf16 once
-        xb = items[n0 : n0 + chunk_size].bfloat16()  # (n, D)
-        for q0 in range(0, n_q, query_chunk_size):
-            sl = slice(q0, q0 + query_chunk_size)
-            vals[sl], idx[sl] = _keep_best(qb[sl] @ xb.T, n0, vals[sl], idx[sl])
-    d = queries.shape[1]
-    c = _bf16_error_factor(d)
-    x_norm = float(items.norm(dim=1).max()) * (1 + 1e-5)
-    out_v = torch.empty((n_q, k), dtype=queries.dtype)
-    out_i = torch.empty((n_q, k), dtype=torch.long)
-    for q0 in range(0, n_q, query_chunk_size):
-        qv, cand = queries[q0 : q0 + query_chunk_size], idx[q0 : q0 + query_chunk_size]  # (q, D), (q, K)
-        exact = _pair_scores(qv, items, cand)  # (q, K) fp32 re-scores
-        ev, ei = _sort_pairs(exact, cand)
-        out_v[q0 : q0 + qv.shape[0]], out_i[q0 : q0 + qv.shape[0]] = ev[:, :k], ei[:, :k]
-    bound = c * queries.norm(dim=1) * x_norm * (1 + 1e-5) + 4 * d * 2.0**-126  # (Q,)
-    safe = vals[:, -1] + bound < out_v[:, k - 1]  # False for NaN / inf too
-    redo = (~safe).nonzero().squeeze(1)
-    if redo.numel():  # near-ties across the margin (or non-finite scores): the fp32 pass for those rows
-        r = rank_chunked(queries[redo], items, k, chunk_size=chunk_size, query_chunk_size=query_chunk_size)
-        out_v[redo], out_i[redo] = r.scores, r.indices
-    return out_v, out_i
-
-
 def topk_chunked(
     queries: torch.Tensor,
     items: torch.Tensor,
@@ -654,14 +666,12 @@ def topk_chunked(
     chunk_size: int = _ITEM_CHUNK,
     query_chunk_size: int = _QUERY_CHUNK,
     progress: bool = False,
-    bf16_pass: bool = False,
+    bf16_pass: bool | Literal["auto"] = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k by inner product in bounded memory, ties broken by lower item index.
 
-    On a CPU with native bf16 GEMMs an opt-in bf16 candidate pass (``bf16_pass=True``) with exact fp32
-    re-scoring of every item within a proven error bound of the k-th score gives the lists faster
-    (``_topk_bf16``); its re-scored scores may differ from a block matmul's in the last bit, so it is off by
-    default: one answer on every machine.
+    :func:`rank_chunked` without ranks: candidates from block GEMMs (bf16 on a CPU with native bf16),
+    ordered by :func:`exact_scores`; one answer on every machine.
 
     Args:
         queries: query embeddings.
@@ -669,13 +679,12 @@ def topk_chunked(
         k: list length, >= 1 (clamped to N).
         chunk_size: items per block; memory is about ``query_chunk_size * chunk_size`` scores.
         query_chunk_size: queries per block.
-        progress: show a rich progress bar (not shown by the bf16 pass).
-        bf16_pass: use the bf16 candidate pass (float32 on CPU only); :func:`bf16_pays` says where it is
-            faster (a CPU with native bf16, at least ``_BF16_MIN_ITEMS`` items).
+        progress: show a rich progress bar.
+        bf16_pass: bf16 candidate GEMMs: True, False or ``"auto"`` (:func:`bf16_pays`); same answer.
 
     Returns:
-        ``(scores, indices)``, each row sorted by (score desc, index asc); scores are fp32 inner products
-        (the re-scored ones may differ from a full matmul's in the last bit).
+        ``(scores, indices)``, each row sorted by (score desc, index asc); scores are the exact scores
+        (:func:`exact_scores`) rounded to the input dtype.
 
     Shapes:
         queries (Q, D), items (N, D) -> scores (Q, K) float, indices (Q, K) int64, K = min(k, N)
@@ -686,14 +695,15 @@ def topk_chunked(
     """
     if k < 1:
         raise ValueError(f"topk_chunked: k must be >= 1, got {k}")
-    _check_inputs("topk_chunked", queries, items)
-    usable = (
-        queries.device.type == "cpu" and queries.dtype == torch.float32 and items.shape[0] > k + _BF16_EXTRA
-    )
-    if bf16_pass and usable and chunk_size >= 1 and query_chunk_size >= 1:
-        return _topk_bf16(queries, items, k, chunk_size, query_chunk_size)
     r = rank_chunked(
-        queries, items, k, None, chunk_size=chunk_size, query_chunk_size=query_chunk_size, progress=progress
+        queries,
+        items,
+        k,
+        None,
+        chunk_size=chunk_size,
+        query_chunk_size=query_chunk_size,
+        progress=progress,
+        bf16_pass=bf16_pass,
     )
     return r.scores, r.indices
 

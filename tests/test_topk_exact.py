@@ -1,0 +1,155 @@
+"""The exact score (float64 products, fixed summation order) decides every list and rank, whatever kernel.
+
+The reference here is independent of the library: numpy float64 products summed by the same documented
+pairwise order (checked against ``math.fsum`` of the exact products), ranked by a Python sort.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import cliptune.ranking.topk as topk_module
+from cliptune.ranking.topk import exact_scores, rank_chunked, topk_chunked
+
+
+def _ref_scores(queries: torch.Tensor, items: torch.Tensor) -> np.ndarray:
+    """(Q, N) float64: products exact in float64, summed pairwise (j + j + w/2, halving) over D padded to 2^L."""
+    d = queries.shape[1]
+    width = 1 << max(0, (d - 1).bit_length())
+    p = np.zeros((queries.shape[0], items.shape[0], width))
+    p[:, :, :d] = queries.double().numpy()[:, None, :] * items.double().numpy()[None, :, :]
+    while width > 1:
+        width //= 2
+        p = p[:, :, :width] + p[:, :, width : 2 * width]
+    return p[:, :, 0]
+
+
+def _ref_lists_and_ranks(
+    queries: torch.Tensor, items: torch.Tensor, k: int, ids: torch.Tensor
+) -> tuple[list[list[int]], list[list[int]]]:
+    s = _ref_scores(queries, items).tolist()
+    order = [sorted(range(len(row)), key=lambda j: (-row[j], j)) for row in s]
+    ranks = [
+        [0 if i < 0 else o.index(i) + 1 for i in rel] for o, rel in zip(order, ids.tolist(), strict=True)
+    ]
+    return [o[:k] for o in order], ranks
+
+
+def _adversarial(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Near-ties one float32 ulp apart, exact duplicates across block boundaries, a cluster below bf16's
+    resolution and a relevant item deep in the ranking."""
+    gen = torch.Generator().manual_seed(seed)
+    norm = torch.nn.functional.normalize
+    queries = norm(torch.randn(6, 32, generator=gen), dim=1)
+    items = norm(torch.randn(700, 32, generator=gen), dim=1)
+    for j, step in ((21, 1), (22, -1), (23, 2)):  # items 20..23 differ from item 20 in the last bit
+        items[j] = items[20]
+        items[j, 0] = torch.nextafter(items[20, 0], torch.tensor(step * float("inf")))
+    for dup in (3, 127, 128, 650):  # duplicates of item 7, on both sides of the 128-item block boundary
+        items[dup] = items[7]
+    close = torch.randperm(400, generator=gen)[:60] + 200  # 60 items within bf16's resolution of query 1's
+    items[close] = queries[1] + 3e-3 * torch.randn(60, 32, generator=gen) / 32**0.5
+    queries[0] = items[20]  # a self-match whose score ties the last-bit neighbours'
+    queries[2] = items[7]
+    ids = torch.tensor(
+        [
+            [20, 21, 22, 23],
+            [int(close[3]), int(close[40]), 7, -1],
+            [7, 3, 650, 128],
+            [0, 1, 699, -1],  # arbitrary depth
+            [-1, -1, -1, -1],
+            [127, 128, 5, 6],
+        ]
+    )
+    return queries, items, ids
+
+
+def test_exact_scores_are_the_documented_sum_and_within_float64_of_exact() -> None:
+    queries, items, _ = _adversarial(0)
+    rows, cols = torch.arange(6).repeat_interleave(700), torch.arange(700).repeat(6)
+    got = exact_scores(queries, items, rows, cols).view(6, 700).numpy()
+    assert np.array_equal(got, _ref_scores(queries, items))  # bit for bit
+    # the torch code (what GPUs run) gives the same bits as the numpy one CPUs run
+    torch_path = topk_module._exact_scores_torch(queries, items, rows, cols, 32).view(6, 700).numpy()
+    assert np.array_equal(torch_path, got)
+    q64, x64 = queries.double().tolist(), items.double().tolist()
+    for i, j in ((0, 20), (0, 21), (2, 650), (1, 5)):
+        fsum = math.fsum(a * b for a, b in zip(q64[i], x64[j], strict=True))  # correctly rounded
+        assert abs(got[i, j] - fsum) <= 5 * 2.0**-53 * sum(
+            abs(a * b) for a, b in zip(q64[i], x64[j], strict=True)
+        )
+    # golden: 0.1f * 3 in float64 products, then (p0 + p2) + (p1 + 0): not float32's left-to-right sum
+    q, x = torch.tensor([[0.1, 0.2, 0.3]]), torch.tensor([[3.0, 3.0, 3.0]])
+    want = (np.float64(np.float32(0.1)) * 3 + np.float64(np.float32(0.3)) * 3) + np.float64(
+        np.float32(0.2)
+    ) * 3
+    assert exact_scores(q, x, torch.tensor([0]), torch.tensor([0])).tolist() == [want]
+
+
+@pytest.mark.parametrize("kernel", ["bf16", "fp32", "fp64"])
+def test_every_kernel_gives_the_reference_lists_and_ranks(
+    kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queries, items, ids = _adversarial(1)
+    if kernel == "fp64":  # a reduced-precision float32 matmul has no fp32 bound: float64 blocks then
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    got = rank_chunked(
+        queries, items, k=12, relevant_ids=ids, chunk_size=128, query_chunk_size=4, bf16_pass=kernel == "bf16"
+    )
+    lists, ranks = _ref_lists_and_ranks(queries, items, 12, ids)
+    assert got.indices.tolist() == lists
+    assert got.ranks.tolist() == ranks
+    ref = _ref_scores(queries, items)
+    assert got.scores.tolist() == [[float(np.float32(ref[i, j])) for j in row] for i, row in enumerate(lists)]
+    # query 2 is item 7, duplicated at 3, 127, 128 and 650: the five tie at the top, in index order
+    r = dict(zip([7, 3, 650, 128], got.ranks[2].tolist(), strict=True))
+    assert [r[3], r[7], r[128], r[650]] == [1, 2, 4, 5]
+
+
+def test_bf16_and_fp32_answers_are_identical_through_every_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    queries, items, ids = _adversarial(2)
+    fp32 = rank_chunked(queries, items, k=10, relevant_ids=ids, chunk_size=100, bf16_pass=False)
+    # a cap of 3 near items sends queries 1-3 and 5 back to the fp32 kernel for their ranks; query 1's 60
+    # near-ties overflow the bf16 margin of 64 - 10 extra candidates only partly: its list takes the
+    # targeted second pass when unproven. The answers cannot change
+    monkeypatch.setattr(topk_module, "_BF16_NEAR_CAP", 3)
+    monkeypatch.setattr(topk_module, "_BF16_EXTRA", 2)
+    bf16 = rank_chunked(queries, items, k=10, relevant_ids=ids, chunk_size=100, bf16_pass=True)
+    assert torch.equal(bf16.indices, fp32.indices)
+    assert torch.equal(bf16.scores, fp32.scores)
+    assert torch.equal(bf16.ranks, fp32.ranks)
+    assert fp32.indices.tolist() == _ref_lists_and_ranks(queries, items, 10, ids)[0]
+
+
+def test_unproven_lists_take_the_second_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    second = topk_module._collect_topk
+    monkeypatch.setattr(topk_module, "_collect_topk", lambda q, *a: calls.append(q.shape[0]) or second(q, *a))
+    gen = torch.Generator().manual_seed(4)
+    queries, items = torch.randn(3, 32, generator=gen), torch.randn(900, 32, generator=gen)
+    close = torch.randperm(900, generator=gen)[:200]  # 200 near-ties of query 1: more than 10 + 64 candidates
+    items[close] = queries[1] + 3e-3 * torch.randn(200, 32, generator=gen)
+    _, idx = topk_chunked(queries, items, k=10, chunk_size=128, bf16_pass=True)
+    assert idx.tolist() == _ref_lists_and_ranks(queries, items, 10, torch.zeros(3, 0, dtype=torch.long))[0]
+    assert calls == [1]  # query 1 alone could not be proven from its bf16 candidates
+
+
+def test_bf16_and_fp16_inputs_rank_by_the_same_exact_scores() -> None:
+    queries, items, ids = _adversarial(5)
+    for dtype in (torch.bfloat16, torch.float16):  # exact in float32: the same definition, float64 blocks
+        q, x = queries.to(dtype), items.to(dtype)
+        got = rank_chunked(q, x, k=8, relevant_ids=ids, chunk_size=100)
+        lists, ranks = _ref_lists_and_ranks(q.float(), x.float(), 8, ids)
+        assert got.indices.tolist() == lists
+        assert got.ranks.tolist() == ranks
+
+
+def test_non_finite_embeddings_are_refused() -> None:
+    items = torch.ones(4, 3)
+    items[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        topk_chunked(torch.ones(1, 3), items, k=2)
