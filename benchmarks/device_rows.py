@@ -17,7 +17,7 @@ Steps (each a benchmark's own command line, with flags that exist on main):
 
 Everything lands in ``--out`` (``$OUT`` on the device machine, which brings back at most 8 files):
 ``device_rows.json`` (per step: command, exit code, wall seconds, timed out or not, its output and any
-tables parsed from it; the machine: nvidia-smi, CPU, torch) and ``device_rows.log`` (all output, in order).
+tables parsed from it; the machine: nvidia-smi, CPU, load average) and ``device_rows.log`` (all output, in order).
 
 The device machine has no network: the packages cliptune needs that its image lacks travel as wheels.
 Here (with pip and a network), once:  ``python benchmarks/device_rows.py --fetch-wheels .whl``
@@ -25,7 +25,7 @@ Here (with pip and a network), once:  ``python benchmarks/device_rows.py --fetch
 
 Usage:
     python benchmarks/device_rows.py --wheels .whl --out "$OUT"      # on the device machine
-    python benchmarks/device_rows.py --smoke --out /tmp/rows          # every step, tiny, on CPU (< 60 s)
+    python benchmarks/device_rows.py --smoke --out /tmp/rows          # every step, tiny, on CPU
 """
 
 from __future__ import annotations
@@ -87,7 +87,11 @@ def bench_flags(script: str, env: dict[str, str]) -> str:
 
 
 def tower_choices(help_text: str) -> list[str]:
-    """The ``--tower`` choices a bench_embed offers (``--tower {a,b}`` in its help), [] without the flag."""
+    """The ``--tower`` choices a bench_embed offers (``--tower {a,b}`` in its help), [] without the flag.
+
+    bench_embed on main measures the embedded tower only; the ViT-B/16-sized tower is being added to it
+    (issue 17 item 1). If that flag gets another name, this is the one place to change.
+    """
     match = re.search(r"--tower \{([^}]*)\}", help_text)
     return match.group(1).split(",") if match else []
 
@@ -172,18 +176,23 @@ def plan(smoke: bool, threads: int, env: dict[str, str]) -> list[Step]:
 
 
 def tables(text: str) -> list[list[list[str]]]:
-    """Pipe tables in a benchmark's output (runs of lines with at least two '|'), cells stripped,
-    separator rows (``|---|``) dropped; the raw output is kept beside them."""
+    """Pipe tables in a benchmark's output, cells stripped, separator rows (``|---|``) dropped.
+
+    A table is a run of at least two lines (header + row) with at least two '|' each and the same number
+    of cells; progress bars (``50%|###|``) and a lone '|' in prose are not tables. The raw output is kept
+    beside them, so nothing depends on this guess.
+    """
     found: list[list[list[str]]] = []
     current: list[list[str]] = []
     for line in [*text.splitlines(), ""]:
-        if line.count("|") >= 2:
+        if line.count("|") >= 2 and not re.search(r"\d%\|", line):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if not all(set(c) <= set("-: ") for c in cells):
                 current.append(cells)
-        elif current:
+            continue
+        if len(current) >= 2 and len({len(row) for row in current}) == 1:
             found.append(current)
-            current = []
+        current = []
     return found
 
 

@@ -37,6 +37,9 @@ def test_tables_keeps_rows_drops_separators_and_splits_on_gaps() -> None:
         "fp32      |     8619.0 |         1098.0 | 0.13\n"
         "\n"
         "| grad cache | loss |\n|---|---:|\n| off | 7.056303 |\n"
+        "Writing model shards:   0%|          | 0/1 [00:00<?, ?it/s]\n"
+        "Writing model shards: 100%|##########| 1/1 [00:00<00:00, 198.54it/s]\n"
+        "ST IR evaluator   0.213   235   4.77x   9.5e-09 max |d|\n"
     )
     assert rows.tables(out) == [
         [
@@ -87,8 +90,8 @@ def test_a_step_past_its_timeout_is_killed_with_its_children(tmp_path: Path) -> 
 
 def test_last_json_line_becomes_the_step_result(tmp_path: Path) -> None:
     script = tmp_path / "ok.py"
-    script.write_text('print("a | b | c")\nprint(\'{"samples_per_s": 12.5}\')\n')
+    script.write_text('print("a | b | c")\nprint("1 | 2 | 3")\nprint(\'{"samples_per_s": 12.5}\')\n')
     record = rows.run_step(rows.Step("ok", [str(script)], 30), dict(os.environ), 30, io.StringIO())
     assert record["rc"] == 0 and record["timed_out"] is False
     assert record["result"] == {"samples_per_s": 12.5}
-    assert record["tables"] == [[["a", "b", "c"]]]
+    assert record["tables"] == [[["a", "b", "c"], ["1", "2", "3"]]]
