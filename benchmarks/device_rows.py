@@ -8,7 +8,7 @@ come first: they are what only that machine can measure.
 Steps (each a benchmark's own command line, with flags that exist on main):
 
 - ``embed_gpu``: ``bench_embed.py`` on CUDA, pipeline vs bare tower, fp32 and bf16, per tower the bench
-  offers (``--tower`` choices where it has them; the embedded EfficientNet-Lite0 otherwise);
+  offers (``--towers``: the embedded EfficientNet-Lite0 and a ViT-B/16-sized tower, fp32 and bf16);
 - ``gpu_step``: ``bench_gpu_step.py``: a SigLIP ViT-B/16 fine-tuning step, samples/s and MFU;
 - ``grad_cache_gpu``: ``bench_grad_cache.py --device cuda``: CUDA peak memory with and without chunks;
 - ``retrieval_cpu16``: ``bench_retrieval.py`` at 1M x 1k, 16 threads (FAISS, torch, ours, ST);
@@ -86,14 +86,10 @@ def bench_flags(script: str, env: dict[str, str]) -> str:
     return proc.stdout if proc.returncode == 0 else ""
 
 
-def tower_choices(help_text: str) -> list[str]:
-    """The ``--tower`` choices a bench_embed offers (``--tower {a,b}`` in its help), [] without the flag.
-
-    bench_embed on main measures the embedded tower only; the ViT-B/16-sized tower is being added to it
-    (issue 17 item 1). If that flag gets another name, this is the one place to change.
-    """
-    match = re.search(r"--tower \{([^}]*)\}", help_text)
-    return match.group(1).split(",") if match else []
+TOWERS = ("efficientnet", "vit-b16")
+"""bench_embed's towers: the embedded EfficientNet-Lite0 and a ViT-B/16-sized open_clip tower (issue 17 item 1)."""
+EMBED_N = {"efficientnet": 2048, "vit-b16": 1024}
+"""Images per GPU embedding row: enough for a steady rate within the step's timeout."""
 
 
 def plan(smoke: bool, threads: int, env: dict[str, str]) -> list[Step]:
@@ -102,23 +98,22 @@ def plan(smoke: bool, threads: int, env: dict[str, str]) -> list[Step]:
     Each step has its full-size arguments and its smoke ones (the same command on CPU at tiny sizes).
     """
     cpu_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    embed_help = bench_flags("bench_embed.py", env)
-    towers = tower_choices(embed_help) or [""]
     t = f"--threads {threads}"
     tiny_embed = "--n 8 --batch 4 --workers 0 --repeats 1 --device cpu"
     rows: list[tuple[str, str, str, str, float, dict[str, str]]] = []  # name, script, full, smoke, s, env
-    for tower in towers:
-        pick = f" --tower {tower}" if tower else ""
-        rows.append(
-            (
-                f"embed_gpu{'_' + tower if tower else ''}",
-                "bench_embed.py",
-                "--n 4096 --batch 256 --workers 12 --repeats 3 --device cuda" + pick,
-                tiny_embed + pick,
-                150,
-                {},
+    for tower in TOWERS:
+        for precision in ("fp32", "bf16"):
+            rows.append(
+                (
+                    f"embed_gpu_{tower}_{precision}",
+                    "bench_embed.py",
+                    f"--towers {tower} --precision {precision} --n {EMBED_N[tower]} --batch 256 --workers 12"
+                    " --repeats 3 --device cuda",
+                    f"--towers {tower} --precision {precision} {tiny_embed}",
+                    120,
+                    {},
+                )
             )
-        )
     rows += [
         (
             "gpu_step",
@@ -145,15 +140,13 @@ def plan(smoke: bool, threads: int, env: dict[str, str]) -> list[Step]:
             cpu_env,
         ),
     ]
-    for tower in towers:
-        pick = f" --tower {tower}" if tower else ""
-        extra = f" {t}" if "--threads" in embed_help else ""  # else OMP_NUM_THREADS alone sets them
+    for tower in TOWERS:
         rows.append(
             (
-                f"embed_cpu{threads}{'_' + tower if tower else ''}",
+                f"embed_cpu{threads}_{tower}",
                 "bench_embed.py",
-                "--n 512 --batch 64 --workers 4 --repeats 3 --device cpu" + pick + extra,
-                tiny_embed + pick + extra,
+                f"--towers {tower} --n {EMBED_N[tower] // 8} --batch 64 --workers 4 --repeats 3 --device cpu {t}",
+                f"--towers {tower} {tiny_embed} {t}",
                 150,
                 cpu_env,
             )

@@ -1,12 +1,13 @@
 """benchmarks/device_rows.py: the parts that decide what a device run records, without running a benchmark.
 
 The whole script's CPU path (``--smoke``) takes minutes of imports on a 2-core machine, so it is run by
-hand (docs/benchmarks.md, "Device rows"); here: table parsing, flag detection, and that a step past its
+hand (docs/benchmarks.md, "Device rows"); here: table parsing, that every step's flags exist in its benchmark, and that a step past its
 timeout is killed with its children and recorded as timed out.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import io
 import os
@@ -14,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,10 +54,44 @@ def test_tables_keeps_rows_drops_separators_and_splits_on_gaps() -> None:
     ]
 
 
-def test_flag_detection_reads_the_help_text() -> None:
-    help_text = "usage: x [--n N] [--tower {embedded,vit-b16}] [--threads THREADS]\n"
-    assert rows.tower_choices(help_text) == ["embedded", "vit-b16"]
-    assert rows.tower_choices("usage: x [--n N]") == []
+class _Parsed(Exception):
+    pass
+
+
+def _bench(script: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_bench_{script[:-3]}", ROOT / "benchmarks" / script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_planned_step_passes_its_benchmarks_own_argument_parser(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A flag the bench does not have would fail the step on the device, where time is scarce: parse each
+    # step's arguments (full and smoke) with the bench's own parser, stopping right after the parse.
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self: argparse.ArgumentParser, args: Any = None, namespace: Any = None) -> Any:
+        original(self, args, namespace)  # SystemExit(2) on an unknown flag or a bad value
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    steps = rows.plan(False, 16, dict(os.environ)) + rows.plan(True, 2, dict(os.environ))
+    names = {step.name for step in steps}
+    assert {
+        "embed_gpu_vit-b16_bf16",
+        "embed_gpu_efficientnet_fp32",
+        "gpu_step",
+        "embed_cpu16_vit-b16",
+    } <= names
+    for step in steps:
+        script, *args = step.args
+        module = _bench(script)
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        with pytest.raises(_Parsed):
+            module.main()
 
 
 def test_a_step_past_its_timeout_is_killed_with_its_children(tmp_path: Path) -> None:
