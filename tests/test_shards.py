@@ -403,7 +403,7 @@ def _counting_memory(monkeypatch: pytest.MonkeyPatch, log: Path) -> None:
 
     def counting(self: MemoryFileSystem, path: str, *args: object, **kwargs: object) -> object:
         with log.open("a") as f:
-            f.write(f"{os.getpid()} {path}\n")
+            f.write(f"{os.getpid()} {path} {kwargs.get('block_size')}\n")
         return real(self, path, *args, **kwargs)
 
     monkeypatch.setattr(MemoryFileSystem, "_open", counting)
@@ -411,7 +411,7 @@ def _counting_memory(monkeypatch: pytest.MonkeyPatch, log: Path) -> None:
 
 def _opens(log: Path) -> list[tuple[int, str]]:
     return [
-        (int(p), s.rpartition("/")[2]) for p, s in (line.split() for line in log.read_text().splitlines())
+        (int(p), s.rpartition("/")[2]) for p, s, _ in (line.split() for line in log.read_text().splitlines())
     ]
 
 
@@ -444,6 +444,7 @@ def test_remote_shards_are_opened_once_per_process(
         order = random.Random(0).choices(first, k=60)
         assert [read_image_bytes(cat.image_path(n)) for n in order] == [expected[n] for n in order]
         assert _opens(log) == [(os.getpid(), "00000.tar")]  # 60 random reads, one open
+        assert log.read_text().split()[-1] == str(1 << 20)  # read-ahead 1 MiB, not the filesystem's default
         parent_handle = shards_module._HANDLES[os.getpid()]["memory://counted/00000.tar"]
         parent_position = parent_handle.file.tell()
 

@@ -472,6 +472,7 @@ class _Handle:
             self.file.close()
 
 
+_READ_AHEAD = 1 << 20
 _HANDLES: dict[int, OrderedDict[str, _Handle]] = {}
 """Open shards by process id, then by shard, least recently used first. A forked child (a DataLoader
 worker) inherits its parent's entries but never reads through or closes them: a forked file descriptor
@@ -523,7 +524,10 @@ def _open_file(shard: str) -> IO[bytes]:
         if _is_url(shard):
             import fsspec
 
-            return cast(IO[bytes], fsspec.open(shard, "rb").open())
+            fs, path = fsspec.core.url_to_fs(shard)
+            # read-ahead of 1 MiB, not the filesystem's default (s3fs: 50 MiB): a random member read
+            # fetches its member and at most 1 MiB more, and reads in member order share requests
+            return cast(IO[bytes], fs.open(path, "rb", block_size=_READ_AHEAD))
         return open(shard, "rb")
     except FileNotFoundError as exc:
         raise ShardMemberError(shard, "", f"cannot open shard ({exc})") from exc
