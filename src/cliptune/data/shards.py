@@ -14,7 +14,13 @@ catalogue spec naming tar files (``shards/{00000..00099}.tar``, a local path or 
   tar file. :func:`cliptune.data.images.read_image_bytes`, the one reader of image bytes, sends such paths
   to :func:`read_member`, which seeks to the member and reads its bytes (random access, so training
   shuffles over shards without extracting them). A worker process that never saw the pass rebuilds a
-  shard's member index on first use, from the headers alone.
+  shard's member index on first use, from the headers alone;
+- each process keeps its last :data:`OPEN_SHARDS` shards open for those reads (least recently used
+  closed first, all closed at exit; entries keyed by process id, so a forked DataLoader worker opens its
+  own and never moves its parent's file offset), so a remote shard is opened once per process, not once
+  per image.
+
+Only metadata is held in memory: the rows, and per shard the member index (name -> offset, size).
 
 Samples that cannot become a good row stay rows (reading never drops one) and are named by their
 ``file_name``, i.e. by shard and key: a sample without an image member gets ``<shard>/<key>`` and the
