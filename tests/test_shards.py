@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -493,4 +494,25 @@ def test_a_rewritten_local_shard_is_reopened(world: dict[str, Path], tmp_path: P
         == (world["fashion"] / "images/000031.png").read_bytes()
     )
     assert old.closed
+    shards_module._close_handles()
+
+
+def test_threads_share_an_open_shard_without_mixing_reads(world: dict[str, Path]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cliptune.data import shards as shards_module
+
+    shards_module._close_handles()  # none left open by earlier tests
+    cat = read_catalogue(world["pattern"])
+    names = list(cat.rows["file_name"][:15]) * 20  # 300 reads of shard 00000 through one handle
+    expected = [(world["fashion"] / f"images/{n[10:]}").read_bytes() for n in names]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so an unguarded seek + read would interleave
+    try:
+        with ThreadPoolExecutor(4) as pool:  # as serve's thread pool reads /images
+            got = list(pool.map(lambda n: read_image_bytes(cat.image_path(n)), names))
+    finally:
+        sys.setswitchinterval(interval)
+    assert got == expected  # each seek + read took its turn: no read got another's offset
+    assert list(shards_module._HANDLES[os.getpid()]) == [str(world["root"] / "shards" / "00000.tar")]
     shards_module._close_handles()
