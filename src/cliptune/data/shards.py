@@ -531,7 +531,7 @@ def _open_file(shard: str) -> IO[bytes]:
             import fsspec
 
             fs, path = fsspec.core.url_to_fs(shard)
-            # read-ahead of 1 MiB, not the filesystem's default (s3fs: 50 MiB): a random member read
+            # read-ahead of 1 MiB, not the filesystem's block (fsspec's default 5 MiB): a random member read
             # fetches its member and at most 1 MiB more, and reads in member order share requests
             return cast(IO[bytes], fs.open(path, "rb", block_size=_READ_AHEAD))
         return open(shard, "rb")
