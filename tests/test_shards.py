@@ -6,7 +6,9 @@ import hashlib
 import io
 import json
 import math
+import os
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -388,3 +390,129 @@ def test_a_folder_named_like_a_scheme_stays_a_folder(world: dict[str, Path], tmp
     shutil.copy(world["root"] / "shards" / "00000.tar", folder / "00000.tar")
     cat = read_catalogue(folder / "00000.tar")
     assert len(cat.rows) == 15 and check_catalogue(cat).ok
+
+
+# ----------------------------------------------------------------------------------------------
+# open shards: one open per shard and process
+
+
+def _counting_memory(monkeypatch: pytest.MonkeyPatch, log: Path) -> None:
+    """memory:// whose every open of a file appends ``<pid> <path>`` to ``log`` (forked children too)."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    real = MemoryFileSystem._open
+
+    def counting(self: MemoryFileSystem, path: str, *args: object, **kwargs: object) -> object:
+        with log.open("a") as f:
+            f.write(f"{os.getpid()} {path} {kwargs.get('block_size')}\n")
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "_open", counting)
+
+
+def _opens(log: Path) -> list[tuple[int, str]]:
+    return [
+        (int(p), s.rpartition("/")[2]) for p, s, _ in (line.split() for line in log.read_text().splitlines())
+    ]
+
+
+def _read_in_child(paths: list[Path]) -> list[bytes]:
+    return [read_image_bytes(p) for p in paths]
+
+
+def test_remote_shards_are_opened_once_per_process(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import multiprocessing
+    import random
+
+    from cliptune.data import shards as shards_module
+
+    fs = fsspec.filesystem("memory")
+    for shard in expand_pattern(world["pattern"]):
+        fs.pipe(f"/counted/{Path(shard).name}", Path(shard).read_bytes())
+    log = tmp_path / "opens.log"
+    log.touch()
+    _counting_memory(monkeypatch, log)
+    try:
+        cat = read_catalogue(Path("memory://counted/{00000..00002}.tar"))
+        assert _opens(log) == [(os.getpid(), f"{i:05d}.tar") for i in range(3)]  # the reading pass
+        log.write_text("")
+        folder = read_catalogue(world["fashion"])
+        pairs = zip(cat.rows["file_name"], folder.rows["file_name"], strict=True)
+        expected = {n: (world["fashion"] / f).read_bytes() for n, f in pairs}
+        first = list(cat.rows["file_name"][:15])  # every sample of shard 00000
+        order = random.Random(0).choices(first, k=60)
+        assert [read_image_bytes(cat.image_path(n)) for n in order] == [expected[n] for n in order]
+        assert _opens(log) == [(os.getpid(), "00000.tar")]  # 60 random reads, one open
+        assert log.read_text().split()[-1] == str(1 << 20)  # read-ahead 1 MiB, not the filesystem's default
+        parent_handle = shards_module._HANDLES[os.getpid()]["memory://counted/00000.tar"]
+        parent_position = parent_handle.file.tell()
+
+        # two forked workers (as DataLoader workers are): each opens the shard itself, once, and never
+        # moves the parent's handle
+        log.write_text("")
+        halves = [[cat.image_path(n) for n in order[:30]], [cat.image_path(n) for n in order[30:]]]
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            got = pool.map(_read_in_child, halves)
+        assert got[0] + got[1] == [expected[n] for n in order]
+        opens = _opens(log)
+        assert sorted(s for _, s in opens) == ["00000.tar", "00000.tar"]
+        assert len({pid for pid, _ in opens}) == 2 and os.getpid() not in {pid for pid, _ in opens}
+        assert parent_handle.file.tell() == parent_position and not parent_handle.closed
+
+        # at most OPEN_SHARDS open: the least recently used is closed and reopened when read again
+        monkeypatch.setattr(shards_module, "OPEN_SHARDS", 2)
+        log.write_text("")
+        for name in ("00001.tar/000015.png", "00002.tar/000030.png", "00000.tar/000001.png"):
+            assert read_image_bytes(cat.image_path(name)) == expected[name]
+        assert parent_handle.closed  # 00000 was the least recently used when 00002 opened
+        assert list(shards_module._HANDLES[os.getpid()]) == [
+            f"memory://counted/{s}.tar" for s in ("00002", "00000")
+        ]
+        assert _opens(log) == [(os.getpid(), s) for s in ("00001.tar", "00002.tar", "00000.tar")]
+    finally:
+        shards_module._close_handles()
+        fs.rm("/counted", recursive=True)
+    assert os.getpid() not in shards_module._HANDLES
+
+
+def test_a_rewritten_local_shard_is_reopened(world: dict[str, Path], tmp_path: Path) -> None:
+    from cliptune.data import shards as shards_module
+
+    folder = tmp_path / "rewrite"
+    folder.mkdir()
+    shutil.copy(world["root"] / "shards" / "00000.tar", folder / "00000.tar")
+    cat = read_catalogue(folder / "00000.tar")
+    before = read_image_bytes(cat.image_path("00000.tar/000003.png"))
+    assert before == (world["fashion"] / "images/000003.png").read_bytes()
+    old = shards_module._HANDLES[os.getpid()][str(folder / "00000.tar")]
+    # replaced by another shard of a different size: the open handle is stale, so it is closed and reopened
+    shutil.copy(world["root"] / "shards" / "00002.tar", folder / "00000.tar")
+    assert (
+        read_image_bytes(cat.image_path("00000.tar/000031.png"))
+        == (world["fashion"] / "images/000031.png").read_bytes()
+    )
+    assert old.closed
+    shards_module._close_handles()
+
+
+def test_threads_share_an_open_shard_without_mixing_reads(world: dict[str, Path]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cliptune.data import shards as shards_module
+
+    shards_module._close_handles()  # none left open by earlier tests
+    cat = read_catalogue(world["pattern"])
+    names = list(cat.rows["file_name"][:15]) * 20  # 300 reads of shard 00000 through one handle
+    expected = [(world["fashion"] / f"images/{n[10:]}").read_bytes() for n in names]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so an unguarded seek + read would interleave
+    try:
+        with ThreadPoolExecutor(4) as pool:  # as serve's thread pool reads /images
+            got = list(pool.map(lambda n: read_image_bytes(cat.image_path(n)), names))
+    finally:
+        sys.setswitchinterval(interval)
+    assert got == expected  # each seek + read took its turn: no read got another's offset
+    assert list(shards_module._HANDLES[os.getpid()]) == [str(world["root"] / "shards" / "00000.tar")]
+    shards_module._close_handles()

@@ -14,7 +14,13 @@ catalogue spec naming tar files (``shards/{00000..00099}.tar``, a local path or 
   tar file. :func:`cliptune.data.images.read_image_bytes`, the one reader of image bytes, sends such paths
   to :func:`read_member`, which seeks to the member and reads its bytes (random access, so training
   shuffles over shards without extracting them). A worker process that never saw the pass rebuilds a
-  shard's member index on first use, from the headers alone.
+  shard's member index on first use, from the headers alone;
+- each process keeps its last :data:`OPEN_SHARDS` shards open for those reads (least recently used
+  closed first, all closed at exit; entries keyed by process id, so a forked DataLoader worker opens its
+  own and never moves its parent's file offset), so a remote shard is opened once per process, not once
+  per image.
+
+Only metadata is held in memory: the rows, and per shard the member index (name -> offset, size).
 
 Samples that cannot become a good row stay rows (reading never drops one) and are named by their
 ``file_name``, i.e. by shard and key: a sample without an image member gets ``<shard>/<key>`` and the
@@ -37,16 +43,19 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
 import re
 import tarfile
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -55,6 +64,7 @@ from cliptune.data.catalogue import Catalogue, CatalogueError, attribute_columns
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "OPEN_SHARDS",
     "CorruptShardError",
     "ShardWriteError",
     "ShardMemberError",
@@ -155,22 +165,30 @@ def shard_member(path: str | Path) -> tuple[str, str] | None:
 def read_member(shard: str, member: str) -> bytes:
     """The bytes of one member of a shard, by seeking to it (the shard's member index is built once).
 
+    The shard stays open between reads: each process keeps its last :data:`OPEN_SHARDS` shards open
+    (least recently used closed first, all closed at exit), so random reads of a remote shard cost one
+    range request each, not an open (and, for a URL, a metadata request) each.
+
     Raises:
         ShardMemberError: the shard cannot be opened, or has no such member (the reason says which).
         CorruptShardError: the shard is truncated or corrupt (naming the byte offset).
     """
-    index = _member_index(shard)
-    found = index.get(member)
-    if found is None:
-        if "." not in PurePosixPath(member).name:  # the key alone: the reader found no image member
-            reason = f"sample has no image member ({', '.join('.' + e for e in IMAGE_EXTENSIONS)})"
-        else:
-            reason = "no such member in the shard"
-        raise ShardMemberError(shard, member, reason)
-    offset, size = found
-    with _open(shard) as f:
-        f.seek(offset)
-        data = f.read(size)
+    while True:
+        handle = _handle(shard)
+        found = _member_index(shard, handle.key).get(member)
+        if found is None:
+            if "." not in PurePosixPath(member).name:  # the key alone: the reader found no image member
+                reason = f"sample has no image member ({', '.join('.' + e for e in IMAGE_EXTENSIONS)})"
+            else:
+                reason = "no such member in the shard"
+            raise ShardMemberError(shard, member, reason)
+        offset, size = found
+        with handle.lock:  # one seek + read at a time per handle (serve reads from a thread pool)
+            if handle.closed:  # evicted by another thread between the look-up and here: take a fresh one
+                continue
+            handle.file.seek(offset)
+            data = handle.file.read(size)
+        break
     if len(data) != size:
         raise CorruptShardError(
             shard, offset + len(data), f"truncated at offset {offset + len(data)} (member {member})"
@@ -338,7 +356,7 @@ def write_shards(
 # reading
 
 
-def _samples(shard: str) -> Iterator[_Sample]:
+def _samples(shard: str, identity: tuple[str, int, str] | None = None) -> Iterator[_Sample]:
     """The samples of one shard in member order; records every member's data offset in the index."""
     index: dict[str, tuple[int, int]] = {}
     grouped: dict[str, dict[str, Any]] = {}
@@ -353,7 +371,7 @@ def _samples(shard: str) -> Iterator[_Sample]:
                 entry["meta"] = f.read(info.size)
             elif ext in IMAGE_EXTENSIONS and entry["image"] is None:
                 entry["image"] = name
-    _INDEX[_cache_key(shard)] = index
+    _INDEX[identity or _cache_key(shard)] = index
     for key, entry in grouped.items():
         yield _Sample(shard, key, entry["image"], entry["meta"])
 
@@ -420,10 +438,9 @@ _INDEX: dict[tuple[str, int, str], dict[str, tuple[int, int]]] = {}
 """Per-process member index: (shard, size, mtime) -> {member name: (data offset, size)}."""
 
 
-def _member_index(shard: str) -> dict[str, tuple[int, int]]:
-    key = _cache_key(shard)
+def _member_index(shard: str, key: tuple[str, int, str]) -> dict[str, tuple[int, int]]:
     if key not in _INDEX:
-        for _ in _samples(shard):  # headers and JSON only; records the index as it goes
+        for _ in _samples(shard, key):  # headers and JSON only; records the index as it goes
             pass
     return _INDEX[key]
 
@@ -441,6 +458,85 @@ def _cache_key(shard: str) -> tuple[str, int, str]:
     except OSError as exc:
         raise ShardMemberError(shard, "", f"cannot open shard ({exc})") from exc
     return shard, st.st_size, str(st.st_mtime_ns)
+
+
+OPEN_SHARDS = 8
+"""Shards each process keeps open for member reads (a file descriptor, or a remote file with its read-ahead
+buffer, each)."""
+
+
+@dataclass
+class _Handle:
+    key: tuple[str, int, str]  # the shard's identity when opened (see _cache_key)
+    file: IO[bytes]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            self.file.close()
+
+
+_READ_AHEAD = 1 << 20
+_HANDLES: dict[int, OrderedDict[str, _Handle]] = {}
+"""Open shards by process id, then by shard, least recently used first. A forked child (a DataLoader
+worker) inherits its parent's entries but never reads through or closes them: a forked file descriptor
+shares its file offset with the parent, so a seek in one would move the other's read."""
+_HANDLES_LOCK = threading.Lock()
+
+
+def _handle(shard: str) -> _Handle:
+    """This process's open handle on ``shard``, opened (and the oldest evicted) if it has none.
+
+    A local shard is stat'ed on every read (cheap) and reopened when it was rewritten; a remote one is
+    trusted for as long as it stays open, so a read costs no metadata request.
+    """
+    with _HANDLES_LOCK:
+        mine = _HANDLES.setdefault(os.getpid(), OrderedDict())
+        handle = mine.get(shard)
+        key = _cache_key(shard) if handle is None or not _is_url(shard) else handle.key
+        if handle is not None and handle.key == key:
+            mine.move_to_end(shard)
+            return handle
+        evicted = [mine.pop(shard)] if handle is not None else []
+        mine[shard] = handle = _Handle(key, _open_file(shard))
+        while len(mine) > max(1, OPEN_SHARDS):
+            evicted.append(mine.popitem(last=False)[1])
+    for old in evicted:
+        old.close()
+    return handle
+
+
+def _close_handles() -> None:
+    """Close this process's open shards (at exit, and in tests)."""
+    with _HANDLES_LOCK:
+        mine = _HANDLES.pop(os.getpid(), OrderedDict())
+    for handle in mine.values():
+        handle.close()
+
+
+def _after_fork_in_child() -> None:
+    global _HANDLES_LOCK
+    _HANDLES_LOCK = threading.Lock()  # another thread of the parent may have held it at the fork
+
+
+atexit.register(_close_handles)
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _open_file(shard: str) -> IO[bytes]:
+    try:
+        if _is_url(shard):
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(shard)
+            # read-ahead of 1 MiB, not the filesystem's block (fsspec's default 5 MiB): a random member read
+            # fetches its member and at most 1 MiB more, and reads in member order share requests
+            return cast(IO[bytes], fs.open(path, "rb", block_size=_READ_AHEAD))
+        return open(shard, "rb")
+    except FileNotFoundError as exc:
+        raise ShardMemberError(shard, "", f"cannot open shard ({exc})") from exc
 
 
 @contextmanager
