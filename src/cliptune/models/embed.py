@@ -39,6 +39,7 @@ __all__ = [
     "embed_texts",
     "resolve_precision",
     "catalogue_paths",
+    "decode_min_side",
     "default_cache_dir",
     "embed_images_with",
     "embed_texts_with",
@@ -188,11 +189,12 @@ def augmented_tower_features(
     text_views = augment.views if augment.text.enabled else 1
     # = tower_features' entries
     plain_load, plain_id = image_loader(backbone.preprocess, max_pixels, fast_decode=backbone.fast_decode)
+    min_side = decode_min_side(backbone.preprocess, backbone.fast_decode)  # views decode as the plain load
     images = [
         embed_images(
             list(paths),
             cache=cache,
-            load=AugmentedLoader(augment.image, augment.seed, v, max_pixels)
+            load=AugmentedLoader(augment.image, augment.seed, v, max_pixels, min_side)
             if augment.image.enabled
             else plain_load,
             preprocess=backbone.preprocess,
@@ -200,7 +202,7 @@ def augmented_tower_features(
             precision=precision,
             num_workers=num_workers,
             device=device,
-            preprocess_id=image_view_id(augment.image, augment.seed, v)
+            preprocess_id=image_view_id(augment.image, augment.seed, v, min_side)
             if augment.image.enabled
             else plain_id,
             progress=progress,
@@ -439,11 +441,18 @@ def image_loader(
         ``(load, preprocess_id)``: ``load`` is a picklable partial (DataLoader workers started with
         "spawn", on macOS and Windows, pickle it).
     """
-    side = model_input_side(preprocess) if fast_decode else None
-    if side is None:
+    min_side = decode_min_side(preprocess, fast_decode)
+    if min_side is None:
         return partial(load_image, max_pixels=max_pixels), FULL_DECODE_ID
-    min_side = DRAFT_OVERSAMPLE * side
     return partial(load_image, max_pixels=max_pixels, min_side=min_side), f"jpeg-min-side={min_side}"
+
+
+def decode_min_side(preprocess: Callable[[list[Image.Image]], Tensor], fast_decode: bool) -> int | None:
+    """The shorter side a fast-decoded JPEG keeps (``load_image``'s ``min_side``): :data:`DRAFT_OVERSAMPLE` x
+    the model's input side; None (full decoding) without ``fast_decode`` or a fixed input size. The one rule
+    the plain loader (:func:`image_loader`) and the augmented views (``AugmentedLoader``) share."""
+    side = model_input_side(preprocess) if fast_decode else None
+    return None if side is None else DRAFT_OVERSAMPLE * side
 
 
 def pixel_recipe_for(backbone: Backbone) -> PixelRecipe | None:
