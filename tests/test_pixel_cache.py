@@ -269,3 +269,48 @@ def test_embedded_model_with_the_pixel_cache_embeds_exactly_as_without(tmp_path:
     assert torch.allclose(cached, plain, atol=1e-6)
     want, _ = tower_features(backbone, paths, ["a", "b"], cache_dir=tmp_path / "c3", progress=False)
     assert torch.allclose(feats, want, atol=1e-6) and _shards(tmp_path / "c2" / "pixels")
+
+
+def test_a_cold_pass_decodes_as_the_batches_come_up_not_everything_first(tower, tmp_path: Path) -> None:
+    paths = _photos(tmp_path / "img", n=5)
+    recipe, root = tower.pixel_recipe(), tmp_path / "pixels"
+    _embed(paths[1:4:2], tower, recipe=recipe, pixel_cache_dir=root)  # images 1 and 3 already cached
+    events: list[str] = []
+
+    def load(path: Path) -> Image.Image:
+        events.append(f"decode {Path(path).stem}")
+        return load_image(path)
+
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        events.append(f"forward {len(pixels)}")
+        return _forward(pixels)
+
+    got = embed_images(
+        paths,
+        cache=None,
+        load=load,
+        preprocess=tower.preprocess,
+        forward=forward,
+        batch_size=2,
+        precision="fp32",
+        progress=False,
+        recipe=recipe,
+        pixel_cache_dir=root,
+    )
+    # the missing images 0, 2, 4 are decoded in loader batches of 2 as the forward batches (0 1), (2 3), (4)
+    # need them: the first forward runs before image 4 is decoded (before: all decodes, then all forwards)
+    assert events == ["decode 0", "decode 2", "forward 2", "forward 2", "decode 4", "forward 1"]
+    assert torch.equal(got, _embed(paths, tower))  # the same features, cached and fresh rows in order
+    again: list[str] = []
+    embed_images(
+        paths,
+        cache=None,
+        load=lambda p: again.append(str(p)) or load_image(p),
+        preprocess=tower.preprocess,
+        forward=_forward,
+        precision="fp32",
+        progress=False,
+        recipe=recipe,
+        pixel_cache_dir=root,
+    )
+    assert again == []  # every decoded image was stored

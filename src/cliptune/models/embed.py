@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -644,8 +644,13 @@ def _cached_uint8(
     num_workers: int,
     pin: bool,
 ) -> Iterable[Tensor]:
-    """uint8 batches of ``todo`` (path, sha256) through the pixel cache: the missing images are decoded and
-    stored first (flushed every ``_PIXEL_FLUSH_ROWS``), then every batch is read from the memory maps."""
+    """uint8 batches of ``todo`` (path, sha256) through the pixel cache, in ``todo`` order.
+
+    Cached images are read from the memory maps; the missing ones are decoded by a DataLoader (``num_workers``
+    processes) *as the batches that need them come up*, so a cold pass decodes while the forward of the
+    previous batch runs instead of decoding everything first. New pixels are stored every
+    ``_PIXEL_FLUSH_ROWS`` and when the pass ends (also when it stops early: ``finally``).
+    """
     if not todo:
         return
     probe = recipe.to_uint8(Image.new("RGB", (37, 29)))
@@ -654,20 +659,40 @@ def _cached_uint8(
     have = pixels.get_many(keys)
     missing = list(dict.fromkeys(k for k in keys if k not in have))
     path_of = dict(zip(keys, (p for p, _ in todo), strict=True))
-    pending: dict[str, np.ndarray] = {}
+    decoded = _rows(
+        missing, _loaded([path_of[k] for k in missing], load, recipe, batch_size, num_workers, False)
+    )
+    fresh: dict[str, np.ndarray] = {}  # decoded, not yet in a batch
+    pending: dict[str, np.ndarray] = {}  # decoded, not yet stored
+    try:
+        for start in range(0, len(keys), batch_size):
+            chunk = keys[start : start + batch_size]
+            rows = []
+            for k in chunk:
+                while k not in have and k not in fresh:  # missing is in keys order: pull up to k
+                    key, row = next(decoded)
+                    fresh[key] = pending[key] = row
+                rows.append(have[k] if k in have else fresh[k])
+            for (
+                k
+            ) in chunk:  # each key comes once (todo holds one row per sha256): drop it, memory stays bounded
+                fresh.pop(k, None)
+            batch_u8 = torch.from_numpy(np.stack(rows))  # (B, H, W, 3)
+            yield batch_u8.pin_memory() if pin else batch_u8
+            if len(pending) >= _PIXEL_FLUSH_ROWS:
+                pixels.put_many(pending)
+                pending = {}
+    finally:
+        pixels.put_many(pending)
+
+
+def _rows(keys: list[str], batches: Iterable[Tensor]) -> Iterator[tuple[str, np.ndarray]]:
+    """``(key, (H, W, 3) uint8 row)`` of decoded ``batches`` lined up with ``keys``."""
     done = 0
-    for batch in _loaded([path_of[k] for k in missing], load, recipe, batch_size, num_workers, False):
+    for batch in batches:
         rows = batch.numpy()
-        pending.update(zip(missing[done : done + len(rows)], rows, strict=True))
+        yield from zip(keys[done : done + len(rows)], rows, strict=True)
         done += len(rows)
-        if len(pending) >= _PIXEL_FLUSH_ROWS:
-            pixels.put_many(pending)
-            pending = {}
-    pixels.put_many(pending)
-    have = pixels.get_many(keys)
-    for start in range(0, len(keys), batch_size):
-        batch_u8 = torch.from_numpy(np.stack([have[k] for k in keys[start : start + batch_size]]))
-        yield batch_u8.pin_memory() if pin else batch_u8
 
 
 def _stack_uint8(to_uint8: Callable[[Image.Image], np.ndarray], images: list[Image.Image]) -> Tensor:
