@@ -558,9 +558,8 @@ def _processor_settings(processor: Any) -> dict[str, Any]:
     def refuse(reason: str) -> NoPixelRecipeError:
         return NoPixelRecipeError(f"image processor {name}: {reason}")
 
-    if not _is_pil_backend(
-        processor
-    ):  # a helper, not isinstance: keep `processor` Any (settings are per class)
+    # a helper, not isinstance: `processor` stays Any (its settings are per class, not on PilBackend)
+    if not _is_pil_backend(processor):
         raise refuse(
             "not transformers' PIL backend (its pixels come from another resize, e.g. torchvision's, "
             "which cliptune does not replay)"
@@ -570,7 +569,7 @@ def _processor_settings(processor: Any) -> dict[str, Any]:
             raise refuse(f"overrides the PIL backend's {method}, which cliptune does not replay")
     steps = {k: v for k, v in vars(processor).items() if k.startswith("do_") and v}
     steps["do_pad"] = getattr(processor, "do_pad", False)  # the one other step of PilBackend._preprocess
-    steps.update({k: getattr(processor, k) for k in _KNOWN_STEPS})
+    steps.update({k: getattr(processor, k, False) for k in _KNOWN_STEPS})
     unknown = sorted(k for k, v in steps.items() if v and k not in _KNOWN_STEPS)
     if unknown:
         raise refuse(f"{', '.join(f'{k}=True' for k in unknown)} is a step cliptune does not replay")
@@ -585,20 +584,19 @@ def _processor_settings(processor: Any) -> dict[str, Any]:
     if resample is None or int(resample) not in _PIL_FILTERS:
         raise refuse(f"resample {resample!r} is not a PIL filter")
     size = {k: v for k, v in dict(processor.size).items() if v is not None}
+    # pair: the smallest (height, width) the resize can give (shortest: both sides are at least the edge)
     if set(size) == {"shortest_edge"}:
-        mode, pair, fits = "shortest", [int(size["shortest_edge"])] * 2, int(size["shortest_edge"])
+        mode, pair = "shortest", [int(size["shortest_edge"])] * 2
     elif set(size) == {"height", "width"}:
         mode, pair = "exact", [int(size["height"]), int(size["width"])]
-        fits = min(pair)
     else:
         raise refuse(f"size {size} (only shortest_edge, or height and width, are replayed)")
     crop: list[int] | None = None
     if steps["do_center_crop"]:
         crop_size = dict(processor.crop_size)
         crop = [int(crop_size["height"]), int(crop_size["width"])]
-        bound = [fits, fits] if mode == "shortest" else pair
-        if crop[0] > bound[0] or crop[1] > bound[1]:
-            raise refuse(f"crop {crop} larger than the resized image {bound} (the processor pads)")
+        if crop[0] > pair[0] or crop[1] > pair[1]:
+            raise refuse(f"crop {crop} larger than the resized image {pair} (the processor pads)")
     elif mode == "shortest":
         raise refuse("resizes the shortest side without a centre crop (images would keep their aspect ratio)")
     return {
