@@ -4,6 +4,7 @@ of views, and a tiny augmented training run whose resume equals the uninterrupte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -426,3 +427,69 @@ def test_what_else_an_item_holds_rides_along_with_every_view() -> None:
             assert torch.equal(item["negative_mask"], extras[i]["negative_mask"])
             assert torch.equal(item["image_features"], images[pick[i], i])  # the view, not the plain feature
             assert torch.equal(item["text_features"], texts[text_pick[i], i])
+
+
+def _large_jpeg(path: Path, size: tuple[int, int] = (512, 384)) -> Path:
+    """A detailed JPEG whose sides divide by 8: fast decoding draws it at 1/2, 1/4 or 1/8 scale."""
+    rng = np.random.default_rng(5)
+    coarse = rng.integers(0, 256, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
+    detail = rng.integers(0, 64, (size[1], size[0], 3), dtype=np.uint8)
+    big = np.asarray(Image.fromarray(coarse).resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
+    Image.fromarray(np.clip(big.astype(np.int16) + detail - 32, 0, 255).astype(np.uint8)).save(
+        path, quality=92
+    )
+    return path
+
+
+def test_fast_decode_reaches_the_augmented_views(tmp_path: Path, clip: Path) -> None:
+    from cliptune.data.augment import image_view_id
+    from cliptune.data.images import load_image
+
+    path = _large_jpeg(tmp_path / "big.jpg")
+    params = ImageAugmentConfig(flip=True, colour_jitter=0.2)  # no crop: the view keeps the decoded size
+    fast = AugmentedLoader(params, seed=3, view=1, min_side=64)(path)
+    full = AugmentedLoader(params, seed=3, view=1)(path)
+    # 384 // 4 = 96 >= 64 > 384 // 8 = 48: decoded at 1/4 scale, 512x384 -> 128x96, then the same view
+    assert fast.size == (128, 96) and full.size == (512, 384)
+    item = hashlib.sha256(path.read_bytes()).hexdigest()
+    expected = augment_image(load_image(path, min_side=64), params, view_rng(3, item, 1))
+    assert np.array_equal(_pixels(fast), _pixels(expected))
+    # another picture, another feature-cache key; full decoding keeps the key views always had
+    assert image_view_id(params, 3, 1, 64) == image_view_id(params, 3, 1) + ":jpeg-min-side=64"
+
+
+@pytest.mark.filterwarnings("ignore::cliptune.models.embed.TextsTruncatedWarning")
+def test_a_fast_decode_backbone_augments_fast_decoded_views(tmp_path: Path, clip: Path) -> None:
+    from cliptune.models.embed import embed_images
+
+    paths = [_large_jpeg(tmp_path / f"{i}.jpg", (512, 384 + 64 * i)) for i in range(2)]
+    backbone = load_backbone(clip)
+    augment = AugmentConfig(views=2, image=ImageAugmentConfig(flip=True, colour_jitter=0.2))
+
+    def views(cache: str) -> torch.Tensor:
+        images, _ = augmented_tower_features(
+            backbone,
+            paths,
+            ["a", "b"],
+            [[], []],
+            augment,
+            cache_dir=tmp_path / cache,
+            precision="fp32",
+            progress=False,
+        )
+        return images
+
+    full = views("full")
+    backbone.fast_decode = True
+    fast = views("fast")
+    # the tiny CLIP's input side is 32: views decode with min_side 2 * 32 = 64, as the plain loader does
+    want = embed_images(
+        paths,
+        cache=None,
+        load=AugmentedLoader(augment.image, 0, 1, min_side=64),
+        preprocess=backbone.preprocess,
+        forward=backbone.image_features,
+        precision="fp32",
+        progress=False,
+    )
+    assert torch.allclose(fast[1], want, atol=1e-6) and not torch.allclose(fast[1], full[1], atol=1e-4)

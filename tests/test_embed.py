@@ -3,6 +3,7 @@ named in the file's metadata; bad rows and unknown columns refused with the fact
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -335,3 +336,109 @@ def test_model_input_side_is_none_for_a_size_preserving_preprocess() -> None:
 
     assert model_input_side(as_is) is None
     assert image_loader(as_is, fast_decode=True)[1] == ""  # full decode, the plain cache key
+
+
+def _jpeg_catalogue(folder: Path, n: int = 12) -> Path:
+    """``n`` detailed 256 x 192 JPEGs with captions: large for the tiny CLIP (32 px), so fast decoding
+    draws them at 1/2 scale (192 // 2 = 96 >= 2 x 32 > 192 // 4 = 48)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    (folder / "img").mkdir(parents=True)
+    lines = ["file_name,text"]
+    for i in range(n):
+        coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((256, 192), Image.Resampling.BILINEAR), np.int16)
+        detail = rng.integers(-40, 40, (192, 256, 3))
+        Image.fromarray(np.clip(smooth + detail, 0, 255).astype(np.uint8)).save(
+            folder / "img" / f"{i}.jpg", quality=92
+        )
+        lines.append(f"img/{i}.jpg,photo number {i}")
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_a_model_trained_with_fast_decode_evaluates_and_embeds_fast_decoded(tmp_path: Path) -> None:
+    import yaml
+
+    from cliptune.cli.app import app
+    from cliptune.models.cache import FeatureCache, feature_key
+
+    catalogue = _jpeg_catalogue(tmp_path / "cat")
+    cfg = {
+        "data": {
+            "catalogue": str(catalogue),
+            "fast_decode": True,
+            "split": {"ratios": {"train": 0.5, "val": 0.5}},
+        },
+        "model": {
+            "backbone": str(make_tiny_clip(tmp_path / "clip", seed=0)),
+            "cache_dir": str(tmp_path / "c-train"),
+            "embed_precision": "fp32",
+        },
+        "train": {"epochs": 1, "batch_size": 4, "early_stopping": None},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    runner = CliRunner()
+    done = runner.invoke(
+        app, ["train", str(tmp_path / "run.yaml"), "--name", "fd", "--runs", str(tmp_path / "runs"), "-q"]
+    )
+    assert done.exit_code == 0, done.output
+    run = tmp_path / "runs" / "fd"
+    assert json.loads((run / "model" / "cliptune_backbone.json").read_text())["fast_decode"] is True
+
+    trained = load_model(run / "model")
+    assert trained.backbone.fast_decode is True
+    paths = [catalogue / "img" / f"{i}.jpg" for i in range(12)]
+    fast = embed_images_with(trained, paths, use_cache=False, precision="fp32", progress=False).numpy()
+    trained.backbone.fast_decode = False
+    full = embed_images_with(trained, paths, use_cache=False, precision="fp32", progress=False).numpy()
+    assert np.abs(fast - full).max() > 1e-3  # the two decodes give other embeddings here
+
+    # eval of the run: its feature cache holds fast-decode image features (min side 2 x 32) and no full ones
+    done = runner.invoke(
+        app,
+        [
+            "eval",
+            str(run),
+            "--cache-dir",
+            str(tmp_path / "c-eval"),
+            "--out",
+            str(tmp_path / "ev"),
+            "--split",
+            "val",
+            "-q",
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    cache = FeatureCache(tmp_path / "c-eval", trained.backbone.identity())
+    shas = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+
+    def keys(preprocess_id: str) -> list[str]:
+        return [
+            feature_key(cache.identity, "image", s, preprocess_id=preprocess_id, precision="fp32")
+            for s in shas
+        ]
+
+    val = json.loads((run / "splits.json").read_text())["val"]
+    assert len(cache.get_many(keys("jpeg-min-side=64"))) == len(val) > 0
+    assert cache.get_many(keys("")) == {}
+
+    # embed of the run's model: the fast-decode embeddings, not the full ones
+    out = tmp_path / "vectors.parquet"
+    args = [
+        "embed",
+        str(run / "model"),
+        str(out),
+        "--data",
+        str(catalogue),
+        "--cache-dir",
+        str(tmp_path / "c-emb"),
+        "--precision",
+        "fp32",
+    ]
+    done = runner.invoke(app, [*args, "-q"])
+    assert done.exit_code == 0, done.output
+    vectors = _matrix(pd.read_parquet(out)["image_embedding"])
+    np.testing.assert_allclose(vectors, fast, atol=1e-6)
+    assert np.abs(vectors - full).max() > 1e-3

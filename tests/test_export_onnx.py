@@ -454,3 +454,41 @@ def test_overwrite_replaces_the_whole_folder(
     assert not (out / "stale.txt").exists()  # replaced, not merged
     assert json.loads((out / "export.json").read_text()) == manifest
     assert manifest["parity"]["graphs"]["image"]["n"] == 2 and manifest["parity"]["graphs"]["text"]["n"] == 2
+
+
+def test_a_fast_decode_model_exports_a_client_that_decodes_as_cliptune(root: Path) -> None:
+    import importlib.util
+
+    from cliptune.data.images import load_image
+
+    rng = np.random.default_rng(3)
+    paths = []
+    for i, (w, h) in enumerate([(512, 384), (240, 320)]):  # JPEGs drafted to 1/4 and 1/2 for min 64
+        coarse = rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BILINEAR), np.int16)
+        detail = rng.integers(-32, 32, (h, w, 3))
+        paths.append(root / f"big-{i}.jpg")
+        Image.fromarray(np.clip(smooth + detail, 0, 255).astype(np.uint8)).save(paths[-1], quality=92)
+    model = load_model(make_tiny_clip(root / "fast-clip"))
+    model.backbone.fast_decode = True  # as a model trained with data.fast_decode is loaded
+    folder = root / "x-fast"
+    manifest = export_onnx(model, folder, paths, CAPTIONS[:2])
+    assert manifest["fast_decode"] is True
+    assert json.loads((folder / "export.json").read_text())["fast_decode"] is True
+    # the tiny CLIP's input side is 32: JPEGs keep a shorter side of at least 2 x 32
+    assert json.loads((folder / "preprocess.json").read_text())["jpeg_min_side"] == 64
+    spec = importlib.util.spec_from_file_location("fast_client", folder / "cliptune_onnx.py")
+    assert spec is not None and spec.loader is not None
+    shipped = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shipped)  # the shipped copy, not cliptune's module
+    # 384 // 8 = 48 < 64 <= 384 // 4 = 96: 1/4; 240 // 4 = 60 < 64 <= 240 // 2 = 120: 1/2
+    for path, size in zip(paths, [(128, 96), (120, 160)], strict=True):
+        decoded = shipped.load_rgb(path, 64)
+        assert decoded.size == size
+        assert np.array_equal(np.asarray(decoded), np.asarray(load_image(path, min_side=64)))
+    client_feats = shipped.Embedder(folder).embed_images(paths)
+    fast = embed_images_with(model, paths, use_cache=False, precision="fp32", progress=False).numpy()
+    model.backbone.fast_decode = False
+    full = embed_images_with(model, paths, use_cache=False, precision="fp32", progress=False).numpy()
+    assert _cos_rows(client_feats, fast).min() >= 0.9999
+    assert np.abs(client_feats - full).max() > 10 * np.abs(client_feats - fast).max()  # not the full decode

@@ -1,12 +1,14 @@
 """The decoded-uint8 pixel cache and uint8 batches normalised on the device: the same features as the float
 preprocess, a changed file or another preprocessing is a miss, a killed write leaves a usable cache, and a
-backbone without a uint8 recipe is refused rather than silently cached."""
+backbone without a uint8 recipe is refused rather than silently cached; a transformers image processor's
+recipe gives the processor's own pixels."""
 
 from __future__ import annotations
 
 import warnings
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ from cliptune.models.embed import embed_images, embed_images_with
 from cliptune.models.factory import load_model
 from cliptune.models.openclip import preprocess_image, uint8_image
 from cliptune.models.pixel_cache import MAGIC, PixelCache
-from tests.tiny_models import make_tiny_clip
+from tests.tiny_models import make_tiny_clip, make_tiny_siglip
 
 SIZE = 32
 
@@ -155,15 +157,92 @@ def test_put_refuses_the_wrong_shape_naming_the_key(tmp_path: Path) -> None:
 def test_a_backbone_without_a_uint8_recipe_is_refused_not_silently_cached(tmp_path: Path) -> None:
     model = load_model(make_tiny_clip(tmp_path / "clip", seed=0))  # a transformers image processor
     paths = _photos(tmp_path / "img", n=1)
+    model.backbone.image_processor.do_convert_rgb = False  # type: ignore[attr-defined]  # HF backbone's
     plain = embed_images_with(model, paths, cache_dir=tmp_path / "c", precision="fp32", progress=False)
     model.backbone.pixel_cache = True
     with pytest.raises(
         NoPixelRecipeError, match="data.pixel_cache is on, but it cannot be used here"
     ) as info:
         embed_images_with(model, paths, cache_dir=tmp_path / "c2", precision="fp32", progress=False)
-    assert "transformers image processor" in str(info.value)
+    assert "clip backbone: image processor CLIPImageProcessorPil: do_convert_rgb=False" in str(info.value)
     assert not (tmp_path / "c2" / "pixels").exists()
     assert plain.shape[0] == 1
+
+
+# Sizes (height, width) that exercise both orientations, a square, odd sides and the long-side truncation.
+_SHAPES = [(48, 64), (65, 33), (31, 31), (100, 47), (20, 90)]
+
+
+@pytest.mark.parametrize("make", [make_tiny_clip, make_tiny_siglip], ids=["clip", "siglip"])
+def test_a_transformers_processor_recipe_gives_the_processors_own_pixels(make: Any, tmp_path: Path) -> None:
+    from transformers import AutoImageProcessor
+
+    from cliptune.models.hf import processor_recipe
+
+    processor = AutoImageProcessor.from_pretrained(str(make(tmp_path / "m")), local_files_only=True)  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
+    recipe = processor_recipe(processor)
+    rng = np.random.default_rng(1)
+    for height, width in _SHAPES:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        want = processor(images=[image], return_tensors="pt")["pixel_values"]  # the processor's own code
+        uint8 = recipe.to_uint8(image)
+        assert uint8.dtype == np.uint8 and uint8.shape == (SIZE, SIZE, 3)
+        got = normalise_uint8(torch.from_numpy(uint8)[None], recipe.mean, recipe.std)
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=0, atol=1e-6), (height, width)
+    assert recipe.identity.startswith("hf-pil:")
+
+
+def test_processor_settings_the_recipe_cannot_replay_are_refused_with_the_reason(tmp_path: Path) -> None:
+    from transformers import AutoImageProcessor
+
+    from cliptune.models.hf import processor_recipe
+
+    folder = str(make_tiny_clip(tmp_path / "clip"))
+    cases = [
+        ({"do_convert_rgb": False}, "do_convert_rgb=False"),
+        ({"resample": 7}, "resample 7 is not a PIL filter"),
+        ({"do_pad": True}, "do_pad=True is a step cliptune does not replay"),
+        ({"rescale_factor": 1 / 127.5}, "rescale by 0.00784"),
+        ({"do_center_crop": False}, "without a centre crop"),
+        ({"crop_size": {"height": 40, "width": 40}}, r"crop \[40, 40\] larger than the resized image"),
+        ({"size": {"shortest_edge": 32, "longest_edge": 64}}, "only shortest_edge, or height and width"),
+    ]
+    for change, reason in cases:
+        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)  # type: ignore[no-untyped-call]  # unannotated
+        for key, value in change.items():
+            setattr(processor, key, value)
+        with pytest.raises(NoPixelRecipeError, match=reason):
+            processor_recipe(processor)
+
+
+def test_hf_backbones_embed_the_same_with_the_pixel_cache_on_and_off(tmp_path: Path) -> None:
+    from cliptune.models.composed import _HFVisionTower
+
+    paths = _photos(tmp_path / "img", n=3)
+    model = load_model(make_tiny_clip(tmp_path / "clip", seed=0))
+    plain = embed_images_with(model, paths, use_cache=False, precision="fp32", progress=False)
+    model.backbone.pixel_cache = True
+    cached = embed_images_with(model, paths, cache_dir=tmp_path / "c", precision="fp32", progress=False)
+    assert _shards(tmp_path / "c" / "pixels") and torch.equal(cached, plain)
+    # and preprocess (training, serve, export) is the recipe's pixels, bit for bit, within 1e-6 of the
+    # processor's own float arithmetic
+    images = [load_image(p) for p in paths]
+    recipe = model.backbone.pixel_recipe()
+    via_recipe = normalise_uint8(
+        torch.from_numpy(np.stack([recipe.to_uint8(im) for im in images])), recipe.mean, recipe.std
+    )
+    assert torch.equal(model.backbone.preprocess(images), via_recipe)
+    processor = model.backbone.image_processor  # type: ignore[attr-defined]  # the HF backbone's
+    assert torch.allclose(
+        processor(images=images, return_tensors="pt")["pixel_values"], via_recipe, atol=1e-6
+    )
+    # a composed backbone's SigLIP vision tower: the same recipe, through its tower
+    tower = _HFVisionTower.from_folder(make_tiny_siglip(tmp_path / "siglip"))
+    tower_recipe = tower.pixel_recipe()
+    assert tower_recipe.mean == (0.5, 0.5, 0.5) and '"mode": "exact"' in tower_recipe.identity
+    tower_plain = _embed(paths, tower)  # type: ignore[arg-type]  # any tower with preprocess
+    tower_cached = _embed(paths, tower, recipe=tower_recipe, pixel_cache_dir=tmp_path / "p")  # type: ignore[arg-type]
+    assert _shards(tmp_path / "p") and torch.equal(tower_cached, tower_plain)
 
 
 def test_recipe_is_picklable_for_spawned_workers(tower) -> None:
@@ -190,3 +269,48 @@ def test_embedded_model_with_the_pixel_cache_embeds_exactly_as_without(tmp_path:
     assert torch.allclose(cached, plain, atol=1e-6)
     want, _ = tower_features(backbone, paths, ["a", "b"], cache_dir=tmp_path / "c3", progress=False)
     assert torch.allclose(feats, want, atol=1e-6) and _shards(tmp_path / "c2" / "pixels")
+
+
+def test_a_cold_pass_decodes_as_the_batches_come_up_not_everything_first(tower, tmp_path: Path) -> None:
+    paths = _photos(tmp_path / "img", n=5)
+    recipe, root = tower.pixel_recipe(), tmp_path / "pixels"
+    _embed(paths[1:4:2], tower, recipe=recipe, pixel_cache_dir=root)  # images 1 and 3 already cached
+    events: list[str] = []
+
+    def load(path: Path) -> Image.Image:
+        events.append(f"decode {Path(path).stem}")
+        return load_image(path)
+
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        events.append(f"forward {len(pixels)}")
+        return _forward(pixels)
+
+    got = embed_images(
+        paths,
+        cache=None,
+        load=load,
+        preprocess=tower.preprocess,
+        forward=forward,
+        batch_size=2,
+        precision="fp32",
+        progress=False,
+        recipe=recipe,
+        pixel_cache_dir=root,
+    )
+    # the missing images 0, 2, 4 are decoded in loader batches of 2 as the forward batches (0 1), (2 3), (4)
+    # need them: the first forward runs before image 4 is decoded (before: all decodes, then all forwards)
+    assert events == ["decode 0", "decode 2", "forward 2", "forward 2", "decode 4", "forward 1"]
+    assert torch.equal(got, _embed(paths, tower))  # the same features, cached and fresh rows in order
+    again: list[str] = []
+    embed_images(
+        paths,
+        cache=None,
+        load=lambda p: again.append(str(p)) or load_image(p),
+        preprocess=tower.preprocess,
+        forward=_forward,
+        precision="fp32",
+        progress=False,
+        recipe=recipe,
+        pixel_cache_dir=root,
+    )
+    assert again == []  # every decoded image was stored

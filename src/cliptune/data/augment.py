@@ -159,10 +159,15 @@ def _colour_jitter(image: Image.Image, strength: float, rng: np.random.Generator
     return Image.fromarray(hsv, mode="HSV").convert("RGB")
 
 
-def image_view_id(params: ImageAugmentConfig, seed: int, view: int) -> str:
-    """What makes view ``view`` of every image: part of its feature-cache key (``preprocess_id``)."""
+def image_view_id(params: ImageAugmentConfig, seed: int, view: int, min_side: int | None = None) -> str:
+    """What makes view ``view`` of every image: part of its feature-cache key (``preprocess_id``).
+
+    ``min_side`` is :class:`AugmentedLoader`'s decode bound (``data.fast_decode``): a fast-decoded view is
+    another picture, so it gets another key; full decoding keeps the key views always had.
+    """
     settings = json.dumps(params.model_dump(mode="json"), sort_keys=True)
-    return f"augment-v1:{settings}:seed={seed}:view={view}"
+    fast = "" if min_side is None else f":jpeg-min-side={min_side}"
+    return f"augment-v1:{settings}:seed={seed}:view={view}{fast}"
 
 
 @dataclass(frozen=True)
@@ -170,16 +175,20 @@ class AugmentedLoader:
     """``path -> view`` of an image file: the loader of one view, picklable for DataLoader workers.
 
     The view is seeded by the file's sha256 (what the feature cache keys an image by), so a cached view and
-    a recomputed one are the same picture wherever the catalogue lies.
+    a recomputed one are the same picture wherever the catalogue lies. ``min_side`` decodes JPEGs at a
+    reduced DCT scale exactly as the plain loader does with ``data.fast_decode``
+    (:func:`cliptune.data.images.load_image`), so augmented training sees the pictures eval sees; None
+    decodes at full size.
     """
 
     params: ImageAugmentConfig
     seed: int
     view: int
     max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int | None = None
 
     def __call__(self, path: Path) -> Image.Image:
-        image = load_image(path, max_pixels=self.max_pixels)
+        image = load_image(path, max_pixels=self.max_pixels, min_side=self.min_side)
         item = hashlib.sha256(read_image_bytes(Path(path))).hexdigest()
         return augment_image(image, self.params, view_rng(self.seed, item, self.view))
 

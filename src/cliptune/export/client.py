@@ -5,6 +5,12 @@ without cliptune or torch. It is also cliptune's own description of the preproce
 parity check runs *this* code's :func:`preprocess_image` and :class:`Embedder` against PyTorch, so what
 the folder promises is what was checked. Keep it standalone: no cliptune import, no torch import.
 
+That is why it carries its own copy of one cliptune rule, on purpose: the JPEG draft decode of
+``data.fast_decode`` (:func:`load_rgb`'s ``min_side``, cliptune's ``data.images._draft``). A model trained
+with fast decoding records its bound as ``jpeg_min_side`` in ``preprocess.json`` (``fast_decode`` in
+``export.json``), and this client decodes exactly as cliptune then does; the export test checks both
+decode the same pixels from a large JPEG.
+
 Example (inside an export folder)::
 
     from cliptune_onnx import Embedder
@@ -39,9 +45,16 @@ _FILTERS = {
 }
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image as cliptune does: EXIF orientation applied, transparency composited on white, RGB."""
+def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
+    """Decode an image as cliptune does: EXIF orientation applied, transparency composited on white, RGB.
+
+    With ``min_side`` (``preprocess.json``'s ``jpeg_min_side``: the model was trained with
+    ``data.fast_decode``), a JPEG decodes at the largest exact DCT reduction (1/8, 1/4, 1/2) that divides
+    both sides and keeps the shorter one at least ``min_side``, as cliptune does; None decodes at full size.
+    """
     with Image.open(path) as opened:
+        if min_side is not None and opened.format == "JPEG":
+            _draft(opened, int(min_side))
         image = ImageOps.exif_transpose(opened)
         image.load()
     if image.mode in ("RGBA", "LA", "PA") or (
@@ -51,6 +64,15 @@ def load_rgb(path: str | Path) -> Image.Image:
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _draft(image: Image.Image, min_side: int) -> None:
+    """A copy of cliptune's ``data.images._draft`` (this client must not import cliptune)."""
+    width, height = image.size
+    for s in (8, 4, 2):
+        if width % s == 0 and height % s == 0 and min(width, height) // s >= min_side:
+            image.draft(None, (width // s, height // s))  # Pillow then picks exactly this 1/s scale
+            return
 
 
 def preprocess_image(image: Image.Image, spec: dict[str, Any]) -> np.ndarray:
@@ -170,9 +192,10 @@ class Embedder:
         return out
 
     def embed_images(self, paths: Sequence[str | Path], batch_size: int = 32) -> np.ndarray:
-        """Image files -> (N, D) float32 L2-normalised embeddings."""
+        """Image files -> (N, D) float32 L2-normalised embeddings (decoded as the model was trained)."""
+        min_side = self.preprocess_spec.get("jpeg_min_side")  # None: full decode (and older exports)
         parts = [
-            self.run_images(self.preprocess([load_rgb(p) for p in paths[i : i + batch_size]]))
+            self.run_images(self.preprocess([load_rgb(p, min_side) for p in paths[i : i + batch_size]]))
             for i in range(0, len(paths), batch_size)
         ]
         return np.concatenate(parts) if parts else np.zeros((0, int(self.manifest["embed_dim"])), np.float32)

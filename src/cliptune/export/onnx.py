@@ -3,7 +3,8 @@
 The folder it writes (atomically: a failed check leaves nothing)::
 
     image.onnx  text.onnx  [head.onnx]    graphs with a dynamic batch axis (and sequence axis for text)
-    preprocess.json                       the image preprocessing as data (``export.inputs``)
+    preprocess.json                       the image preprocessing as data (``export.inputs``), and
+                                          ``jpeg_min_side``: the fast-decode bound, or null
     tokenizer.json                        the tokenizers pipeline (not for open_clip backbones)
     export.json                           identity, graphs' inputs/outputs, opset, exporter, parity
     cliptune_onnx.py                      the torch-free reference client (``export.client``)
@@ -35,7 +36,7 @@ from cliptune.export import client
 from cliptune.export.errors import ExportError, ExportExistsError, ParityError
 from cliptune.export.graphs import HeadGraph, ImageGraph, TextGraph
 from cliptune.export.inputs import describe_preprocess, write_tokenizer
-from cliptune.models.embed import embed_images_with, embed_texts_with, image_loader
+from cliptune.models.embed import decode_min_side, embed_images_with, embed_texts_with, image_loader
 from cliptune.models.factory import LoadedModel
 from cliptune.rundir import atomic_folder
 
@@ -84,7 +85,11 @@ def export_onnx(
     images = [load(p) for p in paths]
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out) as tmp:
-        spec = describe_preprocess(backbone)
+        # the JPEG decode bound of data.fast_decode (None: full decode), which the client replays
+        spec = {
+            **describe_preprocess(backbone),
+            "jpeg_min_side": decode_min_side(backbone.preprocess, backbone.fast_decode),
+        }
         (tmp / client.PREPROCESS_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
         tokenizer = write_tokenizer(backbone, tmp)
         example_pixels = backbone.preprocess(_two(images))
@@ -119,6 +124,7 @@ def export_onnx(
             "backbone_kind": backbone.kind,
             "embed_dim": int(backbone.embed_dim if head is None else head.out_dim),
             "siamese": head is not None,
+            "fast_decode": backbone.fast_decode,
             "normalized": True,
             "graphs": {name: {"file": f"{name}.onnx"} for name in exporters},
             "exporter": exporters,

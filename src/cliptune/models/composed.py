@@ -172,15 +172,14 @@ class _HFVisionTower(_ImageTower):
         return pooled
 
     def preprocess(self, images: list[Image.Image]) -> Tensor:
-        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        pixels: Tensor = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
-        return pixels
+        from cliptune.models.hf import processor_pixels
+
+        return processor_pixels(self.image_processor, images)
 
     def pixel_recipe(self) -> PixelRecipe:
-        raise NoPixelRecipeError(
-            f"image tower {type(self.image_processor).__name__}: a transformers image processor resizes, "
-            "rescales and normalises in its own code, which cliptune does not reproduce bit for bit"
-        )
+        from cliptune.models.hf import processor_recipe
+
+        return processor_recipe(self.image_processor)
 
     def tower(self) -> Tower:
         v = self.vision

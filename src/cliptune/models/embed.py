@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -39,6 +39,7 @@ __all__ = [
     "embed_texts",
     "resolve_precision",
     "catalogue_paths",
+    "decode_min_side",
     "default_cache_dir",
     "embed_images_with",
     "embed_texts_with",
@@ -188,11 +189,12 @@ def augmented_tower_features(
     text_views = augment.views if augment.text.enabled else 1
     # = tower_features' entries
     plain_load, plain_id = image_loader(backbone.preprocess, max_pixels, fast_decode=backbone.fast_decode)
+    min_side = decode_min_side(backbone.preprocess, backbone.fast_decode)  # views decode as the plain load
     images = [
         embed_images(
             list(paths),
             cache=cache,
-            load=AugmentedLoader(augment.image, augment.seed, v, max_pixels)
+            load=AugmentedLoader(augment.image, augment.seed, v, max_pixels, min_side)
             if augment.image.enabled
             else plain_load,
             preprocess=backbone.preprocess,
@@ -200,7 +202,7 @@ def augmented_tower_features(
             precision=precision,
             num_workers=num_workers,
             device=device,
-            preprocess_id=image_view_id(augment.image, augment.seed, v)
+            preprocess_id=image_view_id(augment.image, augment.seed, v, min_side)
             if augment.image.enabled
             else plain_id,
             progress=progress,
@@ -439,11 +441,18 @@ def image_loader(
         ``(load, preprocess_id)``: ``load`` is a picklable partial (DataLoader workers started with
         "spawn", on macOS and Windows, pickle it).
     """
-    side = model_input_side(preprocess) if fast_decode else None
-    if side is None:
+    min_side = decode_min_side(preprocess, fast_decode)
+    if min_side is None:
         return partial(load_image, max_pixels=max_pixels), FULL_DECODE_ID
-    min_side = DRAFT_OVERSAMPLE * side
     return partial(load_image, max_pixels=max_pixels, min_side=min_side), f"jpeg-min-side={min_side}"
+
+
+def decode_min_side(preprocess: Callable[[list[Image.Image]], Tensor], fast_decode: bool) -> int | None:
+    """The shorter side a fast-decoded JPEG keeps (``load_image``'s ``min_side``): :data:`DRAFT_OVERSAMPLE` x
+    the model's input side; None (full decoding) without ``fast_decode`` or a fixed input size. The one rule
+    the plain loader (:func:`image_loader`) and the augmented views (``AugmentedLoader``) share."""
+    side = model_input_side(preprocess) if fast_decode else None
+    return None if side is None else DRAFT_OVERSAMPLE * side
 
 
 def pixel_recipe_for(backbone: Backbone) -> PixelRecipe | None:
@@ -635,8 +644,13 @@ def _cached_uint8(
     num_workers: int,
     pin: bool,
 ) -> Iterable[Tensor]:
-    """uint8 batches of ``todo`` (path, sha256) through the pixel cache: the missing images are decoded and
-    stored first (flushed every ``_PIXEL_FLUSH_ROWS``), then every batch is read from the memory maps."""
+    """uint8 batches of ``todo`` (path, sha256) through the pixel cache, in ``todo`` order.
+
+    Cached images are read from the memory maps; the missing ones are decoded by a DataLoader (``num_workers``
+    processes) *as the batches that need them come up*, so a cold pass decodes while the forward of the
+    previous batch runs instead of decoding everything first. New pixels are stored every
+    ``_PIXEL_FLUSH_ROWS`` and when the pass ends (also when it stops early: ``finally``).
+    """
     if not todo:
         return
     probe = recipe.to_uint8(Image.new("RGB", (37, 29)))
@@ -645,20 +659,40 @@ def _cached_uint8(
     have = pixels.get_many(keys)
     missing = list(dict.fromkeys(k for k in keys if k not in have))
     path_of = dict(zip(keys, (p for p, _ in todo), strict=True))
-    pending: dict[str, np.ndarray] = {}
+    decoded = _rows(
+        missing, _loaded([path_of[k] for k in missing], load, recipe, batch_size, num_workers, False)
+    )
+    fresh: dict[str, np.ndarray] = {}  # decoded, not yet in a batch
+    pending: dict[str, np.ndarray] = {}  # decoded, not yet stored
+    try:
+        for start in range(0, len(keys), batch_size):
+            chunk = keys[start : start + batch_size]
+            rows = []
+            for k in chunk:
+                while k not in have and k not in fresh:  # missing is in keys order: pull up to k
+                    key, row = next(decoded)
+                    fresh[key] = pending[key] = row
+                rows.append(have[k] if k in have else fresh[k])
+            for (
+                k
+            ) in chunk:  # each key comes once (todo holds one row per sha256): drop it, memory stays bounded
+                fresh.pop(k, None)
+            batch_u8 = torch.from_numpy(np.stack(rows))  # (B, H, W, 3)
+            yield batch_u8.pin_memory() if pin else batch_u8
+            if len(pending) >= _PIXEL_FLUSH_ROWS:
+                pixels.put_many(pending)
+                pending = {}
+    finally:
+        pixels.put_many(pending)
+
+
+def _rows(keys: list[str], batches: Iterable[Tensor]) -> Iterator[tuple[str, np.ndarray]]:
+    """``(key, (H, W, 3) uint8 row)`` of decoded ``batches`` lined up with ``keys``."""
     done = 0
-    for batch in _loaded([path_of[k] for k in missing], load, recipe, batch_size, num_workers, False):
+    for batch in batches:
         rows = batch.numpy()
-        pending.update(zip(missing[done : done + len(rows)], rows, strict=True))
+        yield from zip(keys[done : done + len(rows)], rows, strict=True)
         done += len(rows)
-        if len(pending) >= _PIXEL_FLUSH_ROWS:
-            pixels.put_many(pending)
-            pending = {}
-    pixels.put_many(pending)
-    have = pixels.get_many(keys)
-    for start in range(0, len(keys), batch_size):
-        batch_u8 = torch.from_numpy(np.stack([have[k] for k in keys[start : start + batch_size]]))
-        yield batch_u8.pin_memory() if pin else batch_u8
 
 
 def _stack_uint8(to_uint8: Callable[[Image.Image], np.ndarray], images: list[Image.Image]) -> Tensor:

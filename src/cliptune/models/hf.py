@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -34,6 +36,7 @@ from cliptune.models.backbone import (
     PixelRecipe,
     Tower,
     WeightsMismatchError,
+    normalise_uint8,
     save_state,
     write_config,
 )
@@ -41,7 +44,14 @@ from cliptune.models.backbone import (
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
 
-__all__ = ["HFBackbone", "from_pretrained_strict", "load_hf"]
+__all__ = [
+    "HFBackbone",
+    "from_pretrained_strict",
+    "load_hf",
+    "processor_pixels",
+    "processor_recipe",
+    "processor_uint8",
+]
 
 _KINDS = ("clip", "siglip", "auto")
 # Keys of a transformers config that do not change what the model computes.
@@ -153,23 +163,19 @@ class HFBackbone(Backbone):
 
     # --- pre-processing ------------------------------------------------------------------
     def preprocess(self, images: list[Image.Image]) -> Tensor:
-        """Run the model's own image processor. Returns (B, 3, H, W) float32."""
-        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        pixels: Tensor = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
-        return pixels
+        """The model's own image processor (:func:`processor_pixels`). Returns (B, 3, H, W) float32."""
+        return processor_pixels(self.image_processor, images)
 
     def pixel_recipe(self) -> PixelRecipe:
-        """None known: the transformers image processor is the preprocess (see :class:`Backbone`).
+        """The image processor's uint8 recipe (:func:`processor_recipe`; see :class:`Backbone`).
 
         Raises:
-            NoPixelRecipeError: Always: its resize, rescale and normalise run in transformers' own code
-                (per version and backend), which cliptune does not reproduce bit for bit, so cached uint8
-                pixels could not be promised to give the same features.
+            NoPixelRecipeError: The processor has a step or setting the recipe cannot replay (named).
         """
-        raise NoPixelRecipeError(
-            f"{self.kind} backbone ({type(self.image_processor).__name__}): a transformers image processor "
-            "resizes, rescales and normalises in its own code, which cliptune does not reproduce bit for bit"
-        )
+        try:
+            return processor_recipe(self.image_processor)
+        except NoPixelRecipeError as e:
+            raise NoPixelRecipeError(f"{self.kind} backbone: {e}") from e
 
     def count_truncated(self, texts: list[str]) -> tuple[int, int] | None:
         """How many of ``texts`` :meth:`tokenize` cuts, and its limit (see :class:`Backbone`)."""
@@ -469,3 +475,166 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
     else:
         data = sorted(tokenizer.get_vocab().items())
     return json.dumps([type(tokenizer).__name__, data], sort_keys=True)
+
+
+# --- the uint8 recipe of a transformers image processor ---------------------------------------------------
+# The steps of transformers' PIL backend (``PilBackend._preprocess``) that this replays, in its order:
+# convert to RGB, resize (PIL, no reducing gap), centre crop (numpy slice), rescale, normalise.
+_KNOWN_STEPS = ("do_convert_rgb", "do_resize", "do_center_crop", "do_rescale", "do_normalize")
+_PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+_REPLAYED_METHODS = ("process_image", "convert_to_rgb", "resize", "center_crop", "_preprocess")
+
+
+def processor_recipe(processor: Any) -> PixelRecipe:
+    """The uint8 recipe of a transformers image processor: what it does before ``rescale``/``normalize``.
+
+    transformers' PIL backend (``CLIPImageProcessorPil``: resize the shortest side, bicubic, centre crop;
+    ``SiglipImageProcessorPil``: resize to a fixed size) resizes a uint8 image with PIL and crops it with a
+    numpy slice, so those steps are replayed here exactly (:func:`processor_uint8`, tested against the
+    processor's own ``pixel_values``); its ``rescale`` then ``normalize`` in float64/float32 differ from
+    :func:`~cliptune.models.backbone.normalise_uint8` by at most a float32 rounding (< 1e-6). Anything this
+    replay does not cover is refused, never approximated.
+
+    Args:
+        processor: A transformers image processor.
+
+    Returns:
+        The recipe (its ``to_uint8`` holds plain settings, not the processor: cheap to pickle to workers).
+
+    Raises:
+        NoPixelRecipeError: The processor is not the PIL backend, overrides one of its steps, or has a
+            setting the replay cannot represent; the message names it.
+
+    Example:
+        >>> recipe = processor_recipe(CLIPImageProcessorPil(size={"shortest_edge": 32},
+        ...                                                  crop_size={"height": 32, "width": 32}))
+        >>> recipe.to_uint8(Image.new("RGB", (64, 48))).shape
+        (32, 32, 3)
+    """
+    settings = _processor_settings(processor)
+    mean, std = _three(processor, "image_mean", 0.0), _three(processor, "image_std", 1.0)
+    return PixelRecipe(
+        to_uint8=partial(processor_uint8, **settings),
+        mean=mean,
+        std=std,
+        identity="hf-pil:" + json.dumps(settings, sort_keys=True),
+    )
+
+
+def processor_uint8(
+    image: Image.Image, *, mode: str, size: list[int], crop: list[int] | None, resample: int
+) -> np.ndarray:
+    """The uint8 half of a transformers PIL-backend processor (settings from :func:`processor_recipe`).
+
+    ``mode`` ``shortest``: the short side becomes ``size[0]`` and the long side ``int(size * long / short)``
+    (truncated, as ``get_resize_output_image_size``); ``exact``: ``size`` is (height, width). Then the
+    centre crop (height, width) at ``(side - crop) // 2``, as ``center_crop`` (the recipe refuses crops
+    that would pad).
+
+    Returns:
+        (H, W, 3) uint8.
+    """
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    width, height = rgb.size
+    if mode == "shortest":
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(size[0] * long / short)
+        new_w, new_h = (size[0], new_long) if width <= height else (new_long, size[0])
+    else:
+        new_h, new_w = size
+    pixels = np.array(rgb.resize((new_w, new_h), resample=resample), dtype=np.uint8)  # (H, W, 3), writable
+    if crop is not None:
+        top, left = (new_h - crop[0]) // 2, (new_w - crop[1]) // 2
+        pixels = pixels[top : top + crop[0], left : left + crop[1]]
+    return np.ascontiguousarray(pixels)
+
+
+def _processor_settings(processor: Any) -> dict[str, Any]:
+    """What :func:`processor_uint8` needs of ``processor``; NoPixelRecipeError naming what does not fit."""
+    from transformers.image_processing_backends import PilBackend
+
+    name = type(processor).__name__
+
+    def refuse(reason: str) -> NoPixelRecipeError:
+        return NoPixelRecipeError(f"image processor {name}: {reason}")
+
+    # a helper, not isinstance: `processor` stays Any (its settings are per class, not on PilBackend)
+    if not _is_pil_backend(processor):
+        raise refuse(
+            "not transformers' PIL backend (its pixels come from another resize, e.g. torchvision's, "
+            "which cliptune does not replay)"
+        )
+    for method in _REPLAYED_METHODS:
+        if getattr(type(processor), method) is not getattr(PilBackend, method):
+            raise refuse(f"overrides the PIL backend's {method}, which cliptune does not replay")
+    steps = {k: v for k, v in vars(processor).items() if k.startswith("do_") and v}
+    steps["do_pad"] = getattr(processor, "do_pad", False)  # the one other step of PilBackend._preprocess
+    steps.update({k: getattr(processor, k, False) for k in _KNOWN_STEPS})
+    unknown = sorted(k for k, v in steps.items() if v and k not in _KNOWN_STEPS)
+    if unknown:
+        raise refuse(f"{', '.join(f'{k}=True' for k in unknown)} is a step cliptune does not replay")
+    if not steps["do_convert_rgb"]:
+        raise refuse("do_convert_rgb=False (cliptune's uint8 pixels are always RGB)")
+    if not steps["do_resize"]:
+        raise refuse("do_resize=False (images would keep their own sizes)")
+    factor = float(processor.rescale_factor) if steps["do_rescale"] else 1.0
+    if abs(factor - 1 / 255) > 1e-12:
+        raise refuse(f"rescale by {factor} (the uint8 pixels are rescaled by 1/255)")
+    resample = processor.resample
+    if resample is None or int(resample) not in _PIL_FILTERS:
+        raise refuse(f"resample {resample!r} is not a PIL filter")
+    size = {k: v for k, v in dict(processor.size).items() if v is not None}
+    # pair: the smallest (height, width) the resize can give (shortest: both sides are at least the edge)
+    if set(size) == {"shortest_edge"}:
+        mode, pair = "shortest", [int(size["shortest_edge"])] * 2
+    elif set(size) == {"height", "width"}:
+        mode, pair = "exact", [int(size["height"]), int(size["width"])]
+    else:
+        raise refuse(f"size {size} (only shortest_edge, or height and width, are replayed)")
+    crop: list[int] | None = None
+    if steps["do_center_crop"]:
+        crop_size = dict(processor.crop_size)
+        crop = [int(crop_size["height"]), int(crop_size["width"])]
+        if crop[0] > pair[0] or crop[1] > pair[1]:
+            raise refuse(f"crop {crop} larger than the resized image {pair} (the processor pads)")
+    elif mode == "shortest":
+        raise refuse("resizes the shortest side without a centre crop (images would keep their aspect ratio)")
+    return {
+        "mode": mode,
+        "size": pair if mode == "exact" else pair[:1],
+        "crop": crop,
+        "resample": int(resample),
+    }
+
+
+def _is_pil_backend(processor: Any) -> bool:
+    from transformers.image_processing_backends import PilBackend
+
+    return isinstance(processor, PilBackend)
+
+
+def _three(processor: Any, attr: str, off: float) -> tuple[float, float, float]:
+    """``image_mean``/``image_std`` as 3 floats (``off`` when ``do_normalize`` is False)."""
+    value = getattr(processor, attr) if processor.do_normalize else off
+    values = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * 3
+    if len(values) != 3:
+        raise NoPixelRecipeError(
+            f"image processor {type(processor).__name__}: {attr} {values} is not 3 channels"
+        )
+    return values[0], values[1], values[2]
+
+
+def processor_pixels(processor: Any, images: list[Image.Image]) -> Tensor:
+    """A transformers processor's ``pixel_values`` for ``images``, (B, 3, H, W) float32.
+
+    Through :func:`processor_recipe` where it has one, so ``preprocess`` equals the pixel-cache path bit for
+    bit (the recipe's contract); the processor itself otherwise.
+    """
+    rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+    try:
+        recipe = processor_recipe(processor)
+    except NoPixelRecipeError:
+        pixels: Tensor = processor(images=rgb, return_tensors="pt")["pixel_values"]
+        return pixels
+    batch = torch.from_numpy(np.stack([recipe.to_uint8(im) for im in rgb]))  # (B, H, W, 3)
+    return normalise_uint8(batch, recipe.mean, recipe.std)
