@@ -336,6 +336,7 @@ def test_cli_shard_then_check(world: dict[str, Path], tmp_path: Path) -> None:
     assert "40 good row(s), 0 bad row(s)" in check.output
     again = runner.invoke(app, ["data", "shard", str(world["fashion"]), str(out)])
     assert again.exit_code == 2 and "already holds .tar files" in again.output
+    assert "empty OUT folder" in again.output
     assert "empty OUT folder" in again.output and "Traceback" not in again.output
     gif = tmp_path / "gif"
     gif.mkdir()

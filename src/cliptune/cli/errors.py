@@ -142,9 +142,11 @@ HINTS: dict[str, Hint] = {
         "copy the shard again, or write the shards afresh with `cliptune data shard CATALOGUE OUT`"
     ),
     "cliptune.data.shards.ShardWriteError": (
-        "give `cliptune data shard` an empty OUT folder; every row needs a file_name and images must be "
-        ".jpg, .jpeg, .png or .webp (convert others, or leave their rows out with `cliptune data check "
-        "--write-clean`)"
+        "every row needs a file_name and images must be .jpg, .jpeg, .png or .webp (convert others, or "
+        "leave their rows out with `cliptune data check --write-clean`)"
+    ),
+    "cliptune.data.shards.ShardOutputExistsError": (
+        "give `cliptune data shard` an empty OUT folder (or delete the old shards first)"
     ),
     "cliptune.search.index.IndexExistsError": "use a new folder or --overwrite",
     "cliptune.export.errors.ExportExistsError": "use a new folder or --overwrite",

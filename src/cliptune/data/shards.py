@@ -66,6 +66,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "OPEN_SHARDS",
     "CorruptShardError",
+    "ShardOutputExistsError",
     "ShardWriteError",
     "ShardMemberError",
     "expand_pattern",
@@ -102,6 +103,10 @@ class CorruptShardError(CatalogueError):
 class ShardWriteError(CatalogueError):
     """A folder catalogue that cannot be written as shards (an image format WebDataset does not name, an
     output folder that already holds shards)."""
+
+
+class ShardOutputExistsError(ShardWriteError):
+    """The output folder already holds ``.tar`` files: new shards would mix with (or overwrite) old ones."""
 
 
 class ShardMemberError(CatalogueError):
@@ -318,7 +323,7 @@ def write_shards(
     shard_width = max(5, len(str(n_shards - 1)))
     out = Path(out)
     if out.is_dir() and any(out.glob("*.tar")):
-        raise ShardWriteError(f"{out}: already holds .tar files; write the shards to an empty folder")
+        raise ShardOutputExistsError(f"{out}: already holds .tar files")
     out.mkdir(parents=True, exist_ok=True)
     items: Iterator[tuple[int, str]] = iter(enumerate(names))
     if progress is not None:
