@@ -165,13 +165,6 @@ def _padded(
     return vals, idx
 
 
-def _row_count(mask: torch.Tensor) -> torch.Tensor:
-    """True entries per row; numpy's count_nonzero is ~6x faster than torch's bool sum on CPU."""
-    if mask.device.type == "cpu":
-        return torch.from_numpy(np.count_nonzero(mask.numpy(), axis=1).astype(np.int64))
-    return mask.sum(1)
-
-
 def _round_out(x: torch.Tensor, dtype: torch.dtype, *, down: bool) -> torch.Tensor:
     """float64 -> dtype rounded towards -inf (down) or +inf, so the interval only widens."""
     y = x.to(dtype)
@@ -259,10 +252,17 @@ def _gamma(n: int, u: float) -> float:
 
 
 class _Kernel(NamedTuple):
-    """The candidate GEMM of a pass and the bound ``err`` (Q,) float64 on ``|its score - exact_scores|``."""
+    """The candidate GEMM of a pass and its bounds, (Q,) float64 each.
+
+    ``err`` bounds ``|y - exact_scores|`` for y the GEMM's score before it is rounded to the block dtype:
+    what the key comparisons need, as their thresholds are rounded outwards to block values (rounding is
+    monotone: ``y <= t`` gives ``fl(y) <= t`` for a block value t). ``err_out`` bounds ``|fl(y) - exact|``,
+    for the comparisons of block values with each other (the lists); equal for fp32 and float64 blocks.
+    """
 
     dtype: torch.dtype  # bfloat16, float32 or float64 blocks
     err: torch.Tensor
+    err_out: torch.Tensor
 
 
 def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool) -> _Kernel:
@@ -270,16 +270,17 @@ def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool) -> _Kernel:
 
     For any summation order ``|fl(q.x) - q.x| <= gamma_D sum|q_i x_i| <= gamma_D |q| |x|`` (Higham, Accuracy
     and Stability, Thm 3.1; fused multiply-adds only tighten it; Cauchy-Schwarz for the last step); the bf16
-    GEMM adds the rounding of q, x and the result (:func:`_bf16_error_factor`); flushed subnormals add at most
-    ``4 D tiny``; :func:`exact_scores` adds ``gamma_L`` in float64. fp32 blocks need a float32 matmul at full
-    precision (no TF32 / reduced-precision "fast math") and scores far from overflow; else float64 blocks.
+    GEMM adds the rounding of q and x (:func:`_bf16_input_error`) and of its result; flushed subnormals add at
+    most ``4 D tiny``; :func:`exact_scores` adds ``gamma_L`` in float64. fp32 blocks need a float32 matmul at
+    full precision (no TF32 / reduced-precision "fast math") and scores far from overflow; else float64 blocks.
     """
     d = queries.shape[1]
     q_norm, x_norm = _norm(queries).double(), float(_norm(items).max())  # (Q,), max |x|
     if not (math.isfinite(x_norm) and bool(torch.isfinite(q_norm).all())):
         raise ValueError("ranking: queries or items hold NaN or inf (or overflow float64): they have no rank")
     # (Q,) >= |q| |x| for every item: a float norm is within gamma_(D+1) of exact (sum of squares, sqrt)
-    scale = q_norm * x_norm * (1 + 2 * _gamma(d + 2, 2.0**-24) + 1e-6)
+    fudge = 1 + 2 * _gamma(d + 2, 2.0**-24) + 1e-6
+    scale = q_norm * x_norm * fudge
     full_fp32 = torch.get_float32_matmul_precision() == "highest" and queries.device.type in ("cpu", "cuda")
     if queries.device.type == "cuda":
         full_fp32 = full_fp32 and not torch.backends.cuda.matmul.allow_tf32
@@ -289,10 +290,47 @@ def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool) -> _Kernel:
     levels = max(1, (d - 1).bit_length())
     f64_err = _gamma(levels, 2.0**-53)
     if bf16 and fp32_ok and queries.device.type == "cpu":
-        return _Kernel(torch.bfloat16, (_bf16_error_factor(d) + f64_err) * scale + 4 * d * 2.0**-126)
+        u = 2.0**-8
+        inputs = _bf16_input_error(queries, items, q_norm, x_norm) * fudge  # (Q,)
+        err = inputs + (_gamma(d, 2.0**-24) * (1 + u) ** 2 + f64_err) * scale + 4 * d * 2.0**-126
+        # the result rounded to bf16: |fl(y) - y| <= u |y| <= u (|q| |x| + err)
+        return _Kernel(torch.bfloat16, err, err + u * (scale + err) * fudge)
     if fp32_ok:
-        return _Kernel(torch.float32, (_gamma(d, 2.0**-24) + f64_err) * scale + 4 * d * 2.0**-126)
-    return _Kernel(torch.float64, (_gamma(d, 2.0**-53) + f64_err) * scale + 4 * d * 2.0**-1022)
+        err = (_gamma(d, 2.0**-24) + f64_err) * scale + 4 * d * 2.0**-126
+        return _Kernel(torch.float32, err, err)
+    err = (_gamma(d, 2.0**-53) + f64_err) * scale + 4 * d * 2.0**-1022
+    return _Kernel(torch.float64, err, err)
+
+
+def _bf16_input_error(
+    queries: torch.Tensor, items: torch.Tensor, q_norm: torch.Tensor, x_norm: float
+) -> torch.Tensor:
+    """(Q,) float64 bound on ``|q_b.x_b - q.x|`` over all items, q_b, x_b the inputs rounded to bf16.
+
+    ``q_b.x_b - q.x = q_b.(x_b - x) + (q_b - q).x``, so by Cauchy-Schwarz it is at most
+    ``|q_b| max|x_b - x| + |q_b - q| max|x|``, with the residual norms measured on these very inputs
+    (float32 differences ``x - bf16(x)`` are exact; the norms are within the caller's fudge factor). For
+    random data a rounding residual is about 0.4u |x| (u = 2^-8) against the worst case u |x| of every
+    component, so this is about 3x tighter than the data-blind ``3u |q| |x|`` of :func:`_bf16_error_factor`,
+    and the band of items re-scored exactly is as much narrower.
+    """
+    q_res = torch.from_numpy(_bf16_residual_norms(queries.numpy())).double()  # (Q,) |q_b - q|
+    x_res = 0.0
+    for n0 in range(0, items.shape[0], _ITEM_CHUNK):
+        x_res = max(x_res, float(_bf16_residual_norms(items[n0 : n0 + _ITEM_CHUNK].numpy()).max()))
+    return (q_norm + q_res) * x_res + q_res * x_norm
+
+
+def _bf16_residual_norms(x: np.ndarray) -> np.ndarray:
+    """(N,) float32 ``|x - bf16(x)|`` of each row of a float32 (N, D) array (finite, far from overflow).
+
+    bf16(x) is torch's conversion (c10's round to nearest even: add ``0x7FFF`` plus the lowest kept bit,
+    clear the low 16 bits), done here on the bits: ~2x faster than torch's convert, subtract and norm.
+    """
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.int32)
+    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) & np.int32(-65536)).view(np.float32)
+    res = x - rounded  # exact: x and its rounding share all but the low 16 bits
+    return np.sqrt(np.einsum("ij,ij->i", res, res))  # type: ignore[no-any-return]  # numpy's float32 ops
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
@@ -320,15 +358,6 @@ def _key_bounds(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> tuple
         k_lo, k_hi = _bf16_key_bounds(lo, hi)
         return torch.from_numpy(k_lo), torch.from_numpy(k_hi)
     return _round_out(lo, dtype, down=True), _round_out(hi, dtype, down=False)
-
-
-def _between(sub: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column of the entries of a (t, n) block within ``[lo, hi]`` (t, 1); numpy on CPU (~5x torch)."""
-    if sub.device.type == "cpu":
-        s = sub.numpy()
-        rr, cc = np.nonzero((s >= lo.numpy()) & (s <= hi.numpy()))
-        return torch.from_numpy(rr), torch.from_numpy(cc)
-    return ((sub >= lo) & (sub <= hi)).nonzero(as_tuple=True)  # type: ignore[return-value]  # a 2-tuple for 2-d
 
 
 def _tie_rule_ahead(f: torch.Tensor, cols: torch.Tensor, s: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
@@ -403,29 +432,48 @@ def _count_block(
     near_n: torch.Tensor,
     cap: int | None,
 ) -> None:
-    """Add the block's items ahead of each relevant item of queries ``q0...`` to ``ahead`` (in place)."""
+    """Add the block's items ahead of each relevant item of queries ``q0...`` to ``ahead`` (in place).
+
+    Only entries at or above ``lo`` matter (the items ahead and the near band: a few hundred of the block's
+    entries), so one compare finds them all and the rest is done on those few.
+    """
     q = keys.shape[0]
     found_r, found_c, found_j = [], [], []
     for r in range(ids.shape[1]):  # R is small (a few relevant items per query)
         lo_r, hi_r = k_lo[q0 : q0 + q, r, None], k_hi[q0 : q0 + q, r, None]  # (q, 1)
-        above = _row_count(_compare(keys, hi_r, strict=True))  # (q,)
-        near = _row_count(_compare(keys, lo_r, strict=False)) - above  # (q,)
-        ahead[q0 : q0 + q, r] += above
+        rows, cols, vals = _at_least(keys, lo_r)  # (m,) each
+        is_above = _compare(vals, hi_r[rows, 0], strict=True)  # (m,)
+        ahead[q0 : q0 + q, r] += torch.bincount(rows[is_above], minlength=q)
+        band_r, band_c = rows[~is_above], cols[~is_above]
+        near = torch.bincount(band_r, minlength=q)  # (q,)
         near_n[q0 : q0 + q, r] += near
-        ok = near > 0
-        if cap is not None:
-            ok &= near_n[q0 : q0 + q, r] <= cap  # past the cap the query is redone with another kernel
-        hit = ok.nonzero().squeeze(1)  # (t,)
-        if hit.numel():
-            rr, cc = _between(keys[hit], lo_r[hit], hi_r[hit])
-            found_r.append(hit[rr] + q0)
-            found_c.append(cc + n0)
-            found_j.append(torch.full_like(rr, r))
+        if cap is not None:  # past the cap the query is redone with another kernel
+            keep = (near_n[q0 : q0 + q, r] <= cap)[band_r]
+            band_r, band_c = band_r[keep], band_c[keep]
+        if band_r.numel():
+            found_r.append(band_r + q0)
+            found_c.append(band_c + n0)
+            found_j.append(torch.full_like(band_r, r))
     if found_r:
         rows, cols, rel = torch.cat(found_r), torch.cat(found_c), torch.cat(found_j)
         f = exact_scores(queries, items, rows, cols)  # (m,)
         first = _tie_rule_ahead(f, cols, s_rel[rows, rel], ids[rows, rel])
         ahead.view(-1).index_add_(0, rows * ids.shape[1] + rel, first.long())
+
+
+def _at_least(keys: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row, column and value of every entry of a (q, n) block at or above its row's ``lo`` (q, 1), row-major.
+
+    numpy on CPU: one compare and a sparse nonzero, ~5x torch's.
+    """
+    if keys.device.type == "cpu":
+        kb = np.ascontiguousarray(keys.numpy())
+        flat = np.flatnonzero(kb >= lo.numpy())
+        vals = torch.from_numpy(kb.reshape(-1)[flat])
+        flat_t = torch.from_numpy(flat)
+        return flat_t // kb.shape[1], flat_t % kb.shape[1], vals
+    rows, cols = (keys >= lo).nonzero(as_tuple=True)
+    return rows, cols, keys[rows, cols]
 
 
 def _collect_topk(
@@ -484,18 +532,18 @@ def _run(
     if k > 0:
         # only candidates within 2 err of the k-th approximate score can be in the top k: the k best
         # approximate ones all score >= that - err exactly, anything below it - 2 err scores less
-        need = scan.vals >= scan.vals[:, k - 1 : k] - 2 * kern.err[:, None]  # (Q, K)
+        need = scan.vals >= scan.vals[:, k - 1 : k] - 2 * kern.err_out[:, None]  # (Q, K)
         rows, cols = need.nonzero(as_tuple=True)
         f = torch.full(scan.idx.shape, -float("inf"), dtype=torch.float64, device=queries.device)
         f[rows, cols] = exact_scores(queries, items, rows, scan.idx[rows, cols])
         ev, ei = _sort_pairs(f, scan.idx)
         out_v, out_i = ev[:, :k].contiguous(), ei[:, :k].contiguous()
         if width < n_items:  # an item left out has approximate score <= the width-th kept one
-            unproven = ~(scan.vals[:, -1] + kern.err < out_v[:, k - 1])
+            unproven = ~(scan.vals[:, -1] + kern.err_out < out_v[:, k - 1])
             rows = unproven.nonzero().squeeze(1)
             for r0 in range(0, rows.numel(), query_chunk_size):
                 rr = rows[r0 : r0 + query_chunk_size]
-                sub = _Kernel(kern.dtype, kern.err[rr])
+                sub = _Kernel(kern.dtype, kern.err[rr], kern.err_out[rr])
                 out_v[rr], out_i[rr] = _collect_topk(queries[rr], items, sub, out_v[rr, k - 1], k, chunk_size)
     ranks = torch.zeros((n_q, 0), dtype=torch.long, device=queries.device)
     if ids is not None:
