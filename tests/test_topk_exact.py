@@ -204,3 +204,14 @@ def test_bf16_ranks_are_exact_where_bf16_rounding_collapses_a_crowd() -> None:
     lists, ranks = _ref_lists_and_ranks(q, items, 15, ids)
     assert got.indices.tolist() == lists
     assert got.ranks.tolist() == ranks
+
+
+def test_the_torch_count_gives_the_numpy_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPUs count with torch ops, CPUs with numpy's: both are run here (on CPU) and must equal the reference."""
+    queries, items, ids = _adversarial(3)
+    ranks = _ref_lists_and_ranks(queries, items, 1, ids)[1]
+    for bf16 in (False, True):
+        assert rank_chunked(queries, items, 0, ids, chunk_size=96, bf16_pass=bf16).ranks.tolist() == ranks
+    monkeypatch.setattr(topk_module, "_count_block_np", topk_module._count_block)
+    for bf16 in (False, True):
+        assert rank_chunked(queries, items, 0, ids, chunk_size=96, bf16_pass=bf16).ranks.tolist() == ranks

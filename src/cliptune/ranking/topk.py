@@ -408,10 +408,14 @@ def _scan(
         for q0 in range(0, n_q, query_chunk_size):
             sl = slice(q0, q0 + query_chunk_size)
             block = qk[sl] @ xk.T  # (q, n)
-            if width > 0:
+            keys = _keys(block)  # (q, n): int16 keys of a bf16 block on CPU, else the block
+            if width > 0 and block.device.type == "cpu" and not bool(torch.isinf(vals[sl, -1]).all()):
+                vals[sl], idx[sl] = _keep_best_np(keys, n0, vals[sl], idx[sl])
+            elif width > 0:
                 vals[sl], idx[sl] = _keep_best(block, n0, vals[sl], idx[sl])
             if ids is not None and s_rel is not None:
-                _count_block(queries, items, _keys(block), n0, q0, ids, s_rel, k_lo, k_hi, ahead, near_n, cap)
+                count = _count_block_np if block.device.type == "cpu" else _count_block
+                count(queries, items, keys, n0, q0, ids, s_rel, k_lo, k_hi, ahead, near_n, cap)
             if bar is not None:
                 bar.advance(bar.task_ids[0])
     overflow = (near_n > cap).any(1) if cap is not None else torch.zeros(n_q, dtype=torch.bool, device=dev)
@@ -459,6 +463,49 @@ def _count_block(
         f = exact_scores(queries, items, rows, cols)  # (m,)
         first = _tie_rule_ahead(f, cols, s_rel[rows, rel], ids[rows, rel])
         ahead.view(-1).index_add_(0, rows * ids.shape[1] + rel, first.long())
+
+
+def _count_block_np(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    keys: torch.Tensor,
+    n0: int,
+    q0: int,
+    ids: torch.Tensor,
+    s_rel: torch.Tensor,
+    k_lo: torch.Tensor,
+    k_hi: torch.Tensor,
+    ahead: torch.Tensor,
+    near_n: torch.Tensor,
+    cap: int | None,
+) -> None:
+    """:func:`_count_block` in numpy, the same steps (CPU): on these few thousand entries each torch op costs
+    milliseconds on a busy 2-core box (thread hand-offs), numpy's microseconds; the counts are the same.
+    ``ahead`` and ``near_n`` are updated in place through their numpy views."""
+    kb = np.ascontiguousarray(keys.numpy())
+    q, n, n_rel = kb.shape[0], kb.shape[1], ids.shape[1]
+    lo, hi = k_lo.numpy()[q0 : q0 + q], k_hi.numpy()[q0 : q0 + q]  # (q, R)
+    ahead_np, near_np = ahead.numpy()[q0 : q0 + q], near_n.numpy()[q0 : q0 + q]  # views: in place
+    found_r, found_c, found_j = [], [], []
+    for r in range(n_rel):
+        flat = np.flatnonzero(kb >= lo[:, r, None])  # ahead and band: a few hundred of the block's entries
+        rows, cols = flat // n, flat % n
+        is_above = kb.reshape(-1)[flat] > hi[rows, r]
+        ahead_np[:, r] += np.bincount(rows[is_above], minlength=q)
+        band_r, band_c = rows[~is_above], cols[~is_above]
+        near_np[:, r] += np.bincount(band_r, minlength=q)
+        if cap is not None:  # past the cap the query is redone with another kernel
+            keep = near_np[band_r, r] <= cap
+            band_r, band_c = band_r[keep], band_c[keep]
+        found_r.append(band_r)
+        found_c.append(band_c + n0)
+        found_j.append(np.full(band_r.shape, r))
+    rows, cols, rel = np.concatenate(found_r), np.concatenate(found_c), np.concatenate(found_j)
+    if rows.size:
+        f = exact_scores(queries, items, torch.from_numpy(rows + q0), torch.from_numpy(cols)).numpy()
+        s, i = s_rel.numpy()[q0 + rows, rel], ids.numpy()[q0 + rows, rel]
+        first = (cols != i) & ((f > s) | ((f == s) & (cols < i)))  # the rule of _tie_rule_ahead
+        ahead_np += np.bincount(rows[first] * n_rel + rel[first], minlength=q * n_rel).reshape(q, n_rel)
 
 
 def _at_least(keys: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -679,6 +726,36 @@ def _keep_best(
     all_v, all_i = torch.cat([vals, new_v], 1), torch.cat([idx, new_i], 1)
     top_v, top = torch.topk(all_v, width, dim=1)
     return top_v, all_i.gather(1, top)
+
+
+def _keep_best_np(
+    keys: torch.Tensor, n0: int, vals: torch.Tensor, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_keep_best` after the first block, in numpy (CPU): the block's entries above the running K-th
+    merged into the (q, K) best by one stable sort on (row, value desc); numpy's ops on these few entries
+    cost microseconds where torch's small ops cost milliseconds on a busy box. ``keys`` as :func:`_keys`
+    gives them: int16 keys of a bf16 block (an entry equal to the K-th may come in: harmless, any K best
+    approximate scores will do), else the float block.
+    """
+    q, width = vals.shape
+    kb = np.ascontiguousarray(keys.numpy())
+    if kb.dtype == np.int16:  # keys of bf16 values; the K-th values are bf16 values (exact)
+        flat = np.flatnonzero(kb > _bf16_keys(vals[:, -1:].to(torch.bfloat16)))
+        bits = kb.reshape(-1)[flat]
+        bits = bits ^ ((bits >> 15) & np.int16(0x7FFF))  # the key map is its own inverse
+        new_v = (bits.astype(np.int32) << 16).view(np.float32).astype(np.float64)
+    else:
+        flat = np.flatnonzero(kb > vals[:, -1:].to(keys.dtype).numpy())
+        new_v = kb.reshape(-1)[flat].astype(np.float64)
+    if flat.size == 0:
+        return vals, idx
+    rows = np.concatenate([np.repeat(np.arange(q), width), flat // kb.shape[1]])
+    all_v = np.concatenate([vals.numpy().reshape(-1), new_v])
+    all_i = np.concatenate([idx.numpy().reshape(-1), flat % kb.shape[1] + n0])
+    order = np.lexsort((-all_v, rows))  # by row, then value descending; every row has >= K entries
+    counts = np.bincount(rows, minlength=q)
+    take = order[((np.cumsum(counts) - counts)[:, None] + np.arange(width)).reshape(-1)]
+    return torch.from_numpy(all_v[take].reshape(q, width)), torch.from_numpy(all_i[take].reshape(q, width))
 
 
 def _bf16_keys(block: torch.Tensor) -> np.ndarray:
