@@ -314,10 +314,10 @@ def _bf16_input_error(
     component, so this is about 3x tighter than the data-blind ``3u |q| |x|`` of :func:`_bf16_error_factor`,
     and the band of items re-scored exactly is as much narrower.
     """
-    q_res = torch.from_numpy(_bf16_residual_norms(queries.numpy())).double()  # (Q,) |q_b - q|
+    q_res = torch.from_numpy(_bf16_residual_norms(queries.detach().numpy())).double()  # (Q,) |q_b - q|
     x_res = 0.0
     for n0 in range(0, items.shape[0], _ITEM_CHUNK):
-        x_res = max(x_res, float(_bf16_residual_norms(items[n0 : n0 + _ITEM_CHUNK].numpy()).max()))
+        x_res = max(x_res, float(_bf16_residual_norms(items[n0 : n0 + _ITEM_CHUNK].detach().numpy()).max()))
     return (q_norm + q_res) * x_res + q_res * x_norm
 
 
@@ -325,11 +325,16 @@ def _bf16_residual_norms(x: np.ndarray) -> np.ndarray:
     """(N,) float32 ``|x - bf16(x)|`` of each row of a float32 (N, D) array (finite, far from overflow).
 
     bf16(x) is torch's conversion (c10's round to nearest even: add ``0x7FFF`` plus the lowest kept bit,
-    clear the low 16 bits), done here on the bits: ~2x faster than torch's convert, subtract and norm.
+    clear the low 16 bits), done here on the bits in place: ~3x faster than torch's convert, subtract, norm.
     """
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.int32)
-    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) & np.int32(-65536)).view(np.float32)
-    res = x - rounded  # exact: x and its rounding share all but the low 16 bits
+    res = bits >> 16  # in place from here: no fresh (n, D) arrays (~2x faster)
+    res &= 1
+    res += 0x7FFF
+    res += bits
+    res &= np.int32(-65536)  # the bits of bf16(x) as float32
+    res = res.view(np.float32)
+    np.subtract(x, res, out=res)  # exact: x and its rounding share all but the low 16 bits
     return np.sqrt(np.einsum("ij,ij->i", res, res))  # type: ignore[no-any-return]  # numpy's float32 ops
 
 
