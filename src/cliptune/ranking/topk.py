@@ -642,8 +642,9 @@ def rank_chunked(
         chunk_size: items per block.
         query_chunk_size: queries per block.
         progress: show a rich progress bar over blocks.
-        bf16_pass: find candidates with bf16 GEMMs (float32 on CPU only); ``"auto"``: where
-            :func:`bf16_pays`. It changes the speed, never the answer.
+        bf16_pass: find candidates with bf16 GEMMs (float32 on CPU only); ``"auto"``: for the lists alone
+            (no ``relevant_ids``) where :func:`bf16_pays`; True pays for ranks when the relevant items
+            rank high (docs/metrics.md). It changes the speed, never the answer.
 
     Returns:
         :class:`Ranked` ``(scores, indices, ranks)``; lists sorted by (score desc, index asc), scores the exact
@@ -675,12 +676,13 @@ def rank_chunked(
             torch.zeros(n_q, k, dtype=torch.long, device=dev),
             torch.zeros(n_q, n_rel, dtype=torch.long, device=dev),
         )
-    # "auto": bf16 for lists and ranks alike. Its bound, from the inputs' rounding residuals (about 3.6e-3 for
-    # random unit vectors at D = 512), leaves a band of near items of about constant size for relevant items
-    # in the top few dozen: chosen on seed-1 data (not the benchmark's), 100k x 1k, 2 threads, bf16 ranks took
-    # 0.75-0.95x the fp32 kernel's time at 60k, 100k and 200k items. A relevant item deep in a large ranking
-    # has many near items: past the cap its query is redone with the fp32 kernel (same answer)
-    auto = bf16_pays(items, n_items, k)
+    # "auto": bf16 for the lists alone. For ranks its bound (from the inputs' rounding residuals, about 3.6e-3
+    # for random unit vectors at D = 512) leaves a band of near items of a few dozen per query for relevant
+    # items in the top few dozen (bf16 ranks took 0.75-0.95x the fp32 kernel's time at 60k-200k items, seed-1
+    # data), but of thousands for relevant items deep in the ranking (a weak model): with relevant items
+    # drawn uniformly, 100k x 1k, bf16 ranks took 2.2x the fp32 kernel's time (rescoring up to the cap, then
+    # the fp32 redo). Without knowing the depth beforehand, fp32 is the safe default for ranks
+    auto = bf16_pays(items, n_items, k) and relevant_ids is None
     bf16 = auto if bf16_pass == "auto" else bool(bf16_pass)
     ids = None if relevant_ids is None else relevant_ids.long()
     vals, idx, ranks = _run(queries, items, k, ids, bf16, chunk_size, query_chunk_size, progress)
