@@ -153,3 +153,65 @@ def test_non_finite_embeddings_are_refused() -> None:
     items[2, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         topk_chunked(torch.ones(1, 3), items, k=2)
+
+
+def test_bf16_residual_norms_follow_torchs_rounding_on_halfway_and_tiny_values() -> None:
+    # halfway cases (both parities of the kept bit), just off halfway, negatives, subnormals, zero
+    base = np.array([1.0, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 3.0, 1e-40, 0.0], dtype=np.float32)
+    bits = base.view(np.int32)
+    vals = np.concatenate([(bits + off).view(np.float32) for off in (0, 0x7FFF, 0x8000, 0x8001, 0xFFFF)])
+    x = np.stack([vals, -vals[::-1], vals * 7.5])  # (3, 30)
+    xt = torch.from_numpy(x)
+    want = torch.linalg.vector_norm(xt.double() - xt.bfloat16().double(), dim=1)  # torch's own rounding
+    assert np.allclose(topk_module._bf16_residual_norms(x), want.numpy(), rtol=1e-6, atol=0)
+
+
+def test_bf16_input_bound_is_attained_and_never_beaten() -> None:
+    """The Cauchy-Schwarz bound is an equality for parallel worst-rounded vectors, and holds on random ones."""
+    d, delta = 64, 0.99 * 2.0**-8  # every component 1 + delta rounds down to 1 in bf16: the worst case
+    q = torch.full((1, d), 1 + delta)
+    err = q.double() @ q.double().T - 1.0 * d  # q.x - q_b.x_b, exact in float64 (tiny integers, 1 + delta)
+    bound = topk_module._bf16_input_error(q, q, q.norm(dim=1).double(), float(q.norm()))
+    # |q_b| is bounded by |q| + |q - q_b| (the triangle inequality): within a factor 1 + delta of equality
+    assert float(err) <= float(bound) <= float(err) * (1 + 2.0**-8)
+    gen = torch.Generator().manual_seed(7)
+    queries, items = torch.randn(20, 96, generator=gen), torch.randn(300, 96, generator=gen) * 3
+    kern = topk_module._kernel(queries, items, bf16=True)
+    exact = _ref_scores(queries, items)  # (20, 300)
+    rounded = queries.bfloat16().double() @ items.bfloat16().double().T  # q_b.x_b in float64 (exact here)
+    gemm = (queries.bfloat16() @ items.bfloat16().T).double()  # what the kernel returns: rounded to bf16
+    assert bool(((rounded - torch.from_numpy(exact)).abs() <= kern.err[:, None]).all())
+    assert bool(((gemm - torch.from_numpy(exact)).abs() <= kern.err_out[:, None]).all())
+    # the data-driven bound is well inside the data-blind 3u |q| |x|
+    blind = topk_module._bf16_error_factor(96) * queries.norm(dim=1).double() * float(items.norm(dim=1).max())
+    assert bool((kern.err < 0.5 * blind).all())
+
+
+def test_bf16_ranks_are_exact_where_bf16_rounding_collapses_a_crowd() -> None:
+    """Items whose inputs round to the same bf16 vector (so the bf16 GEMM ties them) but whose exact scores
+    differ in the last float32 bits, around worst-case rounding: the band must catch every one."""
+    d = 32
+    gen = torch.Generator().manual_seed(8)
+    q = torch.full((2, d), 1 + 0.99 * 2.0**-8)
+    q[0, d // 2 :] = -1.0  # scores near 0 (tiny threshold rounding) with half the worst rounding error
+    q[1] = torch.randn(d, generator=gen)
+    steps = torch.randint(-300, 300, (400, 1), generator=gen).float()  # offsets near the halfway point
+    items = torch.ones(400, d) + (2.0**-9 + steps * 2.0**-23) * torch.rand(400, d, generator=gen).round()
+    items[::7] = items[3]  # exact duplicates: ties by index
+    order = np.argsort(-_ref_scores(q, items)[0], kind="stable")  # relevant items 10th and 30th: the
+    ids = torch.tensor([[int(order[9]), int(order[29]), 399], [0, 200, -1]])  # band decides their ranks
+    got = rank_chunked(q, items, k=15, relevant_ids=ids, chunk_size=64, bf16_pass=True)
+    lists, ranks = _ref_lists_and_ranks(q, items, 15, ids)
+    assert got.indices.tolist() == lists
+    assert got.ranks.tolist() == ranks
+
+
+def test_the_torch_count_gives_the_numpy_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPUs count with torch ops, CPUs with numpy's: both are run here (on CPU) and must equal the reference."""
+    queries, items, ids = _adversarial(3)
+    ranks = _ref_lists_and_ranks(queries, items, 1, ids)[1]
+    for bf16 in (False, True):
+        assert rank_chunked(queries, items, 0, ids, chunk_size=96, bf16_pass=bf16).ranks.tolist() == ranks
+    monkeypatch.setattr(topk_module, "_count_block_np", topk_module._count_block)
+    for bf16 in (False, True):
+        assert rank_chunked(queries, items, 0, ids, chunk_size=96, bf16_pass=bf16).ranks.tolist() == ranks
