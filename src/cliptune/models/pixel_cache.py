@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from cliptune.models.cache import CacheStats
+from cliptune.rundir import write_bytes_atomic
 
 __all__ = ["MAGIC", "PixelCache", "pixel_key"]
 
@@ -76,7 +77,7 @@ class PixelCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         ident_file = self.directory / "identity.txt"
         if not ident_file.exists():
-            ident_file.write_text(identity, encoding="utf-8")
+            write_bytes_atomic(ident_file, identity.encode("utf-8"), fsync=True)  # as the feature cache
         self._index: dict[str, tuple[str, int]] = {}  # key -> (shard name, row)
         self._maps: dict[str, np.ndarray] = {}  # shard name -> (N, H, W, 3) read-only memmap
         self._seen: set[str] = set()
