@@ -454,8 +454,10 @@ def test_remote_shards_are_opened_once_per_process(
         # moves the parent's handle
         log.write_text("")
         halves = [[cat.image_path(n) for n in order[:30]], [cat.image_path(n) for n in order[30:]]]
-        with multiprocessing.get_context("fork").Pool(2) as pool:
-            got = pool.map(_read_in_child, halves)
+        # one task per worker process (maxtasksperchild=1, chunksize=1): a pool may otherwise hand both halves
+        # to the same worker, which then rightly opens the shard only once
+        with multiprocessing.get_context("fork").Pool(2, maxtasksperchild=1) as pool:
+            got = pool.map(_read_in_child, halves, chunksize=1)
         assert got[0] + got[1] == [expected[n] for n in order]
         opens = _opens(log)
         assert sorted(s for _, s in opens) == ["00000.tar", "00000.tar"]

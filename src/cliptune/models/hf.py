@@ -506,6 +506,8 @@ def processor_recipe(processor: Any) -> PixelRecipe:
             setting the replay cannot represent; the message names it.
 
     Example:
+        >>> from PIL import Image
+        >>> from transformers import CLIPImageProcessorPil
         >>> recipe = processor_recipe(CLIPImageProcessorPil(size={"shortest_edge": 32},
         ...                                                  crop_size={"height": 32, "width": 32}))
         >>> recipe.to_uint8(Image.new("RGB", (64, 48))).shape
