@@ -142,19 +142,27 @@ def read_image_bytes(path: Path) -> bytes:
     Raises:
         ImageLoadError: missing, not a regular file, unreadable, or a shard sample without that member.
     """
-    from cliptune.data import shards  # imports the catalogue reader, which does not need images
-
-    found = shards.shard_member(path)
-    if found is not None:
-        try:
-            return shards.read_member(*found)
-        except shards.ShardMemberError as exc:
-            raise ImageLoadError(path, exc.reason) from exc
+    data = _shard_bytes(path)
+    if data is not None:
+        return data
     _check_file(path)
     try:
         return Path(path).read_bytes()
     except OSError as exc:
         raise ImageLoadError(path, f"cannot read image ({exc.strerror or exc})") from exc
+
+
+def _shard_bytes(path: Path) -> bytes | None:
+    """A shard member's bytes when ``path`` runs through a tar (``<dir>/00003.tar/000123.jpg``), else None."""
+    from cliptune.data import shards  # imports the catalogue reader, which does not need images
+
+    found = shards.shard_member(path)
+    if found is None:
+        return None
+    try:
+        return shards.read_member(*found)
+    except shards.ShardMemberError as exc:
+        raise ImageLoadError(path, exc.reason) from exc
 
 
 def _check_file(path: Path) -> None:
@@ -168,12 +176,11 @@ def _open_checked(path: Path, max_pixels: int) -> Image.Image:
     # Pillow's own guard must never pre-empt ours: only ever raise its limit, never lower it.
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
         Image.MAX_IMAGE_PIXELS = max_pixels
-    source: Path | io.BytesIO = path
-    if ".tar" in str(path):  # maybe a shard member: its bytes come from the tar (read_image_bytes)
-        source = io.BytesIO(read_image_bytes(path))
-    else:
+    data = _shard_bytes(path)  # a shard member is decoded from its bytes, a file from the file (lazily)
+    if data is None:
         _check_file(path)
-    if (source.getbuffer().nbytes if isinstance(source, io.BytesIO) else path.stat().st_size) == 0:
+    source: Path | io.BytesIO = path if data is None else io.BytesIO(data)
+    if (path.stat().st_size if data is None else len(data)) == 0:
         raise ImageLoadError(path, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
