@@ -390,17 +390,13 @@ def _donor(
     splits: dict[str, list[str]], name: str, held_out: list[str], pool: set[str], m: int
 ) -> str | None:
     """The split that gives ``name`` a group: train while it keeps half the pool, else the fullest surplus."""
-    train_movable = sum(g in pool for g in splits[TRAIN])
-    if train_movable and 2 * (train_movable - 1) >= len(pool):
+    movable = {split: sum(g in pool for g in splits[split]) for split in [TRAIN, *sorted(held_out)]}
+    if movable[TRAIN] and 2 * (movable[TRAIN] - 1) >= len(pool):
         return TRAIN
-    surplus = [
-        (sum(g in pool for g in splits[other]), other)
-        for other in sorted(held_out)
-        if other != name and sum(g in pool for g in splits[other]) > m
-    ]
+    surplus = [other for other in sorted(held_out) if other != name and movable[other] > m]
     if surplus:
-        return max(surplus, key=lambda t: t[0])[1]  # the first of equals in name order
-    return TRAIN if train_movable else None
+        return max(surplus, key=movable.__getitem__)  # the first of equals in name order
+    return TRAIN if movable[TRAIN] else None
 
 
 def _ensure_nonempty(
