@@ -15,7 +15,6 @@ import contextlib
 import copy
 import json
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from cliptune.train.grad_cache import GradCache, split_batch
 from cliptune.train.loop import fit
 from cliptune.train.tasks.bundle import TaskBundle
 from cliptune.train.tasks.retrieval import RetrievalModel
+from tests.launched import free_port
 from tests.tiny_models import MAX_TEXT_LEN, TINY_CORPUS, make_tiny_clip, make_tiny_siglip, make_tiny_tokenizer
 
 BATCH = 8
@@ -343,12 +343,6 @@ def test_the_loop_trains_with_grad_cache(
 DIST_CASES = [("clip", "info_nce", True), ("siglip", "siglip", True), ("composed", "info_nce", False)]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _env(**values: str) -> Iterator[None]:
     old = {k: os.environ.get(k) for k in values}
@@ -385,7 +379,7 @@ def _worker(rank: int, port: int, towers: dict[str, Path], out_dir: str) -> None
 def test_two_processes_cached_equal_one_process_full_batch(towers: dict[str, Path], tmp_path: Path) -> None:
     # fork: the workers start from this process's imports (spawn would re-import torch and transformers)
     mp.start_processes(
-        _worker, args=(_free_port(), towers, str(tmp_path)), nprocs=2, join=True, start_method="fork"
+        _worker, args=(free_port(), towers, str(tmp_path)), nprocs=2, join=True, start_method="fork"
     )
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for kind, loss, trainable in DIST_CASES:

@@ -8,8 +8,6 @@ The processes are forked (imports shared, fast) and join through the launcher's 
 from __future__ import annotations
 
 import json
-import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import torch.multiprocessing as mp
 from safetensors import safe_open
 
@@ -29,35 +26,18 @@ from cliptune.search import build_index, load_index
 from cliptune.search.errors import SearchIndexError
 from cliptune.search.sharded import OtherProcessFailedError, Processes, shard_rows
 from cliptune.search.vectors import export_embeddings
+from tests.launched import become_rank, free_port
 from tests.tiny_models import make_tiny_clip
 
 WORLD, BATCH = 2, 4
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _worker(rank: int, port: int, root: str, job: str) -> None:
     """One launched process: build both indexes and the Parquet file (``ok``) or fail on process 1 (``bad``)."""
-    from accelerate.state import AcceleratorState, PartialState
-
     import cliptune.models.embed as embed_module
     from cliptune.search.sharded import launched_processes
 
-    AcceleratorState._reset_state(reset_partial_state=True)  # a fork inherits the parent's singletons
-    PartialState._reset_state()
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    become_rank(rank, port, WORLD)
     base = Path(root)
     model, catalogue = load_model(str(base / "clip")), read_catalogue(base / "fashion")
     if job == "bad" and rank == 1:  # an image of process 1's shard cannot be decoded at embedding time
@@ -104,7 +84,7 @@ def _worker(rank: int, port: int, root: str, job: str) -> None:
 
 
 def _launch(root: Path, job: str) -> list[dict[str, Any]]:
-    mp.start_processes(_worker, args=(_free_port(), str(root), job), nprocs=WORLD, start_method="fork")
+    mp.start_processes(_worker, args=(free_port(), str(root), job), nprocs=WORLD, start_method="fork")
     return [json.loads((root / f"{job}-rank{r}.json").read_text()) for r in range(WORLD)]
 
 

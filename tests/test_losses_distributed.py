@@ -7,7 +7,6 @@ mean loss over processes and the averaged gradients must equal one process on th
 
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,16 +17,11 @@ import torch.multiprocessing as mp
 
 from cliptune.losses import InfoNCELoss, SigLIPLoss
 from cliptune.losses.distributed import gather_with_grad, rank_and_world_size
+from tests.launched import free_port
 
 WORLD = 2
 BATCH = 16
 CASES = [(name, dtype) for name in ("info_nce", "siglip") for dtype in (torch.float32, torch.float64)]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup(
@@ -103,7 +97,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, object]]:
     out_dir = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -8,7 +8,6 @@ called on the same index, and the run's own JSON files.
 from __future__ import annotations
 
 import json
-import socket
 import struct
 import threading
 import time
@@ -35,6 +34,7 @@ from cliptune.serve.app import create_app
 from cliptune.serve.limits import Limits
 from cliptune.suites.run import run_suite
 from cliptune.suites.schema import load_suite
+from tests.launched import free_port
 from tests.tiny_models import make_tiny_clip
 
 METRICS: dict[str, dict[str, float]] = {
@@ -389,14 +389,8 @@ def test_cli_errors_end_in_one_sentence(built: Path, root: Path) -> None:
 # --- concurrency --------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_parallel_requests_get_the_sequential_answers(built: Path, index: SearchIndex, fashion: Path) -> None:
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(built), host="127.0.0.1", port=port, log_level="warning")
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 import tracemalloc
 from pathlib import Path
@@ -14,7 +13,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
@@ -24,7 +22,7 @@ from cliptune.data.shards import write_shards
 from cliptune.data.synthetic import render_fashion
 from cliptune.models.factory import load_model
 from cliptune.search import build_index, load_index
-from tests.test_index_distributed import _free_port
+from tests.launched import become_rank, free_port
 from tests.tiny_models import make_tiny_clip
 
 WORLD, BATCH = 2, 4
@@ -43,21 +41,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _index_worker(rank: int, port: int, root: str, pattern: str) -> None:
     """One launched process (as under torchrun): index the shard pattern with its own feature cache."""
-    from accelerate.state import AcceleratorState, PartialState
-
     from cliptune.search.sharded import launched_processes
 
-    AcceleratorState._reset_state(reset_partial_state=True)  # a fork inherits the parent's singletons
-    PartialState._reset_state()
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    become_rank(rank, port, WORLD)
     base = Path(root)
     result: dict[str, Any] = {"rank": rank}
     try:
@@ -91,7 +77,7 @@ def test_two_processes_index_a_shard_pattern_as_one_process_indexes_the_folder(
         batch_size=BATCH,
         progress=False,
     )
-    args = (_free_port(), str(root), str(world["pattern"]))
+    args = (free_port(), str(root), str(world["pattern"]))
     mp.start_processes(_index_worker, args=args, nprocs=WORLD, start_method="fork")
     results = [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
     for rank, result in enumerate(results):
