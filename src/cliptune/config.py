@@ -268,8 +268,8 @@ class DataConfig(_Section):
         "memory-mapped cache beside the feature cache (FEATURE_CACHE/pixels), so later runs skip decoding: "
         "150 KB of disk per image at 224 px (150 GB per million images). Off by default: frozen towers "
         "already reuse cached features; it pays off when features cannot be reused (fine-tuned towers, "
-        "comparing models on one catalogue). Refused for backbones whose preprocess is not uint8 "
-        "resize/crop then normalise (transformers image processors).",
+        "comparing models on one catalogue). Refused, with the reason, for a preprocess that is not "
+        "uint8 resize/crop then normalise (e.g. a transformers image processor on its torchvision backend).",
     )
     augment: AugmentConfig = Field(
         default_factory=AugmentConfig,
