@@ -280,7 +280,7 @@ _CHILD = textwrap.dedent(
     if mode == "write":
         cache.put_many({"k%d" % i: torch.full((4,), float(i)) for i in range(3)})
     else:  # crash: the temp file is written and fsync'ed, then the process dies before the rename
-        cache_mod.os.replace = lambda *a, **k: os._exit(3)
+        os.replace = lambda *a, **k: os._exit(3)
         cache.put_many({"lost": torch.zeros(4)})
     """
 )

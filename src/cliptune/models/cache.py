@@ -13,7 +13,8 @@ Layout (see ``docs/feature_cache.md``)::
 
 Shards are self-describing and immutable, so there is no index file to corrupt or to race on: the index is
 rebuilt in memory from the shard headers and refreshed whenever a lookup misses (so entries written by
-another process are seen). A shard is written with ``cliptune.rundir.write_bytes_atomic(fsync=True)``: a
+another process are seen); that bookkeeping is ``models/cache_index.py``'s, shared with the pixel cache. A
+shard is written with ``cliptune.rundir.write_bytes_atomic(fsync=True)``: a
 hidden temp file, fsync'ed and renamed with ``os.replace``; a crash at any point leaves either no shard or
 a complete one, and the scan skips hidden names.
 """
@@ -22,11 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
-import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save as _safetensors_bytes
 from torch import Tensor
 
+from cliptune.models.cache_index import CacheIndex, CacheStats, identity_directory
 from cliptune.rundir import write_bytes_atomic
 
 __all__ = [
@@ -48,19 +47,6 @@ Modality = Literal["image", "text"]
 
 _FORMAT = "cliptune-features-v1"
 _SHARD_SUFFIX = ".safetensors"
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    """Lookup counters of a :class:`FeatureCache` since it was opened (unique keys per lookup).
-
-    Attributes:
-        hits: keys found on disk.
-        misses: keys that had to be computed.
-    """
-
-    hits: int
-    misses: int
 
 
 def feature_key(
@@ -116,30 +102,20 @@ class FeatureCache:
     def __init__(self, root: Path | str, identity: str) -> None:
         self.root = Path(root)
         self.identity = identity
-        self.directory = self.root / hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
+        self.directory = identity_directory(self.root, identity)
         self._shards = self.directory / "shards"
-        self._shards.mkdir(parents=True, exist_ok=True)
-        ident_file = self.directory / "identity.txt"
-        if not ident_file.exists():
-            write_bytes_atomic(ident_file, identity.encode("utf-8"), fsync=True)
-        self._index: dict[str, tuple[str, int]] = {}  # key -> (shard file name, row)
-        self._seen: set[str] = set()
-        self._hits = 0
-        self._misses = 0
-        self._refresh()
+        self._shards.mkdir(exist_ok=True)
+        self._index = CacheIndex(self._shards, _SHARD_SUFFIX, _read_keys, "feature cache")
 
     @property
     def stats(self) -> CacheStats:
         """Hits and misses counted by :meth:`get_many` since this instance was opened."""
-        return CacheStats(hits=self._hits, misses=self._misses)
+        return self._index.stats
 
     def __len__(self) -> int:
-        self._refresh()
         return len(self._index)
 
     def __contains__(self, key: object) -> bool:
-        if key not in self._index:
-            self._refresh()
         return key in self._index
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Tensor]:
@@ -151,22 +127,15 @@ class FeatureCache:
         Returns:
             ``{key: feature}`` for the keys found, each a float32 tensor of shape (F,).
         """
-        wanted = list(dict.fromkeys(keys))
-        if any(k not in self._index for k in wanted):
-            self._refresh()  # another process may have written them since we last looked
         by_shard: dict[str, list[tuple[str, int]]] = {}
-        for k in wanted:
-            if k in self._index:
-                shard, row = self._index[k]
-                by_shard.setdefault(shard, []).append((k, row))
+        for k, (shard, row) in self._index.locate(keys).items():  # a miss rescans for other writers' shards
+            by_shard.setdefault(shard, []).append((k, row))
         found: dict[str, Tensor] = {}
         for shard, items in by_shard.items():
             with safe_open(str(self._shards / shard), framework="pt") as f:
                 feats = f.get_tensor("features")  # (N, F)
             picked = feats[torch.tensor([row for _, row in items])]  # (n, F), a copy: the shard is freed
             found.update(zip((k for k, _ in items), picked.unbind(0), strict=True))
-        self._hits += len(found)
-        self._misses += len(wanted) - len(found)
         return found
 
     def put_many(self, features: Mapping[str, Tensor]) -> None:
@@ -180,7 +149,7 @@ class FeatureCache:
             ValueError: a feature is not 1-D, has a different length from the first, or is not finite;
                 the message names the key.
         """
-        new = {k: v for k, v in features.items() if k not in self._index}
+        new = {k: v for k, v in features.items() if not self._index.stored(k)}
         if not new:
             return
         keys = list(new)
@@ -200,22 +169,11 @@ class FeatureCache:
         )
         name = f"{uuid.uuid4().hex}{_SHARD_SUFFIX}"
         write_bytes_atomic(self._shards / name, blob, fsync=True)
-        self._seen.add(name)
-        for row, k in enumerate(keys):
-            self._index[k] = (name, row)
+        self._index.add(name, keys)
 
-    def _refresh(self) -> None:
-        for entry in os.scandir(self._shards):
-            name = entry.name
-            if name in self._seen or name.startswith(".") or not name.endswith(_SHARD_SUFFIX):
-                continue  # hidden names are in-flight or abandoned temp files
-            self._seen.add(name)
-            try:
-                with safe_open(entry.path, framework="pt") as f:
-                    meta = f.metadata() or {}
-                keys = json.loads(meta["keys"])
-            except Exception as e:  # a shard copied in by hand may be damaged: skip it, recompute its rows
-                warnings.warn(f"feature cache: ignoring unreadable shard {entry.path}: {e}", stacklevel=2)
-                continue
-            for row, k in enumerate(keys):
-                self._index.setdefault(k, (name, row))
+
+def _read_keys(path: Path) -> list[str]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    keys: list[str] = json.loads(meta["keys"])
+    return keys

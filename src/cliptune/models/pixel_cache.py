@@ -16,7 +16,8 @@ A shard starts with ``MAGIC``, an 8-byte little-endian header length and a JSON 
 ``[H, W, 3]``, ``keys``: row i <-> key i), padded to 64 bytes; then the rows. As in the feature cache,
 shards are written to a hidden temp file, fsync'ed and renamed (``os.replace``), so a killed write leaves
 either no shard or a complete one; a shard whose size does not match its header is skipped with a
-warning, its rows recomputed. The index is rebuilt in memory from the headers and refreshed on a miss.
+warning, its rows recomputed. The index is rebuilt in memory from the headers and refreshed on a miss, by
+the same bookkeeping as the feature cache's (``models/cache_index.py``).
 """
 
 from __future__ import annotations
@@ -26,14 +27,12 @@ import json
 import os
 import struct
 import uuid
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from cliptune.models.cache import CacheStats
-from cliptune.rundir import write_bytes_atomic
+from cliptune.models.cache_index import CacheIndex, CacheStats, identity_directory
 
 __all__ = ["MAGIC", "PixelCache", "pixel_key"]
 
@@ -73,25 +72,16 @@ class PixelCache:
     def __init__(self, root: Path | str, identity: str, shape: tuple[int, int, int]) -> None:
         self.identity = identity
         self.shape = tuple(int(v) for v in shape)
-        self.directory = Path(root) / hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
-        self.directory.mkdir(parents=True, exist_ok=True)
-        ident_file = self.directory / "identity.txt"
-        if not ident_file.exists():
-            write_bytes_atomic(ident_file, identity.encode("utf-8"), fsync=True)  # as the feature cache
-        self._index: dict[str, tuple[str, int]] = {}  # key -> (shard name, row)
+        self.directory = identity_directory(root, identity)
         self._maps: dict[str, np.ndarray] = {}  # shard name -> (N, H, W, 3) read-only memmap
-        self._seen: set[str] = set()
-        self._hits = 0
-        self._misses = 0
-        self._refresh()
+        self._index = CacheIndex(self.directory, _SUFFIX, self._open, "pixel cache")
 
     @property
     def stats(self) -> CacheStats:
         """Hits and misses counted by :meth:`get_many` since this instance was opened."""
-        return CacheStats(hits=self._hits, misses=self._misses)
+        return self._index.stats
 
     def __len__(self) -> int:
-        self._refresh()
         return len(self._index)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
@@ -100,17 +90,8 @@ class PixelCache:
         Returns:
             ``{key: (H, W, 3) uint8}``, read-only views into the shards' memory maps (copy to keep).
         """
-        wanted = list(dict.fromkeys(keys))
-        if any(k not in self._index for k in wanted):
-            self._refresh()  # another process may have written them since
-        found = {}
-        for k in wanted:
-            if k in self._index:
-                shard, row = self._index[k]
-                found[k] = self._maps[shard][row]
-        self._hits += len(found)
-        self._misses += len(wanted) - len(found)
-        return found
+        # a miss rescans for shards another process wrote since
+        return {k: self._maps[shard][row] for k, (shard, row) in self._index.locate(keys).items()}
 
     def put_many(self, pixels: Mapping[str, np.ndarray]) -> None:
         """Store images atomically as one new shard; keys already stored are skipped.
@@ -118,7 +99,7 @@ class PixelCache:
         Raises:
             ValueError: an array is not uint8 of this cache's shape (names the key).
         """
-        new = {k: v for k, v in pixels.items() if k not in self._index}
+        new = {k: v for k, v in pixels.items() if not self._index.stored(k)}
         if not new:
             return
         for k, v in new.items():
@@ -143,34 +124,22 @@ class PixelCache:
             os.replace(tmp, self.directory / name)
         finally:
             tmp.unlink(missing_ok=True)
-        self._open(name)
+        self._index.add(name, self._open(self.directory / name))
 
-    def _refresh(self) -> None:
-        for entry in os.scandir(self.directory):
-            name = entry.name
-            if name in self._seen or name.startswith(".") or not name.endswith(_SUFFIX):
-                continue  # hidden names are in-flight or abandoned temp files
-            try:
-                self._open(name)
-            except (OSError, ValueError, KeyError) as e:  # damaged (copied by hand, disk full): recompute
-                self._seen.add(name)
-                warnings.warn(f"pixel cache: ignoring unreadable shard {entry.path}: {e}", stacklevel=2)
-
-    def _open(self, name: str) -> None:
-        path = self.directory / name
+    def _open(self, path: Path) -> list[str]:
+        """Check one shard against its header, keep its memory map, return its keys (row i <-> key i)."""
         with open(path, "rb") as f:
             if f.read(len(MAGIC)) != MAGIC:
                 raise ValueError("not a cliptune pixel shard")
             (length,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(length))
-        keys, shape = header["keys"], tuple(header["shape"])
+        keys: list[str] = header["keys"]
+        shape = tuple(header["shape"])
         if shape != self.shape:
             raise ValueError(f"shape {shape}, expected {self.shape}")
         offset = len(MAGIC) + 8 + length
         expected = offset + len(keys) * int(np.prod(shape))
         if path.stat().st_size != expected:
             raise ValueError(f"{path.stat().st_size} bytes, expected {expected} (truncated)")
-        self._maps[name] = np.memmap(path, np.uint8, "r", offset, (len(keys), *shape))
-        self._seen.add(name)
-        for row, k in enumerate(keys):
-            self._index.setdefault(k, (name, row))
+        self._maps[path.name] = np.memmap(path, np.uint8, "r", offset, (len(keys), *shape))
+        return keys
