@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -519,3 +520,46 @@ def test_threads_share_an_open_shard_without_mixing_reads(world: dict[str, Path]
     assert got == expected  # each seek + read took its turn: no read got another's offset
     assert list(shards_module._HANDLES[os.getpid()]) == [str(world["root"] / "shards" / "00000.tar")]
     shards_module._close_handles()
+
+
+_FRESH_READER = """
+import builtins, json, sys
+from pathlib import Path
+import fsspec
+from fsspec.implementations.memory import MemoryFileSystem
+from cliptune.data import shards
+from cliptune.data.images import read_image_bytes
+
+local = sys.argv[1]
+fsspec.filesystem("memory").pipe("/fresh/0.tar", Path(local).read_bytes())
+opens, real = [], MemoryFileSystem._open
+def remote_open(self, path, *args, **kwargs):
+    opens.append(path)
+    return real(self, path, *args, **kwargs)
+def local_open(path, *args, **kwargs):
+    opens.append(str(path))
+    return builtins.open(path, *args, **kwargs)
+MemoryFileSystem._open = remote_open
+shards.open = local_open  # the module's open() of local shards (its global shadows the builtin)
+reads = [read_image_bytes(Path(p)).hex() for s in (local, "memory://fresh/0.tar") for p in (s + "/b.png", s + "/a.png")]
+print(json.dumps({"opens": opens, "reads": reads}))
+"""
+
+
+def test_a_fresh_process_opens_each_shard_once(tmp_path: Path) -> None:
+    # a process that never read the catalogue (a spawned DataLoader worker, a new serve process) has no
+    # member index: it builds it through the handle it then reads from, so 2 reads cost 1 open per shard
+    red, blue = _png((255, 0, 0)), _png((0, 0, 255))
+    shard = _tar(tmp_path / "0.tar", [("a.png", red), ("a.json", b"{}"), ("b.png", blue), ("b.json", b"{}")])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", _FRESH_READER, str(shard)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["reads"] == [blue.hex(), red.hex()] * 2
+    assert result["opens"] == [str(shard), "/fresh/0.tar"]

@@ -14,11 +14,12 @@ catalogue spec naming tar files (``shards/{00000..00099}.tar``, a local path or 
   tar file. :func:`cliptune.data.images.read_image_bytes`, the one reader of image bytes, sends such paths
   to :func:`read_member`, which seeks to the member and reads its bytes (random access, so training
   shuffles over shards without extracting them). A worker process that never saw the pass rebuilds a
-  shard's member index on first use, from the headers alone;
+  shard's member index on first use, from the headers alone (JSON members are not read again);
 - each process keeps its last :data:`OPEN_SHARDS` shards open for those reads (least recently used
   closed first, all closed at exit; entries keyed by process id, so a forked DataLoader worker opens its
   own and never moves its parent's file offset), so a remote shard is opened once per process, not once
-  per image.
+  per image. That handle is the process's only open of the shard: a process that never saw the pass (a
+  spawned DataLoader worker) rebuilds the member index through it.
 
 Only metadata is held in memory: the rows, and per shard the member index (name -> offset, size).
 
@@ -180,20 +181,21 @@ def read_member(shard: str, member: str) -> bytes:
     """
     while True:
         handle = _handle(shard)
-        found = _member_index(shard, handle.key).get(member)
-        if found is None:
-            if "." not in PurePosixPath(member).name:  # the key alone: the reader found no image member
-                reason = f"sample has no image member ({', '.join('.' + e for e in IMAGE_EXTENSIONS)})"
-            else:
-                reason = "no such member in the shard"
-            raise ShardMemberError(shard, member, reason)
-        offset, size = found
         with handle.lock:  # one seek + read at a time per handle (serve reads from a thread pool)
             if handle.closed:  # evicted by another thread between the look-up and here: take a fresh one
                 continue
-            handle.file.seek(offset)
-            data = handle.file.read(size)
+            found = _member_index(shard, handle).get(member)  # built through this handle if need be
+            if found is not None:
+                handle.file.seek(found[0])
+                data = handle.file.read(found[1])
         break
+    if found is None:
+        if "." not in PurePosixPath(member).name:  # the key alone: the reader found no image member
+            reason = f"sample has no image member ({', '.join('.' + e for e in IMAGE_EXTENSIONS)})"
+        else:
+            reason = "no such member in the shard"
+        raise ShardMemberError(shard, member, reason)
+    offset, size = found
     if len(data) != size:
         raise CorruptShardError(
             shard, offset + len(data), f"truncated at offset {offset + len(data)} (member {member})"
@@ -361,24 +363,33 @@ def write_shards(
 # reading
 
 
-def _samples(shard: str, identity: tuple[str, int, str] | None = None) -> Iterator[_Sample]:
+def _samples(shard: str) -> Iterator[_Sample]:
     """The samples of one shard in member order; records every member's data offset in the index."""
-    index: dict[str, tuple[int, int]] = {}
-    grouped: dict[str, dict[str, Any]] = {}
     with _open(shard) as f:
-        for info in _members(shard, f):
-            name = info.name
-            index[name] = (info.offset_data, info.size)
-            key, ext = _key(name), _ext(name)
-            entry = grouped.setdefault(key, {"image": None, "meta": None})
-            if ext == "json":
-                f.seek(info.offset_data)
-                entry["meta"] = f.read(info.size)
-            elif ext in IMAGE_EXTENSIONS and entry["image"] is None:
-                entry["image"] = name
-    _INDEX[identity or _cache_key(shard)] = index
+        index, grouped = _scan(shard, f, metadata=True)
+    _INDEX[_cache_key(shard)] = index
     for key, entry in grouped.items():
         yield _Sample(shard, key, entry["image"], entry["meta"])
+
+
+def _scan(
+    shard: str, f: IO[bytes], *, metadata: bool
+) -> tuple[dict[str, tuple[int, int]], dict[str, dict[str, Any]]]:
+    """One pass over a shard's headers: its member index, and its samples' image member and JSON bytes
+    (read only with ``metadata``; a worker rebuilding the index needs none)."""
+    index: dict[str, tuple[int, int]] = {}
+    grouped: dict[str, dict[str, Any]] = {}
+    for info in _members(shard, f):
+        name = info.name
+        index[name] = (info.offset_data, info.size)
+        key, ext = _key(name), _ext(name)
+        entry = grouped.setdefault(key, {"image": None, "meta": None})
+        if ext == "json" and metadata:
+            f.seek(info.offset_data)
+            entry["meta"] = f.read(info.size)
+        elif ext in IMAGE_EXTENSIONS and entry["image"] is None:
+            entry["image"] = name
+    return index, grouped
 
 
 def _members(shard: str, f: IO[bytes]) -> Iterator[tarfile.TarInfo]:
@@ -443,11 +454,14 @@ _INDEX: dict[tuple[str, int, str], dict[str, tuple[int, int]]] = {}
 """Per-process member index: (shard, size, mtime) -> {member name: (data offset, size)}."""
 
 
-def _member_index(shard: str, key: tuple[str, int, str]) -> dict[str, tuple[int, int]]:
-    if key not in _INDEX:
-        for _ in _samples(shard, key):  # headers and JSON only; records the index as it goes
-            pass
-    return _INDEX[key]
+def _member_index(shard: str, handle: _Handle) -> dict[str, tuple[int, int]]:
+    """The shard's member index; a process that never read the shard (a spawned DataLoader worker, a fresh
+    serve process) builds it from the headers through ``handle``, its one open of the shard. Call with
+    ``handle.lock`` held: the pass moves the handle's offset."""
+    index = _INDEX.get(handle.key)
+    if index is None:
+        index = _INDEX[handle.key] = _scan(shard, handle.file, metadata=False)[0]
+    return index
 
 
 def _cache_key(shard: str) -> tuple[str, int, str]:
