@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import torch.multiprocessing as mp
 from safetensors import safe_open
 
 import cliptune.models.embed as embed_module
@@ -26,7 +25,7 @@ from cliptune.search import build_index, load_index
 from cliptune.search.errors import SearchIndexError
 from cliptune.search.sharded import OtherProcessFailedError, Processes, shard_rows
 from cliptune.search.vectors import export_embeddings
-from tests.launched import become_rank, free_port
+from tests.launched import launch, run_rank
 from tests.tiny_models import make_tiny_clip
 
 WORLD, BATCH = 2, 4
@@ -35,9 +34,7 @@ WORLD, BATCH = 2, 4
 def _worker(rank: int, port: int, root: str, job: str) -> None:
     """One launched process: build both indexes and the Parquet file (``ok``) or fail on process 1 (``bad``)."""
     import cliptune.models.embed as embed_module
-    from cliptune.search.sharded import launched_processes
 
-    become_rank(rank, port, WORLD)
     base = Path(root)
     model, catalogue = load_model(str(base / "clip")), read_catalogue(base / "fashion")
     if job == "bad" and rank == 1:  # an image of process 1's shard cannot be decoded at embedding time
@@ -50,42 +47,35 @@ def _worker(rank: int, port: int, root: str, job: str) -> None:
             return real(path, **kwargs)
 
         embed_module.load_image = load  # type: ignore[assignment]  # this forked process only
-    result: dict[str, Any] = {"rank": rank}
     cache = base / f"cache-{job}"
-    try:
-        with launched_processes() as processes:
-            result["processes"] = [processes.rank, processes.world]
-            for kind in ("flat", "hnsw"):
-                out = build_index(
-                    model,
-                    catalogue,
-                    base / f"{job}-{kind}",
-                    cache_dir=cache,
-                    batch_size=BATCH,
-                    progress=False,
-                    kind=kind,
-                    processes=processes,
-                )
-                result[f"returned-{kind}"] = str(out)
-            info = export_embeddings(
+
+    def work(processes: Processes) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for kind in ("flat", "hnsw"):
+            out = build_index(
                 model,
                 catalogue,
-                base / f"{job}.parquet",
-                texts=True,
+                base / f"{job}-{kind}",
                 cache_dir=cache,
                 batch_size=BATCH,
                 progress=False,
+                kind=kind,
                 processes=processes,
             )
-            result["n_rows"] = info["n_rows"]
-    except Exception as exc:
-        result["error"] = [type(exc).__name__, str(exc)]
-    (base / f"{job}-rank{rank}.json").write_text(json.dumps(result))
+            result[f"returned-{kind}"] = str(out)
+        info = export_embeddings(
+            model,
+            catalogue,
+            base / f"{job}.parquet",
+            texts=True,
+            cache_dir=cache,
+            batch_size=BATCH,
+            progress=False,
+            processes=processes,
+        )
+        return {**result, "n_rows": info["n_rows"]}
 
-
-def _launch(root: Path, job: str) -> list[dict[str, Any]]:
-    mp.start_processes(_worker, args=(free_port(), str(root), job), nprocs=WORLD, start_method="fork")
-    return [json.loads((root / f"{job}-rank{r}.json").read_text()) for r in range(WORLD)]
+    run_rank(rank, port, WORLD, root, job, work)
 
 
 def _no_decoding(path: Path, **kwargs: Any) -> Any:
@@ -141,7 +131,7 @@ def test_two_processes_write_the_one_process_index_and_file(
         model, catalogue, root / "one.parquet", texts=True, cache_dir=cache, batch_size=BATCH, progress=False
     )
 
-    results = _launch(root, "ok")
+    results = launch(_worker, WORLD, root, "ok")
     for rank, result in enumerate(results):
         assert "error" not in result, result
         assert result["processes"] == [rank, WORLD]
@@ -188,7 +178,7 @@ def test_two_processes_write_the_one_process_index_and_file(
 
 def test_a_bad_image_on_process_1_ends_both_with_its_message(setup: Path) -> None:
     root = setup
-    results = _launch(root, "bad")  # returns: neither process hangs
+    results = launch(_worker, WORLD, root, "bad")  # returns: neither process hangs
     name, message = results[0]["error"]
     catalogue = read_catalogue(root / "fashion")
     broken = Path(catalogue.image_path(str(catalogue.rows["file_name"].iloc[-1]))).resolve()

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
 from cliptune.cli.app import app
@@ -22,7 +21,8 @@ from cliptune.data.shards import write_shards
 from cliptune.data.synthetic import render_fashion
 from cliptune.models.factory import load_model
 from cliptune.search import build_index, load_index
-from tests.launched import become_rank, free_port
+from cliptune.search.sharded import Processes
+from tests.launched import launch, run_rank
 from tests.tiny_models import make_tiny_clip
 
 WORLD, BATCH = 2, 4
@@ -39,29 +39,24 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "fashion": fashion, "pattern": Path(pattern), "clip": root / "clip"}
 
 
-def _index_worker(rank: int, port: int, root: str, pattern: str) -> None:
+def _index_worker(rank: int, port: int, root: str, job: str, pattern: str) -> None:
     """One launched process (as under torchrun): index the shard pattern with its own feature cache."""
-    from cliptune.search.sharded import launched_processes
-
-    become_rank(rank, port, WORLD)
     base = Path(root)
-    result: dict[str, Any] = {"rank": rank}
-    try:
+
+    def work(processes: Processes) -> dict[str, Any]:
         model, catalogue = load_model(str(base / "clip")), read_catalogue(Path(pattern))
-        with launched_processes() as processes:
-            result["processes"] = [processes.rank, processes.world]
-            build_index(
-                model,
-                catalogue,
-                base / "two-shards",
-                cache_dir=base / "cache-two",
-                batch_size=BATCH,
-                progress=False,
-                processes=processes,
-            )
-    except Exception as exc:
-        result["error"] = [type(exc).__name__, str(exc)]
-    (base / f"rank{rank}.json").write_text(json.dumps(result))
+        out = build_index(
+            model,
+            catalogue,
+            base / job,
+            cache_dir=base / f"cache-{job}",
+            batch_size=BATCH,
+            progress=False,
+            processes=processes,
+        )
+        return {"returned": str(out)}
+
+    run_rank(rank, port, WORLD, root, job, work)
 
 
 def test_two_processes_index_a_shard_pattern_as_one_process_indexes_the_folder(
@@ -77,12 +72,11 @@ def test_two_processes_index_a_shard_pattern_as_one_process_indexes_the_folder(
         batch_size=BATCH,
         progress=False,
     )
-    args = (free_port(), str(root), str(world["pattern"]))
-    mp.start_processes(_index_worker, args=args, nprocs=WORLD, start_method="fork")
-    results = [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    results = launch(_index_worker, WORLD, root, "two-shards", str(world["pattern"]))
     for rank, result in enumerate(results):
         assert "error" not in result, result
         assert result["processes"] == [rank, WORLD]
+        assert result["returned"] == str(root / "two-shards")  # every process returns the folder
     one, two = load_index(folder), load_index(root / "two-shards")
     # the shard converter gives the i-th image the key i: shard i // 7, member <i>.png
     assert one.ids == [f"images/{i:06d}.png" for i in range(30)]
