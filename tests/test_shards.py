@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
 import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -26,7 +28,7 @@ from cliptune.data.catalogue import CatalogueError, read_catalogue
 from cliptune.data.check import check_catalogue, write_clean
 from cliptune.data.images import load_image, read_image_bytes
 from cliptune.data.prepare import BadRowsError, prepare_data
-from cliptune.data.shards import _INDEX, expand_pattern, is_shard_spec, write_shards
+from cliptune.data.shards import _INDEX, CompressedShardError, expand_pattern, is_shard_spec, write_shards
 from cliptune.data.splits import hash_split, make_splits
 from cliptune.data.synthetic import render_fashion
 from cliptune.evaluation.run import evaluate_run
@@ -361,6 +363,29 @@ def test_cli_check_of_a_truncated_shard_is_a_typed_error(world: dict[str, Path],
     result = runner.invoke(app, ["data", "check", str(tmp_path / "00000.tar"), "-q"])
     assert result.exit_code == 2 and "truncated at offset 700" in result.output
     assert "cliptune data shard" in result.output and "Traceback" not in result.output
+
+
+def test_compressed_shards_are_refused_naming_the_shard(tmp_path: Path) -> None:
+    plain = _tar(tmp_path / "plain.tar", [("a.png", _png((1, 2, 3))), ("a.json", b'{"text": "x"}')])
+    for name in ("00000.tar.gz", "00001.tar.gz"):
+        with gzip.open(tmp_path / name, "wb") as f:
+            f.write(plain.read_bytes())
+    pattern = tmp_path / "{00000..00001}.tar.gz"
+    assert is_shard_spec(pattern) and is_shard_spec("s/one.tgz") and is_shard_spec("s/{a.tar,b.tar.xz}")
+    with pytest.raises(CompressedShardError, match="cannot be read as a shard") as info:
+        read_catalogue(pattern)
+    assert info.value.shard == str(tmp_path / "00000.tar.gz") and info.value.plain == "00000.tar"
+    assert "(to 00000.tar)" in str(info.value) and "seeking to their member" in str(info.value)
+    assert pickle.loads(pickle.dumps(info.value)).args == info.value.args  # crosses DataLoader workers
+    # a pattern mixing plain and compressed tars names the compressed one; .tgz decompresses to .tar
+    (tmp_path / "b.tgz").write_bytes((tmp_path / "00000.tar.gz").read_bytes())
+    with pytest.raises(CompressedShardError) as info:
+        read_catalogue(tmp_path / "{plain.tar,b.tgz}")
+    assert info.value.shard == str(tmp_path / "b.tgz") and info.value.plain == "b.tar"
+    result = runner.invoke(app, ["data", "check", str(pattern), "-q"])
+    assert result.exit_code == 2 and "00000.tar.gz: a compressed tar" in result.output
+    assert "gunzip" in result.output and "cliptune data shard" in result.output
+    assert "Traceback" not in result.output
 
 
 # ----------------------------------------------------------------------------------------------

@@ -64,8 +64,10 @@ import pandas as pd
 from cliptune.data.catalogue import Catalogue, CatalogueError, attribute_columns, require_columns
 
 __all__ = [
+    "COMPRESSED_TAR_SUFFIXES",
     "IMAGE_EXTENSIONS",
     "OPEN_SHARDS",
+    "CompressedShardError",
     "CorruptShardError",
     "ShardOutputExistsError",
     "ShardWriteError",
@@ -80,6 +82,9 @@ __all__ = [
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 """Member extensions read as a sample's image (WebDataset's names; other members such as ``.txt`` are ignored)."""
+
+COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+"""Compressed tars: recognised in a shard pattern only to be refused (:class:`CompressedShardError`)."""
 
 _BLOCK = 512  # a tar header block
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):/+(.*)$")
@@ -99,6 +104,33 @@ class CorruptShardError(CatalogueError):
 
     def __reduce__(self) -> tuple[type[CorruptShardError], tuple[str, int, str]]:
         return type(self), (self.shard, self.offset, self.detail)
+
+
+class CompressedShardError(CatalogueError):
+    """A shard that is a compressed tar (``.tar.gz``, ``.tgz``, ...), which cannot be read as a shard.
+
+    Images are read by seeking to their member (random access, so training shuffles without extracting);
+    a compressed stream has no offsets to seek to: each read would decompress everything before its
+    member, so a shuffled epoch over a 1 GB shard would decompress terabytes. Refused up front, with the
+    plain ``.tar`` name decompressing gives, rather than read that slowly.
+
+    Attributes:
+        shard: The compressed shard (path or URL).
+        plain: The name of the same shard decompressed, e.g. ``00003.tar`` for ``00003.tar.gz``.
+    """
+
+    def __init__(self, shard: str) -> None:
+        name = _base(shard)
+        suffix = next(x for x in COMPRESSED_TAR_SUFFIXES if name.lower().endswith(x))
+        self.shard, self.plain = shard, name[: -len(suffix)] + ".tar"
+        super().__init__(
+            f"{shard}: a compressed tar cannot be read as a shard (images are read by seeking to their "
+            f"member, which a compressed stream cannot do); shards must be plain .tar files: decompress it "
+            f"(to {self.plain}) and name the .tar files"
+        )
+
+    def __reduce__(self) -> tuple[type[CompressedShardError], tuple[str]]:
+        return type(self), (self.shard,)
 
 
 class ShardWriteError(CatalogueError):
@@ -143,15 +175,16 @@ def expand_pattern(spec: str | Path) -> list[str]:
 
 
 def is_shard_spec(spec: str | Path) -> bool:
-    """Whether a catalogue spec names WebDataset shards (every name it expands to ends with ``.tar``)."""
+    """Whether a catalogue spec names WebDataset shards (every name it expands to ends with ``.tar``, or
+    with one of :data:`COMPRESSED_TAR_SUFFIXES`, which :func:`read_shards` then refuses by name)."""
     text = str(spec)
-    if ".tar" not in text:
+    if ".tar" not in text and ".tgz" not in text:
         return False
     try:
         names = expand_pattern(text)
     except Exception:  # braceexpand's UnbalancedBracesError and friends: not a pattern we understand
         return False
-    return bool(names) and all(n.endswith(".tar") for n in names)
+    return bool(names) and all(n.endswith(".tar") or _compressed(n) for n in names)
 
 
 def shard_member(path: str | Path) -> tuple[str, str] | None:
@@ -229,10 +262,14 @@ def read_shards(spec: str | Path, text_column: str = "text") -> Catalogue:
         own faults by row number.
 
     Raises:
+        CompressedShardError: a shard is a compressed tar (``.tar.gz``, ...), naming the first one.
         CorruptShardError: a shard is truncated or corrupt (naming shard and offset).
         CatalogueError: a shard is missing, or the shards lie in several folders.
     """
     shards = expand_pattern(spec)
+    compressed = [s for s in shards if _compressed(s)]
+    if compressed:
+        raise CompressedShardError(compressed[0])
     folders = {_parent(s) for s in shards}
     if len(folders) != 1:
         raise CatalogueError(f"{spec}: shards must lie in one folder, found {', '.join(sorted(folders))}")
@@ -587,6 +624,10 @@ def _key(name: str) -> str:
 def _ext(name: str) -> str:
     base = name.rpartition("/")[2]
     return base.split(".", 1)[1].lower() if "." in base else ""
+
+
+def _compressed(location: str) -> bool:
+    return location.lower().endswith(COMPRESSED_TAR_SUFFIXES)
 
 
 def _is_url(location: str) -> bool:
