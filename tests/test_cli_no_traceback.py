@@ -105,6 +105,7 @@ def CASES(f: dict[str, Path]) -> list[list[str]]:  # noqa: N802 (reads as the ta
         ["data", "synth", "fashion", "/proc/no/such/folder", "-n", "4"],
         ["data", "shard", str(f["fashion"]), "/proc/no/such/folder"],
         ["data", "shard", str(f["fashion"]), str(r / "shards-new"), "--shard-size", "0"],
+        ["data", "index-shards", str(r / "notimage.png")],
         ["suite", "generate", str(f["fashion"]), "--out", str(r / "gen.yaml"), "--attributes", "nope"],
         ["index", str(f["clip"]), str(r / "idx-new"), "--data", str(f["missing"])],
         ["export", str(f["clip"]), str(r / "export-new"), "--data", str(f["missing"])],

@@ -76,7 +76,7 @@ def test_pattern_expansion_and_spec_detection(world: dict[str, Path]) -> None:
     assert is_shard_spec("s/{0..3}.tar") and is_shard_spec("s/one.tar")
     assert not is_shard_spec("data/fashion") and not is_shard_spec("data/tarot")
     names = sorted(p.name for p in (world["root"] / "shards").iterdir())
-    assert names == ["00000.tar", "00001.tar", "00002.tar"]
+    assert names == [n for i in range(3) for n in (f"0000{i}.tar", f"0000{i}.tar.idx.json")]  # + sidecars
     with tarfile.open(world["root"] / "shards" / "00001.tar") as tar:
         members = tar.getnames()
     # WebDataset layout: key.json + key.png per sample, keys numbered across shards
@@ -99,7 +99,7 @@ def test_round_trip_rows_captions_attributes_and_bytes(world: dict[str, Path]) -
         assert path == world["root"] / "shards" / dst
         assert read_image_bytes(path) == (world["fashion"] / src).read_bytes()
     assert check_catalogue(shards).ok
-    _INDEX.clear()  # a fresh DataLoader worker: the member index is rebuilt from the headers on first use
+    _INDEX.clear()  # a fresh DataLoader worker: the member index is rebuilt (from the sidecar) on first use
     assert (
         read_image_bytes(shards.image_path("00001.tar/000020.png"))
         == (world["fashion"] / "images/000020.png").read_bytes()
@@ -333,7 +333,12 @@ def test_cli_shard_then_check(world: dict[str, Path], tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     pattern = str(out / "{00000..00001}.tar")
     assert pattern in result.output and "40 row(s)" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00001.tar"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "00000.tar",
+        "00000.tar.idx.json",
+        "00001.tar",
+        "00001.tar.idx.json",
+    ]
     check = runner.invoke(app, ["data", "check", pattern, "-q"])
     assert check.exit_code == 0, check.output
     assert "40 good row(s), 0 bad row(s)" in check.output

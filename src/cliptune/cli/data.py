@@ -149,8 +149,39 @@ def data_shard(
     with exit_on_error(2):
         cat = read_catalogue(catalogue, text_column)
         pattern = write_shards(cat, out, shard_size, progress=bar)
-    console.print(f"wrote {len(cat.rows)} row(s) as shards; put this in data.catalogue:")
+    console.print(
+        f"wrote {len(cat.rows)} row(s) as shards (each with its .idx.json index); put this in data.catalogue:"
+    )
     console.print(pattern, highlight=False, markup=False)
+
+
+@data_app.command("index-shards")
+def data_index_shards(
+    pattern: Annotated[
+        str, typer.Argument(help="Shard pattern, local or an fsspec URL (shards/{00000..00099}.tar).")
+    ],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Write a sidecar index (SHARD.idx.json) beside each shard, for shards made by other tools.
+
+    Reading a shard pattern then reads each shard's sidecar instead of walking the tar (on object storage
+    that walk downloads nearly every byte). `cliptune data shard` writes the sidecars itself; rerun this
+    after rewriting a shard (a sidecar whose recorded size no longer matches is not used).
+
+    Examples:
+        cliptune data index-shards 'laion-shards/{00000..00099}.tar'
+        cliptune data index-shards 's3://bucket/shards/{00000..00099}.tar'
+    """
+    from rich.progress import track
+
+    from cliptune.data.shards import index_shards
+
+    def bar(items: Any, total: int) -> Any:
+        return track(items, total=total, description="Indexing shards", disable=quiet, console=err_console)
+
+    with exit_on_error(2):
+        written = index_shards(pattern, progress=bar)
+    console.print(f"wrote {len(written)} sidecar index(es), e.g. {written[0]}", highlight=False, markup=False)
 
 
 @data_app.command("audit")

@@ -141,6 +141,10 @@ HINTS: dict[str, Hint] = {
     "cliptune.data.shards.CorruptShardError": (
         "copy the shard again, or write the shards afresh with `cliptune data shard CATALOGUE OUT`"
     ),
+    "cliptune.data.shards.ShardIndexMismatchError": (
+        "rewrite the shards' sidecar indexes with `cliptune data index-shards PATTERN` (or delete them: "
+        "shards without one are scanned)"
+    ),
     "cliptune.data.shards.CompressedShardError": (
         "decompress the shards (e.g. `gunzip -k 00000.tar.gz`) and give the .tar pattern, or write plain .tar "
         "shards from a folder catalogue with `cliptune data shard CATALOGUE OUT`"

@@ -8,7 +8,13 @@ catalogue spec naming tar files (``shards/{00000..00099}.tar``, a local path or 
 
 - one sequential pass over each shard reads only the headers and the JSON members; image members are
   skipped by seeking and remembered as ``(offset, size)`` in a per-process member index, so no shard is
-  ever extracted;
+  ever extracted. A shard with a *sidecar index* beside it (``00003.tar.idx.json``, written by
+  :func:`write_shards` and :func:`index_shards`) is not read at all: the sidecar records the member index
+  and each sample's image member and JSON, and is trusted only when the size it records is the shard's
+  size (one stat, or a HEAD request). Images interleave with the JSON members, so the pass over a remote
+  shard fetches nearly all of it; the sidecar is a few hundred bytes per sample. A sidecar that is stale
+  or damaged (other size, bad JSON, other version, a member outside the shard) is never used silently:
+  a :class:`ShardIndexWarning` says why (once per process) and the shard is scanned as without one;
 - each row's ``file_name`` is ``<shard file name>/<member name>`` (``00003.tar/000123.jpg``) and
   :meth:`Catalogue.image_path` turns it into ``<shard folder>/00003.tar/000123.jpg``: a path *through* the
   tar file. :func:`cliptune.data.images.read_image_bytes`, the one reader of image bytes, sends such paths
@@ -19,7 +25,7 @@ catalogue spec naming tar files (``shards/{00000..00099}.tar``, a local path or 
   closed first, all closed at exit; entries keyed by process id, so a forked DataLoader worker opens its
   own and never moves its parent's file offset), so a remote shard is opened once per process, not once
   per image. That handle is the process's only open of the shard: a process that never saw the pass (a
-  spawned DataLoader worker) rebuilds the member index through it.
+  spawned DataLoader worker) rebuilds the member index through it, or from the sidecar when it fits.
 
 Only metadata is held in memory: the rows, and per shard the member index (name -> offset, size).
 
@@ -30,7 +36,8 @@ caption whose problem :func:`~cliptune.data.check.check_catalogue` reports (``Ca
 that is cut short or corrupt raises :class:`CorruptShardError` naming the shard and
 the byte offset.
 
-:func:`write_shards` converts a folder catalogue (``cliptune data shard``).
+:func:`write_shards` converts a folder catalogue (``cliptune data shard``), with a sidecar per shard;
+:func:`index_shards` writes the sidecars of shards made by other tools (``cliptune data index-shards``).
 
 Example:
     >>> from cliptune.data.catalogue import read_catalogue
@@ -45,12 +52,15 @@ Example:
 from __future__ import annotations
 
 import atexit
+import base64
+import binascii
 import json
 import math
 import os
 import re
 import tarfile
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,16 +77,22 @@ __all__ = [
     "COMPRESSED_TAR_SUFFIXES",
     "IMAGE_EXTENSIONS",
     "OPEN_SHARDS",
+    "INDEX_SUFFIX",
     "CompressedShardError",
     "CorruptShardError",
+    "ShardIndexMismatchError",
+    "ShardIndexWarning",
     "ShardOutputExistsError",
     "ShardWriteError",
     "ShardMemberError",
     "expand_pattern",
+    "index_path",
+    "index_shards",
     "is_shard_spec",
     "read_member",
     "read_shards",
     "shard_member",
+    "write_shard_index",
     "write_shards",
 ]
 
@@ -86,6 +102,11 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 """Compressed tars: recognised in a shard pattern only to be refused (:class:`CompressedShardError`)."""
 
+INDEX_SUFFIX = ".idx.json"
+"""A shard's sidecar index lies beside it under the shard's name plus this: ``00003.tar.idx.json``."""
+
+_INDEX_FORMAT = "cliptune-shard-index"
+_INDEX_VERSION = 1
 _BLOCK = 512  # a tar header block
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):/+(.*)$")
 
@@ -159,6 +180,45 @@ class ShardMemberError(CatalogueError):
         return type(self), (self.shard, self.member, self.reason)  # picklable (DataLoader workers)
 
 
+class ShardIndexWarning(UserWarning):
+    """A shard's sidecar index that is not used, because it is stale or damaged: the shard is scanned instead.
+
+    Scanning is always right (the tar is the truth), only slower, so a bad sidecar costs time, never rows;
+    it is said once per process and sidecar, so the user can rewrite it (``cliptune data index-shards``).
+
+    Attributes:
+        shard: The shard (path or URL).
+        sidecar: The sidecar index (path or URL).
+        reason: Why it was not used, e.g. ``"made for a shard of 1024 bytes, the shard has 2048"``.
+    """
+
+    def __init__(self, shard: str, sidecar: str, reason: str) -> None:
+        super().__init__(f"{sidecar}: not used, scanning {shard} instead: {reason}")
+        self.shard, self.sidecar, self.reason = shard, sidecar, reason
+
+
+class ShardIndexMismatchError(CatalogueError):
+    """A shard whose sidecar index does not describe it: the header before a member's recorded offset is not
+    that member's. The shard was rewritten to the very size the sidecar records (tar pads to 10 KiB
+    records, so this can happen); the catalogue read from that sidecar cannot be trusted either.
+
+    Attributes:
+        shard: The shard (path or URL).
+        member: The member read.
+        offset: The data offset the sidecar gives for it.
+    """
+
+    def __init__(self, shard: str, member: str, offset: int) -> None:
+        super().__init__(
+            f"{index_path(shard)}: does not match the shard: no header of {member} before offset {offset} "
+            "(the shard was rewritten after its sidecar index)"
+        )
+        self.shard, self.member, self.offset = shard, member, offset
+
+    def __reduce__(self) -> tuple[type[ShardIndexMismatchError], tuple[str, str, int]]:
+        return type(self), (self.shard, self.member, self.offset)
+
+
 def expand_pattern(spec: str | Path) -> list[str]:
     """The shards a spec names: brace patterns expanded (``{00000..00002}`` gives three), in order.
 
@@ -218,9 +278,13 @@ def read_member(shard: str, member: str) -> bytes:
             if handle.closed:  # evicted by another thread between the look-up and here: take a fresh one
                 continue
             found = _member_index(shard, handle).get(member)  # built through this handle if need be
+            # a sidecar's offset is checked against the member's own header, the block just before its data
+            # (one read, the same request): a shard rewritten to the very same size is caught, not misread
+            checked = handle.key in _FROM_SIDECAR
             if found is not None:
-                handle.file.seek(found[0])
-                data = handle.file.read(found[1])
+                start = found[0] - _BLOCK if checked else found[0]
+                handle.file.seek(start)
+                data = handle.file.read(found[0] + found[1] - start)
         break
     if found is None:
         if "." not in PurePosixPath(member).name:  # the key alone: the reader found no image member
@@ -229,11 +293,24 @@ def read_member(shard: str, member: str) -> bytes:
             reason = "no such member in the shard"
         raise ShardMemberError(shard, member, reason)
     offset, size = found
+    header, data = (data[:_BLOCK], data[_BLOCK:]) if checked else (b"", data)
     if len(data) != size:
         raise CorruptShardError(
             shard, offset + len(data), f"truncated at offset {offset + len(data)} (member {member})"
         )
+    if checked and not _header_fits(header, member, size):
+        raise ShardIndexMismatchError(shard, member, offset)
     return bytes(data)
+
+
+def _header_fits(header: bytes, member: str, size: int) -> bool:
+    """Whether a tar header block is ``member``'s: a valid header of its size whose name it starts with
+    (a long name is cut in the header; a PAX tar's non-ASCII name is replaced there, so only sizes count)."""
+    try:
+        info = tarfile.TarInfo.frombuf(header, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return info.size == size and bool(info.name) and (member.startswith(info.name) or not member.isascii())
 
 
 @dataclass(frozen=True)
@@ -368,14 +445,14 @@ def write_shards(
     if progress is not None:
         items = progress(items, len(names))
     writer: Any = None
+    written: list[Path] = []
     try:
         for i, name in items:
             if i % shard_size == 0:
                 if writer is not None:
                     writer.close()
-                writer = TarWriter(
-                    str(out / f"{i // shard_size:0{shard_width}d}.tar"), encoder=False, mtime=0
-                )
+                written.append(out / f"{i // shard_size:0{shard_width}d}.tar")
+                writer = TarWriter(str(written[-1]), encoder=False, mtime=0)
             metas = by_image[name]
             sample: dict[str, Any] = {"__key__": f"{i:0{width}d}"}
             sample["json"] = json.dumps(metas[0] if len(metas) == 1 else metas, ensure_ascii=False).encode()
@@ -390,10 +467,102 @@ def write_shards(
         if writer is not None:
             writer.close()
     if not names:  # an empty catalogue is one empty shard, so the pattern still names a file
-        TarWriter(str(out / f"{0:0{shard_width}d}.tar"), encoder=False, mtime=0).close()
+        written.append(out / f"{0:0{shard_width}d}.tar")
+        TarWriter(str(written[-1]), encoder=False, mtime=0).close()
+    for shard in written:  # each shard complete on disk: its sidecar describes exactly those bytes
+        write_shard_index(shard)
     last = f"{n_shards - 1:0{shard_width}d}"
     first = f"{0:0{shard_width}d}"
     return str(out / (f"{first}.tar" if n_shards == 1 else f"{{{first}..{last}}}.tar"))
+
+
+def index_path(shard: str | Path) -> str:
+    """Where a shard's sidecar index lies: beside it, its name plus :data:`INDEX_SUFFIX`.
+
+    Example:
+        >>> index_path("s3://bucket/shards/00003.tar")
+        's3://bucket/shards/00003.tar.idx.json'
+    """
+    return _location(str(shard)) + INDEX_SUFFIX
+
+
+def write_shard_index(shard: str | Path) -> str:
+    """Scan one shard (headers and JSON members, as the reading pass does) and write its sidecar index.
+
+    The sidecar (JSON, see docs/catalogues.md) records a format tag and version, the shard's size in bytes,
+    every file member's ``(name, data offset, size)`` and each sample's key, image member and raw JSON
+    metadata: all the reading pass needs, so a later pass reads the sidecar and one stat of the shard
+    instead of walking the tar (which, with images interleaved, downloads a remote shard whole). Written
+    atomically: a local file by rename, a URL by one upload.
+
+    Args:
+        shard: The shard (path or fsspec URL).
+
+    Returns:
+        The sidecar's location, ``<shard>.idx.json``.
+
+    Raises:
+        CompressedShardError: a compressed tar.
+        CorruptShardError: the shard is truncated or corrupt.
+        CatalogueError: the shard is missing.
+    """
+    location = _location(str(shard))
+    if _compressed(location):
+        raise CompressedShardError(location)
+    with _open(location) as f:
+        size = f.seek(0, os.SEEK_END)  # the size of the bytes scanned, from the same open file
+        index, grouped = _scan(location, f, metadata=True)
+    document = {
+        "format": _INDEX_FORMAT,
+        "version": _INDEX_VERSION,
+        "shard_bytes": size,
+        "members": [[name, offset, length] for name, (offset, length) in index.items()],
+        "samples": [
+            {"key": key, "image": e["image"], **_meta_field(e["meta"])} for key, e in grouped.items()
+        ],
+    }
+    data = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    target = index_path(location)
+    if _is_url(target):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(target)
+        fs.pipe_file(path, data)  # one upload: an object store shows the old object or the new, never half
+    else:
+        from cliptune.rundir import write_bytes_atomic
+
+        write_bytes_atomic(Path(target), data)
+    return target
+
+
+def index_shards(
+    spec: str | Path, progress: Callable[[Iterator[Any], int], Iterator[Any]] | None = None
+) -> list[str]:
+    """Write the sidecar index of every shard a pattern names (shards made by img2dataset, webdataset's
+    ``TarWriter`` or any other tool; :func:`write_shards` writes its own).
+
+    Args:
+        spec: Shard pattern, e.g. ``shards/{00000..00099}.tar`` or ``s3://bucket/{0..9}.tar``.
+        progress: Wraps the iteration over shards (``(items, total) -> items``), e.g. a progress bar.
+
+    Returns:
+        The sidecars written, in shard order.
+
+    Raises:
+        CatalogueError: ``spec`` is not a shard pattern, or a shard is missing.
+        CompressedShardError: a shard is a compressed tar (checked before any is read).
+        CorruptShardError: a shard is truncated or corrupt (the sidecars before it are written).
+    """
+    if not is_shard_spec(spec):
+        raise CatalogueError(f"{spec}: not a shard pattern (every name it expands to must end in .tar)")
+    shards = expand_pattern(spec)
+    compressed = [s for s in shards if _compressed(s)]
+    if compressed:
+        raise CompressedShardError(compressed[0])
+    items: Iterator[str] = iter(shards)
+    if progress is not None:
+        items = progress(items, len(shards))
+    return [write_shard_index(shard) for shard in items]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -401,12 +570,29 @@ def write_shards(
 
 
 def _samples(shard: str) -> Iterator[_Sample]:
-    """The samples of one shard in member order; records every member's data offset in the index."""
-    with _open(shard) as f:
-        index, grouped = _scan(shard, f, metadata=True)
-    _INDEX[_cache_key(shard)] = index
-    for key, entry in grouped.items():
-        yield _Sample(shard, key, entry["image"], entry["meta"])
+    """The samples of one shard in member order; records every member's data offset in the index.
+
+    From the shard's sidecar index when it has one that fits (a read of the sidecar and a stat of the
+    shard, no byte of the shard), else from a pass over the shard."""
+    indexed = None
+    raw = _sidecar_bytes(shard)
+    if raw is not None:
+        try:
+            key = _cache_key(shard)  # the one stat (a HEAD request, remote) that vouches for the sidecar
+        except ShardMemberError as exc:
+            raise CatalogueError(f"{shard}: shard not found") from exc
+        indexed = _from_sidecar(shard, raw, key[1])
+        if indexed is not None:
+            _FROM_SIDECAR.add(key)
+    if indexed is None:
+        with _open(shard) as f:
+            indexed = _scan(shard, f, metadata=True)
+        key = _cache_key(shard)
+        _FROM_SIDECAR.discard(key)
+    index, grouped = indexed
+    _INDEX[key] = index
+    for key_, entry in grouped.items():
+        yield _Sample(shard, key_, entry["image"], entry["meta"])
 
 
 def _scan(
@@ -489,6 +675,8 @@ def _without_reserved(meta: dict[str, Any]) -> dict[str, Any]:
 
 _INDEX: dict[tuple[str, int, str], dict[str, tuple[int, int]]] = {}
 """Per-process member index: (shard, size, mtime) -> {member name: (data offset, size)}."""
+_FROM_SIDECAR: set[tuple[str, int, str]] = set()
+"""The :data:`_INDEX` keys whose index came from a sidecar: their reads check each member's header."""
 
 
 def _member_index(shard: str, handle: _Handle) -> dict[str, tuple[int, int]]:
@@ -497,8 +685,110 @@ def _member_index(shard: str, handle: _Handle) -> dict[str, tuple[int, int]]:
     ``handle.lock`` held: the pass moves the handle's offset."""
     index = _INDEX.get(handle.key)
     if index is None:
-        index = _INDEX[handle.key] = _scan(shard, handle.file, metadata=False)[0]
+        raw = _sidecar_bytes(shard)
+        indexed = _from_sidecar(shard, raw, handle.key[1]) if raw is not None else None
+        (_FROM_SIDECAR.add if indexed is not None else _FROM_SIDECAR.discard)(handle.key)
+        index = indexed[0] if indexed is not None else _scan(shard, handle.file, metadata=False)[0]
+        _INDEX[handle.key] = index
     return index
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sidecar index
+
+_Indexed = tuple[dict[str, tuple[int, int]], dict[str, dict[str, Any]]]
+_WARNED: set[tuple[str, str]] = set()
+"""(sidecar, reason) pairs this process has warned about: one warning each, not one per worker read."""
+
+
+def _meta_field(raw: bytes | None) -> dict[str, str | None]:
+    """A JSON member's bytes as sidecar fields: its text, or base64 when it is not UTF-8 (a bad sample the
+    reader must still report as the scan would)."""
+    if raw is None:
+        return {"meta": None}
+    try:
+        return {"meta": raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"meta_base64": base64.b64encode(raw).decode("ascii")}
+
+
+def _sidecar_bytes(shard: str) -> bytes | None:
+    """The shard's sidecar index, or None when it has none (or it cannot be read: said once)."""
+    target = index_path(shard)
+    try:
+        if _is_url(target):
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(target)
+            return bytes(fs.cat_file(path))
+        return Path(target).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        _warn_once(shard, f"cannot be read ({exc})")
+        return None
+
+
+def _from_sidecar(shard: str, raw: bytes, size: int) -> _Indexed | None:
+    """The member index and samples a sidecar records, if it fits the shard (``size`` bytes now); else
+    None, after a :class:`ShardIndexWarning` saying why, and the caller scans."""
+    parsed = _parse_sidecar(raw, size)
+    if isinstance(parsed, str):
+        _warn_once(shard, parsed)
+        return None
+    return parsed
+
+
+def _parse_sidecar(raw: bytes, size: int) -> _Indexed | str:
+    """A sidecar's member index and samples, or the reason it cannot be trusted."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"not valid JSON ({exc})"
+    if not isinstance(doc, dict) or doc.get("format") != _INDEX_FORMAT:
+        return f"not a {_INDEX_FORMAT} file"
+    if doc.get("version") != _INDEX_VERSION:
+        return f"version {doc.get('version')!r}; this cliptune reads version {_INDEX_VERSION}"
+    if doc.get("shard_bytes") != size:
+        return f"made for a shard of {doc.get('shard_bytes')} bytes, the shard has {size} (rewritten since)"
+    index: dict[str, tuple[int, int]] = {}
+    grouped: dict[str, dict[str, Any]] = {}
+    try:
+        for name, offset, length in doc["members"]:
+            if not (isinstance(name, str) and _count(offset) and _count(length)):
+                return f"malformed member entry {[name, offset, length]!r}"
+            if offset < _BLOCK or offset + length > size:  # a header block precedes every member's data
+                return f"member {name} at bytes {offset}..{offset + length} lies outside the shard's {size}"
+            index[name] = (offset, length)
+        for sample in doc["samples"]:
+            key, image, text, b64 = (
+                sample["key"],
+                sample["image"],
+                sample.get("meta"),
+                sample.get("meta_base64"),
+            )
+            if not isinstance(key, str) or not (image is None or image in index):
+                return f"malformed sample entry for key {key!r}"
+            if not (text is None or isinstance(text, str)) or not (b64 is None or isinstance(b64, str)):
+                return f"malformed metadata of sample {key}"
+            meta = text.encode("utf-8") if text is not None else None
+            if b64 is not None:
+                meta = base64.b64decode(b64, validate=True)
+            grouped[key] = {"image": image, "meta": meta}
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:  # wrong shapes, bad base64
+        return f"malformed ({type(exc).__name__}: {exc})"
+    return index, grouped
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _warn_once(shard: str, reason: str) -> None:
+    sidecar = index_path(shard)
+    if (sidecar, reason) not in _WARNED:
+        _WARNED.add((sidecar, reason))
+        warnings.warn(ShardIndexWarning(shard, sidecar, reason), stacklevel=3)
 
 
 def _cache_key(shard: str) -> tuple[str, int, str]:
