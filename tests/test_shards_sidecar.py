@@ -34,6 +34,7 @@ from cliptune.data.shards import (
     index_path,
     index_shards,
     read_shards,
+    write_shard_index,
     write_shards,
 )
 from cliptune.data.synthetic import render_fashion
@@ -264,9 +265,14 @@ def test_with_sidecars_the_reading_pass_fetches_no_byte_of_a_shard(
     assert [_fetched(f"/cnt/p/{n}") for n in names] == [len(countmem.cat_file(f"/cnt/p/{n}")) for n in names]
     FETCHED.clear()
     from_sidecar = read_shards(f"countmem://cnt/i/{world['pattern'].name}")
-    assert {p for p, _, _ in FETCHED} == {f"/cnt/i/{n}.idx.json" for n in names}
-    assert sum(e - s for _, s, e in FETCHED) == sum(
-        len(countmem.cat_file(f"/cnt/i/{n}.idx.json")) for n in names
+    sidecars = {f"/cnt/i/{n}.idx.json": json.loads(countmem.cat_file(f"/cnt/i/{n}.idx.json")) for n in names}
+    assert sum(e - s for p, s, e in FETCHED if p in sidecars) == sum(
+        len(countmem.cat_file(p)) for p in sidecars
+    )
+    # of the shards themselves, one 1 KiB read each: the end-of-archive marker the sidecar records
+    assert sorted((p, s, e) for p, s, e in FETCHED if p not in sidecars) == sorted(
+        (f"/cnt/i/{n}", doc["end"], doc["end"] + 1024)
+        for n, doc in zip(names, sidecars.values(), strict=True)
     )
     pd.testing.assert_frame_equal(from_sidecar.rows.drop(columns=[]), from_scan.rows)
 
@@ -281,7 +287,9 @@ def test_with_sidecars_the_reading_pass_fetches_no_byte_of_a_shard(
     assert got == (world["fashion"] / "images/000007.png").read_bytes()
     offset = _index_of("countmem://cnt/i/00001.tar")["000007.png"][0]
     shard_fetches = [(s, e) for p, s, e in FETCHED if p == "/cnt/i/00001.tar"]
-    assert shard_fetches[0][0] == offset - 512 > 0
+    end = sidecars["/cnt/i/00001.tar.idx.json"]["end"]
+    assert shard_fetches[0] == (end, end + 1024)  # the sidecar's end-of-archive check, then the member
+    assert shard_fetches[1][0] == offset - 512 > 0
 
 
 def _damage(kind: str, shard: Path) -> None:
@@ -313,9 +321,9 @@ def _damage(kind: str, shard: Path) -> None:
     ("kind", "reason"),
     [
         ("rewritten", r"made for a shard of \d+ bytes, the shard has \d+ \(rewritten since\)"),
-        ("not JSON", r"not valid JSON \(Expecting"),
+        ("not JSON", r"not valid JSON \("),
         ("version", r"version 2; this cliptune reads version 1"),
-        ("outside", r"member 000004\.png at bytes \d+\.\.\d+ lies outside the shard's \d+"),
+        ("outside", r"member 000004\.png at bytes \d+\.\.\d+ lies outside the archive's \d+"),
         ("unknown image", r"malformed sample entry for key '000000'"),
     ],
 )
@@ -426,3 +434,27 @@ def test_a_shard_rewritten_to_the_same_size_is_caught_at_the_first_misread(
     ):
         read_image_bytes(cat.image_path("00000.tar/000001.png"))
     shards_module._close_handles()
+
+
+def test_a_sample_appended_in_the_padding_is_seen_though_the_size_is_unchanged(tmp_path: Path) -> None:
+    # tar pads an archive to 10 KiB records: a small sample appended fits in the padding, the size stays
+    # the same and the members the sidecar lists are where it says; only the end-of-archive marker moved
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in [("a.json", b'{"text": "first"}'), ("a.png", _png((1, 2, 3)))]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    write_shard_index(shard)
+    doc = json.loads(Path(index_path(shard)).read_text())
+    size = shard.stat().st_size
+    assert doc["shard_bytes"] == size and doc["end"] + 1024 <= size
+    with tarfile.open(shard, "a") as tar:
+        for name, data in [("b.json", b'{"text": "added"}'), ("b.png", _png((4, 5, 6)))]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert shard.stat().st_size == size  # what the size check alone cannot see
+    with pytest.warns(ShardIndexWarning, match=rf"no end-of-archive marker at offset {doc['end']}"):
+        got = read_shards(shard)
+    assert got.rows["text"].tolist() == ["first", "added"]

@@ -66,7 +66,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, cast
+from typing import IO, Any, TypeGuard, cast
 
 import numpy as np
 import pandas as pd
@@ -509,13 +509,15 @@ def write_shard_index(shard: str | Path) -> str:
     location = _location(str(shard))
     if _compressed(location):
         raise CompressedShardError(location)
+    ends: list[int] = []
     with _open(location) as f:
         size = f.seek(0, os.SEEK_END)  # the size of the bytes scanned, from the same open file
-        index, grouped = _scan(location, f, metadata=True)
+        index, grouped = _scan(location, f, metadata=True, ends=ends)
     document = {
         "format": _INDEX_FORMAT,
         "version": _INDEX_VERSION,
         "shard_bytes": size,
+        "end": ends[0],
         "members": [[name, offset, length] for name, (offset, length) in index.items()],
         "samples": [
             {"key": key, "image": e["image"], **_meta_field(e["meta"])} for key, e in grouped.items()
@@ -596,13 +598,14 @@ def _samples(shard: str) -> Iterator[_Sample]:
 
 
 def _scan(
-    shard: str, f: IO[bytes], *, metadata: bool
+    shard: str, f: IO[bytes], *, metadata: bool, ends: list[int] | None = None
 ) -> tuple[dict[str, tuple[int, int]], dict[str, dict[str, Any]]]:
     """One pass over a shard's headers: its member index, and its samples' image member and JSON bytes
-    (read only with ``metadata``; a worker rebuilding the index needs none)."""
+    (read only with ``metadata``; a worker rebuilding the index needs none). ``ends`` receives the offset
+    of the end-of-archive marker."""
     index: dict[str, tuple[int, int]] = {}
     grouped: dict[str, dict[str, Any]] = {}
-    for info in _members(shard, f):
+    for info in _members(shard, f, ends):
         name = info.name
         index[name] = (info.offset_data, info.size)
         key, ext = _key(name), _ext(name)
@@ -615,8 +618,9 @@ def _scan(
     return index, grouped
 
 
-def _members(shard: str, f: IO[bytes]) -> Iterator[tarfile.TarInfo]:
-    """The file members of a tar, headers only (data is skipped by seeking); refuses a cut or corrupt one."""
+def _members(shard: str, f: IO[bytes], ends: list[int] | None = None) -> Iterator[tarfile.TarInfo]:
+    """The file members of a tar, headers only (data is skipped by seeking); refuses a cut or corrupt one.
+    Appends the offset of the end-of-archive marker to ``ends`` once the last member is past."""
     size = f.seek(0, os.SEEK_END)
     f.seek(0)
     try:
@@ -649,6 +653,8 @@ def _members(shard: str, f: IO[bytes]) -> Iterator[tarfile.TarInfo]:
         rest = f.read(min(size - end, 64 * _BLOCK))
         if size - end < 2 * _BLOCK or rest.strip(b"\0"):
             raise CorruptShardError(shard, end, f"corrupt or truncated tar header at offset {end}")
+        if ends is not None:
+            ends.append(end)
     finally:
         tar.close()
 
@@ -736,10 +742,34 @@ def _from_sidecar(shard: str, raw: bytes, size: int) -> _Indexed | None:
     if isinstance(parsed, str):
         _warn_once(shard, parsed)
         return None
-    return parsed
+    indexed, end = parsed
+    # tar pads an archive to 10 KiB records, so a sample appended in the padding keeps the size: it would
+    # be written where the end-of-archive marker was. One 1 KiB read there (zeros, or the sidecar is stale)
+    # catches that; rewritten members are caught by the header check of every member read.
+    try:
+        tail = _read_range(shard, end, 2 * _BLOCK)
+    except OSError as exc:
+        _warn_once(shard, f"the shard cannot be read at offset {end} ({exc})")
+        return None
+    if len(tail) != 2 * _BLOCK or tail.strip(b"\0"):
+        _warn_once(shard, f"no end-of-archive marker at offset {end}: members were added since")
+        return None
+    return indexed
 
 
-def _parse_sidecar(raw: bytes, size: int) -> _Indexed | str:
+def _read_range(shard: str, start: int, length: int) -> bytes:
+    """``length`` bytes of a shard from ``start``: one ranged request for a URL (no read-ahead)."""
+    if _is_url(shard):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(shard)
+        return bytes(fs.cat_file(path, start=start, end=start + length))
+    with open(shard, "rb") as f:
+        f.seek(start)
+        return f.read(length)
+
+
+def _parse_sidecar(raw: bytes, size: int) -> tuple[_Indexed, int] | str:
     """A sidecar's member index and samples, or the reason it cannot be trusted."""
     try:
         doc = json.loads(raw.decode("utf-8"))
@@ -751,14 +781,17 @@ def _parse_sidecar(raw: bytes, size: int) -> _Indexed | str:
         return f"version {doc.get('version')!r}; this cliptune reads version {_INDEX_VERSION}"
     if doc.get("shard_bytes") != size:
         return f"made for a shard of {doc.get('shard_bytes')} bytes, the shard has {size} (rewritten since)"
+    end = doc.get("end")
+    if not _count(end) or end + 2 * _BLOCK > size:
+        return f"end-of-archive offset {end!r} is not inside the shard's {size} bytes"
     index: dict[str, tuple[int, int]] = {}
     grouped: dict[str, dict[str, Any]] = {}
     try:
         for name, offset, length in doc["members"]:
             if not (isinstance(name, str) and _count(offset) and _count(length)):
                 return f"malformed member entry {[name, offset, length]!r}"
-            if offset < _BLOCK or offset + length > size:  # a header block precedes every member's data
-                return f"member {name} at bytes {offset}..{offset + length} lies outside the shard's {size}"
+            if offset < _BLOCK or offset + length > end:  # a header block precedes every member's data
+                return f"member {name} at bytes {offset}..{offset + length} lies outside the archive's {end}"
             index[name] = (offset, length)
         for sample in doc["samples"]:
             key, image, text, b64 = (
@@ -777,10 +810,10 @@ def _parse_sidecar(raw: bytes, size: int) -> _Indexed | str:
             grouped[key] = {"image": image, "meta": meta}
     except (KeyError, TypeError, ValueError, binascii.Error) as exc:  # wrong shapes, bad base64
         return f"malformed ({type(exc).__name__}: {exc})"
-    return index, grouped
+    return (index, grouped), end
 
 
-def _count(value: Any) -> bool:
+def _count(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
