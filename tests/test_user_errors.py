@@ -181,6 +181,15 @@ def test_the_command_prints_one_notice_with_the_total(capsys: pytest.CaptureFixt
     assert [str(w.message) for w in others] == ["something else"]  # the two cut-notes were summed, not shown
 
 
+def test_cliptune_warnings_print_as_one_line_without_source(capsys: pytest.CaptureFixture[str]) -> None:
+    from cliptune.data.shards import ShardIndexWarning
+
+    with truncation_notice():
+        warnings.warn(ShardIndexWarning("s/0.tar", "s/0.tar.idx.json", "version 2"), stacklevel=1)
+    err = capsys.readouterr().err
+    assert err == "warning: s/0.tar.idx.json: not used, scanning s/0.tar instead: version 2\n"
+
+
 def test_search_with_a_long_query_notes_the_cut(tmp_path: Path) -> None:
     fashion = render_fashion(tmp_path / "fashion", n=4, seed=0, size=128)
     clip = make_tiny_clip(tmp_path / "clip", seed=0)

@@ -161,7 +161,8 @@ def truncation_notice() -> Iterator[None]:
 
     Captions and queries are embedded in several calls per command (train, val, the queries of a suite);
     one line at the end with the total count and the limit says what a line per call would, without noise.
-    Other warnings pass through unchanged.
+    cliptune's other warnings print as one ``warning:`` line (their message states the facts; Python's
+    format would add a line of our source code); other libraries' warnings pass through unchanged.
     """
     cut: dict[int, int] = {}  # limit -> texts cut
     with warnings.catch_warnings():
@@ -173,6 +174,9 @@ def truncation_notice() -> Iterator[None]:
             if f"{category.__module__}.{category.__qualname__}" == _TRUNCATED:
                 limit, count = getattr(message, "limit", 0), getattr(message, "count", 0)
                 cut[limit] = cut.get(limit, 0) + count
+                return
+            if category.__module__.startswith("cliptune."):
+                err_console.print(f"warning: {message}", highlight=False, markup=False)
                 return
             shown(message, category, *args, **kwargs)
 
