@@ -549,7 +549,8 @@ def embed_images(
         paths: image files, in the order of the returned rows.
         cache: where features are read from and written to; None computes everything (still de-duplicated).
         load: path -> RGB PIL image (the robust loader of ``cliptune.data``); its errors are re-raised
-            naming the file.
+            naming the file. It must be thread-safe: with 0 workers a batch's files load on the
+            forward's threads (``torch.get_num_threads()``), and the files are hashed on them too.
         preprocess: list of images -> (B, 3, H, W) pixel tensor; used as the DataLoader's collate function.
         forward: (B, 3, H, W) -> (B, F) frozen image features (``backbone.image_features``).
         batch_size: images per forward.
@@ -651,8 +652,9 @@ def _decode_threads(num_workers: int) -> int:
 
     With 0 workers the loader runs between forwards, on the cores the forward just left idle, so it may use
     as many threads as the forward does without taking a core from it (Pillow releases the GIL while it
-    decodes and resizes: 2 threads nearly halve a batch's decode time on 2 cores). Worker processes
-    already decode in parallel, alongside the forward, so each keeps one thread.
+    decodes and resizes, so on an idle machine a batch decodes up to that many times faster; the estimate
+    and the measurements are in docs/benchmarks.md). Worker processes already decode in parallel,
+    alongside the forward, so each keeps one thread.
     """
     return max(1, torch.get_num_threads()) if num_workers == 0 else 1
 
