@@ -245,3 +245,13 @@ def test_min_side_keeps_every_guard(tmp_path: Path) -> None:
         load_image(tmp_path / "ok.jpg", max_pixels=4_095, min_side=8)
     assert info.value.reason == "image too large: 64 x 64 = 4,096 pixels > limit 4,095"
     assert load_image(tmp_path / "ok.jpg", max_pixels=4_096, min_side=8).size == (8, 8)
+
+
+@pytest.mark.parametrize("name", ["photo.jpg", "photo.ppm"])  # JPEG: pixels not copied; PPM may be mapped
+def test_loaded_pixels_stay_when_the_file_is_overwritten(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    Image.new("RGB", (64, 48), (200, 30, 60)).save(path)
+    want = np.asarray(Image.open(path).convert("RGB")).copy()  # an independent decode
+    img = load_image(path)
+    Image.new("RGB", (64, 48), (0, 0, 0)).save(path)  # same size, other pixels, same file
+    assert img.mode == "RGB" and np.array_equal(np.asarray(img), want)

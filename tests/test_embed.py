@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import typer
+from PIL import Image
 from typer.testing import CliRunner
 
 from cliptune.cli import embed as embed_cli
 from cliptune.data.catalogue import read_catalogue
 from cliptune.data.synthetic import render_fashion
+from cliptune.models.backbone import PixelRecipe
 from cliptune.models.embed import embed_images_with, embed_texts_with
 from cliptune.models.factory import LoadedModel, load_model
 from cliptune.search import build_index, load_index
@@ -325,7 +328,6 @@ def test_fast_decode_is_saved_with_the_model_and_restored(root: Path) -> None:
 
 
 def test_model_input_side_is_none_for_a_size_preserving_preprocess() -> None:
-    from PIL import Image
 
     from cliptune.models.embed import image_loader, model_input_side
 
@@ -442,3 +444,78 @@ def test_a_model_trained_with_fast_decode_evaluates_and_embeds_fast_decoded(tmp_
     vectors = _matrix(pd.read_parquet(out)["image_embedding"])
     np.testing.assert_allclose(vectors, fast, atol=1e-6)
     assert np.abs(vectors - full).max() > 1e-3
+
+
+# --- a batch decodes on the forward's threads (0 workers) ----------------------------------------------
+
+
+def _to_4x4(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.resize((4, 4), Image.Resampling.NEAREST), dtype=np.uint8)  # (4, 4, 3)
+
+
+_RECIPE = PixelRecipe(to_uint8=_to_4x4, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), identity="test-4x4")
+
+
+def _colour_files(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        Image.new("RGB", (12 + i, 9), (10 * i, 255 - 10 * i, 7 * i)).save(folder / f"{i}.png")
+        paths.append(folder / f"{i}.png")
+    return paths
+
+
+def test_a_batch_decodes_on_two_threads_in_order_with_the_same_pixels(tmp_path: Path) -> None:
+    from cliptune.data.images import load_image
+    from cliptune.models.embed import _loaded
+
+    paths = _colour_files(tmp_path, 7)
+    meeting = threading.Barrier(2, timeout=10)  # passes only if two loads run at the same time
+    threads: set[int] = set()
+
+    def load(path: Path) -> Image.Image:
+        threads.add(threading.get_ident())
+        if path.name in ("0.png", "1.png", "4.png", "5.png"):  # two files of each batch meet: in parallel
+            meeting.wait()
+        return load_image(path)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batches = list(_loaded(paths, load, _RECIPE, 4, 0, False))
+    finally:
+        torch.set_num_threads(before)
+    assert [tuple(b.shape) for b in batches] == [(4, 4, 4, 3), (3, 4, 4, 3)]
+    # an independent computation, one file at a time in path order: the same uint8 pixels, row for row
+    want = np.stack(
+        [np.asarray(Image.open(p).convert("RGB").resize((4, 4), Image.Resampling.NEAREST)) for p in paths]
+    )
+    assert np.array_equal(torch.cat(batches).numpy(), want)
+    assert threading.get_ident() not in threads  # every file was decoded on a decode thread
+
+
+def test_a_bad_file_in_a_threaded_batch_is_raised_naming_it(tmp_path: Path) -> None:
+    from cliptune.data.images import ImageLoadError, load_image
+    from cliptune.models.embed import _loaded
+
+    paths = _colour_files(tmp_path, 4)
+    paths[2].write_bytes(b"")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ImageLoadError, match="empty file") as raised:
+            list(_loaded(paths, load_image, _RECIPE, 4, 0, False))
+    finally:
+        torch.set_num_threads(before)
+    assert raised.value.path == paths[2]
+
+
+def test_decode_threads_follow_the_forward_with_no_workers_and_are_one_per_worker() -> None:
+    from cliptune.models.embed import _decode_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert (_decode_threads(0), _decode_threads(2)) == (3, 1)
+    finally:
+        torch.set_num_threads(before)

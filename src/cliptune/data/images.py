@@ -88,9 +88,17 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int |
             _draft(img, min_side)
         _decode(img, path)
         try:
-            return _to_rgb(ImageOps.exif_transpose(img))
+            ImageOps.exif_transpose(img, in_place=True)  # a copy of the whole picture only if it is rotated
+            rgb = _to_rgb(img)
         except (OSError, ValueError) as exc:
             raise ImageLoadError(path, f"cannot convert mode {img.mode} to RGB ({exc})") from exc
+        return _detached(img) if rgb is img else rgb
+
+
+def _detached(img: Image.Image) -> Image.Image:
+    """``img.copy()`` without copying the pixels: a plain image holding the decoded pixels, which survives
+    ``img.close()``; a real copy where Pillow memory-mapped the pixels from the file (closing unmaps them)."""
+    return img._new(img.im) if getattr(img, "map", None) is None else img.copy()
 
 
 def probe_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -548,7 +549,8 @@ def embed_images(
         paths: image files, in the order of the returned rows.
         cache: where features are read from and written to; None computes everything (still de-duplicated).
         load: path -> RGB PIL image (the robust loader of ``cliptune.data``); its errors are re-raised
-            naming the file.
+            naming the file. It must be thread-safe: with 0 workers a batch's files load on the
+            forward's threads (``torch.get_num_threads()``), and the files are hashed on them too.
         preprocess: list of images -> (B, 3, H, W) pixel tensor; used as the DataLoader's collate function.
         forward: (B, 3, H, W) -> (B, F) frozen image features (``backbone.image_features``).
         batch_size: images per forward.
@@ -579,7 +581,9 @@ def embed_images(
     """
     resolved = resolve_precision(precision, device)
     identity = cache.identity if cache is not None else ""
-    shas = [_file_sha256(Path(p)) for p in paths]
+    # hashlib releases the GIL on large inputs: the files hash on the forward's threads (nothing runs yet)
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        shas = list(pool.map(_file_sha256, (Path(p) for p in paths)))  # in order; the first error is raised
     keys = [
         feature_key(identity, "image", sha, preprocess_id=preprocess_id, precision=resolved) for sha in shas
     ]
@@ -621,10 +625,19 @@ def _loaded(
     num_workers: int,
     pin: bool,
 ) -> Iterable[Tensor]:
-    """Decoded batches in ``paths`` order: ``prepare`` float pixels, or a recipe's uint8 (B, H, W, 3)."""
-    collate = prepare if not isinstance(prepare, PixelRecipe) else partial(_stack_uint8, prepare.to_uint8)
+    """Decoded batches in ``paths`` order: ``prepare`` float pixels, or a recipe's uint8 (B, H, W, 3).
+
+    With a recipe, each image is decoded *and* resized to uint8 per item (:func:`_load_uint8`), so both
+    steps run on :func:`_decode_threads` threads; a float ``prepare`` takes the whole batch in the collate.
+    """
+    files: _ImageFiles[Any]
+    if isinstance(prepare, PixelRecipe):
+        files = _ImageFiles(paths, partial(_load_uint8, load, prepare.to_uint8), _decode_threads(num_workers))
+        collate: Callable[[list[Any]], Tensor] = _stack_uint8
+    else:
+        files, collate = _ImageFiles(paths, load, _decode_threads(num_workers)), prepare
     loader = DataLoader(
-        _ImageFiles(paths, load),
+        files,
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -632,6 +645,18 @@ def _loaded(
         pin_memory=pin,  # page-locked host batches: the copy to the GPU can be non-blocking
     )
     return (_raised(pixels) for pixels in loader)
+
+
+def _decode_threads(num_workers: int) -> int:
+    """Threads that decode one batch in this process: torch's thread count with 0 workers, else 1.
+
+    With 0 workers the loader runs between forwards, on the cores the forward just left idle, so it may use
+    as many threads as the forward does without taking a core from it (Pillow releases the GIL while it
+    decodes and resizes, so on an idle machine a batch decodes up to that many times faster; the estimate
+    and the measurements are in docs/benchmarks.md). Worker processes already decode in parallel,
+    alongside the forward, so each keeps one thread.
+    """
+    return max(1, torch.get_num_threads()) if num_workers == 0 else 1
 
 
 def _cached_uint8(
@@ -695,9 +720,16 @@ def _rows(keys: list[str], batches: Iterable[Tensor]) -> Iterator[tuple[str, np.
         done += len(rows)
 
 
-def _stack_uint8(to_uint8: Callable[[Image.Image], np.ndarray], images: list[Image.Image]) -> Tensor:
-    """A recipe's collate: each image to (H, W, 3) uint8, stacked to (B, H, W, 3)."""
-    return torch.from_numpy(np.stack([to_uint8(im) for im in images]))
+def _load_uint8(
+    load: Callable[[Path], Image.Image], to_uint8: Callable[[Image.Image], np.ndarray], path: Path
+) -> np.ndarray:
+    """One file decoded and brought to a recipe's (H, W, 3) uint8 (a loader item: runs on a decode thread)."""
+    return to_uint8(load(path))
+
+
+def _stack_uint8(rows: list[np.ndarray]) -> Tensor:
+    """A recipe's collate: (H, W, 3) uint8 rows stacked to (B, H, W, 3)."""
+    return torch.from_numpy(np.stack(rows))
 
 
 def _normalised_forward(
@@ -767,15 +799,13 @@ def embed_texts(
     return _assemble(keys, found)
 
 
-def _collate_or_error(
-    preprocess: Callable[[list[Image.Image]], Tensor], items: list[Image.Image | ImageLoadError]
-) -> Tensor | ImageLoadError:
+def _collate_or_error(preprocess: Callable[[list[Any]], Tensor], items: list[Any]) -> Tensor | ImageLoadError:
     # A worker process re-raises an exception as a RuntimeError holding a traceback text when the type
     # takes more than a message (ImageLoadError takes path and reason): hand the error over as a value.
     for item in items:
         if isinstance(item, ImageLoadError):
             return item
-    return preprocess(cast(list[Image.Image], items))
+    return preprocess(items)
 
 
 def _raised(pixels: Tensor | ImageLoadError) -> Tensor:
@@ -784,14 +814,20 @@ def _raised(pixels: Tensor | ImageLoadError) -> Tensor:
     return pixels
 
 
-class _ImageFiles(Dataset[Image.Image | ImageLoadError]):
-    def __init__(self, paths: list[Path], load: Callable[[Path], Image.Image]) -> None:
-        self.paths, self.load = paths, load
+_Item = TypeVar("_Item")
+
+
+class _ImageFiles(Dataset[_Item | ImageLoadError]):
+    """``load(path)`` per file, a failure handed over as its ImageLoadError; a batch's files are loaded on
+    ``threads`` threads (``__getitems__``, which the DataLoader calls with a batch's indices)."""
+
+    def __init__(self, paths: list[Path], load: Callable[[Path], _Item], threads: int = 1) -> None:
+        self.paths, self.load, self.threads = paths, load, threads
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> Image.Image | ImageLoadError:
+    def __getitem__(self, i: int) -> _Item | ImageLoadError:
         try:
             return self.load(self.paths[i])
         except ImageLoadError as e:
@@ -800,6 +836,12 @@ class _ImageFiles(Dataset[Image.Image | ImageLoadError]):
             error = ImageLoadError(self.paths[i], f"cannot load image ({e})")
             error.__cause__ = e  # what `raise ... from e` would record, for --debug
             return error
+
+    def __getitems__(self, indices: list[int]) -> list[_Item | ImageLoadError]:
+        if self.threads < 2 or len(indices) < 2:
+            return [self[i] for i in indices]
+        with ThreadPoolExecutor(min(self.threads, len(indices))) as pool:  # results in ``indices`` order
+            return list(pool.map(self.__getitem__, indices))
 
 
 def _compute_misses(
