@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -180,6 +181,9 @@ def _check_file(path: Path) -> None:
         raise ImageLoadError(path, "not a regular file")
 
 
+_OPEN_LOCK = threading.Lock()
+
+
 def _open_checked(path: Path, max_pixels: int) -> Image.Image:
     # Pillow's own guard must never pre-empt ours: only ever raise its limit, never lower it.
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
@@ -191,7 +195,9 @@ def _open_checked(path: Path, max_pixels: int) -> Image.Image:
     if (path.stat().st_size if data is None else len(data)) == 0:
         raise ImageLoadError(path, "empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
+        # catch_warnings swaps the process-wide filter list, which is not thread-safe (batches decode on
+        # several threads); opening reads only the header, so serialising it costs next to nothing
+        with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(source)
     except Image.DecompressionBombError as exc:

@@ -160,7 +160,8 @@ class PixelRecipe:
     normalisation on the forward's device.
 
     Attributes:
-        to_uint8: RGB PIL image -> (H, W, 3) uint8 at the model's input size; picklable (DataLoader workers).
+        to_uint8: RGB PIL image -> (H, W, 3) uint8 at the model's input size; picklable (DataLoader
+            workers) and thread-safe (a batch decodes on several threads).
         mean: Per-channel mean on the 0-1 scale.
         std: Per-channel standard deviation on the 0-1 scale.
         identity: Everything ``to_uint8`` depends on (size, resize and crop mode, filter), as a stable
