@@ -215,3 +215,46 @@ def test_the_torch_count_gives_the_numpy_counts(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(topk_module, "_count_block_np", topk_module._count_block)
     for bf16 in (False, True):
         assert rank_chunked(queries, items, 0, ids, chunk_size=96, bf16_pass=bf16).ranks.tolist() == ranks
+
+
+def test_auto_routes_queries_with_deep_relevant_items_to_fp32_and_keeps_the_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ "auto" with ranks: the pilot sends the queries whose relevant items rank deep (thousands of items
+    within bf16's bound, at scale) to the fp32 kernel and keeps the shallow ones on bf16; same answer."""
+    gen = torch.Generator().manual_seed(9)
+    norm = torch.nn.functional.normalize
+    queries, items = (
+        norm(torch.randn(8, 32, generator=gen), dim=1),
+        norm(torch.randn(3000, 32, generator=gen), dim=1),
+    )
+    order = np.argsort(-_ref_scores(queries, items), axis=1, kind="stable")  # (8, 3000)
+    # queries 0-3: relevant items 2nd and 5th (a band of ~0-2 items); 4-7: the median item and the 1000th
+    # (each ~60 items within the bf16 bound of ~4.4e-3: score density ~2.2 at the median for D = 32)
+    depth = [(1, 4)] * 4 + [(1500, 999)] * 4
+    ids = torch.tensor([[int(order[i, a]), int(order[i, b])] for i, (a, b) in enumerate(depth)])
+    ids[2, 1] = -1  # padding counts for nothing
+    routed: list[list[bool]] = []
+    pilot = topk_module._deep_queries
+
+    def record(*args: torch.Tensor) -> torch.Tensor:
+        deep = pilot(*args)
+        routed.append(deep.tolist())
+        return deep
+
+    monkeypatch.setattr(topk_module, "_deep_queries", record)
+    monkeypatch.setattr(topk_module, "bf16_pays", lambda *a: True)  # as on a CPU with native bf16 at scale
+    got = rank_chunked(queries, items, k=10, relevant_ids=ids, chunk_size=512)
+    assert routed == [[False] * 4 + [True] * 4]
+    lists, ranks = _ref_lists_and_ranks(queries, items, 10, ids)
+    assert got.indices.tolist() == lists
+    assert got.ranks.tolist() == ranks
+    assert [r[0] for r in ranks[4:]] == [1501] * 4  # the reference agrees on the depth built in
+    for forced in (True, False):  # every query on one kernel: the very same lists, scores and ranks
+        other = rank_chunked(queries, items, k=10, relevant_ids=ids, chunk_size=512, bf16_pass=forced)
+        assert torch.equal(other.indices, got.indices) and torch.equal(other.scores, got.scores)
+        assert torch.equal(other.ranks, got.ranks)
+    assert routed == [[False] * 4 + [True] * 4]  # forcing a kernel runs no pilot
+    # lists alone need no pilot: bf16 for every query
+    topk_chunked(queries, items, k=10, chunk_size=512)
+    assert len(routed) == 1

@@ -50,8 +50,21 @@ _BF16_EXTRA = 64
 _BF16_MIN_ITEMS = 50_000
 # the fp32 pass's bound is ~100x tighter (gamma_512 = 3e-5 against bf16's ~3.6e-3 for random unit vectors)
 _FP_EXTRA = 16
-# near items re-scored per (query, relevant item) by the bf16 pass; a query with more is redone in fp32
+# near items re-scored per (query, relevant item) by the bf16 pass; a query with more is redone in fp32 (a
+# safety net: the pilot below sends the queries predicted to pass it to fp32 before the pass)
 _BF16_NEAR_CAP = 1024
+# The pilot that routes each query of a ranks run ("auto") to the bf16 or the fp32 kernel. Cost model, per
+# query: the bf16 pass costs N c16 (its GEMM) + B c_x (B near items re-scored exactly, numpy on one thread),
+# the fp32 pass N c32 (its band is ~100x narrower: negligible). So fp32 is cheaper where
+# B > N (c32 - c16) / c_x. Costs per pair at D = 512 (1024 x 16384 blocks, random unit vectors from seed 3,
+# not any benchmark's data; the 2-core AMD EPYC with avx512_bf16, one thread): c32 = 18.6 ns, c16 = 6.6 ns,
+# c_x = 1.8 us (exact_scores). All three grow about linearly with D, so the ratio (c32 - c16) / c_x =
+# 1 / 150 holds for other D; the GEMMs use T threads, the re-scoring one, hence 1 / (150 T) of N.
+_ROUTE_RESCORE_PER_GEMM = 150
+# items in the pilot: a fixed stride over the catalogue (never the judging data), a ~2% fp32 GEMM at 100k.
+# A query at the break-even band expects B * M / N = M / (150 T) of them in its sample (~7 at T = 2);
+# mis-routing one near break-even costs little either way, as both routes cost about the same there
+_PILOT_ITEMS = 2048
 # pairs re-scored exactly at a time: 1024 x 512 float64 products = 4 MiB, in cache
 _PAIR_CHUNK = 1024
 
@@ -566,15 +579,80 @@ def _run(
     chunk_size: int,
     query_chunk_size: int,
     progress: bool,
+    *,
+    route: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Lists (exact scores float64, items) and ranks by :func:`exact_scores`; any kernel, one answer."""
-    n_q, n_items = queries.shape[0], items.shape[0]
+    """Lists (exact scores float64, items) and ranks by :func:`exact_scores`; any kernel, one answer.
+
+    ``route`` (bf16 with ranks): a pilot (:func:`_deep_queries`) sends the queries whose near band would
+    cost more to re-score than the fp32 pass to the fp32 kernel, lists and ranks; the rest stay bf16.
+    """
     kern = _kernel(queries, items, bf16)
-    extra = _BF16_EXTRA if kern.dtype == torch.bfloat16 else _FP_EXTRA
-    width = 0 if k == 0 else min(n_items, k + extra)
     s_rel = None
     if ids is not None:
         s_rel = exact_scores(queries, items, _row_ids(ids), ids.clamp(min=0).reshape(-1)).view(ids.shape)
+    if route and ids is not None and s_rel is not None and kern.dtype == torch.bfloat16:
+        deep = _deep_queries(queries, items, ids, s_rel, kern.err)  # (Q,) bool
+        if bool(deep.any()):
+            n_q, dev = queries.shape[0], queries.device
+            out_v = torch.zeros((n_q, k), dtype=torch.float64, device=dev)
+            out_i = torch.zeros((n_q, k), dtype=torch.long, device=dev)
+            ranks = torch.zeros(ids.shape, dtype=torch.long, device=dev)
+            fp = deep.nonzero().squeeze(1)
+            out_v[fp], out_i[fp], ranks[fp] = _run(
+                queries[fp], items, k, ids[fp], False, chunk_size, query_chunk_size, progress
+            )
+            bf = (~deep).nonzero().squeeze(1)
+            if bf.numel():
+                sub = _Kernel(kern.dtype, kern.err[bf], kern.err_out[bf])
+                out_v[bf], out_i[bf], ranks[bf] = _pass(
+                    queries[bf], items, k, ids[bf], sub, s_rel[bf], chunk_size, query_chunk_size, progress
+                )
+            return out_v, out_i, ranks
+    return _pass(queries, items, k, ids, kern, s_rel, chunk_size, query_chunk_size, progress)
+
+
+def _deep_queries(
+    queries: torch.Tensor, items: torch.Tensor, ids: torch.Tensor, s_rel: torch.Tensor, err: torch.Tensor
+) -> torch.Tensor:
+    """(Q,) bool: queries whose bf16 near band is predicted to cost more to re-score than the fp32 pass.
+
+    A pilot: the fp32 scores of every query against a fixed stride of ``_PILOT_ITEMS`` items count, per
+    query, the sampled items within ``err`` (the bf16 bound) of each relevant item's exact score; scaled to
+    N that predicts the band B the bf16 pass would re-score exactly. A query goes to fp32 where
+    ``B > N / (_ROUTE_RESCORE_PER_GEMM * threads)`` (the cost model at the constant). Only the speed
+    depends on it: both kernels give the same answer.
+    """
+    n_items = items.shape[0]
+    stride = max(1, n_items // _PILOT_ITEMS)
+    sample = items[::stride]  # (M, D) a fixed sample, whatever the queries
+    scores = (queries.detach() @ sample.detach().T).numpy()  # (Q, M) float32; a prediction needs no bound
+    lo, hi = (s_rel - err[:, None]).numpy(), (s_rel + err[:, None]).numpy()  # (Q, R)
+    pad = ids.numpy() < 0
+    band = np.zeros(queries.shape[0])
+    for r in range(ids.shape[1]):
+        near = (scores >= lo[:, r, None]) & (scores <= hi[:, r, None])
+        band += np.where(pad[:, r], 0, near.sum(1))
+    predicted = band * n_items / sample.shape[0]
+    budget = n_items / (_ROUTE_RESCORE_PER_GEMM * torch.get_num_threads())
+    return torch.from_numpy(predicted > budget)
+
+
+def _pass(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    k: int,
+    ids: torch.Tensor | None,
+    kern: _Kernel,
+    s_rel: torch.Tensor | None,
+    chunk_size: int,
+    query_chunk_size: int,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_run` with its kernel chosen and the relevant items' exact scores ``s_rel`` computed."""
+    n_q, n_items = queries.shape[0], items.shape[0]
+    extra = _BF16_EXTRA if kern.dtype == torch.bfloat16 else _FP_EXTRA
+    width = 0 if k == 0 else min(n_items, k + extra)
     cap = _BF16_NEAR_CAP if kern.dtype == torch.bfloat16 else None
     n_blocks = -(-n_q // query_chunk_size) * -(-n_items // chunk_size)
     with _progress(progress, n_blocks, "ranking") as bar:
@@ -642,9 +720,10 @@ def rank_chunked(
         chunk_size: items per block.
         query_chunk_size: queries per block.
         progress: show a rich progress bar over blocks.
-        bf16_pass: find candidates with bf16 GEMMs (float32 on CPU only); ``"auto"``: for the lists alone
-            (no ``relevant_ids``) where :func:`bf16_pays`; True pays for ranks when the relevant items
-            rank high (docs/metrics.md). It changes the speed, never the answer.
+        bf16_pass: find candidates with bf16 GEMMs (float32 on CPU only); ``"auto"``: where
+            :func:`bf16_pays`, with ranks only for the queries a pilot predicts a narrow band of near items
+            (relevant items that rank high; the others take the fp32 kernel, docs/metrics.md); True: bf16
+            for every query. It changes the speed, never the answer.
 
     Returns:
         :class:`Ranked` ``(scores, indices, ranks)``; lists sorted by (score desc, index asc), scores the exact
@@ -676,16 +755,17 @@ def rank_chunked(
             torch.zeros(n_q, k, dtype=torch.long, device=dev),
             torch.zeros(n_q, n_rel, dtype=torch.long, device=dev),
         )
-    # "auto": bf16 for the lists alone. For ranks its bound (from the inputs' rounding residuals, about 3.6e-3
-    # for random unit vectors at D = 512) leaves a band of near items of a few dozen per query for relevant
-    # items in the top few dozen (bf16 ranks took 0.75-0.95x the fp32 kernel's time at 60k-200k items, seed-1
-    # data), but of thousands for relevant items deep in the ranking (a weak model): with relevant items
-    # drawn uniformly, 100k x 1k, bf16 ranks took 2.2x the fp32 kernel's time (rescoring up to the cap, then
-    # the fp32 redo). Without knowing the depth beforehand, fp32 is the safe default for ranks
-    auto = bf16_pays(items, n_items, k) and relevant_ids is None
-    bf16 = auto if bf16_pass == "auto" else bool(bf16_pass)
+    # "auto": bf16 where it pays (bf16_pays). For ranks its bound (from the inputs' rounding residuals, about
+    # 3.6e-3 for random unit vectors at D = 512) leaves a band of near items to re-score exactly of a few dozen
+    # per query for relevant items in the top few dozen, but of thousands for relevant items deep in the
+    # ranking (a weak model): with relevant items drawn uniformly, 100k x 1k, bf16 alone took 2.2x the fp32
+    # kernel's time. So a pilot on a fixed sample of items predicts each query's band and routes the queries
+    # whose band costs more than the fp32 pass to the fp32 kernel (_deep_queries, cost model at
+    # _ROUTE_RESCORE_PER_GEMM); True forces bf16 for every query, False fp32
+    bf16 = bf16_pays(items, n_items, k) if bf16_pass == "auto" else bool(bf16_pass)
     ids = None if relevant_ids is None else relevant_ids.long()
-    vals, idx, ranks = _run(queries, items, k, ids, bf16, chunk_size, query_chunk_size, progress)
+    route = bf16_pass == "auto" and ids is not None
+    vals, idx, ranks = _run(queries, items, k, ids, bf16, chunk_size, query_chunk_size, progress, route=route)
     return Ranked(vals.to(queries.dtype), idx, ranks)
 
 
