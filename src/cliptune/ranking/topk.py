@@ -271,14 +271,37 @@ class _Kernel(NamedTuple):
     what the key comparisons need, as their thresholds are rounded outwards to block values (rounding is
     monotone: ``y <= t`` gives ``fl(y) <= t`` for a block value t). ``err_out`` bounds ``|fl(y) - exact|``,
     for the comparisons of block values with each other (the lists); equal for fp32 and float64 blocks.
+
+    bf16 kernels also carry the bound as a function of the items' rounding residuals (``slope``, ``base``,
+    ``scale``): ``err = slope * max|x_b - x| + base``. The scan measures the residuals of each item block
+    from the bits it converts anyway and takes that block's bound (:meth:`at`); until then (``deferred``)
+    ``err`` and ``err_out`` are +inf, which can only widen a comparison, never wrong it.
     """
 
     dtype: torch.dtype  # bfloat16, float32 or float64 blocks
     err: torch.Tensor
     err_out: torch.Tensor
+    slope: torch.Tensor | None = None
+    base: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    fudge: float = 1.0
+
+    def at(self, x_res: float) -> _Kernel:
+        """The bf16 bound for items whose bf16 rounding residual norms are at most ``x_res``."""
+        if self.slope is None or self.base is None or self.scale is None:
+            return self
+        u = 2.0**-8
+        err = self.slope * x_res + self.base
+        # the result rounded to bf16: |fl(y) - y| <= u |y| <= u (|q| |x| + err)
+        return self._replace(err=err, err_out=err + u * (self.scale + err) * self.fudge)
+
+    def rows(self, sel: torch.Tensor) -> _Kernel:
+        """The kernel of the queries ``sel``."""
+        slope, base, scale = (None if t is None else t[sel] for t in (self.slope, self.base, self.scale))
+        return _Kernel(self.dtype, self.err[sel], self.err_out[sel], slope, base, scale, self.fudge)
 
 
-def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool) -> _Kernel:
+def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool, *, deferred: bool = False) -> _Kernel:
     """The fastest block GEMM with a proven error bound for these inputs.
 
     For any summation order ``|fl(q.x) - q.x| <= gamma_D sum|q_i x_i| <= gamma_D |q| |x|`` (Higham, Accuracy
@@ -286,6 +309,7 @@ def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool) -> _Kernel:
     GEMM adds the rounding of q and x (:func:`_bf16_input_error`) and of its result; flushed subnormals add at
     most ``4 D tiny``; :func:`exact_scores` adds ``gamma_L`` in float64. fp32 blocks need a float32 matmul at
     full precision (no TF32 / reduced-precision "fast math") and scores far from overflow; else float64 blocks.
+    ``deferred`` (bf16): leave the items' residuals to the scan (:meth:`_Kernel.at`), no pass over them here.
     """
     d = queries.shape[1]
     q_norm, x_norm = _norm(queries).double(), float(_norm(items).max())  # (Q,), max |x|
@@ -304,15 +328,27 @@ def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool) -> _Kernel:
     f64_err = _gamma(levels, 2.0**-53)
     if bf16 and fp32_ok and queries.device.type == "cpu":
         u = 2.0**-8
-        inputs = _bf16_input_error(queries, items, q_norm, x_norm) * fudge  # (Q,)
-        err = inputs + (_gamma(d, 2.0**-24) * (1 + u) ** 2 + f64_err) * scale + 4 * d * 2.0**-126
-        # the result rounded to bf16: |fl(y) - y| <= u |y| <= u (|q| |x| + err)
-        return _Kernel(torch.bfloat16, err, err + u * (scale + err) * fudge)
+        q_res = torch.from_numpy(_bf16_residual_norms(queries.detach().numpy())).double()  # (Q,) |q_b - q|
+        # the inputs' part (_bf16_input_error) is (|q| + |q_b - q|) max|x_b - x| + |q_b - q| max|x|
+        slope = (q_norm + q_res) * fudge
+        base = q_res * x_norm * fudge
+        base = base + (_gamma(d, 2.0**-24) * (1 + u) ** 2 + f64_err) * scale + 4 * d * 2.0**-126
+        inf = torch.full_like(scale, float("inf"))
+        kern = _Kernel(torch.bfloat16, inf, inf, slope, base, scale, fudge)
+        return kern if deferred else kern.at(_bf16_items_residual(items))
     if fp32_ok:
         err = (_gamma(d, 2.0**-24) + f64_err) * scale + 4 * d * 2.0**-126
         return _Kernel(torch.float32, err, err)
     err = (_gamma(d, 2.0**-53) + f64_err) * scale + 4 * d * 2.0**-1022
     return _Kernel(torch.float64, err, err)
+
+
+def _bf16_items_residual(items: torch.Tensor) -> float:
+    """``max |x_b - x|`` over the items (a pass over them, by blocks)."""
+    x_res = 0.0
+    for n0 in range(0, items.shape[0], _ITEM_CHUNK):
+        x_res = max(x_res, float(_bf16_residual_norms(items[n0 : n0 + _ITEM_CHUNK].detach().numpy()).max()))
+    return x_res
 
 
 def _bf16_input_error(
@@ -325,28 +361,43 @@ def _bf16_input_error(
     (float32 differences ``x - bf16(x)`` are exact; the norms are within the caller's fudge factor). For
     random data a rounding residual is about 0.4u |x| (u = 2^-8) against the worst case u |x| of every
     component, so this is about 3x tighter than the data-blind ``3u |q| |x|`` of :func:`_bf16_error_factor`,
-    and the band of items re-scored exactly is as much narrower.
+    and the band of items re-scored exactly is as much narrower. (:func:`_kernel` uses the same terms.)
     """
     q_res = torch.from_numpy(_bf16_residual_norms(queries.detach().numpy())).double()  # (Q,) |q_b - q|
-    x_res = 0.0
-    for n0 in range(0, items.shape[0], _ITEM_CHUNK):
-        x_res = max(x_res, float(_bf16_residual_norms(items[n0 : n0 + _ITEM_CHUNK].detach().numpy()).max()))
-    return (q_norm + q_res) * x_res + q_res * x_norm
+    return (q_norm + q_res) * _bf16_items_residual(items) + q_res * x_norm
+
+
+def _bf16_split(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """bf16(x) of a float32 (n, D) CPU block and ``max |x_b - x|`` over its rows, from one pass on the bits
+    (:func:`_bf16_residual_norms`'s rounding, torch's: the same bf16 values as ``x.bfloat16()``)."""
+    xn = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
+    bits = _bf16_bits(xn)  # (n, D) int32: the bits of bf16(x) as float32
+    xb = torch.from_numpy((bits >> 16).astype(np.int16)).view(torch.bfloat16)
+    res = bits.view(np.float32)
+    np.subtract(xn, res, out=res)  # exact: x and its rounding share all but the low 16 bits
+    return xb, float(np.sqrt(np.einsum("ij,ij->i", res, res).max())) if res.shape[0] else 0.0
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """The float32 bits of bf16(x), a fresh int32 array: torch's rounding (c10's round to nearest even: add
+    ``0x7FFF`` plus the lowest kept bit, clear the low 16 bits), done in place on one array."""
+    bits = x.view(np.int32)
+    res = bits >> 16  # in place from here: no fresh (n, D) arrays (~2x faster)
+    res &= 1
+    res += 0x7FFF
+    res += bits
+    res &= np.int32(-65536)
+    return res
 
 
 def _bf16_residual_norms(x: np.ndarray) -> np.ndarray:
     """(N,) float32 ``|x - bf16(x)|`` of each row of a float32 (N, D) array (finite, far from overflow).
 
-    bf16(x) is torch's conversion (c10's round to nearest even: add ``0x7FFF`` plus the lowest kept bit,
-    clear the low 16 bits), done here on the bits in place: ~3x faster than torch's convert, subtract, norm.
+    bf16(x) is torch's conversion (:func:`_bf16_bits`), done here on the bits: ~3x faster than torch's
+    convert, subtract, norm.
     """
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.int32)
-    res = bits >> 16  # in place from here: no fresh (n, D) arrays (~2x faster)
-    res &= 1
-    res += 0x7FFF
-    res += bits
-    res &= np.int32(-65536)  # the bits of bf16(x) as float32
-    res = res.view(np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    res = _bf16_bits(x).view(np.float32)
     np.subtract(x, res, out=res)  # exact: x and its rounding share all but the low 16 bits
     return np.sqrt(np.einsum("ij,ij->i", res, res))  # type: ignore[no-any-return]  # numpy's float32 ops
 
@@ -388,6 +439,7 @@ class _Scan(NamedTuple):
     idx: torch.Tensor  # (Q, K) their items
     ahead: torch.Tensor  # (Q, R) items ranked ahead of each relevant item
     overflow: torch.Tensor  # (Q,) bool: more near items than the cap; ranks not counted
+    x_res: float  # bf16: max |x_b - x| over the items (measured in the scan); 0 otherwise
 
 
 def _scan(
@@ -415,14 +467,20 @@ def _scan(
     n_rel = 0 if ids is None else ids.shape[1]
     ahead = torch.zeros((n_q, n_rel), dtype=torch.long, device=dev)
     near_n = torch.zeros((n_q, n_rel), dtype=torch.long, device=dev)
-    if ids is not None and s_rel is not None:
-        pad = ids < 0
-        err = kern.err[:, None]
-        lo, hi = (s_rel - err).masked_fill(pad, float("inf")), (s_rel + err).masked_fill(pad, float("inf"))
-        k_lo, k_hi = _key_bounds(lo, hi, kern.dtype)  # (Q, R) each
+    counting = ids is not None and s_rel is not None
+    per_block = kern.slope is not None  # bf16: the bound of each item block from its own residuals
+    if counting and not per_block:
+        k_lo, k_hi = _count_bounds(kern, ids, s_rel)  # (Q, R) each
     qk = queries.to(kern.dtype)  # (Q, D)
+    x_res = 0.0
     for n0 in range(0, n_items, chunk_size):  # items outside: each block is converted once
-        xk = items[n0 : n0 + chunk_size].to(kern.dtype)  # (n, D)
+        if per_block:  # the bf16 block and its residuals from one pass over its bits
+            xk, res = _bf16_split(items[n0 : n0 + chunk_size])  # (n, D)
+            x_res = max(x_res, res)
+            if counting:
+                k_lo, k_hi = _count_bounds(kern.at(res), ids, s_rel)
+        else:
+            xk = items[n0 : n0 + chunk_size].to(kern.dtype)  # (n, D)
         for q0 in range(0, n_q, query_chunk_size):
             sl = slice(q0, q0 + query_chunk_size)
             block = qk[sl] @ xk.T  # (q, n)
@@ -431,13 +489,25 @@ def _scan(
                 vals[sl], idx[sl] = _keep_best_np(keys, n0, vals[sl], idx[sl])
             elif width > 0:
                 vals[sl], idx[sl] = _keep_best(block, n0, vals[sl], idx[sl])
-            if ids is not None and s_rel is not None:
+            if counting:
+                assert ids is not None and s_rel is not None
                 count = _count_block_np if block.device.type == "cpu" else _count_block
                 count(queries, items, keys, n0, q0, ids, s_rel, k_lo, k_hi, ahead, near_n, cap)
             if bar is not None:
                 bar.advance(bar.task_ids[0])
     overflow = (near_n > cap).any(1) if cap is not None else torch.zeros(n_q, dtype=torch.bool, device=dev)
-    return _Scan(vals, idx, ahead, overflow)
+    return _Scan(vals, idx, ahead, overflow, x_res)
+
+
+def _count_bounds(
+    kern: _Kernel, ids: torch.Tensor | None, s_rel: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, R) keys of ``s -+ err`` rounded outwards, +inf for padding: below lo surely not ahead, above hi
+    surely ahead."""
+    assert ids is not None and s_rel is not None
+    pad, err = ids < 0, kern.err[:, None]
+    lo, hi = (s_rel - err).masked_fill(pad, float("inf")), (s_rel + err).masked_fill(pad, float("inf"))
+    return _key_bounds(lo, hi, kern.dtype)
 
 
 def _count_block(
@@ -587,12 +657,12 @@ def _run(
     ``route`` (bf16 with ranks): a pilot (:func:`_deep_queries`) sends the queries whose near band would
     cost more to re-score than the fp32 pass to the fp32 kernel, lists and ranks; the rest stay bf16.
     """
-    kern = _kernel(queries, items, bf16)
+    kern = _kernel(queries, items, bf16, deferred=True)
     s_rel = None
     if ids is not None:
         s_rel = exact_scores(queries, items, _row_ids(ids), ids.clamp(min=0).reshape(-1)).view(ids.shape)
     if route and ids is not None and s_rel is not None and kern.dtype == torch.bfloat16:
-        deep = _deep_queries(queries, items, ids, s_rel, kern.err)  # (Q,) bool
+        deep = _deep_queries(queries, items, ids, s_rel, kern)  # (Q,) bool
         if bool(deep.any()):
             n_q, dev = queries.shape[0], queries.device
             out_v = torch.zeros((n_q, k), dtype=torch.float64, device=dev)
@@ -604,7 +674,7 @@ def _run(
             )
             bf = (~deep).nonzero().squeeze(1)
             if bf.numel():
-                sub = _Kernel(kern.dtype, kern.err[bf], kern.err_out[bf])
+                sub = kern.rows(bf)
                 out_v[bf], out_i[bf], ranks[bf] = _pass(
                     queries[bf], items, k, ids[bf], sub, s_rel[bf], chunk_size, query_chunk_size, progress
                 )
@@ -613,7 +683,7 @@ def _run(
 
 
 def _deep_queries(
-    queries: torch.Tensor, items: torch.Tensor, ids: torch.Tensor, s_rel: torch.Tensor, err: torch.Tensor
+    queries: torch.Tensor, items: torch.Tensor, ids: torch.Tensor, s_rel: torch.Tensor, kern: _Kernel
 ) -> torch.Tensor:
     """(Q,) bool: queries whose bf16 near band is predicted to cost more to re-score than the fp32 pass.
 
@@ -626,6 +696,7 @@ def _deep_queries(
     n_items = items.shape[0]
     stride = max(1, n_items // _PILOT_ITEMS)
     sample = items[::stride]  # (M, D) a fixed sample, whatever the queries
+    err = kern.at(_bf16_items_residual(sample)).err  # (Q,) the band's half-width, as the sample sees it
     scores = (queries.detach() @ sample.detach().T).numpy()  # (Q, M) float32; a prediction needs no bound
     lo, hi = (s_rel - err[:, None]).numpy(), (s_rel + err[:, None]).numpy()  # (Q, R)
     pad = ids.numpy() < 0
@@ -659,6 +730,7 @@ def _pass(
         scan = _scan(queries, items, kern, width, ids, s_rel, cap, chunk_size, query_chunk_size, bar)
     out_v = torch.zeros((n_q, k), dtype=torch.float64, device=queries.device)
     out_i = torch.zeros((n_q, k), dtype=torch.long, device=queries.device)
+    kern = kern.at(scan.x_res)  # bf16: the bound over every item (no-op for the others)
     if k > 0:
         # only candidates within 2 err of the k-th approximate score can be in the top k: the k best
         # approximate ones all score >= that - err exactly, anything below it - 2 err scores less
@@ -673,7 +745,7 @@ def _pass(
             rows = unproven.nonzero().squeeze(1)
             for r0 in range(0, rows.numel(), query_chunk_size):
                 rr = rows[r0 : r0 + query_chunk_size]
-                sub = _Kernel(kern.dtype, kern.err[rr], kern.err_out[rr])
+                sub = kern.rows(rr)
                 out_v[rr], out_i[rr] = _collect_topk(queries[rr], items, sub, out_v[rr, k - 1], k, chunk_size)
     ranks = torch.zeros((n_q, 0), dtype=torch.long, device=queries.device)
     if ids is not None:
