@@ -258,3 +258,27 @@ def test_auto_routes_queries_with_deep_relevant_items_to_fp32_and_keeps_the_answ
     # lists alone need no pilot: bf16 for every query
     topk_chunked(queries, items, k=10, chunk_size=512)
     assert len(routed) == 1
+
+
+def test_raw_bf16_bits_select_what_the_keys_select_against_non_negative_thresholds() -> None:
+    """The scan skips the key pass where every threshold is >= +0: the raw bits must select the same."""
+    gen = torch.Generator().manual_seed(10)
+    vals = torch.cat([torch.randn(4000, generator=gen) * 1e-3, torch.tensor([0.0, -0.0, 1e-40, -1e-40])])
+    block = vals[torch.randperm(vals.numel(), generator=gen)].view(4, -1).bfloat16()  # (4, 1001)
+    raw, keys = block.view(torch.int16).numpy(), topk_module._bf16_keys(block)
+    lo = torch.tensor([[1e-30], [1e-40], [3e-4], [2e-3]], dtype=torch.float64)  # tiny ones included
+    k_lo = topk_module._key_bounds(lo, lo, torch.bfloat16)[0].numpy()  # (4, 1) keys >= 0
+    assert topk_module._raw_keys_do(block, None, torch.from_numpy(k_lo))
+    assert np.array_equal(np.flatnonzero(raw >= k_lo), np.flatnonzero(keys >= k_lo))
+    assert (raw >= k_lo).sum() > 1000  # many positives pass; -0, +0 and the negatives do not
+    kth = torch.tensor([1e-40, 1e-4, 5e-4, 1e-3], dtype=torch.float64)  # positive K-th values: ">" them
+    assert topk_module._raw_keys_do(block, kth, None)
+    want_vals, want_idx = topk_module._keep_best_np(
+        torch.from_numpy(keys), 0, kth[:, None].repeat(1, 3), torch.zeros(4, 3, dtype=torch.long)
+    )
+    got_vals, got_idx = topk_module._keep_best_np(
+        torch.from_numpy(raw.copy()), 0, kth[:, None].repeat(1, 3), torch.zeros(4, 3, dtype=torch.long)
+    )
+    assert torch.equal(got_vals, want_vals) and torch.equal(got_idx, want_idx)
+    assert not topk_module._raw_keys_do(block, -kth, None)  # a negative threshold needs the keys
+    assert not topk_module._raw_keys_do(block, None, torch.from_numpy(k_lo - 2))

@@ -421,6 +421,22 @@ def _keys(block: torch.Tensor) -> torch.Tensor:
     return block
 
 
+def _raw_keys_do(block: torch.Tensor, kth: torch.Tensor | None, k_lo: torch.Tensor | None) -> bool:
+    """Whether a bf16 block's raw int16 bits compare with the thresholds exactly as its keys would.
+
+    A key equals the bits for every value >= +0 (sign bit clear) and is negative for every value below,
+    as the bits are (-0 included). So against thresholds every one of which is a key >= 0 (``k_lo``, for
+    ``>=``) or a positive value (``kth``, the running K-th approximate scores, for ``>``; -inf on the first
+    block, which takes its own top-K without keys) the bits give the same answers, and the entries they
+    select are non-negative, where the key map is the identity: the keys' pass over the block is saved.
+    """
+    if block.dtype != torch.bfloat16 or block.device.type != "cpu" or not block.is_contiguous():
+        return False
+    if kth is not None and not bool(torch.isinf(kth).all()) and not bool((kth > 0).all()):
+        return False
+    return k_lo is None or bool((k_lo >= 0).all())
+
+
 def _key_bounds(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 bounds as keys of the block dtype, rounded outwards: ``[lo, hi]`` only widens."""
     if dtype == torch.bfloat16 and lo.device.type == "cpu":
@@ -484,7 +500,10 @@ def _scan(
         for q0 in range(0, n_q, query_chunk_size):
             sl = slice(q0, q0 + query_chunk_size)
             block = qk[sl] @ xk.T  # (q, n)
-            keys = _keys(block)  # (q, n): int16 keys of a bf16 block on CPU, else the block
+            if _raw_keys_do(block, vals[sl, -1] if width > 0 else None, k_lo[sl] if counting else None):
+                keys = torch.from_numpy(block.view(torch.int16).numpy())  # no conversion pass over the block
+            else:
+                keys = _keys(block)  # (q, n): int16 keys of a bf16 block on CPU, else the block
             if width > 0 and block.device.type == "cpu" and not bool(torch.isinf(vals[sl, -1]).all()):
                 vals[sl], idx[sl] = _keep_best_np(keys, n0, vals[sl], idx[sl])
             elif width > 0:
@@ -732,12 +751,17 @@ def _pass(
     out_i = torch.zeros((n_q, k), dtype=torch.long, device=queries.device)
     kern = kern.at(scan.x_res)  # bf16: the bound over every item (no-op for the others)
     if k > 0:
-        # only candidates within 2 err of the k-th approximate score can be in the top k: the k best
-        # approximate ones all score >= that - err exactly, anything below it - 2 err scores less
-        need = scan.vals >= scan.vals[:, k - 1 : k] - 2 * kern.err_out[:, None]  # (Q, K)
-        rows, cols = need.nonzero(as_tuple=True)
+        # the k best approximate candidates (scan.vals is sorted) are re-scored first: their lowest exact
+        # score t is at most the true k-th one, so a candidate can be in the top k only if its exact score
+        # reaches t, i.e. its approximate one t - err; only those are re-scored next. (t >= the k-th
+        # approximate score - err, so this band is at most the 2 err below it, usually about half of it)
         f = torch.full(scan.idx.shape, -float("inf"), dtype=torch.float64, device=queries.device)
-        f[rows, cols] = exact_scores(queries, items, rows, scan.idx[rows, cols])
+        rows = torch.arange(n_q, device=queries.device).repeat_interleave(k)
+        f[:, :k] = exact_scores(queries, items, rows, scan.idx[:, :k].reshape(-1)).view(n_q, k)
+        t = f[:, :k].min(1).values  # (Q,)
+        need = scan.vals[:, k:] >= (t - kern.err_out)[:, None]  # (Q, K - k)
+        rows, cols = need.nonzero(as_tuple=True)
+        f[rows, cols + k] = exact_scores(queries, items, rows, scan.idx[rows, cols + k])
         ev, ei = _sort_pairs(f, scan.idx)
         out_v, out_i = ev[:, :k].contiguous(), ei[:, :k].contiguous()
         if width < n_items:  # an item left out has approximate score <= the width-th kept one
