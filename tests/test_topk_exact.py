@@ -235,15 +235,23 @@ def test_auto_routes_queries_with_deep_relevant_items_to_fp32_and_keeps_the_answ
     ids = torch.tensor([[int(order[i, a]), int(order[i, b])] for i, (a, b) in enumerate(depth)])
     ids[2, 1] = -1  # padding counts for nothing
     routed: list[list[bool]] = []
-    pilot = topk_module._deep_queries
+    route = topk_module._route
 
     def record(*args: torch.Tensor) -> torch.Tensor:
-        deep = pilot(*args)
+        deep = route(*args)
         routed.append(deep.tolist())
         return deep
 
-    monkeypatch.setattr(topk_module, "_deep_queries", record)
+    monkeypatch.setattr(topk_module, "_route", record)
     monkeypatch.setattr(topk_module, "bf16_pays", lambda *a: True)  # as on a CPU with native bf16 at scale
+    # 4 queries left on bf16 pay for its pass over the items only at scale: every query takes fp32 here
+    assert (
+        rank_chunked(queries, items, k=10, relevant_ids=ids, chunk_size=512).ranks.tolist()
+        == (_ref_lists_and_ranks(queries, items, 10, ids)[1])
+    )
+    assert routed == [[True] * 8]
+    routed.clear()
+    monkeypatch.setattr(topk_module, "_BF16_MIN_QUERIES", 1)  # as if there were hundreds like 0-3
     got = rank_chunked(queries, items, k=10, relevant_ids=ids, chunk_size=512)
     assert routed == [[False] * 4 + [True] * 4]
     lists, ranks = _ref_lists_and_ranks(queries, items, 10, ids)

@@ -65,6 +65,11 @@ _ROUTE_RESCORE_PER_GEMM = 150
 # A query at the break-even band expects B * M / N = M / (150 T) of them in its sample (~7 at T = 2);
 # mis-routing one near break-even costs little either way, as both routes cost about the same there
 _PILOT_ITEMS = 2048
+# the bf16 pass also costs a pass of its own over the items (each block converted to bf16 with its rounding
+# residuals: ~1.4 us per item at D = 512, one thread, measured as above), which its queries pay back at
+# c32 - c16 = 12 ns per query and item on one thread: from 1.4 us / 12 ns ~ 120 queries per thread. Fewer
+# queries left on bf16 by the pilot: all go to the fp32 kernel (one pass)
+_BF16_MIN_QUERIES = 120
 # pairs re-scored exactly at a time: 1024 x 512 float64 products = 4 MiB, in cache
 _PAIR_CHUNK = 1024
 
@@ -681,7 +686,7 @@ def _run(
     if ids is not None:
         s_rel = exact_scores(queries, items, _row_ids(ids), ids.clamp(min=0).reshape(-1)).view(ids.shape)
     if route and ids is not None and s_rel is not None and kern.dtype == torch.bfloat16:
-        deep = _deep_queries(queries, items, ids, s_rel, kern)  # (Q,) bool
+        deep = _route(queries, items, ids, s_rel, kern)  # (Q,) bool
         if bool(deep.any()):
             n_q, dev = queries.shape[0], queries.device
             out_v = torch.zeros((n_q, k), dtype=torch.float64, device=dev)
@@ -699,6 +704,17 @@ def _run(
                 )
             return out_v, out_i, ranks
     return _pass(queries, items, k, ids, kern, s_rel, chunk_size, query_chunk_size, progress)
+
+
+def _route(
+    queries: torch.Tensor, items: torch.Tensor, ids: torch.Tensor, s_rel: torch.Tensor, kern: _Kernel
+) -> torch.Tensor:
+    """(Q,) bool: the queries that take the fp32 kernel: those :func:`_deep_queries` predicts, or every one
+    where too few would stay on bf16 to pay for its pass over the items (``_BF16_MIN_QUERIES``)."""
+    deep = _deep_queries(queries, items, ids, s_rel, kern)
+    if int((~deep).sum()) < _BF16_MIN_QUERIES * torch.get_num_threads():
+        return torch.ones_like(deep)
+    return deep
 
 
 def _deep_queries(
