@@ -65,11 +65,11 @@ _ROUTE_RESCORE_PER_GEMM = 150
 # A query at the break-even band expects B * M / N = M / (150 T) of them in its sample (~7 at T = 2);
 # mis-routing one near break-even costs little either way, as both routes cost about the same there
 _PILOT_ITEMS = 2048
-# the bf16 pass also costs a pass of its own over the items (each block converted to bf16 with its rounding
-# residuals: ~1.4 us per item at D = 512, one thread, measured as above), which its queries pay back at
-# c32 - c16 = 12 ns per query and item on one thread: from 1.4 us / 12 ns ~ 120 queries per thread. Fewer
-# queries left on bf16 by the pilot: all go to the fp32 kernel (one pass)
-_BF16_MIN_QUERIES = 120
+# the bf16 pass also costs a pass of its own over the items (each block converted to bf16: ~0.3-0.5 us per
+# item at D = 512, one thread, measured as above), which its queries pay back at c32 - c16 = 12 ns per query
+# and item on one thread: from 0.5 us / 12 ns ~ 40 queries per thread. Where fewer queries are left on
+# bf16 by the pilot, all go to the fp32 kernel (one pass)
+_BF16_MIN_QUERIES = 40
 # pairs re-scored exactly at a time: 1024 x 512 float64 products = 4 MiB, in cache
 _PAIR_CHUNK = 1024
 
@@ -276,37 +276,18 @@ class _Kernel(NamedTuple):
     what the key comparisons need, as their thresholds are rounded outwards to block values (rounding is
     monotone: ``y <= t`` gives ``fl(y) <= t`` for a block value t). ``err_out`` bounds ``|fl(y) - exact|``,
     for the comparisons of block values with each other (the lists); equal for fp32 and float64 blocks.
-
-    bf16 kernels also carry the bound as a function of the items' rounding residuals (``slope``, ``base``,
-    ``scale``): ``err = slope * max|x_b - x| + base``. The scan measures the residuals of each item block
-    from the bits it converts anyway and takes that block's bound (:meth:`at`); until then (``deferred``)
-    ``err`` and ``err_out`` are +inf, which can only widen a comparison, never wrong it.
     """
 
     dtype: torch.dtype  # bfloat16, float32 or float64 blocks
     err: torch.Tensor
     err_out: torch.Tensor
-    slope: torch.Tensor | None = None
-    base: torch.Tensor | None = None
-    scale: torch.Tensor | None = None
-    fudge: float = 1.0
-
-    def at(self, x_res: float) -> _Kernel:
-        """The bf16 bound for items whose bf16 rounding residual norms are at most ``x_res``."""
-        if self.slope is None or self.base is None or self.scale is None:
-            return self
-        u = 2.0**-8
-        err = self.slope * x_res + self.base
-        # the result rounded to bf16: |fl(y) - y| <= u |y| <= u (|q| |x| + err)
-        return self._replace(err=err, err_out=err + u * (self.scale + err) * self.fudge)
 
     def rows(self, sel: torch.Tensor) -> _Kernel:
         """The kernel of the queries ``sel``."""
-        slope, base, scale = (None if t is None else t[sel] for t in (self.slope, self.base, self.scale))
-        return _Kernel(self.dtype, self.err[sel], self.err_out[sel], slope, base, scale, self.fudge)
+        return _Kernel(self.dtype, self.err[sel], self.err_out[sel])
 
 
-def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool, *, deferred: bool = False) -> _Kernel:
+def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool) -> _Kernel:
     """The fastest block GEMM with a proven error bound for these inputs.
 
     For any summation order ``|fl(q.x) - q.x| <= gamma_D sum|q_i x_i| <= gamma_D |q| |x|`` (Higham, Accuracy
@@ -314,7 +295,6 @@ def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool, *, deferred:
     GEMM adds the rounding of q and x (:func:`_bf16_input_error`) and of its result; flushed subnormals add at
     most ``4 D tiny``; :func:`exact_scores` adds ``gamma_L`` in float64. fp32 blocks need a float32 matmul at
     full precision (no TF32 / reduced-precision "fast math") and scores far from overflow; else float64 blocks.
-    ``deferred`` (bf16): leave the items' residuals to the scan (:meth:`_Kernel.at`), no pass over them here.
     """
     d = queries.shape[1]
     q_norm, x_norm = _norm(queries).double(), float(_norm(items).max())  # (Q,), max |x|
@@ -333,14 +313,10 @@ def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool, *, deferred:
     f64_err = _gamma(levels, 2.0**-53)
     if bf16 and fp32_ok and queries.device.type == "cpu":
         u = 2.0**-8
-        q_res = torch.from_numpy(_bf16_residual_norms(queries.detach().numpy())).double()  # (Q,) |q_b - q|
-        # the inputs' part (_bf16_input_error) is (|q| + |q_b - q|) max|x_b - x| + |q_b - q| max|x|
-        slope = (q_norm + q_res) * fudge
-        base = q_res * x_norm * fudge
-        base = base + (_gamma(d, 2.0**-24) * (1 + u) ** 2 + f64_err) * scale + 4 * d * 2.0**-126
-        inf = torch.full_like(scale, float("inf"))
-        kern = _Kernel(torch.bfloat16, inf, inf, slope, base, scale, fudge)
-        return kern if deferred else kern.at(_bf16_items_residual(items))
+        inputs = _bf16_input_error(queries, q_norm, x_norm) * fudge  # (Q,)
+        err = inputs + (_gamma(d, 2.0**-24) * (1 + u) ** 2 + f64_err) * scale + 4 * d * 2.0**-126
+        # the result rounded to bf16: |fl(y) - y| <= u |y| <= u (|q| |x| + err)
+        return _Kernel(torch.bfloat16, err, err + u * (scale + err) * fudge)
     if fp32_ok:
         err = (_gamma(d, 2.0**-24) + f64_err) * scale + 4 * d * 2.0**-126
         return _Kernel(torch.float32, err, err)
@@ -348,39 +324,24 @@ def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool, *, deferred:
     return _Kernel(torch.float64, err, err)
 
 
-def _bf16_items_residual(items: torch.Tensor) -> float:
-    """``max |x_b - x|`` over the items (a pass over them, by blocks)."""
-    x_res = 0.0
-    for n0 in range(0, items.shape[0], _ITEM_CHUNK):
-        x_res = max(x_res, float(_bf16_residual_norms(items[n0 : n0 + _ITEM_CHUNK].detach().numpy()).max()))
-    return x_res
-
-
-def _bf16_input_error(
-    queries: torch.Tensor, items: torch.Tensor, q_norm: torch.Tensor, x_norm: float
-) -> torch.Tensor:
-    """(Q,) float64 bound on ``|q_b.x_b - q.x|`` over all items, q_b, x_b the inputs rounded to bf16.
+def _bf16_input_error(queries: torch.Tensor, q_norm: torch.Tensor, x_norm: float) -> torch.Tensor:
+    """(Q,) float64 bound on ``|q_b.x_b - q.x|`` over every item of norm <= ``x_norm``, q_b, x_b the inputs
+    rounded to bf16.
 
     ``q_b.x_b - q.x = q_b.(x_b - x) + (q_b - q).x``, so by Cauchy-Schwarz it is at most
-    ``|q_b| max|x_b - x| + |q_b - q| max|x|``, with the residual norms measured on these very inputs
-    (float32 differences ``x - bf16(x)`` are exact; the norms are within the caller's fudge factor). For
-    random data a rounding residual is about 0.4u |x| (u = 2^-8) against the worst case u |x| of every
-    component, so this is about 3x tighter than the data-blind ``3u |q| |x|`` of :func:`_bf16_error_factor`,
-    and the band of items re-scored exactly is as much narrower. (:func:`_kernel` uses the same terms.)
+    ``|q_b| |x_b - x| + |q_b - q| |x|``. The queries' residual norms ``|q_b - q|`` are measured on these very
+    inputs (float32 differences are exact; the norms are within the caller's fudge factor): for random data
+    about 0.4u |q| (u = 2^-8). The items' are bounded a priori, ``|x_b - x| <= u |x|`` (each component rounds
+    to nearest, within u of itself; ``sqrt(D) 2^-126`` more covers subnormals, even flushed), which takes no pass over
+    the items. Measuring them too (~0.4u |x|) took a pass of about 1 us per item at D = 512, growing with
+    N, to narrow the band of near items re-scored exactly by about a quarter (~14 of ~55 pairs per query at
+    100k and 300k x 1k, relevant items in the top 50: ~30 ms), which does not grow with N. Together about
+    1.4u |q| |x|, half the data-blind ``3u |q| |x|`` of :func:`_bf16_error_factor`.
     """
+    u, d = 2.0**-8, queries.shape[1]
     q_res = torch.from_numpy(_bf16_residual_norms(queries.detach().numpy())).double()  # (Q,) |q_b - q|
-    return (q_norm + q_res) * _bf16_items_residual(items) + q_res * x_norm
-
-
-def _bf16_split(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """bf16(x) of a float32 (n, D) CPU block and ``max |x_b - x|`` over its rows, from one pass on the bits
-    (:func:`_bf16_residual_norms`'s rounding, torch's: the same bf16 values as ``x.bfloat16()``)."""
-    xn = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
-    bits = _bf16_bits(xn)  # (n, D) int32: the bits of bf16(x) as float32
-    xb = torch.from_numpy((bits >> 16).astype(np.int16)).view(torch.bfloat16)
-    res = bits.view(np.float32)
-    np.subtract(xn, res, out=res)  # exact: x and its rounding share all but the low 16 bits
-    return xb, float(np.sqrt(np.einsum("ij,ij->i", res, res).max())) if res.shape[0] else 0.0
+    x_res = u * x_norm * (1 + 2.0**-20) + math.sqrt(d) * 2.0**-126  # >= |x_b - x| for every item
+    return (q_norm + q_res) * x_res + q_res * x_norm
 
 
 def _bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -460,7 +421,6 @@ class _Scan(NamedTuple):
     idx: torch.Tensor  # (Q, K) their items
     ahead: torch.Tensor  # (Q, R) items ranked ahead of each relevant item
     overflow: torch.Tensor  # (Q,) bool: more near items than the cap; ranks not counted
-    x_res: float  # bf16: max |x_b - x| over the items (measured in the scan); 0 otherwise
 
 
 def _scan(
@@ -489,19 +449,11 @@ def _scan(
     ahead = torch.zeros((n_q, n_rel), dtype=torch.long, device=dev)
     near_n = torch.zeros((n_q, n_rel), dtype=torch.long, device=dev)
     counting = ids is not None and s_rel is not None
-    per_block = kern.slope is not None  # bf16: the bound of each item block from its own residuals
-    if counting and not per_block:
+    if counting:
         k_lo, k_hi = _count_bounds(kern, ids, s_rel)  # (Q, R) each
     qk = queries.to(kern.dtype)  # (Q, D)
-    x_res = 0.0
     for n0 in range(0, n_items, chunk_size):  # items outside: each block is converted once
-        if per_block:  # the bf16 block and its residuals from one pass over its bits
-            xk, res = _bf16_split(items[n0 : n0 + chunk_size])  # (n, D)
-            x_res = max(x_res, res)
-            if counting:
-                k_lo, k_hi = _count_bounds(kern.at(res), ids, s_rel)
-        else:
-            xk = items[n0 : n0 + chunk_size].to(kern.dtype)  # (n, D)
+        xk = items[n0 : n0 + chunk_size].to(kern.dtype)  # (n, D)
         for q0 in range(0, n_q, query_chunk_size):
             sl = slice(q0, q0 + query_chunk_size)
             block = qk[sl] @ xk.T  # (q, n)
@@ -520,7 +472,7 @@ def _scan(
             if bar is not None:
                 bar.advance(bar.task_ids[0])
     overflow = (near_n > cap).any(1) if cap is not None else torch.zeros(n_q, dtype=torch.bool, device=dev)
-    return _Scan(vals, idx, ahead, overflow, x_res)
+    return _Scan(vals, idx, ahead, overflow)
 
 
 def _count_bounds(
@@ -681,7 +633,7 @@ def _run(
     ``route`` (bf16 with ranks): a pilot (:func:`_deep_queries`) sends the queries whose near band would
     cost more to re-score than the fp32 pass to the fp32 kernel, lists and ranks; the rest stay bf16.
     """
-    kern = _kernel(queries, items, bf16, deferred=True)
+    kern = _kernel(queries, items, bf16)
     s_rel = None
     if ids is not None:
         s_rel = exact_scores(queries, items, _row_ids(ids), ids.clamp(min=0).reshape(-1)).view(ids.shape)
@@ -731,7 +683,7 @@ def _deep_queries(
     n_items = items.shape[0]
     stride = max(1, n_items // _PILOT_ITEMS)
     sample = items[::stride]  # (M, D) a fixed sample, whatever the queries
-    err = kern.at(_bf16_items_residual(sample)).err  # (Q,) the band's half-width, as the sample sees it
+    err = kern.err  # (Q,) the band's half-width
     scores = (queries.detach() @ sample.detach().T).numpy()  # (Q, M) float32; a prediction needs no bound
     lo, hi = (s_rel - err[:, None]).numpy(), (s_rel + err[:, None]).numpy()  # (Q, R)
     pad = ids.numpy() < 0
@@ -765,7 +717,6 @@ def _pass(
         scan = _scan(queries, items, kern, width, ids, s_rel, cap, chunk_size, query_chunk_size, bar)
     out_v = torch.zeros((n_q, k), dtype=torch.float64, device=queries.device)
     out_i = torch.zeros((n_q, k), dtype=torch.long, device=queries.device)
-    kern = kern.at(scan.x_res)  # bf16: the bound over every item (no-op for the others)
     if k > 0:
         # the k best approximate candidates (scan.vals is sorted) are re-scored first: their lowest exact
         # score t is at most the true k-th one, so a candidate can be in the top k only if its exact score
