@@ -683,14 +683,15 @@ def _deep_queries(
     n_items = items.shape[0]
     stride = max(1, n_items // _PILOT_ITEMS)
     sample = items[::stride]  # (M, D) a fixed sample, whatever the queries
-    err = kern.err  # (Q,) the band's half-width
-    scores = (queries.detach() @ sample.detach().T).numpy()  # (Q, M) float32; a prediction needs no bound
-    lo, hi = (s_rel - err[:, None]).numpy(), (s_rel + err[:, None]).numpy()  # (Q, R)
+    lo, hi = (s_rel - kern.err[:, None]).numpy(), (s_rel + kern.err[:, None]).numpy()  # (Q, R) the bands
     pad = ids.numpy() < 0
     band = np.zeros(queries.shape[0])
-    for r in range(ids.shape[1]):
-        near = (scores >= lo[:, r, None]) & (scores <= hi[:, r, None])
-        band += np.where(pad[:, r], 0, near.sum(1))
+    for q0 in range(0, queries.shape[0], _QUERY_CHUNK):  # (q, M) scores at a time: bounded memory
+        sl = slice(q0, q0 + _QUERY_CHUNK)
+        scores = (queries[sl].detach() @ sample.detach().T).numpy()  # float32: a prediction needs no bound
+        for r in range(ids.shape[1]):
+            near = (scores >= lo[sl, r, None]) & (scores <= hi[sl, r, None])
+            band[sl] += np.where(pad[sl, r], 0, near.sum(1))
     predicted = band * n_items / sample.shape[0]
     budget = n_items / (_ROUTE_RESCORE_PER_GEMM * torch.get_num_threads())
     return torch.from_numpy(predicted > budget)
