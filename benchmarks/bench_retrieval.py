@@ -299,7 +299,8 @@ def main() -> None:
     )
     print(f"{'backend':<30} {'median s':>9} {'queries/s':>10} {'vs FAISS':>9} {'agreement':>24}")
     for name, seconds, agree in rows:
-        print(f"{name:<30} {seconds:>9.3f} {args.q / seconds:>10.0f} {seconds / faiss_s:>8.2f}x {agree:>24}")
+        vs = f"{seconds / faiss_s:>8.2f}x" if faiss_s == faiss_s else f"{'-':>9}"  # NaN: no FAISS row
+        print(f"{name:<30} {seconds:>9.3f} {args.q / seconds:>10.0f} {vs} {agree:>24}")
     if st_s is not None:
         import sentence_transformers
 

@@ -291,3 +291,15 @@ def test_raw_bf16_bits_select_what_the_keys_select_against_non_negative_threshol
     assert torch.equal(got_vals, want_vals) and torch.equal(got_idx, want_idx)
     assert not topk_module._raw_keys_do(block, -kth, None)  # a negative threshold needs the keys
     assert not topk_module._raw_keys_do(block, None, torch.from_numpy(k_lo - 2))
+
+
+@pytest.mark.parametrize("dense", [0.0, math.inf])
+def test_dense_and_listed_counts_of_items_ahead_agree(dense: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Items ahead are counted per row (relevant items deep so far) or from a list of entries (high): both
+    must give the reference ranks, on every kernel; 0 takes the dense count from the second block on."""
+    monkeypatch.setattr(topk_module, "_DENSE_AHEAD", dense)
+    queries, items, ids = _adversarial(6)
+    ranks = _ref_lists_and_ranks(queries, items, 1, ids)[1]
+    for bf16 in (False, True):
+        got = rank_chunked(queries, items, 3, ids, chunk_size=96, query_chunk_size=4, bf16_pass=bf16)
+        assert got.ranks.tolist() == ranks

@@ -70,6 +70,12 @@ _PILOT_ITEMS = 2048
 # and item on one thread: from 0.5 us / 12 ns ~ 40 queries per thread. Where fewer queries are left on
 # bf16 by the pilot, all go to the fp32 kernel (one pass)
 _BF16_MIN_QUERIES = 40
+# the counts take the items ahead of a relevant item from a list of the entries at or above its band (a
+# few per query where it ranks high) until, in the blocks so far, more than this share of the items was
+# ahead: then from a dense count per row. The list costs about 8 passes of 8-byte indices over its share p
+# of the block's entries, the dense count about 3 more passes of 1-byte masks over all of them: equal near
+# p = 3 / 64, so 1 / 20
+_DENSE_AHEAD = 1 / 20
 # pairs re-scored exactly at a time: 1024 x 512 float64 products = 4 MiB, in cache
 _PAIR_CHUNK = 1024
 
@@ -552,11 +558,19 @@ def _count_block_np(
     ahead_np, near_np = ahead.numpy()[q0 : q0 + q], near_n.numpy()[q0 : q0 + q]  # views: in place
     found_r, found_c, found_j = [], [], []
     for r in range(n_rel):
-        flat = np.flatnonzero(kb >= lo[:, r, None])  # ahead and band: a few hundred of the block's entries
-        rows, cols = flat // n, flat % n
-        is_above = kb.reshape(-1)[flat] > hi[rows, r]
-        ahead_np[:, r] += np.bincount(rows[is_above], minlength=q)
-        band_r, band_c = rows[~is_above], cols[~is_above]
+        if n0 > 0 and int(ahead_np[:, r].sum()) > q * n0 * _DENSE_AHEAD:  # relevant items deep so far
+            above = kb > hi[:, r, None]  # (q, n)
+            ahead_np[:, r] += np.count_nonzero(above, axis=1)
+            near = kb >= lo[:, r, None]
+            near &= ~above
+            flat = np.flatnonzero(near)  # the band alone
+            band_r, band_c = flat // n, flat % n
+        else:  # ahead and band together: a few hundred of the block's entries
+            flat = np.flatnonzero(kb >= lo[:, r, None])
+            rows, cols = flat // n, flat % n
+            is_above = kb.reshape(-1)[flat] > hi[rows, r]
+            ahead_np[:, r] += np.bincount(rows[is_above], minlength=q)
+            band_r, band_c = rows[~is_above], cols[~is_above]
         near_np[:, r] += np.bincount(band_r, minlength=q)
         if cap is not None:  # past the cap the query is redone with another kernel
             keep = near_np[band_r, r] <= cap
