@@ -293,7 +293,7 @@ class _Kernel(NamedTuple):
         return _Kernel(self.dtype, self.err[sel], self.err_out[sel])
 
 
-def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool) -> _Kernel:
+def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool, x_norm: float | None = None) -> _Kernel:
     """The fastest block GEMM with a proven error bound for these inputs.
 
     For any summation order ``|fl(q.x) - q.x| <= gamma_D sum|q_i x_i| <= gamma_D |q| |x|`` (Higham, Accuracy
@@ -301,9 +301,11 @@ def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool) -> _Kernel:
     GEMM adds the rounding of q and x (:func:`_bf16_input_error`) and of its result; flushed subnormals add at
     most ``4 D tiny``; :func:`exact_scores` adds ``gamma_L`` in float64. fp32 blocks need a float32 matmul at
     full precision (no TF32 / reduced-precision "fast math") and scores far from overflow; else float64 blocks.
+    ``x_norm``: max |x| over the items where the caller has it already (a pass over the items).
     """
     d = queries.shape[1]
-    q_norm, x_norm = _norm(queries).double(), float(_norm(items).max())  # (Q,), max |x|
+    q_norm = _norm(queries).double()  # (Q,)
+    x_norm = float(_norm(items).max()) if x_norm is None else x_norm  # max |x|
     if not (math.isfinite(x_norm) and bool(torch.isfinite(q_norm).all())):
         raise ValueError("ranking: queries or items hold NaN or inf (or overflow float64): they have no rank")
     # (Q,) >= |q| |x| for every item: a float norm is within gamma_(D+1) of exact (sum of squares, sqrt)
@@ -641,13 +643,16 @@ def _run(
     progress: bool,
     *,
     route: bool = False,
+    x_norm: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lists (exact scores float64, items) and ranks by :func:`exact_scores`; any kernel, one answer.
 
     ``route`` (bf16 with ranks): a pilot (:func:`_deep_queries`) sends the queries whose near band would
     cost more to re-score than the fp32 pass to the fp32 kernel, lists and ranks; the rest stay bf16.
     """
-    kern = _kernel(queries, items, bf16)
+    if route:
+        x_norm = float(_norm(items).max()) if x_norm is None else x_norm  # once for both kernels
+    kern = _kernel(queries, items, bf16, x_norm)
     s_rel = None
     if ids is not None:
         s_rel = exact_scores(queries, items, _row_ids(ids), ids.clamp(min=0).reshape(-1)).view(ids.shape)
@@ -660,7 +665,7 @@ def _run(
             ranks = torch.zeros(ids.shape, dtype=torch.long, device=dev)
             fp = deep.nonzero().squeeze(1)
             out_v[fp], out_i[fp], ranks[fp] = _run(
-                queries[fp], items, k, ids[fp], False, chunk_size, query_chunk_size, progress
+                queries[fp], items, k, ids[fp], False, chunk_size, query_chunk_size, progress, x_norm=x_norm
             )
             bf = (~deep).nonzero().squeeze(1)
             if bf.numel():
@@ -833,13 +838,15 @@ def rank_chunked(
             torch.zeros(n_q, k, dtype=torch.long, device=dev),
             torch.zeros(n_q, n_rel, dtype=torch.long, device=dev),
         )
-    # "auto": bf16 where it pays (bf16_pays). For ranks its bound (from the inputs' rounding residuals, about
-    # 3.6e-3 for random unit vectors at D = 512) leaves a band of near items to re-score exactly of a few dozen
-    # per query for relevant items in the top few dozen, but of thousands for relevant items deep in the
-    # ranking (a weak model): with relevant items drawn uniformly, 100k x 1k, bf16 alone took 2.2x the fp32
-    # kernel's time. So a pilot on a fixed sample of items predicts each query's band and routes the queries
-    # whose band costs more than the fp32 pass to the fp32 kernel (_deep_queries, cost model at
-    # _ROUTE_RESCORE_PER_GEMM); True forces bf16 for every query, False fp32
+    # "auto": bf16 where it pays (bf16_pays), for lists and ranks. For ranks its bound (about 5.5e-3 for random
+    # unit vectors at D = 512: the queries' rounding measured, the items' a priori) leaves a band of near
+    # items to re-score exactly of a few dozen per query for relevant items in the top few dozen, but of
+    # thousands for relevant items deep in the ranking (a weak model): with relevant items drawn uniformly,
+    # bf16 for every query took 1.5-2.3x the fp32 kernel's time (100k-300k x 1k). So a pilot on a fixed
+    # sample of items predicts each query's band and routes the queries whose band would cost more than the
+    # fp32 pass to the fp32 kernel (_route, _deep_queries; cost model at _ROUTE_RESCORE_PER_GEMM): with the
+    # relevant items drawn uniformly "auto" then takes about the fp32 kernel's time, with them in the top 50
+    # about bf16's (docs/benchmarks.md). True forces bf16 for every query, False fp32
     bf16 = bf16_pays(items, n_items, k) if bf16_pass == "auto" else bool(bf16_pass)
     ids = None if relevant_ids is None else relevant_ids.long()
     route = bf16_pass == "auto" and ids is not None
