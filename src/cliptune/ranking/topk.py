@@ -842,7 +842,7 @@ def rank_chunked(
     # unit vectors at D = 512: the queries' rounding measured, the items' a priori) leaves a band of near
     # items to re-score exactly of a few dozen per query for relevant items in the top few dozen, but of
     # thousands for relevant items deep in the ranking (a weak model): with relevant items drawn uniformly,
-    # bf16 for every query took 1.5-2.3x the fp32 kernel's time (100k-300k x 1k). So a pilot on a fixed
+    # bf16 for every query took 1.3-1.9x the fp32 kernel's time (100k-300k x 1k). So a pilot on a fixed
     # sample of items predicts each query's band and routes the queries whose band would cost more than the
     # fp32 pass to the fp32 kernel (_route, _deep_queries; cost model at _ROUTE_RESCORE_PER_GEMM): with the
     # relevant items drawn uniformly "auto" then takes about the fp32 kernel's time, with them in the top 50
