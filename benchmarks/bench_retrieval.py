@@ -8,9 +8,11 @@ result agrees with the reference:
 - metric backends: sentence-transformers' ``InformationRetrievalEvaluator.compute_all_metrics`` on the
   precomputed vectors (a stand-in model returns them, so no text model runs: only its ranking and
   metrics are timed) against cliptune's ``rank_chunked`` + ``retrieval_metrics_from_ranks`` (the same
-  metrics: accuracy/precision/recall@k, MRR@k, nDCG@k, MAP). Each query has one relevant item, drawn at
-  random from its exact top-50, so that ST's MAP@100 equals the full-ranking MAP and every metric can be
-  compared: the column gives the largest absolute difference of the mean metrics.
+  metrics: accuracy/precision/recall@k, MRR@k, nDCG@k, MAP@100). Each query has one relevant item, drawn at
+  random from its exact top-50 (``--relevant top50``, a useful model) or uniformly from all items
+  (``--relevant uniform``: a weak model whose relevant items rank deep, the adversarial case for the bf16
+  kernel's band of near items); the column gives the largest absolute difference of the mean metrics. The
+  ranking backends run interleaved (one repeat of each in turn), so a load change hits all of them.
 
 Runs from a checkout without installing cliptune (``PYTHONPATH=src``); needs faiss-cpu and, unless
 ``--no-st``, sentence-transformers (tested with 6.0.1 and 6.2.0).
@@ -19,11 +21,13 @@ Usage:
     python benchmarks/bench_retrieval.py --n 100000 --q 1000 --d 512 --k 10
     PYTHONPATH=src python benchmarks/bench_retrieval.py --n 1000000 --q 1000 --threads 16
     python benchmarks/bench_retrieval.py --n 20000 --q 200 --no-st
+    PYTHONPATH=src python benchmarks/bench_retrieval.py --n 100000 --relevant uniform --ranks-only
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 import warnings
@@ -92,7 +96,10 @@ def _ours_metrics(
         queries, items, k, relevant_ids=relevant, chunk_size=chunk, bf16_pass=bf16
     )  # (Q, 1)
     per_query = retrieval_metrics_from_ranks(ranked.ranks, ks=_ks(k), prefix="")  # each (Q,)
-    return {name: float(v.mean()) for name, v in per_query.items()}
+    out = {name: float(v.mean()) for name, v in per_query.items()}
+    rank = ranked.ranks[:, 0].double()  # one relevant item: AP@100 = 1 / rank within the cut-off, else 0
+    out[f"map@{_ST_MAP_K}"] = float(torch.where(rank <= _ST_MAP_K, 1 / rank, torch.zeros_like(rank)).mean())
+    return out
 
 
 # --- sentence-transformers: its evaluator on the same vectors --------------------------------------
@@ -160,9 +167,9 @@ def _st_metrics(evaluator: Any, model: _PrecomputedModel, items: torch.Tensor) -
 
 
 def _metric_gap(st: dict[str, float], ours: dict[str, float], k: int) -> float:
-    """Largest |ST - ours| over the shared metrics (ST's map@100 is our map: every rank is <= 50)."""
+    """Largest |ST - ours| over the shared metrics (ST's MAP is cut at 100: ours from the ranks alike)."""
     pairs = [(f"{m}@{kk}", f"{m}@{kk}") for m in ("accuracy", "precision", "recall") for kk in _ks(k)]
-    pairs += [(f"mrr@{k}", f"mrr@{k}"), (f"ndcg@{k}", f"ndcg@{k}"), (f"map@{_ST_MAP_K}", "map")]
+    pairs += [(f"mrr@{k}", f"mrr@{k}"), (f"ndcg@{k}", f"ndcg@{k}"), (f"map@{_ST_MAP_K}", f"map@{_ST_MAP_K}")]
     return max(abs(st[a] - ours[b]) for a, b in pairs)
 
 
@@ -177,6 +184,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch and FAISS threads (default: as is)")
     parser.add_argument("--no-st", action="store_true", help="skip the sentence-transformers evaluator")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--relevant",
+        choices=["top50", "uniform"],
+        default="top50",
+        help="each query's relevant item: from its exact top-50, or uniformly from all items (ranks deep)",
+    )
+    parser.add_argument(
+        "--ranks-only", action="store_true", help="skip the top-k backends (GEMM, FAISS, ...)"
+    )
     args = parser.parse_args()
     if args.n < _RELEVANT_POOL:
         parser.error(
@@ -196,9 +212,12 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     items = torch.nn.functional.normalize(torch.randn(args.n, args.d, generator=gen), dim=1)  # (N, D)
     queries = torch.nn.functional.normalize(torch.randn(args.q, args.d, generator=gen), dim=1)  # (Q, D)
-    pool = topk_chunked(queries, items, _RELEVANT_POOL)[1]  # (Q, 50), exact
-    pick = torch.randint(0, _RELEVANT_POOL, (args.q, 1), generator=gen)  # (Q, 1)
-    relevant = pool.gather(1, pick)  # (Q, 1) one relevant item per query
+    if args.relevant == "top50":
+        pool = topk_chunked(queries, items, _RELEVANT_POOL)[1]  # (Q, 50), exact
+        pick = torch.randint(0, _RELEVANT_POOL, (args.q, 1), generator=gen)  # (Q, 1)
+        relevant = pool.gather(1, pick)  # (Q, 1) one relevant item per query
+    else:
+        relevant = torch.randint(0, args.n, (args.q, 1), generator=gen)  # (Q, 1) anywhere in the ranking
 
     topk_backends: dict[str, Callable[[], Any]] = {
         # the floor: the GEMM alone, blocked like topk_chunked, no top-k (its "indices" are not compared)
@@ -218,7 +237,7 @@ def main() -> None:
     rows: list[tuple[str, float, str]] = []  # (backend, median s, agreement)
     reference = None
     lists: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, fn in topk_backends.items():
+    for name, fn in topk_backends.items() if not args.ranks_only else []:
         seconds, (vals, idx) = _median_time(fn, args.repeats)
         if idx.numel() == 0:
             rows.append((name, seconds, "-"))
@@ -231,11 +250,18 @@ def main() -> None:
             agree += ", = default" if same else ", DIFFERS from default"
         rows.append((name, seconds, agree))
 
+    # the ranking backends, interleaved: one repeat of each in turn. The default ("auto") runs bf16 where it
+    # pays, routing queries whose relevant items rank deep to the fp32 kernel; the fp32 kernel alone and bf16
+    # for every query must give the very same metrics (exact scores decide): their rows say whether they do
     ours_name = "rank_chunked+metrics"
-    ours_s, ours = _median_time(
-        lambda: _ours_metrics(queries, items, relevant, args.k, args.chunk_size), args.repeats
-    )
-    st_s = None
+    rank_backends: dict[str, Callable[[], Any]] = {
+        ours_name: lambda: _ours_metrics(queries, items, relevant, args.k, args.chunk_size),
+    }
+    if bf16:
+        for label, forced in ((" fp32", False), (" bf16 all", True)):
+            rank_backends[ours_name + label] = functools.partial(
+                _ours_metrics, queries, items, relevant, args.k, args.chunk_size, forced
+            )
     st_note = ""
     if args.no_st:
         st_note = "sentence-transformers skipped (--no-st)"
@@ -246,21 +272,35 @@ def main() -> None:
         except ImportError as e:
             st_note = f"sentence-transformers skipped: cannot import it ({e}); install it or pass --no-st"
         else:
-            st_s, st = _median_time(lambda: _st_metrics(evaluator, model, items), args.repeats)
-            rows.append(("ST IR evaluator", st_s, f"{_metric_gap(st, ours, args.k):.1e} max|d|"))
-    rows.append((ours_name, ours_s, "reference" if st_s is not None else "-"))
-    if bf16:  # ranks default to the fp32 kernel; the bf16 one (bf16_pass=True) must give the same metrics
-        bf_s, bf = _median_time(
-            lambda: _ours_metrics(queries, items, relevant, args.k, args.chunk_size, bf16=True), args.repeats
-        )
-        gap = max(abs(bf[m] - ours[m]) for m in ours)  # 0: one exact answer whatever the kernel
-        rows.append((ours_name + " bf16", bf_s, f"{gap:.1e} max|d| ours"))
+            rank_backends["ST IR evaluator"] = lambda: _st_metrics(evaluator, model, items)
+    times: dict[str, list[float]] = {name: [] for name in rank_backends}
+    results: dict[str, dict[str, float]] = {}
+    for _ in range(args.repeats):
+        for name, fn in rank_backends.items():
+            t0 = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    ours, ours_s = results[ours_name], statistics.median(times[ours_name])
+    st_s = statistics.median(times["ST IR evaluator"]) if "ST IR evaluator" in times else None
+    if st_s is not None:
+        gap = _metric_gap(results["ST IR evaluator"], ours, args.k)
+        rows.append(("ST IR evaluator", st_s, f"{gap:.1e} max|d|"))
+    for name in rank_backends:
+        if name.startswith(ours_name):
+            gap = max(abs(results[name][m] - ours[m]) for m in ours)  # 0: one exact answer, any kernel
+            agree = "reference" if name == ours_name else f"{gap:.1e} max|d| ours"
+            extra = f", {st_s / statistics.median(times[name]):.2f}x ST" if st_s is not None else ""
+            rows.append((name, statistics.median(times[name]), agree + extra))
 
     faiss_s = next((s for name, s, _ in rows if name == "faiss IndexFlatIP"), float("nan"))
-    print(f"N={args.n:,} Q={args.q:,} D={args.d} k={args.k} float32 CPU, threads={torch.get_num_threads()}")
-    print(f"{'backend':<26} {'median s':>9} {'queries/s':>10} {'vs FAISS':>9} {'agreement':>16}")
+    print(
+        f"N={args.n:,} Q={args.q:,} D={args.d} k={args.k} float32 CPU, threads={torch.get_num_threads()}, "
+        f"relevant items: {args.relevant}"
+    )
+    print(f"{'backend':<30} {'median s':>9} {'queries/s':>10} {'vs FAISS':>9} {'agreement':>24}")
     for name, seconds, agree in rows:
-        print(f"{name:<26} {seconds:>9.3f} {args.q / seconds:>10.0f} {seconds / faiss_s:>8.2f}x {agree:>16}")
+        vs = f"{seconds / faiss_s:>8.2f}x" if faiss_s == faiss_s else f"{'-':>9}"  # NaN: no FAISS row
+        print(f"{name:<30} {seconds:>9.3f} {args.q / seconds:>10.0f} {vs} {agree:>24}")
     if st_s is not None:
         import sentence_transformers
 

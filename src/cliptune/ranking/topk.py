@@ -50,8 +50,32 @@ _BF16_EXTRA = 64
 _BF16_MIN_ITEMS = 50_000
 # the fp32 pass's bound is ~100x tighter (gamma_512 = 3e-5 against bf16's ~3.6e-3 for random unit vectors)
 _FP_EXTRA = 16
-# near items re-scored per (query, relevant item) by the bf16 pass; a query with more is redone in fp32
+# near items re-scored per (query, relevant item) by the bf16 pass; a query with more is redone in fp32 (a
+# safety net: the pilot below sends the queries predicted to pass it to fp32 before the pass)
 _BF16_NEAR_CAP = 1024
+# The pilot that routes each query of a ranks run ("auto") to the bf16 or the fp32 kernel. Cost model, per
+# query: the bf16 pass costs N c16 (its GEMM) + B c_x (B near items re-scored exactly, numpy on one thread),
+# the fp32 pass N c32 (its band is ~100x narrower: negligible). So fp32 is cheaper where
+# B > N (c32 - c16) / c_x. Costs per pair at D = 512 (1024 x 16384 blocks, random unit vectors from seed 3,
+# not any benchmark's data; the 2-core AMD EPYC with avx512_bf16, one thread): c32 = 18.6 ns, c16 = 6.6 ns,
+# c_x = 1.8 us (exact_scores). All three grow about linearly with D, so the ratio (c32 - c16) / c_x =
+# 1 / 150 holds for other D; the GEMMs use T threads, the re-scoring one, hence 1 / (150 T) of N.
+_ROUTE_RESCORE_PER_GEMM = 150
+# items in the pilot: a fixed stride over the catalogue (never the judging data), a ~2% fp32 GEMM at 100k.
+# A query at the break-even band expects B * M / N = M / (150 T) of them in its sample (~7 at T = 2);
+# mis-routing one near break-even costs little either way, as both routes cost about the same there
+_PILOT_ITEMS = 2048
+# the bf16 pass also costs a pass of its own over the items (each block converted to bf16: ~0.3-0.5 us per
+# item at D = 512, one thread, measured as above), which its queries pay back at c32 - c16 = 12 ns per query
+# and item on one thread: from 0.5 us / 12 ns ~ 40 queries per thread. Where fewer queries are left on
+# bf16 by the pilot, all go to the fp32 kernel (one pass)
+_BF16_MIN_QUERIES = 40
+# the counts take the items ahead of a relevant item from a list of the entries at or above its band (a
+# few per query where it ranks high) until, in the blocks so far, more than this share of the items was
+# ahead: then from a dense count per row. The list costs about 8 passes of 8-byte indices over its share p
+# of the block's entries, the dense count about 3 more passes of 1-byte masks over all of them: equal near
+# p = 3 / 64, so 1 / 20
+_DENSE_AHEAD = 1 / 20
 # pairs re-scored exactly at a time: 1024 x 512 float64 products = 4 MiB, in cache
 _PAIR_CHUNK = 1024
 
@@ -264,8 +288,12 @@ class _Kernel(NamedTuple):
     err: torch.Tensor
     err_out: torch.Tensor
 
+    def rows(self, sel: torch.Tensor) -> _Kernel:
+        """The kernel of the queries ``sel``."""
+        return _Kernel(self.dtype, self.err[sel], self.err_out[sel])
 
-def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool) -> _Kernel:
+
+def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool, x_norm: float | None = None) -> _Kernel:
     """The fastest block GEMM with a proven error bound for these inputs.
 
     For any summation order ``|fl(q.x) - q.x| <= gamma_D sum|q_i x_i| <= gamma_D |q| |x|`` (Higham, Accuracy
@@ -273,9 +301,11 @@ def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool) -> _Kernel:
     GEMM adds the rounding of q and x (:func:`_bf16_input_error`) and of its result; flushed subnormals add at
     most ``4 D tiny``; :func:`exact_scores` adds ``gamma_L`` in float64. fp32 blocks need a float32 matmul at
     full precision (no TF32 / reduced-precision "fast math") and scores far from overflow; else float64 blocks.
+    ``x_norm``: max |x| over the items where the caller has it already (a pass over the items).
     """
     d = queries.shape[1]
-    q_norm, x_norm = _norm(queries).double(), float(_norm(items).max())  # (Q,), max |x|
+    q_norm = _norm(queries).double()  # (Q,)
+    x_norm = float(_norm(items).max()) if x_norm is None else x_norm  # max |x|
     if not (math.isfinite(x_norm) and bool(torch.isfinite(q_norm).all())):
         raise ValueError("ranking: queries or items hold NaN or inf (or overflow float64): they have no rank")
     # (Q,) >= |q| |x| for every item: a float norm is within gamma_(D+1) of exact (sum of squares, sqrt)
@@ -291,7 +321,7 @@ def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool) -> _Kernel:
     f64_err = _gamma(levels, 2.0**-53)
     if bf16 and fp32_ok and queries.device.type == "cpu":
         u = 2.0**-8
-        inputs = _bf16_input_error(queries, items, q_norm, x_norm) * fudge  # (Q,)
+        inputs = _bf16_input_error(queries, q_norm, x_norm) * fudge  # (Q,)
         err = inputs + (_gamma(d, 2.0**-24) * (1 + u) ** 2 + f64_err) * scale + 4 * d * 2.0**-126
         # the result rounded to bf16: |fl(y) - y| <= u |y| <= u (|q| |x| + err)
         return _Kernel(torch.bfloat16, err, err + u * (scale + err) * fudge)
@@ -302,38 +332,46 @@ def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool) -> _Kernel:
     return _Kernel(torch.float64, err, err)
 
 
-def _bf16_input_error(
-    queries: torch.Tensor, items: torch.Tensor, q_norm: torch.Tensor, x_norm: float
-) -> torch.Tensor:
-    """(Q,) float64 bound on ``|q_b.x_b - q.x|`` over all items, q_b, x_b the inputs rounded to bf16.
+def _bf16_input_error(queries: torch.Tensor, q_norm: torch.Tensor, x_norm: float) -> torch.Tensor:
+    """(Q,) float64 bound on ``|q_b.x_b - q.x|`` over every item of norm <= ``x_norm``, q_b, x_b the inputs
+    rounded to bf16.
 
     ``q_b.x_b - q.x = q_b.(x_b - x) + (q_b - q).x``, so by Cauchy-Schwarz it is at most
-    ``|q_b| max|x_b - x| + |q_b - q| max|x|``, with the residual norms measured on these very inputs
-    (float32 differences ``x - bf16(x)`` are exact; the norms are within the caller's fudge factor). For
-    random data a rounding residual is about 0.4u |x| (u = 2^-8) against the worst case u |x| of every
-    component, so this is about 3x tighter than the data-blind ``3u |q| |x|`` of :func:`_bf16_error_factor`,
-    and the band of items re-scored exactly is as much narrower.
+    ``|q_b| |x_b - x| + |q_b - q| |x|``. The queries' residual norms ``|q_b - q|`` are measured on these very
+    inputs (float32 differences are exact; the norms are within the caller's fudge factor): for random data
+    about 0.4u |q| (u = 2^-8). The items' are bounded a priori, ``|x_b - x| <= u |x|`` (each component rounds
+    to nearest, within u of itself; ``sqrt(D) 2^-126`` more covers subnormals, even flushed), which takes no pass over
+    the items. Measuring them too (~0.4u |x|) took a pass of about 1 us per item at D = 512, growing with
+    N, to narrow the band of near items re-scored exactly by about a quarter (~14 of ~55 pairs per query at
+    100k and 300k x 1k, relevant items in the top 50: ~30 ms), which does not grow with N. Together about
+    1.4u |q| |x|, half the data-blind ``3u |q| |x|`` of :func:`_bf16_error_factor`.
     """
+    u, d = 2.0**-8, queries.shape[1]
     q_res = torch.from_numpy(_bf16_residual_norms(queries.detach().numpy())).double()  # (Q,) |q_b - q|
-    x_res = 0.0
-    for n0 in range(0, items.shape[0], _ITEM_CHUNK):
-        x_res = max(x_res, float(_bf16_residual_norms(items[n0 : n0 + _ITEM_CHUNK].detach().numpy()).max()))
+    x_res = u * x_norm * (1 + 2.0**-20) + math.sqrt(d) * 2.0**-126  # >= |x_b - x| for every item
     return (q_norm + q_res) * x_res + q_res * x_norm
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """The float32 bits of bf16(x), a fresh int32 array: torch's rounding (c10's round to nearest even: add
+    ``0x7FFF`` plus the lowest kept bit, clear the low 16 bits), done in place on one array."""
+    bits = x.view(np.int32)
+    res = bits >> 16  # in place from here: no fresh (n, D) arrays (~2x faster)
+    res &= 1
+    res += 0x7FFF
+    res += bits
+    res &= np.int32(-65536)
+    return res
 
 
 def _bf16_residual_norms(x: np.ndarray) -> np.ndarray:
     """(N,) float32 ``|x - bf16(x)|`` of each row of a float32 (N, D) array (finite, far from overflow).
 
-    bf16(x) is torch's conversion (c10's round to nearest even: add ``0x7FFF`` plus the lowest kept bit,
-    clear the low 16 bits), done here on the bits in place: ~3x faster than torch's convert, subtract, norm.
+    bf16(x) is torch's conversion (:func:`_bf16_bits`), done here on the bits: ~3x faster than torch's
+    convert, subtract, norm.
     """
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.int32)
-    res = bits >> 16  # in place from here: no fresh (n, D) arrays (~2x faster)
-    res &= 1
-    res += 0x7FFF
-    res += bits
-    res &= np.int32(-65536)  # the bits of bf16(x) as float32
-    res = res.view(np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    res = _bf16_bits(x).view(np.float32)
     np.subtract(x, res, out=res)  # exact: x and its rounding share all but the low 16 bits
     return np.sqrt(np.einsum("ij,ij->i", res, res))  # type: ignore[no-any-return]  # numpy's float32 ops
 
@@ -355,6 +393,22 @@ def _keys(block: torch.Tensor) -> torch.Tensor:
     if block.dtype == torch.bfloat16 and block.device.type == "cpu":
         return torch.from_numpy(_bf16_keys(block))
     return block
+
+
+def _raw_keys_do(block: torch.Tensor, kth: torch.Tensor | None, k_lo: torch.Tensor | None) -> bool:
+    """Whether a bf16 block's raw int16 bits compare with the thresholds exactly as its keys would.
+
+    A key equals the bits for every value >= +0 (sign bit clear) and is negative for every value below,
+    as the bits are (-0 included). So against thresholds every one of which is a key >= 0 (``k_lo``, for
+    ``>=``) or a positive value (``kth``, the running K-th approximate scores, for ``>``; -inf on the first
+    block, which takes its own top-K without keys) the bits give the same answers, and the entries they
+    select are non-negative, where the key map is the identity: the keys' pass over the block is saved.
+    """
+    if block.dtype != torch.bfloat16 or block.device.type != "cpu" or not block.is_contiguous():
+        return False
+    if kth is not None and not bool(torch.isinf(kth).all()) and not bool((kth > 0).all()):
+        return False
+    return k_lo is None or bool((k_lo >= 0).all())
 
 
 def _key_bounds(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,29 +456,42 @@ def _scan(
     n_rel = 0 if ids is None else ids.shape[1]
     ahead = torch.zeros((n_q, n_rel), dtype=torch.long, device=dev)
     near_n = torch.zeros((n_q, n_rel), dtype=torch.long, device=dev)
-    if ids is not None and s_rel is not None:
-        pad = ids < 0
-        err = kern.err[:, None]
-        lo, hi = (s_rel - err).masked_fill(pad, float("inf")), (s_rel + err).masked_fill(pad, float("inf"))
-        k_lo, k_hi = _key_bounds(lo, hi, kern.dtype)  # (Q, R) each
+    counting = ids is not None and s_rel is not None
+    if counting:
+        k_lo, k_hi = _count_bounds(kern, ids, s_rel)  # (Q, R) each
     qk = queries.to(kern.dtype)  # (Q, D)
     for n0 in range(0, n_items, chunk_size):  # items outside: each block is converted once
         xk = items[n0 : n0 + chunk_size].to(kern.dtype)  # (n, D)
         for q0 in range(0, n_q, query_chunk_size):
             sl = slice(q0, q0 + query_chunk_size)
             block = qk[sl] @ xk.T  # (q, n)
-            keys = _keys(block)  # (q, n): int16 keys of a bf16 block on CPU, else the block
+            if _raw_keys_do(block, vals[sl, -1] if width > 0 else None, k_lo[sl] if counting else None):
+                keys = torch.from_numpy(block.view(torch.int16).numpy())  # no conversion pass over the block
+            else:
+                keys = _keys(block)  # (q, n): int16 keys of a bf16 block on CPU, else the block
             if width > 0 and block.device.type == "cpu" and not bool(torch.isinf(vals[sl, -1]).all()):
                 vals[sl], idx[sl] = _keep_best_np(keys, n0, vals[sl], idx[sl])
             elif width > 0:
                 vals[sl], idx[sl] = _keep_best(block, n0, vals[sl], idx[sl])
-            if ids is not None and s_rel is not None:
+            if counting:
+                assert ids is not None and s_rel is not None
                 count = _count_block_np if block.device.type == "cpu" else _count_block
                 count(queries, items, keys, n0, q0, ids, s_rel, k_lo, k_hi, ahead, near_n, cap)
             if bar is not None:
                 bar.advance(bar.task_ids[0])
     overflow = (near_n > cap).any(1) if cap is not None else torch.zeros(n_q, dtype=torch.bool, device=dev)
     return _Scan(vals, idx, ahead, overflow)
+
+
+def _count_bounds(
+    kern: _Kernel, ids: torch.Tensor | None, s_rel: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, R) keys of ``s -+ err`` rounded outwards, +inf for padding: below lo surely not ahead, above hi
+    surely ahead."""
+    assert ids is not None and s_rel is not None
+    pad, err = ids < 0, kern.err[:, None]
+    lo, hi = (s_rel - err).masked_fill(pad, float("inf")), (s_rel + err).masked_fill(pad, float("inf"))
+    return _key_bounds(lo, hi, kern.dtype)
 
 
 def _count_block(
@@ -493,11 +560,19 @@ def _count_block_np(
     ahead_np, near_np = ahead.numpy()[q0 : q0 + q], near_n.numpy()[q0 : q0 + q]  # views: in place
     found_r, found_c, found_j = [], [], []
     for r in range(n_rel):
-        flat = np.flatnonzero(kb >= lo[:, r, None])  # ahead and band: a few hundred of the block's entries
-        rows, cols = flat // n, flat % n
-        is_above = kb.reshape(-1)[flat] > hi[rows, r]
-        ahead_np[:, r] += np.bincount(rows[is_above], minlength=q)
-        band_r, band_c = rows[~is_above], cols[~is_above]
+        if n0 > 0 and int(ahead_np[:, r].sum()) > q * n0 * _DENSE_AHEAD:  # relevant items deep so far
+            above = kb > hi[:, r, None]  # (q, n)
+            ahead_np[:, r] += np.count_nonzero(above, axis=1)
+            near = kb >= lo[:, r, None]
+            near &= ~above
+            flat = np.flatnonzero(near)  # the band alone
+            band_r, band_c = flat // n, flat % n
+        else:  # ahead and band together: a few hundred of the block's entries
+            flat = np.flatnonzero(kb >= lo[:, r, None])
+            rows, cols = flat // n, flat % n
+            is_above = kb.reshape(-1)[flat] > hi[rows, r]
+            ahead_np[:, r] += np.bincount(rows[is_above], minlength=q)
+            band_r, band_c = rows[~is_above], cols[~is_above]
         near_np[:, r] += np.bincount(band_r, minlength=q)
         if cap is not None:  # past the cap the query is redone with another kernel
             keep = near_np[band_r, r] <= cap
@@ -566,15 +641,96 @@ def _run(
     chunk_size: int,
     query_chunk_size: int,
     progress: bool,
+    *,
+    route: bool = False,
+    x_norm: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Lists (exact scores float64, items) and ranks by :func:`exact_scores`; any kernel, one answer."""
-    n_q, n_items = queries.shape[0], items.shape[0]
-    kern = _kernel(queries, items, bf16)
-    extra = _BF16_EXTRA if kern.dtype == torch.bfloat16 else _FP_EXTRA
-    width = 0 if k == 0 else min(n_items, k + extra)
+    """Lists (exact scores float64, items) and ranks by :func:`exact_scores`; any kernel, one answer.
+
+    ``route`` (bf16 with ranks): a pilot (:func:`_deep_queries`) sends the queries whose near band would
+    cost more to re-score than the fp32 pass to the fp32 kernel, lists and ranks; the rest stay bf16.
+    """
+    if route:
+        x_norm = float(_norm(items).max()) if x_norm is None else x_norm  # once for both kernels
+    kern = _kernel(queries, items, bf16, x_norm)
     s_rel = None
     if ids is not None:
         s_rel = exact_scores(queries, items, _row_ids(ids), ids.clamp(min=0).reshape(-1)).view(ids.shape)
+    if route and ids is not None and s_rel is not None and kern.dtype == torch.bfloat16:
+        deep = _route(queries, items, ids, s_rel, kern)  # (Q,) bool
+        if bool(deep.any()):
+            n_q, dev = queries.shape[0], queries.device
+            out_v = torch.zeros((n_q, k), dtype=torch.float64, device=dev)
+            out_i = torch.zeros((n_q, k), dtype=torch.long, device=dev)
+            ranks = torch.zeros(ids.shape, dtype=torch.long, device=dev)
+            fp = deep.nonzero().squeeze(1)
+            out_v[fp], out_i[fp], ranks[fp] = _run(
+                queries[fp], items, k, ids[fp], False, chunk_size, query_chunk_size, progress, x_norm=x_norm
+            )
+            bf = (~deep).nonzero().squeeze(1)
+            if bf.numel():
+                sub = kern.rows(bf)
+                out_v[bf], out_i[bf], ranks[bf] = _pass(
+                    queries[bf], items, k, ids[bf], sub, s_rel[bf], chunk_size, query_chunk_size, progress
+                )
+            return out_v, out_i, ranks
+    return _pass(queries, items, k, ids, kern, s_rel, chunk_size, query_chunk_size, progress)
+
+
+def _route(
+    queries: torch.Tensor, items: torch.Tensor, ids: torch.Tensor, s_rel: torch.Tensor, kern: _Kernel
+) -> torch.Tensor:
+    """(Q,) bool: the queries that take the fp32 kernel: those :func:`_deep_queries` predicts, or every one
+    where too few would stay on bf16 to pay for its pass over the items (``_BF16_MIN_QUERIES``)."""
+    deep = _deep_queries(queries, items, ids, s_rel, kern)
+    if int((~deep).sum()) < _BF16_MIN_QUERIES * torch.get_num_threads():
+        return torch.ones_like(deep)
+    return deep
+
+
+def _deep_queries(
+    queries: torch.Tensor, items: torch.Tensor, ids: torch.Tensor, s_rel: torch.Tensor, kern: _Kernel
+) -> torch.Tensor:
+    """(Q,) bool: queries whose bf16 near band is predicted to cost more to re-score than the fp32 pass.
+
+    A pilot: the fp32 scores of every query against a fixed stride of ``_PILOT_ITEMS`` items count, per
+    query, the sampled items within ``err`` (the bf16 bound) of each relevant item's exact score; scaled to
+    N that predicts the band B the bf16 pass would re-score exactly. A query goes to fp32 where
+    ``B > N / (_ROUTE_RESCORE_PER_GEMM * threads)`` (the cost model at the constant). Only the speed
+    depends on it: both kernels give the same answer.
+    """
+    n_items = items.shape[0]
+    stride = max(1, n_items // _PILOT_ITEMS)
+    sample = items[::stride]  # (M, D) a fixed sample, whatever the queries
+    lo, hi = (s_rel - kern.err[:, None]).numpy(), (s_rel + kern.err[:, None]).numpy()  # (Q, R) the bands
+    pad = ids.numpy() < 0
+    band = np.zeros(queries.shape[0])
+    for q0 in range(0, queries.shape[0], _QUERY_CHUNK):  # (q, M) scores at a time: bounded memory
+        sl = slice(q0, q0 + _QUERY_CHUNK)
+        scores = (queries[sl].detach() @ sample.detach().T).numpy()  # float32: a prediction needs no bound
+        for r in range(ids.shape[1]):
+            near = (scores >= lo[sl, r, None]) & (scores <= hi[sl, r, None])
+            band[sl] += np.where(pad[sl, r], 0, near.sum(1))
+    predicted = band * n_items / sample.shape[0]
+    budget = n_items / (_ROUTE_RESCORE_PER_GEMM * torch.get_num_threads())
+    return torch.from_numpy(predicted > budget)
+
+
+def _pass(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    k: int,
+    ids: torch.Tensor | None,
+    kern: _Kernel,
+    s_rel: torch.Tensor | None,
+    chunk_size: int,
+    query_chunk_size: int,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_run` with its kernel chosen and the relevant items' exact scores ``s_rel`` computed."""
+    n_q, n_items = queries.shape[0], items.shape[0]
+    extra = _BF16_EXTRA if kern.dtype == torch.bfloat16 else _FP_EXTRA
+    width = 0 if k == 0 else min(n_items, k + extra)
     cap = _BF16_NEAR_CAP if kern.dtype == torch.bfloat16 else None
     n_blocks = -(-n_q // query_chunk_size) * -(-n_items // chunk_size)
     with _progress(progress, n_blocks, "ranking") as bar:
@@ -582,12 +738,17 @@ def _run(
     out_v = torch.zeros((n_q, k), dtype=torch.float64, device=queries.device)
     out_i = torch.zeros((n_q, k), dtype=torch.long, device=queries.device)
     if k > 0:
-        # only candidates within 2 err of the k-th approximate score can be in the top k: the k best
-        # approximate ones all score >= that - err exactly, anything below it - 2 err scores less
-        need = scan.vals >= scan.vals[:, k - 1 : k] - 2 * kern.err_out[:, None]  # (Q, K)
-        rows, cols = need.nonzero(as_tuple=True)
+        # the k best approximate candidates (scan.vals is sorted) are re-scored first: their lowest exact
+        # score t is at most the true k-th one, so a candidate can be in the top k only if its exact score
+        # reaches t, i.e. its approximate one t - err; only those are re-scored next. (t >= the k-th
+        # approximate score - err, so this band is at most the 2 err below it, usually about half of it)
         f = torch.full(scan.idx.shape, -float("inf"), dtype=torch.float64, device=queries.device)
-        f[rows, cols] = exact_scores(queries, items, rows, scan.idx[rows, cols])
+        rows = torch.arange(n_q, device=queries.device).repeat_interleave(k)
+        f[:, :k] = exact_scores(queries, items, rows, scan.idx[:, :k].reshape(-1)).view(n_q, k)
+        t = f[:, :k].min(1).values  # (Q,)
+        need = scan.vals[:, k:] >= (t - kern.err_out)[:, None]  # (Q, K - k)
+        rows, cols = need.nonzero(as_tuple=True)
+        f[rows, cols + k] = exact_scores(queries, items, rows, scan.idx[rows, cols + k])
         ev, ei = _sort_pairs(f, scan.idx)
         out_v, out_i = ev[:, :k].contiguous(), ei[:, :k].contiguous()
         if width < n_items:  # an item left out has approximate score <= the width-th kept one
@@ -595,7 +756,7 @@ def _run(
             rows = unproven.nonzero().squeeze(1)
             for r0 in range(0, rows.numel(), query_chunk_size):
                 rr = rows[r0 : r0 + query_chunk_size]
-                sub = _Kernel(kern.dtype, kern.err[rr], kern.err_out[rr])
+                sub = kern.rows(rr)
                 out_v[rr], out_i[rr] = _collect_topk(queries[rr], items, sub, out_v[rr, k - 1], k, chunk_size)
     ranks = torch.zeros((n_q, 0), dtype=torch.long, device=queries.device)
     if ids is not None:
@@ -642,9 +803,10 @@ def rank_chunked(
         chunk_size: items per block.
         query_chunk_size: queries per block.
         progress: show a rich progress bar over blocks.
-        bf16_pass: find candidates with bf16 GEMMs (float32 on CPU only); ``"auto"``: for the lists alone
-            (no ``relevant_ids``) where :func:`bf16_pays`; True pays for ranks when the relevant items
-            rank high (docs/metrics.md). It changes the speed, never the answer.
+        bf16_pass: find candidates with bf16 GEMMs (float32 on CPU only); ``"auto"``: where
+            :func:`bf16_pays`, with ranks only for the queries a pilot predicts a narrow band of near items
+            (relevant items that rank high; the others take the fp32 kernel, docs/metrics.md); True: bf16
+            for every query. It changes the speed, never the answer.
 
     Returns:
         :class:`Ranked` ``(scores, indices, ranks)``; lists sorted by (score desc, index asc), scores the exact
@@ -676,16 +838,19 @@ def rank_chunked(
             torch.zeros(n_q, k, dtype=torch.long, device=dev),
             torch.zeros(n_q, n_rel, dtype=torch.long, device=dev),
         )
-    # "auto": bf16 for the lists alone. For ranks its bound (from the inputs' rounding residuals, about 3.6e-3
-    # for random unit vectors at D = 512) leaves a band of near items of a few dozen per query for relevant
-    # items in the top few dozen (bf16 ranks took 0.75-0.95x the fp32 kernel's time at 60k-200k items, seed-1
-    # data), but of thousands for relevant items deep in the ranking (a weak model): with relevant items
-    # drawn uniformly, 100k x 1k, bf16 ranks took 2.2x the fp32 kernel's time (rescoring up to the cap, then
-    # the fp32 redo). Without knowing the depth beforehand, fp32 is the safe default for ranks
-    auto = bf16_pays(items, n_items, k) and relevant_ids is None
-    bf16 = auto if bf16_pass == "auto" else bool(bf16_pass)
+    # "auto": bf16 where it pays (bf16_pays), for lists and ranks. For ranks its bound (about 5.5e-3 for random
+    # unit vectors at D = 512: the queries' rounding measured, the items' a priori) leaves a band of near
+    # items to re-score exactly of a few dozen per query for relevant items in the top few dozen, but of
+    # thousands for relevant items deep in the ranking (a weak model): with relevant items drawn uniformly,
+    # bf16 for every query took 1.3-1.9x the fp32 kernel's time (100k-300k x 1k). So a pilot on a fixed
+    # sample of items predicts each query's band and routes the queries whose band would cost more than the
+    # fp32 pass to the fp32 kernel (_route, _deep_queries; cost model at _ROUTE_RESCORE_PER_GEMM): with the
+    # relevant items drawn uniformly "auto" then takes about the fp32 kernel's time, with them in the top 50
+    # about bf16's (docs/benchmarks.md). True forces bf16 for every query, False fp32
+    bf16 = bf16_pays(items, n_items, k) if bf16_pass == "auto" else bool(bf16_pass)
     ids = None if relevant_ids is None else relevant_ids.long()
-    vals, idx, ranks = _run(queries, items, k, ids, bf16, chunk_size, query_chunk_size, progress)
+    route = bf16_pass == "auto" and ids is not None
+    vals, idx, ranks = _run(queries, items, k, ids, bf16, chunk_size, query_chunk_size, progress, route=route)
     return Ranked(vals.to(queries.dtype), idx, ranks)
 
 
