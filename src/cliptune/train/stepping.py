@@ -38,8 +38,8 @@ def direct_steps(accelerator: Accelerator) -> bool:
         accelerator.distributed_type in _DIRECT_TYPES
         and accelerator.scaler is None
         and accelerator.mixed_precision != "fp16"
-        and not accelerator.has_lomo_optimizer
-        and accelerator.parallelism_config is None
+        and not getattr(accelerator, "has_lomo_optimizer", False)
+        and getattr(accelerator, "parallelism_config", None) is None  # tensor/context parallel: DTensors
     )
 
 
