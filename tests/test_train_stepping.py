@@ -122,3 +122,11 @@ def test_unread_steps_read_back_the_terms_in_order() -> None:
         ({"mse": 2.0, "loss": 2.5}, False),
     ]
     assert len(unread) == 0 and unread.read() == []
+
+
+def test_unread_scalar_terms_of_mixed_dtypes_read_as_floats() -> None:
+    unread = UnreadSteps()
+    for i in range(2):  # all 0-dim (one op at the read), a bf16 term beside a float32 one
+        outputs = {"loss": torch.tensor(i + 0.25), "aux": torch.tensor(-i - 0.5, dtype=torch.bfloat16)}
+        unread.add(list(outputs), step_terms(Accelerator(cpu=True), outputs)[0], torch.tensor(0.0))
+    assert unread.read() == [({"loss": 0.25, "aux": -0.5}, False), ({"loss": 1.25, "aux": -1.5}, False)]

@@ -154,7 +154,10 @@ class UnreadSteps:
         """Each unread step's terms by name and whether it was skipped, oldest first; then none are unread."""
         if not self._skipped:
             return []
-        flat = torch.cat([t.float().reshape(-1) for t in self._terms])
+        if all(t.ndim == 0 for t in self._terms):  # one process: scalars, stacked in one op (dtypes promote)
+            flat = torch.stack(self._terms).float()
+        else:  # several: one all-reduced vector per step
+            flat = torch.cat([t.float().reshape(-1) for t in self._terms])
         terms = flat.reshape(len(self._skipped), len(self.names)).tolist()
         skipped = torch.stack(self._skipped).tolist()
         self._terms, self._skipped = [], []
