@@ -2,8 +2,10 @@
 
 Both loops train the same model (two linear projection heads on cached tower features, the retrieval
 task with frozen towers) with the same InfoNCE loss, the same optimiser (``make_optimizer``: AdamW, fused
-where the device has the kernels, with cliptune's parameter groups), the same gradient clipping and the
-very same batch at every step; they end with identical weights (checked). The time of a
+where the device has the kernels, with cliptune's parameter groups), the same gradient clipping, the same
+device-side skip of a step whose loss or gradient norm is not finite (``SkippingAdamW.skip_if``, as ``fit``
+does), a loss read every ``log_every_steps`` and the very same batch at every step; they end with identical
+weights (checked). The time of a
 step is the time between consecutive ``forward`` calls, so it covers everything a loop does per step
 (accumulation context, loss bookkeeping, clipping, optimiser, logging) and nothing done once per epoch.
 Reported: the median over ``--steps`` steps (after ``--warmup``), alternating the two loops ``--repeats``
@@ -37,6 +39,8 @@ from cliptune.train.loop import fit
 from cliptune.train.optim import make_optimizer
 from cliptune.train.tasks.bundle import TaskBundle
 
+_CLOCK = [time.perf_counter]  # --clock cpu: this thread's CPU time, steadier on a shared machine
+
 
 class _Heads(nn.Module):
     """Projection heads + InfoNCE: ``forward(batch)`` returns the named loss terms, as the tasks do."""
@@ -46,9 +50,10 @@ class _Heads(nn.Module):
         self.image_proj, self.text_proj = nn.Linear(image_dim, dim), nn.Linear(text_dim, dim)
         self.loss = make_loss("info_nce", temperature=0.07)
         self.stamps: list[float] = []
+        self.logged: list[float] = []  # the losses a loop read (hand-written and plain Accelerate)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(_CLOCK[0]())
         return self.loss(self.image_proj(batch["image_features"]), self.text_proj(batch["text_features"]))
 
 
@@ -76,15 +81,21 @@ def _ours(model: _Heads, batch: dict[str, torch.Tensor], steps: int, cfg: TrainC
 
 
 def _hand(model: _Heads, batch: dict[str, torch.Tensor], steps: int, cfg: TrainConfig) -> list[float]:
+    """The loop a careful user writes for the same job: the step is skipped on the device when the loss or
+    the gradient norm is not finite (as ``fit`` does; no host read), and the loss is read every
+    ``log_every_steps`` for logging."""
     model.to(batch["text_features"].device)
     optimizer = make_optimizer(model, cfg)
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         loss = model(batch)["loss"]
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.skip_if((torch.isfinite(loss) & torch.isfinite(norm)).logical_not().float())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if step % cfg.log_every_steps == 0:
+            model.logged.append(loss.item())
     if loss.is_cuda:
         torch.cuda.synchronize()
     return model.stamps
@@ -94,16 +105,21 @@ def _accelerate(model: _Heads, batch: dict[str, torch.Tensor], steps: int, cfg: 
     """The canonical Accelerate loop (prepare, accumulate, backward, clip, step, zero): what part of the
     overhead is Accelerate's wrappers rather than cliptune's own bookkeeping."""
     accelerator = Accelerator(cpu=batch["text_features"].device.type == "cpu")
-    model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg, accelerator.device))
+    inner = make_optimizer(model, cfg, accelerator.device)
+    model, optimizer = accelerator.prepare(model, inner)
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         with accelerator.accumulate(model):
             loss = model(batch)["loss"]
             accelerator.backward(loss)
+            finite = torch.isfinite(loss)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                finite = finite & torch.isfinite(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            inner.skip_if(finite.logical_not().float())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if step % cfg.log_every_steps == 0:
+            model.logged.append(loss.item())
     if loss.is_cuda:
         torch.cuda.synchronize()
     return model.stamps
@@ -120,7 +136,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each loop, alternating")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="cpu: the main thread's CPU time (with --threads 1 all the work; other jobs' "
+                             "time slices are not counted, so it is steadier on a loaded machine)")  # fmt: skip
     args = parser.parse_args()
+    if args.clock == "cpu":
+        _CLOCK[0] = time.thread_time
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -152,7 +173,8 @@ def main() -> None:
     medians = {name: statistics.median(t) for name, t in times.items()}
     hand, ours = medians["hand-written"], medians["cliptune fit"]
     print(f"batch {args.batch_size}, features {args.image_dim}/{args.text_dim} -> {args.dim}, "
-          f"{args.steps} steps x {args.repeats} runs, {args.device}, {torch.get_num_threads()} threads")  # fmt: skip
+          f"{args.steps} steps x {args.repeats} runs, {args.device}, {torch.get_num_threads()} threads, "
+          f"{args.clock} clock")  # fmt: skip
     print(f"{'loop':<14} {'median ms/step':>15}")
     for name, median in medians.items():
         print(f"{name:<14} {median * 1e3:>15.3f}")

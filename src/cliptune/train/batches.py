@@ -4,8 +4,8 @@ The order of epoch ``e`` is a permutation drawn from ``seed + e`` alone, so a re
 the same batches; a resume in the middle of an epoch skips the batches already seen. With several
 processes each takes every ``world``-th index of the same permutation (equal counts, the tail that does
 not fill a global batch is dropped, as contrastive training wants full batches). :func:`to_device` moves a
-batch to the accelerator and :func:`step_terms` turns a step's loss terms into the vector every process
-agrees on, left on the device (the loop reads it every ``train.log_every_steps``).
+batch to the accelerator and :func:`step_terms` turns a step's loss terms into the values every process
+agrees on, left on the device (the loop reads them every ``train.log_every_steps``).
 """
 
 from __future__ import annotations
@@ -107,23 +107,30 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
-def step_terms(accelerator: Accelerator, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One step's loss terms averaged over processes, as one float32 vector that stays on the device.
+def step_terms(
+    accelerator: Accelerator, outputs: dict[str, torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One step's loss terms as every process agrees on them, left on the device, and the agreed total.
 
     With several processes the terms travel in one all-reduce (asynchronous on GPUs), so every process
     sees the same numbers and makes the same skip decision for a non-finite loss without a host read.
+    With one process the terms are only detached (no stack, no copy: a step on cached features takes
+    about a millisecond, and each tensor op costs microseconds); :class:`~cliptune.train.state.UnreadSteps`
+    stacks them when it reads.
 
     Args:
         accelerator: Its processes take part.
-        outputs: This process's loss terms (scalar tensors), the total under ``"loss"`` (first).
+        outputs: This process's loss terms (scalar tensors), the total under ``"loss"``.
 
     Returns:
-        The mean of each term in ``outputs``' order. Shape ``(len(outputs),)``.
+        The terms to keep (one per name in ``outputs``' order, or one vector of them all), each
+        ``float()``-able to ``(len(outputs),)`` when concatenated; and the total loss to check.
     """
-    local = torch.stack([outputs[n].detach().float().reshape(()) for n in outputs])
-    if accelerator.num_processes > 1:
-        local = accelerator.reduce(local, reduction="sum") / accelerator.num_processes
-    return local
+    if accelerator.num_processes == 1:
+        return [t.detach() for t in outputs.values()], outputs["loss"].detach()
+    local = torch.stack([outputs[n].detach().float().reshape(()) for n in outputs])  # (len(outputs),)
+    mean = accelerator.reduce(local, reduction="sum") / accelerator.num_processes
+    return [mean], mean[list(outputs).index("loss")]
 
 
 def any_process(accelerator: Accelerator, flag: bool) -> bool:

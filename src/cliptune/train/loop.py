@@ -32,9 +32,10 @@ from cliptune.train.failures import (
     stop_on_signals,
 )
 from cliptune.train.grad_cache import GradCache
-from cliptune.train.optim import SkippingAdamW, current_lr, make_optimizer, make_scheduler
+from cliptune.train.optim import current_lr, make_optimizer, make_scheduler
 from cliptune.train.progress import EpochProgress
 from cliptune.train.state import LoopState, MetricsLog, UnreadSteps
+from cliptune.train.stepping import StepOps
 from cliptune.train.tasks.bundle import TaskBundle
 from cliptune.train.trackers import tracker_sink
 
@@ -56,6 +57,7 @@ class _Run:
     on_epoch: Callable[[dict[str, Any]], None]
     grad_cache: GradCache | None  # train.grad_cache: the step's forward and backward in two passes
     unread: UnreadSteps  # the loss terms of steps not read yet, on the device
+    ops: StepOps  # backward, clip, step, zero: Accelerate's wrappers only where they do something
 
 
 def fit(
@@ -119,6 +121,7 @@ def fit(
             report,
             cache,
             UnreadSteps(),
+            StepOps.build(accelerator, model, optimizer),
         )
         _train(run)
     return state
@@ -187,19 +190,20 @@ def _train_step(run: _Run, epoch: int, batch: dict[str, Any]) -> None:
         # forward; the loss terms stay on the device (all-reduced over processes, so all skip alike)
         model, cache, batch = run.parts.model, run.grad_cache, to_device(batch, accelerator.device)
         outputs = cache.forward(model, batch) if cache else model(batch)
-        terms = step_terms(accelerator, outputs)
+        names = list(outputs)
+        terms, total = step_terms(accelerator, outputs)
         # backward -> clip -> step (-> lr); a non-finite loss or gradient norm makes the step a no-op
         if cache:  # pass 2 of gradient caching: the cached embedding gradients into the towers
             cache.backward(model)
         else:
-            accelerator.backward(outputs["loss"])
-        skipped = _clip_and_step(run, terms[list(outputs).index("loss")])
+            run.ops.backward(outputs["loss"])
+        skipped = _clip_and_step(run, total)
         # zero
-        optimizer.zero_grad(set_to_none=True)
+        run.ops.zero_grad()
 
     # log: a skipped step counts as a step (exact resume) but not in the epoch means (counted when read)
     state.finish_step()
-    run.unread.add(list(outputs), terms, skipped)
+    run.unread.add(names, terms, skipped)
     run.progress.advance(lr=current_lr(optimizer))
     # one process reads its own stop flag every step (free); several agree on it at the reads
     stop = accelerator.num_processes == 1 and run.stop_requested()
@@ -240,30 +244,22 @@ def _clip_and_step(run: _Run, loss: torch.Tensor) -> torch.Tensor:
     The cosine lr follows optimiser steps (clip and lr only when gradients sync); a skipped step still
     moves the schedule on, as the host cannot know it was skipped without waiting for the device.
     """
-    accelerator, optimizer = run.accelerator, run.parts.optimizer
-    skipping = _skipping(optimizer)
+    accelerator, ops = run.accelerator, run.ops
+    skipping = ops.inner
     earlier = skipping.pending  # this accumulation window's earlier batches skipped (or None: none yet)
     finite = torch.isfinite(loss)
     if accelerator.sync_gradients and run.cfg.grad_clip is not None:
-        norm = accelerator.clip_grad_norm_(run.parts.model.parameters(), run.cfg.grad_clip)
-        if isinstance(norm, torch.Tensor):  # DeepSpeed clips inside its own step and returns None
+        norm = ops.clip(run.cfg.grad_clip)
+        if norm is not None:  # DeepSpeed clips inside its own step and returns None
             # a norm made non-finite by an earlier skipped batch of the window is not a new bad step
             finite_norm = torch.isfinite(norm) if earlier is None else torch.isfinite(norm) | (earlier > 0)
             finite = finite & finite_norm
     skipped = finite.logical_not().float()
     skipping.skip_if(skipped)  # combined over an accumulation window until the real step
-    optimizer.step()
+    ops.step()
     if accelerator.sync_gradients and run.cfg.scheduler == "cosine":
         run.parts.scheduler.step()  # type: ignore[call-arg]
     return skipped
-
-
-def _skipping(optimizer: torch.optim.Optimizer) -> SkippingAdamW:
-    """The :class:`SkippingAdamW` inside Accelerate's wrapper."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    if not isinstance(inner, SkippingAdamW):
-        raise TypeError(f"fit needs make_optimizer's SkippingAdamW, not {type(inner).__name__}")
-    return inner
 
 
 def _validate(run: _Run, epoch: int) -> tuple[dict[str, Any], bool]:

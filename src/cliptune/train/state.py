@@ -141,19 +141,25 @@ class UnreadSteps:
         self._skipped: list[torch.Tensor] = []
 
     def __len__(self) -> int:
-        return len(self._terms)
+        return len(self._skipped)
 
-    def add(self, names: list[str], terms: torch.Tensor, skipped: torch.Tensor) -> None:
-        """Keep one step's loss terms (``(len(names),)``) and its skip flag (0-dim, 1.0: skipped)."""
+    def add(self, names: list[str], terms: list[torch.Tensor], skipped: torch.Tensor) -> None:
+        """Keep one step's loss terms (scalars in ``names``' order, or one ``(len(names),)`` vector) and its
+        skip flag (0-dim, 1.0: skipped); nothing is copied or stacked until :meth:`read`."""
         self.names = names
-        self._terms.append(terms)
+        self._terms.extend(terms)
         self._skipped.append(skipped)
 
     def read(self) -> list[tuple[dict[str, float], bool]]:
         """Each unread step's terms by name and whether it was skipped, oldest first; then none are unread."""
-        if not self._terms:
+        if not self._skipped:
             return []
-        terms, skipped = torch.stack(self._terms).tolist(), torch.stack(self._skipped).tolist()
+        if all(t.ndim == 0 for t in self._terms):  # one process: scalars, stacked in one op (dtypes promote)
+            flat = torch.stack(self._terms).float()
+        else:  # several: one all-reduced vector per step
+            flat = torch.cat([t.float().reshape(-1) for t in self._terms])
+        terms = flat.reshape(len(self._skipped), len(self.names)).tolist()
+        skipped = torch.stack(self._skipped).tolist()
         self._terms, self._skipped = [], []
         return [
             (dict(zip(self.names, row, strict=True)), bool(s)) for row, s in zip(terms, skipped, strict=True)
