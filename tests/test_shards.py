@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import math
 import os
@@ -19,7 +18,6 @@ import fsspec
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 from typer.testing import CliRunner
 
 from cliptune.cli.app import app
@@ -36,6 +34,7 @@ from cliptune.models.factory import load_model
 from cliptune.search import build_index, load_index
 from cliptune.serve.app import create_app
 from cliptune.train.run import train
+from tests.tar_members import png, write_tar
 from tests.tiny_models import make_tiny_clip
 
 runner = CliRunner()
@@ -47,21 +46,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     fashion = render_fashion(root / "fashion", n=40, seed=0, size=128)
     pattern = write_shards(read_catalogue(fashion), root / "shards", shard_size=15)
     return {"root": root, "fashion": fashion, "pattern": Path(pattern)}
-
-
-def _png(colour: tuple[int, int, int]) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), colour).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def test_pattern_expansion_and_spec_detection(world: dict[str, Path]) -> None:
@@ -108,8 +92,8 @@ def test_round_trip_rows_captions_attributes_and_bytes(world: dict[str, Path]) -
 
 def test_several_captions_of_one_image_are_one_sample(tmp_path: Path) -> None:
     (tmp_path / "cat").mkdir()
-    (tmp_path / "cat" / "a.png").write_bytes(_png((255, 0, 0)))
-    (tmp_path / "cat" / "b.png").write_bytes(_png((0, 0, 255)))
+    (tmp_path / "cat" / "a.png").write_bytes(png((255, 0, 0)))
+    (tmp_path / "cat" / "b.png").write_bytes(png((0, 0, 255)))
     pd.DataFrame(
         {
             "file_name": ["a.png", "a.png", "b.png"],
@@ -133,14 +117,14 @@ def test_several_captions_of_one_image_are_one_sample(tmp_path: Path) -> None:
 def _bad_shards(folder: Path) -> Path:
     folder.mkdir()
     good = json.dumps({"text": "a red square", "group": "g1"}).encode()
-    _tar(folder / "00000.tar", [("000000.json", good), ("000000.png", _png((255, 0, 0))),
+    write_tar(folder / "00000.tar", [("000000.json", good), ("000000.png", png((255, 0, 0))),
                                ("000001.json", b'{"text": "no image"}'),
-                               ("000002.json", b'{"text": "broken'), ("000002.png", _png((0, 255, 0)))])  # fmt: skip
-    _tar(folder / "00001.tar", [("000003.json", b'{"text": "   "}'), ("000003.png", _png((0, 0, 255))),
+                               ("000002.json", b'{"text": "broken'), ("000002.png", png((0, 255, 0)))])  # fmt: skip
+    write_tar(folder / "00001.tar", [("000003.json", b'{"text": "   "}'), ("000003.png", png((0, 0, 255))),
                                ("000004.json", b'{"text": "not a picture"}'), ("000004.jpg", b"<html>"),
-                               ("000005.png", _png((9, 9, 9))),
+                               ("000005.png", png((9, 9, 9))),
                                ("000006.json", json.dumps({"text": "fine", "group": "g2"}).encode()),
-                               ("000006.png", _png((1, 2, 3)))])  # fmt: skip
+                               ("000006.png", png((1, 2, 3)))])  # fmt: skip
     return folder / "{00000..00001}.tar"
 
 
@@ -371,7 +355,7 @@ def test_cli_check_of_a_truncated_shard_is_a_typed_error(world: dict[str, Path],
 
 
 def test_compressed_shards_are_refused_naming_the_shard(tmp_path: Path) -> None:
-    plain = _tar(tmp_path / "plain.tar", [("a.png", _png((1, 2, 3))), ("a.json", b'{"text": "x"}')])
+    plain = write_tar(tmp_path / "plain.tar", [("a.png", png((1, 2, 3))), ("a.json", b'{"text": "x"}')])
     for name in ("00000.tar.gz", "00001.tar.gz"):
         with gzip.open(tmp_path / name, "wb") as f:
             f.write(plain.read_bytes())
@@ -579,8 +563,10 @@ print(json.dumps({"opens": opens, "reads": reads}))
 def test_a_fresh_process_opens_each_shard_once(tmp_path: Path) -> None:
     # a process that never read the catalogue (a spawned DataLoader worker, a new serve process) has no
     # member index: it builds it through the handle it then reads from, so 2 reads cost 1 open per shard
-    red, blue = _png((255, 0, 0)), _png((0, 0, 255))
-    shard = _tar(tmp_path / "0.tar", [("a.png", red), ("a.json", b"{}"), ("b.png", blue), ("b.json", b"{}")])
+    red, blue = png((255, 0, 0)), png((0, 0, 255))
+    shard = write_tar(
+        tmp_path / "0.tar", [("a.png", red), ("a.json", b"{}"), ("b.png", blue), ("b.json", b"{}")]
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(
         [sys.executable, "-c", _FRESH_READER, str(shard)],

@@ -38,6 +38,7 @@ from cliptune.data.shards import (
     write_shards,
 )
 from cliptune.data.synthetic import render_fashion
+from tests.tar_members import add_members, png, write_tar
 
 runner = CliRunner()
 
@@ -100,21 +101,6 @@ def _fetched(path: str) -> int:
 # shards
 
 
-def _png(colour: tuple[int, int, int], size: int = 8) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sidecar")
@@ -126,17 +112,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # of two objects (one setting the reserved `row`) beside a .jpg that is not an image; a stray member
     red = json.dumps({"text": "red", "group": "g1"}).encode()
     two = json.dumps([{"text": "one"}, {"text": "two", "row": 9}]).encode()
-    _tar(
+    write_tar(
         bad / "00000.tar",
         [
             ("000000.json", red),
-            ("000000.png", _png((255, 0, 0))),
+            ("000000.png", png((255, 0, 0))),
             ("000001.json", b'{"text": "no image"}'),
             ("000002.json", b'{"text": "broken'),
-            ("000002.png", _png((0, 255, 0))),
+            ("000002.png", png((0, 255, 0))),
             ("000003.json", b'{"text": "caf\xe9"}'),
-            ("000003.png", _png((0, 0, 1))),
-            ("000004.png", _png((0, 0, 2))),
+            ("000003.png", png((0, 0, 1))),
+            ("000004.png", png((0, 0, 2))),
             ("000004.txt", b"a caption"),
             ("000005.json", two),
             ("000005.jpg", b"<html>"),
@@ -292,18 +278,26 @@ def test_with_sidecars_the_reading_pass_fetches_no_byte_of_a_shard(
     assert shard_fetches[1][0] == offset - 512 > 0
 
 
+def _copy_first_shard(world: dict[str, Path], folder: Path) -> Path:
+    """Shard 00000 and its sidecar copied into ``folder`` (a test may damage them); the shard's path."""
+    folder.mkdir()
+    for f in (world["root"] / "shards").glob("00000.tar*"):
+        shutil.copy(f, folder / f.name)
+    return folder / "00000.tar"
+
+
 def _damage(kind: str, shard: Path) -> None:
     sidecar = Path(index_path(shard))
     doc = json.loads(sidecar.read_text())
     if kind == "rewritten":  # the shard rewritten (20 KB longer: tar pads to 10 KiB), the sidecar left behind
         with tarfile.open(shard, "a") as tar:
-            for name, data in [
-                ("999999.json", b'{"text": "added later", "group": "late"}'),
-                ("999999.png", _png((7, 7, 7)) + b"\0" * 20_000),
-            ]:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+            add_members(
+                tar,
+                [
+                    ("999999.json", b'{"text": "added later", "group": "late"}'),
+                    ("999999.png", png((7, 7, 7)) + b"\0" * 20_000),
+                ],
+            )
         return
     if kind == "not JSON":
         sidecar.write_bytes(sidecar.read_bytes()[:100])
@@ -330,11 +324,7 @@ def _damage(kind: str, shard: Path) -> None:
 def test_a_stale_or_damaged_sidecar_is_said_and_the_shard_scanned(
     world: dict[str, Path], tmp_path: Path, kind: str, reason: str
 ) -> None:
-    folder = tmp_path / "shards"
-    folder.mkdir()
-    for f in (world["root"] / "shards").glob("00000.tar*"):
-        shutil.copy(f, folder / f.name)
-    shard = folder / "00000.tar"
+    shard = _copy_first_shard(world, tmp_path / "shards")
     _damage(kind, shard)
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -409,11 +399,7 @@ def test_a_shard_rewritten_to_the_same_size_is_caught_at_the_first_misread(
 ) -> None:
     from cliptune.data.shards import ShardIndexMismatchError
 
-    folder = tmp_path / "same"
-    folder.mkdir()
-    for f in (world["root"] / "shards").glob("00000.tar*"):
-        shutil.copy(f, folder / f.name)
-    shard = folder / "00000.tar"
+    shard = _copy_first_shard(world, tmp_path / "same")
     # the sidecar of a shard whose members moved, same size: 000001.png's offset now holds another member
     sidecar = Path(index_path(shard))
     doc = json.loads(sidecar.read_text())
@@ -440,20 +426,13 @@ def test_a_sample_appended_in_the_padding_is_seen_though_the_size_is_unchanged(t
     # tar pads an archive to 10 KiB records: a small sample appended fits in the padding, the size stays
     # the same and the members the sidecar lists are where it says; only the end-of-archive marker moved
     shard = tmp_path / "00000.tar"
-    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in [("a.json", b'{"text": "first"}'), ("a.png", _png((1, 2, 3)))]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    write_tar(shard, [("a.json", b'{"text": "first"}'), ("a.png", png((1, 2, 3)))])
     write_shard_index(shard)
     doc = json.loads(Path(index_path(shard)).read_text())
     size = shard.stat().st_size
     assert doc["shard_bytes"] == size and doc["end"] + 1024 <= size
     with tarfile.open(shard, "a") as tar:
-        for name, data in [("b.json", b'{"text": "added"}'), ("b.png", _png((4, 5, 6)))]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+        add_members(tar, [("b.json", b'{"text": "added"}'), ("b.png", png((4, 5, 6)))])
     assert shard.stat().st_size == size  # what the size check alone cannot see
     with pytest.warns(ShardIndexWarning, match=rf"no end-of-archive marker at offset {doc['end']}"):
         got = read_shards(shard)
