@@ -114,7 +114,9 @@ def _accelerate(model: _Heads, batch: dict[str, torch.Tensor], steps: int, cfg: 
             accelerator.backward(loss)
             finite = torch.isfinite(loss)
             if accelerator.sync_gradients:
-                finite = finite & torch.isfinite(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                finite = finite & torch.isfinite(
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                )
             inner.skip_if(finite.logical_not().float())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
