@@ -67,7 +67,7 @@ class CacheIndex:
 
     Example:
         >>> index = CacheIndex(tmp_path, ".txt", lambda p: p.read_text().split(), "word cache")
-        >>> (tmp_path / "a.txt").write_text("x y")
+        >>> _ = (tmp_path / "a.txt").write_text("x y")
         >>> index.locate(["y", "z"]), index.stats
         ({'y': ('a.txt', 1)}, CacheStats(hits=1, misses=1))
     """
