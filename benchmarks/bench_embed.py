@@ -18,7 +18,7 @@ Images: real photos from skimage resized to 2048 x 1536 and saved as JPEG (disti
 
 Usage:
     python benchmarks/bench_embed.py --threads 2 --towers efficientnet,vit-b16 --repeats 3
-    python benchmarks/bench_embed.py --device cuda --n 2048 --batch 256 --workers 12 --precision bf16
+    python benchmarks/bench_embed.py --device cuda --n 2048 --batch 256 --precision bf16  # workers: auto
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from torch import Tensor
 
 from cliptune.data.images import load_image
 from cliptune.models.backbone import PixelRecipe
-from cliptune.models.embed import embed_images, image_loader
+from cliptune.models.embed import decode_workers, embed_images, image_loader
 
 
 def _tower(
@@ -154,7 +154,12 @@ def main() -> None:
     parser.add_argument("--towers", default="efficientnet,vit-b16")
     parser.add_argument("--n", type=int, default=16, help="images per tower")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument(
+        "--workers",
+        type=lambda v: v if v == "auto" else int(v),
+        default="auto",
+        help="DataLoader workers, or 'auto' (data.num_workers' default: 0 on CPU, up to 8 on a GPU)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
@@ -167,7 +172,8 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     print(
         f"device {device} ({where}), torch threads {torch.get_num_threads()}, {os.cpu_count()} cpus, "
-        f"n={args.n} JPEGs 2048x1536, batch {args.batch}, workers {args.workers}, {args.precision}, "
+        f"n={args.n} JPEGs 2048x1536, batch {args.batch}, workers {args.workers} "
+        f"(= {decode_workers(args.workers, device, items=args.n, batch_size=args.batch)}), {args.precision}, "
         f"median of {args.repeats} interleaved, load average at start {load_before:.1f}",
         flush=True,
     )

@@ -107,8 +107,8 @@ def plan(smoke: bool, threads: int, env: dict[str, str]) -> list[Step]:
                 (
                     f"embed_gpu_{tower}_{precision}",
                     "bench_embed.py",
-                    f"--towers {tower} --precision {precision} --n {EMBED_N[tower]} --batch 256 --workers 12"
-                    " --repeats 3 --device cuda",
+                    f"--towers {tower} --precision {precision} --n {EMBED_N[tower]} --batch 256"
+                    " --repeats 3 --device cuda",  # workers: data.num_workers' default, "auto"
                     f"--towers {tower} --precision {precision} {tiny_embed}",
                     120,
                     {},

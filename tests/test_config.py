@@ -348,3 +348,25 @@ def test_task_losses_cover_every_loss_name() -> None:
             else:
                 with pytest.raises(ConfigError, match=f"loss.name='{name}' does not fit train.task='{task}'"):
                     load_config(None, overrides)
+
+
+def test_num_workers_is_auto_by_default_and_takes_a_count_or_auto(tmp_path: Path) -> None:
+    assert load_config(None).data.num_workers == "auto"
+    assert load_config(None, ["data.num_workers=4"]).data.num_workers == 4
+    assert load_config(None, ["data.num_workers=0"]).data.num_workers == 0
+    assert load_config(None, ["data.num_workers=auto"]).data.num_workers == "auto"
+    old = tmp_path / "old.yaml"  # a config written when the field was an int keeps its meaning
+    old.write_text("data:\n  num_workers: 2\n")
+    assert load_config(old).data.num_workers == 2
+    saved = save_config(load_config(None), tmp_path / "saved.yaml")  # "auto" round-trips
+    assert load_config(saved).data.num_workers == "auto"
+
+
+@pytest.mark.parametrize("value", ["many", "-1", "true", "1.5"])
+def test_a_bad_num_workers_fails_naming_the_field(value: str) -> None:
+    override = f"data.num_workers={value}"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    (err,) = info.value.errors  # one line, not one per branch of int | 'auto'
+    assert err.startswith("data.num_workers: must be a whole number >= 0 or 'auto'")
+    assert err.endswith(f"set by override {override!r}")

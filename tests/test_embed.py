@@ -8,6 +8,7 @@ import json
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ from cliptune.cli import embed as embed_cli
 from cliptune.data.catalogue import read_catalogue
 from cliptune.data.synthetic import render_fashion
 from cliptune.models.backbone import PixelRecipe
-from cliptune.models.embed import embed_images_with, embed_texts_with
+from cliptune.models.embed import Workers, embed_images_with, embed_texts_with
 from cliptune.models.factory import LoadedModel, load_model
 from cliptune.search import build_index, load_index
 from cliptune.search.index import IndexBadRowsError
@@ -519,3 +520,111 @@ def test_decode_threads_follow_the_forward_with_no_workers_and_are_one_per_worke
         assert (_decode_threads(0), _decode_threads(2)) == (3, 1)
     finally:
         torch.set_num_threads(before)
+
+
+# --- how many decoding workers: data.num_workers "auto" ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "cores", "processes", "want"),
+    [
+        ("auto", "cpu", 16, 1, 0),  # the forward takes every core; decoding runs on its threads
+        (None, "cpu", 16, 1, 0),  # None means auto
+        ("auto", "cuda", 16, 1, 8),  # 16 - 1 = 15, capped at 8
+        ("auto", "cuda", 16, 4, 3),  # 16 // 4 - 1 = 3 per process of a 4-process launch
+        ("auto", "cuda", 2, 1, 1),  # 2 - 1 = 1
+        ("auto", "cuda", 1, 1, 1),  # 1 - 1 = 0, but an accelerator always gets one
+        ("auto", "mps", 6, 1, 5),  # any accelerator: 6 - 1 = 5
+        ("auto", "cuda:1", 8, 8, 1),  # 8 // 8 - 1 = 0 -> at least 1
+        (0, "cuda", 16, 1, 0),  # an int is taken as given, on any device
+        (3, "cpu", 16, 1, 3),
+    ],
+)
+def test_decode_workers_table(
+    setting: Workers | None, device: str, cores: int, processes: int, want: int
+) -> None:
+    from cliptune.models.embed import decode_workers
+
+    assert decode_workers(setting, device, cores=cores, processes=processes) == want
+
+
+def test_decode_workers_start_none_for_a_job_smaller_than_two_batches() -> None:
+    from cliptune.models.embed import decode_workers
+
+    # batch 64: 127 images are under 2 batches (workers would start for ~2 forwards); 128 are not
+    assert decode_workers("auto", "cuda", items=127, batch_size=64, cores=16, processes=1) == 0
+    assert decode_workers("auto", "cuda", items=128, batch_size=64, cores=16, processes=1) == 8
+    assert decode_workers(2, "cuda", items=1, batch_size=64) == 2  # a given count is never second-guessed
+
+
+def test_decode_workers_default_to_this_process_cores_and_the_launch_local_processes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+
+    from cliptune.models.embed import decode_workers
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # what torchrun / accelerate launch set per machine
+    assert decode_workers("auto", "cuda") == max(1, min(8, cores // 2 - 1))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert decode_workers("auto", "cuda") == max(1, min(8, cores - 1))
+
+
+@pytest.mark.parametrize("setting", ["many", -1, True])
+def test_decode_workers_refuse_a_bad_setting(setting: Any) -> None:
+    from cliptune.models.embed import decode_workers
+
+    with pytest.raises(ValueError, match="num_workers"):
+        decode_workers(setting, "cuda")
+
+
+def _spy_workers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The ``num_workers`` of every DataLoader ``embed_images`` builds (the real loader still runs)."""
+    from torch.utils.data import DataLoader
+
+    import cliptune.models.embed as embed
+
+    seen: list[int] = []
+
+    def spy(*args: Any, **kwargs: Any) -> DataLoader[Any]:
+        seen.append(int(kwargs["num_workers"]))
+        return DataLoader(*args, **kwargs)
+
+    monkeypatch.setattr(embed, "DataLoader", spy)
+    return seen
+
+
+def _embed_colours(paths: list[Path], **kw: Any) -> torch.Tensor:
+    from cliptune.data.images import load_image
+    from cliptune.models.embed import embed_images
+
+    return embed_images(
+        paths,
+        cache=None,
+        load=load_image,
+        preprocess=lambda images: torch.zeros(len(images), 3, 4, 4),  # unused: the recipe's uint8 path runs
+        forward=lambda pixels: pixels.flatten(1)[:, :6],  # (B, 4, 4, 3) normalised -> (B, 6)
+        batch_size=2,
+        precision="fp32",
+        progress=False,
+        recipe=_RECIPE,
+        **kw,
+    )
+
+
+def test_embed_images_on_the_cpu_starts_no_worker_by_default_and_a_given_count_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = _colour_files(tmp_path, 5)  # 5 images >= 2 batches of 2: not a small job, so the device decides
+    seen = _spy_workers(monkeypatch)
+    default = _embed_colours(paths)
+    assert seen == [0]
+    given = _embed_colours(paths, num_workers=1)
+    assert seen == [0, 1]
+    # the same features either way: row i is image i's first six normalised values, (x / 255 - 0.5) / 0.5
+    # of its 4 x 4 uint8 pixels in (3, H, W) order
+    pixels = [torch.from_numpy(_to_4x4(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1) for p in paths]
+    want = torch.stack([(x.float() / 255 - 0.5) / 0.5 for x in pixels]).flatten(1)[:, :6]  # (5, 6)
+    torch.testing.assert_close(default, want)
+    torch.testing.assert_close(given, default)

@@ -113,6 +113,13 @@ def test_resume_changes_rules() -> None:
     } | {"train.early_stopping"}
 
 
+def test_a_run_saved_with_num_workers_0_resumes_under_the_auto_default() -> None:
+    # a run from before "auto" saved data.num_workers: 0; its YAML given again on resume now defaults to
+    # "auto": how many processes decode changes no pixel, feature or order, so the resume goes on
+    old = Config.model_validate({"data": {"num_workers": 0}})
+    assert resume_changes(Path("r"), old, Config()) == {"data.num_workers": (0, "auto")}
+
+
 def test_a_start_that_fails_before_training_leaves_no_run_behind(tmp_path: Path, fashion: Path) -> None:
     # batch larger than the train split: fails after config.yaml and splits.json were written
     cfg = _config(tmp_path, fashion, batch_size=500)

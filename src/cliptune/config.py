@@ -251,9 +251,22 @@ class DataConfig(_Section):
         "error",
         description="What to do with a row that fails to load: 'error' stops; 'skip' records it in rejected.csv.",
     )
-    num_workers: int = Field(
-        0, ge=0, description="DataLoader worker processes for image decoding (0 = in process)."
+    num_workers: int | Literal["auto"] = Field(
+        "auto",
+        description="DataLoader worker processes for image decoding (0 = in process), or 'auto': 0 when the "
+        "towers run on the CPU (they use every core; decoding runs on their threads between forwards) or "
+        "for fewer than 2 batches of images; on a GPU the CPU cores this process may use, shared among the "
+        "launch's processes on this machine, minus one, capped at 8, at least 1.",
     )
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        # one message for both branches of the union (pydantic would report each branch's failure)
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise ValueError("must be a whole number >= 0 or 'auto'")
+
     fast_decode: bool = Field(
         False,
         description="Decode large JPEGs at a reduced DCT scale (1/2, 1/4 or 1/8, keeping the shorter side >= "

@@ -236,6 +236,7 @@ def _evaluate_splits(
             group_column=cfg.data.group_column,
             cache_dir=cache_dir or cfg.model.cache_dir,
             precision=cfg.model.embed_precision,
+            num_workers=cfg.data.num_workers,
             progress=progress,
             loss=settings,
         )

@@ -25,7 +25,7 @@ from cliptune.evaluation.intervals import metric_summaries
 from cliptune.evaluation.loss import LossSettings, info_nce_per_pair
 from cliptune.evaluation.retrieval import Relevant, evaluate_embeddings
 from cliptune.evaluation.triplets import triplet_section
-from cliptune.models.embed import catalogue_paths, embed_images_with, embed_texts_with
+from cliptune.models.embed import Workers, catalogue_paths, embed_images_with, embed_texts_with
 from cliptune.models.factory import LoadedModel
 
 __all__ = ["evaluate_split"]
@@ -45,6 +45,7 @@ def evaluate_split(
     group_column: str = "group",
     cache_dir: Path | None = None,
     precision: str = "auto",
+    num_workers: Workers = "auto",
     progress: bool = True,
     top_n: int = 10,
     loss: LossSettings | None = None,
@@ -65,6 +66,8 @@ def evaluate_split(
         group_column: Group column (an absent column or empty cell makes each image its own group).
         cache_dir: Feature cache (default ``~/.cache/cliptune/features``).
         precision: Tower precision (``auto``, ``fp32``, ``bf16``).
+        num_workers: Image-decoding workers (``data.num_workers``; see
+            :func:`cliptune.models.embed.decode_workers`).
         progress: Progress bars.
         top_n: Length of the saved top lists.
         loss: How to compute ``loss`` (None or ``temperature=None`` for a dual encoder: no loss).
@@ -91,7 +94,9 @@ def evaluate_split(
     texts = rows[text_column].astype(str).tolist()
     images = list(dict.fromkeys(files))
     embed: dict[str, Any] = {"cache_dir": cache_dir, "precision": precision, "progress": progress}
-    image_emb = embed_images_with(model, catalogue_paths(data.catalogue, images), **embed)
+    image_emb = embed_images_with(
+        model, catalogue_paths(data.catalogue, images), num_workers=num_workers, **embed
+    )
     text_emb = embed_texts_with(model, texts, **embed)
     for tower, emb, names in (("image", image_emb, images), ("text", text_emb, texts)):
         _check_finite(emb, names, tower, split, model, precision)

@@ -193,7 +193,9 @@ def parity_numbers(
     graphs = {
         "image": _compare(
             embedder.run_images(pixels),
-            embed_images_with(model, paths, precision="fp32", progress=False, use_cache=False),
+            embed_images_with(  # a handful of parity images: no decoding workers to start
+                model, paths, precision="fp32", progress=False, use_cache=False, num_workers=0
+            ),
         ),
         "text": _compare(
             embedder.run_texts(tokens),

@@ -9,6 +9,7 @@ float32 on CPU.
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,7 @@ __all__ = [
     "resolve_precision",
     "catalogue_paths",
     "decode_min_side",
+    "decode_workers",
     "default_cache_dir",
     "embed_images_with",
     "embed_texts_with",
@@ -50,6 +52,7 @@ __all__ = [
     "siamese_embeddings",
     "tower_features",
     "warn_if_truncated",
+    "Workers",
 ]
 
 
@@ -94,7 +97,7 @@ def tower_features(
     cache_dir: Path | None = None,
     precision: Precision = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    num_workers: int = 0,
+    num_workers: Workers = "auto",
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> tuple[Tensor, Tensor]:
@@ -107,7 +110,8 @@ def tower_features(
         cache_dir: Feature cache folder (default :func:`default_cache_dir`).
         precision: Tower precision (``auto`` = bf16 where the hardware has it).
         max_pixels: Decompression-bomb limit of the image loader.
-        num_workers: DataLoader workers for decoding (the loader is a picklable partial).
+        num_workers: DataLoader workers for decoding (the loader is a picklable partial); ``"auto"``:
+            :func:`decode_workers` picks them for ``device``.
         device: Where the towers run.
         progress: Progress bars.
 
@@ -154,7 +158,7 @@ def augmented_tower_features(
     cache_dir: Path | None = None,
     precision: Precision = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    num_workers: int = 0,
+    num_workers: Workers = "auto",
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> tuple[Tensor, Tensor]:
@@ -175,7 +179,8 @@ def augmented_tower_features(
         cache_dir: Feature cache folder (default :func:`default_cache_dir`).
         precision: Tower precision.
         max_pixels: Decompression-bomb limit of the image loader.
-        num_workers: DataLoader workers for decoding.
+        num_workers: DataLoader workers for decoding; ``"auto"``: :func:`decode_workers` picks them for
+            ``device``.
         device: Where the towers run.
         progress: Progress bars.
 
@@ -240,7 +245,7 @@ def embed_images_with(
     cache_dir: Path | None = None,
     precision: Precision = "auto",
     batch_size: int = 64,
-    num_workers: int = 0,
+    num_workers: Workers = "auto",
     max_pixels: int | None = None,
     progress: bool = True,
     use_cache: bool = True,
@@ -258,7 +263,8 @@ def embed_images_with(
         cache_dir: Feature cache folder (default :func:`default_cache_dir`).
         precision: ``auto``, ``fp32`` or ``bf16`` for the tower forward.
         batch_size: Images per forward.
-        num_workers: DataLoader workers for decoding.
+        num_workers: DataLoader workers for decoding; ``"auto"``: :func:`decode_workers` picks them (the
+            forward runs on the CPU here, so 0). One-off queries pass 0: one image needs no worker.
         max_pixels: Decompression-bomb limit of the loader (default: the loader's).
         progress: Progress bar.
         use_cache: False computes the tower features without reading or writing the cache: one-off
@@ -521,6 +527,95 @@ def resolve_precision(precision: Precision, device: torch.device | str = "cpu") 
     return "fp32"
 
 
+Workers = int | Literal["auto"]
+"""A decoding-workers setting (``data.num_workers``): a count of DataLoader worker processes, or ``"auto"``
+for :func:`decode_workers` to pick one for the device."""
+
+MAX_AUTO_WORKERS = 8
+"""The most worker processes ``"auto"`` starts: each holds a copy of the loader and its prefetched batches
+(memory), and takes a second or more to start; past ~8 the decoding outruns the towers measured so far."""
+
+_SMALL_JOB_BATCHES = 2  # fewer images than this many batches: starting workers costs more than it saves
+
+
+def decode_workers(
+    setting: Workers | None,
+    device: torch.device | str,
+    *,
+    items: int | None = None,
+    batch_size: int = 64,
+    cores: int | None = None,
+    processes: int | None = None,
+) -> int:
+    """The DataLoader worker processes that decode images for a forward on ``device``.
+
+    A count is taken as given. ``"auto"`` (or None) decides by where the forward runs:
+
+    * **on the CPU -> 0.** The forward already uses every core (``torch.get_num_threads()``); a worker would
+      take cores from it. With 0 workers decoding runs between forwards on the forward's own threads
+      (:func:`_decode_threads`), which is as fast as decoding gets there (measured on 2 cores: 0, 1 and 2
+      workers within noise, docs/benchmarks.md).
+    * **on an accelerator (cuda, mps, ...) -> the CPU cores this process may use, shared among the
+      launch's processes on this machine, minus one for the main process** (it feeds the device), capped
+      at :data:`MAX_AUTO_WORKERS`, at least 1. The forward runs on the device, so the CPU cores are free
+      to decode while it runs, and decoding on too few cores is what capped the pipeline at 0.13x of the
+      tower on an H100 (issue 17). The cap bounds memory and start-up cost.
+    * **a small job -> 0**: fewer than ``2 x batch_size`` images to decode; starting workers (a second or
+      more each) would cost more than the decoding they share.
+
+    Args:
+        setting: ``data.num_workers``: an int >= 0, ``"auto"``, or None (= ``"auto"``).
+        device: Where the forward runs (only its type matters).
+        items: Images to decode, when known (None: not a small job).
+        batch_size: Images per forward.
+        cores: CPU cores this process may use (default: ``os.sched_getaffinity`` where available, else
+            ``os.cpu_count()``).
+        processes: Processes of the launch on this machine (default: ``LOCAL_WORLD_SIZE``, which torchrun
+            and ``accelerate launch`` set, else 1).
+
+    Returns:
+        The worker count (0 = decode in this process).
+
+    Raises:
+        ValueError: ``setting`` is a negative int or another string than ``"auto"``.
+
+    Example:
+        >>> decode_workers("auto", "cpu")
+        0
+        >>> decode_workers("auto", "cuda", cores=16, processes=4)  # 16 // 4 - 1
+        3
+        >>> decode_workers(2, "cpu")
+        2
+    """
+    if isinstance(setting, int) and not isinstance(setting, bool):
+        if setting < 0:
+            raise ValueError(f"num_workers must be >= 0 or 'auto', got {setting}")
+        return setting
+    if setting not in (None, "auto"):
+        raise ValueError(f"num_workers must be an int >= 0 or 'auto', got {setting!r}")
+    if torch.device(device).type == "cpu":
+        return 0
+    if items is not None and items < _SMALL_JOB_BATCHES * batch_size:
+        return 0
+    cores = _usable_cores() if cores is None else cores
+    processes = _local_processes() if processes is None else processes
+    return max(1, min(MAX_AUTO_WORKERS, cores // max(1, processes) - 1))
+
+
+def _usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or taskset's limit)."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; absent on macOS and Windows
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
+def _local_processes() -> int:
+    """Processes the launcher started on this machine (torchrun / ``accelerate launch`` set it), else 1."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def embed_images(
     paths: Sequence[Path | str],
     *,
@@ -530,7 +625,7 @@ def embed_images(
     forward: Callable[[Tensor], Tensor],
     batch_size: int = 64,
     precision: Precision = "auto",
-    num_workers: int = 0,
+    num_workers: Workers = "auto",
     device: torch.device | str = "cpu",
     preprocess_id: str = "",
     progress: bool = True,
@@ -556,7 +651,9 @@ def embed_images(
         batch_size: images per forward.
         precision: "fp32", "bf16" or "auto" (see :func:`resolve_precision`); features are returned as
             float32 either way.
-        num_workers: DataLoader worker processes for decoding (0 = in this process).
+        num_workers: DataLoader worker processes for decoding (0 = in this process), or ``"auto"`` (the
+            default): :func:`decode_workers` picks them for ``device`` and the number of images to decode
+            (0 on the CPU and for small jobs; up to 8 on an accelerator).
         device: where the forward runs; batches are moved there.
         preprocess_id: preprocessing settings not already part of ``cache.identity`` (and part of the
             pixel cache's identity: the decode bound, an augmented view).
@@ -594,23 +691,24 @@ def embed_images(
     misses = [k for k in first if k not in found]
     todo = [first[k] for k in misses]
     cuda = torch.device(device).type == "cuda"
+    workers = decode_workers(num_workers, device, items=len(todo), batch_size=batch_size)  # for the misses
     batches: Iterable[tuple[dict[str, Any], Tensor | None]]
     if recipe is None:
         batches = (
-            ({}, p) for p in _loaded([p for p, _ in todo], load, preprocess, batch_size, num_workers, cuda)
+            ({}, p) for p in _loaded([p for p, _ in todo], load, preprocess, batch_size, workers, cuda)
         )
     else:
         forward = partial(_normalised_forward, forward, recipe.mean, recipe.std)
         if pixel_cache_dir is None:
             batches = (
-                ({}, p) for p in _loaded([p for p, _ in todo], load, recipe, batch_size, num_workers, cuda)
+                ({}, p) for p in _loaded([p for p, _ in todo], load, recipe, batch_size, workers, cuda)
             )
         else:
             pixel_id = f"{recipe.identity}\0{preprocess_id}"
             batches = (
                 ({}, p)
                 for p in _cached_uint8(
-                    todo, load, recipe, pixel_id, pixel_cache_dir, batch_size, num_workers, cuda
+                    todo, load, recipe, pixel_id, pixel_cache_dir, batch_size, workers, cuda
                 )
             )
     _compute_misses(batches, misses, found, cache, forward, resolved, device, progress, "images")

@@ -110,7 +110,9 @@ def search(
     if text is not None:
         query = embed_texts_with(model, [text], cache_dir=cache_dir, progress=False)  # (1, D)
     else:
-        query = embed_images_with(model, [Path(str(image))], cache_dir=cache_dir, progress=False)  # (1, D)
+        query = embed_images_with(  # (1, D); one image: no decoding workers to start
+            model, [Path(str(image))], cache_dir=cache_dir, progress=False, num_workers=0
+        )
     return search_embeddings(index, query.numpy(), k=k, where=where)[0]
 
 

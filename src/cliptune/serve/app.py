@@ -288,8 +288,13 @@ def _search_text(served: _Served, text: str, query: _Query) -> list[Any]:
 
 def _search_image(served: _Served, path: Path, query: _Query) -> list[Any]:
     with served.lock:
-        vector = embed_images_with(
-            served.model, [path], use_cache=False, progress=False, max_pixels=served.limits.max_image_pixels
+        vector = embed_images_with(  # one image: no decoding workers to start
+            served.model,
+            [path],
+            use_cache=False,
+            progress=False,
+            max_pixels=served.limits.max_image_pixels,
+            num_workers=0,
         )
     return _rank(served, vector.numpy(), query)  # (1, D)
 

@@ -46,7 +46,7 @@ from cliptune.data.prepare import PreparedData
 from cliptune.data.splits import group_ids
 from cliptune.errors import CliptuneError
 from cliptune.models.cache import Precision
-from cliptune.models.embed import catalogue_paths, embed_images_with, embed_texts_with
+from cliptune.models.embed import Workers, catalogue_paths, embed_images_with, embed_texts_with
 from cliptune.models.factory import LoadedModel
 from cliptune.ranking.topk import Ranked, rank_chunked
 from cliptune.rundir import write_bytes_atomic, write_text_atomic
@@ -275,6 +275,7 @@ def mine_hard_negatives(
     group_column: str = "group",
     cache_dir: Path | None = None,
     precision: Precision = "auto",
+    num_workers: Workers = "auto",
     progress: bool = True,
 ) -> pd.DataFrame:
     """Mine hard negatives for every caption of one split among that split's images.
@@ -290,6 +291,8 @@ def mine_hard_negatives(
         group_column: Column of groups (same-group images are never negatives).
         cache_dir: Feature cache folder.
         precision: Tower precision.
+        num_workers: Image-decoding workers (``data.num_workers``; see
+            :func:`cliptune.models.embed.decode_workers`).
         progress: Progress bars (embedding, ranking).
 
     Returns:
@@ -311,6 +314,7 @@ def mine_hard_negatives(
         catalogue_paths(data.catalogue, files),
         cache_dir=cache_dir,
         precision=precision,
+        num_workers=num_workers,
         progress=progress,
     )
     texts = embed_texts_with(model, captions, cache_dir=cache_dir, precision=precision, progress=progress)

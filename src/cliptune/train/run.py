@@ -61,6 +61,7 @@ RESUMABLE_CHANGES: dict[str, str] = {
     "train.max_bad_steps": "how many non-finite steps are skipped",
     "track.trackers": "the experiment trackers (they start a new run on resume)",
     "track.project": "the trackers' project name",
+    "data.num_workers": "how many processes decode images (the same pixels, features and order)",
 }
 
 _console = Console(stderr=True, soft_wrap=True)
