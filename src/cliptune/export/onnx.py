@@ -194,12 +194,12 @@ def parity_numbers(
         "image": _compare(
             embedder.run_images(pixels),
             embed_images_with(  # a handful of parity images: no decoding workers to start
-                model, paths, precision="fp32", progress=False, use_cache=False, num_workers=0
+                model, paths, precision="fp32", progress=False, use_cache=False, num_workers=0, device="cpu"
             ),
         ),
         "text": _compare(
             embedder.run_texts(tokens),
-            embed_texts_with(model, texts, precision="fp32", progress=False, use_cache=False),
+            embed_texts_with(model, texts, precision="fp32", progress=False, use_cache=False, device="cpu"),
         ),
     }
     if model.head is not None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -46,7 +46,9 @@ __all__ = [
     "default_cache_dir",
     "embed_images_with",
     "embed_texts_with",
+    "embedding_device",
     "image_loader",
+    "model_device",
     "model_input_side",
     "pixel_recipe_for",
     "siamese_embeddings",
@@ -249,6 +251,7 @@ def embed_images_with(
     max_pixels: int | None = None,
     progress: bool = True,
     use_cache: bool = True,
+    device: torch.device | str | None = None,
 ) -> Tensor:
     """Final, L2-normalised image embeddings of image files.
 
@@ -257,22 +260,32 @@ def embed_images_with(
     never reuse pretrained features. For a Siamese model the head refines the image alone
     (text masked) and its ``image`` output is returned.
 
+    The towers and heads run on ``device`` (:func:`embedding_device`: the process's accelerator unless one
+    is given); the model is moved there once (a later call on the same device moves nothing) and the
+    embeddings come back to the CPU.
+
     Args:
         model: From :func:`cliptune.models.factory.load_model`.
         paths: Image files.
         cache_dir: Feature cache folder (default :func:`default_cache_dir`).
         precision: ``auto``, ``fp32`` or ``bf16`` for the tower forward.
         batch_size: Images per forward.
-        num_workers: DataLoader workers for decoding; ``"auto"``: :func:`decode_workers` picks them (the
-            forward runs on the CPU here, so 0). One-off queries pass 0: one image needs no worker.
+        num_workers: DataLoader workers for decoding; ``"auto"``: :func:`decode_workers` picks them for
+            the resolved ``device`` (0 on the CPU, several on an accelerator). One-off queries pass 0: one
+            image needs no worker.
         max_pixels: Decompression-bomb limit of the loader (default: the loader's).
         progress: Progress bar.
         use_cache: False computes the tower features without reading or writing the cache: one-off
             queries (``cliptune serve``) would otherwise add an fsync'ed shard per request.
+        device: Where the towers and heads run; None: :func:`embedding_device` (the accelerator of this
+            process under ``accelerate launch``, else the machine's, else the CPU). Pass
+            :func:`model_device` to keep the model where it is.
 
     Returns:
-        (N, D) float32.
+        (N, D) float32 on CPU.
     """
+    dev = embedding_device(device)
+    _place(model, dev)
     backbone = model.backbone
     load, load_id = image_loader(
         backbone.preprocess,
@@ -293,15 +306,16 @@ def embed_images_with(
         batch_size=batch_size,
         precision=precision,
         num_workers=num_workers,
+        device=dev,
         preprocess_id=load_id,
         progress=progress,
         recipe=pixel_recipe_for(backbone),
         pixel_cache_dir=_pixel_dir(backbone, cache_dir or default_cache_dir()) if use_cache else None,
-    )
+    )  # (N, F) float32 on CPU
     if model.head is not None:
-        out = _siamese(model.head, image=feats, text=None)
+        out = _siamese(model.head, image=feats, text=None, device=dev)
     else:
-        out = _batched(backbone.image_head, feats) if frozen else feats
+        out = _batched(backbone.image_head, feats, dev) if frozen else feats
     return nn.functional.normalize(out.float(), dim=-1)
 
 
@@ -315,8 +329,14 @@ def embed_texts_with(
     batch_size: int = 256,
     progress: bool = True,
     use_cache: bool = True,
+    device: torch.device | str | None = None,
 ) -> Tensor:
-    """Final, L2-normalised text embeddings (see :func:`embed_images_with`). Returns (N, D) float32."""
+    """Final, L2-normalised text embeddings (see :func:`embed_images_with`, also for ``device``).
+
+    Returns (N, D) float32 on CPU.
+    """
+    dev = embedding_device(device)
+    _place(model, dev)
     backbone = model.backbone
     frozen = backbone.features_frozen
     cached = frozen and use_cache
@@ -330,12 +350,13 @@ def embed_texts_with(
         forward=forward,
         batch_size=batch_size,
         precision=precision,
+        device=dev,
         progress=progress,
-    )
+    )  # (N, F) float32 on CPU
     if model.head is not None:
-        out = _siamese(model.head, image=None, text=feats)
+        out = _siamese(model.head, image=None, text=feats, device=dev)
     else:
-        out = _batched(backbone.text_head, feats) if frozen else feats
+        out = _batched(backbone.text_head, feats, dev) if frozen else feats
     return nn.functional.normalize(out.float(), dim=-1)
 
 
@@ -348,6 +369,7 @@ def siamese_embeddings(
     cache_dir: Path | None = None,
     precision: Precision = "auto",
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> dict[str, Tensor]:
     """The Siamese head's ``image`` / ``text`` / ``fused`` embeddings of items that have both modalities.
 
@@ -362,41 +384,143 @@ def siamese_embeddings(
         cache_dir: Feature cache folder (default :func:`default_cache_dir`).
         precision: Tower precision.
         progress: Progress bars.
+        device: Where the towers and the head run (see :func:`embed_images_with`).
 
     Returns:
-        ``{"image", "text", "fused"}`` -> (N, D) embeddings as the head returns them.
+        ``{"image", "text", "fused"}`` -> (N, D) embeddings as the head returns them, on CPU.
 
     Raises:
         ValueError: The model has no Siamese head.
     """
     if model.head is None:
         raise ValueError(f"{model.source}: siamese_embeddings needs a model with a Siamese head")
+    dev = embedding_device(device)
+    _place(model, dev)
     img, txt = tower_features(
-        model.backbone, paths, texts, cache_dir=cache_dir, precision=precision, progress=progress
+        model.backbone, paths, texts, cache_dir=cache_dir, precision=precision, device=dev, progress=progress
     )
     parts = [
-        model.head(img[i : i + _HEAD_CHUNK].float(), txt[i : i + _HEAD_CHUNK].float())
+        model.head(img[i : i + _HEAD_CHUNK].float().to(dev), txt[i : i + _HEAD_CHUNK].float().to(dev))
         for i in range(0, len(img), _HEAD_CHUNK)
     ]
-    return {k: torch.cat([getattr(p, k) for p in parts]) for k in ("image", "text", "fused")}
+    return {k: torch.cat([getattr(p, k).cpu() for p in parts]) for k in ("image", "text", "fused")}
 
 
-def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, size: int = 4096) -> Tensor:
-    """Apply a head in chunks so a large catalogue does not need one huge activation."""
-    return torch.cat([fn(x[i : i + size]) for i in range(0, len(x), size)]) if len(x) else x
+def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, device: torch.device, size: int = 4096) -> Tensor:
+    """Apply a head on ``device`` in chunks (CPU rows in, CPU rows out), so a large catalogue needs neither
+    one huge activation nor all its features on the device at once."""
+    if not len(x):
+        return x
+    return torch.cat([fn(x[i : i + size].to(device)).cpu() for i in range(0, len(x), size)])
 
 
-def _siamese(head: SiameseHead, *, image: Tensor | None, text: Tensor | None) -> Tensor:
-    """One modality through the Siamese head, the other masked out (zeros, ``has_*`` False)."""
+def _siamese(head: SiameseHead, *, image: Tensor | None, text: Tensor | None, device: torch.device) -> Tensor:
+    """One modality through the Siamese head on ``device``, the other masked out (zeros, ``has_*`` False);
+    the result on CPU."""
     present = image if image is not None else text
     assert present is not None
     n = len(present)
     img = image if image is not None else torch.zeros(n, head.image_proj.in_features)
     txt = text if text is not None else torch.zeros(n, head.text_proj.in_features)
-    has_image = torch.full((n,), image is not None)
-    has_text = torch.full((n,), text is not None)
-    out: SiameseOutput = head(img, txt, has_image=has_image, has_text=has_text)
-    return out.image if image is not None else out.text
+    has_image = torch.full((n,), image is not None, device=device)
+    has_text = torch.full((n,), text is not None, device=device)
+    out: SiameseOutput = head(img.to(device), txt.to(device), has_image=has_image, has_text=has_text)
+    return (out.image if image is not None else out.text).cpu()
+
+
+class _HasDevice(Protocol):
+    """What :func:`embedding_device` reads of Accelerate's ``PartialState``: its ``device``."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+
+def embedding_device(
+    device: torch.device | str | None = None, *, state: _HasDevice | None = None
+) -> torch.device:
+    """Where embedding forwards run: ``device`` when given, else this process's accelerator, else the CPU.
+
+    Rule, first match wins:
+
+    1. an explicit ``device``;
+    2. a launch this process has joined: Accelerate's ``PartialState`` is already initialised
+       (:func:`cliptune.search.sharded.launched_processes` joined the ``accelerate launch`` / ``torchrun``
+       group, or training's ``Accelerator`` started it): its device, so with N GPUs each process embeds on
+       its own GPU, and a CPU launch (gloo) or a CPU training run stays on the CPU;
+    3. the machine's accelerator: CUDA (the GPU of ``LOCAL_RANK`` when a launcher set it, else the current
+       one), else MPS;
+    4. the CPU.
+
+    It never constructs a ``PartialState`` itself: under a launcher that would start a process group (even
+    for one process), and it would fix Accelerate's device before training's ``Accelerator`` chooses it.
+    The device always carries an index (``cuda:0``, not ``cuda``), so a model already there is recognised
+    and not moved again.
+
+    Args:
+        device: An explicit device (wins), or None.
+        state: A ``PartialState``-like object to read instead of Accelerate's (tests); None: Accelerate's,
+            if initialised.
+
+    Returns:
+        The device, with an index for accelerators.
+
+    Example:
+        >>> embedding_device("cpu")
+        device(type='cpu')
+    """
+    if device is not None:
+        return _indexed(torch.device(device))
+    if state is None:
+        state = _joined_launch()
+    if state is not None:
+        return _indexed(torch.device(state.device))
+    if torch.cuda.is_available():
+        local = os.environ.get("LOCAL_RANK")
+        if local is not None and local.isdigit():
+            return torch.device("cuda", int(local) % torch.cuda.device_count())
+        return _indexed(torch.device("cuda"))
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps", 0)
+    return torch.device("cpu")
+
+
+def model_device(model: LoadedModel) -> torch.device:
+    """The device ``model``'s backbone is on (its first parameter's; CPU without parameters): what one-off
+    queries pass as ``device`` to embed where the model already is (``cliptune serve``, ``search``)."""
+    first = next(iter(model.backbone.parameters()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
+def _joined_launch() -> _HasDevice | None:
+    """Accelerate's ``PartialState`` if something in this process already initialised it, else None."""
+    from accelerate import PartialState
+
+    if not PartialState._shared_state:  # reading the shared dict constructs nothing
+        return None
+    state: _HasDevice = PartialState()
+    return state
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``device`` with an index where it needs one (``cuda`` -> ``cuda:<current>``, ``mps`` -> ``mps:0``)."""
+    if device.index is not None or device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device.type, 0)
+
+
+def _place(model: LoadedModel, device: torch.device) -> None:
+    """Move the backbone and the Siamese head to ``device`` unless they are there already (then no-op)."""
+    for module in (model.backbone, model.head):
+        if module is None:
+            continue
+        first: Tensor | None = next(iter(module.parameters()), None)
+        if first is None:
+            first = next(iter(module.buffers()), None)
+        if first is not None and first.device != device:
+            module.to(device)
 
 
 # Decoding for the model: with ``data.fast_decode``, JPEGs are decoded at a reduced DCT scale when far

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cliptune.models.embed import embed_images_with, embed_texts_with
+from cliptune.models.embed import embed_images_with, embed_texts_with, model_device
 from cliptune.models.factory import LoadedModel
 from cliptune.ranking.topk import TIE_PAD, refine_candidates, topk_of_scores
 from cliptune.search.ann import ann_topk
@@ -107,11 +107,12 @@ def search(
         raise SearchIndexError("give exactly one query: a text or an image")
     if text is not None and not text.strip():
         raise SearchIndexError("the text query is empty")
+    device = model_device(model)  # one query: embed where the model is, moving nothing
     if text is not None:
-        query = embed_texts_with(model, [text], cache_dir=cache_dir, progress=False)  # (1, D)
+        query = embed_texts_with(model, [text], cache_dir=cache_dir, progress=False, device=device)  # (1, D)
     else:
         query = embed_images_with(  # (1, D); one image: no decoding workers to start
-            model, [Path(str(image))], cache_dir=cache_dir, progress=False, num_workers=0
+            model, [Path(str(image))], cache_dir=cache_dir, progress=False, num_workers=0, device=device
         )
     return search_embeddings(index, query.numpy(), k=k, where=where)[0]
 

@@ -36,7 +36,7 @@ from starlette.types import Message
 from cliptune.data.catalogue import image_root
 from cliptune.data.images import ImageLoadError, read_image_bytes
 from cliptune.data.shards import is_shard_spec, shard_member
-from cliptune.models.embed import embed_images_with, embed_texts_with
+from cliptune.models.embed import embed_images_with, embed_texts_with, model_device
 from cliptune.models.factory import LoadedModel, load_model
 from cliptune.search.index import ModelMismatchError, SearchIndex, index_facts, load_index
 from cliptune.search.query import search_embeddings
@@ -282,7 +282,9 @@ def _image_path(served: _Served, item_id: str) -> Path:
 
 def _search_text(served: _Served, text: str, query: _Query) -> list[Any]:
     with served.lock:
-        vector = embed_texts_with(served.model, [text], use_cache=False, progress=False)
+        vector = embed_texts_with(
+            served.model, [text], use_cache=False, progress=False, device=model_device(served.model)
+        )
     return _rank(served, vector.numpy(), query)  # (1, D)
 
 
@@ -295,6 +297,7 @@ def _search_image(served: _Served, path: Path, query: _Query) -> list[Any]:
             progress=False,
             max_pixels=served.limits.max_image_pixels,
             num_workers=0,
+            device=model_device(served.model),  # where it was loaded (the CPU): one query moves nothing
         )
     return _rank(served, vector.numpy(), query)  # (1, D)
 

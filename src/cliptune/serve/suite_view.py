@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from cliptune.data.catalogue import read_catalogue
+from cliptune.models.embed import model_device
 from cliptune.models.factory import LoadedModel
 from cliptune.search.index import SearchIndex
 from cliptune.search.query import hit_at
@@ -54,7 +55,9 @@ def suite_results(
             "the catalogue changed since the index was built: rebuild the index"
         )
     items = torch.from_numpy(index.vectors()[[number[i] for i in ids]])  # (N, D) in the suite's item order
-    queries = embed_queries(resolved, model, index.dim, cache_dir=cache_dir)  # (Q, D)
+    queries = embed_queries(  # (Q, D), where serve keeps the model (the CPU it loads to)
+        resolved, model, index.dim, cache_dir=cache_dir, device=model_device(model)
+    )
     gain = suite.defaults.yellow_gain
     out, scores = [], []
     for j, q in enumerate(resolved.queries):

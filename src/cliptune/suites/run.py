@@ -102,19 +102,25 @@ def embed_queries(
     *,
     cache_dir: Path | None = None,
     progress: bool = False,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Embeddings of every query (text or image), L2-normalised: (Q, ``dim``) in ``resolved.queries`` order.
 
-    ``cliptune serve`` ranks them against an index's stored vectors instead of re-embedding the items.
+    ``cliptune serve`` ranks them against an index's stored vectors instead of re-embedding the items (and
+    passes the model's own ``device``); None embeds on the accelerator (``embedding_device``).
     """
     texts = [(j, q.query.text) for j, q in enumerate(resolved.queries) if q.query.text is not None]
     images = [(j, q.image_path) for j, q in enumerate(resolved.queries) if q.image_path is not None]
     queries = torch.zeros(len(resolved.queries), dim)  # (Q, D)
     if texts:
-        emb = embed_texts_with(model, [t for _, t in texts], cache_dir=cache_dir, progress=progress)
+        emb = embed_texts_with(
+            model, [t for _, t in texts], cache_dir=cache_dir, progress=progress, device=device
+        )
         queries[[j for j, _ in texts]] = emb
     if images:
-        emb = embed_images_with(model, [p for _, p in images], cache_dir=cache_dir, progress=progress)
+        emb = embed_images_with(
+            model, [p for _, p in images], cache_dir=cache_dir, progress=progress, device=device
+        )
         queries[[j for j, _ in images]] = emb
     return queries
 
