@@ -85,15 +85,27 @@ def test_image_and_text_embeddings_on_the_cpu_equal_the_towers_and_heads_by_hand
         assert torch.equal(got_texts, want_texts)
 
 
-def test_siamese_head_runs_with_the_backbone_and_is_moved_once(clip_dir: Path, images: list[Path]) -> None:
+def _spy_on_moves(monkeypatch: pytest.MonkeyPatch, modules: dict[str, nn.Module]) -> list[str]:
+    """The names of ``modules`` whose ``.to`` is called, in call order (the move itself still happens)."""
+    moves: list[str] = []
+    for name, module in modules.items():
+
+        def to(*args: Any, _name: str = name, _to: Any = module.to, **kwargs: Any) -> Any:
+            moves.append(_name)
+            return _to(*args, **kwargs)
+
+        monkeypatch.setattr(module, "to", to)
+    return moves
+
+
+def test_siamese_head_runs_with_the_backbone_and_is_moved_once(
+    clip_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     torch.manual_seed(1)
     base = load_model(clip_dir)
     head = SiameseHead(image_dim=32, text_dim=32, width=16, depth=1, heads=2, out_dim=12).eval()
     model = LoadedModel(backbone=base.backbone, head=head, source=base.source, name=base.name + "+head")
-    moves: list[str] = []
-    for name, module in (("backbone", model.backbone), ("head", head)):
-        original = module.to
-        module.to = lambda *a, _o=original, _n=name, **k: (moves.append(_n), _o(*a, **k))[1]  # type: ignore[method-assign]  # a spy
+    moves = _spy_on_moves(monkeypatch, {"backbone": model.backbone, "head": head})
     got = embed_texts_with(model, TEXTS[:2], device="cpu", precision="fp32", progress=False, use_cache=False)
     again = embed_texts_with(
         model, TEXTS[:2], device="cpu", precision="fp32", progress=False, use_cache=False
@@ -113,7 +125,9 @@ def test_siamese_head_runs_with_the_backbone_and_is_moved_once(clip_dir: Path, i
     assert model_device(model) == torch.device("cpu")
 
 
-def test_place_moves_backbone_and_head_to_the_device_once(clip_dir: Path) -> None:
+def test_place_moves_backbone_and_head_to_the_device_once(
+    clip_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # the meta device stands in for an accelerator: parameters move there without memory or a GPU
     base = load_model(clip_dir)
     head = SiameseHead(image_dim=32, text_dim=32, width=16, depth=1, heads=2)
@@ -122,8 +136,42 @@ def test_place_moves_backbone_and_head_to_the_device_once(clip_dir: Path) -> Non
     _place(model, meta)
     assert {p.device for m in (model.backbone, head) for p in m.parameters()} == {meta}
     assert model_device(model) == meta
-    calls: list[object] = []
-    original = head.to
-    head.to = lambda *a, **k: (calls.append(a), original(*a, **k))[1]  # type: ignore[method-assign]  # a spy
+    moves = _spy_on_moves(monkeypatch, {"backbone": model.backbone, "head": head})
     _place(model, meta)
-    assert calls == []  # already there: not moved again
+    assert moves == []  # already there: not moved again
+
+
+class _Reached(Exception):
+    """Raised by the stand-in tower pipeline once it has recorded what it was given."""
+
+
+def test_a_launched_process_embeds_on_its_own_gpu_by_default(
+    clip_dir: Path, images: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # process 1 of a 2-GPU launch, no CUDA here: the default device reaches the model placement and the
+    # tower pipeline (whose num_workers="auto" and pinned copies follow it) as cuda:1
+    import cliptune.models.embed as embed
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(embed, "_joined_launch", lambda: _FakeState())
+    monkeypatch.setattr(embed, "_place", lambda model, device: seen.setdefault("placed", device))
+
+    def tower(what: str) -> Any:
+        def record(*args: Any, **kwargs: Any) -> Any:
+            seen[what] = kwargs["device"]
+            raise _Reached
+
+        return record
+
+    monkeypatch.setattr(embed, "embed_images", tower("images"))
+    monkeypatch.setattr(embed, "embed_texts", tower("texts"))
+    model = load_model(clip_dir)
+    with pytest.raises(_Reached):
+        embed_images_with(model, images, progress=False, use_cache=False)
+    with pytest.raises(_Reached):
+        embed_texts_with(model, TEXTS, progress=False, use_cache=False)
+    assert seen == {
+        "placed": torch.device("cuda", 1),
+        "images": torch.device("cuda", 1),
+        "texts": torch.device("cuda", 1),
+    }
