@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from cliptune.models.cache import FeatureCache
-from cliptune.models.cache_index import CacheIndex, CacheStats, identity_directory
+from cliptune.models.cache_index import CacheIndex, CacheStats, UnreadableShardWarning, identity_directory
 from cliptune.models.pixel_cache import PixelCache
 
 
@@ -58,7 +58,9 @@ def test_index_locates_counts_and_rescans_only_on_a_miss(tmp_path: Path) -> None
 
 def test_a_damaged_shard_is_skipped_with_one_warning(tmp_path: Path) -> None:
     (tmp_path / "bad.w").write_text("damaged")
-    with pytest.warns(UserWarning, match=r"word cache: ignoring unreadable shard .*bad\.w: not a word shard"):
+    with pytest.warns(
+        UnreadableShardWarning, match=r"word cache: ignoring unreadable shard .*bad\.w: not a word shard"
+    ):
         index = CacheIndex(tmp_path, ".w", _words, "word cache")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the damaged shard is not read (nor warned about) again

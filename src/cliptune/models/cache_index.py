@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cliptune.rundir import write_bytes_atomic
 
-__all__ = ["CacheIndex", "CacheStats", "identity_directory"]
+__all__ = ["CacheIndex", "CacheStats", "UnreadableShardWarning", "identity_directory"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,12 @@ def identity_directory(root: Path | str, identity: str) -> Path:
     if not ident_file.exists():
         write_bytes_atomic(ident_file, identity.encode("utf-8"), fsync=True)
     return directory
+
+
+class UnreadableShardWarning(UserWarning):
+    """A cache shard that cannot be read was skipped; its rows are computed again (nothing is lost but time).
+
+    A warning of cliptune's own, so the CLI prints it as one line (``cli.app``)."""
 
 
 class CacheIndex:
@@ -132,6 +138,9 @@ class CacheIndex:
                 keys = self._read_keys(Path(entry.path))
             except Exception as e:  # damaged (copied by hand, disk full): skip it, recompute its rows
                 self._seen.add(name)
-                warnings.warn(f"{self._label}: ignoring unreadable shard {entry.path}: {e}", stacklevel=3)
+                warnings.warn(
+                    UnreadableShardWarning(f"{self._label}: ignoring unreadable shard {entry.path}: {e}"),
+                    stacklevel=3,
+                )
                 continue
             self.add(name, keys)
