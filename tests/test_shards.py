@@ -26,7 +26,14 @@ from cliptune.data.catalogue import CatalogueError, read_catalogue
 from cliptune.data.check import check_catalogue, write_clean
 from cliptune.data.images import load_image, read_image_bytes
 from cliptune.data.prepare import BadRowsError, prepare_data
-from cliptune.data.shards import _INDEX, CompressedShardError, expand_pattern, is_shard_spec, write_shards
+from cliptune.data.shards import (
+    _INDEX,
+    CompressedShardError,
+    expand_pattern,
+    is_shard_spec,
+    write_shard_index,
+    write_shards,
+)
 from cliptune.data.splits import hash_split, make_splits
 from cliptune.data.synthetic import render_fashion
 from cliptune.evaluation.run import evaluate_run
@@ -546,6 +553,8 @@ from cliptune.data.images import read_image_bytes
 
 local = sys.argv[1]
 fsspec.filesystem("memory").pipe("/fresh/0.tar", Path(local).read_bytes())
+if Path(local + ".idx.json").exists():  # the sidecar beside the remote copy too
+    fsspec.filesystem("memory").pipe("/fresh/0.tar.idx.json", Path(local + ".idx.json").read_bytes())
 opens, real = [], MemoryFileSystem._open
 def remote_open(self, path, *args, **kwargs):
     opens.append(path)
@@ -560,13 +569,17 @@ print(json.dumps({"opens": opens, "reads": reads}))
 """
 
 
-def test_a_fresh_process_opens_each_shard_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sidecar", [False, True])
+def test_a_fresh_process_opens_each_shard_once(tmp_path: Path, sidecar: bool) -> None:
     # a process that never read the catalogue (a spawned DataLoader worker, a new serve process) has no
-    # member index: it builds it through the handle it then reads from, so 2 reads cost 1 open per shard
+    # member index: it builds it through the handle it then reads from (from the headers, or from the
+    # sidecar, whose end-of-archive check reads through that handle too), so 2 reads cost 1 open per shard
     red, blue = png((255, 0, 0)), png((0, 0, 255))
     shard = write_tar(
         tmp_path / "0.tar", [("a.png", red), ("a.json", b"{}"), ("b.png", blue), ("b.json", b"{}")]
     )
+    if sidecar:
+        write_shard_index(shard)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(
         [sys.executable, "-c", _FRESH_READER, str(shard)],

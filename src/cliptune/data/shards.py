@@ -692,7 +692,10 @@ def _member_index(shard: str, handle: _Handle) -> dict[str, tuple[int, int]]:
     index = _INDEX.get(handle.key)
     if index is None:
         raw = _sidecar_bytes(shard)
-        indexed = _from_sidecar(shard, raw, handle.key[1]) if raw is not None else None
+        # a local shard's end is checked through this handle (no second open); a URL's by its own ranged
+        # request, which opens nothing and fetches the 1 KiB alone (the handle would read ahead to the end)
+        file = None if _is_url(shard) else handle.file
+        indexed = _from_sidecar(shard, raw, handle.key[1], file) if raw is not None else None
         (_FROM_SIDECAR.add if indexed is not None else _FROM_SIDECAR.discard)(handle.key)
         index = indexed[0] if indexed is not None else _scan(shard, handle.file, metadata=False)[0]
         _INDEX[handle.key] = index
@@ -735,9 +738,10 @@ def _sidecar_bytes(shard: str) -> bytes | None:
         return None
 
 
-def _from_sidecar(shard: str, raw: bytes, size: int) -> _Indexed | None:
+def _from_sidecar(shard: str, raw: bytes, size: int, file: IO[bytes] | None = None) -> _Indexed | None:
     """The member index and samples a sidecar records, if it fits the shard (``size`` bytes now); else
-    None, after a :class:`ShardIndexWarning` saying why, and the caller scans."""
+    None, after a :class:`ShardIndexWarning` saying why, and the caller scans. ``file``: an open handle of
+    the shard to check its end through (the caller holds its lock), so a worker opens the shard once."""
     parsed = _parse_sidecar(raw, size)
     if isinstance(parsed, str):
         _warn_once(shard, parsed)
@@ -747,7 +751,7 @@ def _from_sidecar(shard: str, raw: bytes, size: int) -> _Indexed | None:
     # be written where the end-of-archive marker was. One 1 KiB read there (zeros, or the sidecar is stale)
     # catches that; rewritten members are caught by the header check of every member read.
     try:
-        tail = _read_range(shard, end, 2 * _BLOCK)
+        tail = _read_range(shard, end, 2 * _BLOCK, file)
     except OSError as exc:
         _warn_once(shard, f"the shard cannot be read at offset {end} ({exc})")
         return None
@@ -757,8 +761,12 @@ def _from_sidecar(shard: str, raw: bytes, size: int) -> _Indexed | None:
     return indexed
 
 
-def _read_range(shard: str, start: int, length: int) -> bytes:
-    """``length`` bytes of a shard from ``start``: one ranged request for a URL (no read-ahead)."""
+def _read_range(shard: str, start: int, length: int, file: IO[bytes] | None = None) -> bytes:
+    """``length`` bytes of a shard from ``start``: through ``file`` when given, else one ranged request for a
+    URL (no read-ahead) or a short open of a local file."""
+    if file is not None:
+        file.seek(start)
+        return file.read(length)
     if _is_url(shard):
         import fsspec
 
