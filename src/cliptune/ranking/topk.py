@@ -287,10 +287,11 @@ class _Kernel(NamedTuple):
     dtype: torch.dtype  # bfloat16, float32 or float64 blocks
     err: torch.Tensor
     err_out: torch.Tensor
+    x_norm: float  # max |x| over the items: another kernel for some of the queries needs no pass over them
 
     def rows(self, sel: torch.Tensor) -> _Kernel:
         """The kernel of the queries ``sel``."""
-        return _Kernel(self.dtype, self.err[sel], self.err_out[sel])
+        return _Kernel(self.dtype, self.err[sel], self.err_out[sel], self.x_norm)
 
 
 def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool, x_norm: float | None = None) -> _Kernel:
@@ -324,12 +325,12 @@ def _kernel(queries: torch.Tensor, items: torch.Tensor, bf16: bool, x_norm: floa
         inputs = _bf16_input_error(queries, q_norm, x_norm) * fudge  # (Q,)
         err = inputs + (_gamma(d, 2.0**-24) * (1 + u) ** 2 + f64_err) * scale + 4 * d * 2.0**-126
         # the result rounded to bf16: |fl(y) - y| <= u |y| <= u (|q| |x| + err)
-        return _Kernel(torch.bfloat16, err, err + u * (scale + err) * fudge)
+        return _Kernel(torch.bfloat16, err, err + u * (scale + err) * fudge, x_norm)
     if fp32_ok:
         err = (_gamma(d, 2.0**-24) + f64_err) * scale + 4 * d * 2.0**-126
-        return _Kernel(torch.float32, err, err)
+        return _Kernel(torch.float32, err, err, x_norm)
     err = (_gamma(d, 2.0**-53) + f64_err) * scale + 4 * d * 2.0**-1022
-    return _Kernel(torch.float64, err, err)
+    return _Kernel(torch.float64, err, err, x_norm)
 
 
 def _bf16_input_error(queries: torch.Tensor, q_norm: torch.Tensor, x_norm: float) -> torch.Tensor:
@@ -643,16 +644,13 @@ def _run(
     progress: bool,
     *,
     route: bool = False,
-    x_norm: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lists (exact scores float64, items) and ranks by :func:`exact_scores`; any kernel, one answer.
 
     ``route`` (bf16 with ranks): a pilot (:func:`_deep_queries`) sends the queries whose near band would
     cost more to re-score than the fp32 pass to the fp32 kernel, lists and ranks; the rest stay bf16.
     """
-    if route:
-        x_norm = float(_norm(items).max()) if x_norm is None else x_norm  # once for both kernels
-    kern = _kernel(queries, items, bf16, x_norm)
+    kern = _kernel(queries, items, bf16)  # its x_norm serves the fp32 kernel of routed queries too
     s_rel = None
     if ids is not None:
         s_rel = exact_scores(queries, items, _row_ids(ids), ids.clamp(min=0).reshape(-1)).view(ids.shape)
@@ -664,8 +662,9 @@ def _run(
             out_i = torch.zeros((n_q, k), dtype=torch.long, device=dev)
             ranks = torch.zeros(ids.shape, dtype=torch.long, device=dev)
             fp = deep.nonzero().squeeze(1)
-            out_v[fp], out_i[fp], ranks[fp] = _run(
-                queries[fp], items, k, ids[fp], False, chunk_size, query_chunk_size, progress, x_norm=x_norm
+            fp_kern = _kernel(queries[fp], items, False, kern.x_norm)
+            out_v[fp], out_i[fp], ranks[fp] = _pass(
+                queries[fp], items, k, ids[fp], fp_kern, s_rel[fp], chunk_size, query_chunk_size, progress
             )
             bf = (~deep).nonzero().squeeze(1)
             if bf.numel():
@@ -763,8 +762,18 @@ def _pass(
         ranks = torch.where(ids >= 0, scan.ahead + 1, torch.zeros_like(scan.ahead))
         redo = scan.overflow.nonzero().squeeze(1)
         if redo.numel():  # too many items near a relevant one for bf16's bound: the tighter fp32 bound
-            ranks[redo] = _run(
-                queries[redo], items, 0, ids[redo], False, chunk_size, query_chunk_size, False
+            assert s_rel is not None  # computed with the ids
+            redo_kern = _kernel(queries[redo], items, False, kern.x_norm)
+            ranks[redo] = _pass(
+                queries[redo],
+                items,
+                0,
+                ids[redo],
+                redo_kern,
+                s_rel[redo],
+                chunk_size,
+                query_chunk_size,
+                False,
             )[2]
     return out_v, out_i, ranks
 
