@@ -486,10 +486,11 @@ def embedding_device(
 
 
 def model_device(model: LoadedModel) -> torch.device:
-    """The device ``model``'s backbone is on (its first parameter's; CPU without parameters): what one-off
-    queries pass as ``device`` to embed where the model already is (``cliptune serve``, ``search``)."""
-    first = next(iter(model.backbone.parameters()), None)
-    return torch.device("cpu") if first is None else first.device
+    """The device ``model``'s backbone is on (its first parameter's, else buffer's; CPU without tensors):
+    what one-off queries pass as ``device`` to embed where the model already is (``cliptune serve``,
+    ``search``)."""
+    where = _module_device(model.backbone)
+    return torch.device("cpu") if where is None else where
 
 
 def _joined_launch() -> _HasDevice | None:
@@ -516,11 +517,17 @@ def _place(model: LoadedModel, device: torch.device) -> None:
     for module in (model.backbone, model.head):
         if module is None:
             continue
-        first: Tensor | None = next(iter(module.parameters()), None)
-        if first is None:
-            first = next(iter(module.buffers()), None)
-        if first is not None and first.device != device:
+        where = _module_device(module)
+        if where is not None and where != device:
             module.to(device)
+
+
+def _module_device(module: nn.Module) -> torch.device | None:
+    """The device of a module's first parameter (else first buffer); None when it holds no tensor."""
+    first: Tensor | None = next(iter(module.parameters()), None)
+    if first is None:
+        first = next(iter(module.buffers()), None)
+    return None if first is None else first.device
 
 
 # Decoding for the model: with ``data.fast_decode``, JPEGs are decoded at a reduced DCT scale when far
