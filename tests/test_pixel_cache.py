@@ -6,6 +6,7 @@ recipe gives the processor's own pixels."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,13 +49,20 @@ def _photos(folder: Path, n: int = 3) -> list[Path]:
     return paths
 
 
-def _embed(paths: list[Path], tower: _EfficientNetLite0, **kw: object) -> torch.Tensor:
+def _embed(
+    paths: list[Path],
+    tower: _EfficientNetLite0,
+    *,
+    load: Callable[[Path], Image.Image] = load_image,
+    forward: Callable[[torch.Tensor], torch.Tensor] = _forward,
+    **kw: object,
+) -> torch.Tensor:
     return embed_images(
         paths,
         cache=None,
-        load=load_image,
+        load=load,
         preprocess=tower.preprocess,
-        forward=_forward,
+        forward=forward,
         batch_size=2,
         precision="fp32",
         progress=False,
@@ -285,18 +293,7 @@ def test_a_cold_pass_decodes_as_the_batches_come_up_not_everything_first(tower, 
         events.append(f"forward {len(pixels)}")
         return _forward(pixels)
 
-    got = embed_images(
-        paths,
-        cache=None,
-        load=load,
-        preprocess=tower.preprocess,
-        forward=forward,
-        batch_size=2,
-        precision="fp32",
-        progress=False,
-        recipe=recipe,
-        pixel_cache_dir=root,
-    )
+    got = _embed(paths, tower, load=load, forward=forward, recipe=recipe, pixel_cache_dir=root)
     # the missing images 0, 2, 4 are decoded in loader batches of 2 as the forward batches (0 1), (2 3), (4)
     # need them: the first forward runs before image 4 is decoded (before: all decodes, then all forwards)
     assert events == ["decode 0", "decode 2", "forward 2", "forward 2", "decode 4", "forward 1"]
