@@ -408,7 +408,7 @@ def test_open_clip_preprocessing_is_replayed_exactly(mode: str, interpolation: s
 
 def test_hf_and_composed_preprocessing_is_replayed_exactly(root: Path) -> None:
     from cliptune.export.inputs import describe_preprocess
-    from cliptune.models.composed import _minilm_path
+    from cliptune.models.composed import IMAGENET_STD, _EfficientNetLite0, _minilm_path
     from cliptune.models.factory import load_backbone
 
     images = _odd_images()
@@ -420,7 +420,17 @@ def test_hf_and_composed_preprocessing_is_replayed_exactly(root: Path) -> None:
     ]
     for backbone in backbones:
         want = backbone.preprocess(images).numpy()
-        np.testing.assert_allclose(_replayed(describe_preprocess(backbone), images), want, atol=1e-5)
+        got = _replayed(describe_preprocess(backbone), images)
+        if isinstance(getattr(backbone, "image_tower", None), _EfficientNetLite0):
+            # cliptune resizes on torch's antialiased bicubic, the torch-free client on Pillow's: the same
+            # filter, rounded differently (models/resize.py): at most 2 steps of 0-255, on few values
+            steps = np.abs(got - want) * np.array(IMAGENET_STD).reshape(1, 3, 1, 1) * 255
+            assert steps.max() <= 2 + 1e-3 and (steps > 0.5).mean() < 0.05, (
+                steps.max(),
+                (steps > 0.5).mean(),
+            )
+        else:
+            np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_preprocessing_that_cannot_be_described_is_refused(root: Path) -> None:

@@ -35,6 +35,7 @@ from cliptune.models.backbone import (
     save_state,
     write_config,
 )
+from cliptune.models.resize import resize_rgb
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -43,6 +44,10 @@ __all__ = ["IMAGE_TOWERS", "ComposedBackbone", "load_composed"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# How the embedded tower's recipe resizes: torch's antialiased bicubic, which differs from Pillow's by
+# rounding (models/resize.py). In the pixel cache's key and the fingerprint, so pixels and features
+# computed by Pillow's resize (before this name existed) are never mixed with these.
+_RESIZE = "torch-antialias"
 DEFAULT_EMBED_DIM = 256
 _TEXT_LORA_TARGETS = ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin")
 # Keys of a CLIP / SigLIP folder outside its vision model: an image tower discards them.
@@ -112,7 +117,7 @@ class _EfficientNetLite0(_ImageTower):
             to_uint8=partial(_imagenet_uint8, size=self.size),
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
-            identity=f"imagenet-bicubic-short-side-centre-crop:{self.size}",
+            identity=f"imagenet-bicubic-short-side-centre-crop:{self.size}:{_RESIZE}",
         )
 
     def tower(self) -> Tower:
@@ -129,7 +134,13 @@ class _EfficientNetLite0(_ImageTower):
         return {"type": "efficientnet-lite0", "size": self.size}
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"type": "efficientnet-lite0", "size": self.size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        return {
+            "type": "efficientnet-lite0",
+            "size": self.size,
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "resize": _RESIZE,
+        }
 
     def save_files(self, directory: Path) -> None:
         """The architecture is fixed by name: nothing besides the weights to write."""
@@ -538,12 +549,16 @@ def _imagenet_tensor(image: Image.Image, size: int) -> Tensor:
 
 
 def _imagenet_uint8(image: Image.Image, size: int) -> np.ndarray:
-    """The uint8 half of :func:`_imagenet_tensor`: short side -> ``size`` (bicubic), centre crop. (H, W, 3)."""
+    """The uint8 half of :func:`_imagenet_tensor`: short side -> ``size`` (bicubic), centre crop. (H, W, 3).
+
+    The resize runs on torch's antialiased kernel (:func:`cliptune.models.resize.resize_rgb`: Pillow's
+    bicubic up to rounding, 4-5x faster); ``_RESIZE`` names it in the pixel cache's key and the tower's
+    fingerprint.
+    """
     image = image if image.mode == "RGB" else image.convert("RGB")
     width, height = image.size
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    pixels = resize_rgb(image, (new_w, new_h), Image.Resampling.BICUBIC)  # (new_h, new_w, 3)
     left, top = (new_w - size) // 2, (new_h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+    return np.ascontiguousarray(pixels[top : top + size, left : left + size])  # (H, W, 3)
