@@ -13,6 +13,7 @@ from functools import partial
 import numpy as np
 import pytest
 import skimage.data
+import torch
 from PIL import Image
 
 from cliptune.models.composed import _EfficientNetLite0, _imagenet_uint8
@@ -66,6 +67,18 @@ def test_same_size_returns_the_pixels_and_other_filters_stay_on_pillow() -> None
     assert np.array_equal(resize_rgb(image, (300, 200), BICUBIC), np.asarray(image))
     for resample in (Image.Resampling.LANCZOS, Image.Resampling.NEAREST, Image.Resampling.BOX):
         assert np.array_equal(resize_rgb(image, (150, 100), resample), _pillow(image, (150, 100), resample))
+
+
+def test_without_read_only_dlpack_the_pixels_are_copied_and_equal(monkeypatch: pytest.MonkeyPatch) -> None:
+    # NumPy < 2.1 refuses to export read-only arrays through DLPack: the copy it falls back to is the same
+    image = _photo("coffee", (640, 427))
+    want = resize_rgb(image, (333, 224), BICUBIC)
+
+    def refuse(array: object) -> torch.Tensor:
+        raise BufferError("Cannot export readonly array since signalling readonly is unsupported by DLPack.")
+
+    monkeypatch.setattr(torch, "from_dlpack", refuse)
+    assert np.array_equal(resize_rgb(image, (333, 224), BICUBIC), want)
 
 
 def test_rejects_images_that_are_not_rgb() -> None:

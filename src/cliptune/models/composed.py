@@ -552,7 +552,7 @@ def _imagenet_uint8(image: Image.Image, size: int) -> np.ndarray:
     """The uint8 half of :func:`_imagenet_tensor`: short side -> ``size`` (bicubic), centre crop. (H, W, 3).
 
     The resize runs on torch's antialiased kernel (:func:`cliptune.models.resize.resize_rgb`: Pillow's
-    bicubic up to rounding, 4-5x faster); ``_RESIZE`` names it in the pixel cache's key and the tower's
+    bicubic up to rounding, 3-4x faster); ``_RESIZE`` names it in the pixel cache's key and the tower's
     fingerprint.
     """
     image = image if image.mode == "RGB" else image.convert("RGB")
