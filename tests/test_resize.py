@@ -16,6 +16,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+import cliptune.models.resize as resize_module
 from cliptune.models.composed import _EfficientNetLite0, _imagenet_uint8
 from cliptune.models.resize import resize_rgb
 
@@ -77,7 +78,7 @@ def test_without_read_only_dlpack_the_pixels_are_copied_and_equal(monkeypatch: p
     def refuse(array: object) -> torch.Tensor:
         raise BufferError("Cannot export readonly array since signalling readonly is unsupported by DLPack.")
 
-    monkeypatch.setattr(torch, "from_dlpack", refuse)
+    monkeypatch.setattr(resize_module, "from_dlpack", refuse)
     assert np.array_equal(resize_rgb(image, (333, 224), BICUBIC), want)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.dlpack import from_dlpack
 
 __all__ = ["resize_rgb"]
 
@@ -74,6 +75,6 @@ def _tensor(image: Image.Image) -> torch.Tensor:
     """
     pixels = np.asarray(image, dtype=np.uint8)
     try:
-        return torch.from_dlpack(pixels)
+        return from_dlpack(pixels)
     except BufferError:  # NumPy < 2.1 cannot export read-only memory through DLPack: copy it
         return torch.from_numpy(pixels.copy())
