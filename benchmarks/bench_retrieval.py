@@ -221,7 +221,7 @@ def main() -> None:
 
     topk_backends: dict[str, Callable[[], Any]] = {
         # the floor: the GEMM alone, blocked like topk_chunked, no top-k (its "indices" are not compared)
-        "GEMM only (floor)": lambda: _gemm_only(queries, items, args.chunk_size),
+        "torch GEMM only": lambda: _gemm_only(queries, items, args.chunk_size),
         "torch matmul+topk": lambda: _plain_topk(queries, items, args.k),
         "topk_chunked": lambda: topk_chunked(queries, items, args.k, chunk_size=args.chunk_size),
     }

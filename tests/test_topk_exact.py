@@ -110,6 +110,33 @@ def test_every_kernel_gives_the_reference_lists_and_ranks(
     assert [r[3], r[7], r[128], r[650]] == [1, 2, 4, 5]
 
 
+@pytest.mark.parametrize("numpy_faster", [True, False])
+def test_fp32_blocks_on_either_blas_give_the_reference_lists_and_ranks(
+    numpy_faster: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # which BLAS computes the fp32 candidate blocks is a speed choice (_numpy_sgemm_faster): the bound
+    # holds for any summation order, so the answers are the reference's either way
+    calls: list[tuple[int, ...]] = []
+    matmul = np.matmul
+    monkeypatch.setattr(topk_module, "_SGEMM_MIN_FLOP", 0)  # every block, however small
+    monkeypatch.setattr(topk_module, "_numpy_sgemm_faster", lambda: numpy_faster)
+    monkeypatch.setattr(topk_module.np, "matmul", lambda a, b: calls.append(a.shape) or matmul(a, b))
+    queries, items, ids = _adversarial(3)
+    got = rank_chunked(
+        queries, items, k=12, relevant_ids=ids, chunk_size=128, query_chunk_size=4, bf16_pass=False
+    )
+    lists, ranks = _ref_lists_and_ranks(queries, items, 12, ids)
+    assert got.indices.tolist() == lists and got.ranks.tolist() == ranks
+    assert bool(calls) is numpy_faster  # the blocks went where the choice said
+
+
+def test_the_blas_choice_is_timed_once_per_process() -> None:
+    topk_module._numpy_sgemm_faster.cache_clear()
+    first = topk_module._numpy_sgemm_faster()
+    assert isinstance(first, bool) and topk_module._numpy_sgemm_faster() is first
+    assert topk_module._numpy_sgemm_faster.cache_info().misses == 1
+
+
 def test_bf16_and_fp32_answers_are_identical_through_every_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     queries, items, ids = _adversarial(2)
     fp32 = rank_chunked(queries, items, k=10, relevant_ids=ids, chunk_size=100, bf16_pass=False)

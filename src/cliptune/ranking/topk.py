@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 from rich.progress import Progress
+from threadpoolctl import threadpool_limits
 
 __all__ = [
     "TIE_PAD",
@@ -60,6 +62,9 @@ _BF16_NEAR_CAP = 1024
 # not any benchmark's data; the 2-core AMD EPYC with avx512_bf16, one thread): c32 = 18.6 ns, c16 = 6.6 ns,
 # c_x = 1.8 us (exact_scores). All three grow about linearly with D, so the ratio (c32 - c16) / c_x =
 # 1 / 150 holds for other D; the GEMMs use T threads, the re-scoring one, hence 1 / (150 T) of N.
+# Where NumPy's BLAS computes the fp32 blocks (_numpy_sgemm_faster), c32 = 12.4 ns (torch's 16.9 ns and c16
+# = 6.7 ns in the same measurement, the same machine): c32 - c16 shrinks from 12.0 to 5.7 ns, and this
+# constant and _BF16_MIN_QUERIES double (_gemm_gain)
 _ROUTE_RESCORE_PER_GEMM = 150
 # items in the pilot: a fixed stride over the catalogue (never the judging data), a ~2% fp32 GEMM at 100k.
 # A query at the break-even band expects B * M / N = M / (150 T) of them in its sample (~7 at T = 2);
@@ -78,6 +83,12 @@ _BF16_MIN_QUERIES = 40
 _DENSE_AHEAD = 1 / 20
 # pairs re-scored exactly at a time: 1024 x 512 float64 products = 4 MiB, in cache
 _PAIR_CHUNK = 1024
+# fp32 candidate blocks on the CPU go to torch's BLAS (MKL in the PyPI wheels) or NumPy's (OpenBLAS),
+# whichever ran faster on this machine (_numpy_sgemm_faster, timed once per process). On the 2-core AMD
+# EPYC, 1000 x 32768 x 1024: torch 110 GFLOP/s, NumPy 168 (OpenBLAS's AVX-512 kernels; MKL takes a slower
+# path on AMD CPUs). Only speed depends on it: the fp32 bound holds for any summation order. Blocks under
+# this many flops stay on torch (no timing for small rankings)
+_SGEMM_MIN_FLOP = 2**30
 
 
 class Ranked(NamedTuple):
@@ -465,7 +476,7 @@ def _scan(
         xk = items[n0 : n0 + chunk_size].to(kern.dtype)  # (n, D)
         for q0 in range(0, n_q, query_chunk_size):
             sl = slice(q0, q0 + query_chunk_size)
-            block = qk[sl] @ xk.T  # (q, n)
+            block = _gemm(qk[sl], xk)  # (q, n)
             if _raw_keys_do(block, vals[sl, -1] if width > 0 else None, k_lo[sl] if counting else None):
                 keys = torch.from_numpy(block.view(torch.int16).numpy())  # no conversion pass over the block
             else:
@@ -622,7 +633,7 @@ def _collect_topk(
     qk = queries.to(kern.dtype)
     run: tuple[torch.Tensor, torch.Tensor] | None = None
     for n0 in range(0, items.shape[0], chunk_size):
-        keys = _keys(qk @ items[n0 : n0 + chunk_size].to(kern.dtype).T)  # (q, n)
+        keys = _keys(_gemm(qk, items[n0 : n0 + chunk_size].to(kern.dtype)))  # (q, n)
         rows, cols = _compare(keys, thr, strict=False).nonzero(as_tuple=True)
         if rows.numel() == 0:
             continue
@@ -682,9 +693,51 @@ def _route(
     """(Q,) bool: the queries that take the fp32 kernel: those :func:`_deep_queries` predicts, or every one
     where too few would stay on bf16 to pay for its pass over the items (``_BF16_MIN_QUERIES``)."""
     deep = _deep_queries(queries, items, ids, s_rel, kern)
-    if int((~deep).sum()) < _BF16_MIN_QUERIES * torch.get_num_threads():
+    if int((~deep).sum()) < _BF16_MIN_QUERIES * _gemm_gain() * torch.get_num_threads():
         return torch.ones_like(deep)
     return deep
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T``, (q, D) x (n, D) -> (q, n): a candidate block, on the faster BLAS for large fp32 blocks."""
+    flop = 2 * a.shape[0] * b.shape[0] * a.shape[1]
+    if (
+        a.device.type == "cpu"
+        and a.dtype == torch.float32
+        and flop >= _SGEMM_MIN_FLOP
+        and _numpy_sgemm_faster()
+    ):
+        with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):  # torch's thread budget
+            return torch.from_numpy(np.matmul(a.detach().numpy(), b.detach().numpy().T))
+    return a.detach() @ b.detach().T
+
+
+def _gemm_gain() -> int:
+    """How much cheaper the fp32 kernel's pairs are, relative to bf16's, than the route's cost model assumes
+    (torch's GEMM): 2 where NumPy's GEMM computes the fp32 blocks (c32 - c16 = 5.7 against 12.0 ns)."""
+    return 2 if _numpy_sgemm_faster() else 1
+
+
+@functools.cache
+def _numpy_sgemm_faster() -> bool:
+    """Whether NumPy's float32 GEMM beats torch's on this machine: each timed 3 times (the best counts) on
+    one fixed (512 x 512) x (512 x 4096) block (2 GFLOP: ~15 ms at 2 cores), on torch's thread count."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(512, 512, generator=gen), torch.randn(4096, 512, generator=gen)
+    an, bn = a.numpy(), b.numpy()
+
+    def best(run: Callable[[], object]) -> float:
+        run()  # warm-up: first-call allocations and thread start-up
+        times = []
+        for _ in range(3):
+            tic = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - tic)
+        return min(times)
+
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        numpy_time = best(lambda: np.matmul(an, bn.T))
+    return numpy_time < 0.9 * best(lambda: a @ b.T)  # a clear win only: timings on a busy machine wobble
 
 
 def _deep_queries(
@@ -706,12 +759,12 @@ def _deep_queries(
     band = np.zeros(queries.shape[0])
     for q0 in range(0, queries.shape[0], _QUERY_CHUNK):  # (q, M) scores at a time: bounded memory
         sl = slice(q0, q0 + _QUERY_CHUNK)
-        scores = (queries[sl].detach() @ sample.detach().T).numpy()  # float32: a prediction needs no bound
+        scores = _gemm(queries[sl], sample).numpy()  # float32: a prediction needs no bound
         for r in range(ids.shape[1]):
             near = (scores >= lo[sl, r, None]) & (scores <= hi[sl, r, None])
             band[sl] += np.where(pad[sl, r], 0, near.sum(1))
     predicted = band * n_items / sample.shape[0]
-    budget = n_items / (_ROUTE_RESCORE_PER_GEMM * torch.get_num_threads())
+    budget = n_items / (_ROUTE_RESCORE_PER_GEMM * _gemm_gain() * torch.get_num_threads())
     return torch.from_numpy(predicted > budget)
 
 
