@@ -245,11 +245,10 @@ def test_the_torch_count_gives_the_numpy_counts(monkeypatch: pytest.MonkeyPatch)
         assert rank_chunked(queries, items, 0, ids, chunk_size=96, bf16_pass=bf16).ranks.tolist() == ranks
 
 
-def test_auto_routes_queries_with_deep_relevant_items_to_fp32_and_keeps_the_answer(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """ "auto" with ranks: the pilot sends the queries whose relevant items rank deep (thousands of items
-    within bf16's bound, at scale) to the fp32 kernel and keeps the shallow ones on bf16; same answer."""
+def _shallow_and_deep() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8 queries x 3000 items (D = 32): queries 0-3 with relevant items ranking 2nd and 5th (a band of ~0-2
+    items), 4-7 with the median item and the 1000th (each ~60 items within the bf16 bound of ~4.4e-3:
+    score density ~2.2 at the median for D = 32)."""
     gen = torch.Generator().manual_seed(9)
     norm = torch.nn.functional.normalize
     queries, items = (
@@ -257,11 +256,14 @@ def test_auto_routes_queries_with_deep_relevant_items_to_fp32_and_keeps_the_answ
         norm(torch.randn(3000, 32, generator=gen), dim=1),
     )
     order = np.argsort(-_ref_scores(queries, items), axis=1, kind="stable")  # (8, 3000)
-    # queries 0-3: relevant items 2nd and 5th (a band of ~0-2 items); 4-7: the median item and the 1000th
-    # (each ~60 items within the bf16 bound of ~4.4e-3: score density ~2.2 at the median for D = 32)
     depth = [(1, 4)] * 4 + [(1500, 999)] * 4
     ids = torch.tensor([[int(order[i, a]), int(order[i, b])] for i, (a, b) in enumerate(depth)])
     ids[2, 1] = -1  # padding counts for nothing
+    return queries, items, ids
+
+
+def _record_routes(monkeypatch: pytest.MonkeyPatch) -> list[list[bool]]:
+    """Each pilot's routes (True: fp32), as ``rank_chunked`` on a CPU with native bf16 at scale sees them."""
     routed: list[list[bool]] = []
     route = topk_module._route
 
@@ -271,7 +273,19 @@ def test_auto_routes_queries_with_deep_relevant_items_to_fp32_and_keeps_the_answ
         return deep
 
     monkeypatch.setattr(topk_module, "_route", record)
-    monkeypatch.setattr(topk_module, "bf16_pays", lambda *a: True)  # as on a CPU with native bf16 at scale
+    monkeypatch.setattr(topk_module, "bf16_pays", lambda *a: True)
+    return routed
+
+
+def test_auto_routes_queries_with_deep_relevant_items_to_fp32_and_keeps_the_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ "auto" with ranks: the pilot sends the queries whose relevant items rank deep (thousands of items
+    within bf16's bound, at scale) to the fp32 kernel and keeps the shallow ones on bf16; same answer."""
+    queries, items, ids = _shallow_and_deep()
+    routed = _record_routes(monkeypatch)
+    # the cost model at torch's GEMM: which BLAS the machine's timing picks must not move these routes
+    monkeypatch.setattr(topk_module, "_gemm_gain", lambda: 1)
     # 4 queries left on bf16 would not pay for its pass over the items (40 per thread do): all take fp32
     assert (
         rank_chunked(queries, items, k=10, relevant_ids=ids, chunk_size=512).ranks.tolist()
@@ -294,6 +308,25 @@ def test_auto_routes_queries_with_deep_relevant_items_to_fp32_and_keeps_the_answ
     # lists alone need no pilot: bf16 for every query
     topk_chunked(queries, items, k=10, chunk_size=512)
     assert len(routed) == 1
+
+
+def test_a_faster_fp32_gemm_needs_more_queries_on_bf16_to_pay_for_its_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 4 shallow queries would stay on bf16 at a minimum of 3 per thread (one thread); with NumPy's GEMM the
+    # fp32 pairs are cheaper and the minimum doubles to 6: all 8 queries take fp32. The answer is the same
+    queries, items, ids = _shallow_and_deep()
+    routed = _record_routes(monkeypatch)
+    monkeypatch.setattr(topk_module.torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(topk_module, "_BF16_MIN_QUERIES", 3)
+    answers = []
+    for gain in (1, 2):
+        monkeypatch.setattr(topk_module, "_gemm_gain", lambda gain=gain: gain)
+        answers.append(rank_chunked(queries, items, k=10, relevant_ids=ids, chunk_size=512).ranks)
+    assert routed == [[False] * 4 + [True] * 4, [True] * 8]
+    assert torch.equal(answers[0], answers[1])
+    monkeypatch.setattr(topk_module, "_numpy_sgemm_faster", lambda: True)
+    assert topk_module._gemm_gain() == 2
 
 
 def test_raw_bf16_bits_select_what_the_keys_select_against_non_negative_thresholds() -> None:
