@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+import threadpoolctl
 import torch
 
 import cliptune.ranking.topk as topk_module
@@ -128,6 +129,26 @@ def test_fp32_blocks_on_either_blas_give_the_reference_lists_and_ranks(
     lists, ranks = _ref_lists_and_ranks(queries, items, 12, ids)
     assert got.indices.tolist() == lists and got.ranks.tolist() == ranks
     assert bool(calls) is numpy_faster  # the blocks went where the choice said
+
+
+def test_numpys_blas_runs_on_torchs_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.set_num_threads stays the one knob: NumPy's BLAS pools are capped at it during the block
+    seen: list[int] = []
+    matmul = np.matmul
+
+    def spy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        seen.extend(
+            pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"
+        )
+        return matmul(a, b)
+
+    monkeypatch.setattr(topk_module, "_SGEMM_MIN_FLOP", 0)
+    monkeypatch.setattr(topk_module, "_numpy_sgemm_faster", lambda: True)
+    monkeypatch.setattr(topk_module.np, "matmul", spy)
+    monkeypatch.setattr(topk_module.torch, "get_num_threads", lambda: 1)
+    queries, items, _ = _adversarial(4)
+    topk_chunked(queries, items, k=5, chunk_size=128, bf16_pass=False)
+    assert seen and set(seen) == {1}
 
 
 def test_the_blas_choice_is_timed_once_per_process() -> None:

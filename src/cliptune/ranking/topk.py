@@ -26,7 +26,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 from rich.progress import Progress
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 __all__ = [
     "TIE_PAD",
@@ -707,9 +707,16 @@ def _gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         and flop >= _SGEMM_MIN_FLOP
         and _numpy_sgemm_faster()
     ):
-        with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):  # torch's thread budget
+        with _blas().limit(limits=torch.get_num_threads(), user_api="blas"):  # torch's thread budget
             return torch.from_numpy(np.matmul(a.detach().numpy(), b.detach().numpy().T))
     return a.detach() @ b.detach().T
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    """The process's BLAS thread pools (NumPy's among them: imported with this module), looked up once: a
+    fresh look-up per block (``threadpool_limits``) cost 0.7 ms, the cached one's ``limit`` 0.02 ms."""
+    return ThreadpoolController()
 
 
 def _gemm_gain() -> int:
@@ -735,7 +742,7 @@ def _numpy_sgemm_faster() -> bool:
             times.append(time.perf_counter() - tic)
         return min(times)
 
-    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+    with _blas().limit(limits=torch.get_num_threads(), user_api="blas"):
         numpy_time = best(lambda: np.matmul(an, bn.T))
     return numpy_time < 0.9 * best(lambda: a @ b.T)  # a clear win only: timings on a busy machine wobble
 
