@@ -707,9 +707,16 @@ def _gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         and flop >= _SGEMM_MIN_FLOP
         and _numpy_sgemm_faster()
     ):
-        with _blas().limit(limits=torch.get_num_threads(), user_api="blas"):  # torch's thread budget
-            return torch.from_numpy(np.matmul(a.detach().numpy(), b.detach().numpy().T))
+        return torch.from_numpy(_numpy_gemm(a.detach().numpy(), b.detach().numpy()))
     return a.detach() @ b.detach().T
+
+
+def _numpy_gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b.T`` on NumPy's BLAS, its threads capped at torch's count for the call (torch's thread budget
+    stays the one knob): what :func:`_gemm` runs and :func:`_numpy_sgemm_faster` times."""
+    with _blas().limit(limits=torch.get_num_threads(), user_api="blas"):
+        out: np.ndarray = np.matmul(a, b.T)  # (q, n)
+    return out
 
 
 @functools.cache
@@ -742,8 +749,7 @@ def _numpy_sgemm_faster() -> bool:
             times.append(time.perf_counter() - tic)
         return min(times)
 
-    with _blas().limit(limits=torch.get_num_threads(), user_api="blas"):
-        numpy_time = best(lambda: np.matmul(an, bn.T))
+    numpy_time = best(lambda: _numpy_gemm(an, bn))
     return numpy_time < 0.9 * best(lambda: a @ b.T)  # a clear win only: timings on a busy machine wobble
 
 
