@@ -44,7 +44,13 @@ from bench_embed import _images  # noqa: E402  (the bench's own photos, byte for
 
 from cliptune.data.images import _draft, load_image  # noqa: E402
 from cliptune.models.backbone import normalise_uint8  # noqa: E402
-from cliptune.models.composed import IMAGENET_MEAN, IMAGENET_STD, _EfficientNetLite0, _imagenet_uint8  # noqa: E402
+from cliptune.models.composed import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _EfficientNetLite0,
+    _imagenet_geometry,
+    _imagenet_uint8,
+)
 
 SIDE = 224
 MIN_SIDE = 2 * SIDE  # what image_loader asks for (DRAFT_OVERSAMPLE x the input side)
@@ -183,11 +189,8 @@ def tolerance() -> None:
 
 
 def _pillow_view(image: Image.Image) -> np.ndarray:
-    """The recipe as it was before ``models/resize.py``: Pillow's bicubic, then the centre crop."""
-    width, height = image.size
-    scale = SIDE / min(width, height)
-    new_w, new_h = max(SIDE, round(width * scale)), max(SIDE, round(height * scale))
-    left, top = (new_w - SIDE) // 2, (new_h - SIDE) // 2
+    """The recipe as it was before ``models/resize.py``: the same geometry, Pillow's bicubic resize."""
+    (new_w, new_h), (left, top) = _imagenet_geometry(image.size, SIDE)
     resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     return np.asarray(resized.crop((left, top, left + SIDE, top + SIDE)), dtype=np.uint8)
 

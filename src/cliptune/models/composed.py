@@ -556,9 +556,15 @@ def _imagenet_uint8(image: Image.Image, size: int) -> np.ndarray:
     fingerprint.
     """
     image = image if image.mode == "RGB" else image.convert("RGB")
-    width, height = image.size
+    (new_w, new_h), (left, top) = _imagenet_geometry(image.size, size)
+    pixels = resize_rgb(image, (new_w, new_h), Image.Resampling.BICUBIC)  # (new_h, new_w, 3)
+    return np.ascontiguousarray(pixels[top : top + size, left : left + size])  # (H, W, 3)
+
+
+def _imagenet_geometry(image_size: tuple[int, int], size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The recipe's geometry for a (width, height) image: the resized (width, height), short side ``size``
+    and the long side rounded, and the centre crop's (left, top), offsets floored."""
+    width, height = image_size
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    pixels = resize_rgb(image, (new_w, new_h), Image.Resampling.BICUBIC)  # (new_h, new_w, 3)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return np.ascontiguousarray(pixels[top : top + size, left : left + size])  # (H, W, 3)
+    return (new_w, new_h), ((new_w - size) // 2, (new_h - size) // 2)
