@@ -375,12 +375,75 @@ def test_raw_bf16_bits_select_what_the_keys_select_against_non_negative_threshol
 
 
 @pytest.mark.parametrize("dense", [0.0, math.inf])
-def test_dense_and_listed_counts_of_items_ahead_agree(dense: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Items ahead are counted per row (relevant items deep so far) or from a list of entries (high): both
-    must give the reference ranks, on every kernel; 0 takes the dense count from the second block on."""
+@pytest.mark.parametrize("scan_entries", [2**18, 200])
+def test_dense_and_listed_counts_of_items_ahead_agree(
+    dense: float, scan_entries: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Items ahead are counted per row (relevant items deep) or from a list of entries (high): both must give
+    the reference ranks, on every kernel, whether the block is taken whole or two rows at a time; 0 takes
+    the dense count wherever an entry is at or above a band, inf never."""
     monkeypatch.setattr(topk_module, "_DENSE_AHEAD", dense)
+    monkeypatch.setattr(topk_module, "_SCAN_ENTRIES", scan_entries)  # 200 entries: 2 rows of 96 items
     queries, items, ids = _adversarial(6)
-    ranks = _ref_lists_and_ranks(queries, items, 1, ids)[1]
+    lists, ranks = _ref_lists_and_ranks(queries, items, 3, ids)
     for bf16 in (False, True):
         got = rank_chunked(queries, items, 3, ids, chunk_size=96, query_chunk_size=4, bf16_pass=bf16)
         assert got.ranks.tolist() == ranks
+        assert got.indices.tolist() == lists
+
+
+def test_blocks_split_over_threads_give_the_same_lists_and_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each block's numpy work runs on row ranges, one per thread: with 3 threads and ranges of a single row
+    allowed, the lists and ranks are the reference ones, on both kernels, ranks with and without lists."""
+    monkeypatch.setattr(topk_module, "_MIN_RANGE_ROWS", 1)
+    queries, items, ids = _adversarial(7)
+    lists, ranks = _ref_lists_and_ranks(queries, items, 5, ids)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for bf16 in (False, True):
+            got = rank_chunked(queries, items, 5, ids, chunk_size=128, bf16_pass=bf16)
+            assert got.indices.tolist() == lists and got.ranks.tolist() == ranks
+            assert (
+                rank_chunked(queries, items, 0, ids, chunk_size=128, bf16_pass=bf16).ranks.tolist() == ranks
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_row_ranges_cover_every_row_once_and_pass_errors_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ranges tile the rows (none twice, none left out), at most one per thread and at least
+    ``_MIN_RANGE_ROWS`` rows each; a worker's error reaches the caller when it waits."""
+    monkeypatch.setattr(topk_module, "_MIN_RANGE_ROWS", 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        seen: list[tuple[int, int]] = []
+        for n_rows, n_parts in ((11, 2), (12, 3), (1000, 3), (3, 1)):
+            seen.clear()
+            topk_module._in_row_ranges(lambda a, b: seen.append((a, b)), n_rows)()  # started, then waited for
+            covered = sorted(r for a, b in seen for r in range(a, b))
+            assert covered == list(range(n_rows)) and len(seen) == n_parts
+
+        def fail(a: int, b: int) -> None:
+            raise ValueError(f"rows {a}-{b}")
+
+        with pytest.raises(ValueError, match="rows"):
+            topk_module._in_row_ranges(fail, 1000)()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("n", [10, 2048])
+def test_row_counts_and_flat_compares_match_numpy(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-row counts (one count per long row, the axis form for short rows) and the row-chunked flat
+    compares give numpy's whole-block answers, chunk edges included."""
+    monkeypatch.setattr(topk_module, "_SCAN_ENTRIES", 3 * n)  # 3 rows per chunk: 7 rows end mid-chunk
+    rng = np.random.default_rng(n)
+    kb = rng.standard_normal((7, n)).astype(np.float32)
+    thr = rng.standard_normal((7, 1)).astype(np.float32)
+    kb[2, : n // 2] = thr[2, 0]  # ties: kept by >=, dropped by >
+    assert np.array_equal(topk_module._row_counts(kb > thr), np.count_nonzero(kb > thr, axis=1))
+    for strict, cmp in ((True, np.greater), (False, np.greater_equal)):
+        got = topk_module._flat_compare(kb, thr, strict=strict)
+        assert np.array_equal(got, np.flatnonzero(cmp(kb, thr)))

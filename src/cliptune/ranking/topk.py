@@ -16,9 +16,11 @@ Example:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -61,7 +63,9 @@ _BF16_NEAR_CAP = 1024
 # B > N (c32 - c16) / c_x. Costs per pair at D = 512 (1024 x 16384 blocks, random unit vectors from seed 3,
 # not any benchmark's data; the 2-core AMD EPYC with avx512_bf16, one thread): c32 = 18.6 ns, c16 = 6.6 ns,
 # c_x = 1.8 us (exact_scores). All three grow about linearly with D, so the ratio (c32 - c16) / c_x =
-# 1 / 150 holds for other D; the GEMMs use T threads, the re-scoring one, hence 1 / (150 T) of N.
+# 1 / 150 holds for other D; the GEMMs use T threads, the re-scoring is counted as one (it is split over
+# the threads with the block's other numpy work, _in_row_ranges, which gained ~1.2x from a second thread:
+# memory-bound), hence 1 / (150 T) of N.
 # Where NumPy's BLAS computes the fp32 blocks (_numpy_sgemm_faster), c32 = 12.4 ns (torch's 16.9 ns and c16
 # = 6.7 ns in the same measurement, the same machine): c32 - c16 shrinks from 12.0 to 5.7 ns, and this
 # constant and _BF16_MIN_QUERIES double (_gemm_gain)
@@ -75,12 +79,19 @@ _PILOT_ITEMS = 2048
 # and item on one thread: from 0.5 us / 12 ns ~ 40 queries per thread. Where fewer queries are left on
 # bf16 by the pilot, all go to the fp32 kernel (one pass)
 _BF16_MIN_QUERIES = 40
-# the counts take the items ahead of a relevant item from a list of the entries at or above its band (a
-# few per query where it ranks high) until, in the blocks so far, more than this share of the items was
-# ahead: then from a dense count per row. The list costs about 8 passes of 8-byte indices over its share p
-# of the block's entries, the dense count about 3 more passes of 1-byte masks over all of them: equal near
-# p = 3 / 64, so 1 / 20
-_DENSE_AHEAD = 1 / 20
+# the counts take the items ahead of a relevant item from a list of the entries at or above its band where,
+# in a chunk of rows (_SCAN_ENTRIES), at most this share of the entries is (a few per query where it ranks
+# high); else from a count per row of the entries above the band, listing the band alone. Equal near 2% on
+# the 2-core AMD EPYC (16 x 16384 uniform float32 chunks, one thread: listed 110-150 us at 1% of the
+# entries, 320-400 at 2%, 630-690 at 5%; the count 350-440 us at any share)
+_DENSE_AHEAD = 1 / 50
+# entries of a block the numpy scans take at a time (~16 rows of a 16384-item block): the compare's masks
+# of 2^18 entries stay in the 2 MiB L2 instead of each op's going to memory and back over the whole 64 MiB
+# block. On the 2-core AMD EPYC, per 1024 x 16384 float32 block of deep relevant items: 24 ms whole, 13 ms
+# in row chunks (the dense count); a compare + flatnonzero 8 -> 7.7 ms
+_SCAN_ENTRIES = 2**18
+# rows per thread at least when a block's numpy work is split over threads (_in_row_ranges)
+_MIN_RANGE_ROWS = 64
 # pairs re-scored exactly at a time: 1024 x 512 float64 products = 4 MiB, in cache
 _PAIR_CHUNK = 1024
 # fp32 candidate blocks on the CPU go to torch's BLAS (MKL in the PyPI wheels) or NumPy's (OpenBLAS),
@@ -472,27 +483,76 @@ def _scan(
     if counting:
         k_lo, k_hi = _count_bounds(kern, ids, s_rel)  # (Q, R) each
     qk = queries.to(kern.dtype)  # (Q, D)
+    pending: Callable[[], None] = _done
     for n0 in range(0, n_items, chunk_size):  # items outside: each block is converted once
         xk = items[n0 : n0 + chunk_size].to(kern.dtype)  # (n, D)
         for q0 in range(0, n_q, query_chunk_size):
             sl = slice(q0, q0 + query_chunk_size)
-            block = _gemm(qk[sl], xk)  # (q, n)
+            block = _gemm(qk[sl], xk)  # (q, n), while the previous block's numpy work runs
+            pending()  # that work done: vals, ahead are current
             if _raw_keys_do(block, vals[sl, -1] if width > 0 else None, k_lo[sl] if counting else None):
                 keys = torch.from_numpy(block.view(torch.int16).numpy())  # no conversion pass over the block
             else:
                 keys = _keys(block)  # (q, n): int16 keys of a bf16 block on CPU, else the block
-            if width > 0 and block.device.type == "cpu" and not bool(torch.isinf(vals[sl, -1]).all()):
-                vals[sl], idx[sl] = _keep_best_np(keys, n0, vals[sl], idx[sl])
-            elif width > 0:
-                vals[sl], idx[sl] = _keep_best(block, n0, vals[sl], idx[sl])
-            if counting:
-                assert ids is not None and s_rel is not None
-                count = _count_block_np if block.device.type == "cpu" else _count_block
-                count(queries, items, keys, n0, q0, ids, s_rel, k_lo, k_hi, ahead, near_n, cap)
+            first = width > 0 and bool(torch.isinf(vals[sl, -1]).all())
+            if block.device.type == "cpu" and not first:  # numpy on row ranges, one per thread
+
+                def rows_of(a: int, b: int, q0: int = q0, n0: int = n0, keys: torch.Tensor = keys) -> None:
+                    if width > 0:
+                        v, i = _keep_best_np(keys[a:b], n0, vals[q0 + a : q0 + b], idx[q0 + a : q0 + b])
+                        vals[q0 + a : q0 + b], idx[q0 + a : q0 + b] = v, i
+                    if ids is not None and s_rel is not None:
+                        _count_block_np(
+                            queries, items, keys[a:b], n0, q0 + a, ids, s_rel, k_lo, k_hi, ahead, near_n, cap
+                        )
+
+                pending = _in_row_ranges(rows_of, keys.shape[0])
+            else:
+                if width > 0:
+                    vals[sl], idx[sl] = _keep_best(block, n0, vals[sl], idx[sl])
+                if counting:
+                    assert ids is not None and s_rel is not None
+                    count = _count_block_np if block.device.type == "cpu" else _count_block
+                    count(queries, items, keys, n0, q0, ids, s_rel, k_lo, k_hi, ahead, near_n, cap)
             if bar is not None:
                 bar.advance(bar.task_ids[0])
+    pending()
     overflow = (near_n > cap).any(1) if cap is not None else torch.zeros(n_q, dtype=torch.bool, device=dev)
     return _Scan(vals, idx, ahead, overflow)
+
+
+def _in_row_ranges(work: Callable[[int, int], None], n_rows: int) -> Callable[[], None]:
+    """Start ``work(a, b)`` over contiguous row ranges covering ``range(n_rows)``, one per thread of torch's
+    budget; returns the wait for them (which re-raises a worker's error).
+
+    A block's candidate merge and counts are numpy (one thread each) on independent rows, while the GEMM
+    before them used every thread: split, and run while the next block's GEMM runs, they keep the cores
+    busy (numpy's large ops and the GEMM release the GIL). Ranges of at least ``_MIN_RANGE_ROWS`` rows; one
+    range (one thread, or a small block) runs on the calling thread before this returns.
+    """
+    parts = min(torch.get_num_threads(), max(1, n_rows // _MIN_RANGE_ROWS))
+    if parts == 1:
+        work(0, n_rows)
+        return _done
+    bounds = [n_rows * p // parts for p in range(parts + 1)]
+    pool = _pool(torch.get_num_threads())
+    futures = [pool.submit(work, a, b) for a, b in itertools.pairwise(bounds)]
+
+    def wait() -> None:
+        for future in futures:
+            future.result()
+
+    return wait
+
+
+def _done() -> None:
+    """Nothing left to wait for."""
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The process's pool for :func:`_in_row_ranges` at torch's thread count (one per count ever set)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix=f"cliptune-rank-{threads}")
 
 
 def _count_bounds(
@@ -563,28 +623,37 @@ def _count_block_np(
     near_n: torch.Tensor,
     cap: int | None,
 ) -> None:
-    """:func:`_count_block` in numpy, the same steps (CPU): on these few thousand entries each torch op costs
-    milliseconds on a busy 2-core box (thread hand-offs), numpy's microseconds; the counts are the same.
+    """:func:`_count_block` in numpy, the same counts (CPU): on these few thousand entries each torch op costs
+    milliseconds on a busy 2-core box (thread hand-offs), numpy's microseconds. The block is taken a few
+    rows at a time (``_SCAN_ENTRIES``), each chunk read once while in cache: where few of its entries are
+    at or above ``lo`` (a relevant item ranking high), ahead and band come from the list of those; where
+    many are (deep), from a per-row count of the entries above ``hi`` and the band alone listed.
     ``ahead`` and ``near_n`` are updated in place through their numpy views."""
     kb = np.ascontiguousarray(keys.numpy())
     q, n, n_rel = kb.shape[0], kb.shape[1], ids.shape[1]
     lo, hi = k_lo.numpy()[q0 : q0 + q], k_hi.numpy()[q0 : q0 + q]  # (q, R)
     ahead_np, near_np = ahead.numpy()[q0 : q0 + q], near_n.numpy()[q0 : q0 + q]  # views: in place
+    rows_at = max(1, _SCAN_ENTRIES // max(1, n))
     found_r, found_c, found_j = [], [], []
     for r in range(n_rel):
-        if n0 > 0 and int(ahead_np[:, r].sum()) > q * n0 * _DENSE_AHEAD:  # relevant items deep so far
-            above = kb > hi[:, r, None]  # (q, n)
-            ahead_np[:, r] += np.count_nonzero(above, axis=1)
-            near = kb >= lo[:, r, None]
-            near &= ~above
-            flat = np.flatnonzero(near)  # the band alone
-            band_r, band_c = flat // n, flat % n
-        else:  # ahead and band together: a few hundred of the block's entries
-            flat = np.flatnonzero(kb >= lo[:, r, None])
-            rows, cols = flat // n, flat % n
-            is_above = kb.reshape(-1)[flat] > hi[rows, r]
-            ahead_np[:, r] += np.bincount(rows[is_above], minlength=q)
-            band_r, band_c = rows[~is_above], cols[~is_above]
+        band = []
+        for r0 in range(0, q, rows_at):
+            kc = kb[r0 : r0 + rows_at]
+            lo_c, hi_c = lo[r0 : r0 + rows_at, r, None], hi[r0 : r0 + rows_at, r, None]  # (c, 1)
+            at_least = kc >= lo_c
+            if np.count_nonzero(at_least) <= _DENSE_AHEAD * at_least.size:  # ahead and band: a few
+                flat = np.flatnonzero(at_least)
+                is_above = kc.reshape(-1)[flat] > hi_c[flat // n, 0]
+                ahead_np[r0 : r0 + rows_at, r] += np.bincount(flat[is_above] // n, minlength=kc.shape[0])
+                flat = flat[~is_above]
+            else:  # most of the row is ahead: count it per row, list the band alone
+                above = kc > hi_c
+                ahead_np[r0 : r0 + rows_at, r] += _row_counts(above)
+                at_least ^= above  # the band: at least lo, not above hi
+                flat = np.flatnonzero(at_least)
+            band.append(flat + r0 * n)
+        flat = np.concatenate(band)
+        band_r, band_c = flat // n, flat % n
         near_np[:, r] += np.bincount(band_r, minlength=q)
         if cap is not None:  # past the cap the query is redone with another kernel
             keep = near_np[band_r, r] <= cap
@@ -600,6 +669,26 @@ def _count_block_np(
         ahead_np += np.bincount(rows[first] * n_rel + rel[first], minlength=q * n_rel).reshape(q, n_rel)
 
 
+def _row_counts(mask: np.ndarray) -> np.ndarray:
+    """(c,) the True entries of each row of a (c, n) mask: one ``count_nonzero`` per long row (~4x
+    ``count_nonzero(axis=1)``, which sums the bools as integers), the axis form for short rows."""
+    if mask.shape[1] < 1024:
+        return np.count_nonzero(mask, axis=1)  # type: ignore[no-any-return]  # numpy's int array
+    return np.fromiter((np.count_nonzero(row) for row in mask), np.int64, mask.shape[0])
+
+
+def _flat_compare(kb: np.ndarray, thr: np.ndarray, *, strict: bool) -> np.ndarray:
+    """Flat (row-major) indices of the entries of a (q, n) block ``> thr`` (strict) or ``>= thr``, thr (q, 1):
+    a few rows at a time (``_SCAN_ENTRIES``), so each chunk's mask stays in cache."""
+    rows_at = max(1, _SCAN_ENTRIES // max(1, kb.shape[1]))
+    cmp = np.greater if strict else np.greater_equal
+    parts = [
+        np.flatnonzero(cmp(kb[r0 : r0 + rows_at], thr[r0 : r0 + rows_at])) + r0 * kb.shape[1]
+        for r0 in range(0, kb.shape[0], rows_at)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def _at_least(keys: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row, column and value of every entry of a (q, n) block at or above its row's ``lo`` (q, 1), row-major.
 
@@ -607,7 +696,7 @@ def _at_least(keys: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch
     """
     if keys.device.type == "cpu":
         kb = np.ascontiguousarray(keys.numpy())
-        flat = np.flatnonzero(kb >= lo.numpy())
+        flat = _flat_compare(kb, lo.numpy(), strict=False)
         vals = torch.from_numpy(kb.reshape(-1)[flat])
         flat_t = torch.from_numpy(flat)
         return flat_t // kb.shape[1], flat_t % kb.shape[1], vals
@@ -990,12 +1079,12 @@ def _keep_best_np(
     q, width = vals.shape
     kb = np.ascontiguousarray(keys.numpy())
     if kb.dtype == np.int16:  # keys of bf16 values; the K-th values are bf16 values (exact)
-        flat = np.flatnonzero(kb > _bf16_keys(vals[:, -1:].to(torch.bfloat16)))
+        flat = _flat_compare(kb, _bf16_keys(vals[:, -1:].to(torch.bfloat16)), strict=True)
         bits = kb.reshape(-1)[flat]
         bits = bits ^ ((bits >> 15) & np.int16(0x7FFF))  # the key map is its own inverse
         new_v = (bits.astype(np.int32) << 16).view(np.float32).astype(np.float64)
     else:
-        flat = np.flatnonzero(kb > vals[:, -1:].to(keys.dtype).numpy())
+        flat = _flat_compare(kb, vals[:, -1:].to(keys.dtype).numpy(), strict=True)
         new_v = kb.reshape(-1)[flat].astype(np.float64)
     if flat.size == 0:
         return vals, idx
