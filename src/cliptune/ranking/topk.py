@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 # block of 1024 x 16384 float32 scores = 64 MiB: large enough for an efficient GEMM, small enough for a laptop
+# (two are alive at once on the CPU: one block's numpy work runs beside the next block's GEMM)
 _ITEM_CHUNK = 16384
 _QUERY_CHUNK = 1024
 # extra candidates asked of FAISS so that ties at the k-th score are usually seen and ordered exactly
