@@ -531,12 +531,13 @@ def _in_row_ranges(work: Callable[[int, int], None], n_rows: int) -> Callable[[]
     busy (numpy's large ops and the GEMM release the GIL). Ranges of at least ``_MIN_RANGE_ROWS`` rows; one
     range (one thread, or a small block) runs on the calling thread before this returns.
     """
-    parts = min(torch.get_num_threads(), max(1, n_rows // _MIN_RANGE_ROWS))
+    threads = torch.get_num_threads()
+    parts = min(threads, max(1, n_rows // _MIN_RANGE_ROWS))
     if parts == 1:
         work(0, n_rows)
         return _done
     bounds = [n_rows * p // parts for p in range(parts + 1)]
-    pool = _pool(torch.get_num_threads())
+    pool = _pool(threads)
     futures = [pool.submit(work, a, b) for a, b in itertools.pairwise(bounds)]
 
     def wait() -> None:
@@ -634,7 +635,7 @@ def _count_block_np(
     q, n, n_rel = kb.shape[0], kb.shape[1], ids.shape[1]
     lo, hi = k_lo.numpy()[q0 : q0 + q], k_hi.numpy()[q0 : q0 + q]  # (q, R)
     ahead_np, near_np = ahead.numpy()[q0 : q0 + q], near_n.numpy()[q0 : q0 + q]  # views: in place
-    rows_at = max(1, _SCAN_ENTRIES // max(1, n))
+    rows_at = _rows_at_once(n)
     found_r, found_c, found_j = [], [], []
     for r in range(n_rel):
         band = []
@@ -678,10 +679,15 @@ def _row_counts(mask: np.ndarray) -> np.ndarray:
     return np.fromiter((np.count_nonzero(row) for row in mask), np.int64, mask.shape[0])
 
 
+def _rows_at_once(n: int) -> int:
+    """Rows of an n-column block the numpy scans take at a time: ~``_SCAN_ENTRIES`` entries, at least one."""
+    return max(1, _SCAN_ENTRIES // max(1, n))
+
+
 def _flat_compare(kb: np.ndarray, thr: np.ndarray, *, strict: bool) -> np.ndarray:
     """Flat (row-major) indices of the entries of a (q, n) block ``> thr`` (strict) or ``>= thr``, thr (q, 1):
     a few rows at a time (``_SCAN_ENTRIES``), so each chunk's mask stays in cache."""
-    rows_at = max(1, _SCAN_ENTRIES // max(1, kb.shape[1]))
+    rows_at = _rows_at_once(kb.shape[1])
     cmp = np.greater if strict else np.greater_equal
     parts = [
         np.flatnonzero(cmp(kb[r0 : r0 + rows_at], thr[r0 : r0 + rows_at])) + r0 * kb.shape[1]
